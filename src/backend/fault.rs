@@ -1,0 +1,128 @@
+//! Fault injection: a backend wrapper that fails chosen calls with a chosen errno.
+//!
+//! Used by tests to prove that every backend error becomes the right status, that the shadow
+//! state rolls back and that nothing leaks. It forwards everything else unchanged and must never
+//! be selected by a production configuration.
+
+use std::sync::{Arc, Mutex};
+
+use super::{Attachment, BackendError, DmaBackend, HostConstraints, HwDomain, MapOp, Result};
+use crate::guest_ram::GuestRam;
+use crate::ids::{EndpointId, IovaRange};
+
+/// A backend operation that can be made to fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    CreateDomain,
+    Attach,
+    Map,
+    Unmap,
+    SetRam,
+}
+
+#[derive(Debug)]
+struct Rule {
+    op: Op,
+    /// Calls of `op` to let through before failing.
+    skip: u32,
+    /// How many calls to fail once `skip` is used up.
+    count: u32,
+    errno: i32,
+}
+
+/// Shared switchboard: tests keep one handle, the wrapper another.
+#[derive(Default, Debug)]
+pub struct Injector {
+    rules: Mutex<Vec<Rule>>,
+}
+
+impl Injector {
+    /// Lets `skip` calls of `op` through, then fails the next `count` with `errno`.
+    pub fn fail(&self, op: Op, skip: u32, count: u32, errno: i32) {
+        self.rules.lock().unwrap_or_else(|p| p.into_inner()).push(Rule {
+            op,
+            skip,
+            count,
+            errno,
+        });
+    }
+
+    pub fn clear(&self) {
+        self.rules.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn check(&self, op: Op, what: &dyn Fn() -> String) -> Result<()> {
+        let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        for r in rules.iter_mut().filter(|r| r.op == op && r.count > 0) {
+            if r.skip > 0 {
+                r.skip -= 1;
+                continue;
+            }
+            r.count -= 1;
+            let name = match op {
+                Op::CreateDomain => "create_domain",
+                Op::Attach => "attach",
+                Op::Map => "map",
+                Op::Unmap => "unmap",
+                Op::SetRam => "set_ram",
+            };
+            return Err(BackendError::new(name, r.errno, format!("injected: {}", what())));
+        }
+        Ok(())
+    }
+}
+
+/// Wraps a backend so that the injector's rules apply to it.
+pub struct FaultyBackend<B> {
+    inner: B,
+    injector: Arc<Injector>,
+}
+
+impl<B: DmaBackend> FaultyBackend<B> {
+    pub fn new(inner: B, injector: Arc<Injector>) -> Self {
+        FaultyBackend { inner, injector }
+    }
+}
+
+struct FaultyDomain {
+    inner: Box<dyn HwDomain>,
+    injector: Arc<Injector>,
+}
+
+impl HwDomain for FaultyDomain {
+    fn id(&self) -> u32 {
+        self.inner.id()
+    }
+    fn map(&mut self, op: &MapOp) -> Result<()> {
+        self.injector.check(Op::Map, &|| format!("map {}", op.iova))?;
+        self.inner.map(op)
+    }
+    fn unmap(&mut self, iova: IovaRange) -> Result<()> {
+        self.injector.check(Op::Unmap, &|| format!("unmap {iova}"))?;
+        self.inner.unmap(iova)
+    }
+}
+
+impl<B: DmaBackend> DmaBackend for FaultyBackend<B> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn constraints(&self) -> HostConstraints {
+        self.inner.constraints()
+    }
+    fn create_domain(&self) -> Result<Box<dyn HwDomain>> {
+        self.injector.check(Op::CreateDomain, &|| "create domain".into())?;
+        Ok(Box::new(FaultyDomain {
+            inner: self.inner.create_domain()?,
+            injector: self.injector.clone(),
+        }))
+    }
+    fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()> {
+        self.injector.check(Op::Attach, &|| format!("{endpoint} to {to:?}"))?;
+        self.inner.attach(endpoint, to)
+    }
+    fn set_ram(&self, ram: &GuestRam) -> Result<()> {
+        self.injector.check(Op::SetRam, &|| "set ram".into())?;
+        self.inner.set_ram(ram)
+    }
+}

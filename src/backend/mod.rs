@@ -1,0 +1,103 @@
+//! The host side of translation: what the domain model asks the kernel (or the software table)
+//! to do, once a request has been fully validated.
+//!
+//! A backend never sees a raw guest request and never decides a status: it performs operations
+//! that are already known to be legal and reports success or an errno. Each paging domain is a
+//! [`HwDomain`] owned by exactly one executor, so map/unmap need no lock in the daemon; topology
+//! operations (attach, unattached state, RAM changes) go through the shared [`DmaBackend`].
+
+pub mod fault;
+pub mod soft;
+
+use crate::guest_ram::{GuestRam, HostLocation};
+use crate::ids::{EndpointId, IovaRange, Perms};
+use crate::protocol::{ResvMem, Status};
+
+/// A backend failure: which operation, the errno, and what it was applied to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{op} failed on {context}: {}", std::io::Error::from_raw_os_error(*errno))]
+pub struct BackendError {
+    pub op: &'static str,
+    pub errno: i32,
+    pub context: String,
+}
+
+impl BackendError {
+    pub fn new(op: &'static str, errno: i32, context: impl Into<String>) -> Self {
+        BackendError {
+            op,
+            errno,
+            context: context.into(),
+        }
+    }
+}
+
+impl From<&BackendError> for Status {
+    /// The one mapping from host errors to what the guest is told (§5.13.6 status codes).
+    fn from(e: &BackendError) -> Status {
+        match e.errno {
+            libc::ENOMEM | libc::ENOSPC => Status::NoMem,
+            libc::EFAULT => Status::Fault,
+            libc::EINVAL | libc::EEXIST | libc::EADDRINUSE => Status::Inval,
+            libc::ENOENT => Status::NoEnt,
+            libc::EOVERFLOW | libc::ERANGE => Status::Range,
+            libc::EOPNOTSUPP | libc::ENOTTY => Status::Unsupp,
+            libc::EIO => Status::IoErr,
+            _ => Status::DevErr,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// Where an endpoint's DMA goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// No DMA reaches memory.
+    Blocked,
+    /// IOVA = GPA over all guest RAM.
+    Identity,
+    /// Translated by the paging domain with this backend id.
+    Domain(u32),
+}
+
+/// What the host imposes on the guest's view: advertised in the config space and PROBE.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostConstraints {
+    /// Supported page sizes; the lowest set bit is the granule.
+    pub page_size_mask: u64,
+    /// IOVAs the host can translate.
+    pub input_range: IovaRange,
+    /// IOVA regions no mapping may cover (host holes, the MSI window).
+    pub reserved: Vec<ResvMem>,
+}
+
+/// One mapping as the backend sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct MapOp {
+    pub iova: IovaRange,
+    pub gpa: u64,
+    pub host: HostLocation,
+    pub perms: Perms,
+}
+
+/// A paging domain in the host (an IOAS, or a software table).
+pub trait HwDomain: Send {
+    /// The backend's id of this domain, used by [`Attachment::Domain`].
+    fn id(&self) -> u32;
+    fn map(&mut self, op: &MapOp) -> Result<()>;
+    /// Unmaps exactly one earlier mapping.
+    fn unmap(&mut self, iova: IovaRange) -> Result<()>;
+}
+
+/// The host translation machinery for one VM.
+pub trait DmaBackend: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn constraints(&self) -> HostConstraints;
+    /// Creates an empty paging domain. Dropping it destroys it.
+    fn create_domain(&self) -> Result<Box<dyn HwDomain>>;
+    /// Points an endpoint's DMA somewhere; replaces its previous attachment atomically.
+    fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()>;
+    /// The guest's RAM changed: identity translation must follow it.
+    fn set_ram(&self, ram: &GuestRam) -> Result<()>;
+}

@@ -1,0 +1,187 @@
+//! The per-VM configuration file (TOML) and the settings derived from it.
+//!
+//! One file describes one VM: its vhost-user socket, its endpoints (guest endpoint id, host PCI
+//! device, vfio-user socket), boot bypass, domain range, caps, backend and threads. Parsing is
+//! strict (unknown keys are errors) and every error names the file and, from the TOML parser,
+//! the line. This module reads the file and nothing else.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::domains::Limits;
+
+/// Which translation backend serves the VM.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// iommufd when endpoints name host devices and /dev/iommu exists, else soft.
+    #[default]
+    Auto,
+    /// The software translation table (no host IOMMU).
+    Soft,
+    /// The host kernel's iommufd.
+    Iommufd,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// The endpoint id the guest uses (from the VIOT table).
+    pub id: u32,
+    /// The host PCI device behind it, e.g. "0000:01:00.0" (needed for iommufd).
+    pub pci: Option<String>,
+    /// Where the daemon serves this device to the VMM over vfio-user.
+    pub vfio_user_socket: Option<PathBuf>,
+    /// The device's PCI address in the guest, e.g. "00:04.0" (for the VIOT table).
+    pub guest_pci: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_domains: Option<usize>,
+    pub max_mappings_per_domain: Option<usize>,
+    pub max_mappings_total: Option<usize>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The vhost-user socket the VMM connects to.
+    pub socket: Option<PathBuf>,
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Initial value of the config-space `bypass` field.
+    #[serde(default)]
+    pub boot_bypass: bool,
+    /// Inclusive range of domain ids the guest may use.
+    pub domain_range: Option<[u32; 2]>,
+    /// Executor threads; 0 runs requests in the vring thread.
+    pub threads: Option<usize>,
+    pub probe_size: Option<u32>,
+    pub limits: Option<LimitsConfig>,
+    /// The virtio-iommu device's PCI address in the guest, e.g. "00:03.0" (for the VIOT table).
+    pub iommu_guest_pci: Option<String>,
+    #[serde(default, rename = "endpoint")]
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl VmConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: VmConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let mut ids: Vec<u32> = self.endpoints.iter().map(|e| e.id).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("endpoint id {} is listed twice", w[0]));
+        }
+        if let Some([s, e]) = self.domain_range
+            && s > e
+        {
+            return Err(format!("domain_range [{s}, {e}] is reversed"));
+        }
+        if let Some(p) = self.probe_size
+            && !(64..=65536).contains(&p)
+        {
+            return Err(format!("probe_size {p} must be between 64 and 65536"));
+        }
+        if let Some(t) = self.threads
+            && t > 64
+        {
+            return Err(format!("threads {t} is more than 64"));
+        }
+        Ok(())
+    }
+
+    pub fn limits(&self) -> Limits {
+        let d = Limits::default();
+        let l = self.limits.unwrap_or(LimitsConfig {
+            max_domains: None,
+            max_mappings_per_domain: None,
+            max_mappings_total: None,
+        });
+        Limits {
+            max_domains: l.max_domains.unwrap_or(d.max_domains),
+            max_mappings_per_domain: l.max_mappings_per_domain.unwrap_or(d.max_mappings_per_domain),
+            max_mappings_total: l.max_mappings_total.unwrap_or(d.max_mappings_total),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_parses() {
+        let c = VmConfig::parse(
+            r#"
+socket = "/run/vhost-user-iommu/vm1.sock"
+backend = "soft"
+boot_bypass = true
+domain_range = [1, 1000]
+threads = 2
+[limits]
+max_domains = 8
+[[endpoint]]
+id = 8
+pci = "0000:01:00.0"
+vfio_user_socket = "/run/vhost-user-iommu/vm1-01.sock"
+"#,
+            Path::new("vm1.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.backend, BackendKind::Soft);
+        assert_eq!(c.endpoints[0].id, 8);
+        assert_eq!(c.limits().max_domains, 8);
+        assert_eq!(c.limits().max_mappings_total, Limits::default().max_mappings_total);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_line() {
+        let e = VmConfig::parse("threads = 2\nbogus = 1\n", Path::new("/etc/x.toml")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("/etc/x.toml"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+        assert!(msg.contains("bogus"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_endpoints_and_reversed_ranges_are_rejected() {
+        let p = Path::new("a.toml");
+        assert!(VmConfig::parse("[[endpoint]]\nid = 1\n[[endpoint]]\nid = 1\n", p).is_err());
+        assert!(VmConfig::parse("domain_range = [5, 1]\n", p).is_err());
+    }
+}

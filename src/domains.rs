@@ -1,0 +1,695 @@
+//! The domain model: virtio-iommu semantics (spec §5.13.6) over a shadow of the host's state.
+//!
+//! Two owners split the state so the hot path needs no lock:
+//! - [`DomainTable`] (one per executor shard) owns some domains and their mapping trees and
+//!   answers MAP and UNMAP;
+//! - [`Topology`] (the dispatcher's) owns endpoints and which domain each is attached to, and
+//!   answers ATTACH, DETACH and PROBE, asking the shards to create and destroy domains.
+//!
+//! Every request is validated completely against the shadow state before the backend is called,
+//! and the shadow changes only after the backend succeeded, so shadow == host at all times. This
+//! module decides every status; it performs no I/O itself and never trusts a guest value.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use log::warn;
+
+use crate::backend::{Attachment, BackendError, DmaBackend, HwDomain, MapOp};
+use crate::guest_ram::{GuestRam, HostLocation};
+use crate::ids::{DomainId, EndpointId, IovaRange, Perms};
+use crate::protocol::{
+    ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, ResvMem, Status,
+    encode_probe_properties,
+};
+
+/// Resource caps: what one guest may make the daemon hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_domains: usize,
+    pub max_mappings_per_domain: usize,
+    pub max_mappings_total: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_domains: 1024,
+            max_mappings_per_domain: 1 << 20,
+            max_mappings_total: 1 << 21,
+        }
+    }
+}
+
+/// The parameters every check uses; fixed for the life of a connection.
+#[derive(Clone, Debug)]
+pub struct Rules {
+    /// Lowest supported page size minus one.
+    pub granule_mask: u64,
+    pub input_range: IovaRange,
+    pub domain_range: (u32, u32),
+    /// Regions reported by PROBE (the same for every endpoint) and refused to MAP.
+    pub resv_mem: Vec<ResvMem>,
+    pub limits: Limits,
+    pub probe_size: u32,
+}
+
+impl Rules {
+    fn domain_in_range(&self, d: DomainId) -> bool {
+        self.domain_range.0 <= d.0 && d.0 <= self.domain_range.1
+    }
+
+    fn overlaps_reserved(&self, r: &IovaRange) -> bool {
+        self.resv_mem.iter().any(|m| {
+            IovaRange::new(m.start, m.end)
+                .map(|m| m.overlaps(r))
+                .unwrap_or(false)
+        })
+    }
+}
+
+/// Paging domains translate through mappings; bypass domains are the identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum DomainKind {
+    Paging,
+    Bypass,
+}
+
+/// Why a request failed: the status for the guest and the reason for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: Status,
+    pub reason: Reason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reason {
+    #[error("reserved field is not zero")]
+    ReservedNotZero,
+    #[error("unknown flags {0:#x}")]
+    UnknownFlags(u32),
+    #[error("{0} is outside the domain range")]
+    DomainOutOfRange(DomainId),
+    #[error("{0} does not exist")]
+    NoDomain(DomainId),
+    #[error("{0} does not exist")]
+    NoEndpoint(EndpointId),
+    #[error("bypass flag does not match {0}")]
+    BypassMismatch(DomainId),
+    #[error("{0} is a bypass domain")]
+    BypassDomain(DomainId),
+    #[error("{endpoint} is not attached to {domain}")]
+    NotAttached {
+        endpoint: EndpointId,
+        domain: DomainId,
+    },
+    #[error("MMIO mappings are not supported")]
+    Mmio,
+    #[error("range {start:#x}..={end:#x} is empty or reversed")]
+    BadRange { start: u64, end: u64 },
+    #[error("address {0:#x} is not aligned to the granule")]
+    Misaligned(u64),
+    #[error("range {0} is outside the input range")]
+    OutsideInputRange(IovaRange),
+    #[error("range {0} overlaps an existing mapping")]
+    Overlap(IovaRange),
+    #[error("range {0} overlaps a reserved region")]
+    Reserved(IovaRange),
+    #[error("guest-physical range starting at {0:#x} is not guest RAM")]
+    NotGuestRam(u64),
+    #[error("unmap of {0} would split a mapping")]
+    Split(IovaRange),
+    #[error("too many domains")]
+    TooManyDomains,
+    #[error("too many mappings")]
+    TooManyMappings,
+    #[error("properties do not fit in the probe buffer")]
+    ProbeTooSmall,
+    #[error("backend: {0}")]
+    Backend(BackendError),
+}
+
+impl Rejection {
+    fn new(status: Status, reason: Reason) -> Self {
+        Rejection { status, reason }
+    }
+
+    fn backend(e: BackendError) -> Self {
+        Rejection::new(Status::from(&e), Reason::Backend(e))
+    }
+}
+
+pub type Outcome = Result<(), Rejection>;
+
+/// The status a request outcome puts in its tail.
+pub fn status_of(o: &Outcome) -> Status {
+    match o {
+        Ok(()) => Status::Ok,
+        Err(r) => r.status,
+    }
+}
+
+#[derive(Debug)]
+struct Mapping {
+    end: u64,
+    gpa: u64,
+    perms: Perms,
+    host: HostLocation,
+}
+
+enum ShardDomain {
+    Bypass,
+    Paging {
+        hw: Box<dyn HwDomain>,
+        maps: BTreeMap<u64, Mapping>,
+    },
+}
+
+/// One mapping, for state dumps and tests.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MappingView {
+    pub start: u64,
+    pub end: u64,
+    pub gpa: u64,
+    pub read: bool,
+    pub write: bool,
+}
+
+/// One domain as a shard holds it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DomainView {
+    pub id: u32,
+    pub kind: DomainKind,
+    pub mappings: Vec<MappingView>,
+}
+
+/// The domains one executor owns, with their shadow mapping trees.
+pub struct DomainTable {
+    rules: Arc<Rules>,
+    backend: Arc<dyn DmaBackend>,
+    ram: Arc<GuestRam>,
+    domains: HashMap<DomainId, ShardDomain>,
+    /// Mappings held across all shards (the global cap).
+    total_mappings: Arc<AtomicUsize>,
+}
+
+impl DomainTable {
+    pub fn new(
+        rules: Arc<Rules>,
+        backend: Arc<dyn DmaBackend>,
+        ram: Arc<GuestRam>,
+        total_mappings: Arc<AtomicUsize>,
+    ) -> Self {
+        DomainTable {
+            rules,
+            backend,
+            ram,
+            domains: HashMap::new(),
+            total_mappings,
+        }
+    }
+
+    fn paging(
+        &mut self,
+        domain: DomainId,
+    ) -> Result<(&mut Box<dyn HwDomain>, &mut BTreeMap<u64, Mapping>), Rejection> {
+        if !self.rules.domain_in_range(domain) {
+            return Err(Rejection::new(Status::Range, Reason::DomainOutOfRange(domain)));
+        }
+        match self.domains.get_mut(&domain) {
+            None => Err(Rejection::new(Status::NoEnt, Reason::NoDomain(domain))),
+            Some(ShardDomain::Bypass) => {
+                Err(Rejection::new(Status::Inval, Reason::BypassDomain(domain)))
+            }
+            Some(ShardDomain::Paging { hw, maps }) => Ok((hw, maps)),
+        }
+    }
+
+    /// MAP (§5.13.6.4).
+    pub fn map(
+        &mut self,
+        domain: DomainId,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        flags: u32,
+    ) -> Outcome {
+        let known = MAP_F_READ | MAP_F_WRITE | MAP_F_MMIO;
+        if flags & !known != 0 {
+            return Err(Rejection::new(Status::Inval, Reason::UnknownFlags(flags & !known)));
+        }
+        let rules = self.rules.clone();
+        let ram = self.ram.clone();
+        let total = self.total_mappings.clone();
+        let (hw, maps) = self.paging(domain)?;
+        if flags & MAP_F_MMIO != 0 {
+            return Err(Rejection::new(Status::Unsupp, Reason::Mmio));
+        }
+        let bad_range = || Rejection::new(Status::Range, Reason::BadRange { start: virt_start, end: virt_end });
+        let iova = IovaRange::new(virt_start, virt_end).ok_or_else(bad_range)?;
+        for a in [virt_start, phys_start, virt_end.wrapping_add(1)] {
+            if a & rules.granule_mask != 0 {
+                return Err(Rejection::new(Status::Range, Reason::Misaligned(a)));
+            }
+        }
+        if !rules.input_range.contains(&iova) {
+            return Err(Rejection::new(Status::Range, Reason::OutsideInputRange(iova)));
+        }
+        // The whole 64-bit space cannot be RAM, so a length that does not fit is simply not RAM.
+        let gpa = iova
+            .len()
+            .and_then(|len| IovaRange::with_len(phys_start, len))
+            .ok_or(Rejection::new(Status::Fault, Reason::NotGuestRam(phys_start)))?;
+        if let Some((_, m)) = maps.range(..=virt_end).next_back()
+            && m.end >= virt_start
+        {
+            return Err(Rejection::new(Status::Inval, Reason::Overlap(iova)));
+        }
+        if rules.overlaps_reserved(&iova) {
+            return Err(Rejection::new(Status::Inval, Reason::Reserved(iova)));
+        }
+        let host = ram
+            .locate(&gpa)
+            .ok_or(Rejection::new(Status::Fault, Reason::NotGuestRam(phys_start)))?;
+        if maps.len() >= rules.limits.max_mappings_per_domain {
+            return Err(Rejection::new(Status::NoMem, Reason::TooManyMappings));
+        }
+        if total.fetch_add(1, Ordering::Relaxed) >= rules.limits.max_mappings_total {
+            total.fetch_sub(1, Ordering::Relaxed);
+            return Err(Rejection::new(Status::NoMem, Reason::TooManyMappings));
+        }
+        let perms = Perms {
+            read: flags & MAP_F_READ != 0,
+            write: flags & MAP_F_WRITE != 0,
+        };
+        let op = MapOp {
+            iova,
+            gpa: phys_start,
+            host,
+            perms,
+        };
+        if let Err(e) = hw.map(&op) {
+            total.fetch_sub(1, Ordering::Relaxed);
+            return Err(Rejection::backend(e));
+        }
+        maps.insert(
+            virt_start,
+            Mapping {
+                end: virt_end,
+                gpa: phys_start,
+                perms,
+                host,
+            },
+        );
+        Ok(())
+    }
+
+    /// UNMAP (§5.13.6.5): all-or-nothing against the shadow tree; holes are fine.
+    pub fn unmap(&mut self, domain: DomainId, virt_start: u64, virt_end: u64) -> Outcome {
+        let total = self.total_mappings.clone();
+        let (hw, maps) = self.paging(domain)?;
+        let range = IovaRange::new(virt_start, virt_end).ok_or(Rejection::new(
+            Status::Range,
+            Reason::BadRange {
+                start: virt_start,
+                end: virt_end,
+            },
+        ))?;
+        // A mapping that starts before the range and reaches into it would be split.
+        if let Some((&s, m)) = maps.range(..virt_start).next_back()
+            && m.end >= virt_start
+        {
+            let _ = s;
+            return Err(Rejection::new(Status::Range, Reason::Split(range)));
+        }
+        // So would the last mapping starting inside the range if it ends past it.
+        if let Some((_, m)) = maps.range(virt_start..=virt_end).next_back()
+            && m.end > virt_end
+        {
+            return Err(Rejection::new(Status::Range, Reason::Split(range)));
+        }
+        // Remove covered mappings one by one: if the host fails on one, the ones before it are
+        // gone in both places and the rest stay in both, so shadow and host still agree.
+        loop {
+            let Some((&s, m)) = maps.range(virt_start..=virt_end).next() else {
+                return Ok(());
+            };
+            let one = IovaRange::new(s, m.end).expect("stored mappings are valid");
+            if let Err(e) = hw.unmap(one) {
+                return Err(Rejection::backend(e));
+            }
+            maps.remove(&s);
+            total.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Creates a domain in this shard; returns the backend id for a paging domain.
+    pub fn create(&mut self, domain: DomainId, kind: DomainKind) -> Result<Option<u32>, Rejection> {
+        let (entry, id) = match kind {
+            DomainKind::Bypass => (ShardDomain::Bypass, None),
+            DomainKind::Paging => {
+                let hw = self.backend.create_domain().map_err(Rejection::backend)?;
+                let id = hw.id();
+                (
+                    ShardDomain::Paging {
+                        hw,
+                        maps: BTreeMap::new(),
+                    },
+                    Some(id),
+                )
+            }
+        };
+        self.domains.insert(domain, entry);
+        Ok(id)
+    }
+
+    /// Destroys a domain and everything mapped in it (its last endpoint left, or a reset).
+    pub fn destroy(&mut self, domain: DomainId) {
+        if let Some(ShardDomain::Paging { maps, .. }) = self.domains.remove(&domain) {
+            // Dropping the backend domain (IOAS destroy) releases every mapping at once.
+            self.total_mappings.fetch_sub(maps.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Destroys every domain.
+    pub fn clear(&mut self) {
+        let ids: Vec<DomainId> = self.domains.keys().copied().collect();
+        for d in ids {
+            self.destroy(d);
+        }
+    }
+
+    /// The guest's RAM changed: mappings that no longer point at the same memory are unmapped.
+    /// Returns how many were removed.
+    pub fn set_ram(&mut self, ram: Arc<GuestRam>) -> usize {
+        let mut removed = 0;
+        for (&id, d) in self.domains.iter_mut() {
+            let ShardDomain::Paging { hw, maps } = d else {
+                continue;
+            };
+            let stale: Vec<u64> = maps
+                .iter()
+                .filter(|(s, m)| {
+                    let gpa = IovaRange::new(m.gpa, m.gpa + (m.end - **s)).expect("valid");
+                    !ram.locate(&gpa).is_some_and(|h| same_memory(&h, &m.host))
+                })
+                .map(|(&s, _)| s)
+                .collect();
+            for s in stale {
+                let end = maps[&s].end;
+                match hw.unmap(IovaRange::new(s, end).expect("valid")) {
+                    Ok(()) => {
+                        maps.remove(&s);
+                        removed += 1;
+                    }
+                    Err(e) => warn!("{id}: cannot unmap mapping outside the new memory table: {e}"),
+                }
+            }
+        }
+        self.total_mappings.fetch_sub(removed, Ordering::Relaxed);
+        self.ram = ram;
+        removed
+    }
+
+    /// Number of mappings in one domain (None if this shard does not hold it).
+    pub fn mapping_count(&self, domain: DomainId) -> Option<usize> {
+        match self.domains.get(&domain)? {
+            ShardDomain::Bypass => Some(0),
+            ShardDomain::Paging { maps, .. } => Some(maps.len()),
+        }
+    }
+
+    /// A copy of this shard's state, sorted by domain id.
+    pub fn snapshot(&self) -> Vec<DomainView> {
+        let mut v: Vec<DomainView> = self
+            .domains
+            .iter()
+            .map(|(id, d)| match d {
+                ShardDomain::Bypass => DomainView {
+                    id: id.0,
+                    kind: DomainKind::Bypass,
+                    mappings: Vec::new(),
+                },
+                ShardDomain::Paging { maps, .. } => DomainView {
+                    id: id.0,
+                    kind: DomainKind::Paging,
+                    mappings: maps
+                        .iter()
+                        .map(|(&start, m)| MappingView {
+                            start,
+                            end: m.end,
+                            gpa: m.gpa,
+                            read: m.perms.read,
+                            write: m.perms.write,
+                        })
+                        .collect(),
+                },
+            })
+            .collect();
+        v.sort_by_key(|d| d.id);
+        v
+    }
+}
+
+/// A mapping survives a memory-table change only if its pages are the same pages: same file
+/// and offset when file-backed, else the same host address.
+fn same_memory(new: &HostLocation, old: &HostLocation) -> bool {
+    match (new.file, old.file) {
+        (Some(a), Some(b)) => a == b,
+        (None, None) => new.host_addr == old.host_addr,
+        _ => false,
+    }
+}
+
+/// How the topology reaches the shard that owns a domain.
+pub trait Shards {
+    fn create(&mut self, domain: DomainId, kind: DomainKind) -> Result<Option<u32>, Rejection>;
+    fn destroy(&mut self, domain: DomainId);
+}
+
+#[derive(Debug)]
+struct TopoDomain {
+    kind: DomainKind,
+    hw: Option<u32>,
+    endpoints: u32,
+}
+
+/// One endpoint, for state dumps and tests.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointView {
+    pub id: u32,
+    pub domain: Option<u32>,
+}
+
+/// Endpoints and their attachments; owned by the dispatcher.
+pub struct Topology {
+    rules: Arc<Rules>,
+    backend: Arc<dyn DmaBackend>,
+    endpoints: BTreeMap<EndpointId, Option<DomainId>>,
+    domains: HashMap<DomainId, TopoDomain>,
+    /// The config space's `bypass`: where unattached endpoints' DMA goes.
+    bypass: bool,
+}
+
+impl Topology {
+    pub fn new(
+        rules: Arc<Rules>,
+        backend: Arc<dyn DmaBackend>,
+        endpoints: &[EndpointId],
+        bypass: bool,
+    ) -> Self {
+        Topology {
+            rules,
+            backend,
+            endpoints: endpoints.iter().map(|&e| (e, None)).collect(),
+            domains: HashMap::new(),
+            bypass,
+        }
+    }
+
+    pub fn bypass(&self) -> bool {
+        self.bypass
+    }
+
+    fn unattached(&self) -> Attachment {
+        if self.bypass {
+            Attachment::Identity
+        } else {
+            Attachment::Blocked
+        }
+    }
+
+    fn endpoint(&self, e: EndpointId) -> Result<Option<DomainId>, Rejection> {
+        self.endpoints
+            .get(&e)
+            .copied()
+            .ok_or(Rejection::new(Status::NoEnt, Reason::NoEndpoint(e)))
+    }
+
+    /// ATTACH (§5.13.6.2). Re-attaching moves the endpoint (an implicit DETACH), and a domain
+    /// left without endpoints is destroyed with its mappings.
+    pub fn attach(
+        &mut self,
+        shards: &mut dyn Shards,
+        domain: DomainId,
+        endpoint: EndpointId,
+        flags: u32,
+        reserved: [u8; 4],
+    ) -> Outcome {
+        if reserved != [0; 4] {
+            return Err(Rejection::new(Status::Inval, Reason::ReservedNotZero));
+        }
+        if flags & !ATTACH_F_BYPASS != 0 {
+            return Err(Rejection::new(
+                Status::Inval,
+                Reason::UnknownFlags(flags & !ATTACH_F_BYPASS),
+            ));
+        }
+        if !self.rules.domain_in_range(domain) {
+            return Err(Rejection::new(Status::Range, Reason::DomainOutOfRange(domain)));
+        }
+        let old = self.endpoint(endpoint)?;
+        let kind = if flags & ATTACH_F_BYPASS != 0 {
+            DomainKind::Bypass
+        } else {
+            DomainKind::Paging
+        };
+        let existing = self.domains.get(&domain);
+        if let Some(d) = existing
+            && d.kind != kind
+        {
+            return Err(Rejection::new(Status::Inval, Reason::BypassMismatch(domain)));
+        }
+        if old == Some(domain) {
+            return Ok(());
+        }
+        let created = existing.is_none();
+        let hw = match existing {
+            Some(d) => d.hw,
+            None => {
+                if self.domains.len() >= self.rules.limits.max_domains {
+                    return Err(Rejection::new(Status::NoMem, Reason::TooManyDomains));
+                }
+                shards.create(domain, kind)?
+            }
+        };
+        let target = match hw {
+            Some(id) => Attachment::Domain(id),
+            None => Attachment::Identity,
+        };
+        if let Err(e) = self.backend.attach(endpoint, target) {
+            if created {
+                shards.destroy(domain);
+            }
+            return Err(Rejection::backend(e));
+        }
+        self.domains
+            .entry(domain)
+            .or_insert(TopoDomain {
+                kind,
+                hw,
+                endpoints: 0,
+            })
+            .endpoints += 1;
+        self.endpoints.insert(endpoint, Some(domain));
+        if let Some(old) = old {
+            self.release(shards, old);
+        }
+        Ok(())
+    }
+
+    /// DETACH (§5.13.6.3): the endpoint goes back to the unattached state (blocked, or the
+    /// identity when `bypass` is set).
+    pub fn detach(&mut self, shards: &mut dyn Shards, domain: DomainId, endpoint: EndpointId) -> Outcome {
+        let current = self.endpoint(endpoint)?;
+        if !self.rules.domain_in_range(domain) {
+            return Err(Rejection::new(Status::Range, Reason::DomainOutOfRange(domain)));
+        }
+        if current != Some(domain) {
+            let reason = if self.domains.contains_key(&domain) {
+                Reason::NotAttached { endpoint, domain }
+            } else {
+                Reason::NoDomain(domain)
+            };
+            return Err(Rejection::new(Status::Inval, reason));
+        }
+        self.backend
+            .attach(endpoint, self.unattached())
+            .map_err(Rejection::backend)?;
+        self.endpoints.insert(endpoint, None);
+        self.release(shards, domain);
+        Ok(())
+    }
+
+    /// Drops one endpoint reference; destroys the domain when it was the last.
+    fn release(&mut self, shards: &mut dyn Shards, domain: DomainId) {
+        let Some(d) = self.domains.get_mut(&domain) else {
+            return;
+        };
+        d.endpoints -= 1;
+        if d.endpoints == 0 {
+            self.domains.remove(&domain);
+            shards.destroy(domain);
+        }
+    }
+
+    /// PROBE (§5.13.6.6): writes the properties into `out` (probe_size bytes).
+    pub fn probe(&self, endpoint: EndpointId, out: &mut [u8]) -> Outcome {
+        self.endpoint(endpoint)?;
+        if out.len() < self.rules.probe_size as usize {
+            return Err(Rejection::new(Status::Inval, Reason::ProbeTooSmall));
+        }
+        encode_probe_properties(&self.rules.resv_mem, out)
+            .map_err(|s| Rejection::new(s, Reason::ProbeTooSmall))
+    }
+
+    /// The driver wrote `bypass`: unattached endpoints follow it at once.
+    pub fn set_bypass(&mut self, bypass: bool) -> Result<(), BackendError> {
+        if bypass == self.bypass {
+            return Ok(());
+        }
+        self.bypass = bypass;
+        let to = self.unattached();
+        for (&e, d) in &self.endpoints {
+            if d.is_none() {
+                self.backend.attach(e, to)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Device reset: no endpoint stays attached and every domain is destroyed (§5.13.6: "When
+    /// reset, no endpoint is attached").
+    pub fn reset(&mut self, shards: &mut dyn Shards, bypass: bool) {
+        self.bypass = bypass;
+        let to = self.unattached();
+        for (&e, d) in self.endpoints.iter_mut() {
+            if let Err(err) = self.backend.attach(e, to) {
+                log::error!("{e}: cannot return to the unattached state on reset: {err}");
+            }
+            *d = None;
+        }
+        for (id, _) in self.domains.drain() {
+            shards.destroy(id);
+        }
+    }
+
+    /// Endpoints and where they are attached.
+    pub fn endpoints(&self) -> Vec<EndpointView> {
+        self.endpoints
+            .iter()
+            .map(|(e, d)| EndpointView {
+                id: e.0,
+                domain: d.map(|d| d.0),
+            })
+            .collect()
+    }
+
+    pub fn domain_count(&self) -> usize {
+        self.domains.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

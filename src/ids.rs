@@ -1,0 +1,121 @@
+//! Identifiers and address ranges shared by every stage of the request path.
+//!
+//! Newtypes keep a domain id from being passed where an endpoint id belongs, and [`IovaRange`]
+//! can only be built inclusive and non-wrapping, so overflow is impossible downstream.
+
+use std::fmt;
+
+/// A guest-chosen domain id (an address space).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DomainId(pub u32);
+
+/// A guest-visible endpoint id (from the VIOT table: one per assigned device).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointId(pub u32);
+
+impl fmt::Display for DomainId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "domain {}", self.0)
+    }
+}
+
+impl fmt::Display for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "endpoint {}", self.0)
+    }
+}
+
+/// An inclusive, non-empty range of 64-bit addresses `[start, end]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IovaRange {
+    start: u64,
+    end: u64,
+}
+
+impl IovaRange {
+    /// `None` when `end < start`.
+    pub fn new(start: u64, end: u64) -> Option<Self> {
+        (start <= end).then_some(IovaRange { start, end })
+    }
+
+    /// `None` when `len` is 0 or the range would pass the end of the address space.
+    pub fn with_len(start: u64, len: u64) -> Option<Self> {
+        let end = start.checked_add(len.checked_sub(1)?)?;
+        Some(IovaRange { start, end })
+    }
+
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Length in bytes; `None` only for the whole 64-bit space, whose length is 2^64.
+    pub fn len(&self) -> Option<u64> {
+        (self.end - self.start).checked_add(1)
+    }
+
+    pub fn overlaps(&self, other: &IovaRange) -> bool {
+        self.start <= other.end && other.start <= self.end
+    }
+
+    pub fn contains(&self, other: &IovaRange) -> bool {
+        self.start <= other.start && other.end <= self.end
+    }
+
+    pub fn contains_addr(&self, a: u64) -> bool {
+        self.start <= a && a <= self.end
+    }
+}
+
+impl fmt::Display for IovaRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}..={:#x}", self.start, self.end)
+    }
+}
+
+/// Access rights of a mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Perms {
+    pub read: bool,
+    pub write: bool,
+}
+
+impl Perms {
+    pub const RW: Perms = Perms {
+        read: true,
+        write: true,
+    };
+    pub const RO: Perms = Perms {
+        read: true,
+        write: false,
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_inclusive_and_cannot_wrap() {
+        assert!(IovaRange::new(5, 4).is_none());
+        assert_eq!(IovaRange::new(0, 0xfff).unwrap().len(), Some(0x1000));
+        assert_eq!(IovaRange::new(0, u64::MAX).unwrap().len(), None);
+        assert!(IovaRange::with_len(u64::MAX, 2).is_none());
+        assert!(IovaRange::with_len(1, 0).is_none());
+        assert_eq!(IovaRange::with_len(u64::MAX, 1).unwrap().end(), u64::MAX);
+    }
+
+    #[test]
+    fn overlap_and_containment_use_inclusive_ends() {
+        let a = IovaRange::new(0x1000, 0x1fff).unwrap();
+        let b = IovaRange::new(0x1fff, 0x2fff).unwrap();
+        let c = IovaRange::new(0x2000, 0x2fff).unwrap();
+        assert!(a.overlaps(&b));
+        assert!(!a.overlaps(&c));
+        assert!(IovaRange::new(0, u64::MAX).unwrap().contains(&a));
+        assert!(!a.contains(&b));
+    }
+}

@@ -1,0 +1,21 @@
+//! vhost-user-iommu: a virtio-iommu device (virtio device 23) served over vhost-user, turning the
+//! guest driver's ATTACH/DETACH/MAP/UNMAP/PROBE requests into host translation (iommufd, or a
+//! software table on hosts without an IOMMU).
+//!
+//! The request path, top to bottom: [`vhost`] pops a chain and copies the request out once;
+//! [`protocol`] decodes it; [`pipeline`] routes it to the executor owning its domain;
+//! [`domains`] validates it against the spec and the shadow state and calls a
+//! [`backend::DmaBackend`]; the tail goes back through [`vhost`].
+
+pub mod backend;
+pub mod config;
+pub mod domains;
+pub mod driver;
+pub mod guest_ram;
+pub mod ids;
+pub mod metrics;
+pub mod pipeline;
+pub mod protocol;
+pub mod server;
+pub mod vhost;
+pub mod viot;

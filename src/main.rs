@@ -1,0 +1,213 @@
+//! The `vhost-user-iommu` command line: parses arguments and wires the library together.
+
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use log::{error, info, warn};
+use vhost::vhost_user::Listener;
+
+use vhost_user_iommu::backend::DmaBackend;
+use vhost_user_iommu::backend::soft::SoftBackend;
+use vhost_user_iommu::config::{BackendKind, VmConfig};
+use vhost_user_iommu::domains::Rules;
+use vhost_user_iommu::ids::EndpointId;
+use vhost_user_iommu::metrics::Metrics;
+use vhost_user_iommu::pipeline::Mode;
+use vhost_user_iommu::server::{Stopper, handle_signals, serve};
+use vhost_user_iommu::vhost::DeviceSettings;
+use vhost_user_iommu::viot::{Viot, parse_pci_address};
+
+/// Endpoints served when neither a config file nor --endpoint names any.
+const DEFAULT_ENDPOINTS: std::ops::RangeInclusive<u32> = 0..=15;
+
+#[derive(Parser, Debug)]
+#[command(name = "vhost-user-iommu", version, about = "virtio-iommu device over vhost-user, backed by iommufd")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// More logging (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Listen for the VMM on this unix socket path (created; a stale file is replaced).
+    #[arg(long, conflicts_with = "fd")]
+    socket_path: Option<PathBuf>,
+    /// Use this inherited, already listening socket fd (socket activation).
+    #[arg(long)]
+    fd: Option<i32>,
+    /// Per-VM configuration file (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Executor threads; 0 executes requests in the vring thread (inline).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Translation backend.
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+    /// Serve this endpoint id (repeatable); overrides the config file's endpoint ids.
+    #[arg(long = "endpoint")]
+    endpoints: Vec<u32>,
+    /// Unattached endpoints start in bypass (identity) mode.
+    #[arg(long)]
+    boot_bypass: bool,
+    /// Print the backend capabilities as JSON (vhost-user backend conventions) and exit.
+    #[arg(long)]
+    print_capabilities: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write the ACPI VIOT table that tells the guest which endpoints sit behind the IOMMU.
+    Viot(ViotArgs),
+}
+
+#[derive(Args, Debug)]
+struct ViotArgs {
+    /// Output file (for QEMU's -acpitable file=...).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Guest PCI address of the virtio-iommu device, e.g. 00:03.0.
+    #[arg(long)]
+    iommu: Option<String>,
+    /// An endpoint as ID=GUEST_PCI_ADDRESS, e.g. 32=00:04.0 (repeatable).
+    #[arg(long = "endpoint")]
+    endpoints: Vec<String>,
+    /// Take the IOMMU and endpoint addresses from this per-VM config.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    let result = match cli.command {
+        Some(Command::Viot(a)) => write_viot(a),
+        None => run(cli.serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhost-user-iommu: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn write_viot(a: ViotArgs) -> Result<(), String> {
+    let cfg = a.config.as_deref().map(VmConfig::load).transpose().map_err(|e| e.to_string())?;
+    let iommu = a
+        .iommu
+        .or_else(|| cfg.as_ref().and_then(|c| c.iommu_guest_pci.clone()))
+        .ok_or("the IOMMU's guest PCI address is needed: --iommu or iommu_guest_pci in the config")?;
+    let (seg, bdf) = parse_pci_address(&iommu).map_err(|e| format!("--iommu {iommu}: {e}"))?;
+    let mut eps = Vec::new();
+    for s in &a.endpoints {
+        let (id, addr) = s
+            .split_once('=')
+            .ok_or_else(|| format!("--endpoint {s}: expected ID=GUEST_PCI_ADDRESS"))?;
+        let id: u32 = id.parse().map_err(|e| format!("--endpoint {s}: bad id: {e}"))?;
+        let (eseg, ebdf) = parse_pci_address(addr).map_err(|e| format!("--endpoint {s}: {e}"))?;
+        eps.push((id, eseg, ebdf));
+    }
+    for e in cfg.iter().flat_map(|c| &c.endpoints) {
+        if let Some(addr) = &e.guest_pci {
+            let (eseg, ebdf) = parse_pci_address(addr).map_err(|err| format!("endpoint {}: {err}", e.id))?;
+            eps.push((e.id, eseg, ebdf));
+        }
+    }
+    if eps.is_empty() {
+        return Err("no endpoints: give --endpoint ID=ADDR or guest_pci in the config".into());
+    }
+    let bytes = Viot::single_endpoints(seg, bdf, &eps)
+        .to_bytes()
+        .map_err(|e| e.to_string())?;
+    std::fs::write(&a.output, bytes).map_err(|e| format!("cannot write {}: {e}", a.output.display()))
+}
+
+fn run(a: ServeArgs) -> Result<(), String> {
+    if a.print_capabilities {
+        println!("{{\n  \"type\": \"iommu\",\n  \"features\": []\n}}");
+        return Ok(());
+    }
+    let cfg = match &a.config {
+        Some(p) => VmConfig::load(p).map_err(|e| e.to_string())?,
+        None => VmConfig::parse("", std::path::Path::new("<defaults>")).map_err(|e| e.to_string())?,
+    };
+    let mut endpoints: Vec<EndpointId> = if !a.endpoints.is_empty() {
+        a.endpoints.iter().map(|&e| EndpointId(e)).collect()
+    } else if !cfg.endpoints.is_empty() {
+        cfg.endpoints.iter().map(|e| EndpointId(e.id)).collect()
+    } else {
+        info!("no endpoints configured: serving endpoints 0..=15");
+        DEFAULT_ENDPOINTS.map(EndpointId).collect()
+    };
+    endpoints.sort_unstable();
+    endpoints.dedup();
+    let boot_bypass = a.boot_bypass || cfg.boot_bypass;
+    let backend: Arc<dyn DmaBackend> = match a.backend.unwrap_or(cfg.backend) {
+        BackendKind::Iommufd => {
+            return Err("the iommufd backend is not in this build yet; use --backend soft".into());
+        }
+        BackendKind::Auto | BackendKind::Soft => {
+            warn!("using the software translation backend: no host device DMA is translated");
+            Arc::new(SoftBackend::new(&endpoints, boot_bypass))
+        }
+    };
+    let c = backend.constraints();
+    let [d0, d1] = cfg.domain_range.unwrap_or([0, u32::MAX]);
+    let rules = Rules {
+        granule_mask: (c.page_size_mask & c.page_size_mask.wrapping_neg()).wrapping_sub(1),
+        input_range: c.input_range,
+        domain_range: (d0, d1),
+        resv_mem: c.reserved.clone(),
+        limits: cfg.limits(),
+        probe_size: cfg.probe_size.unwrap_or(512),
+    };
+    let threads = a.threads.or(cfg.threads).unwrap_or(0);
+    let mode = if threads == 0 { Mode::Inline } else { Mode::Pipeline(threads) };
+    let settings = DeviceSettings {
+        endpoints,
+        boot_bypass,
+        rules,
+        mode,
+    };
+    let listener = match (a.fd, a.socket_path.as_ref().or(cfg.socket.as_ref())) {
+        (Some(fd), _) => {
+            // SAFETY: fstat on an arbitrary integer is harmless; it tells whether `fd` is open.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: `st` is a valid out pointer.
+            if fd < 0 || unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+                return Err(format!("--fd {fd} is not an open socket"));
+            }
+            // SAFETY: the fd was checked to be an open socket and is handed to us by the caller
+            // for our exclusive use (socket activation).
+            unsafe { Listener::from_raw_fd(fd) }
+        }
+        (None, Some(p)) => Listener::new(p, true).map_err(|e| format!("cannot listen on {}: {e}", p.display()))?,
+        (None, None) => return Err("give --socket-path PATH, --fd N, or socket in the config".into()),
+    };
+    let stopper = Arc::new(Stopper::default());
+    handle_signals(stopper.clone()).map_err(|e| format!("cannot install signal handling: {e}"))?;
+    info!("serving virtio-iommu ({mode:?})");
+    let metrics = Arc::new(Metrics::default());
+    serve(listener, settings, backend, metrics.clone(), stopper, None, None).map_err(|e| {
+        error!("{e}");
+        e.to_string()
+    })?;
+    info!("stopped; {} requests failed in this run", metrics.failed());
+    Ok(())
+}

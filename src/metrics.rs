@@ -1,0 +1,102 @@
+//! Counters the daemon keeps about what the guest asked and how it went.
+//!
+//! The Linux driver ignores MAP/UNMAP statuses, so a failure the guest cannot see shows up only
+//! here. All counters are relaxed atomics: they are written on the request path by one thread
+//! and read by whoever reports them, and never synchronise anything.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::protocol::{RequestType, Status};
+
+/// Latency buckets: upper bounds in nanoseconds, powers of two from 256 ns to ~1 s.
+const BUCKETS: usize = 24;
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: [[AtomicU64; 9]; 5],
+    /// Chains returned unwritten: no tail room, bad descriptors, memory outside guest RAM.
+    pub malformed: AtomicU64,
+    /// Requests of an unknown type (used length 0).
+    pub unknown_type: AtomicU64,
+    /// Fault events delivered to the guest.
+    pub faults_reported: AtomicU64,
+    latency: [AtomicU64; BUCKETS],
+    latency_sum_ns: AtomicU64,
+}
+
+impl Metrics {
+    pub fn record(&self, kind: RequestType, status: Status, latency_ns: u64) {
+        self.requests[kind as usize - 1][status as usize].fetch_add(1, Ordering::Relaxed);
+        let bucket = (64 - latency_ns.leading_zeros()).saturating_sub(8) as usize;
+        self.latency[bucket.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_ns.fetch_add(latency_ns, Ordering::Relaxed);
+    }
+
+    pub fn count(&self, kind: RequestType, status: Status) -> u64 {
+        self.requests[kind as usize - 1][status as usize].load(Ordering::Relaxed)
+    }
+
+    /// Requests of any type that did not end in `S_OK`.
+    pub fn failed(&self) -> u64 {
+        RequestType::ALL
+            .iter()
+            .flat_map(|&k| Status::ALL[1..].iter().map(move |&s| self.count(k, s)))
+            .sum()
+    }
+
+    /// The counters in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# TYPE viommu_requests_total counter\n");
+        for k in RequestType::ALL {
+            for s in Status::ALL {
+                let n = self.count(k, s);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "viommu_requests_total{{type=\"{}\",status=\"{}\"}} {n}",
+                        k.name(),
+                        s.name()
+                    );
+                }
+            }
+        }
+        for (name, v) in [
+            ("viommu_malformed_chains_total", &self.malformed),
+            ("viommu_unknown_requests_total", &self.unknown_type),
+            ("viommu_faults_reported_total", &self.faults_reported),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        out.push_str("# TYPE viommu_request_latency_seconds histogram\n");
+        let mut cum = 0;
+        for (i, b) in self.latency.iter().enumerate() {
+            cum += b.load(Ordering::Relaxed);
+            let le = (256u64 << i) as f64 / 1e9;
+            let _ = writeln!(out, "viommu_request_latency_seconds_bucket{{le=\"{le:e}\"}} {cum}");
+        }
+        let _ = writeln!(out, "viommu_request_latency_seconds_bucket{{le=\"+Inf\"}} {cum}");
+        let sum = self.latency_sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "viommu_request_latency_seconds_sum {sum}");
+        let _ = writeln!(out, "viommu_request_latency_seconds_count {cum}");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_counts_every_non_ok_status() {
+        let m = Metrics::default();
+        m.record(RequestType::Map, Status::Ok, 1000);
+        m.record(RequestType::Map, Status::Range, 1000);
+        m.record(RequestType::Attach, Status::NoEnt, 1 << 40);
+        assert_eq!(m.failed(), 2);
+        let text = m.render();
+        assert!(text.contains("viommu_requests_total{type=\"map\",status=\"range\"} 1"));
+        assert!(text.contains("viommu_request_latency_seconds_count 3"));
+    }
+}

@@ -1,0 +1,464 @@
+//! The command pipeline: who executes a request, on which thread, in what order.
+//!
+//! ```text
+//!   vring thread (Dispatcher)                      executor threads (one DomainTable each)
+//!   ─────────────────────────                      ────────────────────────────────────────
+//!   pop chain → parse → Request
+//!     MAP/UNMAP ── Work, by domain id % N ──────▶  shard k: validate + backend map/unmap
+//!     ATTACH/DETACH: drain all in flight,          │
+//!       then create/destroy via sync calls ────▶  │
+//!     PROBE: answered here (endpoint data)        │
+//!   completions ◀── bounded channel + eventfd ─── ┘ (one eventfd write per drained run)
+//!   write tails, add_used, one notify per batch
+//! ```
+//!
+//! A domain is owned by exactly one shard, so MAP/UNMAP run without locks and in order per
+//! domain. ATTACH and DETACH change which domains exist and which endpoint reaches which; they
+//! are full barriers: every request popped before them completes first, and nothing popped after
+//! them starts until they are done, so cross-shard moves are ordered against both domains'
+//! traffic. The Linux driver sends them synchronously anyway. In `Inline` mode the single shard
+//! lives in the vring thread and everything runs there (QEMU's and Cloud Hypervisor's model).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use log::error;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::backend::DmaBackend;
+use crate::domains::{
+    DomainKind, DomainTable, DomainView, EndpointView, Outcome, Rejection, Rules, Shards, Topology,
+};
+use crate::guest_ram::GuestRam;
+use crate::ids::{DomainId, EndpointId};
+use crate::protocol::Request;
+
+/// Where requests execute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// In the vring thread.
+    Inline,
+    /// On `n` executor threads, domains sharded by id.
+    Pipeline(usize),
+}
+
+/// A finished request: the caller's token and the outcome.
+pub type Completion = (u64, Outcome);
+
+enum Work {
+    Map {
+        token: u64,
+        domain: DomainId,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        flags: u32,
+    },
+    Unmap {
+        token: u64,
+        domain: DomainId,
+        virt_start: u64,
+        virt_end: u64,
+    },
+    Create(DomainId, DomainKind),
+    Destroy(DomainId),
+    SetRam(Arc<GuestRam>),
+    Clear,
+    Snapshot,
+}
+
+enum Reply {
+    Created(Result<Option<u32>, Rejection>),
+    Done,
+    Snapshot(Vec<DomainView>),
+}
+
+fn execute(table: &mut DomainTable, w: Work) -> Result<Completion, Reply> {
+    match w {
+        Work::Map {
+            token,
+            domain,
+            virt_start,
+            virt_end,
+            phys_start,
+            flags,
+        } => Ok((token, table.map(domain, virt_start, virt_end, phys_start, flags))),
+        Work::Unmap {
+            token,
+            domain,
+            virt_start,
+            virt_end,
+        } => Ok((token, table.unmap(domain, virt_start, virt_end))),
+        Work::Create(d, k) => Err(Reply::Created(table.create(d, k))),
+        Work::Destroy(d) => {
+            table.destroy(d);
+            Err(Reply::Done)
+        }
+        Work::SetRam(ram) => {
+            table.set_ram(ram);
+            Err(Reply::Done)
+        }
+        Work::Clear => {
+            table.clear();
+            Err(Reply::Done)
+        }
+        Work::Snapshot => Err(Reply::Snapshot(table.snapshot())),
+    }
+}
+
+struct Worker {
+    work: Sender<Work>,
+    replies: Receiver<Reply>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Threads {
+    workers: Vec<Worker>,
+    completions: Receiver<Completion>,
+    wake: Arc<EventFd>,
+    in_flight: usize,
+}
+
+enum Executors {
+    Inline(DomainTable),
+    Threads(Threads),
+}
+
+/// The capacity of every queue: more requests than a virtqueue can hold are never in flight.
+pub const QUEUE_CAPACITY: usize = 1024;
+
+impl Threads {
+    fn spawn(n: usize, mut make: impl FnMut() -> DomainTable) -> std::io::Result<Self> {
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let (done_tx, completions) = bounded::<Completion>(QUEUE_CAPACITY);
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let (work, rx) = bounded::<Work>(QUEUE_CAPACITY);
+            let (reply_tx, replies) = bounded::<Reply>(1);
+            let mut table = make();
+            let done_tx = done_tx.clone();
+            let wake = wake.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("viommu-exec{i}"))
+                .spawn(move || run_worker(&mut table, rx, done_tx, reply_tx, &wake))?;
+            workers.push(Worker {
+                work,
+                replies,
+                thread: Some(thread),
+            });
+        }
+        Ok(Threads {
+            workers,
+            completions,
+            wake,
+            in_flight: 0,
+        })
+    }
+
+    fn owner(&self, d: DomainId) -> usize {
+        d.0 as usize % self.workers.len()
+    }
+
+    /// A synchronous call to one worker (only at barriers: nothing else is in flight there).
+    fn call(&self, i: usize, w: Work) -> Reply {
+        let worker = &self.workers[i];
+        if worker.work.send(w).is_err() {
+            error!("executor {i} is gone");
+            return Reply::Done;
+        }
+        worker.replies.recv().unwrap_or(Reply::Done)
+    }
+
+    fn call_all(&self, mut w: impl FnMut() -> Work) -> Vec<Reply> {
+        (0..self.workers.len()).map(|i| self.call(i, w())).collect()
+    }
+}
+
+fn run_worker(
+    table: &mut DomainTable,
+    rx: Receiver<Work>,
+    done: Sender<Completion>,
+    replies: Sender<Reply>,
+    wake: &EventFd,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        let mut completed = false;
+        // Drain what is queued, then wake the dispatcher once for the whole run.
+        while let Some(w) = next {
+            match execute(table, w) {
+                Ok(c) => {
+                    // The channel holds QUEUE_CAPACITY: it cannot be full (see QUEUE_CAPACITY).
+                    if done.send(c).is_err() {
+                        return;
+                    }
+                    completed = true;
+                }
+                Err(r) => {
+                    if replies.send(r).is_err() {
+                        return;
+                    }
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if completed && let Err(e) = wake.write(1) {
+            error!("cannot wake the vring thread: {e}");
+        }
+    }
+    table.clear();
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            // Closing the work channel ends the worker, which destroys its domains.
+            let (dead, _) = bounded(0);
+            w.work = dead;
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Shards for Executors {
+    fn create(&mut self, domain: DomainId, kind: DomainKind) -> Result<Option<u32>, Rejection> {
+        match self {
+            Executors::Inline(t) => t.create(domain, kind),
+            Executors::Threads(th) => match th.call(th.owner(domain), Work::Create(domain, kind)) {
+                Reply::Created(r) => r,
+                _ => Err(Rejection {
+                    status: crate::protocol::Status::DevErr,
+                    reason: crate::domains::Reason::NoDomain(domain),
+                }),
+            },
+        }
+    }
+
+    fn destroy(&mut self, domain: DomainId) {
+        match self {
+            Executors::Inline(t) => t.destroy(domain),
+            Executors::Threads(th) => {
+                th.call(th.owner(domain), Work::Destroy(domain));
+            }
+        }
+    }
+}
+
+/// Routes requests to executors and owns the topology. Lives in the vring thread.
+pub struct Dispatcher {
+    topology: Topology,
+    exec: Executors,
+}
+
+/// What `submit` did with a request.
+pub enum Submitted {
+    /// Finished now.
+    Done(Outcome),
+    /// Queued on an executor: its completion comes through `poll`.
+    Queued,
+}
+
+impl Dispatcher {
+    pub fn new(
+        mode: Mode,
+        rules: Rules,
+        backend: Arc<dyn DmaBackend>,
+        endpoints: &[EndpointId],
+        bypass: bool,
+        ram: Arc<GuestRam>,
+    ) -> std::io::Result<Self> {
+        let rules = Arc::new(rules);
+        let total = Arc::new(AtomicUsize::new(0));
+        let make = || DomainTable::new(rules.clone(), backend.clone(), ram.clone(), total.clone());
+        let exec = match mode {
+            Mode::Inline => Executors::Inline(make()),
+            Mode::Pipeline(n) => Executors::Threads(Threads::spawn(n.max(1), make)?),
+        };
+        Ok(Dispatcher {
+            topology: Topology::new(rules, backend, endpoints, bypass),
+            exec,
+        })
+    }
+
+    /// The eventfd that becomes readable when executors completed requests (pipeline mode).
+    pub fn completion_event(&self) -> Option<&EventFd> {
+        match &self.exec {
+            Executors::Inline(_) => None,
+            Executors::Threads(t) => Some(&t.wake),
+        }
+    }
+
+    /// Starts one request. `probe_out` is the PROBE reply's properties area. `done` receives
+    /// earlier requests that complete while a barrier waits for them.
+    pub fn submit(
+        &mut self,
+        req: Request,
+        token: u64,
+        probe_out: &mut [u8],
+        done: &mut dyn FnMut(Completion),
+    ) -> Submitted {
+        match req {
+            Request::Map {
+                domain,
+                virt_start,
+                virt_end,
+                phys_start,
+                flags,
+            } => self.route(
+                domain,
+                Work::Map {
+                    token,
+                    domain,
+                    virt_start,
+                    virt_end,
+                    phys_start,
+                    flags,
+                },
+            ),
+            Request::Unmap {
+                domain,
+                virt_start,
+                virt_end,
+                ..
+            } => self.route(
+                domain,
+                Work::Unmap {
+                    token,
+                    domain,
+                    virt_start,
+                    virt_end,
+                },
+            ),
+            Request::Attach {
+                domain,
+                endpoint,
+                flags,
+                reserved,
+            } => {
+                self.wait_idle(done);
+                Submitted::Done(self.topology.attach(&mut self.exec, domain, endpoint, flags, reserved))
+            }
+            Request::Detach { domain, endpoint } => {
+                self.wait_idle(done);
+                Submitted::Done(self.topology.detach(&mut self.exec, domain, endpoint))
+            }
+            Request::Probe { endpoint } => Submitted::Done(self.topology.probe(endpoint, probe_out)),
+        }
+    }
+
+    fn route(&mut self, domain: DomainId, w: Work) -> Submitted {
+        match &mut self.exec {
+            Executors::Inline(t) => match execute(t, w) {
+                Ok((_, o)) => Submitted::Done(o),
+                Err(_) => unreachable!("map/unmap always complete"),
+            },
+            Executors::Threads(th) => {
+                let i = th.owner(domain);
+                if th.workers[i].work.send(w).is_err() {
+                    error!("executor {i} is gone");
+                    return Submitted::Done(Err(Rejection {
+                        status: crate::protocol::Status::DevErr,
+                        reason: crate::domains::Reason::NoDomain(domain),
+                    }));
+                }
+                th.in_flight += 1;
+                Submitted::Queued
+            }
+        }
+    }
+
+    /// Delivers the completions that are ready, without blocking.
+    pub fn poll(&mut self, done: &mut dyn FnMut(Completion)) {
+        if let Executors::Threads(th) = &mut self.exec {
+            let _ = th.wake.read();
+            while let Ok(c) = th.completions.try_recv() {
+                th.in_flight -= 1;
+                done(c);
+            }
+        }
+    }
+
+    /// Blocks until every queued request has completed, delivering each.
+    pub fn wait_idle(&mut self, done: &mut dyn FnMut(Completion)) {
+        if let Executors::Threads(th) = &mut self.exec {
+            while th.in_flight > 0 {
+                match th.completions.recv() {
+                    Ok(c) => {
+                        th.in_flight -= 1;
+                        done(c);
+                    }
+                    Err(_) => {
+                        error!("executors are gone with {} requests in flight", th.in_flight);
+                        th.in_flight = 0;
+                    }
+                }
+            }
+            let _ = th.wake.read();
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        match &self.exec {
+            Executors::Inline(_) => 0,
+            Executors::Threads(th) => th.in_flight,
+        }
+    }
+
+    /// The memory table changed. Call with nothing in flight.
+    pub fn set_ram(&mut self, ram: Arc<GuestRam>) {
+        match &mut self.exec {
+            Executors::Inline(t) => {
+                t.set_ram(ram);
+            }
+            Executors::Threads(th) => {
+                th.call_all(|| Work::SetRam(ram.clone()));
+            }
+        }
+    }
+
+    /// Device reset: every endpoint unattached, every domain destroyed. Call with nothing in
+    /// flight.
+    pub fn reset(&mut self, bypass: bool) {
+        self.topology.reset(&mut self.exec, bypass);
+        match &mut self.exec {
+            Executors::Inline(t) => t.clear(),
+            Executors::Threads(th) => {
+                th.call_all(|| Work::Clear);
+            }
+        }
+    }
+
+    pub fn set_bypass(&mut self, bypass: bool) -> Result<(), crate::backend::BackendError> {
+        self.topology.set_bypass(bypass)
+    }
+
+    pub fn bypass(&self) -> bool {
+        self.topology.bypass()
+    }
+
+    /// Whether any domain exists (a reset would change something).
+    pub fn has_state(&self) -> bool {
+        self.topology.domain_count() > 0
+    }
+
+    /// Domains with their mappings, and endpoints with their attachments.
+    pub fn snapshot(&mut self) -> (Vec<DomainView>, Vec<EndpointView>) {
+        let mut domains = match &mut self.exec {
+            Executors::Inline(t) => t.snapshot(),
+            Executors::Threads(th) => th
+                .call_all(|| Work::Snapshot)
+                .into_iter()
+                .flat_map(|r| match r {
+                    Reply::Snapshot(v) => v,
+                    _ => Vec::new(),
+                })
+                .collect(),
+        };
+        domains.sort_by_key(|d| d.id);
+        (domains, self.topology.endpoints())
+    }
+}

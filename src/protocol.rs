@@ -1,0 +1,697 @@
+//! The virtio-iommu wire format (virtio spec §5.13), byte-exact and little-endian.
+//!
+//! This module owns the layouts of the configuration space, the requests and their tails, PROBE
+//! properties and fault events, and converts between bytes and typed values. It is pure: no I/O,
+//! no guest-memory access, no allocation on the decode path. Decoding never trusts a length: every
+//! read is bounds-checked against the bytes actually supplied. It must never interpret a request
+//! (that is `domains`' job): it only says what the bytes are.
+
+use crate::ids::{DomainId, EndpointId};
+
+/// Virtio device ID of an IOMMU device (§5.13.1).
+pub const DEVICE_ID: u32 = 23;
+
+/// Feature bits (§5.13.3).
+pub mod features {
+    pub const INPUT_RANGE: u64 = 1 << 0;
+    pub const DOMAIN_RANGE: u64 = 1 << 1;
+    pub const MAP_UNMAP: u64 = 1 << 2;
+    /// Legacy bypass; new devices should not offer it (§5.13.3.2).
+    pub const BYPASS: u64 = 1 << 3;
+    pub const PROBE: u64 = 1 << 4;
+    pub const MMIO: u64 = 1 << 5;
+    pub const BYPASS_CONFIG: u64 = 1 << 6;
+}
+
+/// Index of the request virtqueue.
+pub const REQUEST_QUEUE: usize = 0;
+/// Index of the event virtqueue.
+pub const EVENT_QUEUE: usize = 1;
+
+/// `ATTACH_F_BYPASS`: the domain is an identity (bypass) domain.
+pub const ATTACH_F_BYPASS: u32 = 1;
+/// MAP flags.
+pub const MAP_F_READ: u32 = 1;
+pub const MAP_F_WRITE: u32 = 2;
+pub const MAP_F_MMIO: u32 = 4;
+
+/// Size of `struct virtio_iommu_req_head` and of `struct virtio_iommu_req_tail`.
+pub const HEAD_SIZE: usize = 4;
+pub const TAIL_SIZE: usize = 4;
+/// Device-readable sizes (head included) of each request type.
+pub const ATTACH_SIZE: usize = HEAD_SIZE + 16;
+pub const DETACH_SIZE: usize = HEAD_SIZE + 16;
+pub const MAP_SIZE: usize = HEAD_SIZE + 32;
+pub const UNMAP_SIZE: usize = HEAD_SIZE + 24;
+pub const PROBE_SIZE: usize = HEAD_SIZE + 68;
+/// The largest device-readable part any request has: what the parser copies out of the guest.
+pub const MAX_REQUEST_SIZE: usize = PROBE_SIZE;
+/// Size of the configuration space.
+pub const CONFIG_SIZE: usize = 40;
+/// Size of a fault report on the event queue.
+pub const FAULT_SIZE: usize = 24;
+/// Size of a RESV_MEM property, header included.
+pub const RESV_MEM_PROPERTY_SIZE: usize = 4 + 20;
+/// Property type of RESV_MEM.
+pub const PROBE_T_RESV_MEM: u16 = 1;
+
+/// Request types (§5.13.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RequestType {
+    Attach = 1,
+    Detach = 2,
+    Map = 3,
+    Unmap = 4,
+    Probe = 5,
+}
+
+impl RequestType {
+    pub const ALL: [RequestType; 5] = [
+        RequestType::Attach,
+        RequestType::Detach,
+        RequestType::Map,
+        RequestType::Unmap,
+        RequestType::Probe,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Attach,
+            2 => Self::Detach,
+            3 => Self::Map,
+            4 => Self::Unmap,
+            5 => Self::Probe,
+            _ => return None,
+        })
+    }
+
+    /// Device-readable size, head included.
+    pub fn readable_size(self) -> usize {
+        match self {
+            Self::Attach => ATTACH_SIZE,
+            Self::Detach => DETACH_SIZE,
+            Self::Map => MAP_SIZE,
+            Self::Unmap => UNMAP_SIZE,
+            Self::Probe => PROBE_SIZE,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Attach => "attach",
+            Self::Detach => "detach",
+            Self::Map => "map",
+            Self::Unmap => "unmap",
+            Self::Probe => "probe",
+        }
+    }
+}
+
+/// Request status codes (§5.13.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Status {
+    Ok = 0,
+    IoErr = 1,
+    Unsupp = 2,
+    DevErr = 3,
+    Inval = 4,
+    Range = 5,
+    NoEnt = 6,
+    Fault = 7,
+    NoMem = 8,
+}
+
+impl Status {
+    pub const ALL: [Status; 9] = [
+        Status::Ok,
+        Status::IoErr,
+        Status::Unsupp,
+        Status::DevErr,
+        Status::Inval,
+        Status::Range,
+        Status::NoEnt,
+        Status::Fault,
+        Status::NoMem,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(v)).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::IoErr => "ioerr",
+            Self::Unsupp => "unsupp",
+            Self::DevErr => "deverr",
+            Self::Inval => "inval",
+            Self::Range => "range",
+            Self::NoEnt => "noent",
+            Self::Fault => "fault",
+            Self::NoMem => "nomem",
+        }
+    }
+}
+
+/// A decoded request. Fields are exactly what the guest wrote; nothing is validated here except
+/// that enough bytes were supplied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    Attach {
+        domain: DomainId,
+        endpoint: EndpointId,
+        flags: u32,
+        reserved: [u8; 4],
+    },
+    Detach {
+        domain: DomainId,
+        endpoint: EndpointId,
+    },
+    Map {
+        domain: DomainId,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        flags: u32,
+    },
+    Unmap {
+        domain: DomainId,
+        virt_start: u64,
+        virt_end: u64,
+        reserved: [u8; 4],
+    },
+    Probe {
+        endpoint: EndpointId,
+    },
+}
+
+/// Why the device-readable part of a chain is not a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("request of {len} bytes is too short for a head")]
+    NoHead { len: usize },
+    #[error("unknown request type {0}")]
+    UnknownType(u8),
+    #[error("{} request of {got} bytes, needs {need}", kind.name())]
+    TooShort {
+        kind: RequestType,
+        need: usize,
+        got: usize,
+    },
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(v)
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(v)
+}
+
+fn bytes4(b: &[u8], at: usize) -> [u8; 4] {
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&b[at..at + 4]);
+    v
+}
+
+impl Request {
+    /// Peeks at the request type in a device-readable buffer.
+    pub fn peek_type(readable: &[u8]) -> Result<RequestType, DecodeError> {
+        let t = *readable
+            .first()
+            .ok_or(DecodeError::NoHead { len: readable.len() })?;
+        if readable.len() < HEAD_SIZE {
+            return Err(DecodeError::NoHead { len: readable.len() });
+        }
+        RequestType::from_u8(t).ok_or(DecodeError::UnknownType(t))
+    }
+
+    /// Decodes the device-readable part of a request. Bytes past the request's size are ignored;
+    /// the head's reserved bytes are ignored as the spec requires.
+    pub fn decode(readable: &[u8]) -> Result<Request, DecodeError> {
+        let kind = Self::peek_type(readable)?;
+        let need = kind.readable_size();
+        if readable.len() < need {
+            return Err(DecodeError::TooShort {
+                kind,
+                need,
+                got: readable.len(),
+            });
+        }
+        let b = &readable[HEAD_SIZE..need];
+        Ok(match kind {
+            RequestType::Attach => Request::Attach {
+                domain: DomainId(le32(b, 0)),
+                endpoint: EndpointId(le32(b, 4)),
+                flags: le32(b, 8),
+                reserved: bytes4(b, 12),
+            },
+            RequestType::Detach => Request::Detach {
+                domain: DomainId(le32(b, 0)),
+                endpoint: EndpointId(le32(b, 4)),
+            },
+            RequestType::Map => Request::Map {
+                domain: DomainId(le32(b, 0)),
+                virt_start: le64(b, 4),
+                virt_end: le64(b, 12),
+                phys_start: le64(b, 20),
+                flags: le32(b, 28),
+            },
+            RequestType::Unmap => Request::Unmap {
+                domain: DomainId(le32(b, 0)),
+                virt_start: le64(b, 4),
+                virt_end: le64(b, 12),
+                reserved: bytes4(b, 20),
+            },
+            RequestType::Probe => Request::Probe {
+                endpoint: EndpointId(le32(b, 0)),
+            },
+        })
+    }
+
+    pub fn kind(&self) -> RequestType {
+        match self {
+            Request::Attach { .. } => RequestType::Attach,
+            Request::Detach { .. } => RequestType::Detach,
+            Request::Map { .. } => RequestType::Map,
+            Request::Unmap { .. } => RequestType::Unmap,
+            Request::Probe { .. } => RequestType::Probe,
+        }
+    }
+
+    /// Encodes the device-readable part (the driver's side; used by the test driver and benches).
+    /// Returns the buffer and the number of bytes used.
+    pub fn encode(&self) -> ([u8; MAX_REQUEST_SIZE], usize) {
+        let mut out = [0u8; MAX_REQUEST_SIZE];
+        let kind = self.kind();
+        out[0] = kind as u8;
+        let b = &mut out[HEAD_SIZE..];
+        let put32 = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        let put64 = |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        match *self {
+            Request::Attach {
+                domain,
+                endpoint,
+                flags,
+                reserved,
+            } => {
+                put32(b, 0, domain.0);
+                put32(b, 4, endpoint.0);
+                put32(b, 8, flags);
+                b[12..16].copy_from_slice(&reserved);
+            }
+            Request::Detach { domain, endpoint } => {
+                put32(b, 0, domain.0);
+                put32(b, 4, endpoint.0);
+            }
+            Request::Map {
+                domain,
+                virt_start,
+                virt_end,
+                phys_start,
+                flags,
+            } => {
+                put32(b, 0, domain.0);
+                put64(b, 4, virt_start);
+                put64(b, 12, virt_end);
+                put64(b, 20, phys_start);
+                put32(b, 28, flags);
+            }
+            Request::Unmap {
+                domain,
+                virt_start,
+                virt_end,
+                reserved,
+            } => {
+                put32(b, 0, domain.0);
+                put64(b, 4, virt_start);
+                put64(b, 12, virt_end);
+                b[20..24].copy_from_slice(&reserved);
+            }
+            Request::Probe { endpoint } => put32(b, 0, endpoint.0),
+        }
+        (out, kind.readable_size())
+    }
+}
+
+/// Encodes a request tail.
+pub fn encode_tail(status: Status) -> [u8; TAIL_SIZE] {
+    [status as u8, 0, 0, 0]
+}
+
+/// The device configuration space (§5.13.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub page_size_mask: u64,
+    pub input_start: u64,
+    pub input_end: u64,
+    pub domain_start: u32,
+    pub domain_end: u32,
+    pub probe_size: u32,
+    pub bypass: u8,
+}
+
+impl Config {
+    pub fn to_bytes(&self) -> [u8; CONFIG_SIZE] {
+        let mut b = [0u8; CONFIG_SIZE];
+        b[0..8].copy_from_slice(&self.page_size_mask.to_le_bytes());
+        b[8..16].copy_from_slice(&self.input_start.to_le_bytes());
+        b[16..24].copy_from_slice(&self.input_end.to_le_bytes());
+        b[24..28].copy_from_slice(&self.domain_start.to_le_bytes());
+        b[28..32].copy_from_slice(&self.domain_end.to_le_bytes());
+        b[32..36].copy_from_slice(&self.probe_size.to_le_bytes());
+        b[36] = self.bypass;
+        b
+    }
+
+    /// Decodes a configuration space; `None` if `b` is not exactly 40 bytes.
+    pub fn from_bytes(b: &[u8]) -> Option<Config> {
+        if b.len() != CONFIG_SIZE {
+            return None;
+        }
+        Some(Config {
+            page_size_mask: le64(b, 0),
+            input_start: le64(b, 8),
+            input_end: le64(b, 16),
+            domain_start: le32(b, 24),
+            domain_end: le32(b, 28),
+            probe_size: le32(b, 32),
+            bypass: b[36],
+        })
+    }
+
+    /// Byte offset of the `bypass` field: the only driver-writable byte.
+    pub const BYPASS_OFFSET: usize = 36;
+}
+
+/// RESV_MEM subtypes (§5.13.6.6.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ResvKind {
+    Reserved = 0,
+    Msi = 1,
+}
+
+/// A reserved IOVA region reported in a PROBE reply; `end` is inclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResvMem {
+    pub kind: ResvKind,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Writes RESV_MEM properties into `out` (the PROBE reply's properties area) and zero-fills the
+/// rest. Fails, writing nothing, when they do not fit (§5.13.6.6.1: status INVAL).
+pub fn encode_probe_properties(props: &[ResvMem], out: &mut [u8]) -> Result<(), Status> {
+    let needed = props.len() * RESV_MEM_PROPERTY_SIZE;
+    if needed > out.len() {
+        return Err(Status::Inval);
+    }
+    out.fill(0);
+    for (p, chunk) in props.iter().zip(out.chunks_exact_mut(RESV_MEM_PROPERTY_SIZE)) {
+        chunk[0..2].copy_from_slice(&PROBE_T_RESV_MEM.to_le_bytes());
+        chunk[2..4].copy_from_slice(&20u16.to_le_bytes());
+        chunk[4] = p.kind as u8;
+        chunk[8..16].copy_from_slice(&p.start.to_le_bytes());
+        chunk[16..24].copy_from_slice(&p.end.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// Decodes the RESV_MEM properties of a PROBE reply (the driver's side). Stops at the first zero
+/// header (the end of the list); unknown property types are skipped by their length.
+pub fn decode_probe_properties(b: &[u8]) -> Result<Vec<ResvMem>, String> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at + 4 <= b.len() {
+        let ty = u16::from_le_bytes([b[at], b[at + 1]]) & 0x0fff;
+        let len = usize::from(u16::from_le_bytes([b[at + 2], b[at + 3]]));
+        if ty == 0 {
+            break;
+        }
+        let body = at + 4;
+        if body + len > b.len() {
+            return Err(format!("property at {at} overruns the buffer"));
+        }
+        if ty == PROBE_T_RESV_MEM {
+            if len < 20 {
+                return Err(format!("RESV_MEM property at {at} has length {len}"));
+            }
+            let kind = match b[body] {
+                0 => ResvKind::Reserved,
+                1 => ResvKind::Msi,
+                k => return Err(format!("RESV_MEM subtype {k} at {at}")),
+            };
+            out.push(ResvMem {
+                kind,
+                start: le64(b, body + 4),
+                end: le64(b, body + 12),
+            });
+        }
+        at = body + len;
+    }
+    Ok(out)
+}
+
+/// Fault reasons (§5.13.6.7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FaultReason {
+    Unknown = 0,
+    Domain = 1,
+    Mapping = 2,
+}
+
+pub const FAULT_F_READ: u32 = 1;
+pub const FAULT_F_WRITE: u32 = 2;
+pub const FAULT_F_ADDRESS: u32 = 0x100;
+
+/// A fault report for the event queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultEvent {
+    pub reason: FaultReason,
+    pub flags: u32,
+    pub endpoint: EndpointId,
+    pub address: Option<u64>,
+}
+
+impl FaultEvent {
+    pub fn to_bytes(&self) -> [u8; FAULT_SIZE] {
+        let mut b = [0u8; FAULT_SIZE];
+        b[0] = self.reason as u8;
+        let flags = (self.flags & (FAULT_F_READ | FAULT_F_WRITE))
+            | if self.address.is_some() {
+                FAULT_F_ADDRESS
+            } else {
+                0
+            };
+        b[4..8].copy_from_slice(&flags.to_le_bytes());
+        b[8..12].copy_from_slice(&self.endpoint.0.to_le_bytes());
+        b[16..24].copy_from_slice(&self.address.unwrap_or(0).to_le_bytes());
+        b
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<FaultEvent> {
+        if b.len() < FAULT_SIZE {
+            return None;
+        }
+        let flags = le32(b, 4);
+        Some(FaultEvent {
+            reason: match b[0] {
+                1 => FaultReason::Domain,
+                2 => FaultReason::Mapping,
+                _ => FaultReason::Unknown,
+            },
+            flags: flags & (FAULT_F_READ | FAULT_F_WRITE),
+            endpoint: EndpointId(le32(b, 8)),
+            address: (flags & FAULT_F_ADDRESS != 0).then(|| le64(b, 16)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_sizes_match_the_spec_structs() {
+        assert_eq!(ATTACH_SIZE, 20);
+        assert_eq!(DETACH_SIZE, 20);
+        assert_eq!(MAP_SIZE, 36);
+        assert_eq!(UNMAP_SIZE, 28);
+        assert_eq!(PROBE_SIZE, 72);
+        assert_eq!(RESV_MEM_PROPERTY_SIZE, 24);
+    }
+
+    #[test]
+    fn every_request_round_trips_through_encode_and_decode() {
+        let reqs = [
+            Request::Attach {
+                domain: DomainId(7),
+                endpoint: EndpointId(0x10),
+                flags: ATTACH_F_BYPASS,
+                reserved: [0, 1, 2, 3],
+            },
+            Request::Detach {
+                domain: DomainId(u32::MAX),
+                endpoint: EndpointId(3),
+            },
+            Request::Map {
+                domain: DomainId(2),
+                virt_start: 0x1000,
+                virt_end: 0x1fff,
+                phys_start: 0xdead_0000,
+                flags: MAP_F_READ | MAP_F_WRITE,
+            },
+            Request::Unmap {
+                domain: DomainId(2),
+                virt_start: 0,
+                virt_end: u64::MAX,
+                reserved: [9, 0, 0, 0],
+            },
+            Request::Probe {
+                endpoint: EndpointId(0xffff_fffe),
+            },
+        ];
+        for r in reqs {
+            let (b, n) = r.encode();
+            assert_eq!(n, r.kind().readable_size());
+            assert_eq!(Request::decode(&b[..n]), Ok(r));
+        }
+    }
+
+    #[test]
+    fn map_fields_sit_at_the_spec_offsets() {
+        let mut b = [0u8; MAP_SIZE];
+        b[0] = 3;
+        b[1] = 0xff; // head.reserved is ignored
+        b[4..8].copy_from_slice(&5u32.to_le_bytes());
+        b[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
+        b[16..24].copy_from_slice(&0x2fffu64.to_le_bytes());
+        b[24..32].copy_from_slice(&0x8000u64.to_le_bytes());
+        b[32..36].copy_from_slice(&3u32.to_le_bytes());
+        assert_eq!(
+            Request::decode(&b),
+            Ok(Request::Map {
+                domain: DomainId(5),
+                virt_start: 0x1000,
+                virt_end: 0x2fff,
+                phys_start: 0x8000,
+                flags: 3
+            })
+        );
+    }
+
+    #[test]
+    fn decode_rejects_short_and_unknown_requests_without_panicking() {
+        assert_eq!(Request::decode(&[]), Err(DecodeError::NoHead { len: 0 }));
+        assert_eq!(Request::decode(&[3, 0]), Err(DecodeError::NoHead { len: 2 }));
+        assert_eq!(
+            Request::decode(&[0, 0, 0, 0]),
+            Err(DecodeError::UnknownType(0))
+        );
+        assert_eq!(
+            Request::decode(&[6, 0, 0, 0]),
+            Err(DecodeError::UnknownType(6))
+        );
+        for t in RequestType::ALL {
+            let need = t.readable_size();
+            let mut b = vec![0u8; need];
+            b[0] = t as u8;
+            for n in HEAD_SIZE..need {
+                assert_eq!(
+                    Request::decode(&b[..n]),
+                    Err(DecodeError::TooShort {
+                        kind: t,
+                        need,
+                        got: n
+                    })
+                );
+            }
+            assert!(Request::decode(&b).is_ok());
+        }
+    }
+
+    #[test]
+    fn config_layout_is_40_little_endian_bytes() {
+        let c = Config {
+            page_size_mask: 0xffff_ffff_ffff_f000,
+            input_start: 1,
+            input_end: 0xffff_ffff_ffff,
+            domain_start: 2,
+            domain_end: 0xffff,
+            probe_size: 512,
+            bypass: 1,
+        };
+        let b = c.to_bytes();
+        assert_eq!(&b[0..8], &0xffff_ffff_ffff_f000u64.to_le_bytes());
+        assert_eq!(&b[32..36], &512u32.to_le_bytes());
+        assert_eq!(b[Config::BYPASS_OFFSET], 1);
+        assert_eq!(&b[37..40], &[0, 0, 0]);
+        assert_eq!(Config::from_bytes(&b), Some(c));
+        assert_eq!(Config::from_bytes(&b[..39]), None);
+    }
+
+    #[test]
+    fn probe_properties_are_packed_and_zero_filled() {
+        let props = [
+            ResvMem {
+                kind: ResvKind::Msi,
+                start: 0xfee0_0000,
+                end: 0xfeef_ffff,
+            },
+            ResvMem {
+                kind: ResvKind::Reserved,
+                start: 0,
+                end: 0xfff,
+            },
+        ];
+        let mut out = [0xaau8; 64];
+        encode_probe_properties(&props, &mut out).unwrap();
+        assert_eq!(&out[0..4], &[1, 0, 20, 0]);
+        assert_eq!(out[4], 1);
+        assert_eq!(&out[24..28], &[1, 0, 20, 0]);
+        assert!(out[48..].iter().all(|&b| b == 0));
+        assert_eq!(decode_probe_properties(&out).unwrap(), props);
+    }
+
+    #[test]
+    fn probe_properties_that_do_not_fit_are_rejected_with_inval_and_nothing_written() {
+        let props = [ResvMem {
+            kind: ResvKind::Msi,
+            start: 0,
+            end: 1,
+        }; 3];
+        let mut out = [0xaau8; 70];
+        assert_eq!(encode_probe_properties(&props, &mut out), Err(Status::Inval));
+        assert!(out.iter().all(|&b| b == 0xaa));
+    }
+
+    #[test]
+    fn fault_event_round_trips_and_sets_address_flag() {
+        let f = FaultEvent {
+            reason: FaultReason::Mapping,
+            flags: FAULT_F_WRITE,
+            endpoint: EndpointId(4),
+            address: Some(0x1234_5000),
+        };
+        let b = f.to_bytes();
+        assert_eq!(u32::from_le_bytes(b[4..8].try_into().unwrap()), 0x102);
+        assert_eq!(FaultEvent::from_bytes(&b), Some(f));
+    }
+
+    #[test]
+    fn status_codes_have_spec_values() {
+        for (i, s) in Status::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i);
+            assert_eq!(Status::from_u8(i as u8), Some(*s));
+        }
+        assert_eq!(Status::from_u8(9), None);
+    }
+}

@@ -1,0 +1,719 @@
+//! The vhost-user glue: the virtio-iommu device as the VMM sees it, and the request virtqueue.
+//!
+//! This module owns the conversation with the VMM (features, config space, memory table, reset)
+//! and the guest's descriptor chains. It copies each request out of guest memory exactly once,
+//! into a fixed buffer, before anything looks at it; it writes tails and PROBE replies only into
+//! device-writable descriptors that lie inside guest RAM. It never interprets a request: that is
+//! the domain model's job, reached through the [`Dispatcher`].
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use log::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryMmap, GuestMemoryRegion,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
+
+use crate::backend::DmaBackend;
+use crate::domains::{DomainView, EndpointView, Rules, status_of};
+use crate::guest_ram::{Backing, GuestRam, RamRegion};
+use crate::ids::{EndpointId, IovaRange};
+use crate::metrics::Metrics;
+use crate::pipeline::{Completion, Dispatcher, Mode, QUEUE_CAPACITY, Submitted};
+use crate::protocol::{
+    CONFIG_SIZE, Config, DecodeError, EVENT_QUEUE, MAX_REQUEST_SIZE, REQUEST_QUEUE, Request,
+    RequestType, Status, TAIL_SIZE, encode_tail, features,
+};
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
+
+/// Event token of the executors' completion eventfd (0, 1 are the queues, 2 the exit event).
+pub const COMPLETION_EVENT: u16 = 3;
+/// Most device-writable descriptors a request may use; more is descriptor abuse.
+const MAX_WRITABLE_SEGMENTS: usize = 16;
+/// Largest virtqueue the device accepts.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+/// Everything the device needs to know about the VM it serves; fixed for the daemon's life.
+#[derive(Clone, Debug)]
+pub struct DeviceSettings {
+    pub endpoints: Vec<EndpointId>,
+    pub boot_bypass: bool,
+    pub rules: Rules,
+    pub mode: Mode,
+}
+
+/// Where a request's device-writable bytes are: guest-physical segments in chain order.
+#[derive(Clone, Copy, Debug)]
+struct Segments {
+    seg: [(u64, u32); MAX_WRITABLE_SEGMENTS],
+    n: usize,
+    total: u64,
+}
+
+impl Segments {
+    /// Writes `data` at byte `offset` of the writable area. The segments were checked to be
+    /// guest RAM when the chain was parsed; a failure here means the memory table changed.
+    fn write(&self, mem: &GuestMemoryMmap, mut offset: u64, mut data: &[u8]) -> bool {
+        for &(addr, len) in &self.seg[..self.n] {
+            let len = u64::from(len);
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let n = data.len().min((len - offset) as usize);
+            if mem.write_slice(&data[..n], GuestAddress(addr + offset)).is_err() {
+                return false;
+            }
+            data = &data[n..];
+            offset = 0;
+            if data.is_empty() {
+                return true;
+            }
+        }
+        data.is_empty()
+    }
+}
+
+/// What a descriptor chain turned out to be.
+enum Chain {
+    /// Not a request we can answer: returned with used length 0.
+    Unusable(&'static str),
+    Request {
+        bytes: [u8; MAX_REQUEST_SIZE],
+        len: usize,
+        writable: Segments,
+    },
+}
+
+/// Reads a chain: device-readable descriptors first (copied, at most MAX_REQUEST_SIZE bytes),
+/// then device-writable ones (recorded, checked to be guest RAM).
+fn read_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<MemGuard>) -> Chain {
+    let mut bytes = [0u8; MAX_REQUEST_SIZE];
+    let mut len = 0usize;
+    let mut writable = Segments {
+        seg: [(0, 0); MAX_WRITABLE_SEGMENTS],
+        n: 0,
+        total: 0,
+    };
+    for desc in chain {
+        let (addr, dlen) = (desc.addr(), desc.len());
+        if !mem.check_range(addr, dlen as usize) {
+            return Chain::Unusable("descriptor outside guest RAM");
+        }
+        if desc.is_write_only() {
+            if writable.n == MAX_WRITABLE_SEGMENTS {
+                return Chain::Unusable("too many writable descriptors");
+            }
+            if dlen > 0 {
+                writable.seg[writable.n] = (addr.0, dlen);
+                writable.n += 1;
+                writable.total += u64::from(dlen);
+            }
+        } else {
+            if writable.n > 0 {
+                return Chain::Unusable("readable descriptor after a writable one");
+            }
+            let take = (dlen as usize).min(MAX_REQUEST_SIZE - len);
+            if take > 0 && mem.read_slice(&mut bytes[len..len + take], addr).is_err() {
+                return Chain::Unusable("unreadable descriptor");
+            }
+            len += take;
+        }
+    }
+    if writable.total < TAIL_SIZE as u64 {
+        return Chain::Unusable("no room for the tail");
+    }
+    Chain::Request {
+        bytes,
+        len,
+        writable,
+    }
+}
+
+/// A request in flight: where to answer it.
+struct Pending {
+    head: u16,
+    kind: RequestType,
+    writable: Segments,
+    tail_offset: u64,
+    started: Instant,
+}
+
+/// Fixed-capacity table of requests in flight; the token is the slot.
+struct PendingTable {
+    slots: Vec<Option<Pending>>,
+    free: Vec<u32>,
+}
+
+impl PendingTable {
+    fn new(cap: usize) -> Self {
+        PendingTable {
+            slots: (0..cap).map(|_| None).collect(),
+            free: (0..cap as u32).rev().collect(),
+        }
+    }
+
+    fn insert(&mut self, p: Pending) -> Option<u64> {
+        let i = self.free.pop()?;
+        self.slots[i as usize] = Some(p);
+        Some(u64::from(i))
+    }
+
+    fn take(&mut self, token: u64) -> Option<Pending> {
+        let p = self.slots.get_mut(token as usize)?.take()?;
+        self.free.push(token as u32);
+        Some(p)
+    }
+
+    fn is_full(&self) -> bool {
+        self.free.is_empty()
+    }
+}
+
+/// Logs guest misbehaviour at most a few times per second.
+struct LogLimiter {
+    window: Instant,
+    count: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    const PER_SECOND: u32 = 10;
+
+    fn allow(&mut self) -> bool {
+        if self.window.elapsed().as_secs() >= 1 {
+            if self.suppressed > 0 {
+                warn!("{} more guest errors were not logged", self.suppressed);
+            }
+            self.window = Instant::now();
+            self.count = 0;
+            self.suppressed = 0;
+        }
+        self.count += 1;
+        if self.count > Self::PER_SECOND {
+            self.suppressed += 1;
+        }
+        self.count <= Self::PER_SECOND
+    }
+}
+
+/// Per-connection device state, touched by the vring thread once per batch and by the vhost-user
+/// thread for control messages.
+struct Session {
+    dispatcher: Dispatcher,
+    mem: Option<Mem>,
+    pending: PendingTable,
+    probe_buf: Vec<u8>,
+    request_vring: Option<VringRwLock>,
+    acked_features: u64,
+    /// The request ring was stopped (GET_VRING_BASE); a restart from index 0 is a device reset.
+    stopped: bool,
+    limiter: LogLimiter,
+}
+
+/// Everything `complete` needs besides the dispatcher, so both can be borrowed at once.
+struct Answerer<'a> {
+    mem: &'a GuestMemoryMmap,
+    pending: &'a mut PendingTable,
+    vring: &'a VringRwLock,
+    metrics: &'a Metrics,
+    limiter: &'a mut LogLimiter,
+    used: bool,
+}
+
+impl Answerer<'_> {
+    fn used(&mut self, head: u16, len: u32) {
+        if let Err(e) = self.vring.add_used(head, len) {
+            warn!("cannot add used descriptor {head}: {e}");
+        }
+        self.used = true;
+    }
+
+    fn complete(&mut self, (token, outcome): Completion) {
+        let Some(p) = self.pending.take(token) else {
+            warn!("completion for unknown token {token}");
+            return;
+        };
+        let status = status_of(&outcome);
+        if let Err(r) = &outcome
+            && self.limiter.allow()
+        {
+            warn!("guest {} request failed with {:?}: {}", p.kind.name(), r.status, r.reason);
+        }
+        let ok = p.writable.write(self.mem, p.tail_offset, &encode_tail(status));
+        self.metrics
+            .record(p.kind, status, p.started.elapsed().as_nanos() as u64);
+        let len = if ok { p.tail_offset as u32 + TAIL_SIZE as u32 } else { 0 };
+        self.used(p.head, len);
+    }
+}
+
+struct Inner {
+    settings: DeviceSettings,
+    backend: Arc<dyn DmaBackend>,
+    metrics: Arc<Metrics>,
+    session: Mutex<Session>,
+}
+
+/// The virtio-iommu vhost-user device for one connection.
+#[derive(Clone)]
+pub struct IommuDevice(Arc<Inner>);
+
+fn lock(m: &Mutex<Session>) -> MutexGuard<'_, Session> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl IommuDevice {
+    pub fn new(
+        settings: DeviceSettings,
+        backend: Arc<dyn DmaBackend>,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<Self> {
+        let dispatcher = Dispatcher::new(
+            settings.mode,
+            settings.rules.clone(),
+            backend.clone(),
+            &settings.endpoints,
+            settings.boot_bypass,
+            Arc::new(GuestRam::default()),
+        )?;
+        let session = Session {
+            dispatcher,
+            mem: None,
+            pending: PendingTable::new(QUEUE_CAPACITY),
+            probe_buf: vec![0; settings.rules.probe_size as usize],
+            request_vring: None,
+            acked_features: 0,
+            stopped: false,
+            limiter: LogLimiter {
+                window: Instant::now(),
+                count: 0,
+                suppressed: 0,
+            },
+        };
+        Ok(IommuDevice(Arc::new(Inner {
+            settings,
+            backend,
+            metrics,
+            session: Mutex::new(session),
+        })))
+    }
+
+    /// The executors' completion eventfd, to register with the vring thread's epoll.
+    pub fn completion_fd(&self) -> Option<i32> {
+        use std::os::fd::AsRawFd;
+        lock(&self.0.session)
+            .dispatcher
+            .completion_event()
+            .map(|e| e.as_raw_fd())
+    }
+
+    /// Current domains and endpoints (for tests and the state dump).
+    pub fn snapshot(&self) -> (Vec<DomainView>, Vec<EndpointView>) {
+        lock(&self.0.session).dispatcher.snapshot()
+    }
+
+    /// The connection ended: every endpoint goes back to its boot state, every domain is
+    /// destroyed and `bypass` returns to its initial value (a system reset, §5.13.4).
+    pub fn disconnect(&self) {
+        let mut s = lock(&self.0.session);
+        s.dispatcher.wait_idle(&mut |_| {});
+        s.dispatcher.reset(self.0.settings.boot_bypass);
+        s.request_vring = None;
+        s.mem = None;
+    }
+
+    fn config(&self, bypass: bool) -> Config {
+        let r = &self.0.settings.rules;
+        Config {
+            page_size_mask: !r.granule_mask,
+            input_start: r.input_range.start(),
+            input_end: r.input_range.end(),
+            domain_start: r.domain_range.0,
+            domain_end: r.domain_range.1,
+            probe_size: r.probe_size,
+            bypass: u8::from(bypass),
+        }
+    }
+
+    /// Device reset: nothing attached, no domain left; `bypass` keeps its value.
+    fn reset(&self, s: &mut Session) {
+        if let Some(v) = s.request_vring.clone() {
+            let mem = s.mem.as_ref().map(|m| m.memory());
+            drain(s, mem.as_deref(), &v, &self.0.metrics);
+        }
+        let bypass = s.dispatcher.bypass();
+        s.dispatcher.reset(bypass);
+        info!("device reset: all endpoints detached, all domains destroyed");
+    }
+
+    fn process_requests(&self, vring: &VringRwLock) -> io::Result<()> {
+        let mut guard = lock(&self.0.session);
+        let s = &mut *guard;
+        if s.request_vring.is_none() {
+            s.request_vring = Some(vring.clone());
+        }
+        if s.stopped {
+            s.stopped = false;
+            let fresh = vring.get_ref().get_queue().next_avail() == 0;
+            if fresh && s.dispatcher.has_state() {
+                self.reset(s);
+            }
+        }
+        let Some(mem) = s.mem.as_ref().map(|m| m.memory()) else {
+            return Ok(());
+        };
+        let metrics = &*self.0.metrics;
+        let probe_size = u64::from(self.0.settings.rules.probe_size);
+        let Session {
+            dispatcher,
+            pending,
+            probe_buf,
+            limiter,
+            ..
+        } = s;
+        let mut a = Answerer {
+            mem: &mem,
+            pending,
+            vring,
+            metrics,
+            limiter,
+            used: false,
+        };
+        loop {
+            vring.disable_notification().map_err(io::Error::other)?;
+            loop {
+                if a.pending.is_full() {
+                    dispatcher.wait_idle(&mut |c| a.complete(c));
+                }
+                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let (bytes, len, writable) = match read_chain(&mem, chain) {
+                    Chain::Unusable(why) => {
+                        metrics.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if a.limiter.allow() {
+                            warn!("request chain {head} returned unused: {why}");
+                        }
+                        a.used(head, 0);
+                        continue;
+                    }
+                    Chain::Request {
+                        bytes,
+                        len,
+                        writable,
+                    } => (bytes, len, writable),
+                };
+                let started = Instant::now();
+                let req = match Request::decode(&bytes[..len]) {
+                    Ok(r) => r,
+                    Err(DecodeError::UnknownType(t)) => {
+                        metrics.unknown_type.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if a.limiter.allow() {
+                            warn!("request chain {head}: unknown request type {t}");
+                        }
+                        a.used(head, 0);
+                        continue;
+                    }
+                    Err(e) => {
+                        if a.limiter.allow() {
+                            warn!("request chain {head}: {e}");
+                        }
+                        let kind = Request::peek_type(&bytes[..len]).ok();
+                        let ok = writable.write(&mem, 0, &encode_tail(Status::Inval));
+                        if let Some(kind) = kind {
+                            metrics.record(kind, Status::Inval, 0);
+                        }
+                        a.used(head, if ok { TAIL_SIZE as u32 } else { 0 });
+                        continue;
+                    }
+                };
+                let kind = req.kind();
+                // The tail follows the properties in a PROBE; a buffer too small for them gets
+                // INVAL in its last four bytes and no property (§5.13.6.6.1).
+                let (tail_offset, short_probe) = if kind == RequestType::Probe {
+                    if writable.total >= probe_size + TAIL_SIZE as u64 {
+                        (probe_size, false)
+                    } else {
+                        (writable.total - TAIL_SIZE as u64, true)
+                    }
+                } else {
+                    (0, false)
+                };
+                let p = Pending {
+                    head,
+                    kind,
+                    writable,
+                    tail_offset,
+                    started,
+                };
+                let Some(token) = a.pending.insert(p) else {
+                    // Cannot happen: the table was drained above when full.
+                    a.used(head, 0);
+                    continue;
+                };
+                if short_probe {
+                    a.complete((
+                        token,
+                        Err(crate::domains::Rejection {
+                            status: Status::Inval,
+                            reason: crate::domains::Reason::ProbeTooSmall,
+                        }),
+                    ));
+                    continue;
+                }
+                match dispatcher.submit(req, token, probe_buf, &mut |c| a.complete(c)) {
+                    Submitted::Queued => {}
+                    Submitted::Done(outcome) => {
+                        if kind == RequestType::Probe && outcome.is_ok() && !writable.write(&mem, 0, probe_buf) {
+                            a.complete((token, Err(fault())));
+                            continue;
+                        }
+                        a.complete((token, outcome));
+                    }
+                }
+            }
+            dispatcher.poll(&mut |c| a.complete(c));
+            if !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+        }
+        if a.used {
+            signal(vring);
+        }
+        Ok(())
+    }
+
+    fn process_completions(&self) {
+        let mut guard = lock(&self.0.session);
+        let s = &mut *guard;
+        let (Some(v), Some(mem)) = (s.request_vring.clone(), s.mem.as_ref().map(|m| m.memory()))
+        else {
+            return;
+        };
+        let mut a = Answerer {
+            mem: &mem,
+            pending: &mut s.pending,
+            vring: &v,
+            metrics: &self.0.metrics,
+            limiter: &mut s.limiter,
+            used: false,
+        };
+        s.dispatcher.poll(&mut |c| a.complete(c));
+        if a.used {
+            signal(&v);
+        }
+    }
+}
+
+fn fault() -> crate::domains::Rejection {
+    crate::domains::Rejection {
+        status: Status::DevErr,
+        reason: crate::domains::Reason::ProbeTooSmall,
+    }
+}
+
+/// Completes everything in flight (ring stop, reset).
+fn drain(s: &mut Session, mem: Option<&GuestMemoryMmap>, vring: &VringRwLock, metrics: &Metrics) {
+    let Some(mem) = mem else {
+        s.dispatcher.wait_idle(&mut |_| {});
+        return;
+    };
+    let mut a = Answerer {
+        mem,
+        pending: &mut s.pending,
+        vring,
+        metrics,
+        limiter: &mut s.limiter,
+        used: false,
+    };
+    s.dispatcher.wait_idle(&mut |c| a.complete(c));
+    if a.used {
+        signal(vring);
+    }
+}
+
+fn signal(vring: &VringRwLock) {
+    match vring.needs_notification() {
+        Ok(false) => {}
+        _ => {
+            if let Err(e) = vring.signal_used_queue() {
+                warn!("cannot notify the guest: {e}");
+            }
+        }
+    }
+}
+
+/// Converts the vhost-user memory table into the domain model's view of guest RAM.
+fn guest_ram(mem: &GuestMemoryMmap) -> Result<GuestRam, String> {
+    use std::os::fd::AsRawFd;
+    let mut regions = Vec::new();
+    for r in mem.iter() {
+        let gpa = IovaRange::with_len(r.start_addr().0, r.len())
+            .ok_or_else(|| format!("memory region at {:#x} has a bad length", r.start_addr().0))?;
+        let host_addr = r
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| e.to_string())? as u64;
+        let backing = match r.file_offset() {
+            None => None,
+            Some(fo) => {
+                // SAFETY: fstat writes only into the zeroed struct we pass, on an fd we own.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: the fd is valid for the lifetime of `fo`; `st` is a valid out pointer.
+                if unsafe { libc::fstat(fo.file().as_raw_fd(), &mut st) } != 0 {
+                    return Err(format!("fstat of memory region fd: {}", io::Error::last_os_error()));
+                }
+                Some(Backing {
+                    file: fo.arc().clone(),
+                    offset: fo.start(),
+                    file_id: (st.st_dev, st.st_ino),
+                })
+            }
+        };
+        regions.push(RamRegion {
+            gpa,
+            host_addr,
+            backing,
+        });
+    }
+    GuestRam::new(regions)
+}
+
+impl VhostUserBackend for IommuDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        2
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | features::INPUT_RANGE
+            | features::DOMAIN_RANGE
+            | features::MAP_UNMAP
+            | features::PROBE
+            | features::BYPASS_CONFIG
+    }
+
+    fn acked_features(&self, features: u64) {
+        lock(&self.0.session).acked_features = features;
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        let mut s = lock(&self.0.session);
+        self.reset(&mut s);
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The vring library applies EVENT_IDX to the queues itself; notification suppression in
+        // `process_requests` works either way.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let bypass = lock(&self.0.session).dispatcher.bypass();
+        let bytes = self.config(bypass).to_bytes();
+        (offset as usize..offset as usize + size as usize)
+            .map(|i| bytes.get(i).copied().unwrap_or(0))
+            .collect()
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let at = Config::BYPASS_OFFSET;
+        let offset = offset as usize;
+        if offset > at || offset + buf.len() <= at || offset + buf.len() > CONFIG_SIZE {
+            // Every other field is read-only for the driver (§5.13.4.1): ignore the write.
+            return Ok(());
+        }
+        let mut s = lock(&self.0.session);
+        if s.acked_features & features::BYPASS_CONFIG == 0 {
+            warn!("driver wrote bypass without negotiating BYPASS_CONFIG; ignored");
+            return Ok(());
+        }
+        // Bits 1-7 carry nothing (§5.13.4.1).
+        let bypass = buf[at - offset] & 1 != 0;
+        s.dispatcher.set_bypass(bypass).map_err(|e| {
+            warn!("cannot apply bypass={bypass}: {e}");
+            io::Error::from_raw_os_error(e.errno)
+        })
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        let ram = Arc::new(guest_ram(&mem.memory()).map_err(io::Error::other)?);
+        debug!("memory table: {} regions", ram.regions().len());
+        let mut s = lock(&self.0.session);
+        self.0
+            .backend
+            .set_ram(&ram)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno))?;
+        s.dispatcher.set_ram(ram);
+        s.mem = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        vec![0b11]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if queue_index as usize != REQUEST_QUEUE {
+            return Ok(());
+        }
+        let mut s = lock(&self.0.session);
+        if let Some(v) = s.request_vring.clone() {
+            let mem = s.mem.as_ref().map(|m| m.memory());
+            drain(&mut s, mem.as_deref(), &v, &self.0.metrics);
+        }
+        s.stopped = true;
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        match device_event as usize {
+            REQUEST_QUEUE => self.process_requests(&vrings[REQUEST_QUEUE]),
+            // Event-queue buffers stay available until there is a fault to report.
+            EVENT_QUEUE => Ok(()),
+            _ if device_event == COMPLETION_EVENT => {
+                self.process_completions();
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,1537 @@
+//! ACPI VIOT (Virtual I/O Translation Table) for a virtio-pci IOMMU.
+//!
+//! This module owns the byte layout of the VIOT table that tells the guest
+//! which PCI devices sit behind our vhost-user virtio-iommu and which
+//! virtio-iommu endpoint id each of them has. The daemon writes the bytes to a
+//! file that QEMU loads with `-acpitable file=viot.bin`; QEMU does not know the
+//! vhost-user device is an IOMMU, so it cannot build this table itself.
+//! [`Viot::parse`] is the strict inverse of [`Viot::to_bytes`], used to check
+//! a table before handing it to a guest.
+//!
+//! The module is pure: it must never do I/O, never use `unsafe`, and never
+//! panic on any input (the decoder in particular is fed untrusted bytes). It
+//! knows nothing about the rest of the daemon; callers turn configuration
+//! into a [`Viot`] and decide where the bytes go.
+//!
+//! Layout reference: ACPI Specification 6.5, section 5.2, "Virtual I/O
+//! Translation Table (VIOT)" (introduced in ACPI 6.4), and its consumer,
+//! Linux `drivers/acpi/viot.c`. All multi-byte fields are little-endian.
+//!
+//! ```text
+//! offset  size  field
+//!      0    36  ACPI header: "VIOT", length, revision 0, checksum, OEM ids
+//!     36     2  node_count
+//!     38     2  node_offset = 48 (first node, from the table start)
+//!     40     8  reserved
+//!     48    16  virtio-pci IOMMU node (type 3): segment, bdf
+//!     64  24*n  PCI range nodes (type 1), each pointing back at offset 48
+//! ```
+//!
+//! Only what a single virtio-pci IOMMU needs is supported: exactly one
+//! virtio-pci IOMMU node and single-segment PCI range nodes. MMIO endpoint
+//! and virtio-mmio IOMMU nodes are rejected by the decoder rather than
+//! silently dropped, so `parse` never returns less than the table says.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Table signature (ACPI header bytes 0..4).
+pub const SIGNATURE: [u8; 4] = *b"VIOT";
+/// The only VIOT revision defined so far.
+pub const REVISION: u8 = 0;
+/// OEM id written into the header: "VHost-User IOMmu". Guests ignore it;
+/// it only lets a human spot our table in `acpidump` output.
+pub const OEM_ID: [u8; 6] = *b"VHUIOM";
+/// OEM table id written into the header.
+pub const OEM_TABLE_ID: [u8; 8] = *b"VHUIOMMU";
+/// OEM revision; bump if the generated layout ever changes.
+pub const OEM_REVISION: u32 = 1;
+/// Creator (the tool that built the table) id: this daemon.
+pub const CREATOR_ID: [u8; 4] = *b"VHUI";
+/// Creator revision.
+pub const CREATOR_REVISION: u32 = 1;
+
+/// ACPI common header (signature .. creator_revision).
+const ACPI_HEADER_LEN: usize = 36;
+/// ACPI header plus node_count, node_offset and 8 reserved bytes.
+const VIOT_HEADER_LEN: usize = 48;
+/// Every node starts with type, reserved, le16 length.
+const NODE_HEADER_LEN: usize = 4;
+
+const NODE_PCI_RANGE: u8 = 1;
+const NODE_MMIO_ENDPOINT: u8 = 2;
+const NODE_VIRTIO_PCI_IOMMU: u8 = 3;
+const NODE_VIRTIO_MMIO_IOMMU: u8 = 4;
+
+const PCI_RANGE_LEN: u16 = 24;
+const VIRTIO_PCI_IOMMU_LEN: u16 = 16;
+
+/// We always place the IOMMU node first, so every range's output_node is 48.
+const IOMMU_NODE_OFFSET: u16 = VIOT_HEADER_LEN as u16;
+
+/// node_count is 16 bits and one node is the IOMMU.
+pub const MAX_RANGES: usize = u16::MAX as usize - 1;
+
+/// Errors from building, decoding or parsing VIOT data. Decoder errors name
+/// the byte offset (from the table start) of the offending field or node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ViotError {
+    #[error("invalid PCI address {input:?}: {reason}")]
+    InvalidPciAddress { input: String, reason: String },
+
+    #[error("VIOT needs at least one PCI range: no endpoint would be translated")]
+    NoRanges,
+
+    #[error(
+        "too many PCI ranges ({count}): node_count is 16 bits, so at most {max} fit beside the IOMMU node"
+    )]
+    TooManyRanges { count: usize, max: usize },
+
+    #[error("PCI range #{index}: bdf_start {start} is after bdf_end {end}")]
+    InvertedRange { index: usize, start: Bdf, end: Bdf },
+
+    #[error(
+        "PCI ranges #{first} and #{second} overlap on segment {segment:04x}: Linux would silently use only the first for the shared BDFs"
+    )]
+    OverlappingRanges {
+        first: usize,
+        second: usize,
+        segment: u16,
+    },
+
+    #[error("PCI range #{index}: endpoint ids {endpoint_start:#x} + {span:#x} overflow 32 bits")]
+    EndpointIdOverflow {
+        index: usize,
+        endpoint_start: u32,
+        span: u32,
+    },
+
+    #[error(
+        "PCI ranges #{first} and #{second} map devices to the same endpoint ids: an endpoint id must name one device"
+    )]
+    SharedEndpointIds { first: usize, second: usize },
+
+    #[error("table is {length} bytes, shorter than the {minimum}-byte VIOT header")]
+    TooShort { length: usize, minimum: usize },
+
+    #[error("signature at byte offset 0 is \"{found}\", expected \"VIOT\"")]
+    BadSignature { found: String },
+
+    #[error("length field at byte offset 4 says {header} bytes but the table is {actual} bytes")]
+    LengthMismatch { header: u32, actual: usize },
+
+    #[error("revision at byte offset 8 is {found}, only revision 0 is defined")]
+    UnsupportedRevision { found: u8 },
+
+    #[error(
+        "table bytes sum to {sum:#04x} mod 256 instead of 0 (checksum byte at offset 9 is {stored:#04x})"
+    )]
+    BadChecksum { sum: u8, stored: u8 },
+
+    #[error(
+        "node_offset at byte offset 38 is {node_offset}, expected 48 (nodes follow the VIOT header)"
+    )]
+    BadNodeOffset { node_offset: u16 },
+
+    #[error(
+        "node at byte offset {offset} is truncated: needs {needed} bytes, only {available} left in the table"
+    )]
+    TruncatedNode {
+        offset: usize,
+        needed: usize,
+        available: usize,
+    },
+
+    #[error(
+        "node at byte offset {offset} (type {node_type}) has length {length}, expected {expected}"
+    )]
+    BadNodeLength {
+        offset: usize,
+        node_type: u8,
+        length: u16,
+        expected: u16,
+    },
+
+    #[error(
+        "node at byte offset {offset} has type {node_type} ({name}), which a virtio-pci IOMMU table does not use"
+    )]
+    UnsupportedNodeType {
+        offset: usize,
+        node_type: u8,
+        name: &'static str,
+    },
+
+    #[error("reserved byte at offset {offset} is {value:#04x}, must be zero")]
+    ReservedNotZero { offset: usize, value: u8 },
+
+    #[error(
+        "{count} bytes after the last node, from byte offset {offset}: node_count does not cover the table"
+    )]
+    TrailingBytes { offset: usize, count: usize },
+
+    #[error("no virtio-pci IOMMU node (type 3) in the table")]
+    MissingIommuNode,
+
+    #[error(
+        "second virtio-pci IOMMU node at byte offset {offset} (first at {first}): only one IOMMU is supported"
+    )]
+    MultipleIommuNodes { first: usize, offset: usize },
+
+    #[error(
+        "PCI range node at byte offset {offset} spans segments {segment_start:04x}..={segment_end:04x}: only single-segment ranges are supported"
+    )]
+    MultiSegmentRange {
+        offset: usize,
+        segment_start: u16,
+        segment_end: u16,
+    },
+
+    #[error(
+        "PCI range node at byte offset {offset}: output_node {output_node} is not the virtio-pci IOMMU node (at {iommu_offset})"
+    )]
+    BadOutputNode {
+        offset: usize,
+        output_node: u16,
+        iommu_offset: usize,
+    },
+
+    #[error("PCI range node at byte offset {offset}: {source}")]
+    InvalidRangeNode {
+        offset: usize,
+        source: Box<ViotError>,
+    },
+}
+
+impl ViotError {
+    /// The range a validation error is about (the later one for pairs), so
+    /// the decoder can translate it into that range node's byte offset.
+    fn range_index(&self) -> Option<usize> {
+        match *self {
+            ViotError::InvertedRange { index, .. }
+            | ViotError::EndpointIdOverflow { index, .. } => Some(index),
+            ViotError::OverlappingRanges { second, .. }
+            | ViotError::SharedEndpointIds { second, .. } => Some(second),
+            _ => None,
+        }
+    }
+}
+
+/// A PCI requester id within a segment: `bus << 8 | device << 3 | function`,
+/// the encoding VIOT's bdf fields and Linux's `pci_dev_id()` use.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bdf(pub u16);
+
+impl Bdf {
+    /// Builds a BDF, rejecting device >= 32 and function >= 8 (they would
+    /// spill into the neighbouring bit fields).
+    pub fn new(bus: u8, device: u8, function: u8) -> Result<Bdf, ViotError> {
+        let invalid = |reason: &str| ViotError::InvalidPciAddress {
+            input: format!("{bus:02x}:{device:02x}.{function:x}"),
+            reason: reason.to_string(),
+        };
+        if device >= 32 {
+            return Err(invalid("device must be below 0x20"));
+        }
+        if function >= 8 {
+            return Err(invalid("function must be below 8"));
+        }
+        Ok(Bdf((u16::from(bus) << 8)
+            | (u16::from(device) << 3)
+            | u16::from(function)))
+    }
+
+    pub const fn bus(self) -> u8 {
+        (self.0 >> 8) as u8
+    }
+
+    pub const fn device(self) -> u8 {
+        ((self.0 >> 3) & 0x1f) as u8
+    }
+
+    pub const fn function(self) -> u8 {
+        (self.0 & 0x7) as u8
+    }
+}
+
+/// `BB:DD.F`, lower-case hex, as `lspci` prints it.
+impl fmt::Display for Bdf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:02x}:{:02x}.{:x}",
+            self.bus(),
+            self.device(),
+            self.function()
+        )
+    }
+}
+
+/// Parses `BB:DD.F` or `0000:BB:DD.F` (hex). A non-zero segment is an error
+/// here because a bare [`Bdf`] cannot carry it; use [`parse_pci_address`].
+impl FromStr for Bdf {
+    type Err = ViotError;
+
+    fn from_str(s: &str) -> Result<Bdf, ViotError> {
+        let (segment, bdf) = parse_pci_address(s)?;
+        if segment != 0 {
+            return Err(ViotError::InvalidPciAddress {
+                input: s.to_string(),
+                reason: format!(
+                    "segment {segment:04x} is not 0000; use parse_pci_address to keep the segment"
+                ),
+            });
+        }
+        Ok(bdf)
+    }
+}
+
+/// Parses `BB:DD.F` (segment 0) or `SSSS:BB:DD.F`, all hex: segment 1-4
+/// digits, bus 1-2, device 1-2 (< 0x20), function 1 (< 8). Signs, spaces and
+/// `0x` prefixes are rejected so a typo cannot name a different device.
+pub fn parse_pci_address(s: &str) -> Result<(u16, Bdf), ViotError> {
+    let invalid = |reason: String| ViotError::InvalidPciAddress {
+        input: s.to_string(),
+        reason,
+    };
+    let parts: Vec<&str> = s.split(':').collect();
+    let (segment_text, bus_text, devfn_text) = match parts.as_slice() {
+        [bus, devfn] => (None, *bus, *devfn),
+        [segment, bus, devfn] => (Some(*segment), *bus, *devfn),
+        _ => {
+            return Err(invalid("expected BB:DD.F or SSSS:BB:DD.F".to_string()));
+        }
+    };
+    let Some((device_text, function_text)) = devfn_text.split_once('.') else {
+        return Err(invalid(
+            "missing '.' between device and function".to_string(),
+        ));
+    };
+    let field = |text: &str, max_digits: usize, name: &str| -> Result<u16, ViotError> {
+        if text.is_empty()
+            || text.len() > max_digits
+            || !text.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(invalid(format!(
+                "{name} {text:?} is not 1 to {max_digits} hex digits"
+            )));
+        }
+        u16::from_str_radix(text, 16).map_err(|e| invalid(format!("{name} {text:?}: {e}")))
+    };
+    let segment = match segment_text {
+        Some(text) => field(text, 4, "segment")?,
+        None => 0,
+    };
+    let bus = field(bus_text, 2, "bus")?;
+    let device = field(device_text, 2, "device")?;
+    let function = field(function_text, 1, "function")?;
+    if device >= 32 {
+        return Err(invalid(format!("device {device:#x} must be below 0x20")));
+    }
+    if function >= 8 {
+        return Err(invalid(format!("function {function} must be below 8")));
+    }
+    Ok((segment, Bdf((bus << 8) | (device << 3) | function)))
+}
+
+/// Devices `bdf_start..=bdf_end` on `segment` are endpoints
+/// `endpoint_start + (bdf - bdf_start)` of the IOMMU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PciRange {
+    pub endpoint_start: u32,
+    pub segment: u16,
+    pub bdf_start: Bdf,
+    pub bdf_end: Bdf,
+}
+
+impl PciRange {
+    fn contains(&self, segment: u16, bdf: Bdf) -> bool {
+        segment == self.segment && self.bdf_start <= bdf && bdf <= self.bdf_end
+    }
+}
+
+/// One virtio-pci IOMMU and the PCI ranges it translates.
+///
+/// The IOMMU's own BDF may fall inside a range (a whole-bus range is the
+/// natural way to write "everything on bus 0"): Linux refuses to translate the
+/// IOMMU through itself, and [`Viot::endpoint_id`] mirrors that by returning
+/// `None` for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Viot {
+    pub iommu_segment: u16,
+    pub iommu_bdf: Bdf,
+    pub ranges: Vec<PciRange>,
+}
+
+impl Viot {
+    /// One single-BDF range per endpoint, mapping that BDF to exactly the
+    /// given endpoint id. Not validated here; [`Viot::to_bytes`] rejects
+    /// duplicate BDFs or endpoint ids.
+    pub fn single_endpoints(
+        iommu_segment: u16,
+        iommu_bdf: Bdf,
+        endpoints: &[(u32, u16, Bdf)],
+    ) -> Viot {
+        Viot {
+            iommu_segment,
+            iommu_bdf,
+            ranges: endpoints
+                .iter()
+                .map(|&(endpoint_start, segment, bdf)| PciRange {
+                    endpoint_start,
+                    segment,
+                    bdf_start: bdf,
+                    bdf_end: bdf,
+                })
+                .collect(),
+        }
+    }
+
+    /// The endpoint id Linux (`viot_pci_dev_iommu_init`) gives `segment:bdf`:
+    /// `((segment - segment_start) << 16) + (bdf - bdf_start) + endpoint_start`
+    /// from the first range covering it, in table order. Our ranges are
+    /// single-segment, so the segment term is always 0. `None` if no range
+    /// covers the device, if it is the IOMMU itself (Linux skips it), or if
+    /// the id would overflow (only possible on a `Viot` that `to_bytes`
+    /// would reject).
+    pub fn endpoint_id(&self, segment: u16, bdf: Bdf) -> Option<u32> {
+        if segment == self.iommu_segment && bdf == self.iommu_bdf {
+            return None;
+        }
+        let range = self.ranges.iter().find(|r| r.contains(segment, bdf))?;
+        range
+            .endpoint_start
+            .checked_add(u32::from(bdf.0 - range.bdf_start.0))
+    }
+
+    /// Checks what a guest cannot be trusted to cope with: no ranges, inverted
+    /// or overlapping BDF ranges (Linux would silently use the first match),
+    /// endpoint ids that wrap past `u32::MAX` or are shared by two devices
+    /// (virtio-iommu attaches by endpoint id, so two devices with one id
+    /// could not be put in different domains), and more nodes than the
+    /// 16-bit node_count can count.
+    fn validate(&self) -> Result<(), ViotError> {
+        if self.ranges.is_empty() {
+            return Err(ViotError::NoRanges);
+        }
+        if self.ranges.len() > MAX_RANGES {
+            return Err(ViotError::TooManyRanges {
+                count: self.ranges.len(),
+                max: MAX_RANGES,
+            });
+        }
+        // Inclusive endpoint id interval of each range, checked for overflow.
+        let mut endpoint_ends = Vec::with_capacity(self.ranges.len());
+        for (index, range) in self.ranges.iter().enumerate() {
+            if range.bdf_start > range.bdf_end {
+                return Err(ViotError::InvertedRange {
+                    index,
+                    start: range.bdf_start,
+                    end: range.bdf_end,
+                });
+            }
+            let span = u32::from(range.bdf_end.0 - range.bdf_start.0);
+            let end =
+                range
+                    .endpoint_start
+                    .checked_add(span)
+                    .ok_or(ViotError::EndpointIdOverflow {
+                        index,
+                        endpoint_start: range.endpoint_start,
+                        span,
+                    })?;
+            endpoint_ends.push(end);
+        }
+
+        // Sorting by start makes any overlap show up between neighbours, so
+        // this stays O(n log n) even for 65534 ranges.
+        let mut order: Vec<usize> = (0..self.ranges.len()).collect();
+        order.sort_by_key(|&i| (self.ranges[i].segment, self.ranges[i].bdf_start));
+        for pair in order.windows(2) {
+            let (a, b) = (&self.ranges[pair[0]], &self.ranges[pair[1]]);
+            if a.segment == b.segment && b.bdf_start <= a.bdf_end {
+                return Err(ViotError::OverlappingRanges {
+                    first: pair[0].min(pair[1]),
+                    second: pair[0].max(pair[1]),
+                    segment: a.segment,
+                });
+            }
+        }
+
+        order.sort_by_key(|&i| self.ranges[i].endpoint_start);
+        for pair in order.windows(2) {
+            if self.ranges[pair[1]].endpoint_start <= endpoint_ends[pair[0]] {
+                return Err(ViotError::SharedEndpointIds {
+                    first: pair[0].min(pair[1]),
+                    second: pair[0].max(pair[1]),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates and encodes the table: the IOMMU node at offset 48, then one
+    /// PCI range node per range in order (Linux matches ranges in table
+    /// order), checksum fixed up last.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ViotError> {
+        self.validate()?;
+        let length = VIOT_HEADER_LEN
+            + usize::from(VIRTIO_PCI_IOMMU_LEN)
+            + self.ranges.len() * usize::from(PCI_RANGE_LEN);
+        // validate() capped ranges at MAX_RANGES, so both fit (length < 1.6 MB).
+        let node_count = (self.ranges.len() + 1) as u16;
+        let mut t = Vec::with_capacity(length);
+
+        t.extend_from_slice(&SIGNATURE);
+        t.extend_from_slice(&(length as u32).to_le_bytes());
+        t.push(REVISION);
+        t.push(0); // checksum, fixed below
+        t.extend_from_slice(&OEM_ID);
+        t.extend_from_slice(&OEM_TABLE_ID);
+        t.extend_from_slice(&OEM_REVISION.to_le_bytes());
+        t.extend_from_slice(&CREATOR_ID);
+        t.extend_from_slice(&CREATOR_REVISION.to_le_bytes());
+        debug_assert_eq!(t.len(), ACPI_HEADER_LEN);
+
+        t.extend_from_slice(&node_count.to_le_bytes());
+        t.extend_from_slice(&IOMMU_NODE_OFFSET.to_le_bytes());
+        t.extend_from_slice(&[0; 8]);
+        debug_assert_eq!(t.len(), usize::from(IOMMU_NODE_OFFSET));
+
+        t.push(NODE_VIRTIO_PCI_IOMMU);
+        t.push(0);
+        t.extend_from_slice(&VIRTIO_PCI_IOMMU_LEN.to_le_bytes());
+        t.extend_from_slice(&self.iommu_segment.to_le_bytes());
+        t.extend_from_slice(&self.iommu_bdf.0.to_le_bytes());
+        t.extend_from_slice(&[0; 8]);
+
+        for range in &self.ranges {
+            t.push(NODE_PCI_RANGE);
+            t.push(0);
+            t.extend_from_slice(&PCI_RANGE_LEN.to_le_bytes());
+            t.extend_from_slice(&range.endpoint_start.to_le_bytes());
+            t.extend_from_slice(&range.segment.to_le_bytes()); // segment_start
+            t.extend_from_slice(&range.segment.to_le_bytes()); // segment_end
+            t.extend_from_slice(&range.bdf_start.0.to_le_bytes());
+            t.extend_from_slice(&range.bdf_end.0.to_le_bytes());
+            t.extend_from_slice(&IOMMU_NODE_OFFSET.to_le_bytes());
+            t.extend_from_slice(&[0; 6]);
+        }
+        debug_assert_eq!(t.len(), length);
+
+        t[9] = 0u8.wrapping_sub(byte_sum(&t));
+        Ok(t)
+    }
+
+    /// Strict decoder: accepts exactly the tables `to_bytes` could produce,
+    /// apart from the OEM/creator ids (so a QEMU-built table decodes too).
+    /// Checks signature, length, revision, checksum, node_offset, every
+    /// node's type, length and bounds, zero reserved bytes, that every range
+    /// points at the one virtio-pci IOMMU node, and then the same rules as
+    /// `to_bytes`. Never panics: every read is bounds-checked.
+    pub fn parse(bytes: &[u8]) -> Result<Viot, ViotError> {
+        let r = Reader(bytes);
+        if bytes.len() < VIOT_HEADER_LEN {
+            return Err(ViotError::TooShort {
+                length: bytes.len(),
+                minimum: VIOT_HEADER_LEN,
+            });
+        }
+        let signature = r.bytes(0, 4)?;
+        if signature != SIGNATURE {
+            return Err(ViotError::BadSignature {
+                found: signature.escape_ascii().to_string(),
+            });
+        }
+        let header_length = r.le32(4)?;
+        if usize::try_from(header_length) != Ok(bytes.len()) {
+            return Err(ViotError::LengthMismatch {
+                header: header_length,
+                actual: bytes.len(),
+            });
+        }
+        let revision = r.u8(8)?;
+        if revision != REVISION {
+            return Err(ViotError::UnsupportedRevision { found: revision });
+        }
+        let sum = byte_sum(bytes);
+        if sum != 0 {
+            return Err(ViotError::BadChecksum {
+                sum,
+                stored: r.u8(9)?,
+            });
+        }
+        let node_count = r.le16(36)?;
+        let node_offset = r.le16(38)?;
+        if node_offset != IOMMU_NODE_OFFSET {
+            return Err(ViotError::BadNodeOffset { node_offset });
+        }
+        r.reserved(40, 8)?;
+
+        let mut iommu: Option<(usize, u16, Bdf)> = None;
+        // (node offset, output_node, range)
+        let mut ranges: Vec<(usize, u16, PciRange)> = Vec::new();
+        let mut offset = usize::from(node_offset);
+        for _ in 0..node_count {
+            let available = bytes.len().saturating_sub(offset);
+            if available < NODE_HEADER_LEN {
+                return Err(ViotError::TruncatedNode {
+                    offset,
+                    needed: NODE_HEADER_LEN,
+                    available,
+                });
+            }
+            let node_type = r.u8(offset)?;
+            let length = r.le16(offset + 2)?;
+            let expected = match node_type {
+                NODE_PCI_RANGE => PCI_RANGE_LEN,
+                NODE_VIRTIO_PCI_IOMMU => VIRTIO_PCI_IOMMU_LEN,
+                other => {
+                    return Err(ViotError::UnsupportedNodeType {
+                        offset,
+                        node_type: other,
+                        name: node_type_name(other),
+                    });
+                }
+            };
+            if length != expected {
+                return Err(ViotError::BadNodeLength {
+                    offset,
+                    node_type,
+                    length,
+                    expected,
+                });
+            }
+            if available < usize::from(length) {
+                return Err(ViotError::TruncatedNode {
+                    offset,
+                    needed: usize::from(length),
+                    available,
+                });
+            }
+            r.reserved(offset + 1, 1)?;
+
+            if node_type == NODE_VIRTIO_PCI_IOMMU {
+                if let Some((first, _, _)) = iommu {
+                    return Err(ViotError::MultipleIommuNodes { first, offset });
+                }
+                let segment = r.le16(offset + 4)?;
+                let bdf = Bdf(r.le16(offset + 6)?);
+                r.reserved(offset + 8, 8)?;
+                iommu = Some((offset, segment, bdf));
+            } else {
+                let endpoint_start = r.le32(offset + 4)?;
+                let segment_start = r.le16(offset + 8)?;
+                let segment_end = r.le16(offset + 10)?;
+                let bdf_start = Bdf(r.le16(offset + 12)?);
+                let bdf_end = Bdf(r.le16(offset + 14)?);
+                let output_node = r.le16(offset + 16)?;
+                r.reserved(offset + 18, 6)?;
+                if segment_start != segment_end {
+                    return Err(ViotError::MultiSegmentRange {
+                        offset,
+                        segment_start,
+                        segment_end,
+                    });
+                }
+                ranges.push((
+                    offset,
+                    output_node,
+                    PciRange {
+                        endpoint_start,
+                        segment: segment_start,
+                        bdf_start,
+                        bdf_end,
+                    },
+                ));
+            }
+            offset += usize::from(length);
+        }
+        if offset != bytes.len() {
+            return Err(ViotError::TrailingBytes {
+                offset,
+                count: bytes.len().saturating_sub(offset),
+            });
+        }
+
+        let (iommu_offset, iommu_segment, iommu_bdf) = iommu.ok_or(ViotError::MissingIommuNode)?;
+        for &(offset, output_node, _) in &ranges {
+            if usize::from(output_node) != iommu_offset {
+                return Err(ViotError::BadOutputNode {
+                    offset,
+                    output_node,
+                    iommu_offset,
+                });
+            }
+        }
+        let offsets: Vec<usize> = ranges.iter().map(|&(offset, _, _)| offset).collect();
+        let viot = Viot {
+            iommu_segment,
+            iommu_bdf,
+            ranges: ranges.into_iter().map(|(_, _, range)| range).collect(),
+        };
+        viot.validate()
+            .map_err(|e| match e.range_index().and_then(|i| offsets.get(i)) {
+                Some(&offset) => ViotError::InvalidRangeNode {
+                    offset,
+                    source: Box::new(e),
+                },
+                None => e,
+            })?;
+        Ok(viot)
+    }
+}
+
+fn node_type_name(node_type: u8) -> &'static str {
+    match node_type {
+        NODE_PCI_RANGE => "PCI range",
+        NODE_MMIO_ENDPOINT => "MMIO endpoint",
+        NODE_VIRTIO_PCI_IOMMU => "virtio-pci IOMMU",
+        NODE_VIRTIO_MMIO_IOMMU => "virtio-mmio IOMMU",
+        _ => "reserved",
+    }
+}
+
+fn byte_sum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |sum, &b| sum.wrapping_add(b))
+}
+
+/// Bounds-checked little-endian reads; an out-of-bounds read is reported as
+/// a truncated node at that offset instead of panicking.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn bytes(&self, offset: usize, len: usize) -> Result<&'a [u8], ViotError> {
+        offset
+            .checked_add(len)
+            .and_then(|end| self.0.get(offset..end))
+            .ok_or(ViotError::TruncatedNode {
+                offset,
+                needed: len,
+                available: self.0.len().saturating_sub(offset),
+            })
+    }
+
+    fn u8(&self, offset: usize) -> Result<u8, ViotError> {
+        Ok(self.bytes(offset, 1)?[0])
+    }
+
+    fn le16(&self, offset: usize) -> Result<u16, ViotError> {
+        let b = self.bytes(offset, 2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn le32(&self, offset: usize) -> Result<u32, ViotError> {
+        let b = self.bytes(offset, 4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// Reserved bytes must be zero: a non-zero one means either corruption
+    /// or a newer layout we do not understand.
+    fn reserved(&self, offset: usize, len: usize) -> Result<(), ViotError> {
+        let b = self.bytes(offset, len)?;
+        match b.iter().position(|&v| v != 0) {
+            Some(i) => Err(ViotError::ReservedNotZero {
+                offset: offset + i,
+                value: b[i],
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bdf(s: &str) -> Bdf {
+        s.parse().unwrap()
+    }
+
+    /// IOMMU at 00:01.0, a whole bus 01 range, and two single endpoints.
+    fn sample() -> Viot {
+        Viot {
+            iommu_segment: 0,
+            iommu_bdf: bdf("00:01.0"),
+            ranges: vec![
+                PciRange {
+                    endpoint_start: 0x100,
+                    segment: 0,
+                    bdf_start: bdf("01:00.0"),
+                    bdf_end: bdf("01:1f.7"),
+                },
+                PciRange {
+                    endpoint_start: 3,
+                    segment: 0,
+                    bdf_start: bdf("00:03.0"),
+                    bdf_end: bdf("00:03.0"),
+                },
+                PciRange {
+                    endpoint_start: 4,
+                    segment: 0,
+                    bdf_start: bdf("00:04.0"),
+                    bdf_end: bdf("00:04.0"),
+                },
+            ],
+        }
+    }
+
+    fn le16_at(t: &[u8], off: usize) -> u16 {
+        u16::from_le_bytes([t[off], t[off + 1]])
+    }
+
+    fn le32_at(t: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes([t[off], t[off + 1], t[off + 2], t[off + 3]])
+    }
+
+    /// Rewrites the length field and checksum so a hand-corrupted table gets
+    /// past those checks and reaches the rule under test.
+    fn reseal(t: &mut [u8]) {
+        let len = t.len() as u32;
+        t[4..8].copy_from_slice(&len.to_le_bytes());
+        t[9] = 0;
+        t[9] = 0u8.wrapping_sub(byte_sum(t));
+    }
+
+    #[test]
+    fn bdf_parses_bus_device_function_in_hex() {
+        assert_eq!(bdf("00:00.0"), Bdf(0));
+        assert_eq!(bdf("01:02.3"), Bdf(0x0113));
+        assert_eq!(bdf("ff:1f.7"), Bdf(0xffff));
+        assert_eq!(bdf("Ab:1F.7"), Bdf(0xabff));
+        assert_eq!(bdf("1:2.3"), Bdf(0x0113));
+        let b = bdf("3a:0c.5");
+        assert_eq!((b.bus(), b.device(), b.function()), (0x3a, 0x0c, 5));
+        assert_eq!(Bdf::new(0x3a, 0x0c, 5).unwrap(), b);
+    }
+
+    #[test]
+    fn bdf_accepts_segment_zero_prefix() {
+        assert_eq!(bdf("0000:01:02.3"), Bdf(0x0113));
+    }
+
+    #[test]
+    fn bdf_from_str_rejects_nonzero_segment() {
+        let err = "0001:01:02.3".parse::<Bdf>().unwrap_err();
+        assert!(err.to_string().contains("parse_pci_address"), "{err}");
+    }
+
+    #[test]
+    fn parse_pci_address_returns_the_segment_separately() {
+        assert_eq!(parse_pci_address("0001:01:02.3").unwrap(), (1, Bdf(0x0113)));
+        assert_eq!(parse_pci_address("ffff:00:00.0").unwrap(), (0xffff, Bdf(0)));
+        assert_eq!(parse_pci_address("05:00.1").unwrap(), (0, Bdf(0x0501)));
+    }
+
+    #[test]
+    fn bdf_rejects_device_over_31_and_function_over_7() {
+        assert!("00:20.0".parse::<Bdf>().is_err());
+        assert!("00:1f.8".parse::<Bdf>().is_err());
+        assert!(Bdf::new(0, 32, 0).is_err());
+        assert!(Bdf::new(0, 0, 8).is_err());
+    }
+
+    #[test]
+    fn bdf_rejects_malformed_text() {
+        for bad in [
+            "",
+            "00",
+            "00:00",
+            "00.0",
+            "000:00.0",
+            "00:000.0",
+            "00:00.00",
+            "00:00.",
+            ":00.0",
+            "+1:00.0",
+            " 01:00.0",
+            "01:00.0 ",
+            "0x1:00.0",
+            "g0:00.0",
+            "00000:00:00.0",
+            "0:0:0:00.0",
+            "00:00.0.0",
+            "00:-1.0",
+        ] {
+            assert!(bad.parse::<Bdf>().is_err(), "{bad:?} was accepted");
+            assert!(parse_pci_address(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn bdf_display_is_lspci_format_and_round_trips() {
+        assert_eq!(Bdf(0x0113).to_string(), "01:02.3");
+        assert_eq!(Bdf(0xabff).to_string(), "ab:1f.7");
+        for raw in 0..=u16::MAX {
+            let b = Bdf(raw);
+            assert_eq!(b.to_string().parse::<Bdf>().unwrap(), b);
+        }
+    }
+
+    #[test]
+    fn table_layout_matches_acpi_viot_offsets() {
+        let t = sample().to_bytes().unwrap();
+        assert_eq!(&t[0..4], b"VIOT");
+        assert_eq!(t.len(), 48 + 16 + 3 * 24);
+        assert_eq!(t[8], 0, "revision");
+        assert_eq!(&t[10..16], b"VHUIOM");
+        assert_eq!(&t[16..24], b"VHUIOMMU");
+        assert_eq!(le32_at(&t, 24), OEM_REVISION);
+        assert_eq!(&t[28..32], b"VHUI");
+        assert_eq!(le32_at(&t, 32), CREATOR_REVISION);
+        assert_eq!(le16_at(&t, 36), 4, "node_count");
+        assert_eq!(le16_at(&t, 38), 48, "node_offset");
+        assert_eq!(&t[40..48], &[0; 8]);
+        // virtio-pci IOMMU node
+        assert_eq!(&t[48..52], &[3, 0, 16, 0]);
+        assert_eq!(le16_at(&t, 52), 0, "iommu segment");
+        assert_eq!(le16_at(&t, 54), 0x0008, "iommu bdf 00:01.0");
+        assert_eq!(&t[56..64], &[0; 8]);
+        // first PCI range node
+        assert_eq!(&t[64..68], &[1, 0, 24, 0]);
+        assert_eq!(le32_at(&t, 68), 0x100, "endpoint_start");
+        assert_eq!(le16_at(&t, 72), 0, "segment_start");
+        assert_eq!(le16_at(&t, 74), 0, "segment_end");
+        assert_eq!(le16_at(&t, 76), 0x0100, "bdf_start");
+        assert_eq!(le16_at(&t, 78), 0x01ff, "bdf_end");
+        assert_eq!(le16_at(&t, 80), 48, "output_node");
+        assert_eq!(&t[82..88], &[0; 6]);
+    }
+
+    #[test]
+    fn header_length_field_equals_table_length() {
+        let t = sample().to_bytes().unwrap();
+        assert_eq!(le32_at(&t, 4) as usize, t.len());
+    }
+
+    #[test]
+    fn checksum_makes_table_bytes_sum_to_zero() {
+        for viot in [
+            sample(),
+            Viot::single_endpoints(0, bdf("00:02.0"), &[(7, 0, bdf("00:05.0"))]),
+        ] {
+            let t = viot.to_bytes().unwrap();
+            assert_eq!(t.iter().fold(0u8, |s, &b| s.wrapping_add(b)), 0);
+        }
+    }
+
+    #[test]
+    fn every_range_node_points_at_the_iommu_node() {
+        let t = sample().to_bytes().unwrap();
+        assert_eq!(t[48], 3);
+        for i in 0..3 {
+            let node = 64 + 24 * i;
+            assert_eq!(t[node], 1);
+            assert_eq!(le16_at(&t, node + 16), 48);
+        }
+    }
+
+    #[test]
+    fn round_trip_to_bytes_then_parse_is_identity() {
+        let multi_segment = Viot {
+            iommu_segment: 2,
+            iommu_bdf: bdf("00:00.0"),
+            ranges: vec![
+                PciRange {
+                    endpoint_start: 0,
+                    segment: 2,
+                    bdf_start: bdf("00:00.0"),
+                    bdf_end: bdf("ff:1f.7"),
+                },
+                PciRange {
+                    endpoint_start: 0x1_0000,
+                    segment: 3,
+                    bdf_start: bdf("00:00.0"),
+                    bdf_end: bdf("ff:1f.7"),
+                },
+            ],
+        };
+        for viot in [sample(), multi_segment] {
+            let t = viot.to_bytes().unwrap();
+            let back = Viot::parse(&t).unwrap();
+            assert_eq!(back, viot);
+            assert_eq!(back.to_bytes().unwrap(), t);
+        }
+    }
+
+    #[test]
+    fn encoder_rejects_empty_ranges() {
+        let viot = Viot::single_endpoints(0, bdf("00:01.0"), &[]);
+        assert_eq!(viot.to_bytes(), Err(ViotError::NoRanges));
+    }
+
+    #[test]
+    fn encoder_rejects_inverted_range() {
+        let mut viot = sample();
+        viot.ranges[1].bdf_start = bdf("00:05.0");
+        viot.ranges[1].bdf_end = bdf("00:04.7");
+        assert!(matches!(
+            viot.to_bytes(),
+            Err(ViotError::InvertedRange { index: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn encoder_rejects_overlapping_ranges() {
+        let mut viot = sample();
+        viot.ranges.push(PciRange {
+            endpoint_start: 0x1000,
+            segment: 0,
+            bdf_start: bdf("01:1f.7"),
+            bdf_end: bdf("02:00.0"),
+        });
+        assert_eq!(
+            viot.to_bytes(),
+            Err(ViotError::OverlappingRanges {
+                first: 0,
+                second: 3,
+                segment: 0
+            })
+        );
+        // The same BDF twice via single_endpoints is an overlap too.
+        let dup = Viot::single_endpoints(
+            0,
+            bdf("00:01.0"),
+            &[(1, 0, bdf("00:03.0")), (2, 0, bdf("00:03.0"))],
+        );
+        assert!(matches!(
+            dup.to_bytes(),
+            Err(ViotError::OverlappingRanges { .. })
+        ));
+    }
+
+    #[test]
+    fn encoder_allows_adjacent_ranges_and_same_bdfs_on_other_segments() {
+        let viot = Viot {
+            iommu_segment: 0,
+            iommu_bdf: bdf("00:01.0"),
+            ranges: vec![
+                PciRange {
+                    endpoint_start: 0,
+                    segment: 0,
+                    bdf_start: bdf("01:00.0"),
+                    bdf_end: bdf("01:1f.7"),
+                },
+                PciRange {
+                    endpoint_start: 0x100,
+                    segment: 0,
+                    bdf_start: bdf("02:00.0"),
+                    bdf_end: bdf("02:1f.7"),
+                },
+                PciRange {
+                    endpoint_start: 0x200,
+                    segment: 1,
+                    bdf_start: bdf("01:00.0"),
+                    bdf_end: bdf("01:1f.7"),
+                },
+            ],
+        };
+        assert!(viot.to_bytes().is_ok());
+    }
+
+    #[test]
+    fn encoder_rejects_endpoint_id_overflow() {
+        let viot = Viot {
+            iommu_segment: 0,
+            iommu_bdf: bdf("00:01.0"),
+            ranges: vec![PciRange {
+                endpoint_start: u32::MAX - 0xfe,
+                segment: 0,
+                bdf_start: bdf("01:00.0"),
+                bdf_end: bdf("01:1f.7"),
+            }],
+        };
+        assert!(matches!(
+            viot.to_bytes(),
+            Err(ViotError::EndpointIdOverflow { index: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn encoder_allows_endpoint_ids_ending_at_u32_max() {
+        let viot = Viot {
+            iommu_segment: 0,
+            iommu_bdf: bdf("00:01.0"),
+            ranges: vec![PciRange {
+                endpoint_start: u32::MAX - 0xff,
+                segment: 0,
+                bdf_start: bdf("01:00.0"),
+                bdf_end: bdf("01:1f.7"),
+            }],
+        };
+        assert!(viot.to_bytes().is_ok());
+        assert_eq!(viot.endpoint_id(0, bdf("01:1f.7")), Some(u32::MAX));
+    }
+
+    #[test]
+    fn encoder_rejects_shared_endpoint_ids() {
+        let viot = Viot::single_endpoints(
+            0,
+            bdf("00:01.0"),
+            &[(5, 0, bdf("00:03.0")), (5, 0, bdf("00:04.0"))],
+        );
+        assert_eq!(
+            viot.to_bytes(),
+            Err(ViotError::SharedEndpointIds {
+                first: 0,
+                second: 1
+            })
+        );
+        // A single endpoint landing inside another range's id interval.
+        let mut viot = sample();
+        viot.ranges[1].endpoint_start = 0x1ff;
+        assert!(matches!(
+            viot.to_bytes(),
+            Err(ViotError::SharedEndpointIds { .. })
+        ));
+    }
+
+    #[test]
+    fn encoder_allows_iommu_bdf_inside_a_range() {
+        // QEMU itself emits a whole-bus range that covers the IOMMU.
+        let viot = Viot {
+            iommu_segment: 0,
+            iommu_bdf: bdf("00:02.0"),
+            ranges: vec![PciRange {
+                endpoint_start: 0,
+                segment: 0,
+                bdf_start: bdf("00:00.0"),
+                bdf_end: bdf("00:1f.7"),
+            }],
+        };
+        let t = viot.to_bytes().unwrap();
+        assert_eq!(Viot::parse(&t).unwrap(), viot);
+        assert_eq!(viot.endpoint_id(0, bdf("00:02.0")), None);
+        assert_eq!(viot.endpoint_id(0, bdf("00:03.0")), Some(0x18));
+    }
+
+    #[test]
+    fn encoder_rejects_more_ranges_than_node_count_can_hold() {
+        let all: Vec<(u32, u16, Bdf)> = (0..=MAX_RANGES)
+            .map(|i| (i as u32, (i >> 16) as u16, Bdf(i as u16)))
+            .collect();
+        let too_many = Viot::single_endpoints(0xffff, Bdf(0xffff), &all);
+        assert_eq!(
+            too_many.to_bytes(),
+            Err(ViotError::TooManyRanges {
+                count: MAX_RANGES + 1,
+                max: MAX_RANGES
+            })
+        );
+        let max = Viot::single_endpoints(0xffff, Bdf(0xffff), &all[..MAX_RANGES]);
+        let t = max.to_bytes().unwrap();
+        assert_eq!(le16_at(&t, 36), u16::MAX);
+        assert_eq!(Viot::parse(&t).unwrap(), max);
+    }
+
+    #[test]
+    fn endpoint_id_follows_linux_formula() {
+        // epid = ((segment - segment_start) << 16) + (bdf - bdf_start) + endpoint_start
+        let viot = sample();
+        assert_eq!(viot.endpoint_id(0, bdf("01:00.0")), Some(0x100));
+        assert_eq!(viot.endpoint_id(0, bdf("01:02.3")), Some(0x100 + 0x13));
+        assert_eq!(viot.endpoint_id(0, bdf("01:1f.7")), Some(0x1ff));
+        assert_eq!(viot.endpoint_id(0, bdf("00:03.0")), Some(3));
+        assert_eq!(viot.endpoint_id(0, bdf("00:04.0")), Some(4));
+        // The same formula, evaluated independently over the whole range.
+        let r = &viot.ranges[0];
+        let (segment, segment_start) = (0u16, r.segment);
+        for raw in r.bdf_start.0..=r.bdf_end.0 {
+            let epid = (u32::from(segment - segment_start) << 16)
+                + u32::from(raw - r.bdf_start.0)
+                + r.endpoint_start;
+            assert_eq!(viot.endpoint_id(0, Bdf(raw)), Some(epid));
+        }
+    }
+
+    #[test]
+    fn endpoint_id_is_none_for_the_iommu_itself() {
+        let mut viot = sample();
+        viot.iommu_bdf = bdf("01:05.0");
+        assert_eq!(viot.endpoint_id(0, bdf("01:05.0")), None);
+        assert_eq!(viot.endpoint_id(0, bdf("01:05.1")), Some(0x129));
+    }
+
+    #[test]
+    fn endpoint_id_is_none_outside_every_range() {
+        let viot = sample();
+        assert_eq!(viot.endpoint_id(0, bdf("00:05.0")), None);
+        assert_eq!(viot.endpoint_id(0, bdf("02:00.0")), None);
+        assert_eq!(viot.endpoint_id(1, bdf("01:00.0")), None, "other segment");
+    }
+
+    #[test]
+    fn single_endpoints_maps_each_bdf_to_exactly_its_endpoint_id() {
+        let eps = [
+            (42, 0, bdf("00:03.0")),
+            (7, 0, bdf("00:04.0")),
+            (1000, 1, bdf("00:03.0")),
+        ];
+        let viot = Viot::single_endpoints(0, bdf("00:01.0"), &eps);
+        assert_eq!(viot.ranges.len(), 3);
+        for &(id, seg, b) in &eps {
+            assert_eq!(viot.endpoint_id(seg, b), Some(id));
+        }
+        assert_eq!(viot.endpoint_id(0, bdf("00:03.1")), None);
+        let t = viot.to_bytes().unwrap();
+        assert_eq!(Viot::parse(&t).unwrap(), viot);
+    }
+
+    #[test]
+    fn decoder_rejects_too_short_table() {
+        let t = sample().to_bytes().unwrap();
+        assert_eq!(
+            Viot::parse(&t[..47]),
+            Err(ViotError::TooShort {
+                length: 47,
+                minimum: 48
+            })
+        );
+        assert!(Viot::parse(&[]).is_err());
+    }
+
+    #[test]
+    fn decoder_rejects_bad_signature() {
+        let mut t = sample().to_bytes().unwrap();
+        t[0..4].copy_from_slice(b"IORT");
+        reseal(&mut t);
+        assert_eq!(
+            Viot::parse(&t),
+            Err(ViotError::BadSignature {
+                found: "IORT".into()
+            })
+        );
+    }
+
+    #[test]
+    fn decoder_rejects_length_field_mismatch() {
+        let mut t = sample().to_bytes().unwrap();
+        t.push(0);
+        assert!(matches!(
+            Viot::parse(&t),
+            Err(ViotError::LengthMismatch {
+                header: 136,
+                actual: 137
+            })
+        ));
+    }
+
+    #[test]
+    fn decoder_rejects_bad_checksum() {
+        let mut t = sample().to_bytes().unwrap();
+        t[70] ^= 0x01;
+        assert!(matches!(
+            Viot::parse(&t),
+            Err(ViotError::BadChecksum { sum: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn decoder_rejects_unknown_revision() {
+        let mut t = sample().to_bytes().unwrap();
+        t[8] = 1;
+        reseal(&mut t);
+        assert_eq!(
+            Viot::parse(&t),
+            Err(ViotError::UnsupportedRevision { found: 1 })
+        );
+    }
+
+    #[test]
+    fn decoder_rejects_node_offset_other_than_48() {
+        let mut t = sample().to_bytes().unwrap();
+        t[38] = 64;
+        reseal(&mut t);
+        assert_eq!(
+            Viot::parse(&t),
+            Err(ViotError::BadNodeOffset { node_offset: 64 })
+        );
+    }
+
+    #[test]
+    fn decoder_rejects_truncated_node() {
+        let t = sample().to_bytes().unwrap();
+        // Cut the last range node short, keeping header length and checksum
+        // consistent so the node walk itself must notice.
+        let mut cut = t[..t.len() - 10].to_vec();
+        reseal(&mut cut);
+        assert_eq!(
+            Viot::parse(&cut),
+            Err(ViotError::TruncatedNode {
+                offset: 112,
+                needed: 24,
+                available: 14
+            })
+        );
+        // node_count promising one more node than the table holds.
+        let mut more = t.clone();
+        more[36] += 1;
+        reseal(&mut more);
+        assert_eq!(
+            Viot::parse(&more),
+            Err(ViotError::TruncatedNode {
+                offset: 136,
+                needed: 4,
+                available: 0
+            })
+        );
+    }
+
+    #[test]
+    fn decoder_rejects_wrong_node_length() {
+        let mut t = sample().to_bytes().unwrap();
+        t[66] = 20;
+        reseal(&mut t);
+        assert_eq!(
+            Viot::parse(&t),
+            Err(ViotError::BadNodeLength {
+                offset: 64,
+                node_type: 1,
+                length: 20,
+                expected: 24
+            })
+        );
+    }
+
+    #[test]
+    fn decoder_rejects_unknown_and_mmio_node_types() {
+        for (ty, name) in [
+            (0, "reserved"),
+            (2, "MMIO endpoint"),
+            (4, "virtio-mmio IOMMU"),
+            (0xff, "reserved"),
+        ] {
+            let mut t = sample().to_bytes().unwrap();
+            t[88] = ty;
+            reseal(&mut t);
+            assert_eq!(
+                Viot::parse(&t),
+                Err(ViotError::UnsupportedNodeType {
+                    offset: 88,
+                    node_type: ty,
+                    name
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn decoder_rejects_nonzero_reserved_bytes() {
+        for off in [40, 47, 49, 56, 63, 65, 82, 87] {
+            let mut t = sample().to_bytes().unwrap();
+            t[off] = 0x5a;
+            reseal(&mut t);
+            assert_eq!(
+                Viot::parse(&t),
+                Err(ViotError::ReservedNotZero {
+                    offset: off,
+                    value: 0x5a
+                }),
+                "offset {off}"
+            );
+        }
+    }
+
+    #[test]
+    fn decoder_rejects_trailing_bytes_after_last_node() {
+        let mut t = sample().to_bytes().unwrap();
+        t[36] -= 1;
+        reseal(&mut t);
+        assert_eq!(
+            Viot::parse(&t),
+            Err(ViotError::TrailingBytes {
+                offset: 112,
+                count: 24
+            })
+        );
+    }
+
+    #[test]
+    fn decoder_rejects_range_not_pointing_at_the_iommu_node() {
+        let mut t = sample().to_bytes().unwrap();
+        t[80] = 64; // first range points at itself
+        reseal(&mut t);
+        assert_eq!(
+            Viot::parse(&t),
+            Err(ViotError::BadOutputNode {
+                offset: 64,
+                output_node: 64,
+                iommu_offset: 48
+            })
+        );
+    }
+
+    #[test]
+    fn decoder_rejects_missing_or_second_iommu_node() {
+        let mut t = sample().to_bytes().unwrap();
+        // Drop the IOMMU node (bytes 48..64) and keep only the ranges.
+        let mut no_iommu = t[..48].to_vec();
+        no_iommu.extend_from_slice(&t[64..]);
+        no_iommu[36] -= 1;
+        reseal(&mut no_iommu);
+        assert_eq!(Viot::parse(&no_iommu), Err(ViotError::MissingIommuNode));
+
+        let iommu_node = t[48..64].to_vec();
+        t.extend_from_slice(&iommu_node);
+        t[36] += 1;
+        reseal(&mut t);
+        assert_eq!(
+            Viot::parse(&t),
+            Err(ViotError::MultipleIommuNodes {
+                first: 48,
+                offset: 136
+            })
+        );
+    }
+
+    #[test]
+    fn decoder_rejects_multi_segment_range() {
+        let mut t = sample().to_bytes().unwrap();
+        t[74] = 1; // segment_end of the first range
+        reseal(&mut t);
+        assert_eq!(
+            Viot::parse(&t),
+            Err(ViotError::MultiSegmentRange {
+                offset: 64,
+                segment_start: 0,
+                segment_end: 1
+            })
+        );
+    }
+
+    #[test]
+    fn decoder_applies_encoder_rules_and_names_the_range_node() {
+        let mut t = sample().to_bytes().unwrap();
+        // Make the third range (node at 112) reuse the second range's BDF.
+        t[112 + 12] = t[88 + 12];
+        t[112 + 13] = t[88 + 13];
+        t[112 + 14] = t[88 + 14];
+        t[112 + 15] = t[88 + 15];
+        reseal(&mut t);
+        let err = Viot::parse(&t).unwrap_err();
+        assert!(
+            matches!(&err, ViotError::InvalidRangeNode { offset: 112, source }
+                if matches!(**source, ViotError::OverlappingRanges { first: 1, second: 2, .. })),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("byte offset 112"), "{err}");
+    }
+
+    #[test]
+    fn decoder_accepts_qemu_style_whole_bus_table() {
+        // What QEMU's hw/acpi/viot.c emits for one host bridge covering buses
+        // 0..=0xff with the virtio-iommu at 00:02.0, OEM "BOCHS "/"BXPC    ".
+        let mut t = Vec::new();
+        t.extend_from_slice(b"VIOT");
+        t.extend_from_slice(&88u32.to_le_bytes());
+        t.push(0);
+        t.push(0);
+        t.extend_from_slice(b"BOCHS ");
+        t.extend_from_slice(b"BXPC    ");
+        t.extend_from_slice(&1u32.to_le_bytes());
+        t.extend_from_slice(b"BXPC");
+        t.extend_from_slice(&1u32.to_le_bytes());
+        t.extend_from_slice(&2u16.to_le_bytes());
+        t.extend_from_slice(&48u16.to_le_bytes());
+        t.extend_from_slice(&[0; 8]);
+        t.extend_from_slice(&[3, 0, 16, 0, 0, 0, 0x10, 0]);
+        t.extend_from_slice(&[0; 8]);
+        t.extend_from_slice(&[1, 0, 24, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 48, 0]);
+        t.extend_from_slice(&[0; 6]);
+        reseal(&mut t);
+        let viot = Viot::parse(&t).unwrap();
+        assert_eq!(viot.iommu_bdf, bdf("00:02.0"));
+        assert_eq!(viot.endpoint_id(0, bdf("00:03.0")), Some(0x18));
+        assert_eq!(viot.endpoint_id(0, bdf("00:02.0")), None);
+        assert_eq!(viot.endpoint_id(0, bdf("ff:1f.7")), Some(0xffff));
+    }
+
+    #[test]
+    fn error_messages_name_the_byte_offset() {
+        let t = sample().to_bytes().unwrap();
+        let mut cut = t[..t.len() - 10].to_vec();
+        reseal(&mut cut);
+        let msg = Viot::parse(&cut).unwrap_err().to_string();
+        assert!(msg.contains("byte offset 112"), "{msg}");
+        let mut bad = t.clone();
+        bad[80] = 0;
+        reseal(&mut bad);
+        let msg = Viot::parse(&bad).unwrap_err().to_string();
+        assert!(msg.contains("byte offset 64"), "{msg}");
+    }
+
+    #[test]
+    fn decoder_never_panics_on_truncations_and_bit_flips() {
+        let t = sample().to_bytes().unwrap();
+        for len in 0..t.len() {
+            assert!(Viot::parse(&t[..len]).is_err(), "truncated to {len}");
+            // Also with a consistent header, so the node walk sees the cut.
+            let mut sealed = t[..len].to_vec();
+            if sealed.len() >= 10 {
+                reseal(&mut sealed);
+            }
+            assert!(Viot::parse(&sealed).is_err(), "resealed at {len}");
+        }
+        for bit in 0..t.len() * 8 {
+            let mut flipped = t.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            // A single flip always breaks the checksum...
+            assert!(Viot::parse(&flipped).is_err(), "bit {bit}");
+            // ...so also re-seal it to push the flip into the later checks.
+            // Whatever is accepted must be a table the encoder would emit
+            // (the ids and checksum in bytes 9..36 are not part of the model).
+            if bit / 8 != 9 && !(4..8).contains(&(bit / 8)) {
+                reseal(&mut flipped);
+            }
+            if let Ok(viot) = Viot::parse(&flipped) {
+                let again = viot.to_bytes().unwrap();
+                assert_eq!(again[..9], flipped[..9], "bit {bit}");
+                assert_eq!(again[36..], flipped[36..], "bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn decoder_never_panics_on_random_mutations() {
+        // xorshift64: deterministic, no extra dependency.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let base = sample().to_bytes().unwrap();
+        for _ in 0..20_000 {
+            let mut t = base.clone();
+            match next() % 3 {
+                0 => t.truncate((next() as usize) % (t.len() + 1)),
+                1 => t.extend((0..next() % 40).map(|_| next() as u8)),
+                _ => {}
+            }
+            for _ in 0..=next() % 4 {
+                if !t.is_empty() {
+                    let i = (next() as usize) % t.len();
+                    t[i] = next() as u8;
+                }
+            }
+            if t.len() >= 10 && next() % 4 != 0 {
+                reseal(&mut t);
+            }
+            if let Ok(viot) = Viot::parse(&t) {
+                let again = viot.to_bytes().unwrap();
+                assert_eq!(again[..9], t[..9]);
+                assert_eq!(again[36..], t[36..]);
+            }
+        }
+    }
+
+    /// Writes a sample table to `$VIOT_OUT` for tests/viot_iasl.sh; does
+    /// nothing when the variable is unset.
+    #[test]
+    fn write_table_to_viot_out_for_iasl() {
+        let Some(path) = std::env::var_os("VIOT_OUT") else {
+            return;
+        };
+        std::fs::write(&path, sample().to_bytes().unwrap()).unwrap();
+    }
+}
