@@ -134,7 +134,9 @@ impl VmConfig {
         });
         Limits {
             max_domains: l.max_domains.unwrap_or(d.max_domains),
-            max_mappings_per_domain: l.max_mappings_per_domain.unwrap_or(d.max_mappings_per_domain),
+            max_mappings_per_domain: l
+                .max_mappings_per_domain
+                .unwrap_or(d.max_mappings_per_domain),
             max_mappings_total: l.max_mappings_total.unwrap_or(d.max_mappings_total),
         }
     }
@@ -166,7 +168,10 @@ vfio_user_socket = "/run/vhost-user-iommu/vm1-01.sock"
         assert_eq!(c.backend, BackendKind::Soft);
         assert_eq!(c.endpoints[0].id, 8);
         assert_eq!(c.limits().max_domains, 8);
-        assert_eq!(c.limits().max_mappings_total, Limits::default().max_mappings_total);
+        assert_eq!(
+            c.limits().max_mappings_total,
+            Limits::default().max_mappings_total
+        );
     }
 
     #[test]

@@ -20,8 +20,7 @@ use crate::backend::{Attachment, BackendError, DmaBackend, HwDomain, MapOp};
 use crate::guest_ram::{GuestRam, HostLocation};
 use crate::ids::{DomainId, EndpointId, IovaRange, Perms};
 use crate::protocol::{
-    ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, ResvMem, Status,
-    encode_probe_properties,
+    ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, ResvMem, Status, encode_probe_properties,
 };
 
 /// Resource caps: what one guest may make the daemon hold.
@@ -184,6 +183,9 @@ pub struct DomainView {
     pub mappings: Vec<MappingView>,
 }
 
+/// A paging domain's backend handle and shadow tree, borrowed together.
+type PagingParts<'a> = (&'a mut Box<dyn HwDomain>, &'a mut BTreeMap<u64, Mapping>);
+
 /// The domains one executor owns, with their shadow mapping trees.
 pub struct DomainTable {
     rules: Arc<Rules>,
@@ -210,12 +212,12 @@ impl DomainTable {
         }
     }
 
-    fn paging(
-        &mut self,
-        domain: DomainId,
-    ) -> Result<(&mut Box<dyn HwDomain>, &mut BTreeMap<u64, Mapping>), Rejection> {
+    fn paging(&mut self, domain: DomainId) -> Result<PagingParts<'_>, Rejection> {
         if !self.rules.domain_in_range(domain) {
-            return Err(Rejection::new(Status::Range, Reason::DomainOutOfRange(domain)));
+            return Err(Rejection::new(
+                Status::Range,
+                Reason::DomainOutOfRange(domain),
+            ));
         }
         match self.domains.get_mut(&domain) {
             None => Err(Rejection::new(Status::NoEnt, Reason::NoDomain(domain))),
@@ -237,7 +239,10 @@ impl DomainTable {
     ) -> Outcome {
         let known = MAP_F_READ | MAP_F_WRITE | MAP_F_MMIO;
         if flags & !known != 0 {
-            return Err(Rejection::new(Status::Inval, Reason::UnknownFlags(flags & !known)));
+            return Err(Rejection::new(
+                Status::Inval,
+                Reason::UnknownFlags(flags & !known),
+            ));
         }
         let rules = self.rules.clone();
         let ram = self.ram.clone();
@@ -246,7 +251,15 @@ impl DomainTable {
         if flags & MAP_F_MMIO != 0 {
             return Err(Rejection::new(Status::Unsupp, Reason::Mmio));
         }
-        let bad_range = || Rejection::new(Status::Range, Reason::BadRange { start: virt_start, end: virt_end });
+        let bad_range = || {
+            Rejection::new(
+                Status::Range,
+                Reason::BadRange {
+                    start: virt_start,
+                    end: virt_end,
+                },
+            )
+        };
         let iova = IovaRange::new(virt_start, virt_end).ok_or_else(bad_range)?;
         for a in [virt_start, phys_start, virt_end.wrapping_add(1)] {
             if a & rules.granule_mask != 0 {
@@ -254,13 +267,11 @@ impl DomainTable {
             }
         }
         if !rules.input_range.contains(&iova) {
-            return Err(Rejection::new(Status::Range, Reason::OutsideInputRange(iova)));
+            return Err(Rejection::new(
+                Status::Range,
+                Reason::OutsideInputRange(iova),
+            ));
         }
-        // The whole 64-bit space cannot be RAM, so a length that does not fit is simply not RAM.
-        let gpa = iova
-            .len()
-            .and_then(|len| IovaRange::with_len(phys_start, len))
-            .ok_or(Rejection::new(Status::Fault, Reason::NotGuestRam(phys_start)))?;
         if let Some((_, m)) = maps.range(..=virt_end).next_back()
             && m.end >= virt_start
         {
@@ -269,9 +280,13 @@ impl DomainTable {
         if rules.overlaps_reserved(&iova) {
             return Err(Rejection::new(Status::Inval, Reason::Reserved(iova)));
         }
-        let host = ram
-            .locate(&gpa)
-            .ok_or(Rejection::new(Status::Fault, Reason::NotGuestRam(phys_start)))?;
+        // The whole 64-bit space cannot be RAM, so a length that does not fit is simply not RAM.
+        let not_ram = || Rejection::new(Status::Fault, Reason::NotGuestRam(phys_start));
+        let gpa = iova
+            .len()
+            .and_then(|len| IovaRange::with_len(phys_start, len))
+            .ok_or_else(not_ram)?;
+        let host = ram.locate(&gpa).ok_or_else(not_ram)?;
         if maps.len() >= rules.limits.max_mappings_per_domain {
             return Err(Rejection::new(Status::NoMem, Reason::TooManyMappings));
         }
@@ -547,7 +562,10 @@ impl Topology {
             ));
         }
         if !self.rules.domain_in_range(domain) {
-            return Err(Rejection::new(Status::Range, Reason::DomainOutOfRange(domain)));
+            return Err(Rejection::new(
+                Status::Range,
+                Reason::DomainOutOfRange(domain),
+            ));
         }
         let old = self.endpoint(endpoint)?;
         let kind = if flags & ATTACH_F_BYPASS != 0 {
@@ -559,7 +577,10 @@ impl Topology {
         if let Some(d) = existing
             && d.kind != kind
         {
-            return Err(Rejection::new(Status::Inval, Reason::BypassMismatch(domain)));
+            return Err(Rejection::new(
+                Status::Inval,
+                Reason::BypassMismatch(domain),
+            ));
         }
         if old == Some(domain) {
             return Ok(());
@@ -601,10 +622,18 @@ impl Topology {
 
     /// DETACH (§5.13.6.3): the endpoint goes back to the unattached state (blocked, or the
     /// identity when `bypass` is set).
-    pub fn detach(&mut self, shards: &mut dyn Shards, domain: DomainId, endpoint: EndpointId) -> Outcome {
+    pub fn detach(
+        &mut self,
+        shards: &mut dyn Shards,
+        domain: DomainId,
+        endpoint: EndpointId,
+    ) -> Outcome {
         let current = self.endpoint(endpoint)?;
         if !self.rules.domain_in_range(domain) {
-            return Err(Rejection::new(Status::Range, Reason::DomainOutOfRange(domain)));
+            return Err(Rejection::new(
+                Status::Range,
+                Reason::DomainOutOfRange(domain),
+            ));
         }
         if current != Some(domain) {
             let reason = if self.domains.contains_key(&domain) {

@@ -24,7 +24,11 @@ use vhost_user_iommu::viot::{Viot, parse_pci_address};
 const DEFAULT_ENDPOINTS: std::ops::RangeInclusive<u32> = 0..=15;
 
 #[derive(Parser, Debug)]
-#[command(name = "vhost-user-iommu", version, about = "virtio-iommu device over vhost-user, backed by iommufd")]
+#[command(
+    name = "vhost-user-iommu",
+    version,
+    about = "virtio-iommu device over vhost-user, backed by iommufd"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -108,24 +112,34 @@ fn main() -> ExitCode {
 }
 
 fn write_viot(a: ViotArgs) -> Result<(), String> {
-    let cfg = a.config.as_deref().map(VmConfig::load).transpose().map_err(|e| e.to_string())?;
+    let cfg = a
+        .config
+        .as_deref()
+        .map(VmConfig::load)
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let iommu = a
         .iommu
         .or_else(|| cfg.as_ref().and_then(|c| c.iommu_guest_pci.clone()))
-        .ok_or("the IOMMU's guest PCI address is needed: --iommu or iommu_guest_pci in the config")?;
+        .ok_or(
+            "the IOMMU's guest PCI address is needed: --iommu or iommu_guest_pci in the config",
+        )?;
     let (seg, bdf) = parse_pci_address(&iommu).map_err(|e| format!("--iommu {iommu}: {e}"))?;
     let mut eps = Vec::new();
     for s in &a.endpoints {
         let (id, addr) = s
             .split_once('=')
             .ok_or_else(|| format!("--endpoint {s}: expected ID=GUEST_PCI_ADDRESS"))?;
-        let id: u32 = id.parse().map_err(|e| format!("--endpoint {s}: bad id: {e}"))?;
+        let id: u32 = id
+            .parse()
+            .map_err(|e| format!("--endpoint {s}: bad id: {e}"))?;
         let (eseg, ebdf) = parse_pci_address(addr).map_err(|e| format!("--endpoint {s}: {e}"))?;
         eps.push((id, eseg, ebdf));
     }
     for e in cfg.iter().flat_map(|c| &c.endpoints) {
         if let Some(addr) = &e.guest_pci {
-            let (eseg, ebdf) = parse_pci_address(addr).map_err(|err| format!("endpoint {}: {err}", e.id))?;
+            let (eseg, ebdf) =
+                parse_pci_address(addr).map_err(|err| format!("endpoint {}: {err}", e.id))?;
             eps.push((e.id, eseg, ebdf));
         }
     }
@@ -135,7 +149,8 @@ fn write_viot(a: ViotArgs) -> Result<(), String> {
     let bytes = Viot::single_endpoints(seg, bdf, &eps)
         .to_bytes()
         .map_err(|e| e.to_string())?;
-    std::fs::write(&a.output, bytes).map_err(|e| format!("cannot write {}: {e}", a.output.display()))
+    std::fs::write(&a.output, bytes)
+        .map_err(|e| format!("cannot write {}: {e}", a.output.display()))
 }
 
 fn run(a: ServeArgs) -> Result<(), String> {
@@ -145,7 +160,9 @@ fn run(a: ServeArgs) -> Result<(), String> {
     }
     let cfg = match &a.config {
         Some(p) => VmConfig::load(p).map_err(|e| e.to_string())?,
-        None => VmConfig::parse("", std::path::Path::new("<defaults>")).map_err(|e| e.to_string())?,
+        None => {
+            VmConfig::parse("", std::path::Path::new("<defaults>")).map_err(|e| e.to_string())?
+        }
     };
     let mut endpoints: Vec<EndpointId> = if !a.endpoints.is_empty() {
         a.endpoints.iter().map(|&e| EndpointId(e)).collect()
@@ -157,6 +174,28 @@ fn run(a: ServeArgs) -> Result<(), String> {
     };
     endpoints.sort_unstable();
     endpoints.dedup();
+    let listener = match (a.fd, a.socket_path.as_ref().or(cfg.socket.as_ref())) {
+        (Some(fd), _) => {
+            // SAFETY: fstat on an arbitrary integer is harmless; it tells whether `fd` is open.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: `st` is a valid out pointer.
+            if fd < 0
+                || unsafe { libc::fstat(fd, &mut st) } != 0
+                || st.st_mode & libc::S_IFMT != libc::S_IFSOCK
+            {
+                return Err(format!("--fd {fd} is not an open socket"));
+            }
+            // SAFETY: the fd was checked to be an open socket and is handed to us by the caller
+            // for our exclusive use (socket activation).
+            unsafe { Listener::from_raw_fd(fd) }
+        }
+        (None, Some(p)) => {
+            Listener::new(p, true).map_err(|e| format!("cannot listen on {}: {e}", p.display()))?
+        }
+        (None, None) => {
+            return Err("give --socket-path PATH, --fd N, or socket in the config".into());
+        }
+    };
     let boot_bypass = a.boot_bypass || cfg.boot_bypass;
     let backend: Arc<dyn DmaBackend> = match a.backend.unwrap_or(cfg.backend) {
         BackendKind::Iommufd => {
@@ -178,33 +217,31 @@ fn run(a: ServeArgs) -> Result<(), String> {
         probe_size: cfg.probe_size.unwrap_or(512),
     };
     let threads = a.threads.or(cfg.threads).unwrap_or(0);
-    let mode = if threads == 0 { Mode::Inline } else { Mode::Pipeline(threads) };
+    let mode = if threads == 0 {
+        Mode::Inline
+    } else {
+        Mode::Pipeline(threads)
+    };
     let settings = DeviceSettings {
         endpoints,
         boot_bypass,
         rules,
         mode,
     };
-    let listener = match (a.fd, a.socket_path.as_ref().or(cfg.socket.as_ref())) {
-        (Some(fd), _) => {
-            // SAFETY: fstat on an arbitrary integer is harmless; it tells whether `fd` is open.
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            // SAFETY: `st` is a valid out pointer.
-            if fd < 0 || unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-                return Err(format!("--fd {fd} is not an open socket"));
-            }
-            // SAFETY: the fd was checked to be an open socket and is handed to us by the caller
-            // for our exclusive use (socket activation).
-            unsafe { Listener::from_raw_fd(fd) }
-        }
-        (None, Some(p)) => Listener::new(p, true).map_err(|e| format!("cannot listen on {}: {e}", p.display()))?,
-        (None, None) => return Err("give --socket-path PATH, --fd N, or socket in the config".into()),
-    };
     let stopper = Arc::new(Stopper::default());
     handle_signals(stopper.clone()).map_err(|e| format!("cannot install signal handling: {e}"))?;
     info!("serving virtio-iommu ({mode:?})");
     let metrics = Arc::new(Metrics::default());
-    serve(listener, settings, backend, metrics.clone(), stopper, None, None).map_err(|e| {
+    serve(
+        listener,
+        settings,
+        backend,
+        metrics.clone(),
+        stopper,
+        None,
+        None,
+    )
+    .map_err(|e| {
         error!("{e}");
         e.to_string()
     })?;

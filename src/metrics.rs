@@ -67,16 +67,26 @@ impl Metrics {
             ("viommu_unknown_requests_total", &self.unknown_type),
             ("viommu_faults_reported_total", &self.faults_reported),
         ] {
-            let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         out.push_str("# TYPE viommu_request_latency_seconds histogram\n");
         let mut cum = 0;
         for (i, b) in self.latency.iter().enumerate() {
             cum += b.load(Ordering::Relaxed);
             let le = (256u64 << i) as f64 / 1e9;
-            let _ = writeln!(out, "viommu_request_latency_seconds_bucket{{le=\"{le:e}\"}} {cum}");
+            let _ = writeln!(
+                out,
+                "viommu_request_latency_seconds_bucket{{le=\"{le:e}\"}} {cum}"
+            );
         }
-        let _ = writeln!(out, "viommu_request_latency_seconds_bucket{{le=\"+Inf\"}} {cum}");
+        let _ = writeln!(
+            out,
+            "viommu_request_latency_seconds_bucket{{le=\"+Inf\"}} {cum}"
+        );
         let sum = self.latency_sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
         let _ = writeln!(out, "viommu_request_latency_seconds_sum {sum}");
         let _ = writeln!(out, "viommu_request_latency_seconds_count {cum}");

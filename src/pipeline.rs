@@ -84,7 +84,10 @@ fn execute(table: &mut DomainTable, w: Work) -> Result<Completion, Reply> {
             virt_end,
             phys_start,
             flags,
-        } => Ok((token, table.map(domain, virt_start, virt_end, phys_start, flags))),
+        } => Ok((
+            token,
+            table.map(domain, virt_start, virt_end, phys_start, flags),
+        )),
         Work::Unmap {
             token,
             domain,
@@ -340,13 +343,21 @@ impl Dispatcher {
                 reserved,
             } => {
                 self.wait_idle(done);
-                Submitted::Done(self.topology.attach(&mut self.exec, domain, endpoint, flags, reserved))
+                Submitted::Done(self.topology.attach(
+                    &mut self.exec,
+                    domain,
+                    endpoint,
+                    flags,
+                    reserved,
+                ))
             }
             Request::Detach { domain, endpoint } => {
                 self.wait_idle(done);
                 Submitted::Done(self.topology.detach(&mut self.exec, domain, endpoint))
             }
-            Request::Probe { endpoint } => Submitted::Done(self.topology.probe(endpoint, probe_out)),
+            Request::Probe { endpoint } => {
+                Submitted::Done(self.topology.probe(endpoint, probe_out))
+            }
         }
     }
 
@@ -392,7 +403,10 @@ impl Dispatcher {
                         done(c);
                     }
                     Err(_) => {
-                        error!("executors are gone with {} requests in flight", th.in_flight);
+                        error!(
+                            "executors are gone with {} requests in flight",
+                            th.in_flight
+                        );
                         th.in_flight = 0;
                     }
                 }

@@ -223,11 +223,13 @@ fn bytes4(b: &[u8], at: usize) -> [u8; 4] {
 impl Request {
     /// Peeks at the request type in a device-readable buffer.
     pub fn peek_type(readable: &[u8]) -> Result<RequestType, DecodeError> {
-        let t = *readable
-            .first()
-            .ok_or(DecodeError::NoHead { len: readable.len() })?;
+        let t = *readable.first().ok_or(DecodeError::NoHead {
+            len: readable.len(),
+        })?;
         if readable.len() < HEAD_SIZE {
-            return Err(DecodeError::NoHead { len: readable.len() });
+            return Err(DecodeError::NoHead {
+                len: readable.len(),
+            });
         }
         RequestType::from_u8(t).ok_or(DecodeError::UnknownType(t))
     }
@@ -292,8 +294,10 @@ impl Request {
         let kind = self.kind();
         out[0] = kind as u8;
         let b = &mut out[HEAD_SIZE..];
-        let put32 = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-        let put64 = |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        let put32 =
+            |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        let put64 =
+            |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
         match *self {
             Request::Attach {
                 domain,
@@ -414,7 +418,10 @@ pub fn encode_probe_properties(props: &[ResvMem], out: &mut [u8]) -> Result<(), 
         return Err(Status::Inval);
     }
     out.fill(0);
-    for (p, chunk) in props.iter().zip(out.chunks_exact_mut(RESV_MEM_PROPERTY_SIZE)) {
+    for (p, chunk) in props
+        .iter()
+        .zip(out.chunks_exact_mut(RESV_MEM_PROPERTY_SIZE))
+    {
         chunk[0..2].copy_from_slice(&PROBE_T_RESV_MEM.to_le_bytes());
         chunk[2..4].copy_from_slice(&20u16.to_le_bytes());
         chunk[4] = p.kind as u8;
@@ -591,7 +598,10 @@ mod tests {
     #[test]
     fn decode_rejects_short_and_unknown_requests_without_panicking() {
         assert_eq!(Request::decode(&[]), Err(DecodeError::NoHead { len: 0 }));
-        assert_eq!(Request::decode(&[3, 0]), Err(DecodeError::NoHead { len: 2 }));
+        assert_eq!(
+            Request::decode(&[3, 0]),
+            Err(DecodeError::NoHead { len: 2 })
+        );
         assert_eq!(
             Request::decode(&[0, 0, 0, 0]),
             Err(DecodeError::UnknownType(0))
@@ -669,7 +679,10 @@ mod tests {
             end: 1,
         }; 3];
         let mut out = [0xaau8; 70];
-        assert_eq!(encode_probe_properties(&props, &mut out), Err(Status::Inval));
+        assert_eq!(
+            encode_probe_properties(&props, &mut out),
+            Err(Status::Inval)
+        );
         assert!(out.iter().all(|&b| b == 0xaa));
     }
 

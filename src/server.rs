@@ -39,7 +39,12 @@ pub struct Stopper {
 impl Stopper {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(c) = self.connection.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(c) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             c.shutdown();
         }
         if let Some(fd) = *self.listener_fd.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -67,7 +72,10 @@ pub fn serve(
     max_connections: Option<usize>,
     on_connect: Option<OnConnect>,
 ) -> Result<(), ServeError> {
-    *stopper.listener_fd.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener.as_raw_fd());
+    *stopper
+        .listener_fd
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(listener.as_raw_fd());
     let mut served = 0usize;
     while !stopper.stopped() && max_connections.is_none_or(|m| served < m) {
         let dev = IommuDevice::new(settings.clone(), backend.clone(), metrics.clone())
@@ -109,7 +117,10 @@ pub fn serve(
         drop(daemon);
         dev.disconnect();
     }
-    *stopper.listener_fd.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    *stopper
+        .listener_fd
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = None;
     Ok(())
 }
 

@@ -21,7 +21,9 @@ use vm_memory::{
     GuestMemoryLoadGuard, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
 
 use crate::backend::DmaBackend;
 use crate::domains::{DomainView, EndpointView, Rules, status_of};
@@ -72,7 +74,10 @@ impl Segments {
                 continue;
             }
             let n = data.len().min((len - offset) as usize);
-            if mem.write_slice(&data[..n], GuestAddress(addr + offset)).is_err() {
+            if mem
+                .write_slice(&data[..n], GuestAddress(addr + offset))
+                .is_err()
+            {
                 return false;
             }
             data = &data[n..];
@@ -85,7 +90,8 @@ impl Segments {
     }
 }
 
-/// What a descriptor chain turned out to be.
+/// What a descriptor chain turned out to be. Lives on the stack for one request only.
+#[allow(clippy::large_enum_variant)]
 enum Chain {
     /// Not a request we can answer: returned with used length 0.
     Unusable(&'static str),
@@ -249,12 +255,23 @@ impl Answerer<'_> {
         if let Err(r) = &outcome
             && self.limiter.allow()
         {
-            warn!("guest {} request failed with {:?}: {}", p.kind.name(), r.status, r.reason);
+            warn!(
+                "guest {} request failed with {:?}: {}",
+                p.kind.name(),
+                r.status,
+                r.reason
+            );
         }
-        let ok = p.writable.write(self.mem, p.tail_offset, &encode_tail(status));
+        let ok = p
+            .writable
+            .write(self.mem, p.tail_offset, &encode_tail(status));
         self.metrics
             .record(p.kind, status, p.started.elapsed().as_nanos() as u64);
-        let len = if ok { p.tail_offset as u32 + TAIL_SIZE as u32 } else { 0 };
+        let len = if ok {
+            p.tail_offset as u32 + TAIL_SIZE as u32
+        } else {
+            0
+        };
         self.used(p.head, len);
     }
 }
@@ -397,12 +414,17 @@ impl IommuDevice {
                 if a.pending.is_full() {
                     dispatcher.wait_idle(&mut |c| a.complete(c));
                 }
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 let (bytes, len, writable) = match read_chain(&mem, chain) {
                     Chain::Unusable(why) => {
-                        metrics.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        metrics
+                            .malformed
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if a.limiter.allow() {
                             warn!("request chain {head} returned unused: {why}");
                         }
@@ -419,7 +441,9 @@ impl IommuDevice {
                 let req = match Request::decode(&bytes[..len]) {
                     Ok(r) => r,
                     Err(DecodeError::UnknownType(t)) => {
-                        metrics.unknown_type.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        metrics
+                            .unknown_type
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if a.limiter.allow() {
                             warn!("request chain {head}: unknown request type {t}");
                         }
@@ -476,7 +500,10 @@ impl IommuDevice {
                 match dispatcher.submit(req, token, probe_buf, &mut |c| a.complete(c)) {
                     Submitted::Queued => {}
                     Submitted::Done(outcome) => {
-                        if kind == RequestType::Probe && outcome.is_ok() && !writable.write(&mem, 0, probe_buf) {
+                        if kind == RequestType::Probe
+                            && outcome.is_ok()
+                            && !writable.write(&mem, 0, probe_buf)
+                        {
                             a.complete((token, Err(fault())));
                             continue;
                         }
@@ -572,7 +599,10 @@ fn guest_ram(mem: &GuestMemoryMmap) -> Result<GuestRam, String> {
                 let mut st: libc::stat = unsafe { std::mem::zeroed() };
                 // SAFETY: the fd is valid for the lifetime of `fo`; `st` is a valid out pointer.
                 if unsafe { libc::fstat(fo.file().as_raw_fd(), &mut st) } != 0 {
-                    return Err(format!("fstat of memory region fd: {}", io::Error::last_os_error()));
+                    return Err(format!(
+                        "fstat of memory region fd: {}",
+                        io::Error::last_os_error()
+                    ));
                 }
                 Some(Backing {
                     file: fo.arc().clone(),

@@ -39,12 +39,15 @@ pub struct Injector {
 impl Injector {
     /// Lets `skip` calls of `op` through, then fails the next `count` with `errno`.
     pub fn fail(&self, op: Op, skip: u32, count: u32, errno: i32) {
-        self.rules.lock().unwrap_or_else(|p| p.into_inner()).push(Rule {
-            op,
-            skip,
-            count,
-            errno,
-        });
+        self.rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Rule {
+                op,
+                skip,
+                count,
+                errno,
+            });
     }
 
     pub fn clear(&self) {
@@ -66,7 +69,11 @@ impl Injector {
                 Op::Unmap => "unmap",
                 Op::SetRam => "set_ram",
             };
-            return Err(BackendError::new(name, r.errno, format!("injected: {}", what())));
+            return Err(BackendError::new(
+                name,
+                r.errno,
+                format!("injected: {}", what()),
+            ));
         }
         Ok(())
     }
@@ -94,11 +101,13 @@ impl HwDomain for FaultyDomain {
         self.inner.id()
     }
     fn map(&mut self, op: &MapOp) -> Result<()> {
-        self.injector.check(Op::Map, &|| format!("map {}", op.iova))?;
+        self.injector
+            .check(Op::Map, &|| format!("map {}", op.iova))?;
         self.inner.map(op)
     }
     fn unmap(&mut self, iova: IovaRange) -> Result<()> {
-        self.injector.check(Op::Unmap, &|| format!("unmap {iova}"))?;
+        self.injector
+            .check(Op::Unmap, &|| format!("unmap {iova}"))?;
         self.inner.unmap(iova)
     }
 }
@@ -111,14 +120,16 @@ impl<B: DmaBackend> DmaBackend for FaultyBackend<B> {
         self.inner.constraints()
     }
     fn create_domain(&self) -> Result<Box<dyn HwDomain>> {
-        self.injector.check(Op::CreateDomain, &|| "create domain".into())?;
+        self.injector
+            .check(Op::CreateDomain, &|| "create domain".into())?;
         Ok(Box::new(FaultyDomain {
             inner: self.inner.create_domain()?,
             injector: self.injector.clone(),
         }))
     }
     fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()> {
-        self.injector.check(Op::Attach, &|| format!("{endpoint} to {to:?}"))?;
+        self.injector
+            .check(Op::Attach, &|| format!("{endpoint} to {to:?}"))?;
         self.inner.attach(endpoint, to)
     }
     fn set_ram(&self, ram: &GuestRam) -> Result<()> {

@@ -96,9 +96,18 @@ impl SoftBackend {
     }
 
     /// Where a DMA by `endpoint` to `iova` would land in guest-physical memory.
-    pub fn translate(&self, endpoint: EndpointId, iova: u64, write: bool) -> std::result::Result<u64, Fault> {
+    pub fn translate(
+        &self,
+        endpoint: EndpointId,
+        iova: u64,
+        write: bool,
+    ) -> std::result::Result<u64, Fault> {
         let st = lock(&self.state);
-        match st.attachments.get(&endpoint).ok_or(Fault::UnknownEndpoint)? {
+        match st
+            .attachments
+            .get(&endpoint)
+            .ok_or(Fault::UnknownEndpoint)?
+        {
             Attachment::Blocked => Err(Fault::Blocked),
             Attachment::Identity => {
                 let one = IovaRange::new(iova, iova).expect("single byte");
@@ -148,7 +157,13 @@ impl SoftBackend {
         };
         let t = lock(&t);
         t.iter()
-            .map(|(&s, e)| (IovaRange::new(s, e.end).expect("stored valid"), e.gpa, e.perms))
+            .map(|(&s, e)| {
+                (
+                    IovaRange::new(s, e.end).expect("stored valid"),
+                    e.gpa,
+                    e.perms,
+                )
+            })
             .collect()
     }
 }
@@ -170,7 +185,11 @@ impl HwDomain for SoftDomain {
         if let Some((_, e)) = t.range(..=iova.end()).next_back()
             && e.end >= iova.start()
         {
-            return Err(BackendError::new("map", libc::EEXIST, format!("soft domain {} at {iova}", self.id)));
+            return Err(BackendError::new(
+                "map",
+                libc::EEXIST,
+                format!("soft domain {} at {iova}", self.id),
+            ));
         }
         t.insert(
             iova.start(),
@@ -190,7 +209,11 @@ impl HwDomain for SoftDomain {
                 t.remove(&iova.start());
                 Ok(())
             }
-            _ => Err(BackendError::new("unmap", libc::ENOENT, format!("soft domain {} at {iova}", self.id))),
+            _ => Err(BackendError::new(
+                "unmap",
+                libc::ENOENT,
+                format!("soft domain {} at {iova}", self.id),
+            )),
         }
     }
 }
@@ -234,14 +257,22 @@ impl DmaBackend for SoftBackend {
         if let Attachment::Domain(id) = to
             && !st.domains.contains_key(&id)
         {
-            return Err(BackendError::new("attach", libc::ENOENT, format!("{endpoint} to soft domain {id}")));
+            return Err(BackendError::new(
+                "attach",
+                libc::ENOENT,
+                format!("{endpoint} to soft domain {id}"),
+            ));
         }
         match st.attachments.get_mut(&endpoint) {
             Some(a) => {
                 *a = to;
                 Ok(())
             }
-            None => Err(BackendError::new("attach", libc::ENODEV, format!("{endpoint}"))),
+            None => Err(BackendError::new(
+                "attach",
+                libc::ENODEV,
+                format!("{endpoint}"),
+            )),
         }
     }
 
@@ -292,11 +323,20 @@ mod tests {
         let b = SoftBackend::new(&[EndpointId(1)], false);
         let mut d = b.create_domain().unwrap();
         d.map(&op(0x1000, 0x1fff, 0x8000, Perms::RO)).unwrap();
-        assert_eq!(b.translate(EndpointId(1), 0x1000, false), Err(Fault::Blocked));
+        assert_eq!(
+            b.translate(EndpointId(1), 0x1000, false),
+            Err(Fault::Blocked)
+        );
         b.attach(EndpointId(1), Attachment::Domain(d.id())).unwrap();
         assert_eq!(b.translate(EndpointId(1), 0x1234, false), Ok(0x8234));
-        assert_eq!(b.translate(EndpointId(1), 0x1234, true), Err(Fault::Permission));
-        assert_eq!(b.translate(EndpointId(1), 0x2000, false), Err(Fault::Unmapped));
+        assert_eq!(
+            b.translate(EndpointId(1), 0x1234, true),
+            Err(Fault::Permission)
+        );
+        assert_eq!(
+            b.translate(EndpointId(1), 0x2000, false),
+            Err(Fault::Unmapped)
+        );
     }
 
     #[test]
@@ -304,8 +344,16 @@ mod tests {
         let b = SoftBackend::new(&[], false);
         let mut d = b.create_domain().unwrap();
         d.map(&op(0x1000, 0x2fff, 0, Perms::RW)).unwrap();
-        assert_eq!(d.map(&op(0x2000, 0x3fff, 0, Perms::RW)).unwrap_err().errno, libc::EEXIST);
-        assert_eq!(d.unmap(IovaRange::new(0x1000, 0x1fff).unwrap()).unwrap_err().errno, libc::ENOENT);
+        assert_eq!(
+            d.map(&op(0x2000, 0x3fff, 0, Perms::RW)).unwrap_err().errno,
+            libc::EEXIST
+        );
+        assert_eq!(
+            d.unmap(IovaRange::new(0x1000, 0x1fff).unwrap())
+                .unwrap_err()
+                .errno,
+            libc::ENOENT
+        );
         d.unmap(IovaRange::new(0x1000, 0x2fff).unwrap()).unwrap();
     }
 
