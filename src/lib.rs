@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod domains;
 pub mod driver;
 pub mod guest_ram;

@@ -12,11 +12,12 @@ use vhost::vhost_user::Listener;
 use vhost_user_iommu::backend::DmaBackend;
 use vhost_user_iommu::backend::soft::SoftBackend;
 use vhost_user_iommu::config::{BackendKind, VmConfig};
+use vhost_user_iommu::control::{self, CurrentDevice};
 use vhost_user_iommu::domains::Rules;
 use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::metrics::Metrics;
 use vhost_user_iommu::pipeline::Mode;
-use vhost_user_iommu::server::{Stopper, handle_signals, serve};
+use vhost_user_iommu::server::{OnConnect, Stopper, handle_signals, serve};
 use vhost_user_iommu::vhost::DeviceSettings;
 use vhost_user_iommu::viot::{Viot, parse_pci_address};
 
@@ -62,6 +63,9 @@ struct ServeArgs {
     /// Unattached endpoints start in bypass (identity) mode.
     #[arg(long)]
     boot_bypass: bool,
+    /// Serve a read-only control socket here (`state` as JSON, `metrics` in Prometheus format).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
     /// Print the backend capabilities as JSON (vhost-user backend conventions) and exit.
     #[arg(long)]
     print_capabilities: bool,
@@ -232,16 +236,23 @@ fn run(a: ServeArgs) -> Result<(), String> {
     handle_signals(stopper.clone()).map_err(|e| format!("cannot install signal handling: {e}"))?;
     info!("serving virtio-iommu ({mode:?})");
     let metrics = Arc::new(Metrics::default());
-    serve(
+    let current: CurrentDevice = Arc::default();
+    if let Some(p) = &a.control_socket {
+        control::spawn(p, current.clone(), metrics.clone())
+            .map_err(|e| format!("cannot serve the control socket {}: {e}", p.display()))?;
+    }
+    let hook: OnConnect =
+        Box::new(move |d| *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.clone()));
+    let served = serve(
         listener,
         settings,
         backend,
         metrics.clone(),
         stopper,
         None,
-        None,
-    )
-    .map_err(|e| {
+        Some(hook),
+    );
+    served.map_err(|e| {
         error!("{e}");
         e.to_string()
     })?;

@@ -669,7 +669,10 @@ impl VhostUserBackend for IommuDevice {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let bypass = lock(&self.0.session).dispatcher.bypass();
         let bytes = self.config(bypass).to_bytes();
-        (offset as usize..offset as usize + size as usize)
+        // vhost-user config messages carry at most 256 bytes; never allocate what the VMM asks
+        // beyond that.
+        let size = size.min(256) as usize;
+        (offset as usize..offset as usize + size)
             .map(|i| bytes.get(i).copied().unwrap_or(0))
             .collect()
     }

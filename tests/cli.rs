@@ -1,0 +1,174 @@
+//! The binary as an operator runs it: arguments, errors, socket activation, SIGTERM.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TempDir;
+use vhost_user_iommu::driver::{TestVm, VmOptions};
+use vhost_user_iommu::ids::{DomainId, EndpointId};
+use vhost_user_iommu::protocol::{Request, Status};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
+
+fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "daemon did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn exercise(vm: &mut TestVm) {
+    let attach = Request::Attach {
+        domain: DomainId(1),
+        endpoint: EndpointId(3),
+        flags: 0,
+        reserved: [0; 4],
+    };
+    assert_eq!(vm.request(&attach).unwrap(), Status::Ok);
+    let map = Request::Map {
+        domain: DomainId(1),
+        virt_start: 0x1000,
+        virt_end: 0x1fff,
+        phys_start: 0x1000,
+        flags: 3,
+    };
+    assert_eq!(vm.request(&map).unwrap(), Status::Ok);
+    let unknown = Request::Attach {
+        domain: DomainId(1),
+        endpoint: EndpointId(16),
+        flags: 0,
+        reserved: [0; 4],
+    };
+    assert_eq!(
+        vm.request(&unknown).unwrap(),
+        Status::NoEnt,
+        "default endpoints are 0..=15"
+    );
+}
+
+#[test]
+fn serves_on_a_socket_path_and_exits_zero_on_sigterm() {
+    let dir = TempDir::new();
+    let sock = dir.0.join("v.sock");
+    let mut child = Command::new(BIN)
+        .arg("--socket-path")
+        .arg(&sock)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
+    exercise(&mut vm);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(
+        wait_exit(&mut child).success(),
+        "SIGTERM with a VMM connected must exit 0"
+    );
+    drop(vm);
+}
+
+#[test]
+fn serves_an_inherited_listening_fd() {
+    let dir = TempDir::new();
+    let sock = dir.0.join("fd.sock");
+    let listener = UnixListener::bind(&sock).expect("bind");
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--fd", "3", "--threads", "2"])
+        .stderr(Stdio::null());
+    // SAFETY: dup2 in the child between fork and exec only touches the child's fd table.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd == 3 {
+                // Already in place: only the close-on-exec flag must go.
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn");
+    drop(listener);
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
+    exercise(&mut vm);
+    vm.disconnect();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child).success());
+}
+
+#[test]
+fn bad_arguments_fail_with_a_clear_message() {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().expect("run");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&[]);
+    assert!(!ok);
+    assert!(err.contains("--socket-path"), "{err}");
+    let (ok, err) = run(&["--socket-path", "/nonexistent-dir/x.sock"]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent-dir/x.sock"), "{err}");
+    let (ok, err) = run(&["--fd", "200"]);
+    assert!(!ok);
+    assert!(err.contains("not an open socket"), "{err}");
+    let (ok, err) = run(&["--config", "/nonexistent.toml", "--socket-path", "/tmp/x"]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent.toml"), "{err}");
+    let (ok, err) = run(&["--backend", "bogus"]);
+    assert!(!ok);
+    assert!(err.contains("bogus"), "{err}");
+}
+
+#[test]
+fn print_capabilities_is_json() {
+    let out = Command::new(BIN)
+        .arg("--print-capabilities")
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(v["type"], "iommu");
+}
+
+#[test]
+fn viot_command_writes_a_table_that_decodes_back() {
+    let dir = TempDir::new();
+    let out = dir.0.join("viot.bin");
+    let st = Command::new(BIN)
+        .args([
+            "viot",
+            "--iommu",
+            "00:03.0",
+            "--endpoint",
+            "32=00:04.0",
+            "--endpoint",
+            "40=00:05.0",
+            "-o",
+        ])
+        .arg(&out)
+        .status()
+        .expect("run");
+    assert!(st.success());
+    let v = vhost_user_iommu::viot::Viot::parse(&std::fs::read(&out).unwrap()).expect("decodes");
+    let bdf = |s: &str| s.parse().unwrap();
+    assert_eq!(v.endpoint_id(0, bdf("00:04.0")), Some(32));
+    assert_eq!(v.endpoint_id(0, bdf("00:05.0")), Some(40));
+    assert_eq!(v.endpoint_id(0, bdf("00:03.0")), None);
+}

@@ -1,0 +1,693 @@
+//! Socket tier: the real daemon over a real vhost-user socket, driven by the guest-driver
+//! simulator playing both VMM and guest driver.
+
+mod common;
+
+use common::{Daemon, ENDPOINTS, Options, RW, TIMEOUT};
+use vhost_user_iommu::backend::fault::Op;
+use vhost_user_iommu::backend::soft::Fault;
+use vhost_user_iommu::domains::Limits;
+use vhost_user_iommu::driver::{Desc, VmOptions};
+use vhost_user_iommu::ids::{DomainId, EndpointId};
+use vhost_user_iommu::pipeline::Mode;
+use vhost_user_iommu::protocol::{
+    ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, Request, ResvKind, Status, decode_probe_properties,
+    features,
+};
+
+fn attach(d: u32, e: u32) -> Request {
+    Request::Attach {
+        domain: DomainId(d),
+        endpoint: EndpointId(e),
+        flags: 0,
+        reserved: [0; 4],
+    }
+}
+
+fn attach_bypass(d: u32, e: u32) -> Request {
+    Request::Attach {
+        domain: DomainId(d),
+        endpoint: EndpointId(e),
+        flags: ATTACH_F_BYPASS,
+        reserved: [0; 4],
+    }
+}
+
+fn detach(d: u32, e: u32) -> Request {
+    Request::Detach {
+        domain: DomainId(d),
+        endpoint: EndpointId(e),
+    }
+}
+
+fn map(d: u32, start: u64, end: u64, phys: u64, flags: u32) -> Request {
+    Request::Map {
+        domain: DomainId(d),
+        virt_start: start,
+        virt_end: end,
+        phys_start: phys,
+        flags,
+    }
+}
+
+fn unmap(d: u32, start: u64, end: u64) -> Request {
+    Request::Unmap {
+        domain: DomainId(d),
+        virt_start: start,
+        virt_end: end,
+        reserved: [0; 4],
+    }
+}
+
+/// A 1024-entry request queue: room for batches of up to 512 requests.
+fn big_queue() -> VmOptions {
+    VmOptions {
+        queue_size: 1024,
+        ..VmOptions::default()
+    }
+}
+
+#[test]
+fn config_space_advertises_granule_ranges_probe_size_and_bypass() {
+    let d = Daemon::start(Options::default());
+    let mut vm = d.connect();
+    let c = vm.config().unwrap();
+    assert_eq!(c.page_size_mask & c.page_size_mask.wrapping_neg(), 0x1000);
+    assert_eq!((c.input_start, c.input_end), (0, u64::MAX));
+    assert_eq!((c.domain_start, c.domain_end), (0, u32::MAX));
+    assert_eq!(c.probe_size, 512);
+    assert_eq!(c.bypass, 0);
+    let b = Daemon::start(Options {
+        boot_bypass: true,
+        ..Options::default()
+    });
+    assert_eq!(b.connect().config().unwrap().bypass, 1);
+}
+
+#[test]
+fn the_whole_request_cycle_programs_translation() {
+    let d = Daemon::start(Options::default());
+    let mut vm = d.connect();
+    let (st, props) = vm.probe(1).unwrap();
+    assert_eq!(st, Status::Ok);
+    let resv = decode_probe_properties(&props).unwrap();
+    assert!(
+        resv.iter()
+            .any(|r| r.kind == ResvKind::Msi && r.start == 0xfee0_0000 && r.end == 0xfeef_ffff)
+    );
+    assert_eq!(vm.request(&attach(2, 1)).unwrap(), Status::Ok);
+    assert_eq!(
+        vm.request(&map(2, 0x10_0000, 0x10_ffff, 0x20_0000, RW))
+            .unwrap(),
+        Status::Ok
+    );
+    assert_eq!(
+        d.soft.translate(EndpointId(1), 0x10_0123, true),
+        Ok(0x20_0123)
+    );
+    let (domains, endpoints) = d.state();
+    assert_eq!(domains.len(), 1);
+    assert_eq!(domains[0].mappings.len(), 1);
+    assert_eq!(
+        endpoints.iter().find(|e| e.id == 1).unwrap().domain,
+        Some(2)
+    );
+    assert_eq!(vm.request(&unmap(2, 0, u64::MAX)).unwrap(), Status::Ok);
+    assert_eq!(
+        d.soft.translate(EndpointId(1), 0x10_0123, true),
+        Err(Fault::Unmapped)
+    );
+    assert_eq!(vm.request(&detach(2, 1)).unwrap(), Status::Ok);
+    assert_eq!(
+        d.soft.translate(EndpointId(1), 0x10_0123, true),
+        Err(Fault::Blocked)
+    );
+    assert!(d.state().0.is_empty());
+}
+
+/// Every status a spec rule assigns, as seen through the socket. Each case runs on a device
+/// where endpoint 1 is attached to paging domain 2 holding 0x10000..=0x1ffff, and endpoint 2 to
+/// bypass domain 9.
+#[test]
+fn every_spec_rule_yields_its_status_over_the_socket() {
+    let ram = 64u64 << 20;
+    let cases: Vec<(&str, Request, Status)> = vec![
+        ("attach ok", attach(3, 3), Status::Ok),
+        (
+            "attach reserved",
+            Request::Attach {
+                domain: DomainId(3),
+                endpoint: EndpointId(3),
+                flags: 0,
+                reserved: [1, 0, 0, 0],
+            },
+            Status::Inval,
+        ),
+        (
+            "attach unknown flag",
+            Request::Attach {
+                domain: DomainId(3),
+                endpoint: EndpointId(3),
+                flags: 2,
+                reserved: [0; 4],
+            },
+            Status::Inval,
+        ),
+        ("attach unknown endpoint", attach(3, 99), Status::NoEnt),
+        (
+            "attach bypass flag to paging domain",
+            attach_bypass(2, 3),
+            Status::Inval,
+        ),
+        (
+            "attach paging to bypass domain",
+            attach(9, 3),
+            Status::Inval,
+        ),
+        ("attach shares a domain", attach(2, 3), Status::Ok),
+        ("attach again to same domain", attach(2, 1), Status::Ok),
+        ("detach ok", detach(2, 1), Status::Ok),
+        ("detach unknown endpoint", detach(2, 99), Status::NoEnt),
+        ("detach wrong domain", detach(9, 1), Status::Inval),
+        ("detach unattached endpoint", detach(2, 3), Status::Inval),
+        ("map ok", map(2, 0x40000, 0x4ffff, 0x40000, RW), Status::Ok),
+        (
+            "map unknown flag",
+            map(2, 0x40000, 0x4ffff, 0, 8),
+            Status::Inval,
+        ),
+        (
+            "map no domain",
+            map(7, 0x40000, 0x4ffff, 0, RW),
+            Status::NoEnt,
+        ),
+        (
+            "map bypass domain",
+            map(9, 0x40000, 0x4ffff, 0, RW),
+            Status::Inval,
+        ),
+        (
+            "map mmio",
+            map(2, 0x40000, 0x4ffff, 0, RW | MAP_F_MMIO),
+            Status::Unsupp,
+        ),
+        (
+            "map misaligned start",
+            map(2, 0x40001, 0x4ffff, 0, RW),
+            Status::Range,
+        ),
+        (
+            "map misaligned end",
+            map(2, 0x40000, 0x4fffe, 0, RW),
+            Status::Range,
+        ),
+        (
+            "map misaligned phys",
+            map(2, 0x40000, 0x4ffff, 0x10, RW),
+            Status::Range,
+        ),
+        (
+            "map overlap",
+            map(2, 0x18000, 0x27fff, 0, RW),
+            Status::Inval,
+        ),
+        (
+            "map msi window",
+            map(2, 0xfee0_0000, 0xfee0_ffff, 0, RW),
+            Status::Inval,
+        ),
+        (
+            "map outside guest ram",
+            map(2, 0x40000, 0x4ffff, ram, RW),
+            Status::Fault,
+        ),
+        (
+            "map read-only ok",
+            map(2, 0x40000, 0x4ffff, 0, MAP_F_READ),
+            Status::Ok,
+        ),
+        ("unmap ok", unmap(2, 0x10000, 0x1ffff), Status::Ok),
+        ("unmap split", unmap(2, 0x10000, 0x17fff), Status::Range),
+        ("unmap over holes", unmap(2, 0, 0xfffff), Status::Ok),
+        ("unmap over nothing", unmap(2, 0x90000, 0x9ffff), Status::Ok),
+        ("unmap no domain", unmap(7, 0, 0xfff), Status::NoEnt),
+        ("unmap bypass domain", unmap(9, 0, 0xfff), Status::Inval),
+    ];
+    let d = Daemon::start(Options::default());
+    for (what, req, want) in cases {
+        let mut vm = d.connect();
+        let setup = [
+            attach(2, 1),
+            attach_bypass(9, 2),
+            map(2, 0x10000, 0x1ffff, 0x10000, RW),
+        ];
+        assert_eq!(
+            vm.batch(&setup).unwrap(),
+            vec![Status::Ok; 3],
+            "{what}: setup"
+        );
+        assert_eq!(vm.request(&req).unwrap(), want, "{what}");
+        vm.disconnect();
+        d.wait_until("teardown", |d| d.backend_mappings() == 0);
+    }
+}
+
+#[test]
+fn probe_of_unknown_endpoint_is_noent_and_a_short_buffer_is_inval() {
+    let d = Daemon::start(Options::default());
+    let mut vm = d.connect();
+    assert_eq!(vm.probe(99).unwrap().0, Status::NoEnt);
+    let (req, n) = Request::Probe {
+        endpoint: EndpointId(1),
+    }
+    .encode();
+    let head = vm.push(&req[..n], 64).unwrap();
+    vm.kick().unwrap();
+    let used = vm.wait_used(1, TIMEOUT).unwrap();
+    assert_eq!(used[0], (head, 64));
+    let w = vm.writable_bytes(head);
+    assert_eq!(w[60], Status::Inval as u8, "tail in the last four bytes");
+    assert!(
+        w[..60]
+            .iter()
+            .all(|&b| b == vhost_user_iommu::driver::POISON),
+        "no property written"
+    );
+}
+
+#[test]
+fn a_batch_of_many_requests_in_one_kick_completes_every_request() {
+    for mode in [Mode::Inline, Mode::Pipeline(2)] {
+        let d = Daemon::start(Options {
+            mode,
+            ..Options::default()
+        });
+        let mut vm = d.connect_with(big_queue());
+        assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+        let reqs: Vec<Request> = (0..200u64)
+            .map(|i| map(1, i << 12, (i << 12) + 0xfff, i << 12, RW))
+            .collect();
+        assert_eq!(vm.batch(&reqs).unwrap(), vec![Status::Ok; 200], "{mode:?}");
+        assert_eq!(d.backend_mappings(), 200);
+        assert_eq!(
+            vm.batch(&[unmap(1, 0, u64::MAX)]).unwrap(),
+            vec![Status::Ok]
+        );
+        assert_eq!(d.backend_mappings(), 0);
+    }
+}
+
+#[test]
+fn two_domains_in_flight_at_once_keep_per_domain_order() {
+    let d = Daemon::start(Options {
+        mode: Mode::Pipeline(2),
+        ..Options::default()
+    });
+    let mut vm = d.connect_with(big_queue());
+    assert_eq!(
+        vm.batch(&[attach(1, 1), attach(2, 2)]).unwrap(),
+        vec![Status::Ok; 2]
+    );
+    // Interleave both domains; within each domain, map then unmap then map again the same
+    // IOVA: only in-order execution makes all of them succeed.
+    let mut reqs = Vec::new();
+    for i in 0..80u64 {
+        for dom in [1, 2] {
+            let iova = i << 12;
+            reqs.push(map(dom, iova, iova + 0xfff, iova, RW));
+            reqs.push(unmap(dom, iova, iova + 0xfff));
+            reqs.push(map(dom, iova, iova + 0xfff, 0x100000 + iova, RW));
+        }
+    }
+    let n = reqs.len();
+    assert_eq!(vm.batch(&reqs).unwrap(), vec![Status::Ok; n]);
+    assert_eq!(d.soft.translate(EndpointId(1), 0x5000, false), Ok(0x105000));
+    assert_eq!(d.soft.translate(EndpointId(2), 0x5000, false), Ok(0x105000));
+    // An endpoint moving between domains owned by different executors is ordered against both.
+    let mv = vec![
+        map(1, 0x80_0000, 0x80_0fff, 0x1000, RW),
+        attach(2, 1),
+        map(2, 0x90_0000, 0x90_0fff, 0x2000, RW),
+    ];
+    assert_eq!(vm.batch(&mv).unwrap(), vec![Status::Ok; 3]);
+    assert_eq!(
+        d.soft.translate(EndpointId(1), 0x90_0000, false),
+        Ok(0x2000)
+    );
+    assert_eq!(
+        d.soft.translate(EndpointId(1), 0x80_0000, false),
+        Err(Fault::Unmapped)
+    );
+    assert!(
+        d.state().0.iter().all(|dom| dom.id == 2),
+        "domain 1 destroyed with its last endpoint"
+    );
+}
+
+#[test]
+fn descriptor_abuse_is_answered_without_harm() {
+    for mode in [Mode::Inline, Mode::Pipeline(2)] {
+        let d = Daemon::start(Options {
+            mode,
+            ..Options::default()
+        });
+        let mut vm = d.connect();
+        let scratch = vm.usable_ram_end() - 0x10000;
+        let (att, n) = attach(1, 1).encode();
+        vm.ram().write(scratch, &att[..n]).unwrap();
+        let r = |len: u32| Desc {
+            addr: scratch,
+            len,
+            write: false,
+        };
+        let w = |off: u64, len: u32| Desc {
+            addr: scratch + 0x1000 + off,
+            len,
+            write: true,
+        };
+        let ram_size = vm.ram().size();
+        let unused: Vec<(&str, Vec<Desc>)> = vec![
+            ("no writable part", vec![r(n as u32)]),
+            ("tail too short", vec![r(n as u32), w(0, 3)]),
+            ("readable after writable", vec![w(0, 4), r(n as u32)]),
+            (
+                "readable outside guest ram",
+                vec![
+                    Desc {
+                        addr: ram_size,
+                        len: 20,
+                        write: false,
+                    },
+                    w(0, 4),
+                ],
+            ),
+            (
+                "writable outside guest ram",
+                vec![
+                    r(n as u32),
+                    Desc {
+                        addr: ram_size - 2,
+                        len: 4,
+                        write: true,
+                    },
+                ],
+            ),
+            (
+                "length wraps the address space",
+                vec![
+                    r(n as u32),
+                    Desc {
+                        addr: u64::MAX - 1,
+                        len: u32::MAX,
+                        write: true,
+                    },
+                ],
+            ),
+            ("too many writable descriptors", {
+                let mut v = vec![r(n as u32)];
+                v.extend((0..17).map(|i| w(i, 1)));
+                v
+            }),
+        ];
+        for (what, descs) in &unused {
+            for indirect in [false, true] {
+                vm.ram().write(scratch + 0x1000, &[0xee; 32]).unwrap();
+                let head = vm.push_chain(descs, indirect).unwrap();
+                vm.kick().unwrap();
+                let used = vm.wait_used(1, TIMEOUT).unwrap();
+                assert_eq!(used, vec![(head, 0)], "{mode:?} {what} indirect={indirect}");
+                let mut b = [0u8; 4];
+                vm.ram().read(scratch + 0x1000, &mut b).unwrap();
+                if *what != "readable after writable" {
+                    assert_eq!(b, [0xee; 4], "{what}: buffer must stay unwritten");
+                }
+            }
+        }
+        assert!(
+            d.state().0.is_empty(),
+            "{mode:?}: no abusive chain attached anything"
+        );
+        // Unknown type: used length 0 and the tail untouched.
+        vm.ram().write(scratch, &[0x42, 0, 0, 0]).unwrap();
+        vm.ram().write(scratch + 0x1000, &[0xee; 4]).unwrap();
+        let head = vm.push_chain(&[r(20), w(0, 4)], false).unwrap();
+        vm.kick().unwrap();
+        assert_eq!(vm.wait_used(1, TIMEOUT).unwrap(), vec![(head, 0)]);
+        let mut b = [0u8; 4];
+        vm.ram().read(scratch + 0x1000, &mut b).unwrap();
+        assert_eq!(b, [0xee; 4]);
+        // A request shorter than its type: INVAL in the tail.
+        vm.ram().write(scratch, &att[..n]).unwrap();
+        let head = vm.push_chain(&[r(12), w(0, 4)], false).unwrap();
+        vm.kick().unwrap();
+        assert_eq!(vm.wait_used(1, TIMEOUT).unwrap(), vec![(head, 4)]);
+        vm.ram().read(scratch + 0x1000, &mut b).unwrap();
+        assert_eq!(b[0], Status::Inval as u8);
+        // Legitimate but unusual layouts work: the request split over descriptors of 1, 0, 7 and
+        // 12 bytes, the tail over two, through an indirect table.
+        let split = vec![
+            Desc {
+                addr: scratch,
+                len: 1,
+                write: false,
+            },
+            Desc {
+                addr: scratch + 1,
+                len: 0,
+                write: false,
+            },
+            Desc {
+                addr: scratch + 1,
+                len: 7,
+                write: false,
+            },
+            Desc {
+                addr: scratch + 8,
+                len: 12,
+                write: false,
+            },
+            w(0, 1),
+            w(100, 3),
+        ];
+        for indirect in [false, true] {
+            vm.ram().write(scratch + 0x1000, &[0xee; 4]).unwrap();
+            vm.ram().write(scratch + 0x1000 + 100, &[0xee; 4]).unwrap();
+            let head = vm.push_chain(&split, indirect).unwrap();
+            vm.kick().unwrap();
+            assert_eq!(
+                vm.wait_used(1, TIMEOUT).unwrap(),
+                vec![(head, 4)],
+                "split indirect={indirect}"
+            );
+            let (mut a, mut c) = ([0u8; 1], [0u8; 3]);
+            vm.ram().read(scratch + 0x1000, &mut a).unwrap();
+            vm.ram().read(scratch + 0x1000 + 100, &mut c).unwrap();
+            assert_eq!((a, c), ([Status::Ok as u8], [0, 0, 0]));
+        }
+        // And the device still serves ordinary requests.
+        assert_eq!(
+            vm.request(&map(1, 0x1000, 0x1fff, 0x1000, RW)).unwrap(),
+            Status::Ok
+        );
+        assert!(
+            d.metrics
+                .malformed
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 14
+        );
+    }
+}
+
+#[test]
+fn device_reset_detaches_everything_and_keeps_bypass() {
+    let d = Daemon::start(Options::default());
+    let mut vm = d.connect();
+    vm.write_bypass(1).unwrap();
+    assert_eq!(
+        vm.batch(&[attach(1, 1), map(1, 0, 0xfff, 0, RW)]).unwrap(),
+        vec![Status::Ok; 2]
+    );
+    vm.reset_device().unwrap();
+    assert!(d.state().0.is_empty());
+    assert_eq!(d.backend_mappings(), 0);
+    assert_eq!(
+        d.soft.translate(EndpointId(1), 0x3000, false),
+        Ok(0x3000),
+        "bypass kept"
+    );
+    assert_eq!(vm.config().unwrap().bypass, 1);
+}
+
+#[test]
+fn restarting_the_rings_from_zero_is_a_device_reset() {
+    let d = Daemon::start(Options {
+        mode: Mode::Pipeline(2),
+        ..Options::default()
+    });
+    let mut vm = d.connect();
+    assert_eq!(
+        vm.batch(&[attach(1, 1), map(1, 0, 0xfff, 0, RW)]).unwrap(),
+        vec![Status::Ok; 2]
+    );
+    vm.reset_rings().unwrap();
+    assert_eq!(vm.request(&attach(5, 2)).unwrap(), Status::Ok);
+    let (domains, endpoints) = d.state();
+    assert_eq!(domains.iter().map(|d| d.id).collect::<Vec<_>>(), vec![5]);
+    assert_eq!(endpoints.iter().find(|e| e.id == 1).unwrap().domain, None);
+    assert_eq!(
+        d.soft.translate(EndpointId(1), 0, false),
+        Err(Fault::Blocked)
+    );
+}
+
+#[test]
+fn disconnect_tears_down_and_the_next_connection_starts_clean() {
+    for mode in [Mode::Inline, Mode::Pipeline(2)] {
+        let d = Daemon::start(Options {
+            mode,
+            ..Options::default()
+        });
+        for round in 0..3 {
+            let mut vm = d.connect();
+            assert_eq!(
+                vm.config().unwrap().bypass,
+                0,
+                "bypass restored on reconnect"
+            );
+            let reqs = [attach(1, 1), attach_bypass(2, 2), map(1, 0, 0xfff, 0, RW)];
+            assert_eq!(
+                vm.batch(&reqs).unwrap(),
+                vec![Status::Ok; 3],
+                "{mode:?} round {round}"
+            );
+            vm.write_bypass(1).unwrap();
+            vm.disconnect();
+            d.wait_until("teardown", |d| {
+                d.backend_mappings() == 0
+                    && ENDPOINTS
+                        .iter()
+                        .all(|&e| d.soft.translate(EndpointId(e), 0, false) == Err(Fault::Blocked))
+            });
+        }
+    }
+}
+
+#[test]
+fn writing_bypass_moves_unattached_endpoints_to_identity_and_back() {
+    let d = Daemon::start(Options::default());
+    let mut vm = d.connect();
+    assert_eq!(
+        d.soft.translate(EndpointId(3), 0x5000, true),
+        Err(Fault::Blocked)
+    );
+    vm.write_bypass(1).unwrap();
+    assert_eq!(vm.config().unwrap().bypass, 1);
+    assert_eq!(d.soft.translate(EndpointId(3), 0x5000, true), Ok(0x5000));
+    assert_eq!(vm.request(&attach(1, 3)).unwrap(), Status::Ok);
+    assert_eq!(
+        d.soft.translate(EndpointId(3), 0x5000, true),
+        Err(Fault::Unmapped)
+    );
+    vm.write_bypass(0).unwrap();
+    assert_eq!(
+        d.soft.translate(EndpointId(4), 0x5000, true),
+        Err(Fault::Blocked)
+    );
+}
+
+#[test]
+fn memory_regions_added_and_removed_at_runtime_govern_what_may_be_mapped() {
+    let d = Daemon::start(Options::default());
+    let mut vm = d.connect();
+    let extra = 1u64 << 32;
+    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    assert_eq!(
+        vm.request(&map(1, 0, 0xfff, extra, RW)).unwrap(),
+        Status::Fault
+    );
+    vm.add_region(extra, 2 << 20).unwrap();
+    assert_eq!(
+        vm.request(&map(1, 0, 0xfff, extra, RW)).unwrap(),
+        Status::Ok
+    );
+    assert_eq!(
+        vm.request(&map(1, 0x1000, 0x1fff, 0x1000, RW)).unwrap(),
+        Status::Ok
+    );
+    vm.remove_region(extra).unwrap();
+    assert_eq!(
+        d.soft.translate(EndpointId(1), 0, false),
+        Err(Fault::Unmapped),
+        "torn down"
+    );
+    assert_eq!(
+        d.soft.translate(EndpointId(1), 0x1000, false),
+        Ok(0x1000),
+        "kept"
+    );
+    assert_eq!(d.state().0[0].mappings.len(), 1);
+}
+
+#[test]
+fn backend_failures_reach_the_guest_as_statuses_and_roll_back() {
+    let d = Daemon::start(Options::default());
+    let mut vm = d.connect();
+    d.faults.fail(Op::CreateDomain, 0, 1, libc::ENOMEM);
+    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::NoMem);
+    assert!(d.state().0.is_empty());
+    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    d.faults.fail(Op::Map, 0, 1, libc::EFAULT);
+    assert_eq!(vm.request(&map(1, 0, 0xfff, 0, RW)).unwrap(), Status::Fault);
+    assert_eq!(d.backend_mappings(), 0);
+    assert!(d.state().0[0].mappings.is_empty());
+}
+
+#[test]
+fn resource_caps_answer_nomem_and_leave_other_domains_working() {
+    let d = Daemon::start(Options {
+        mode: Mode::Pipeline(2),
+        limits: Limits {
+            max_domains: 3,
+            max_mappings_per_domain: 50,
+            max_mappings_total: 80,
+        },
+        ..Options::default()
+    });
+    let mut vm = d.connect();
+    assert_eq!(
+        vm.batch(&[attach(1, 1), attach(2, 2)]).unwrap(),
+        vec![Status::Ok; 2]
+    );
+    let flood: Vec<Request> = (0..60u64)
+        .map(|i| map(1, i << 12, (i << 12) + 0xfff, 0, RW))
+        .collect();
+    let st = vm.batch(&flood).unwrap();
+    assert_eq!(st.iter().filter(|&&s| s == Status::Ok).count(), 50);
+    assert!(st[50..].iter().all(|&s| s == Status::NoMem));
+    assert_eq!(vm.request(&map(2, 0, 0xfff, 0, RW)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&attach(3, 3)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&attach(4, 4)).unwrap(), Status::NoMem);
+}
+
+#[test]
+fn the_device_offers_the_features_the_linux_driver_needs() {
+    let d = Daemon::start(Options::default());
+    let vm = d.connect();
+    let f = vm.device_features();
+    for (name, bit) in [
+        ("MAP_UNMAP", features::MAP_UNMAP),
+        ("PROBE", features::PROBE),
+        ("BYPASS_CONFIG", features::BYPASS_CONFIG),
+        ("INPUT_RANGE", features::INPUT_RANGE),
+        ("DOMAIN_RANGE", features::DOMAIN_RANGE),
+        ("VERSION_1", 1 << 32),
+    ] {
+        assert_ne!(f & bit, 0, "{name} missing");
+    }
+    assert_eq!(
+        f & features::BYPASS,
+        0,
+        "legacy BYPASS must not be offered with BYPASS_CONFIG"
+    );
+    assert_eq!(f & features::MMIO, 0, "MMIO mappings are not implemented");
+}
