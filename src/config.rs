@@ -60,6 +60,8 @@ pub struct VmConfig {
     /// Executor threads; 0 runs requests in the vring thread.
     pub threads: Option<usize>,
     pub probe_size: Option<u32>,
+    /// Polling window of the vring thread in microseconds (0 disables polling).
+    pub poll_us: Option<u64>,
     pub limits: Option<LimitsConfig>,
     /// The virtio-iommu device's PCI address in the guest, e.g. "00:03.0" (for the VIOT table).
     pub iommu_guest_pci: Option<String>,

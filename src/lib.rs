@@ -8,8 +8,10 @@
 //! [`backend::DmaBackend`]; the tail goes back through [`vhost`].
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod control;
+pub mod deploy;
 pub mod domains;
 pub mod driver;
 pub mod guest_ram;
@@ -18,5 +20,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod protocol;
 pub mod server;
+pub mod testing;
+pub mod vfio;
 pub mod vhost;
 pub mod viot;

@@ -57,6 +57,10 @@ struct ServeArgs {
     /// Translation backend.
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
+    /// After answering, keep watching the request ring this many microseconds for the next
+    /// request before sleeping until a kick (0 disables polling).
+    #[arg(long)]
+    poll_us: Option<u64>,
     /// Serve this endpoint id (repeatable); overrides the config file's endpoint ids.
     #[arg(long = "endpoint")]
     endpoints: Vec<u32>,
@@ -73,8 +77,49 @@ struct ServeArgs {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Measure the daemon end to end over a real socket against baselines from the same run.
+    Bench(BenchArgs),
     /// Write the ACPI VIOT table that tells the guest which endpoints sit behind the IOMMU.
     Viot(ViotArgs),
+    /// Check a per-VM config and the host (iommufd, VFIO devices, IOMMU groups, memlock).
+    Check(vhost_user_iommu::deploy::CheckArgs),
+    /// Print the VMs whose configs list a device (for the udev rule); exit 1 if none.
+    UdevLookup(vhost_user_iommu::deploy::UdevLookupArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Translation backend to measure (only soft in this build).
+    #[arg(long, value_enum, default_value = "soft")]
+    backend: BackendKind,
+    /// Executor modes to measure; `both` measures inline and the pipeline.
+    #[arg(long, value_enum, default_value = "both")]
+    mode: BenchMode,
+    /// Executor threads of the pipeline mode.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Polling window of the vring thread in microseconds (default: the daemon's default).
+    #[arg(long)]
+    poll_us: Option<u64>,
+    /// Rounds per workload (each round is one MAP/UNMAP cycle of the pattern).
+    #[arg(long, default_value_t = 20000)]
+    rounds: usize,
+    /// Only workloads whose name contains this.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Print one JSON object per measurement instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Draw the latency distributions into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BenchMode {
+    Inline,
+    Pipeline,
+    Both,
 }
 
 #[derive(Args, Debug)]
@@ -103,7 +148,10 @@ fn main() -> ExitCode {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
     let result = match cli.command {
+        Some(Command::Check(a)) => return vhost_user_iommu::deploy::check_command(a),
+        Some(Command::UdevLookup(a)) => return vhost_user_iommu::deploy::udev_lookup_command(a),
         Some(Command::Viot(a)) => write_viot(a),
+        Some(Command::Bench(a)) => bench(a),
         None => run(cli.serve),
     };
     match result {
@@ -113,6 +161,78 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn bench(a: BenchArgs) -> Result<(), String> {
+    use std::io::IsTerminal;
+    use vhost_user_iommu::bench::{self, report};
+    if a.backend != BackendKind::Soft {
+        return Err("only --backend soft can be benchmarked in this build".into());
+    }
+    if a.rounds == 0 || a.threads == 0 {
+        return Err("--rounds and --threads must be at least 1".into());
+    }
+    let mut modes = Vec::new();
+    if a.mode != BenchMode::Pipeline {
+        modes.push(Mode::Inline);
+    }
+    if a.mode != BenchMode::Inline {
+        modes.push(Mode::Pipeline(a.threads));
+    }
+    let wls: Vec<_> = bench::workloads()
+        .into_iter()
+        .filter(|w| {
+            a.filter
+                .as_ref()
+                .is_none_or(|f| w.name.contains(f.as_str()))
+        })
+        .collect();
+    if wls.is_empty() {
+        return Err("no workload matches --filter".into());
+    }
+    let total = wls.len() * (1 + modes.len());
+    let progress = std::io::stderr().is_terminal();
+    let mut results = Vec::new();
+    for w in &wls {
+        let step = |what: &str, done: usize| {
+            if progress {
+                let bar: String = (0..30)
+                    .map(|i| if i * total < done * 30 { '#' } else { '.' })
+                    .collect();
+                eprint!("\r[{bar}] {done}/{total} {:<16} {what:<12}", w.name);
+            }
+        };
+        step("raw", results.len());
+        results.push(bench::run_raw(w, a.rounds));
+        for &m in &modes {
+            step(
+                if m == Mode::Inline {
+                    "inline"
+                } else {
+                    "pipeline"
+                },
+                results.len(),
+            );
+            let poll = a
+                .poll_us
+                .map(std::time::Duration::from_micros)
+                .unwrap_or(vhost_user_iommu::vhost::DEFAULT_POLL);
+            results.push(bench::run_socket(w, m, poll, a.rounds).map_err(|e| e.to_string())?);
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    if a.json {
+        print!("{}", report::json(&results, "soft"));
+    } else {
+        print!("{}", report::table(&results));
+    }
+    if let Some(p) = &a.plot {
+        std::fs::write(p, report::svg(&results))
+            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    Ok(())
 }
 
 fn write_viot(a: ViotArgs) -> Result<(), String> {
@@ -231,6 +351,11 @@ fn run(a: ServeArgs) -> Result<(), String> {
         boot_bypass,
         rules,
         mode,
+        poll: a
+            .poll_us
+            .or(cfg.poll_us)
+            .map(std::time::Duration::from_micros)
+            .unwrap_or(vhost_user_iommu::vhost::DEFAULT_POLL),
     };
     let stopper = Arc::new(Stopper::default());
     handle_signals(stopper.clone()).map_err(|e| format!("cannot install signal handling: {e}"))?;

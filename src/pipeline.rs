@@ -36,7 +36,7 @@ use crate::ids::{DomainId, EndpointId};
 use crate::protocol::Request;
 
 /// Where requests execute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Mode {
     /// In the vring thread.
     Inline,

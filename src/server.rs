@@ -108,6 +108,9 @@ pub fn serve(
         match daemon.wait() {
             Ok(()) => info!("VMM disconnected"),
             Err(e) if stopper.stopped() => info!("connection closed for shutdown: {e}"),
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("VMM disconnected"),
             Err(e) => warn!("connection ended with an error: {e}"),
         }
         *stopper.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;

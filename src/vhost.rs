@@ -46,6 +46,9 @@ const MAX_WRITABLE_SEGMENTS: usize = 16;
 /// Largest virtqueue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
+/// Default polling window of the vring thread after each answer (see `DeviceSettings::poll`).
+pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// Everything the device needs to know about the VM it serves; fixed for the daemon's life.
 #[derive(Clone, Debug)]
 pub struct DeviceSettings {
@@ -53,6 +56,9 @@ pub struct DeviceSettings {
     pub boot_bypass: bool,
     pub rules: Rules,
     pub mode: Mode,
+    /// How long the vring thread keeps watching the ring for the next request after answering
+    /// one, before it goes back to waiting for a kick (0: never).
+    pub poll: std::time::Duration,
 }
 
 /// Where a request's device-writable bytes are: guest-physical segments in chain order.
@@ -512,6 +518,16 @@ impl IommuDevice {
                 }
             }
             dispatcher.poll(&mut |c| a.complete(c));
+            // The guest busy-waits for its answer: let it see it now, then watch the ring for
+            // its next request for a short window (kicks stay suppressed meanwhile), which
+            // saves both the guest's kick and our wake-up when requests come back to back.
+            if a.used {
+                signal(vring);
+                a.used = false;
+            }
+            if self.poll_for_work(vring, &mem, dispatcher, &mut a) {
+                continue;
+            }
             if !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
@@ -520,6 +536,45 @@ impl IommuDevice {
             signal(vring);
         }
         Ok(())
+    }
+
+    /// Spins for up to the configured window until the guest adds a request or an executor
+    /// completes one; true if there is new work on the ring.
+    fn poll_for_work(
+        &self,
+        vring: &VringRwLock,
+        mem: &MemGuard,
+        dispatcher: &mut Dispatcher,
+        a: &mut Answerer<'_>,
+    ) -> bool {
+        let window = self.0.settings.poll;
+        if window.is_zero() && dispatcher.in_flight() == 0 {
+            return false;
+        }
+        let start = Instant::now();
+        loop {
+            if dispatcher.in_flight() > 0 {
+                dispatcher.poll(&mut |c| a.complete(c));
+                if a.used {
+                    signal(vring);
+                    a.used = false;
+                }
+            }
+            let pending = {
+                let g = vring.get_ref();
+                let q = g.get_queue();
+                q.avail_idx(&**mem, std::sync::atomic::Ordering::Acquire)
+                    .map(|i| i.0 != q.next_avail())
+                    .unwrap_or(false)
+            };
+            if pending {
+                return true;
+            }
+            if start.elapsed() >= window {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     fn process_completions(&self) {

@@ -7,6 +7,7 @@
 //! operations (attach, unattached state, RAM changes) go through the shared [`DmaBackend`].
 
 pub mod fault;
+pub mod iommufd;
 pub mod soft;
 
 use crate::guest_ram::{GuestRam, HostLocation};

@@ -250,6 +250,11 @@ impl TestVm {
         for q in [REQUEST_QUEUE, EVENT_QUEUE] {
             let ring = self.layout.rings[q];
             let vq = Virtqueue::new(&self.ram, ring, event_idx)?;
+            if q == REQUEST_QUEUE && !event_idx {
+                // Like the Linux driver, whose request queue has no callback: it polls the used
+                // ring and asks for no interrupt (VRING_AVAIL_F_NO_INTERRUPT).
+                self.ram.write(ring.avail, &1u16.to_le_bytes())?;
+            }
             let mut queue = Queue {
                 vq,
                 kick: EventFd::new(libc::EFD_NONBLOCK).map_err(DriverError::io("kick eventfd"))?,
@@ -587,7 +592,8 @@ impl TestVm {
             let wlen = self.writable_len(r);
             heads.push(self.push(&bytes[..n], wlen)?);
         }
-        self.kick()?;
+        // virtqueue_kick(): no notification while the device said it is polling.
+        self.kick_if_needed()?;
         Ok(heads)
     }
 

@@ -1,0 +1,1353 @@
+//! The kernel backend: iommufd IOASes and VFIO cdev attachments.
+//!
+//! One VM's devices (VFIO cdevs, `/dev/vfio/devices/vfioN`) are bound to one `/dev/iommu`
+//! context. Every guest paging domain is an IOAS ([`HwDomain`]: `IOMMU_IOAS_ALLOC`, `MAP` /
+//! `MAP_FILE`, `UNMAP`, `IOMMU_DESTROY` on drop); one shared *identity* IOAS holds all guest RAM
+//! at IOVA = GPA and serves [`Attachment::Identity`] (bypass). An endpoint is pointed at an IOAS
+//! with `VFIO_DEVICE_ATTACH_IOMMUFD_PT` (a second attach replaces the first atomically, so DMA
+//! never sees an intermediate state) and blocked with `VFIO_DEVICE_DETACH_IOMMUFD_PT` (a bound but
+//! unattached device sits in the kernel's blocking domain).
+//!
+//! Design points:
+//! - **Mapping source.** A mapping names guest memory twice ([`MapOp::host`]): the daemon's own
+//!   VA of it and (for memfd-backed RAM) the file id and offset. When the kernel has
+//!   `IOMMU_IOAS_MAP_FILE` (probed once in [`IommufdBackend::open`]) it is used with the region's
+//!   memfd, so the pinning does not depend on the daemon's mapping staying in place; otherwise
+//!   `IOMMU_IOAS_MAP` by user VA. The backing files come from the RAM table the backend got in
+//!   [`DmaBackend::set_ram`]; domains share it through an `Arc` and re-read it only when its
+//!   generation counter moved, so the map path takes no lock in the common case.
+//! - **Mappings without permissions.** The kernel refuses a map with neither READABLE nor
+//!   WRITEABLE (EINVAL), but virtio-iommu allows such a MAP (the device may then not access the
+//!   range at all). The domain records it without calling the kernel: the IOVA stays
+//!   unmapped, so any DMA to it faults, exactly what the mapping means; UNMAP of it forgets it.
+//! - **Constraints** (granule, input range, reserved regions) are read once in `open`, with every
+//!   device attached to a scratch IOAS (`IOMMU_IOAS_IOVA_RANGES` narrows as devices attach), and
+//!   converted by [`constraints_from_ranges`].
+//! - **Destroying an attached domain.** The domain model detaches before it destroys, but if a
+//!   domain is dropped while an endpoint still points at it (the kernel would refuse with EBUSY)
+//!   those endpoints are blocked first, like the soft backend does.
+//! - **RLIMIT_MEMLOCK.** Pinned pages are charged to the daemon user's RLIMIT_MEMLOCK unless it
+//!   has CAP_IPC_LOCK, once per IOAS that maps them. An ENOMEM from a map therefore names the
+//!   limit and how much this backend has pinned.
+//!
+//! Every ioctl goes through [`sys`]: one `#[repr(C)]` struct per request, transcribed from the
+//! uAPI headers (`include/uapi/linux/iommufd.h`, `vfio.h`), tied to its request number by a
+//! trait, issued by one function that returns the errno.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{debug, error, info, warn};
+
+use super::{Attachment, BackendError, DmaBackend, HostConstraints, HwDomain, MapOp, Result};
+use crate::guest_ram::GuestRam;
+use crate::ids::{EndpointId, IovaRange, Perms};
+use crate::protocol::{ResvKind, ResvMem};
+
+/// The x86 MSI doorbell window, always reported to the guest as RESV_MEM MSI.
+pub const X86_MSI_WINDOW: (u64, u64) = (0xfee0_0000, 0xfeef_ffff);
+
+/// The iommufd character device.
+pub const IOMMUFD_NODE: &str = "/dev/iommu";
+
+/// The smallest granule ever advertised (the host page size on x86).
+const MIN_GRANULE: u64 = 4096;
+
+/// Why the backend could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum IommufdError {
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{ioctl} on {what} failed: {}", std::io::Error::from_raw_os_error(*errno))]
+    Ioctl {
+        ioctl: &'static str,
+        what: String,
+        errno: i32,
+    },
+    #[error("endpoint {0} is listed twice")]
+    DuplicateEndpoint(u32),
+    #[error("the kernel reports no usable IOVA range for the devices ({0})")]
+    NoIovaRange(String),
+    #[error("{0}")]
+    Constraints(String),
+}
+
+impl IommufdError {
+    /// The errno, when the failure came from the kernel.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            IommufdError::Open { source, .. } => source.raw_os_error(),
+            IommufdError::Ioctl { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+}
+
+/// How mappings reach the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapPath {
+    /// `IOMMU_IOAS_MAP_FILE` from the region's memfd.
+    File,
+    /// `IOMMU_IOAS_MAP` from the daemon's mapping of guest RAM.
+    UserVa,
+}
+
+/// A VFIO device region (BAR, config space) as `VFIO_DEVICE_GET_REGION_INFO` describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionInfo {
+    pub flags: u32,
+    pub size: u64,
+    /// Offset of the region in the device fd (for pread/pwrite/mmap).
+    pub offset: u64,
+}
+
+/// The raw uAPI: structs, request numbers and the one ioctl entry point.
+pub mod sys {
+    use std::mem::size_of;
+    use std::os::fd::{AsRawFd, BorrowedFd};
+
+    use libc::c_ulong;
+
+    /// An errno from a failed ioctl, with the request's name.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Errno {
+        pub name: &'static str,
+        pub errno: i32,
+    }
+
+    /// `_IO(type, nr)`: iommufd and VFIO requests carry their size in the struct, not the number.
+    const fn io(ty: u8, nr: u8) -> c_ulong {
+        ((ty as c_ulong) << 8) | nr as c_ulong
+    }
+    /// `IOMMUFD_TYPE` and `VFIO_TYPE`.
+    const TYPE: u8 = b';';
+    /// `VFIO_BASE`.
+    const VFIO_BASE: u8 = 100;
+
+    pub const IOMMU_IOAS_MAP_FIXED_IOVA: u32 = 1 << 0;
+    pub const IOMMU_IOAS_MAP_WRITEABLE: u32 = 1 << 1;
+    pub const IOMMU_IOAS_MAP_READABLE: u32 = 1 << 2;
+
+    pub const VFIO_REGION_INFO_FLAG_READ: u32 = 1 << 0;
+    pub const VFIO_REGION_INFO_FLAG_WRITE: u32 = 1 << 1;
+    pub const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+    pub const VFIO_PCI_BAR0_REGION_INDEX: u32 = 0;
+    pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
+
+    /// An ioctl argument struct.
+    ///
+    /// # Safety
+    /// The implementor must be `#[repr(C)]` with exactly the layout the kernel defines for `REQ`,
+    /// and every bit pattern the kernel may write back must be valid for it (plain integers).
+    pub unsafe trait IoctlArg {
+        const REQ: c_ulong;
+        const NAME: &'static str;
+    }
+
+    /// Issues `T::REQ` on `fd` with `arg`.
+    pub fn ioctl<T: IoctlArg>(fd: BorrowedFd<'_>, arg: &mut T) -> Result<(), Errno> {
+        // SAFETY: `arg` is an exclusive reference to a live `T` whose `IoctlArg` impl guarantees
+        // the layout the kernel reads and writes for `T::REQ`; the kernel accesses at most the
+        // struct (its size/argsz field says how much) and, for requests that carry a user
+        // pointer, memory the caller made valid for the call; nothing is retained afterwards.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), T::REQ as _, arg as *mut T) };
+        if rc < 0 {
+            return Err(Errno {
+                name: T::NAME,
+                errno: std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+            });
+        }
+        Ok(())
+    }
+
+    /// The struct's size for its leading `size` / `argsz` field.
+    pub fn size32<T>() -> u32 {
+        u32::try_from(size_of::<T>()).expect("uAPI structs are small")
+    }
+
+    macro_rules! arg {
+        ($ty:ident, $req:expr, $name:literal) => {
+            // SAFETY: the struct below is a field-by-field `#[repr(C)]` transcription of the uAPI
+            // struct of this request (u64 fields are `__aligned_u64`, naturally aligned on the
+            // 64-bit targets this builds for), made only of integers.
+            unsafe impl IoctlArg for $ty {
+                const REQ: c_ulong = $req;
+                const NAME: &'static str = $name;
+            }
+        };
+    }
+
+    /// `struct iommu_destroy`
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct IommuDestroy {
+        pub size: u32,
+        pub id: u32,
+    }
+    arg!(IommuDestroy, io(TYPE, 0x80), "IOMMU_DESTROY");
+
+    /// `struct iommu_ioas_alloc`
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct IommuIoasAlloc {
+        pub size: u32,
+        pub flags: u32,
+        pub out_ioas_id: u32,
+    }
+    arg!(IommuIoasAlloc, io(TYPE, 0x81), "IOMMU_IOAS_ALLOC");
+
+    /// `struct iommu_iova_range`
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct IommuIovaRange {
+        pub start: u64,
+        pub last: u64,
+    }
+
+    /// `struct iommu_ioas_iova_ranges`
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct IommuIoasIovaRanges {
+        pub size: u32,
+        pub ioas_id: u32,
+        pub num_iovas: u32,
+        pub reserved: u32,
+        /// User pointer to `num_iovas` `IommuIovaRange`s.
+        pub allowed_iovas: u64,
+        pub out_iova_alignment: u64,
+    }
+    arg!(
+        IommuIoasIovaRanges,
+        io(TYPE, 0x84),
+        "IOMMU_IOAS_IOVA_RANGES"
+    );
+
+    /// `struct iommu_ioas_map`
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct IommuIoasMap {
+        pub size: u32,
+        pub flags: u32,
+        pub ioas_id: u32,
+        pub reserved: u32,
+        pub user_va: u64,
+        pub length: u64,
+        pub iova: u64,
+    }
+    arg!(IommuIoasMap, io(TYPE, 0x85), "IOMMU_IOAS_MAP");
+
+    /// `struct iommu_ioas_unmap`
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct IommuIoasUnmap {
+        pub size: u32,
+        pub ioas_id: u32,
+        pub iova: u64,
+        pub length: u64,
+    }
+    arg!(IommuIoasUnmap, io(TYPE, 0x86), "IOMMU_IOAS_UNMAP");
+
+    /// `struct iommu_ioas_map_file`
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct IommuIoasMapFile {
+        pub size: u32,
+        pub flags: u32,
+        pub ioas_id: u32,
+        pub fd: i32,
+        pub start: u64,
+        pub length: u64,
+        pub iova: u64,
+    }
+    arg!(IommuIoasMapFile, io(TYPE, 0x8f), "IOMMU_IOAS_MAP_FILE");
+
+    /// `struct vfio_region_info` (no capability chain: `argsz` is exactly this struct).
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct VfioRegionInfo {
+        pub argsz: u32,
+        pub flags: u32,
+        pub index: u32,
+        pub cap_offset: u32,
+        pub size: u64,
+        pub offset: u64,
+    }
+    arg!(
+        VfioRegionInfo,
+        io(TYPE, VFIO_BASE + 8),
+        "VFIO_DEVICE_GET_REGION_INFO"
+    );
+
+    /// `struct vfio_device_bind_iommufd`
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct VfioDeviceBindIommufd {
+        pub argsz: u32,
+        pub flags: u32,
+        pub iommufd: i32,
+        pub out_devid: u32,
+        /// Read only with VFIO_DEVICE_BIND_FLAG_TOKEN (not used).
+        pub token_uuid_ptr: u64,
+    }
+    arg!(
+        VfioDeviceBindIommufd,
+        io(TYPE, VFIO_BASE + 18),
+        "VFIO_DEVICE_BIND_IOMMUFD"
+    );
+
+    /// `struct vfio_device_attach_iommufd_pt`
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct VfioDeviceAttachIommufdPt {
+        pub argsz: u32,
+        pub flags: u32,
+        pub pt_id: u32,
+        /// Read only with VFIO_DEVICE_ATTACH_PASID (not used).
+        pub pasid: u32,
+    }
+    arg!(
+        VfioDeviceAttachIommufdPt,
+        io(TYPE, VFIO_BASE + 19),
+        "VFIO_DEVICE_ATTACH_IOMMUFD_PT"
+    );
+
+    /// `struct vfio_device_detach_iommufd_pt`
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct VfioDeviceDetachIommufdPt {
+        pub argsz: u32,
+        pub flags: u32,
+        /// Read only with VFIO_DEVICE_DETACH_PASID (not used).
+        pub pasid: u32,
+    }
+    arg!(
+        VfioDeviceDetachIommufdPt,
+        io(TYPE, VFIO_BASE + 20),
+        "VFIO_DEVICE_DETACH_IOMMUFD_PT"
+    );
+
+    // Typed wrappers: the only callers of `ioctl`.
+
+    pub fn ioas_alloc(iommufd: BorrowedFd<'_>) -> Result<u32, Errno> {
+        let mut a = IommuIoasAlloc {
+            size: size32::<IommuIoasAlloc>(),
+            ..Default::default()
+        };
+        ioctl(iommufd, &mut a)?;
+        Ok(a.out_ioas_id)
+    }
+
+    pub fn destroy(iommufd: BorrowedFd<'_>, id: u32) -> Result<(), Errno> {
+        let mut a = IommuDestroy {
+            size: size32::<IommuDestroy>(),
+            id,
+        };
+        ioctl(iommufd, &mut a)
+    }
+
+    /// Allowed IOVA ranges (inclusive) and the minimum IOVA alignment of an IOAS.
+    pub fn ioas_iova_ranges(
+        iommufd: BorrowedFd<'_>,
+        ioas_id: u32,
+    ) -> Result<(Vec<IommuIovaRange>, u64), Errno> {
+        let mut ranges = vec![IommuIovaRange::default(); 8];
+        loop {
+            let mut a = IommuIoasIovaRanges {
+                size: size32::<IommuIoasIovaRanges>(),
+                ioas_id,
+                num_iovas: u32::try_from(ranges.len()).expect("small"),
+                allowed_iovas: ranges.as_mut_ptr() as u64,
+                ..Default::default()
+            };
+            // The kernel writes at most `num_iovas` elements into `ranges`, which stays alive
+            // and unmoved for the call.
+            match ioctl(iommufd, &mut a) {
+                Ok(()) => {
+                    ranges.truncate(a.num_iovas as usize);
+                    return Ok((ranges, a.out_iova_alignment));
+                }
+                Err(e) if e.errno == libc::EMSGSIZE && a.num_iovas as usize > ranges.len() => {
+                    ranges.resize(a.num_iovas as usize, IommuIovaRange::default());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn ioas_map(
+        iommufd: BorrowedFd<'_>,
+        ioas_id: u32,
+        iova: u64,
+        user_va: u64,
+        length: u64,
+        flags: u32,
+    ) -> Result<(), Errno> {
+        let mut a = IommuIoasMap {
+            size: size32::<IommuIoasMap>(),
+            flags: flags | IOMMU_IOAS_MAP_FIXED_IOVA,
+            ioas_id,
+            user_va,
+            length,
+            iova,
+            ..Default::default()
+        };
+        ioctl(iommufd, &mut a)
+    }
+
+    pub fn ioas_map_file(
+        iommufd: BorrowedFd<'_>,
+        ioas_id: u32,
+        iova: u64,
+        file: BorrowedFd<'_>,
+        start: u64,
+        length: u64,
+        flags: u32,
+    ) -> Result<(), Errno> {
+        let mut a = IommuIoasMapFile {
+            size: size32::<IommuIoasMapFile>(),
+            flags: flags | IOMMU_IOAS_MAP_FIXED_IOVA,
+            ioas_id,
+            fd: file.as_raw_fd(),
+            start,
+            length,
+            iova,
+        };
+        ioctl(iommufd, &mut a)
+    }
+
+    /// Unmaps `[iova, iova + length)`; returns how many bytes the kernel unmapped.
+    pub fn ioas_unmap(
+        iommufd: BorrowedFd<'_>,
+        ioas_id: u32,
+        iova: u64,
+        length: u64,
+    ) -> Result<u64, Errno> {
+        let mut a = IommuIoasUnmap {
+            size: size32::<IommuIoasUnmap>(),
+            ioas_id,
+            iova,
+            length,
+        };
+        ioctl(iommufd, &mut a)?;
+        Ok(a.length)
+    }
+
+    /// Binds a VFIO cdev to an iommufd; returns the device id.
+    pub fn bind_iommufd(dev: BorrowedFd<'_>, iommufd: BorrowedFd<'_>) -> Result<u32, Errno> {
+        let mut a = VfioDeviceBindIommufd {
+            argsz: size32::<VfioDeviceBindIommufd>(),
+            iommufd: iommufd.as_raw_fd(),
+            ..Default::default()
+        };
+        ioctl(dev, &mut a)?;
+        Ok(a.out_devid)
+    }
+
+    pub fn attach_pt(dev: BorrowedFd<'_>, pt_id: u32) -> Result<(), Errno> {
+        let mut a = VfioDeviceAttachIommufdPt {
+            argsz: size32::<VfioDeviceAttachIommufdPt>(),
+            pt_id,
+            ..Default::default()
+        };
+        ioctl(dev, &mut a)
+    }
+
+    pub fn detach_pt(dev: BorrowedFd<'_>) -> Result<(), Errno> {
+        let mut a = VfioDeviceDetachIommufdPt {
+            argsz: size32::<VfioDeviceDetachIommufdPt>(),
+            ..Default::default()
+        };
+        ioctl(dev, &mut a)
+    }
+
+    pub fn region_info(dev: BorrowedFd<'_>, index: u32) -> Result<VfioRegionInfo, Errno> {
+        let mut a = VfioRegionInfo {
+            argsz: size32::<VfioRegionInfo>(),
+            index,
+            ..Default::default()
+        };
+        ioctl(dev, &mut a)?;
+        Ok(a)
+    }
+}
+
+/// Turns what `IOMMU_IOAS_IOVA_RANGES` reported into what the guest is told: the granule from
+/// `out_iova_alignment` (at least 4 KiB), the input range spanning the allowed ranges (trimmed to
+/// whole granules), every hole between them as RESV_MEM RESERVED (minus the MSI window) and the
+/// x86 MSI window as RESV_MEM MSI.
+pub fn constraints_from_ranges(
+    ranges: &[(u64, u64)],
+    alignment: u64,
+) -> std::result::Result<HostConstraints, String> {
+    let granule = alignment
+        .max(MIN_GRANULE)
+        .checked_next_power_of_two()
+        .ok_or_else(|| format!("IOVA alignment {alignment:#x} is not a page size"))?;
+    let mut sorted: Vec<(u64, u64)> = ranges.to_vec();
+    sorted.sort_unstable();
+    for &(s, l) in &sorted {
+        if l < s {
+            return Err(format!("IOVA range {s:#x}..={l:#x} is reversed"));
+        }
+    }
+    for w in sorted.windows(2) {
+        if w[1].0 <= w[0].1 {
+            return Err(format!(
+                "IOVA ranges {:#x}..={:#x} and {:#x}..={:#x} overlap",
+                w[0].0, w[0].1, w[1].0, w[1].1
+            ));
+        }
+    }
+    let (Some(first), Some(last)) = (sorted.first(), sorted.last()) else {
+        return Err("no allowed IOVA range".into());
+    };
+    let mask = granule - 1;
+    let start = first
+        .0
+        .checked_add(mask)
+        .map(|s| s & !mask)
+        .ok_or("input range start overflows")?;
+    let end = match last.1.checked_add(1) {
+        None => u64::MAX,
+        Some(e) => (e & !mask)
+            .checked_sub(1)
+            .ok_or("input range is smaller than a granule")?,
+    };
+    let input_range = IovaRange::new(start, end)
+        .ok_or_else(|| format!("allowed IOVAs hold no whole {granule:#x}-byte page"))?;
+
+    let msi = (X86_MSI_WINDOW.0, X86_MSI_WINDOW.1);
+    let mut reserved = Vec::new();
+    for w in sorted.windows(2) {
+        let (hs, he) = (w[0].1 + 1, w[1].0 - 1);
+        // Split the hole around the MSI window, which is reported with its own type.
+        if he < msi.0 || hs > msi.1 {
+            reserved.push((hs, he));
+        } else {
+            if hs < msi.0 {
+                reserved.push((hs, msi.0 - 1));
+            }
+            if he > msi.1 {
+                reserved.push((msi.1 + 1, he));
+            }
+        }
+    }
+    let mut out: Vec<ResvMem> = reserved
+        .into_iter()
+        .map(|(start, end)| ResvMem {
+            kind: ResvKind::Reserved,
+            start,
+            end,
+        })
+        .collect();
+    out.push(ResvMem {
+        kind: ResvKind::Msi,
+        start: msi.0,
+        end: msi.1,
+    });
+    out.sort_by_key(|r| r.start);
+    Ok(HostConstraints {
+        page_size_mask: !mask,
+        input_range,
+        reserved: out,
+    })
+}
+
+/// The error text for an ENOMEM from a map: which limit, how much is needed.
+fn memlock_hint(pinned: u64, len: u64) -> String {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    let limit = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rl) } == 0 {
+        if rl.rlim_cur == libc::RLIM_INFINITY {
+            "unlimited".to_string()
+        } else {
+            format!("{} bytes", rl.rlim_cur)
+        }
+    } else {
+        "unknown".to_string()
+    };
+    format!(
+        "ENOMEM pinning {len:#x} bytes: RLIMIT_MEMLOCK (now {limit}) must be at least {} bytes \
+         ({pinned:#x} already pinned by this backend + this mapping; every IOAS pins guest RAM \
+         separately): raise it (ulimit -l, systemd LimitMEMLOCK=) or grant CAP_IPC_LOCK",
+        pinned.saturating_add(len)
+    )
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its state consistent before anything that can panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Device {
+    path: PathBuf,
+    file: File,
+    dev_id: u32,
+}
+
+/// `(file id and offset, host VA)`: what makes two RAM regions the same memory.
+type MemoryKey = (Option<((u64, u64), u64)>, u64);
+
+/// One region of guest RAM in the identity IOAS: the same pages keep their mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct IdentityEntry {
+    gpa: IovaRange,
+    key: MemoryKey,
+}
+
+struct Topo {
+    attachments: HashMap<EndpointId, Attachment>,
+    identity: Vec<IdentityEntry>,
+}
+
+struct Shared {
+    iommufd: File,
+    devices: BTreeMap<EndpointId, Device>,
+    identity_id: u32,
+    topo: Mutex<Topo>,
+    ram: Mutex<Arc<GuestRam>>,
+    ram_gen: AtomicU64,
+    map_file_supported: bool,
+    use_map_file: AtomicBool,
+    /// Live paging IOASes (ids), for tests and leak checks.
+    domains: Mutex<BTreeMap<u32, ()>>,
+    pinned: AtomicU64,
+    maps_file: AtomicU64,
+    maps_va: AtomicU64,
+}
+
+impl Shared {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.iommufd.as_fd()
+    }
+
+    fn path(&self, from_file: bool) -> MapPath {
+        if from_file && self.map_file_supported && self.use_map_file.load(Ordering::Relaxed) {
+            MapPath::File
+        } else {
+            MapPath::UserVa
+        }
+    }
+
+    /// Maps `len` bytes at `iova` from RAM table `ram`: by file when possible, else by VA.
+    fn map(
+        &self,
+        ram: &GuestRam,
+        ioas: u32,
+        iova: u64,
+        len: u64,
+        host: &crate::guest_ram::HostLocation,
+        perms: Perms,
+    ) -> std::result::Result<MapPath, sys::Errno> {
+        let mut flags = 0;
+        if perms.read {
+            flags |= sys::IOMMU_IOAS_MAP_READABLE;
+        }
+        if perms.write {
+            flags |= sys::IOMMU_IOAS_MAP_WRITEABLE;
+        }
+        let file = host.file.and_then(|(id, off)| {
+            ram.regions()
+                .iter()
+                .filter_map(|r| r.backing.as_ref())
+                .find(|b| b.file_id == id)
+                .map(|b| (b.file.clone(), off))
+        });
+        let path = self.path(file.is_some());
+        match (path, file) {
+            (MapPath::File, Some((f, off))) => {
+                sys::ioas_map_file(self.fd(), ioas, iova, f.as_fd(), off, len, flags)?;
+                self.maps_file.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                sys::ioas_map(self.fd(), ioas, iova, host.host_addr, len, flags)?;
+                self.maps_va.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.pinned.fetch_add(len, Ordering::Relaxed);
+        Ok(path)
+    }
+
+    fn unmap(&self, ioas: u32, iova: u64, len: u64) -> std::result::Result<(), sys::Errno> {
+        let done = sys::ioas_unmap(self.fd(), ioas, iova, len)?;
+        self.pinned.fetch_sub(done.min(len), Ordering::Relaxed);
+        if done != len {
+            // Cannot happen for a range that is exactly earlier maps; say so loudly if it does.
+            error!("IOAS {ioas}: unmap of {len:#x} bytes at {iova:#x} removed {done:#x}");
+        }
+        Ok(())
+    }
+
+    /// Points one device somewhere. Caller holds the topology lock.
+    fn point(&self, topo: &mut Topo, endpoint: EndpointId, to: Attachment) -> Result<()> {
+        let dev = self.devices.get(&endpoint).ok_or_else(|| {
+            BackendError::new("attach", libc::ENODEV, format!("{endpoint}: no device"))
+        })?;
+        let what = |op: &str| format!("{endpoint} ({}) {op}", dev.path.display());
+        let r = match to {
+            Attachment::Blocked => sys::detach_pt(dev.file.as_fd()),
+            Attachment::Identity => sys::attach_pt(dev.file.as_fd(), self.identity_id),
+            Attachment::Domain(id) => sys::attach_pt(dev.file.as_fd(), id),
+        };
+        r.map_err(|e| {
+            let target = match to {
+                Attachment::Blocked => "detach".to_string(),
+                Attachment::Identity => format!("to identity IOAS {}", self.identity_id),
+                Attachment::Domain(id) => format!("to IOAS {id}"),
+            };
+            BackendError::new(e.name, e.errno, what(&target))
+        })?;
+        topo.attachments.insert(endpoint, to);
+        debug!("{endpoint}: {to:?}");
+        Ok(())
+    }
+}
+
+/// The iommufd backend for one VM's devices.
+pub struct IommufdBackend {
+    shared: Arc<Shared>,
+    constraints: HostConstraints,
+}
+
+impl IommufdBackend {
+    /// Opens `/dev/iommu`, binds every endpoint's VFIO cdev to it, reads the host constraints
+    /// with all devices attached to a scratch IOAS, and leaves each endpoint blocked (or in the
+    /// identity IOAS with `boot_bypass`, which holds no RAM until [`DmaBackend::set_ram`]).
+    pub fn open(
+        endpoints: &[(EndpointId, PathBuf)],
+        boot_bypass: bool,
+    ) -> std::result::Result<Self, IommufdError> {
+        Self::open_with(Path::new(IOMMUFD_NODE), endpoints, boot_bypass)
+    }
+
+    /// [`IommufdBackend::open`] with another iommufd node.
+    pub fn open_with(
+        iommufd_node: &Path,
+        endpoints: &[(EndpointId, PathBuf)],
+        boot_bypass: bool,
+    ) -> std::result::Result<Self, IommufdError> {
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(|source| IommufdError::Open {
+                    path: p.to_path_buf(),
+                    source,
+                })
+        };
+        let ioctl_err = |what: String| {
+            move |e: sys::Errno| IommufdError::Ioctl {
+                ioctl: e.name,
+                what,
+                errno: e.errno,
+            }
+        };
+        let iommufd = open(iommufd_node)?;
+        let mut devices = BTreeMap::new();
+        for (ep, path) in endpoints {
+            if devices.contains_key(ep) {
+                return Err(IommufdError::DuplicateEndpoint(ep.0));
+            }
+            let file = open(path)?;
+            let dev_id = sys::bind_iommufd(file.as_fd(), iommufd.as_fd())
+                .map_err(ioctl_err(format!("{ep} ({})", path.display())))?;
+            info!("{ep}: {} bound to iommufd, dev_id {dev_id}", path.display());
+            devices.insert(
+                *ep,
+                Device {
+                    path: path.clone(),
+                    file,
+                    dev_id,
+                },
+            );
+        }
+
+        // Host constraints with every device attached (the intersection of their limits).
+        let scratch =
+            sys::ioas_alloc(iommufd.as_fd()).map_err(ioctl_err("the scratch IOAS".to_string()))?;
+        let queried = (|| {
+            for (ep, d) in &devices {
+                sys::attach_pt(d.file.as_fd(), scratch).map_err(ioctl_err(format!(
+                    "{ep} ({}) to scratch IOAS {scratch}",
+                    d.path.display()
+                )))?;
+            }
+            let (ranges, align) = sys::ioas_iova_ranges(iommufd.as_fd(), scratch)
+                .map_err(ioctl_err(format!("scratch IOAS {scratch}")))?;
+            let pairs: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.last)).collect();
+            info!(
+                "allowed IOVA ranges with all devices attached: {}; alignment {align:#x}",
+                pairs
+                    .iter()
+                    .map(|(s, l)| format!("{s:#x}..={l:#x}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            if pairs.is_empty() {
+                return Err(IommufdError::NoIovaRange(format!("scratch IOAS {scratch}")));
+            }
+            constraints_from_ranges(&pairs, align).map_err(IommufdError::Constraints)
+        })();
+        let map_file_supported = probe_map_file(&iommufd, scratch);
+        let identity = sys::ioas_alloc(iommufd.as_fd());
+        // Boot state: off the scratch IOAS before it goes.
+        let mut attachments = HashMap::new();
+        let mut boot = Ok(());
+        for (ep, d) in &devices {
+            let r = match (&identity, boot_bypass) {
+                (Ok(id), true) => sys::attach_pt(d.file.as_fd(), *id),
+                _ => sys::detach_pt(d.file.as_fd()),
+            };
+            if let Err(e) = r {
+                boot = boot.and(Err(ioctl_err(format!("{ep} ({})", d.path.display()))(e)));
+            }
+            attachments.insert(
+                *ep,
+                if boot_bypass {
+                    Attachment::Identity
+                } else {
+                    Attachment::Blocked
+                },
+            );
+        }
+        if let Err(e) = sys::destroy(iommufd.as_fd(), scratch) {
+            warn!("cannot destroy scratch IOAS {scratch}: errno {}", e.errno);
+        }
+        let constraints = queried?;
+        let identity_id = identity.map_err(ioctl_err("the identity IOAS".to_string()))?;
+        boot?;
+        info!(
+            "iommufd: {} devices, identity IOAS {identity_id}, IOMMU_IOAS_MAP_FILE {}",
+            devices.len(),
+            if map_file_supported {
+                "available"
+            } else {
+                "not available: mapping by user VA"
+            }
+        );
+        Ok(IommufdBackend {
+            shared: Arc::new(Shared {
+                iommufd,
+                devices,
+                identity_id,
+                topo: Mutex::new(Topo {
+                    attachments,
+                    identity: Vec::new(),
+                }),
+                ram: Mutex::new(Arc::new(GuestRam::default())),
+                ram_gen: AtomicU64::new(0),
+                map_file_supported,
+                use_map_file: AtomicBool::new(true),
+                domains: Mutex::new(BTreeMap::new()),
+                pinned: AtomicU64::new(0),
+                maps_file: AtomicU64::new(0),
+                maps_va: AtomicU64::new(0),
+            }),
+            constraints,
+        })
+    }
+
+    /// The device's VFIO cdev fd, bound to this backend's iommufd. **For tests and the coming
+    /// vfio-user front**: region access (BARs, config space) and IRQ setup go through it; the
+    /// backend alone decides where its DMA goes, so nothing may attach or detach through it.
+    pub fn device_file(&self, endpoint: EndpointId) -> Option<&File> {
+        self.shared.devices.get(&endpoint).map(|d| &d.file)
+    }
+
+    /// The iommufd device id of an endpoint's device.
+    pub fn dev_id(&self, endpoint: EndpointId) -> Option<u32> {
+        self.shared.devices.get(&endpoint).map(|d| d.dev_id)
+    }
+
+    /// `VFIO_DEVICE_GET_REGION_INFO` of one region of an endpoint's device.
+    pub fn region_info(
+        &self,
+        endpoint: EndpointId,
+        index: u32,
+    ) -> std::result::Result<RegionInfo, IommufdError> {
+        let d = self
+            .shared
+            .devices
+            .get(&endpoint)
+            .ok_or_else(|| IommufdError::Constraints(format!("{endpoint} has no device")))?;
+        let r = sys::region_info(d.file.as_fd(), index).map_err(|e| IommufdError::Ioctl {
+            ioctl: e.name,
+            what: format!("{endpoint} ({}) region {index}", d.path.display()),
+            errno: e.errno,
+        })?;
+        Ok(RegionInfo {
+            flags: r.flags,
+            size: r.size,
+            offset: r.offset,
+        })
+    }
+
+    /// Where the backend last pointed an endpoint.
+    pub fn attachment(&self, endpoint: EndpointId) -> Option<Attachment> {
+        lock(&self.shared.topo).attachments.get(&endpoint).copied()
+    }
+
+    /// Ids of the live paging IOASes (not the identity one).
+    pub fn domain_ids(&self) -> Vec<u32> {
+        lock(&self.shared.domains).keys().copied().collect()
+    }
+
+    /// The identity IOAS's id.
+    pub fn identity_ioas(&self) -> u32 {
+        self.shared.identity_id
+    }
+
+    /// Whether the kernel has `IOMMU_IOAS_MAP_FILE` (probed once in `open`).
+    pub fn map_file_supported(&self) -> bool {
+        self.shared.map_file_supported
+    }
+
+    /// Chooses the map path for file-backed RAM from now on (tests and benchmarks: MAP_FILE is
+    /// the default when the kernel has it). Mappings already made keep their path.
+    pub fn prefer_map_file(&self, on: bool) {
+        self.shared.use_map_file.store(on, Ordering::Relaxed);
+    }
+
+    /// The path the next map of file-backed RAM takes.
+    pub fn map_path(&self) -> MapPath {
+        self.shared.path(true)
+    }
+
+    /// Maps done so far: `(by MAP_FILE, by user VA)`, identity IOAS included.
+    pub fn map_counts(&self) -> (u64, u64) {
+        (
+            self.shared.maps_file.load(Ordering::Relaxed),
+            self.shared.maps_va.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Bytes currently pinned by this backend's maps (summed over IOASes).
+    pub fn pinned_bytes(&self) -> u64 {
+        self.shared.pinned.load(Ordering::Relaxed)
+    }
+}
+
+/// Tries `IOMMU_IOAS_MAP_FILE` of one memfd page into `ioas` (left as it was).
+fn probe_map_file(iommufd: &File, ioas: u32) -> bool {
+    let name = c"vhost-user-iommu-probe";
+    // SAFETY: `name` is NUL-terminated; memfd_create has no other preconditions.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        warn!(
+            "memfd_create for the MAP_FILE probe: {}",
+            std::io::Error::last_os_error()
+        );
+        return false;
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    if let Err(e) = file.set_len(MIN_GRANULE) {
+        warn!("sizing the MAP_FILE probe memfd: {e}");
+        return false;
+    }
+    // Any granule-aligned IOVA the scratch IOAS allows: its allowed ranges, first one.
+    let iova = match sys::ioas_iova_ranges(iommufd.as_fd(), ioas) {
+        Ok((r, _)) => match r
+            .iter()
+            .find(|r| r.last.saturating_sub(r.start) >= 2 * MIN_GRANULE)
+        {
+            Some(r) => (r.start + MIN_GRANULE - 1) & !(MIN_GRANULE - 1),
+            None => return false,
+        },
+        Err(_) => return false,
+    };
+    let flags = sys::IOMMU_IOAS_MAP_READABLE;
+    match sys::ioas_map_file(
+        iommufd.as_fd(),
+        ioas,
+        iova,
+        file.as_fd(),
+        0,
+        MIN_GRANULE,
+        flags,
+    ) {
+        Ok(()) => {
+            if let Err(e) = sys::ioas_unmap(iommufd.as_fd(), ioas, iova, MIN_GRANULE) {
+                warn!("unmapping the MAP_FILE probe: errno {}", e.errno);
+            }
+            true
+        }
+        Err(e) => {
+            let why = match e.errno {
+                libc::ENOTTY | libc::EOPNOTSUPP | libc::EINVAL => "not supported by this kernel",
+                _ => "failed",
+            };
+            info!(
+                "IOMMU_IOAS_MAP_FILE {why} ({}): mapping by user VA",
+                std::io::Error::from_raw_os_error(e.errno)
+            );
+            false
+        }
+    }
+}
+
+/// A guest paging domain: one IOAS.
+struct IommufdDomain {
+    id: u32,
+    shared: Arc<Shared>,
+    ram: Arc<GuestRam>,
+    ram_gen: u64,
+    /// Mappings without permissions: recorded, not given to the kernel (start → end).
+    phantom: BTreeMap<u64, u64>,
+    /// Bytes this IOAS pins (released at destroy).
+    pinned: u64,
+}
+
+impl IommufdDomain {
+    fn current_ram(&mut self) -> &GuestRam {
+        let g = self.shared.ram_gen.load(Ordering::Acquire);
+        if g != self.ram_gen {
+            self.ram = lock(&self.shared.ram).clone();
+            self.ram_gen = g;
+        }
+        &self.ram
+    }
+}
+
+impl HwDomain for IommufdDomain {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn map(&mut self, op: &MapOp) -> Result<()> {
+        let iova = op.iova;
+        let ctx = |s: &Self| format!("IOAS {} at {iova} (GPA {:#x})", s.id, op.gpa);
+        let len = iova
+            .len()
+            .ok_or_else(|| BackendError::new("map", libc::EOVERFLOW, ctx(self)))?;
+        if !op.perms.read && !op.perms.write {
+            if let Some((_, &e)) = self.phantom.range(..=iova.end()).next_back()
+                && e >= iova.start()
+            {
+                return Err(BackendError::new("map", libc::EEXIST, ctx(self)));
+            }
+            self.phantom.insert(iova.start(), iova.end());
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        let id = self.id;
+        let ram = self.current_ram().clone();
+        match shared.map(&ram, id, iova.start(), len, &op.host, op.perms) {
+            Ok(_) => {
+                self.pinned += len;
+                Ok(())
+            }
+            Err(e) if e.errno == libc::ENOMEM => Err(BackendError::new(
+                e.name,
+                e.errno,
+                format!(
+                    "{}: {}",
+                    ctx(self),
+                    memlock_hint(shared.pinned.load(Ordering::Relaxed), len)
+                ),
+            )),
+            Err(e) => Err(BackendError::new(e.name, e.errno, ctx(self))),
+        }
+    }
+
+    fn unmap(&mut self, iova: IovaRange) -> Result<()> {
+        if self.phantom.get(&iova.start()) == Some(&iova.end()) {
+            self.phantom.remove(&iova.start());
+            return Ok(());
+        }
+        let len = iova.len().ok_or_else(|| {
+            BackendError::new(
+                "unmap",
+                libc::EOVERFLOW,
+                format!("IOAS {} at {iova}", self.id),
+            )
+        })?;
+        self.shared.unmap(self.id, iova.start(), len).map_err(|e| {
+            BackendError::new(e.name, e.errno, format!("IOAS {} at {iova}", self.id))
+        })?;
+        self.pinned = self.pinned.saturating_sub(len);
+        Ok(())
+    }
+}
+
+impl Drop for IommufdDomain {
+    fn drop(&mut self) {
+        {
+            // The kernel refuses to destroy an IOAS a device is attached to: block those first.
+            let mut topo = lock(&self.shared.topo);
+            let users: Vec<EndpointId> = topo
+                .attachments
+                .iter()
+                .filter(|(_, a)| **a == Attachment::Domain(self.id))
+                .map(|(&e, _)| e)
+                .collect();
+            for e in users {
+                warn!(
+                    "IOAS {} destroyed while {e} is attached: blocking it",
+                    self.id
+                );
+                if let Err(err) = self.shared.point(&mut topo, e, Attachment::Blocked) {
+                    error!("{err}");
+                }
+            }
+        }
+        match sys::destroy(self.shared.fd(), self.id) {
+            Ok(()) => {
+                self.shared.pinned.fetch_sub(self.pinned, Ordering::Relaxed);
+                debug!("IOAS {} destroyed", self.id);
+            }
+            Err(e) => error!(
+                "IOMMU_DESTROY of IOAS {}: {}",
+                self.id,
+                std::io::Error::from_raw_os_error(e.errno)
+            ),
+        }
+        lock(&self.shared.domains).remove(&self.id);
+    }
+}
+
+impl DmaBackend for IommufdBackend {
+    fn name(&self) -> &'static str {
+        "iommufd"
+    }
+
+    fn constraints(&self) -> HostConstraints {
+        self.constraints.clone()
+    }
+
+    fn create_domain(&self) -> Result<Box<dyn HwDomain>> {
+        let id = sys::ioas_alloc(self.shared.fd())
+            .map_err(|e| BackendError::new(e.name, e.errno, "a paging domain"))?;
+        lock(&self.shared.domains).insert(id, ());
+        let ram_gen = self.shared.ram_gen.load(Ordering::Acquire);
+        let ram = lock(&self.shared.ram).clone();
+        debug!("IOAS {id} allocated");
+        Ok(Box::new(IommufdDomain {
+            id,
+            shared: self.shared.clone(),
+            ram,
+            ram_gen,
+            phantom: BTreeMap::new(),
+            pinned: 0,
+        }))
+    }
+
+    fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()> {
+        let mut topo = lock(&self.shared.topo);
+        self.shared.point(&mut topo, endpoint, to)
+    }
+
+    fn set_ram(&self, ram: &GuestRam) -> Result<()> {
+        let ram = Arc::new(ram.clone());
+        {
+            *lock(&self.shared.ram) = ram.clone();
+            self.shared.ram_gen.fetch_add(1, Ordering::AcqRel);
+        }
+        let mut topo = lock(&self.shared.topo);
+        let wanted: Vec<IdentityEntry> = ram
+            .regions()
+            .iter()
+            .map(|r| IdentityEntry {
+                gpa: r.gpa,
+                key: (
+                    r.backing.as_ref().map(|b| (b.file_id, b.offset)),
+                    r.host_addr,
+                ),
+            })
+            .collect();
+        let id = self.shared.identity_id;
+        // Unmap what is gone (or changed) first: a new region may reuse its GPAs.
+        let mut kept = Vec::new();
+        for e in std::mem::take(&mut topo.identity) {
+            if wanted.contains(&e) {
+                kept.push(e);
+                continue;
+            }
+            let len = e.gpa.len().unwrap_or(u64::MAX);
+            match self.shared.unmap(id, e.gpa.start(), len) {
+                Ok(()) => debug!("identity IOAS: unmapped {}", e.gpa),
+                Err(err) => {
+                    kept.push(e.clone());
+                    topo.identity = kept;
+                    return Err(BackendError::new(
+                        err.name,
+                        err.errno,
+                        format!("identity IOAS {id}: removed RAM at {}", e.gpa),
+                    ));
+                }
+            }
+        }
+        topo.identity = kept;
+        for (e, r) in wanted.iter().zip(ram.regions()) {
+            if topo.identity.contains(e) {
+                continue;
+            }
+            let len = e.gpa.len().unwrap_or(u64::MAX);
+            let host = crate::guest_ram::HostLocation {
+                host_addr: r.host_addr,
+                file: e.key.0,
+            };
+            match self
+                .shared
+                .map(&ram, id, e.gpa.start(), len, &host, Perms::RW)
+            {
+                Ok(path) => {
+                    debug!("identity IOAS: mapped {} ({path:?})", e.gpa);
+                    topo.identity.push(e.clone());
+                }
+                Err(err) => {
+                    let mut ctx = format!("identity IOAS {id}: RAM at {}", e.gpa);
+                    if err.errno == libc::ENOMEM {
+                        ctx = format!(
+                            "{ctx}: {}",
+                            memlock_hint(self.shared.pinned.load(Ordering::Relaxed), len)
+                        );
+                    }
+                    return Err(BackendError::new(err.name, err.errno, ctx));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Lets tests (and the vfio-user front) keep a handle on the backend while the daemon owns it.
+impl DmaBackend for Arc<IommufdBackend> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn constraints(&self) -> HostConstraints {
+        (**self).constraints()
+    }
+    fn create_domain(&self) -> Result<Box<dyn HwDomain>> {
+        (**self).create_domain()
+    }
+    fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()> {
+        (**self).attach(endpoint, to)
+    }
+    fn set_ram(&self, ram: &GuestRam) -> Result<()> {
+        (**self).set_ram(ram)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sys::*;
+    use super::*;
+    use std::mem::size_of;
+
+    fn resv(kind: ResvKind, start: u64, end: u64) -> ResvMem {
+        ResvMem { kind, start, end }
+    }
+
+    #[test]
+    fn struct_sizes_and_request_numbers_match_the_uapi_headers() {
+        assert_eq!(size_of::<IommuDestroy>(), 8);
+        assert_eq!(size_of::<IommuIoasAlloc>(), 12);
+        assert_eq!(size_of::<IommuIovaRange>(), 16);
+        assert_eq!(size_of::<IommuIoasIovaRanges>(), 32);
+        assert_eq!(size_of::<IommuIoasMap>(), 40);
+        assert_eq!(size_of::<IommuIoasUnmap>(), 24);
+        assert_eq!(size_of::<IommuIoasMapFile>(), 40);
+        assert_eq!(size_of::<VfioRegionInfo>(), 32);
+        assert_eq!(size_of::<VfioDeviceBindIommufd>(), 24);
+        assert_eq!(size_of::<VfioDeviceAttachIommufdPt>(), 16);
+        assert_eq!(size_of::<VfioDeviceDetachIommufdPt>(), 12);
+        assert_eq!(IommuDestroy::REQ, 0x3b80);
+        assert_eq!(IommuIoasAlloc::REQ, 0x3b81);
+        assert_eq!(IommuIoasIovaRanges::REQ, 0x3b84);
+        assert_eq!(IommuIoasMap::REQ, 0x3b85);
+        assert_eq!(IommuIoasUnmap::REQ, 0x3b86);
+        assert_eq!(IommuIoasMapFile::REQ, 0x3b8f);
+        assert_eq!(VfioRegionInfo::REQ, 0x3b6c);
+        assert_eq!(VfioDeviceBindIommufd::REQ, 0x3b76);
+        assert_eq!(VfioDeviceAttachIommufdPt::REQ, 0x3b77);
+        assert_eq!(VfioDeviceDetachIommufdPt::REQ, 0x3b78);
+    }
+
+    #[test]
+    fn intel_like_ranges_become_a_granule_a_span_and_an_msi_window() {
+        // What an intel-iommu (39-bit) device reports: everything but the MSI window.
+        let c = constraints_from_ranges(&[(0, 0xfedf_ffff), (0xfef0_0000, (1 << 39) - 1)], 4096)
+            .unwrap();
+        assert_eq!(c.page_size_mask, !0xfff);
+        assert_eq!(c.input_range, IovaRange::new(0, (1 << 39) - 1).unwrap());
+        assert_eq!(
+            c.reserved,
+            vec![resv(ResvKind::Msi, 0xfee0_0000, 0xfeef_ffff)]
+        );
+    }
+
+    #[test]
+    fn holes_become_reserved_and_are_split_around_the_msi_window() {
+        let c = constraints_from_ranges(
+            &[
+                (0x10_0000, 0x7fff_ffff),
+                (0x1_0000_0000, u64::MAX),
+                (0x8000_1000, 0xfed0_0fff),
+            ],
+            1,
+        )
+        .unwrap();
+        assert_eq!(c.page_size_mask, !0xfff);
+        assert_eq!(c.input_range, IovaRange::new(0x10_0000, u64::MAX).unwrap());
+        assert_eq!(
+            c.reserved,
+            vec![
+                resv(ResvKind::Reserved, 0x8000_0000, 0x8000_0fff),
+                resv(ResvKind::Reserved, 0xfed0_1000, 0xfedf_ffff),
+                resv(ResvKind::Msi, 0xfee0_0000, 0xfeef_ffff),
+                resv(ResvKind::Reserved, 0xfef0_0000, 0xffff_ffff),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_full_space_and_coarse_alignment() {
+        let c = constraints_from_ranges(&[(0, u64::MAX)], 0x1_0000).unwrap();
+        assert_eq!(c.page_size_mask, !0xffff);
+        assert_eq!(c.input_range, IovaRange::new(0, u64::MAX).unwrap());
+        assert_eq!(c.reserved.len(), 1);
+        // Unaligned ends are trimmed to whole granules.
+        let c = constraints_from_ranges(&[(0x123, 0x5_0122)], 4096).unwrap();
+        assert_eq!(c.input_range, IovaRange::new(0x1000, 0x4_ffff).unwrap());
+    }
+
+    #[test]
+    fn bad_reports_are_refused() {
+        assert!(constraints_from_ranges(&[], 4096).is_err());
+        assert!(constraints_from_ranges(&[(0, 0xfff), (0x800, 0x1fff)], 4096).is_err());
+        assert!(constraints_from_ranges(&[(0x10, 0x20)], 4096).is_err());
+        assert!(constraints_from_ranges(&[(5, 4)], 4096).is_err());
+    }
+
+    #[test]
+    fn memlock_hint_names_the_limit_and_the_need() {
+        let h = memlock_hint(0x100_0000, 0x1000);
+        assert!(h.contains("RLIMIT_MEMLOCK"), "{h}");
+        assert!(h.contains(&format!("{}", 0x100_1000)), "{h}");
+        assert!(h.contains("CAP_IPC_LOCK"), "{h}");
+    }
+
+    #[test]
+    fn open_names_the_node_that_is_missing() {
+        let e = IommufdBackend::open_with(Path::new("/nonexistent/iommu"), &[], false)
+            .err()
+            .expect("no such node");
+        assert!(e.to_string().contains("/nonexistent/iommu"), "{e}");
+        assert_eq!(e.errno(), Some(libc::ENOENT));
+    }
+}

@@ -1,0 +1,147 @@
+//! The real daemon, in this process, on a real unix socket, with its soft backend kept
+//! visible: what the `bench` command and the socket tests run against.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use vhost::vhost_user::Listener;
+
+use crate::backend::DmaBackend;
+use crate::backend::fault::{FaultyBackend, Injector};
+use crate::backend::soft::SoftBackend;
+use crate::domains::{DomainView, EndpointView, Limits, Rules};
+use crate::ids::EndpointId;
+use crate::metrics::Metrics;
+use crate::pipeline::Mode;
+use crate::server::{Stopper, serve};
+use crate::vhost::{DeviceSettings, IommuDevice};
+
+/// How to start a local daemon.
+#[derive(Clone, Debug)]
+pub struct LocalOptions {
+    pub mode: Mode,
+    pub boot_bypass: bool,
+    pub limits: Limits,
+    pub endpoints: Vec<u32>,
+    /// The vring thread's polling window after each answer.
+    pub poll: std::time::Duration,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        LocalOptions {
+            mode: Mode::Inline,
+            boot_bypass: false,
+            limits: Limits::default(),
+            endpoints: vec![1, 2, 3, 4],
+            poll: crate::vhost::DEFAULT_POLL,
+        }
+    }
+}
+
+/// A daemon serving on a socket in a private temporary directory.
+pub struct LocalDaemon {
+    pub soft: Arc<SoftBackend>,
+    pub faults: Arc<Injector>,
+    pub metrics: Arc<Metrics>,
+    socket: PathBuf,
+    dir: PathBuf,
+    device: Arc<Mutex<Option<IommuDevice>>>,
+    stopper: Arc<Stopper>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The rules the soft backend implies, with the given caps.
+pub fn soft_rules(limits: Limits) -> Rules {
+    let c = SoftBackend::new(&[], false).constraints();
+    Rules {
+        granule_mask: (c.page_size_mask & c.page_size_mask.wrapping_neg()) - 1,
+        input_range: c.input_range,
+        domain_range: (0, u32::MAX),
+        resv_mem: c.reserved,
+        limits,
+        probe_size: 512,
+    }
+}
+
+impl LocalDaemon {
+    pub fn start(opts: LocalOptions) -> std::io::Result<LocalDaemon> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("viommu-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("viommu.sock");
+        let eps: Vec<EndpointId> = opts.endpoints.iter().map(|&e| EndpointId(e)).collect();
+        let soft = Arc::new(SoftBackend::new(&eps, opts.boot_bypass));
+        let faults = Arc::new(Injector::default());
+        let backend: Arc<dyn DmaBackend> =
+            Arc::new(FaultyBackend::new(soft.clone(), faults.clone()));
+        let settings = DeviceSettings {
+            endpoints: eps,
+            boot_bypass: opts.boot_bypass,
+            rules: soft_rules(opts.limits),
+            mode: opts.mode,
+            poll: opts.poll,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let stopper = Arc::new(Stopper::default());
+        let device = Arc::new(Mutex::new(None));
+        let listener = Listener::new(&socket, true).map_err(std::io::Error::other)?;
+        let (m, s, d) = (metrics.clone(), stopper.clone(), device.clone());
+        let thread = std::thread::Builder::new()
+            .name("daemon".into())
+            .spawn(move || {
+                let hook = Box::new(move |dev: &IommuDevice| {
+                    *d.lock().unwrap_or_else(|p| p.into_inner()) = Some(dev.clone())
+                });
+                if let Err(e) = serve(listener, settings, backend, m, s, None, Some(hook)) {
+                    log::error!("local daemon: {e}");
+                }
+            })?;
+        Ok(LocalDaemon {
+            soft,
+            faults,
+            metrics,
+            socket,
+            dir,
+            device,
+            stopper,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Domains and endpoints as the daemon's shadow state holds them (empty before the first
+    /// connection).
+    pub fn state(&self) -> (Vec<DomainView>, Vec<EndpointView>) {
+        let dev = self
+            .device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        dev.map(|d| d.snapshot()).unwrap_or_default()
+    }
+
+    /// Mappings the backend holds, over all domains.
+    pub fn backend_mappings(&self) -> usize {
+        self.soft.domain_sizes().iter().map(|d| d.1).sum()
+    }
+
+    fn shutdown(&mut self) {
+        self.stopper.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for LocalDaemon {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

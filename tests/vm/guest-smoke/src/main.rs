@@ -1,0 +1,461 @@
+//! guest-smoke: the first guest-side check of the VM test tier (tests/vm/run.sh).
+//!
+//! For every edu device the initramfs bound to vfio-pci it drives the raw kernel interfaces the
+//! daemon will use: /dev/iommu (IOAS alloc, map, unmap), the device's VFIO cdev (bind to iommufd,
+//! attach to the IOAS, detach) and edu's own DMA engine, and proves with data that
+//!   - a DMA through an IOAS mapping lands in the mapped buffer (round trip RAM -> edu -> RAM),
+//!   - after IOMMU_IOAS_UNMAP a DMA to that IOVA no longer changes the buffer,
+//!   - after re-mapping it lands again, and after DETACH it is blocked again.
+//!
+//! Output: one `PASS: <name>` or `FAIL: <name>: <why>` line per check; exit status 1 if any failed.
+//! It owns nothing but the edu devices; it must never touch other PCI devices.
+
+mod mem;
+mod uapi;
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mem::Mapping;
+use uapi::*;
+
+const EDU_VENDOR: &str = "0x1234";
+const EDU_DEVICE: &str = "0x11e8";
+/// edu BAR0 registers (QEMU docs/specs/edu.rst).
+const EDU_ID: usize = 0x00;
+const EDU_LIVENESS: usize = 0x04;
+const EDU_DMA_SRC: usize = 0x80;
+const EDU_DMA_DST: usize = 0x88;
+const EDU_DMA_COUNT: usize = 0x90;
+const EDU_DMA_CMD: usize = 0x98;
+const EDU_CMD_START: u64 = 1 << 0;
+/// Direction bit: set = edu buffer -> RAM, clear = RAM -> edu buffer.
+const EDU_CMD_TO_RAM: u64 = 1 << 1;
+/// Device address of edu's internal 4 KiB DMA buffer.
+const EDU_BUFFER: u64 = 0x40000;
+/// Identification register: 0xRRrr00ed, major.minor version in the top bytes.
+const EDU_ID_MAGIC_MASK: u32 = 0xffff;
+const EDU_ID_MAGIC: u32 = 0x00ed;
+
+const BUF_LEN: usize = 4096;
+const IOVA: u64 = 0x10_0000;
+/// PCI_COMMAND and its memory-space and bus-master bits: QEMU drops a device's DMA while bus
+/// mastering is off, and vfio-pci leaves that to the user.
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MEMORY: u16 = 1 << 1;
+const PCI_COMMAND_MASTER: u16 = 1 << 2;
+
+const SENTINEL: u8 = 0xee;
+
+type Result<T> = std::result::Result<T, String>;
+
+fn pattern(seed: u8) -> impl Fn(usize) -> u8 {
+    // Not periodic in 256 bytes, so a shifted or partial copy cannot pass.
+    move |i| {
+        (i as u8)
+            .wrapping_mul(31)
+            .wrapping_add((i >> 8) as u8)
+            .wrapping_add(seed)
+            ^ 0x5a
+    }
+}
+
+struct Report {
+    failed: usize,
+}
+
+impl Report {
+    /// Prints the verdict of one check; whether it passed.
+    fn check(&mut self, name: &str, result: Result<()>) -> bool {
+        match result {
+            Ok(()) => {
+                println!("PASS: {name}");
+                true
+            }
+            Err(why) => {
+                self.failed += 1;
+                println!("FAIL: {name}: {why}");
+                false
+            }
+        }
+    }
+}
+
+fn edu_devices() -> Result<Vec<String>> {
+    let dir = "/sys/bus/pci/devices";
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| format!("read {dir}: {e}"))? {
+        let path = entry.map_err(|e| format!("read {dir}: {e}"))?.path();
+        let id = |f: &str| {
+            fs::read_to_string(path.join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        };
+        if id("vendor") == EDU_VENDOR && id("device") == EDU_DEVICE {
+            found.push(
+                path.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    found.sort();
+    if found.is_empty() {
+        return Err(format!("no PCI device {EDU_VENDOR}:{EDU_DEVICE} in {dir}"));
+    }
+    Ok(found)
+}
+
+/// /dev/vfio/devices/vfioN of a PCI device, found through its sysfs `vfio-dev` directory.
+fn vfio_cdev(bdf: &str) -> Result<String> {
+    let dir = format!("/sys/bus/pci/devices/{bdf}/vfio-dev");
+    let entries = fs::read_dir(&dir).map_err(|e| format!("{dir}: {e} (not bound to vfio-pci?)"))?;
+    for entry in entries {
+        let name = entry.map_err(|e| format!("{dir}: {e}"))?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("vfio") {
+            return Ok(format!("/dev/vfio/devices/{name}"));
+        }
+    }
+    Err(format!("{dir} lists no vfioN"))
+}
+
+fn open_rw(path: &str) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("open {path}: {e}"))
+}
+
+struct Ioas<'a> {
+    iommufd: &'a File,
+    id: u32,
+}
+
+impl<'a> Ioas<'a> {
+    fn alloc(iommufd: &'a File) -> Result<Self> {
+        let mut arg = IommuIoasAlloc {
+            size: size32::<IommuIoasAlloc>(),
+            ..Default::default()
+        };
+        ioctl(iommufd.as_fd(), &mut arg).map_err(|e| e.to_string())?;
+        Ok(Self {
+            iommufd,
+            id: arg.out_ioas_id,
+        })
+    }
+
+    fn map(&self, buf: &Mapping, iova: u64) -> Result<()> {
+        let mut arg = IommuIoasMap {
+            size: size32::<IommuIoasMap>(),
+            flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+            ioas_id: self.id,
+            user_va: buf.addr(),
+            length: buf.len() as u64,
+            iova,
+            ..Default::default()
+        };
+        ioctl(self.iommufd.as_fd(), &mut arg).map_err(|e| e.to_string())?;
+        if arg.iova != iova {
+            return Err(format!(
+                "IOMMU_IOAS_MAP placed the buffer at {:#x}, not {iova:#x}",
+                arg.iova
+            ));
+        }
+        Ok(())
+    }
+
+    fn unmap(&self, iova: u64, length: u64) -> Result<()> {
+        let mut arg = IommuIoasUnmap {
+            size: size32::<IommuIoasUnmap>(),
+            ioas_id: self.id,
+            iova,
+            length,
+        };
+        ioctl(self.iommufd.as_fd(), &mut arg).map_err(|e| e.to_string())?;
+        if arg.length != length {
+            return Err(format!(
+                "IOMMU_IOAS_UNMAP unmapped {:#x} bytes, not {length:#x}",
+                arg.length
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Ioas<'_> {
+    fn drop(&mut self) {
+        let mut arg = IommuDestroy {
+            size: size32::<IommuDestroy>(),
+            id: self.id,
+        };
+        // Best effort: closing /dev/iommu frees the IOAS anyway.
+        let _ = ioctl(self.iommufd.as_fd(), &mut arg);
+    }
+}
+
+/// An edu device opened through its VFIO cdev and bound to an iommufd.
+struct Edu {
+    dev: File,
+    bar0: Mapping,
+}
+
+impl Edu {
+    fn open(cdev: &str, iommufd: &File) -> Result<Self> {
+        let dev = open_rw(cdev)?;
+        let mut bind = VfioDeviceBindIommufd {
+            argsz: size32::<VfioDeviceBindIommufd>(),
+            iommufd: std::os::fd::AsRawFd::as_raw_fd(iommufd),
+            ..Default::default()
+        };
+        ioctl(dev.as_fd(), &mut bind).map_err(|e| e.to_string())?;
+
+        let bar = region(&dev, VFIO_PCI_BAR0_REGION_INDEX)?;
+        if bar.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 || bar.size < 0x100 {
+            return Err(format!("BAR0 not mmappable or too small: {bar:?}"));
+        }
+        let len = usize::try_from(bar.size)
+            .map_err(|_| format!("BAR0 size {:#x} overflows", bar.size))?;
+        let bar0 =
+            Mapping::file(dev.as_fd(), len, bar.offset).map_err(|e| format!("mmap BAR0: {e}"))?;
+
+        let cfg = region(&dev, VFIO_PCI_CONFIG_REGION_INDEX)?;
+        if cfg.flags & (VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE) == 0 {
+            return Err(format!("config space region not read/write: {cfg:?}"));
+        }
+        let mut cmd = [0u8; 2];
+        dev.read_exact_at(&mut cmd, cfg.offset + PCI_COMMAND)
+            .map_err(|e| format!("read PCI_COMMAND: {e}"))?;
+        let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        dev.write_all_at(&cmd.to_le_bytes(), cfg.offset + PCI_COMMAND)
+            .map_err(|e| format!("enable bus mastering: {e}"))?;
+        Ok(Self { dev, bar0 })
+    }
+
+    fn attach(&self, pt_id: u32) -> Result<()> {
+        let mut arg = VfioDeviceAttachIommufdPt {
+            argsz: size32::<VfioDeviceAttachIommufdPt>(),
+            pt_id,
+            ..Default::default()
+        };
+        ioctl(self.dev.as_fd(), &mut arg).map_err(|e| e.to_string())
+    }
+
+    fn detach(&self) -> Result<()> {
+        let mut arg = VfioDeviceDetachIommufdPt {
+            argsz: size32::<VfioDeviceDetachIommufdPt>(),
+            ..Default::default()
+        };
+        ioctl(self.dev.as_fd(), &mut arg).map_err(|e| e.to_string())
+    }
+
+    fn identify(&self) -> Result<()> {
+        let id = self.bar0.read_u32(EDU_ID);
+        if id & EDU_ID_MAGIC_MASK != EDU_ID_MAGIC {
+            return Err(format!(
+                "identification register reads {id:#010x}, not 0x....00ed"
+            ));
+        }
+        self.bar0.write_u32(EDU_LIVENESS, 0x1234_5678);
+        let back = self.bar0.read_u32(EDU_LIVENESS);
+        if back != !0x1234_5678u32 {
+            return Err(format!(
+                "liveness register returned {back:#010x} for 0x12345678"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs one DMA of `count` bytes and waits for edu to report it done.
+    fn dma(&self, src: u64, dst: u64, count: u64, to_ram: bool) -> Result<()> {
+        self.bar0.write_u64(EDU_DMA_SRC, src);
+        self.bar0.write_u64(EDU_DMA_DST, dst);
+        self.bar0.write_u64(EDU_DMA_COUNT, count);
+        let cmd = EDU_CMD_START | if to_ram { EDU_CMD_TO_RAM } else { 0 };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.bar0.write_u64(EDU_DMA_CMD, cmd);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.bar0.read_u64(EDU_DMA_CMD) & EDU_CMD_START != 0 {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "DMA {src:#x} -> {dst:#x} ({count} bytes) not done after 10 s"
+                ));
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn to_device(&self, iova: u64) -> Result<()> {
+        self.dma(iova, EDU_BUFFER, BUF_LEN as u64, false)
+    }
+
+    fn to_ram(&self, iova: u64) -> Result<()> {
+        self.dma(EDU_BUFFER, iova, BUF_LEN as u64, true)
+    }
+}
+
+fn region(dev: &File, index: u32) -> Result<VfioRegionInfo> {
+    let mut info = VfioRegionInfo {
+        argsz: size32::<VfioRegionInfo>(),
+        index,
+        ..Default::default()
+    };
+    ioctl(dev.as_fd(), &mut info).map_err(|e| format!("region {index}: {e}"))?;
+    Ok(info)
+}
+
+fn expect_contents(buf: &Mapping, want: impl Fn(usize) -> u8, what: &str) -> Result<()> {
+    let got = buf.snapshot();
+    let wrong: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want(i)).collect();
+    match wrong.first() {
+        None => Ok(()),
+        Some(&first) => Err(format!(
+            "{what}: {} of {} bytes differ (first at {first:#x}: {:#04x}, expected {:#04x})",
+            wrong.len(),
+            got.len(),
+            got[first],
+            want(first)
+        )),
+    }
+}
+
+/// All checks for one edu device; stops at the first failure (later checks depend on it).
+fn check_edu(report: &mut Report, index: usize, bdf: &str) {
+    let name = |what: &str| format!("edu {bdf}: {what}");
+    let seed = u8::try_from(index % 200).unwrap_or(0);
+    let setup = (|| {
+        let iommufd = open_rw("/dev/iommu")?;
+        let cdev = vfio_cdev(bdf)?;
+        Ok::<_, String>((iommufd, cdev))
+    })();
+    let (iommufd, cdev) = match setup {
+        Ok(v) => v,
+        Err(e) => {
+            report.check(&name("open /dev/iommu and the VFIO cdev"), Err(e));
+            return;
+        }
+    };
+    let ioas = match Ioas::alloc(&iommufd) {
+        Ok(ioas) => ioas,
+        Err(e) => {
+            report.check(&name("IOMMU_IOAS_ALLOC"), Err(e));
+            return;
+        }
+    };
+    let edu = match Edu::open(&cdev, &iommufd).and_then(|edu| edu.attach(ioas.id).map(|()| edu)) {
+        Ok(edu) => {
+            report.check(
+                &name(&format!(
+                    "{cdev} bound to iommufd, attached to IOAS {}",
+                    ioas.id
+                )),
+                Ok(()),
+            );
+            edu
+        }
+        Err(e) => {
+            report.check(
+                &name(&format!("bind {cdev} to iommufd and attach to the IOAS")),
+                Err(e),
+            );
+            return;
+        }
+    };
+    if !report.check(
+        &name("BAR0 identification and liveness registers"),
+        edu.identify(),
+    ) {
+        return;
+    }
+    let buf = match Mapping::anonymous(BUF_LEN) {
+        Ok(buf) => buf,
+        Err(e) => {
+            report.check(&name("mmap a 4 KiB DMA buffer"), Err(e.to_string()));
+            return;
+        }
+    };
+
+    let data = pattern(seed);
+    let round_trip = (|| {
+        buf.fill(&data);
+        ioas.map(&buf, IOVA)?;
+        edu.to_device(IOVA)?;
+        buf.fill(|_| 0);
+        edu.to_ram(IOVA)?;
+        expect_contents(&buf, &data, "buffer after RAM -> edu -> RAM")
+    })();
+    if !report.check(
+        &name(&format!(
+            "DMA round trip through IOAS_MAP at IOVA {IOVA:#x}"
+        )),
+        round_trip,
+    ) {
+        return;
+    }
+
+    let after_unmap = (|| {
+        ioas.unmap(IOVA, BUF_LEN as u64)?;
+        buf.fill(|_| SENTINEL);
+        edu.to_ram(IOVA)?;
+        expect_contents(
+            &buf,
+            |_| SENTINEL,
+            "buffer after a DMA to the unmapped IOVA",
+        )
+    })();
+    if !report.check(
+        &name(&format!("DMA to IOVA {IOVA:#x} blocked after IOAS_UNMAP")),
+        after_unmap,
+    ) {
+        return;
+    }
+
+    let remapped = (|| {
+        ioas.map(&buf, IOVA)?;
+        edu.to_ram(IOVA)?;
+        expect_contents(&buf, &data, "buffer after a DMA to the re-mapped IOVA")
+    })();
+    if !report.check(&name("DMA lands again after re-map"), remapped) {
+        return;
+    }
+
+    let after_detach = (|| {
+        edu.detach()?;
+        buf.fill(|_| SENTINEL);
+        edu.to_ram(IOVA)?;
+        expect_contents(
+            &buf,
+            |_| SENTINEL,
+            "buffer after a DMA from the detached device",
+        )
+    })();
+    report.check(&name("DMA blocked after DETACH_IOMMUFD_PT"), after_detach);
+}
+
+fn main() -> ExitCode {
+    let mut report = Report { failed: 0 };
+    match edu_devices() {
+        Ok(bdfs) => {
+            for (i, bdf) in bdfs.iter().enumerate() {
+                check_edu(&mut report, i, bdf);
+            }
+        }
+        Err(e) => {
+            report.check("find edu devices", Err(e));
+        }
+    }
+    if report.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
