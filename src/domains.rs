@@ -125,6 +125,10 @@ pub enum Reason {
     TooManyMappings,
     #[error("properties do not fit in the probe buffer")]
     ProbeTooSmall,
+    #[error("the reply buffer is not writable guest memory")]
+    Unwritable,
+    #[error("the executor owning {0} is gone")]
+    ExecutorGone(DomainId),
     #[error("backend: {0}")]
     Backend(BackendError),
 }

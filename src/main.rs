@@ -357,6 +357,10 @@ fn run(a: ServeArgs) -> Result<(), String> {
             .map(std::time::Duration::from_micros)
             .unwrap_or(vhost_user_iommu::vhost::DEFAULT_POLL),
     };
+    // The socket listens: systemd (Type=notify) may start the VM now.
+    if let Err(e) = vhost_user_iommu::deploy::notify_ready() {
+        warn!("cannot notify systemd: {e}");
+    }
     let stopper = Arc::new(Stopper::default());
     handle_signals(stopper.clone()).map_err(|e| format!("cannot install signal handling: {e}"))?;
     info!("serving virtio-iommu ({mode:?})");

@@ -235,7 +235,7 @@ impl Shards for Executors {
                 Reply::Created(r) => r,
                 _ => Err(Rejection {
                     status: crate::protocol::Status::DevErr,
-                    reason: crate::domains::Reason::NoDomain(domain),
+                    reason: crate::domains::Reason::ExecutorGone(domain),
                 }),
             },
         }
@@ -365,7 +365,11 @@ impl Dispatcher {
         match &mut self.exec {
             Executors::Inline(t) => match execute(t, w) {
                 Ok((_, o)) => Submitted::Done(o),
-                Err(_) => unreachable!("map/unmap always complete"),
+                // `route` only carries MAP and UNMAP, which always complete.
+                Err(_) => Submitted::Done(Err(Rejection {
+                    status: crate::protocol::Status::DevErr,
+                    reason: crate::domains::Reason::ExecutorGone(domain),
+                })),
             },
             Executors::Threads(th) => {
                 let i = th.owner(domain);
@@ -373,7 +377,7 @@ impl Dispatcher {
                     error!("executor {i} is gone");
                     return Submitted::Done(Err(Rejection {
                         status: crate::protocol::Status::DevErr,
-                        reason: crate::domains::Reason::NoDomain(domain),
+                        reason: crate::domains::Reason::ExecutorGone(domain),
                     }));
                 }
                 th.in_flight += 1;

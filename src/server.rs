@@ -93,8 +93,8 @@ pub fn serve(
         }
         match daemon.start(&mut listener) {
             Ok(()) => {}
-            Err(e) if stopper.stopped() => {
-                info!("stopping: {e}");
+            Err(_) if stopper.stopped() => {
+                info!("stopping while waiting for a VMM");
                 break;
             }
             Err(e) => return Err(ServeError::Daemon(e)),
@@ -118,6 +118,7 @@ pub fn serve(
             h.send_exit_event();
         }
         drop(daemon);
+        dev.release_exit_events();
         dev.disconnect();
     }
     *stopper

@@ -456,6 +456,25 @@ pub fn discover(root: &SysfsRoot, addr: PciAddress) -> Result<VfioCdev, VfioErro
     vfio_cdev(root, addr, &driver)
 }
 
+/// [`discover`] for every device in `addrs`, waiting up to `timeout` for those that are not
+/// ready yet: a VM's devices get bound to vfio-pci in any order, and its unit is started by the
+/// first one. Polls every 100 ms; on timeout returns the error of the first device still
+/// missing, which names it and the fix.
+pub fn wait_for_devices(
+    root: &SysfsRoot,
+    addrs: &[PciAddress],
+    timeout: std::time::Duration,
+) -> Result<Vec<VfioCdev>, VfioError> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match addrs.iter().map(|&a| discover(root, a)).collect() {
+            Ok(found) => return Ok(found),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 //! the domain model's job, reached through the [`Dispatcher`].
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -258,6 +259,7 @@ impl Answerer<'_> {
             return;
         };
         let status = status_of(&outcome);
+        log::trace!("chain {}: {} -> {status:?}", p.head, p.kind.name());
         if let Err(r) = &outcome
             && self.limiter.allow()
         {
@@ -283,6 +285,8 @@ impl Answerer<'_> {
 }
 
 struct Inner {
+    /// Exit-event fds handed to the vring library, which leaks them (see `exit_event`).
+    exit_fds: Mutex<Vec<(i32, (u64, u64))>>,
     settings: DeviceSettings,
     backend: Arc<dyn DmaBackend>,
     metrics: Arc<Metrics>,
@@ -326,6 +330,7 @@ impl IommuDevice {
             },
         };
         Ok(IommuDevice(Arc::new(Inner {
+            exit_fds: Mutex::new(Vec::new()),
             settings,
             backend,
             metrics,
@@ -355,6 +360,21 @@ impl IommuDevice {
         s.dispatcher.reset(self.0.settings.boot_bypass);
         s.request_vring = None;
         s.mem = None;
+    }
+
+    /// Closes the exit-event fds the vring library took and never closed. Call only after the
+    /// connection's `VhostUserDaemon` (and with it its epoll threads) is gone.
+    pub fn release_exit_events(&self) {
+        let fds = std::mem::take(&mut *self.0.exit_fds.lock().unwrap_or_else(|p| p.into_inner()));
+        for (fd, id) in fds {
+            // Only if the number still names the very eventfd we created: if the library had
+            // closed it, the number may now belong to someone else.
+            if file_identity(fd) == Some(id) {
+                // SAFETY: `fd` is the eventfd created in `exit_event`, whose ownership the vring
+                // library dropped with `into_raw_fd()`; nothing else refers to it any more.
+                unsafe { libc::close(fd) };
+            }
+        }
     }
 
     fn config(&self, bypass: bool) -> Config {
@@ -470,6 +490,7 @@ impl IommuDevice {
                     }
                 };
                 let kind = req.kind();
+                debug!("chain {head}: {req:?}");
                 // The tail follows the properties in a PROBE; a buffer too small for them gets
                 // INVAL in its last four bytes and no property (§5.13.6.6.1).
                 let (tail_offset, short_probe) = if kind == RequestType::Probe {
@@ -510,7 +531,7 @@ impl IommuDevice {
                             && outcome.is_ok()
                             && !writable.write(&mem, 0, probe_buf)
                         {
-                            a.complete((token, Err(fault())));
+                            a.complete((token, Err(unwritable())));
                             continue;
                         }
                         a.complete((token, outcome));
@@ -599,10 +620,10 @@ impl IommuDevice {
     }
 }
 
-fn fault() -> crate::domains::Rejection {
+fn unwritable() -> crate::domains::Rejection {
     crate::domains::Rejection {
         status: Status::DevErr,
-        reason: crate::domains::Reason::ProbeTooSmall,
+        reason: crate::domains::Reason::Unwritable,
     }
 }
 
@@ -635,6 +656,14 @@ fn signal(vring: &VringRwLock) {
             }
         }
     }
+}
+
+/// (st_dev, st_ino) of an open fd.
+fn file_identity(fd: i32) -> Option<(u64, u64)> {
+    // SAFETY: fstat writes only into `st`; an invalid fd just fails with EBADF.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out pointer.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
 }
 
 /// Converts the vhost-user memory table into the domain model's view of guest RAM.
@@ -770,7 +799,17 @@ impl VhostUserBackend for IommuDevice {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        // vhost-user-backend 0.24 registers the consumer with `into_raw_fd()` and never closes
+        // it: remember it so `release_exit_events` can, once the connection's threads are gone.
+        if let Some(id) = file_identity(consumer.as_raw_fd()) {
+            self.0
+                .exit_fds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((consumer.as_raw_fd(), id));
+        }
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
