@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test tier: formatting and lints, unit and socket tests, docs, a bounded fuzz run,
-# and the VM tier (a real kernel with iommufd + VFIO cdev under QEMU/TCG, edu DMA). The VM tier
-# installs what it needs (apt, kernel source) and caches the kernel build.
+# the VM tier (a real kernel with iommufd + VFIO cdev under QEMU/TCG, edu DMA), the guest-driver
+# tier (the real Linux virtio-iommu driver under QEMU 11 driving the daemon) and the deployment
+# files. The VM tiers install what they need (apt, kernel source, QEMU) and cache their builds.
 # Usage: tests/run-all.sh            everything (what CI runs)
 #        SKIP_VM=1 tests/run-all.sh  without the VM tier (no root or apt needed)
 set -euo pipefail
@@ -34,6 +35,11 @@ else
   tests/vm/run.sh
   step "VM tier: virtio-iommu"
   IOMMU=virtio tests/vm/run.sh
+  step "guest-driver tier: the Linux virtio-iommu driver under QEMU 11 drives the daemon"
+  tests/guest/run.sh
 fi
+
+step "deployment files: systemd-analyze verify, udev rules"
+tests/deploy-verify.sh
 echo
 echo "all tiers passed in $(( $(date +%s) - t0 )) s"
