@@ -37,6 +37,12 @@ else
   IOMMU=virtio tests/vm/run.sh
   step "guest-driver tier: the Linux virtio-iommu driver under QEMU 11 drives the daemon"
   tests/guest/run.sh
+  step "VIOT table from the viot command, disassembled by iasl -d (trixie acpica-tools)"
+  viot=$(mktemp -d)/viot.bin
+  cargo build --release --quiet
+  target/release/vhost-user-iommu viot -o "$viot" --iommu 00:03.0 \
+    --endpoint 32=00:04.0 --endpoint 40=00:05.0 --endpoint 48=01:00.0
+  IASL=$(tests/guest/setup-iasl.sh) VIOT_IASL_REQUIRE=1 tests/viot_iasl.sh "$viot" true
 fi
 
 step "deployment files: systemd-analyze verify, udev rules"
