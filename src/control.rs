@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use log::warn;
 
+use crate::domains::{DomainView, EndpointView};
 use crate::metrics::Metrics;
 use crate::vhost::IommuDevice;
 
@@ -61,7 +62,52 @@ fn answer(conn: UnixStream, device: &CurrentDevice, metrics: &Metrics) -> std::i
             });
             writeln!(conn, "{v}")
         }
-        "metrics" => conn.write_all(metrics.render().as_bytes()),
+        "metrics" => {
+            let dev = device.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let (domains, endpoints) = dev.map(|d| d.snapshot()).unwrap_or_default();
+            conn.write_all(metrics.render().as_bytes())?;
+            conn.write_all(state_metrics(&domains, &endpoints).as_bytes())
+        }
         other => writeln!(conn, "unknown command {other:?}; try state or metrics"),
     }
+}
+
+/// Gauges of the current state: live domains, mappings and mapped bytes per domain, attached
+/// endpoints (mapped bytes are what the backend pins for the guest).
+fn state_metrics(domains: &[DomainView], endpoints: &[EndpointView]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# TYPE viommu_domains gauge\nviommu_domains {}",
+        domains.len()
+    );
+    let attached = endpoints.iter().filter(|e| e.domain.is_some()).count();
+    let _ = writeln!(
+        out,
+        "# TYPE viommu_endpoints_attached gauge\nviommu_endpoints_attached {attached}"
+    );
+    out.push_str("# TYPE viommu_domain_mappings gauge\n");
+    for d in domains {
+        let _ = writeln!(
+            out,
+            "viommu_domain_mappings{{domain=\"{}\"}} {}",
+            d.id,
+            d.mappings.len()
+        );
+    }
+    out.push_str("# TYPE viommu_domain_mapped_bytes gauge\n");
+    for d in domains {
+        let bytes: u128 = d
+            .mappings
+            .iter()
+            .map(|m| u128::from(m.end - m.start) + 1)
+            .sum();
+        let _ = writeln!(
+            out,
+            "viommu_domain_mapped_bytes{{domain=\"{}\"}} {bytes}",
+            d.id
+        );
+    }
+    out
 }

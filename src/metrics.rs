@@ -21,6 +21,8 @@ pub struct Metrics {
     pub unknown_type: AtomicU64,
     /// Fault events delivered to the guest.
     pub faults_reported: AtomicU64,
+    /// Requests the host backend failed (after the request passed every spec check).
+    pub backend_errors: AtomicU64,
     latency: [AtomicU64; BUCKETS],
     latency_sum_ns: AtomicU64,
 }
@@ -66,6 +68,7 @@ impl Metrics {
             ("viommu_malformed_chains_total", &self.malformed),
             ("viommu_unknown_requests_total", &self.unknown_type),
             ("viommu_faults_reported_total", &self.faults_reported),
+            ("viommu_backend_errors_total", &self.backend_errors),
         ] {
             let _ = writeln!(
                 out,

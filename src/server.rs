@@ -128,7 +128,8 @@ pub fn serve(
     Ok(())
 }
 
-/// Blocks SIGTERM and SIGINT in every thread and stops `stopper` when one arrives. Call before
+/// Blocks SIGTERM, SIGINT and SIGHUP in every thread; stops `stopper` on SIGTERM or SIGINT and
+/// logs and ignores SIGHUP. Call before
 /// any other thread is spawned so that they all inherit the mask.
 pub fn handle_signals(stopper: Arc<Stopper>) -> std::io::Result<()> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
@@ -138,6 +139,7 @@ pub fn handle_signals(stopper: Arc<Stopper>) -> std::io::Result<()> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
     };
     if rc != 0 {
@@ -150,6 +152,12 @@ pub fn handle_signals(stopper: Arc<Stopper>) -> std::io::Result<()> {
                 let mut sig = 0;
                 // SAFETY: `set` is initialised and `sig` is a valid out pointer.
                 if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    if sig == libc::SIGHUP {
+                        // A running VM's IOMMU must not change under it: configuration is read
+                        // once, at start. Restart the unit (with the VM stopped) to apply it.
+                        warn!("SIGHUP ignored: the configuration is only read at start");
+                        continue;
+                    }
                     info!("signal {sig}: tearing down");
                     stopper.stop();
                     return;

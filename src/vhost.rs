@@ -260,6 +260,15 @@ impl Answerer<'_> {
         };
         let status = status_of(&outcome);
         log::trace!("chain {}: {} -> {status:?}", p.head, p.kind.name());
+        if let Err(crate::domains::Rejection {
+            reason: crate::domains::Reason::Backend(_),
+            ..
+        }) = &outcome
+        {
+            self.metrics
+                .backend_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Err(r) = &outcome
             && self.limiter.allow()
         {

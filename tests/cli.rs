@@ -172,3 +172,58 @@ fn viot_command_writes_a_table_that_decodes_back() {
     assert_eq!(v.endpoint_id(0, bdf("00:05.0")), Some(40));
     assert_eq!(v.endpoint_id(0, bdf("00:03.0")), None);
 }
+
+fn ask(sock: &std::path::Path, cmd: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(sock).expect("control socket");
+    c.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn control_socket_reports_state_and_prometheus_metrics() {
+    let dir = TempDir::new();
+    let (sock, ctl) = (dir.0.join("v.sock"), dir.0.join("ctl.sock"));
+    let mut child = Command::new(BIN)
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--control-socket")
+        .arg(&ctl)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
+    exercise(&mut vm);
+    let state: serde_json::Value = serde_json::from_str(&ask(&ctl, "state")).expect("JSON state");
+    assert_eq!(state["mappings"], 1);
+    assert_eq!(
+        state["failed_requests"], 1,
+        "the NoEnt attach in exercise()"
+    );
+    assert_eq!(state["domains"][0]["id"], 1);
+    assert_eq!(state["domains"][0]["mappings"][0]["start"], 0x1000);
+    let ep = state["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == 3)
+        .unwrap();
+    assert_eq!(ep["domain"], 1);
+    let m = ask(&ctl, "metrics");
+    for line in [
+        "viommu_requests_total{type=\"map\",status=\"ok\"} 1",
+        "viommu_requests_total{type=\"attach\",status=\"noent\"} 1",
+        "viommu_domain_mappings{domain=\"1\"} 1",
+        "viommu_domain_mapped_bytes{domain=\"1\"} 4096",
+        "viommu_endpoints_attached 1",
+        "viommu_request_latency_seconds_count 3",
+    ] {
+        assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
+    }
+    assert!(ask(&ctl, "bogus").contains("unknown command"));
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child).success());
+}

@@ -1012,13 +1012,14 @@ struct IommufdDomain {
 }
 
 impl IommufdDomain {
-    fn current_ram(&mut self) -> &GuestRam {
+    /// The backend's current RAM table; locks only when `set_ram` ran since the last call.
+    fn current_ram(&mut self) -> Arc<GuestRam> {
         let g = self.shared.ram_gen.load(Ordering::Acquire);
         if g != self.ram_gen {
             self.ram = lock(&self.shared.ram).clone();
             self.ram_gen = g;
         }
-        &self.ram
+        self.ram.clone()
     }
 }
 
@@ -1044,7 +1045,7 @@ impl HwDomain for IommufdDomain {
         }
         let shared = self.shared.clone();
         let id = self.id;
-        let ram = self.current_ram().clone();
+        let ram = self.current_ram();
         match shared.map(&ram, id, iova.start(), len, &op.host, op.perms) {
             Ok(_) => {
                 self.pinned += len;
