@@ -9,6 +9,10 @@
 #   VM_CACHE             cache dir (default /var/cache/vhost-user-iommu-vm)
 #   VM_TIMEOUT           seconds before QEMU is killed (default 300)
 #   VM_GUEST_BINS        extra static guest programs (space separated paths) run after guest-smoke
+#   VM_DAEMON_DMA=0      skip the daemon-dma guest program (built and run by default)
+#   VM_INITRD            initramfs path (default $VM_CACHE/run/initramfs-$IOMMU.cpio.gz)
+#   VM_IOMMU_DEVICE      replaces the IOMMU's -device argument (same IOMMU kind), e.g. a narrower
+#                        IOVA space: intel-iommu,intremap=on,aw-bits=39
 #   VM_LOG               console log (default $VM_CACHE/logs/console-$IOMMU.log)
 #   VM_QEMU_ARGS         extra QEMU arguments (word-split)
 #   VM_APPEND            extra kernel command line
@@ -31,11 +35,11 @@ qemu_ver=$("$qemu" --version | sed -nE '1s/^QEMU emulator version ([0-9]+)\..*/\
 
 case $iommu in
     intel)
-        iommu_dev=(-device "intel-iommu,intremap=on")
+        iommu_dev=(-device "${VM_IOMMU_DEVICE:-intel-iommu,intremap=on}")
         append="intel_iommu=on"
         ;;
     virtio)
-        iommu_dev=(-device virtio-iommu-pci)
+        iommu_dev=(-device "${VM_IOMMU_DEVICE:-virtio-iommu-pci}")
         # virtio-iommu offers no interrupt remapping: without this iommufd refuses to bind.
         append="iommufd.allow_unsafe_interrupts=1"
         ;;
@@ -70,12 +74,23 @@ log "building guest-smoke (static)"
         cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
     die "cargo build of tests/vm/guest-smoke failed"
 bins=("$target_dir/x86_64-unknown-linux-gnu/release/guest-smoke")
+# daemon-dma: the real daemon with its iommufd backend over both edu cdevs, driven by the crate's
+# TestVm (tests/vm/daemon-dma). Its first static build compiles the whole daemon (minutes).
+if [[ ${VM_DAEMON_DMA:-1} != 0 ]]; then
+    dd_target=$VM_CACHE/target/daemon-dma
+    log "building daemon-dma (static)"
+    (cd "$here/daemon-dma" &&
+        CARGO_TARGET_DIR=$dd_target RUSTFLAGS="-C target-feature=+crt-static" \
+            cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
+        die "cargo build of tests/vm/daemon-dma failed (if the main crate's dependencies changed: cd tests/vm/daemon-dma && cargo update -p vhost-user-iommu)"
+    bins+=("$dd_target/x86_64-unknown-linux-gnu/release/daemon-dma")
+fi
 read -r -a extra <<<"${VM_GUEST_BINS:-}"
 bins+=(${extra[@]+"${extra[@]}"})
 phase_end guest
 
 # --- initramfs -------------------------------------------------------------------------------
-initrd=$VM_CACHE/run/initramfs-$iommu.cpio.gz
+initrd=${VM_INITRD:-$VM_CACHE/run/initramfs-$iommu.cpio.gz}
 "$here/mkinitramfs.sh" "$initrd" "${bins[@]}"
 phase_end initramfs
 
