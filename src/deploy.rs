@@ -417,15 +417,7 @@ pub fn check(path: &Path, opts: &CheckOptions) -> Report {
             );
             false
         }
-        BackendKind::Iommufd | BackendKind::Auto => {
-            if cfg.backend == BackendKind::Iommufd {
-                r.push(
-                    Status::Warn,
-                    "backend iommufd is not in this build yet: the daemon refuses it; use backend = \"auto\" or \"soft\" until it is",
-                );
-            }
-            true
-        }
+        BackendKind::Iommufd | BackendKind::Auto => true,
     };
     if iommufd {
         check_iommufd(&mut r, &cfg, opts);

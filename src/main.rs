@@ -10,6 +10,7 @@ use log::{error, info, warn};
 use vhost::vhost_user::Listener;
 
 use vhost_user_iommu::backend::DmaBackend;
+use vhost_user_iommu::backend::iommufd::IommufdBackend;
 use vhost_user_iommu::backend::soft::SoftBackend;
 use vhost_user_iommu::config::{BackendKind, VmConfig};
 use vhost_user_iommu::control::{self, CurrentDevice};
@@ -18,6 +19,7 @@ use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::metrics::Metrics;
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::server::{OnConnect, Stopper, handle_signals, serve};
+use vhost_user_iommu::vfio::{self, PciAddress, SysfsRoot};
 use vhost_user_iommu::vhost::DeviceSettings;
 use vhost_user_iommu::viot::{Viot, parse_pci_address};
 
@@ -277,6 +279,75 @@ fn write_viot(a: ViotArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", a.output.display()))
 }
 
+/// How long the daemon waits at start for its devices to be bound to vfio-pci (they appear in
+/// any order; the unit is started by the first).
+const DEVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Picks and opens the translation backend: iommufd when asked, or with `auto` when every
+/// endpoint names a host device and /dev/iommu exists; else the software table.
+fn open_backend(
+    kind: BackendKind,
+    cfg: &VmConfig,
+    cli_endpoints: &[u32],
+    endpoints: &[EndpointId],
+    boot_bypass: bool,
+) -> Result<Arc<dyn DmaBackend>, String> {
+    let all_have_devices =
+        !cfg.endpoints.is_empty() && cfg.endpoints.iter().all(|e| e.pci.is_some());
+    let iommufd = match kind {
+        BackendKind::Iommufd => true,
+        BackendKind::Soft => false,
+        BackendKind::Auto => {
+            let node =
+                std::path::Path::new(vhost_user_iommu::backend::iommufd::IOMMUFD_NODE).exists();
+            if !(all_have_devices && node) {
+                info!(
+                    "backend auto: using the software table ({})",
+                    if node {
+                        "no endpoint names a host device"
+                    } else {
+                        "no /dev/iommu on this host"
+                    }
+                );
+            }
+            all_have_devices && node
+        }
+    };
+    if !iommufd {
+        warn!("using the software translation backend: no host device DMA is translated");
+        return Ok(Arc::new(SoftBackend::new(endpoints, boot_bypass)));
+    }
+    if !cli_endpoints.is_empty() {
+        return Err("--endpoint cannot be used with the iommufd backend: list the endpoints with their pci address in the config".into());
+    }
+    if !all_have_devices {
+        return Err("the iommufd backend needs a config whose every [[endpoint]] has pci = \"DDDD:BB:DD.F\"".into());
+    }
+    let root = SysfsRoot::default();
+    let mut pairs = Vec::new();
+    for e in &cfg.endpoints {
+        let pci = e.pci.as_deref().unwrap_or_default();
+        let addr: PciAddress = pci
+            .parse()
+            .map_err(|err| format!("endpoint {}: {err}", e.id))?;
+        pairs.push((EndpointId(e.id), addr));
+    }
+    let addrs: Vec<PciAddress> = pairs.iter().map(|p| p.1).collect();
+    info!(
+        "waiting up to {DEVICE_WAIT:?} for {} device(s) to be ready for VFIO",
+        addrs.len()
+    );
+    let cdevs = vfio::wait_for_devices(&root, &addrs, DEVICE_WAIT).map_err(|e| e.to_string())?;
+    let devices: Vec<(EndpointId, PathBuf)> = pairs
+        .iter()
+        .zip(cdevs)
+        .map(|((id, _), c)| (*id, c.node))
+        .collect();
+    let b = IommufdBackend::open(&devices, boot_bypass).map_err(|e| e.to_string())?;
+    info!("iommufd backend: {} device(s) bound", devices.len());
+    Ok(Arc::new(b))
+}
+
 fn run(a: ServeArgs) -> Result<(), String> {
     if a.print_capabilities {
         println!("{{\n  \"type\": \"iommu\",\n  \"features\": []\n}}");
@@ -321,15 +392,13 @@ fn run(a: ServeArgs) -> Result<(), String> {
         }
     };
     let boot_bypass = a.boot_bypass || cfg.boot_bypass;
-    let backend: Arc<dyn DmaBackend> = match a.backend.unwrap_or(cfg.backend) {
-        BackendKind::Iommufd => {
-            return Err("the iommufd backend is not in this build yet; use --backend soft".into());
-        }
-        BackendKind::Auto | BackendKind::Soft => {
-            warn!("using the software translation backend: no host device DMA is translated");
-            Arc::new(SoftBackend::new(&endpoints, boot_bypass))
-        }
-    };
+    let backend = open_backend(
+        a.backend.unwrap_or(cfg.backend),
+        &cfg,
+        &a.endpoints,
+        &endpoints,
+        boot_bypass,
+    )?;
     let c = backend.constraints();
     let [d0, d1] = cfg.domain_range.unwrap_or([0, u32::MAX]);
     let rules = Rules {

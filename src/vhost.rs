@@ -367,6 +367,13 @@ impl IommuDevice {
         let mut s = lock(&self.0.session);
         s.dispatcher.wait_idle(&mut |_| {});
         s.dispatcher.reset(self.0.settings.boot_bypass);
+        // The VM's memory is gone with the VMM: nothing may stay pinned for it (the identity
+        // domain held all of it), and a boot-bypass endpoint must not reach stale pages.
+        let empty = Arc::new(GuestRam::default());
+        if let Err(e) = self.0.backend.set_ram(&empty) {
+            log::error!("cannot release the guest's memory from the backend: {e}");
+        }
+        s.dispatcher.set_ram(empty);
         s.request_vring = None;
         s.mem = None;
     }
