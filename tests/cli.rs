@@ -227,3 +227,84 @@ fn control_socket_reports_state_and_prometheus_metrics() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(wait_exit(&mut child).success());
 }
+
+#[test]
+fn a_daemon_killed_with_sigkill_is_restarted_on_its_stale_socket() {
+    let dir = TempDir::new();
+    let sock = dir.0.join("v.sock");
+    let spawn = || {
+        Command::new(BIN)
+            .arg("--socket-path")
+            .arg(&sock)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn")
+    };
+    let mut first = spawn();
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
+    exercise(&mut vm);
+    first.kill().expect("SIGKILL");
+    first.wait().expect("reap");
+    drop(vm);
+    assert!(sock.exists(), "SIGKILL leaves the socket file behind");
+    let mut second = spawn();
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("reconnect after restart");
+    exercise(&mut vm);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut second).success());
+}
+
+#[test]
+fn sigterm_under_load_exits_zero_promptly() {
+    let dir = TempDir::new();
+    let sock = dir.0.join("v.sock");
+    let mut child = Command::new(BIN)
+        .args(["--threads", "2", "--socket-path"])
+        .arg(&sock)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let opts = VmOptions {
+        request_timeout: Duration::from_secs(1),
+        ..VmOptions::default()
+    };
+    let mut vm = TestVm::connect(&sock, opts).expect("connect");
+    exercise(&mut vm);
+    let load = std::thread::spawn(move || {
+        let mut served = 0u64;
+        for i in 0.. {
+            let iova = 0x10_0000 + (i % 512) * 0x1000;
+            let reqs = [
+                Request::Map {
+                    domain: DomainId(1),
+                    virt_start: iova,
+                    virt_end: iova + 0xfff,
+                    phys_start: iova,
+                    flags: 3,
+                },
+                Request::Unmap {
+                    domain: DomainId(1),
+                    virt_start: iova,
+                    virt_end: iova + 0xfff,
+                    reserved: [0; 4],
+                },
+            ];
+            match vm.batch(&reqs) {
+                Ok(st) => {
+                    assert_eq!(st, vec![Status::Ok; 2]);
+                    served += 2;
+                }
+                Err(_) => break, // the daemon went away mid-load
+            }
+        }
+        served
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = wait_exit(&mut child);
+    let served = load.join().expect("load thread");
+    assert!(served > 0, "the load ran");
+    assert!(st.success(), "SIGTERM under load must exit 0, got {st:?}");
+}
