@@ -90,5 +90,56 @@ fn map_unmap(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, decode, map_unmap);
+/// The pipeline hand-off: one MAP and one UNMAP through the dispatcher to an executor thread and
+/// back, against the same pair executed inline.
+fn handoff(c: &mut Criterion) {
+    use vhost_user_iommu::pipeline::{Dispatcher, Mode, Submitted};
+    let map = Request::Map {
+        domain: DomainId(1),
+        virt_start: 1 << 30,
+        virt_end: (1 << 30) + 0xfff,
+        phys_start: 0x1000,
+        flags: 3,
+    };
+    let unmap = Request::Unmap {
+        domain: DomainId(1),
+        virt_start: 1 << 30,
+        virt_end: (1 << 30) + 0xfff,
+        reserved: [0; 4],
+    };
+    for (name, mode) in [("inline", Mode::Inline), ("pipeline(1)", Mode::Pipeline(1))] {
+        let eps = [vhost_user_iommu::ids::EndpointId(1)];
+        let soft: Arc<dyn DmaBackend> = Arc::new(SoftBackend::new(&eps, false));
+        let mut d = Dispatcher::new(
+            mode,
+            rules(&soft.constraints()),
+            soft,
+            &eps,
+            false,
+            Arc::new(ram()),
+        )
+        .expect("dispatcher");
+        let mut probe = [0u8; 512];
+        let attach = Request::Attach {
+            domain: DomainId(1),
+            endpoint: eps[0],
+            flags: 0,
+            reserved: [0; 4],
+        };
+        let _ = d.submit(attach, 0, &mut probe, &mut |_| {});
+        c.bench_function(&format!("MAP+UNMAP hand-off, {name}"), |b| {
+            b.iter(|| {
+                for r in [map, unmap] {
+                    if let Submitted::Queued = d.submit(r, 1, &mut probe, &mut |_| {}) {
+                        d.wait_idle(&mut |c| {
+                            let _ = black_box(c);
+                        });
+                    }
+                }
+            })
+        });
+    }
+}
+
+criterion_group!(benches, decode, map_unmap, handoff);
 criterion_main!(benches);

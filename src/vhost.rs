@@ -294,6 +294,9 @@ impl Answerer<'_> {
 }
 
 struct Inner {
+    /// The polling window in force: the configured one, except in pipeline mode without a core
+    /// for every spinning thread, where polling would only steal the executors' time.
+    poll: std::time::Duration,
     /// Exit-event fds handed to the vring library, which leaks them (see `exit_event`).
     exit_fds: Mutex<Vec<(i32, (u64, u64))>>,
     settings: DeviceSettings,
@@ -338,7 +341,14 @@ impl IommuDevice {
                 suppressed: 0,
             },
         };
+        let poll = match settings.mode {
+            Mode::Pipeline(n) if crate::pipeline::spin_window(n).is_zero() => {
+                std::time::Duration::ZERO
+            }
+            _ => settings.poll,
+        };
         Ok(IommuDevice(Arc::new(Inner {
+            poll,
             exit_fds: Mutex::new(Vec::new()),
             settings,
             backend,
@@ -584,7 +594,7 @@ impl IommuDevice {
         dispatcher: &mut Dispatcher,
         a: &mut Answerer<'_>,
     ) -> bool {
-        let window = self.0.settings.poll;
+        let window = self.0.poll;
         if window.is_zero() && dispatcher.in_flight() == 0 {
             return false;
         }
