@@ -16,11 +16,8 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryLoadGuard, GuestMemoryMmap, GuestMemoryRegion,
-};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -28,22 +25,26 @@ use vmm_sys_util::event::{
 
 use crate::backend::DmaBackend;
 use crate::domains::{DomainView, EndpointView, Rules, status_of};
-use crate::guest_ram::{Backing, GuestRam, RamRegion};
-use crate::ids::{EndpointId, IovaRange};
+use crate::guest_ram::GuestRam;
+use crate::ids::EndpointId;
 use crate::metrics::Metrics;
 use crate::pipeline::{Completion, Dispatcher, Mode, QUEUE_CAPACITY, Submitted};
 use crate::protocol::{
-    CONFIG_SIZE, Config, DecodeError, EVENT_QUEUE, MAX_REQUEST_SIZE, REQUEST_QUEUE, Request,
-    RequestType, Status, TAIL_SIZE, encode_tail, features,
+    CONFIG_SIZE, Config, DecodeError, EVENT_QUEUE, REQUEST_QUEUE, Request, RequestType, Status,
+    TAIL_SIZE, encode_tail, features,
 };
+
+mod chain;
+mod memory;
+
+use chain::{Chain, LogLimiter, Pending, PendingTable, read_chain};
+use memory::{file_identity, guest_ram};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
 /// Event token of the executors' completion eventfd (0, 1 are the queues, 2 the exit event).
 pub const COMPLETION_EVENT: u16 = 3;
-/// Most device-writable descriptors a request may use; more is descriptor abuse.
-const MAX_WRITABLE_SEGMENTS: usize = 16;
 /// Largest virtqueue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
@@ -60,165 +61,6 @@ pub struct DeviceSettings {
     /// How long the vring thread keeps watching the ring for the next request after answering
     /// one, before it goes back to waiting for a kick (0: never).
     pub poll: std::time::Duration,
-}
-
-/// Where a request's device-writable bytes are: guest-physical segments in chain order.
-#[derive(Clone, Copy, Debug)]
-struct Segments {
-    seg: [(u64, u32); MAX_WRITABLE_SEGMENTS],
-    n: usize,
-    total: u64,
-}
-
-impl Segments {
-    /// Writes `data` at byte `offset` of the writable area. The segments were checked to be
-    /// guest RAM when the chain was parsed; a failure here means the memory table changed.
-    fn write(&self, mem: &GuestMemoryMmap, mut offset: u64, mut data: &[u8]) -> bool {
-        for &(addr, len) in &self.seg[..self.n] {
-            let len = u64::from(len);
-            if offset >= len {
-                offset -= len;
-                continue;
-            }
-            let n = data.len().min((len - offset) as usize);
-            if mem
-                .write_slice(&data[..n], GuestAddress(addr + offset))
-                .is_err()
-            {
-                return false;
-            }
-            data = &data[n..];
-            offset = 0;
-            if data.is_empty() {
-                return true;
-            }
-        }
-        data.is_empty()
-    }
-}
-
-/// What a descriptor chain turned out to be. Lives on the stack for one request only.
-#[allow(clippy::large_enum_variant)]
-enum Chain {
-    /// Not a request we can answer: returned with used length 0.
-    Unusable(&'static str),
-    Request {
-        bytes: [u8; MAX_REQUEST_SIZE],
-        len: usize,
-        writable: Segments,
-    },
-}
-
-/// Reads a chain: device-readable descriptors first (copied, at most MAX_REQUEST_SIZE bytes),
-/// then device-writable ones (recorded, checked to be guest RAM).
-fn read_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<MemGuard>) -> Chain {
-    let mut bytes = [0u8; MAX_REQUEST_SIZE];
-    let mut len = 0usize;
-    let mut writable = Segments {
-        seg: [(0, 0); MAX_WRITABLE_SEGMENTS],
-        n: 0,
-        total: 0,
-    };
-    for desc in chain {
-        let (addr, dlen) = (desc.addr(), desc.len());
-        if !mem.check_range(addr, dlen as usize) {
-            return Chain::Unusable("descriptor outside guest RAM");
-        }
-        if desc.is_write_only() {
-            if writable.n == MAX_WRITABLE_SEGMENTS {
-                return Chain::Unusable("too many writable descriptors");
-            }
-            if dlen > 0 {
-                writable.seg[writable.n] = (addr.0, dlen);
-                writable.n += 1;
-                writable.total += u64::from(dlen);
-            }
-        } else {
-            if writable.n > 0 {
-                return Chain::Unusable("readable descriptor after a writable one");
-            }
-            let take = (dlen as usize).min(MAX_REQUEST_SIZE - len);
-            if take > 0 && mem.read_slice(&mut bytes[len..len + take], addr).is_err() {
-                return Chain::Unusable("unreadable descriptor");
-            }
-            len += take;
-        }
-    }
-    if writable.total < TAIL_SIZE as u64 {
-        return Chain::Unusable("no room for the tail");
-    }
-    Chain::Request {
-        bytes,
-        len,
-        writable,
-    }
-}
-
-/// A request in flight: where to answer it.
-struct Pending {
-    head: u16,
-    kind: RequestType,
-    writable: Segments,
-    tail_offset: u64,
-    started: Instant,
-}
-
-/// Fixed-capacity table of requests in flight; the token is the slot.
-struct PendingTable {
-    slots: Vec<Option<Pending>>,
-    free: Vec<u32>,
-}
-
-impl PendingTable {
-    fn new(cap: usize) -> Self {
-        PendingTable {
-            slots: (0..cap).map(|_| None).collect(),
-            free: (0..cap as u32).rev().collect(),
-        }
-    }
-
-    fn insert(&mut self, p: Pending) -> Option<u64> {
-        let i = self.free.pop()?;
-        self.slots[i as usize] = Some(p);
-        Some(u64::from(i))
-    }
-
-    fn take(&mut self, token: u64) -> Option<Pending> {
-        let p = self.slots.get_mut(token as usize)?.take()?;
-        self.free.push(token as u32);
-        Some(p)
-    }
-
-    fn is_full(&self) -> bool {
-        self.free.is_empty()
-    }
-}
-
-/// Logs guest misbehaviour at most a few times per second.
-struct LogLimiter {
-    window: Instant,
-    count: u32,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    const PER_SECOND: u32 = 10;
-
-    fn allow(&mut self) -> bool {
-        if self.window.elapsed().as_secs() >= 1 {
-            if self.suppressed > 0 {
-                warn!("{} more guest errors were not logged", self.suppressed);
-            }
-            self.window = Instant::now();
-            self.count = 0;
-            self.suppressed = 0;
-        }
-        self.count += 1;
-        if self.count > Self::PER_SECOND {
-            self.suppressed += 1;
-        }
-        self.count <= Self::PER_SECOND
-    }
 }
 
 /// Per-connection device state, touched by the vring thread once per batch and by the vhost-user
@@ -682,52 +524,6 @@ fn signal(vring: &VringRwLock) {
             }
         }
     }
-}
-
-/// (st_dev, st_ino) of an open fd.
-fn file_identity(fd: i32) -> Option<(u64, u64)> {
-    // SAFETY: fstat writes only into `st`; an invalid fd just fails with EBADF.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a valid out pointer.
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
-}
-
-/// Converts the vhost-user memory table into the domain model's view of guest RAM.
-fn guest_ram(mem: &GuestMemoryMmap) -> Result<GuestRam, String> {
-    use std::os::fd::AsRawFd;
-    let mut regions = Vec::new();
-    for r in mem.iter() {
-        let gpa = IovaRange::with_len(r.start_addr().0, r.len())
-            .ok_or_else(|| format!("memory region at {:#x} has a bad length", r.start_addr().0))?;
-        let host_addr = r
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| e.to_string())? as u64;
-        let backing = match r.file_offset() {
-            None => None,
-            Some(fo) => {
-                // SAFETY: fstat writes only into the zeroed struct we pass, on an fd we own.
-                let mut st: libc::stat = unsafe { std::mem::zeroed() };
-                // SAFETY: the fd is valid for the lifetime of `fo`; `st` is a valid out pointer.
-                if unsafe { libc::fstat(fo.file().as_raw_fd(), &mut st) } != 0 {
-                    return Err(format!(
-                        "fstat of memory region fd: {}",
-                        io::Error::last_os_error()
-                    ));
-                }
-                Some(Backing {
-                    file: fo.arc().clone(),
-                    offset: fo.start(),
-                    file_id: (st.st_dev, st.st_ino),
-                })
-            }
-        };
-        regions.push(RamRegion {
-            gpa,
-            host_addr,
-            backing,
-        });
-    }
-    GuestRam::new(regions)
 }
 
 impl VhostUserBackend for IommuDevice {
