@@ -183,7 +183,11 @@ impl IommuDevice {
                 suppressed: 0,
             },
         };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let poll = match settings.mode {
+            // With one CPU the guest's vCPU and this thread share it: polling would only delay
+            // the very request it waits for.
+            _ if cores < 2 => std::time::Duration::ZERO,
             Mode::Pipeline(n) if crate::pipeline::spin_window(n).is_zero() => {
                 std::time::Duration::ZERO
             }

@@ -16,6 +16,19 @@
 //!   `IOMMU_IOAS_MAP` by user VA. The backing files come from the RAM table the backend got in
 //!   [`DmaBackend::set_ram`]; domains share it through an `Arc` and re-read it only when its
 //!   generation counter moved, so the map path takes no lock in the common case.
+//! - **Map strategy** ([`MapStrategy`]). The identity IOAS doubles as the *staging* IOAS: it
+//!   maps every RAM region once, at IOVA = GPA, and an unattached HWPT allocated on it in `open`
+//!   (`IOMMU_HWPT_ALLOC` for the first device; no device is ever attached to it) keeps those
+//!   pages pinned and holds their PFNs. A guest MAP then becomes `IOMMU_IOAS_COPY` of
+//!   `[gpa, gpa + len)` from it: the kernel takes any contiguous run of earlier maps, sub-ranges
+//!   included (`iopt_get_pages`; the uAPI comment's "must exactly match" is stricter than the
+//!   code, and `set_ram` probes it once), shares the `iopt_pages`, and fills the new domain from
+//!   the staging domain's page table instead of `pin_user_pages` (no re-pinning, no
+//!   RLIMIT_MEMLOCK charge). The cost is one more IOMMU page table over all guest RAM. A copy
+//!   is only tried while the staging IOAS holds the RAM table the domain maps from
+//!   (`staged_gen`); otherwise, and on ENOENT/EPERM, the MAP goes straight in. The automatic
+//!   choice is Copy > MapFile > Map by capability (measured in `BENCHMARKS-iommufd.md`);
+//!   `set_map_strategy` overrides it for measurements.
 //! - **Mappings without permissions.** The kernel refuses a map with neither READABLE nor
 //!   WRITEABLE (EINVAL), but virtio-iommu allows such a MAP (the device may then not access the
 //!   range at all). The domain records it without calling the kernel: the IOVA stays
@@ -34,11 +47,12 @@
 //! uAPI headers (`include/uapi/linux/iommufd.h`, `vfio.h`), tied to its request number by a
 //! trait, issued by one function that returns the errno.
 
+use std::collections::HashSet;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{debug, error, info, warn};
@@ -97,6 +111,49 @@ pub enum MapPath {
     File,
     /// `IOMMU_IOAS_MAP` from the daemon's mapping of guest RAM.
     UserVa,
+}
+
+/// Which ioctl a guest MAP becomes (see "Map strategy" in the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MapStrategy {
+    /// `IOMMU_IOAS_MAP` by the daemon's user VA of guest RAM (pins on every MAP).
+    Map,
+    /// `IOMMU_IOAS_MAP_FILE` from the region's memfd (pins on every MAP; falls back to `Map` for
+    /// RAM without a file or on kernels without MAP_FILE).
+    MapFile,
+    /// `IOMMU_IOAS_COPY` from the staging IOAS, whose pages are pinned once (falls back to
+    /// `MapFile`/`Map` while the staging IOAS does not hold the MAP's memory).
+    Copy,
+}
+
+impl MapStrategy {
+    pub const ALL: [MapStrategy; 3] = [MapStrategy::Map, MapStrategy::MapFile, MapStrategy::Copy];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MapStrategy::Map => "IOAS_MAP",
+            MapStrategy::MapFile => "IOAS_MAP_FILE",
+            MapStrategy::Copy => "IOAS_COPY",
+        }
+    }
+
+    fn code(s: Option<MapStrategy>) -> u8 {
+        match s {
+            None => 0,
+            Some(MapStrategy::Map) => 1,
+            Some(MapStrategy::MapFile) => 2,
+            Some(MapStrategy::Copy) => 3,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<MapStrategy> {
+        match c {
+            1 => Some(MapStrategy::Map),
+            2 => Some(MapStrategy::MapFile),
+            3 => Some(MapStrategy::Copy),
+            _ => None,
+        }
+    }
 }
 
 /// A VFIO device region (BAR, config space) as `VFIO_DEVICE_GET_REGION_INFO` describes it.
@@ -270,6 +327,38 @@ pub mod sys {
     }
     arg!(IommuIoasMapFile, io(TYPE, 0x8f), "IOMMU_IOAS_MAP_FILE");
 
+    /// `struct iommu_ioas_copy`
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct IommuIoasCopy {
+        pub size: u32,
+        pub flags: u32,
+        pub dst_ioas_id: u32,
+        pub src_ioas_id: u32,
+        pub length: u64,
+        pub dst_iova: u64,
+        pub src_iova: u64,
+    }
+    arg!(IommuIoasCopy, io(TYPE, 0x83), "IOMMU_IOAS_COPY");
+
+    /// `struct iommu_hwpt_alloc` (no driver data, no fault queue).
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct IommuHwptAlloc {
+        pub size: u32,
+        pub flags: u32,
+        pub dev_id: u32,
+        pub pt_id: u32,
+        pub out_hwpt_id: u32,
+        pub reserved: u32,
+        pub data_type: u32,
+        pub data_len: u32,
+        pub data_uptr: u64,
+        pub fault_id: u32,
+        pub reserved2: u32,
+    }
+    arg!(IommuHwptAlloc, io(TYPE, 0x89), "IOMMU_HWPT_ALLOC");
+
     /// `struct vfio_region_info` (no capability chain: `argsz` is exactly this struct).
     #[repr(C)]
     #[derive(Debug, Default)]
@@ -422,6 +511,44 @@ pub mod sys {
             iova,
         };
         ioctl(iommufd, &mut a)
+    }
+
+    /// `IOMMU_IOAS_COPY`: maps at `dst_iova` in `dst_ioas` the pages that `[src_iova, src_iova
+    /// + length)` of `src_ioas` maps (any contiguous run of earlier maps, sub-ranges included:
+    /// `iopt_get_pages` walks the covering areas), sharing their pinning.
+    pub fn ioas_copy(
+        iommufd: BorrowedFd<'_>,
+        dst_ioas: u32,
+        dst_iova: u64,
+        src_ioas: u32,
+        src_iova: u64,
+        length: u64,
+        flags: u32,
+    ) -> Result<(), Errno> {
+        let mut a = IommuIoasCopy {
+            size: size32::<IommuIoasCopy>(),
+            flags: flags | IOMMU_IOAS_MAP_FIXED_IOVA,
+            dst_ioas_id: dst_ioas,
+            src_ioas_id: src_ioas,
+            length,
+            dst_iova,
+            src_iova,
+        };
+        ioctl(iommufd, &mut a)
+    }
+
+    /// `IOMMU_HWPT_ALLOC` of a paging HWPT for `dev_id` on IOAS `pt_id`, attached to nothing:
+    /// the kernel fills it with every mapping of the IOAS (pinning their pages) and keeps it in
+    /// sync. Returns the HWPT id.
+    pub fn hwpt_alloc(iommufd: BorrowedFd<'_>, dev_id: u32, pt_id: u32) -> Result<u32, Errno> {
+        let mut a = IommuHwptAlloc {
+            size: size32::<IommuHwptAlloc>(),
+            dev_id,
+            pt_id,
+            ..Default::default()
+        };
+        ioctl(iommufd, &mut a)?;
+        Ok(a.out_hwpt_id)
     }
 
     /// Unmaps `[iova, iova + length)`; returns how many bytes the kernel unmapped.
@@ -621,11 +748,34 @@ struct Shared {
     ram_gen: AtomicU64,
     map_file_supported: bool,
     use_map_file: AtomicBool,
+    /// `MapStrategy::code` of the override (0: automatic).
+    strategy_override: AtomicU8,
+    /// The unattached HWPT on the identity IOAS that keeps the staged guest RAM pinned (and
+    /// answers PFN lookups for copies); `None` if `IOMMU_HWPT_ALLOC` failed.
+    staging_hwpt: Option<u32>,
+    /// The `ram_gen` whose RAM the identity (staging) IOAS holds completely; `u64::MAX` while
+    /// `set_ram` is changing it or after it failed.
+    staged_gen: AtomicU64,
+    /// Whether `IOMMU_IOAS_COPY` of a sub-range of a staged region works (probed at the first
+    /// staging): 0 unknown, 1 yes, 2 no.
+    copy_works: AtomicU8,
     /// Live paging IOASes (ids), for tests and leak checks.
     domains: Mutex<BTreeMap<u32, ()>>,
     pinned: AtomicU64,
     maps_file: AtomicU64,
     maps_va: AtomicU64,
+    maps_copy: AtomicU64,
+}
+
+fn map_flags(perms: Perms) -> u32 {
+    let mut flags = 0;
+    if perms.read {
+        flags |= sys::IOMMU_IOAS_MAP_READABLE;
+    }
+    if perms.write {
+        flags |= sys::IOMMU_IOAS_MAP_WRITEABLE;
+    }
+    flags
 }
 
 impl Shared {
@@ -633,8 +783,32 @@ impl Shared {
         self.iommufd.as_fd()
     }
 
+    /// The automatic choice (by measurement, see BENCHMARKS-iommufd.md): staging + COPY when
+    /// the staging HWPT exists and a sub-range COPY worked, else MAP_FILE when the kernel has
+    /// it, else MAP.
+    fn auto_strategy(&self) -> MapStrategy {
+        if self.staging_hwpt.is_some() && self.copy_works.load(Ordering::Relaxed) != 2 {
+            MapStrategy::Copy
+        } else if self.map_file_supported {
+            MapStrategy::MapFile
+        } else {
+            MapStrategy::Map
+        }
+    }
+
+    fn strategy(&self) -> MapStrategy {
+        MapStrategy::from_code(self.strategy_override.load(Ordering::Relaxed))
+            .unwrap_or_else(|| self.auto_strategy())
+    }
+
     fn path(&self, from_file: bool) -> MapPath {
-        if from_file && self.map_file_supported && self.use_map_file.load(Ordering::Relaxed) {
+        let file_wanted =
+            match MapStrategy::from_code(self.strategy_override.load(Ordering::Relaxed)) {
+                Some(MapStrategy::Map) => false,
+                Some(MapStrategy::MapFile) => true,
+                _ => self.use_map_file.load(Ordering::Relaxed),
+            };
+        if from_file && self.map_file_supported && file_wanted {
             MapPath::File
         } else {
             MapPath::UserVa
@@ -651,13 +825,7 @@ impl Shared {
         host: &crate::guest_ram::HostLocation,
         perms: Perms,
     ) -> std::result::Result<MapPath, sys::Errno> {
-        let mut flags = 0;
-        if perms.read {
-            flags |= sys::IOMMU_IOAS_MAP_READABLE;
-        }
-        if perms.write {
-            flags |= sys::IOMMU_IOAS_MAP_WRITEABLE;
-        }
+        let flags = map_flags(perms);
         let file = host.file.and_then(|(id, off)| {
             ram.regions()
                 .iter()
@@ -829,9 +997,25 @@ impl IommufdBackend {
         let constraints = queried?;
         let identity_id = identity.map_err(ioctl_err("the identity IOAS".to_string()))?;
         boot?;
+        // The staging HWPT: a domain on the identity IOAS that no device uses, so that guest RAM
+        // staged there stays pinned (once) and copies read its PFNs instead of pinning again.
+        let staging_hwpt = devices.values().next().and_then(|d| {
+            match sys::hwpt_alloc(iommufd.as_fd(), d.dev_id, identity_id) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    info!(
+                        "IOMMU_HWPT_ALLOC of the staging HWPT: {}: no staging + COPY",
+                        std::io::Error::from_raw_os_error(e.errno)
+                    );
+                    None
+                }
+            }
+        });
         info!(
-            "iommufd: {} devices, identity IOAS {identity_id}, IOMMU_IOAS_MAP_FILE {}",
+            "iommufd: {} devices, identity (staging) IOAS {identity_id}, staging HWPT {}, \
+             IOMMU_IOAS_MAP_FILE {}",
             devices.len(),
+            staging_hwpt.map_or("none".to_string(), |h| h.to_string()),
             if map_file_supported {
                 "available"
             } else {
@@ -851,10 +1035,15 @@ impl IommufdBackend {
                 ram_gen: AtomicU64::new(0),
                 map_file_supported,
                 use_map_file: AtomicBool::new(true),
+                strategy_override: AtomicU8::new(0),
+                staging_hwpt,
+                staged_gen: AtomicU64::new(u64::MAX),
+                copy_works: AtomicU8::new(0),
                 domains: Mutex::new(BTreeMap::new()),
                 pinned: AtomicU64::new(0),
                 maps_file: AtomicU64::new(0),
                 maps_va: AtomicU64::new(0),
+                maps_copy: AtomicU64::new(0),
             }),
             constraints,
         })
@@ -915,13 +1104,62 @@ impl IommufdBackend {
         self.shared.map_file_supported
     }
 
-    /// Chooses the map path for file-backed RAM from now on (tests and benchmarks: MAP_FILE is
-    /// the default when the kernel has it). Mappings already made keep their path.
+    /// Forces MAP_FILE (`true`) or MAP by user VA (`false`) for guest MAPs from now on: the same
+    /// as `set_map_strategy(Some(MapFile | Map))`. Mappings already made keep their path.
     pub fn prefer_map_file(&self, on: bool) {
         self.shared.use_map_file.store(on, Ordering::Relaxed);
+        self.set_map_strategy(Some(if on {
+            MapStrategy::MapFile
+        } else {
+            MapStrategy::Map
+        }));
     }
 
-    /// The path the next map of file-backed RAM takes.
+    /// Overrides the map strategy of guest MAPs from now on (`None`: automatic, by capability:
+    /// see `map_strategy`). Measurements only; mappings already made keep theirs.
+    pub fn set_map_strategy(&self, s: Option<MapStrategy>) {
+        self.shared
+            .strategy_override
+            .store(MapStrategy::code(s), Ordering::Relaxed);
+    }
+
+    /// The strategy the next guest MAP tries first (a `Copy` falls back to a direct map while
+    /// its memory is not staged).
+    pub fn map_strategy(&self) -> MapStrategy {
+        self.shared.strategy()
+    }
+
+    /// The automatic strategy this kernel and these devices allow.
+    pub fn auto_map_strategy(&self) -> MapStrategy {
+        self.shared.auto_strategy()
+    }
+
+    /// The HWPT that keeps staged guest RAM pinned, if `IOMMU_HWPT_ALLOC` worked.
+    pub fn staging_hwpt(&self) -> Option<u32> {
+        self.shared.staging_hwpt
+    }
+
+    /// Whether a sub-range `IOMMU_IOAS_COPY` from the staging IOAS worked (`None`: not probed
+    /// yet; probed at the first `set_ram` when there is a staging HWPT).
+    pub fn copy_works(&self) -> Option<bool> {
+        match self.shared.copy_works.load(Ordering::Relaxed) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Guest MAPs done by `IOMMU_IOAS_COPY` from the staging IOAS so far.
+    pub fn copy_count(&self) -> u64 {
+        self.shared.maps_copy.load(Ordering::Relaxed)
+    }
+
+    /// The `/dev/iommu` fd (benchmarks: raw ioctl loops on IOASes of this context).
+    pub fn iommufd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.shared.fd()
+    }
+
+    /// The path the next direct (non-COPY) map of file-backed RAM takes.
     pub fn map_path(&self) -> MapPath {
         self.shared.path(true)
     }
@@ -1009,6 +1247,8 @@ struct IommufdDomain {
     phantom: BTreeMap<u64, u64>,
     /// Bytes this IOAS pins (released at destroy).
     pinned: u64,
+    /// Starts of the mappings made by `IOMMU_IOAS_COPY` (they pin nothing of their own).
+    copied: HashSet<u64>,
 }
 
 impl IommufdDomain {
@@ -1046,6 +1286,34 @@ impl HwDomain for IommufdDomain {
         let shared = self.shared.clone();
         let id = self.id;
         let ram = self.current_ram();
+        if shared.strategy() == MapStrategy::Copy
+            && shared.staged_gen.load(Ordering::Acquire) == self.ram_gen
+        {
+            // The staging (identity) IOAS maps every RAM region at IOVA = GPA, pinned once.
+            match sys::ioas_copy(
+                shared.fd(),
+                id,
+                iova.start(),
+                shared.identity_id,
+                op.gpa,
+                len,
+                map_flags(op.perms),
+            ) {
+                Ok(()) => {
+                    shared.maps_copy.fetch_add(1, Ordering::Relaxed);
+                    self.copied.insert(iova.start());
+                    return Ok(());
+                }
+                // Not (or no longer) staged: map it directly below.
+                Err(e) if e.errno == libc::ENOENT || e.errno == libc::EPERM => {
+                    debug!(
+                        "IOAS {id}: COPY from staging at GPA {:#x}: errno {}",
+                        op.gpa, e.errno
+                    );
+                }
+                Err(e) => return Err(BackendError::new(e.name, e.errno, ctx(self))),
+            }
+        }
         match shared.map(&ram, id, iova.start(), len, &op.host, op.perms) {
             Ok(_) => {
                 self.pinned += len;
@@ -1076,10 +1344,25 @@ impl HwDomain for IommufdDomain {
                 format!("IOAS {} at {iova}", self.id),
             )
         })?;
-        self.shared.unmap(self.id, iova.start(), len).map_err(|e| {
-            BackendError::new(e.name, e.errno, format!("IOAS {} at {iova}", self.id))
-        })?;
-        self.pinned = self.pinned.saturating_sub(len);
+        let copied = self.copied.remove(&iova.start());
+        let r = if copied {
+            sys::ioas_unmap(self.shared.fd(), self.id, iova.start(), len).map(|_| ())
+        } else {
+            self.shared.unmap(self.id, iova.start(), len)
+        };
+        if let Err(e) = r {
+            if copied {
+                self.copied.insert(iova.start());
+            }
+            return Err(BackendError::new(
+                e.name,
+                e.errno,
+                format!("IOAS {} at {iova}", self.id),
+            ));
+        }
+        if !copied {
+            self.pinned = self.pinned.saturating_sub(len);
+        }
         Ok(())
     }
 }
@@ -1143,6 +1426,7 @@ impl DmaBackend for IommufdBackend {
             ram_gen,
             phantom: BTreeMap::new(),
             pinned: 0,
+            copied: HashSet::new(),
         }))
     }
 
@@ -1153,11 +1437,13 @@ impl DmaBackend for IommufdBackend {
 
     fn set_ram(&self, ram: &GuestRam) -> Result<()> {
         let ram = Arc::new(ram.clone());
-        {
-            *lock(&self.shared.ram) = ram.clone();
-            self.shared.ram_gen.fetch_add(1, Ordering::AcqRel);
-        }
         let mut topo = lock(&self.shared.topo);
+        // No copies from the staging IOAS while it changes.
+        self.shared.staged_gen.store(u64::MAX, Ordering::Release);
+        let generation = {
+            *lock(&self.shared.ram) = ram.clone();
+            self.shared.ram_gen.fetch_add(1, Ordering::AcqRel) + 1
+        };
         let wanted: Vec<IdentityEntry> = ram
             .regions()
             .iter()
@@ -1221,7 +1507,62 @@ impl DmaBackend for IommufdBackend {
                 }
             }
         }
+        if self.shared.staging_hwpt.is_some() && self.shared.copy_works.load(Ordering::Relaxed) == 0
+        {
+            let works = probe_copy(&self.shared, &ram);
+            if let Some(w) = works {
+                self.shared
+                    .copy_works
+                    .store(if w { 1 } else { 2 }, Ordering::Relaxed);
+            }
+        }
+        self.shared.staged_gen.store(generation, Ordering::Release);
         Ok(())
+    }
+}
+
+/// Tries `IOMMU_IOAS_COPY` of one granule from the middle of the first staged RAM region into a
+/// scratch IOAS (destroyed again). `None` when there is nothing to try it on.
+fn probe_copy(shared: &Shared, ram: &GuestRam) -> Option<bool> {
+    let r = ram
+        .regions()
+        .iter()
+        .find(|r| r.gpa.len().is_some_and(|l| l >= 3 * MIN_GRANULE))?;
+    let scratch = match sys::ioas_alloc(shared.fd()) {
+        Ok(id) => id,
+        Err(e) => {
+            warn!("scratch IOAS for the COPY probe: errno {}", e.errno);
+            return None;
+        }
+    };
+    let src = r.gpa.start() + MIN_GRANULE;
+    let res = sys::ioas_copy(
+        shared.fd(),
+        scratch,
+        src,
+        shared.identity_id,
+        src,
+        MIN_GRANULE,
+        sys::IOMMU_IOAS_MAP_READABLE | sys::IOMMU_IOAS_MAP_WRITEABLE,
+    );
+    if let Err(e) = sys::destroy(shared.fd(), scratch) {
+        warn!(
+            "cannot destroy the COPY probe IOAS {scratch}: errno {}",
+            e.errno
+        );
+    }
+    match res {
+        Ok(()) => {
+            info!("IOMMU_IOAS_COPY of a sub-range of staged RAM works: MAPs copy from staging");
+            Some(true)
+        }
+        Err(e) => {
+            info!(
+                "IOMMU_IOAS_COPY of a sub-range of staged RAM fails ({}): MAPs map directly",
+                std::io::Error::from_raw_os_error(e.errno)
+            );
+            Some(false)
+        }
     }
 }
 
@@ -1263,6 +1604,10 @@ mod tests {
         assert_eq!(size_of::<IommuIoasMap>(), 40);
         assert_eq!(size_of::<IommuIoasUnmap>(), 24);
         assert_eq!(size_of::<IommuIoasMapFile>(), 40);
+        assert_eq!(size_of::<IommuIoasCopy>(), 40);
+        assert_eq!(size_of::<IommuHwptAlloc>(), 48);
+        assert_eq!(IommuIoasCopy::REQ, 0x3b83);
+        assert_eq!(IommuHwptAlloc::REQ, 0x3b89);
         assert_eq!(size_of::<VfioRegionInfo>(), 32);
         assert_eq!(size_of::<VfioDeviceBindIommufd>(), 24);
         assert_eq!(size_of::<VfioDeviceAttachIommufdPt>(), 16);

@@ -10,6 +10,8 @@
 #   VM_TIMEOUT           seconds before QEMU is killed (default 300)
 #   VM_GUEST_BINS        extra static guest programs (space separated paths) run after guest-smoke
 #   VM_DAEMON_DMA=0      skip the daemon-dma guest program (built and run by default)
+#   VM_BENCH_IOMMUFD=0   skip the bench-iommufd guest program (built and run by default; prints
+#                        the iommufd map-path table, fails only on errors, never on timing)
 #   VM_INITRD            initramfs path (default $VM_CACHE/run/initramfs-$IOMMU.cpio.gz)
 #   VM_IOMMU_DEVICE      replaces the IOMMU's -device argument (same IOMMU kind), e.g. a narrower
 #                        IOVA space: intel-iommu,intremap=on,aw-bits=39
@@ -84,6 +86,18 @@ if [[ ${VM_DAEMON_DMA:-1} != 0 ]]; then
             cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
         die "cargo build of tests/vm/daemon-dma failed (if the main crate's dependencies changed: cd tests/vm/daemon-dma && cargo update -p vhost-user-iommu)"
     bins+=("$dd_target/x86_64-unknown-linux-gnu/release/daemon-dma")
+fi
+# bench-iommufd: raw IOAS_MAP / MAP_FILE / staging+COPY loops vs the daemon path
+# (tests/vm/bench-iommufd, BENCHMARKS-iommufd.md). Pairs per row: BENCH_PAIRS_4K / BENCH_PAIRS_2M
+# in the guest environment (defaults 256 / 32).
+if [[ ${VM_BENCH_IOMMUFD:-1} != 0 ]]; then
+    bi_target=$VM_CACHE/target/bench-iommufd
+    log "building bench-iommufd (static)"
+    (cd "$here/bench-iommufd" &&
+        CARGO_TARGET_DIR=$bi_target RUSTFLAGS="-C target-feature=+crt-static" \
+            cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
+        die "cargo build of tests/vm/bench-iommufd failed (if the main crate's dependencies changed: cd tests/vm/bench-iommufd && cargo update -p vhost-user-iommu)"
+    bins+=("$bi_target/x86_64-unknown-linux-gnu/release/bench-iommufd")
 fi
 read -r -a extra <<<"${VM_GUEST_BINS:-}"
 bins+=(${extra[@]+"${extra[@]}"})
