@@ -15,14 +15,7 @@ use vhost_user_iommu::ids::{DomainId, IovaRange, Perms};
 use vhost_user_iommu::protocol::Request;
 
 fn rules(c: &HostConstraints) -> Rules {
-    Rules {
-        granule_mask: 0xfff,
-        input_range: c.input_range,
-        domain_range: (0, u32::MAX),
-        resv_mem: c.reserved.clone(),
-        limits: Limits::default(),
-        probe_size: 512,
-    }
+    Rules::for_host(c, (0, u32::MAX), Limits::default(), 512)
 }
 
 fn ram() -> GuestRam {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use log::warn;
 
-use crate::backend::{Attachment, BackendError, DmaBackend, HwDomain, MapOp};
+use crate::backend::{Attachment, BackendError, DmaBackend, HostConstraints, HwDomain, MapOp};
 use crate::guest_ram::{GuestRam, HostLocation};
 use crate::ids::{DomainId, EndpointId, IovaRange, Perms};
 use crate::protocol::{
@@ -55,6 +55,25 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// The rules a host imposes: granule, input range and reserved regions from the backend's
+    /// constraints, the rest from the VM's configuration.
+    pub fn for_host(
+        c: &HostConstraints,
+        domain_range: (u32, u32),
+        limits: Limits,
+        probe_size: u32,
+    ) -> Rules {
+        Rules {
+            // The lowest set bit of the mask is the granule (§5.13.4).
+            granule_mask: (c.page_size_mask & c.page_size_mask.wrapping_neg()).wrapping_sub(1),
+            input_range: c.input_range,
+            domain_range,
+            resv_mem: c.reserved.clone(),
+            limits,
+            probe_size,
+        }
+    }
+
     fn domain_in_range(&self, d: DomainId) -> bool {
         self.domain_range.0 <= d.0 && d.0 <= self.domain_range.1
     }

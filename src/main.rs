@@ -401,14 +401,7 @@ fn run(a: ServeArgs) -> Result<(), String> {
     )?;
     let c = backend.constraints();
     let [d0, d1] = cfg.domain_range.unwrap_or([0, u32::MAX]);
-    let rules = Rules {
-        granule_mask: (c.page_size_mask & c.page_size_mask.wrapping_neg()).wrapping_sub(1),
-        input_range: c.input_range,
-        domain_range: (d0, d1),
-        resv_mem: c.reserved.clone(),
-        limits: cfg.limits(),
-        probe_size: cfg.probe_size.unwrap_or(512),
-    };
+    let rules = Rules::for_host(&c, (d0, d1), cfg.limits(), cfg.probe_size.unwrap_or(512));
     let threads = a.threads.or(cfg.threads).unwrap_or(0);
     let mode = if threads == 0 {
         Mode::Inline

@@ -55,14 +55,7 @@ pub struct LocalDaemon {
 /// The rules the soft backend implies, with the given caps.
 pub fn soft_rules(limits: Limits) -> Rules {
     let c = SoftBackend::new(&[], false).constraints();
-    Rules {
-        granule_mask: (c.page_size_mask & c.page_size_mask.wrapping_neg()) - 1,
-        input_range: c.input_range,
-        domain_range: (0, u32::MAX),
-        resv_mem: c.reserved,
-        limits,
-        probe_size: 512,
-    }
+    Rules::for_host(&c, (0, u32::MAX), limits, 512)
 }
 
 impl LocalDaemon {
