@@ -22,5 +22,6 @@ pub mod protocol;
 pub mod server;
 pub mod testing;
 pub mod vfio;
+pub mod vfio_user;
 pub mod vhost;
 pub mod viot;

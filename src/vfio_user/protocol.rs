@@ -1,0 +1,865 @@
+//! vfio-user wire format: message header, command payloads and replies, encoded and decoded
+//! with explicit size checks. Pure: no I/O, no file descriptors (the server attaches those).
+//!
+//! All integers are in host byte order (the protocol's rule for AF_UNIX peers). Payload
+//! structs mirror the VFIO ioctl structs of `<linux/vfio.h>`; the offsets below are the
+//! protocol document's, relative to the end of the 16-byte header.
+
+use super::device::Errno;
+
+/// Size of the message header.
+pub const HEADER_SIZE: usize = 16;
+
+// Commands.
+pub const CMD_VERSION: u16 = 1;
+pub const CMD_DMA_MAP: u16 = 2;
+pub const CMD_DMA_UNMAP: u16 = 3;
+pub const CMD_DEVICE_GET_INFO: u16 = 4;
+pub const CMD_DEVICE_GET_REGION_INFO: u16 = 5;
+pub const CMD_DEVICE_GET_REGION_IO_FDS: u16 = 6;
+pub const CMD_DEVICE_GET_IRQ_INFO: u16 = 7;
+pub const CMD_DEVICE_SET_IRQS: u16 = 8;
+pub const CMD_REGION_READ: u16 = 9;
+pub const CMD_REGION_WRITE: u16 = 10;
+pub const CMD_DMA_READ: u16 = 11;
+pub const CMD_DMA_WRITE: u16 = 12;
+pub const CMD_DEVICE_RESET: u16 = 13;
+pub const CMD_REGION_WRITE_MULTI: u16 = 15;
+pub const CMD_DEVICE_FEATURE: u16 = 16;
+pub const CMD_MIG_DATA_READ: u16 = 17;
+pub const CMD_MIG_DATA_WRITE: u16 = 18;
+
+// Header flags.
+pub const FLAG_TYPE_MASK: u32 = 0xf;
+pub const FLAG_TYPE_COMMAND: u32 = 0;
+pub const FLAG_TYPE_REPLY: u32 = 1;
+pub const FLAG_NO_REPLY: u32 = 1 << 4;
+pub const FLAG_ERROR: u32 = 1 << 5;
+
+// VFIO constants reused by the protocol (values from <linux/vfio.h>).
+pub const VFIO_DEVICE_FLAGS_RESET: u32 = 1 << 0;
+pub const VFIO_DEVICE_FLAGS_PCI: u32 = 1 << 1;
+/// The kernel's device-info capability chain: not carried by vfio-user's 16-byte struct.
+pub const VFIO_DEVICE_FLAGS_CAPS: u32 = 1 << 7;
+pub const VFIO_REGION_INFO_FLAG_READ: u32 = 1 << 0;
+pub const VFIO_REGION_INFO_FLAG_WRITE: u32 = 1 << 1;
+pub const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+pub const VFIO_REGION_INFO_FLAG_CAPS: u32 = 1 << 3;
+pub const VFIO_REGION_INFO_CAP_SPARSE_MMAP: u16 = 1;
+pub const VFIO_REGION_INFO_CAP_TYPE: u16 = 2;
+pub const VFIO_REGION_INFO_CAP_MSIX_MAPPABLE: u16 = 3;
+pub const VFIO_IRQ_INFO_EVENTFD: u32 = 1 << 0;
+pub const VFIO_IRQ_INFO_MASKABLE: u32 = 1 << 1;
+pub const VFIO_IRQ_INFO_AUTOMASKED: u32 = 1 << 2;
+pub const VFIO_IRQ_INFO_NORESIZE: u32 = 1 << 3;
+pub const VFIO_IRQ_SET_DATA_NONE: u32 = 1 << 0;
+pub const VFIO_IRQ_SET_DATA_BOOL: u32 = 1 << 1;
+pub const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+pub const VFIO_IRQ_SET_ACTION_MASK: u32 = 1 << 3;
+pub const VFIO_IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
+pub const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
+pub const VFIO_IRQ_SET_DATA_TYPE_MASK: u32 = 0x7;
+pub const VFIO_IRQ_SET_ACTION_TYPE_MASK: u32 = 0x38;
+pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
+pub const VFIO_PCI_INTX_IRQ_INDEX: u32 = 0;
+pub const VFIO_PCI_MSI_IRQ_INDEX: u32 = 1;
+pub const VFIO_PCI_MSIX_IRQ_INDEX: u32 = 2;
+pub const DMA_FLAG_READ: u32 = 1 << 0;
+pub const DMA_FLAG_WRITE: u32 = 1 << 1;
+/// `VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP`: needs dirty tracking, which is not offered.
+pub const DMA_UNMAP_FLAG_GET_DIRTY_BITMAP: u32 = 1 << 0;
+/// `VFIO_DMA_UNMAP_FLAG_ALL`: QEMU sends it (address 0, size 0) to drop every map.
+pub const DMA_UNMAP_FLAG_ALL: u32 = 1 << 1;
+
+/// Limits this server advertises and enforces.
+pub const MAX_MSG_FDS: usize = 16;
+pub const MAX_DATA_XFER_SIZE: usize = 1 << 20;
+pub const PGSIZES: u64 = 4096;
+pub const MAX_DMA_MAPS: usize = 65535;
+/// No message may be larger: a data transfer of `MAX_DATA_XFER_SIZE` plus its headers, with
+/// room to spare. A header that asks for more is refused before anything is allocated.
+pub const MAX_MSG_SIZE: usize = HEADER_SIZE + 64 + MAX_DATA_XFER_SIZE;
+/// Most vectors one SET_IRQS may name (the MSI-X table maximum); bounds `count` when no data
+/// follows it.
+pub const MAX_IRQ_VECTORS: u32 = 2048;
+/// Largest region-info reply (info struct plus capability chain) we build or accept from the
+/// kernel.
+pub const MAX_REGION_INFO_SIZE: usize = 64 * 1024;
+/// Most writes one REGION_WRITE_MULTI may carry (QEMU sends at most 200).
+pub const MAX_WRITE_MULTI: u64 = 1024;
+
+/// Size of `struct vfio_region_info`.
+pub const REGION_INFO_SIZE: usize = 32;
+/// Size of `struct vfio_irq_set` without its data.
+pub const IRQ_SET_SIZE: usize = 20;
+
+fn einval(context: &'static str) -> Errno {
+    Errno::new(libc::EINVAL, context)
+}
+
+pub(crate) fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_ne_bytes([b[off], b[off + 1]])
+}
+pub(crate) fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_ne_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+pub(crate) fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_ne_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+/// The 16-byte header every message starts with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Header {
+    pub msg_id: u16,
+    pub command: u16,
+    /// Size of the whole message, header included.
+    pub message_size: u32,
+    pub flags: u32,
+    pub error_no: u32,
+}
+
+impl Header {
+    pub fn decode(b: &[u8; HEADER_SIZE]) -> Header {
+        Header {
+            msg_id: u16_at(b, 0),
+            command: u16_at(b, 2),
+            message_size: u32_at(b, 4),
+            flags: u32_at(b, 8),
+            error_no: u32_at(b, 12),
+        }
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_SIZE] {
+        let mut b = [0u8; HEADER_SIZE];
+        b[0..2].copy_from_slice(&self.msg_id.to_ne_bytes());
+        b[2..4].copy_from_slice(&self.command.to_ne_bytes());
+        b[4..8].copy_from_slice(&self.message_size.to_ne_bytes());
+        b[8..12].copy_from_slice(&self.flags.to_ne_bytes());
+        b[12..16].copy_from_slice(&self.error_no.to_ne_bytes());
+        b
+    }
+
+    pub fn msg_type(&self) -> u32 {
+        self.flags & FLAG_TYPE_MASK
+    }
+
+    pub fn no_reply(&self) -> bool {
+        self.flags & FLAG_NO_REPLY != 0
+    }
+}
+
+/// A reply to `req` carrying `payload`.
+pub fn reply(req: &Header, payload: &[u8]) -> Vec<u8> {
+    let size = HEADER_SIZE + payload.len();
+    let h = Header {
+        msg_id: req.msg_id,
+        command: req.command,
+        message_size: u32::try_from(size).expect("replies are bounded by MAX_MSG_SIZE"),
+        flags: FLAG_TYPE_REPLY,
+        error_no: 0,
+    };
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An error reply: header only, the error flag and a non-zero errno (a client such as QEMU
+/// takes errno 0 for success, so 0 is sent as EIO).
+pub fn error_reply(msg_id: u16, command: u16, errno: i32) -> [u8; HEADER_SIZE] {
+    let errno = if errno <= 0 { libc::EIO } else { errno };
+    Header {
+        msg_id,
+        command,
+        message_size: HEADER_SIZE as u32,
+        flags: FLAG_TYPE_REPLY | FLAG_ERROR,
+        error_no: errno as u32,
+    }
+    .encode()
+}
+
+// ---------------------------------------------------------------------------------------------
+// VERSION
+
+/// A VERSION request: the client's version and its capabilities (JSON object, if any).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Version {
+    pub major: u16,
+    pub minor: u16,
+    pub capabilities: Option<serde_json::Value>,
+}
+
+pub fn decode_version(p: &[u8]) -> Result<Version, Errno> {
+    if p.len() < 4 {
+        return Err(einval("VERSION payload shorter than 4 bytes"));
+    }
+    let data = &p[4..];
+    // The JSON string is NUL-terminated; tolerate a missing NUL and trailing NULs.
+    let end = data.iter().position(|&c| c == 0).unwrap_or(data.len());
+    let text = &data[..end];
+    let capabilities = if text.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let v: serde_json::Value =
+            serde_json::from_slice(text).map_err(|_| einval("VERSION data is not valid JSON"))?;
+        if !v.is_object() {
+            return Err(einval("VERSION data is not a JSON object"));
+        }
+        Some(v)
+    };
+    Ok(Version {
+        major: u16_at(p, 0),
+        minor: u16_at(p, 2),
+        capabilities,
+    })
+}
+
+/// Whether the client's capabilities offer `write_multiple: true`.
+pub fn client_offers_write_multiple(v: &Version) -> bool {
+    v.capabilities
+        .as_ref()
+        .and_then(|c| c.get("capabilities"))
+        .and_then(|c| c.get("write_multiple"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// The server's VERSION reply payload: version 0.0 and our capabilities, NUL-terminated.
+/// No migration, no twin socket.
+pub fn encode_version_reply(write_multiple: bool) -> Vec<u8> {
+    let mut caps = serde_json::json!({
+        "max_msg_fds": MAX_MSG_FDS,
+        "max_data_xfer_size": MAX_DATA_XFER_SIZE,
+        "pgsizes": PGSIZES,
+        "max_dma_maps": MAX_DMA_MAPS,
+    });
+    if write_multiple {
+        caps["write_multiple"] = serde_json::Value::Bool(true);
+    }
+    let json = serde_json::json!({ "capabilities": caps }).to_string();
+    let mut out = Vec::with_capacity(4 + json.len() + 1);
+    out.extend_from_slice(&0u16.to_ne_bytes());
+    out.extend_from_slice(&0u16.to_ne_bytes());
+    out.extend_from_slice(json.as_bytes());
+    out.push(0);
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// DMA_MAP / DMA_UNMAP
+
+/// A DMA_MAP request (`struct vfio_user_dma_map`, 32 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaMap {
+    pub argsz: u32,
+    pub flags: u32,
+    /// Offset of the range in the passed fd (0 without one).
+    pub offset: u64,
+    /// Guest-physical (DMA) address.
+    pub address: u64,
+    pub size: u64,
+}
+
+pub fn decode_dma_map(p: &[u8]) -> Result<DmaMap, Errno> {
+    if p.len() < 32 {
+        return Err(einval("DMA_MAP payload shorter than 32 bytes"));
+    }
+    let m = DmaMap {
+        argsz: u32_at(p, 0),
+        flags: u32_at(p, 4),
+        offset: u64_at(p, 8),
+        address: u64_at(p, 16),
+        size: u64_at(p, 24),
+    };
+    if m.argsz < 32 {
+        return Err(einval("DMA_MAP argsz smaller than the struct"));
+    }
+    if m.flags & !(DMA_FLAG_READ | DMA_FLAG_WRITE) != 0 {
+        return Err(einval("DMA_MAP has unknown flags"));
+    }
+    if m.size == 0 || m.address.checked_add(m.size).is_none() {
+        return Err(einval("DMA_MAP range is empty or wraps"));
+    }
+    if !(m.address | m.size).is_multiple_of(PGSIZES) {
+        return Err(einval("DMA_MAP range is not page aligned"));
+    }
+    Ok(m)
+}
+
+/// A DMA_UNMAP request (`struct vfio_user_dma_unmap`, 24 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaUnmap {
+    pub argsz: u32,
+    pub flags: u32,
+    pub address: u64,
+    pub size: u64,
+}
+
+pub fn decode_dma_unmap(p: &[u8]) -> Result<DmaUnmap, Errno> {
+    if p.len() < 24 {
+        return Err(einval("DMA_UNMAP payload shorter than 24 bytes"));
+    }
+    let u = DmaUnmap {
+        argsz: u32_at(p, 0),
+        flags: u32_at(p, 4),
+        address: u64_at(p, 8),
+        size: u64_at(p, 16),
+    };
+    if u.flags & DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0 {
+        return Err(Errno::new(
+            libc::ENOTSUP,
+            "DMA_UNMAP dirty bitmaps are not supported",
+        ));
+    }
+    if u.flags & !DMA_UNMAP_FLAG_ALL != 0 {
+        return Err(einval("DMA_UNMAP has unknown flags"));
+    }
+    if u.flags & DMA_UNMAP_FLAG_ALL != 0 && (u.address != 0 || u.size != 0) {
+        return Err(einval("DMA_UNMAP of all maps names a range"));
+    }
+    Ok(u)
+}
+
+/// The DMA_UNMAP reply echoes the request's entry.
+pub fn encode_dma_unmap_reply(u: &DmaUnmap) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    out.extend_from_slice(&24u32.to_ne_bytes());
+    out.extend_from_slice(&u.flags.to_ne_bytes());
+    out.extend_from_slice(&u.address.to_ne_bytes());
+    out.extend_from_slice(&u.size.to_ne_bytes());
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// DEVICE_GET_INFO
+
+/// What `VFIO_DEVICE_GET_INFO` says about a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DeviceInfo {
+    pub flags: u32,
+    pub num_regions: u32,
+    pub num_irqs: u32,
+}
+
+/// Checks a DEVICE_GET_INFO request (argsz must leave room for the 16-byte reply).
+pub fn decode_device_info_req(p: &[u8]) -> Result<(), Errno> {
+    if p.len() < 16 {
+        return Err(einval("DEVICE_GET_INFO payload shorter than 16 bytes"));
+    }
+    if u32_at(p, 0) < 16 {
+        return Err(einval("DEVICE_GET_INFO argsz smaller than the reply"));
+    }
+    Ok(())
+}
+
+pub fn encode_device_info(info: &DeviceInfo) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16);
+    out.extend_from_slice(&16u32.to_ne_bytes());
+    out.extend_from_slice(&(info.flags & !VFIO_DEVICE_FLAGS_CAPS).to_ne_bytes());
+    out.extend_from_slice(&info.num_regions.to_ne_bytes());
+    out.extend_from_slice(&info.num_irqs.to_ne_bytes());
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// DEVICE_GET_REGION_INFO and region capabilities
+
+/// One capability of a region's capability chain: its id, version and the bytes after its
+/// 8-byte header (`struct vfio_info_cap_header`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionCap {
+    pub id: u16,
+    pub version: u16,
+    pub body: Vec<u8>,
+}
+
+/// One mmappable area of a region, relative to the region's start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SparseArea {
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl RegionCap {
+    /// A SPARSE_MMAP capability (version 1) listing `areas`.
+    pub fn sparse_mmap(areas: &[SparseArea]) -> RegionCap {
+        let mut body = Vec::with_capacity(8 + 16 * areas.len());
+        body.extend_from_slice(&(areas.len() as u32).to_ne_bytes());
+        body.extend_from_slice(&0u32.to_ne_bytes());
+        for a in areas {
+            body.extend_from_slice(&a.offset.to_ne_bytes());
+            body.extend_from_slice(&a.size.to_ne_bytes());
+        }
+        RegionCap {
+            id: VFIO_REGION_INFO_CAP_SPARSE_MMAP,
+            version: 1,
+            body,
+        }
+    }
+
+    /// The areas of a SPARSE_MMAP capability; `None` for other capabilities or a body too
+    /// short for its `nr_areas`.
+    pub fn sparse_areas(&self) -> Option<Vec<SparseArea>> {
+        if self.id != VFIO_REGION_INFO_CAP_SPARSE_MMAP || self.body.len() < 8 {
+            return None;
+        }
+        let n = u32_at(&self.body, 0) as usize;
+        let need = n.checked_mul(16)?.checked_add(8)?;
+        if self.body.len() < need {
+            return None;
+        }
+        Some(
+            (0..n)
+                .map(|i| SparseArea {
+                    offset: u64_at(&self.body, 8 + 16 * i),
+                    size: u64_at(&self.body, 16 + 16 * i),
+                })
+                .collect(),
+        )
+    }
+}
+
+/// What `VFIO_DEVICE_GET_REGION_INFO` says about a region.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct RegionInfo {
+    pub flags: u32,
+    pub size: u64,
+    /// Offset of the region in the region fd (VFIO: `index << 40`), used verbatim as the mmap
+    /// offset by the client.
+    pub offset: u64,
+    /// The capability chain, in order (without the CAPS flag's bookkeeping).
+    pub caps: Vec<RegionCap>,
+}
+
+impl RegionInfo {
+    pub fn cap(&self, id: u16) -> Option<&RegionCap> {
+        self.caps.iter().find(|c| c.id == id)
+    }
+}
+
+/// Parses a capability chain out of `buf` (a whole `vfio_region_info` reply, offsets relative
+/// to its start) beginning at `first`. Each `next` must point past the current capability
+/// (so the walk ends); a capability's body runs to the next one, the last one's to the end.
+pub fn parse_cap_chain(buf: &[u8], first: u32) -> Result<Vec<RegionCap>, Errno> {
+    let mut caps = Vec::new();
+    let mut off = first as usize;
+    while off != 0 {
+        if off < REGION_INFO_SIZE || off.checked_add(8).is_none_or(|e| e > buf.len()) {
+            return Err(einval("region capability outside the reply"));
+        }
+        let id = u16_at(buf, off);
+        let version = u16_at(buf, off + 2);
+        let next = u32_at(buf, off + 4) as usize;
+        let end = if next == 0 {
+            buf.len()
+        } else if next >= off + 8 && next <= buf.len() {
+            next
+        } else {
+            return Err(einval("region capability chain is malformed"));
+        };
+        caps.push(RegionCap {
+            id,
+            version,
+            body: buf[off + 8..end].to_vec(),
+        });
+        off = next;
+    }
+    Ok(caps)
+}
+
+/// Encodes `caps` as a chain placed at `base` (relative to the info struct), each
+/// capability 8-byte aligned, the last one's `next` 0.
+pub fn encode_cap_chain(base: usize, caps: &[RegionCap]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, c) in caps.iter().enumerate() {
+        let start = out.len();
+        let len = (8 + c.body.len()).next_multiple_of(8);
+        let next = if i + 1 == caps.len() {
+            0
+        } else {
+            (base + start + len) as u32
+        };
+        out.extend_from_slice(&c.id.to_ne_bytes());
+        out.extend_from_slice(&c.version.to_ne_bytes());
+        out.extend_from_slice(&next.to_ne_bytes());
+        out.extend_from_slice(&c.body);
+        out.resize(start + len, 0);
+    }
+    out
+}
+
+/// A DEVICE_GET_REGION_INFO request: the reply room the client offers and the region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionInfoReq {
+    pub argsz: u32,
+    pub index: u32,
+}
+
+pub fn decode_region_info_req(p: &[u8]) -> Result<RegionInfoReq, Errno> {
+    if p.len() < REGION_INFO_SIZE {
+        return Err(einval(
+            "DEVICE_GET_REGION_INFO payload shorter than 32 bytes",
+        ));
+    }
+    let r = RegionInfoReq {
+        argsz: u32_at(p, 0),
+        index: u32_at(p, 8),
+    };
+    if (r.argsz as usize) < REGION_INFO_SIZE {
+        return Err(einval(
+            "DEVICE_GET_REGION_INFO argsz smaller than the struct",
+        ));
+    }
+    Ok(r)
+}
+
+/// The region-info reply payload for a client that offered `argsz` bytes: the full struct
+/// and capability chain if it fits, else the bare struct whose `argsz` says what is needed
+/// (without the CAPS flag, so a client that checks `cap_offset` does not reject the short
+/// answer). Returns the payload and whether it is the full answer.
+pub fn encode_region_info(index: u32, info: &RegionInfo, argsz: u32) -> (Vec<u8>, bool) {
+    let chain = encode_cap_chain(REGION_INFO_SIZE, &info.caps);
+    let needed = REGION_INFO_SIZE + chain.len();
+    let full = needed <= argsz as usize;
+    let mut flags = info.flags & !VFIO_REGION_INFO_FLAG_CAPS;
+    let mut cap_offset = 0u32;
+    if full && !chain.is_empty() {
+        flags |= VFIO_REGION_INFO_FLAG_CAPS;
+        cap_offset = REGION_INFO_SIZE as u32;
+    }
+    let mut out = Vec::with_capacity(if full { needed } else { REGION_INFO_SIZE });
+    out.extend_from_slice(&(needed as u32).to_ne_bytes());
+    out.extend_from_slice(&flags.to_ne_bytes());
+    out.extend_from_slice(&index.to_ne_bytes());
+    out.extend_from_slice(&cap_offset.to_ne_bytes());
+    out.extend_from_slice(&info.size.to_ne_bytes());
+    out.extend_from_slice(&info.offset.to_ne_bytes());
+    if full {
+        out.extend_from_slice(&chain);
+    }
+    (out, full)
+}
+
+// ---------------------------------------------------------------------------------------------
+// DEVICE_GET_IRQ_INFO / DEVICE_SET_IRQS
+
+/// What `VFIO_DEVICE_GET_IRQ_INFO` says about an IRQ index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IrqInfo {
+    pub flags: u32,
+    pub count: u32,
+}
+
+/// A DEVICE_GET_IRQ_INFO request; returns the IRQ index.
+pub fn decode_irq_info_req(p: &[u8]) -> Result<u32, Errno> {
+    if p.len() < 16 {
+        return Err(einval("DEVICE_GET_IRQ_INFO payload shorter than 16 bytes"));
+    }
+    if u32_at(p, 0) < 16 {
+        return Err(einval("DEVICE_GET_IRQ_INFO argsz smaller than the reply"));
+    }
+    Ok(u32_at(p, 8))
+}
+
+pub fn encode_irq_info(index: u32, info: &IrqInfo) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16);
+    out.extend_from_slice(&16u32.to_ne_bytes());
+    out.extend_from_slice(&info.flags.to_ne_bytes());
+    out.extend_from_slice(&index.to_ne_bytes());
+    out.extend_from_slice(&info.count.to_ne_bytes());
+    out
+}
+
+/// A DEVICE_SET_IRQS request. `data` is the bool array for DATA_BOOL, empty otherwise
+/// (eventfds travel as SCM_RIGHTS).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IrqSet<'a> {
+    pub flags: u32,
+    pub index: u32,
+    pub start: u32,
+    pub count: u32,
+    pub data: &'a [u8],
+}
+
+impl IrqSet<'_> {
+    pub fn data_type(&self) -> u32 {
+        self.flags & VFIO_IRQ_SET_DATA_TYPE_MASK
+    }
+}
+
+pub fn decode_irq_set(p: &[u8]) -> Result<IrqSet<'_>, Errno> {
+    if p.len() < IRQ_SET_SIZE {
+        return Err(einval("DEVICE_SET_IRQS payload shorter than 20 bytes"));
+    }
+    let flags = u32_at(p, 4);
+    let s = IrqSet {
+        flags,
+        index: u32_at(p, 8),
+        start: u32_at(p, 12),
+        count: u32_at(p, 16),
+        data: &[],
+    };
+    if flags & !(VFIO_IRQ_SET_DATA_TYPE_MASK | VFIO_IRQ_SET_ACTION_TYPE_MASK) != 0 {
+        return Err(einval("DEVICE_SET_IRQS has unknown flags"));
+    }
+    let data = flags & VFIO_IRQ_SET_DATA_TYPE_MASK;
+    let action = flags & VFIO_IRQ_SET_ACTION_TYPE_MASK;
+    if data.count_ones() != 1 || action.count_ones() != 1 {
+        return Err(einval(
+            "DEVICE_SET_IRQS needs exactly one data type and one action",
+        ));
+    }
+    if s.count > MAX_IRQ_VECTORS || s.start.checked_add(s.count).is_none() {
+        return Err(einval("DEVICE_SET_IRQS names too many vectors"));
+    }
+    if data == VFIO_IRQ_SET_DATA_BOOL {
+        let end = IRQ_SET_SIZE + s.count as usize;
+        if p.len() < end {
+            return Err(einval("DEVICE_SET_IRQS bool data shorter than count"));
+        }
+        return Ok(IrqSet {
+            data: &p[IRQ_SET_SIZE..end],
+            ..s
+        });
+    }
+    Ok(s)
+}
+
+// ---------------------------------------------------------------------------------------------
+// REGION_READ / REGION_WRITE / REGION_WRITE_MULTI
+
+/// The common head of REGION_READ/REGION_WRITE requests and replies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionAccess {
+    pub offset: u64,
+    pub region: u32,
+    pub count: u32,
+}
+
+fn decode_region_access(p: &[u8], what: &'static str) -> Result<RegionAccess, Errno> {
+    if p.len() < 16 {
+        return Err(einval(what));
+    }
+    let a = RegionAccess {
+        offset: u64_at(p, 0),
+        region: u32_at(p, 8),
+        count: u32_at(p, 12),
+    };
+    if a.count as usize > MAX_DATA_XFER_SIZE {
+        return Err(Errno::new(
+            libc::E2BIG,
+            "region access larger than max_data_xfer_size",
+        ));
+    }
+    if a.offset.checked_add(u64::from(a.count)).is_none() {
+        return Err(einval("region access wraps"));
+    }
+    Ok(a)
+}
+
+pub fn decode_region_read(p: &[u8]) -> Result<RegionAccess, Errno> {
+    decode_region_access(p, "REGION_READ payload shorter than 16 bytes")
+}
+
+/// A REGION_WRITE request and its data (exactly `count` bytes must follow).
+pub fn decode_region_write(p: &[u8]) -> Result<(RegionAccess, &[u8]), Errno> {
+    let a = decode_region_access(p, "REGION_WRITE payload shorter than 16 bytes")?;
+    let data = &p[16..];
+    if data.len() != a.count as usize {
+        return Err(einval("REGION_WRITE data length differs from count"));
+    }
+    Ok((a, data))
+}
+
+pub fn encode_region_access(a: &RegionAccess, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + data.len());
+    out.extend_from_slice(&a.offset.to_ne_bytes());
+    out.extend_from_slice(&a.region.to_ne_bytes());
+    out.extend_from_slice(&a.count.to_ne_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// One write of a REGION_WRITE_MULTI (at most 8 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SmallWrite {
+    pub offset: u64,
+    pub region: u32,
+    pub count: u32,
+    pub data: [u8; 8],
+}
+
+impl SmallWrite {
+    pub fn bytes(&self) -> &[u8] {
+        &self.data[..self.count as usize]
+    }
+}
+
+/// A REGION_WRITE_MULTI request: `wr_cnt` then exactly that many 24-byte writes.
+pub fn decode_write_multi(p: &[u8]) -> Result<Vec<SmallWrite>, Errno> {
+    if p.len() < 8 {
+        return Err(einval("REGION_WRITE_MULTI payload shorter than 8 bytes"));
+    }
+    let n = u64_at(p, 0);
+    if n > MAX_WRITE_MULTI || p.len() != 8 + 24 * n as usize {
+        return Err(einval("REGION_WRITE_MULTI size differs from wr_cnt"));
+    }
+    (0..n as usize)
+        .map(|i| {
+            let e = &p[8 + 24 * i..8 + 24 * (i + 1)];
+            let w = SmallWrite {
+                offset: u64_at(e, 0),
+                region: u32_at(e, 8),
+                count: u32_at(e, 12),
+                data: e[16..24].try_into().expect("8 bytes"),
+            };
+            if w.count == 0 || w.count > 8 {
+                return Err(einval("REGION_WRITE_MULTI write of 0 or more than 8 bytes"));
+            }
+            Ok(w)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_roundtrip() {
+        let h = Header {
+            msg_id: 7,
+            command: CMD_DMA_MAP,
+            message_size: 48,
+            flags: FLAG_NO_REPLY,
+            error_no: 0,
+        };
+        assert_eq!(Header::decode(&h.encode()), h);
+    }
+
+    #[test]
+    fn error_reply_never_carries_errno_zero() {
+        let h = Header::decode(&error_reply(1, 2, 0));
+        assert_eq!(h.flags, FLAG_TYPE_REPLY | FLAG_ERROR);
+        assert_eq!(h.error_no, libc::EIO as u32);
+    }
+
+    #[test]
+    fn cap_chain_roundtrip() {
+        let caps = vec![
+            RegionCap::sparse_mmap(&[
+                SparseArea {
+                    offset: 0,
+                    size: 0x1000,
+                },
+                SparseArea {
+                    offset: 0x2000,
+                    size: 0x2000,
+                },
+            ]),
+            RegionCap {
+                id: VFIO_REGION_INFO_CAP_TYPE,
+                version: 1,
+                body: vec![1, 0, 0, 0, 2, 0, 0, 0],
+            },
+        ];
+        let mut buf = vec![0u8; REGION_INFO_SIZE];
+        buf.extend_from_slice(&encode_cap_chain(REGION_INFO_SIZE, &caps));
+        let back = parse_cap_chain(&buf, REGION_INFO_SIZE as u32).unwrap();
+        assert_eq!(back, caps);
+        assert_eq!(back[0].sparse_areas().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn cap_chain_rejects_loops_and_overruns() {
+        let mut buf = vec![0u8; REGION_INFO_SIZE + 8];
+        // next points back at itself.
+        buf[REGION_INFO_SIZE + 4..REGION_INFO_SIZE + 8]
+            .copy_from_slice(&(REGION_INFO_SIZE as u32).to_ne_bytes());
+        assert!(parse_cap_chain(&buf, REGION_INFO_SIZE as u32).is_err());
+        assert!(parse_cap_chain(&buf, 1000).is_err());
+        assert!(parse_cap_chain(&buf, 4).is_err());
+    }
+
+    #[test]
+    fn region_info_short_answer_has_no_caps_flag() {
+        let info = RegionInfo {
+            flags: VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_MMAP,
+            size: 0x4000,
+            offset: 1 << 40,
+            caps: vec![RegionCap::sparse_mmap(&[SparseArea {
+                offset: 0,
+                size: 0x4000,
+            }])],
+        };
+        let (short, full) = encode_region_info(0, &info, 32);
+        assert!(!full);
+        assert_eq!(short.len(), 32);
+        // header 8 + nr_areas/reserved 8 + one area 16.
+        assert_eq!(u32_at(&short, 0), 32 + 32);
+        assert_eq!(u32_at(&short, 4) & VFIO_REGION_INFO_FLAG_CAPS, 0);
+        assert!(!encode_region_info(0, &info, 63).1);
+        let (long, full) = encode_region_info(0, &info, 64);
+        assert!(full);
+        assert_eq!(long.len(), 64);
+        assert_ne!(u32_at(&long, 4) & VFIO_REGION_INFO_FLAG_CAPS, 0);
+        assert_eq!(u32_at(&long, 12), 32);
+    }
+
+    #[test]
+    fn irq_set_checks() {
+        let mut p = vec![0u8; 20];
+        p[4..8]
+            .copy_from_slice(&(VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_ACTION_TRIGGER).to_ne_bytes());
+        p[16..20].copy_from_slice(&3u32.to_ne_bytes());
+        assert!(decode_irq_set(&p).is_err());
+        p.extend_from_slice(&[1, 0, 1]);
+        assert_eq!(decode_irq_set(&p).unwrap().data, &[1, 0, 1]);
+        p[4..8].copy_from_slice(&(VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_DATA_NONE).to_ne_bytes());
+        assert!(decode_irq_set(&p).is_err());
+    }
+
+    #[test]
+    fn dma_map_checks() {
+        let mut p = vec![0u8; 32];
+        p[0..4].copy_from_slice(&32u32.to_ne_bytes());
+        p[4..8].copy_from_slice(&DMA_FLAG_READ.to_ne_bytes());
+        p[16..24].copy_from_slice(&0x1000u64.to_ne_bytes());
+        assert!(decode_dma_map(&p).is_err(), "size 0");
+        p[24..32].copy_from_slice(&0x1000u64.to_ne_bytes());
+        assert!(decode_dma_map(&p).is_ok());
+        p[24..32].copy_from_slice(&0x800u64.to_ne_bytes());
+        assert!(decode_dma_map(&p).is_err(), "unaligned");
+        assert!(decode_dma_map(&p[..31]).is_err());
+    }
+
+    #[test]
+    fn write_multi_size_must_match() {
+        let mut p = 2u64.to_ne_bytes().to_vec();
+        p.extend_from_slice(&[0u8; 24]);
+        assert!(decode_write_multi(&p).is_err());
+        p.extend_from_slice(&[0u8; 24]);
+        // count 0 is refused.
+        assert!(decode_write_multi(&p).is_err());
+        p[8 + 12] = 4;
+        p[8 + 24 + 12] = 8;
+        assert_eq!(decode_write_multi(&p).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn version_parsing() {
+        let mut p = vec![0, 0, 0, 0];
+        assert_eq!(decode_version(&p).unwrap().capabilities, None);
+        p.extend_from_slice(br#"{"capabilities":{"write_multiple":true}}"#);
+        p.push(0);
+        let v = decode_version(&p).unwrap();
+        assert!(client_offers_write_multiple(&v));
+        let bad = [0, 0, 0, 0, b'{', 0];
+        assert!(decode_version(&bad).is_err());
+        let r = encode_version_reply(false);
+        assert_eq!(*r.last().unwrap(), 0);
+        let json: serde_json::Value = serde_json::from_slice(&r[4..r.len() - 1]).unwrap();
+        assert_eq!(json["capabilities"]["max_msg_fds"], 16);
+        assert!(json["capabilities"].get("write_multiple").is_none());
+    }
+}

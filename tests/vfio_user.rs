@@ -1,0 +1,1189 @@
+//! vfio-user tier: the server over a real unix socket, against a fake assigned device, driven
+//! by a client written from the protocol document (nutanix/libvfio-user `docs/vfio-user.rst`)
+//! with its own encoding of every message — it shares no code with the server.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vhost_user_iommu::vfio_user::{
+    AssignedDevice, DeviceInfo, DmaCheck, Errno, IrqInfo, RegionCap, RegionInfo, SparseArea,
+    StopSignal, spawn_device_server,
+};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+// ---- constants, from the protocol document and <linux/vfio.h> ----
+const VERSION: u16 = 1;
+const DMA_MAP: u16 = 2;
+const DMA_UNMAP: u16 = 3;
+const GET_INFO: u16 = 4;
+const GET_REGION_INFO: u16 = 5;
+const GET_REGION_IO_FDS: u16 = 6;
+const GET_IRQ_INFO: u16 = 7;
+const SET_IRQS: u16 = 8;
+const REGION_READ: u16 = 9;
+const REGION_WRITE: u16 = 10;
+const RESET: u16 = 13;
+const WRITE_MULTI: u16 = 15;
+
+const T_REPLY: u32 = 1;
+const F_NO_REPLY: u32 = 1 << 4;
+const F_ERROR: u32 = 1 << 5;
+
+const REG_READ: u32 = 1;
+const REG_WRITE: u32 = 2;
+const REG_MMAP: u32 = 4;
+const REG_CAPS: u32 = 8;
+const CAP_SPARSE: u16 = 1;
+const CAP_MSIX_MAPPABLE: u16 = 3;
+
+const IRQ_EVENTFD: u32 = 1;
+const IRQ_MASKABLE: u32 = 2;
+const IRQ_AUTOMASKED: u32 = 4;
+const IRQ_NORESIZE: u32 = 8;
+const SET_DATA_NONE: u32 = 1;
+const SET_DATA_BOOL: u32 = 2;
+const SET_DATA_EVENTFD: u32 = 4;
+const SET_ACTION_TRIGGER: u32 = 32;
+
+const MSIX: u32 = 2;
+const CONFIG: u32 = 7;
+
+// ---- the fake device ----
+const BAR0_SIZE: u64 = 0x4000;
+const BAR0_OFF: u64 = 0x10000;
+const BAR2_SIZE: u64 = 0x1000;
+const BAR2_OFF: u64 = 0x20000;
+const GUEST_RAM_END: u64 = 0x8000_0000;
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+struct IrqCall {
+    index: u32,
+    flags: u32,
+    start: u32,
+    count: u32,
+    /// Our own duplicate of each eventfd the server passed (None for -1).
+    fds: Vec<Option<OwnedFd>>,
+    data: Vec<u8>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    config: Vec<u8>,
+    resets: u32,
+    irq_calls: Vec<IrqCall>,
+}
+
+struct Fake {
+    state: Arc<Mutex<FakeState>>,
+    /// Backs both BARs (at BAR0_OFF and BAR2_OFF), the fd handed to the client.
+    memfd: File,
+}
+
+fn memfd(name: &str, size: u64) -> File {
+    let cname = std::ffi::CString::new(name).unwrap();
+    // SAFETY: memfd_create takes a NUL-terminated name and returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh fd that nothing else owns.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(size).unwrap();
+    f
+}
+
+impl Fake {
+    fn new() -> (Fake, Arc<Mutex<FakeState>>) {
+        let memfd = memfd("fake-bars", BAR2_OFF + BAR2_SIZE);
+        let pattern: Vec<u8> = (0..BAR0_SIZE).map(|i| (i * 7 % 251) as u8).collect();
+        memfd.write_all_at(&pattern, BAR0_OFF).unwrap();
+        let mut config = vec![0u8; 256];
+        config[0..2].copy_from_slice(&0x1234u16.to_le_bytes());
+        config[2..4].copy_from_slice(&0x11e8u16.to_le_bytes());
+        let state = Arc::new(Mutex::new(FakeState {
+            config,
+            ..Default::default()
+        }));
+        (
+            Fake {
+                state: state.clone(),
+                memfd,
+            },
+            state,
+        )
+    }
+
+    fn bar(&self, index: u32) -> Option<(u64, u64)> {
+        match index {
+            0 => Some((BAR0_OFF, BAR0_SIZE)),
+            2 => Some((BAR2_OFF, BAR2_SIZE)),
+            _ => None,
+        }
+    }
+}
+
+fn einval() -> Errno {
+    Errno::new(libc::EINVAL, "fake")
+}
+
+impl AssignedDevice for Fake {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            flags: 1 | 2, // RESET | PCI
+            num_regions: 9,
+            num_irqs: 5,
+        }
+    }
+
+    fn region_info(&self, index: u32) -> Result<RegionInfo, Errno> {
+        Ok(match index {
+            0 => RegionInfo {
+                flags: REG_READ | REG_WRITE | REG_MMAP,
+                size: BAR0_SIZE,
+                offset: BAR0_OFF,
+                caps: vec![
+                    // The kernel's own areas: a hole at 0x1000..0x2000.
+                    RegionCap::sparse_mmap(&[
+                        SparseArea {
+                            offset: 0,
+                            size: 0x1000,
+                        },
+                        SparseArea {
+                            offset: 0x2000,
+                            size: 0x2000,
+                        },
+                    ]),
+                    RegionCap {
+                        id: CAP_MSIX_MAPPABLE,
+                        version: 1,
+                        body: Vec::new(),
+                    },
+                ],
+            },
+            2 => RegionInfo {
+                flags: REG_READ | REG_WRITE | REG_MMAP,
+                size: BAR2_SIZE,
+                offset: BAR2_OFF,
+                caps: Vec::new(),
+            },
+            CONFIG => RegionInfo {
+                flags: REG_READ | REG_WRITE,
+                size: 256,
+                offset: 7 << 40,
+                caps: Vec::new(),
+            },
+            1 | 3..=8 => RegionInfo {
+                offset: u64::from(index) << 40,
+                ..Default::default()
+            },
+            _ => return Err(einval()),
+        })
+    }
+
+    fn region_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.memfd.as_fd())
+    }
+
+    fn read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        if index == CONFIG {
+            let s = self.state.lock().unwrap();
+            let end = offset as usize + buf.len();
+            if end > s.config.len() {
+                return Err(einval());
+            }
+            buf.copy_from_slice(&s.config[offset as usize..end]);
+            return Ok(());
+        }
+        let (base, size) = self.bar(index).ok_or_else(einval)?;
+        if offset + buf.len() as u64 > size {
+            return Err(einval());
+        }
+        self.memfd
+            .read_exact_at(buf, base + offset)
+            .map_err(|e| Errno::from_io(&e, "fake read"))
+    }
+
+    fn write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        if index == CONFIG {
+            let mut s = self.state.lock().unwrap();
+            let end = offset as usize + data.len();
+            if end > s.config.len() {
+                return Err(einval());
+            }
+            s.config[offset as usize..end].copy_from_slice(data);
+            return Ok(());
+        }
+        let (base, size) = self.bar(index).ok_or_else(einval)?;
+        if offset + data.len() as u64 > size {
+            return Err(einval());
+        }
+        self.memfd
+            .write_all_at(data, base + offset)
+            .map_err(|e| Errno::from_io(&e, "fake write"))
+    }
+
+    fn irq_info(&self, index: u32) -> Result<IrqInfo, Errno> {
+        Ok(match index {
+            0 => IrqInfo {
+                flags: IRQ_EVENTFD | IRQ_MASKABLE | IRQ_AUTOMASKED,
+                count: 1,
+            },
+            1 => IrqInfo {
+                flags: IRQ_EVENTFD | IRQ_NORESIZE,
+                count: 1,
+            },
+            MSIX => IrqInfo {
+                flags: IRQ_EVENTFD | IRQ_NORESIZE,
+                count: 4,
+            },
+            3 | 4 => IrqInfo {
+                flags: IRQ_EVENTFD,
+                count: 1,
+            },
+            _ => return Err(einval()),
+        })
+    }
+
+    fn set_irqs(
+        &self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: &[RawFd],
+        data: &[u8],
+    ) -> Result<(), Errno> {
+        let fds = fds
+            .iter()
+            .map(|&fd| {
+                (fd >= 0).then(|| {
+                    // SAFETY: the server guarantees the fd is open for the call.
+                    unsafe { BorrowedFd::borrow_raw(fd) }
+                        .try_clone_to_owned()
+                        .unwrap()
+                })
+            })
+            .collect();
+        self.state.lock().unwrap().irq_calls.push(IrqCall {
+            index,
+            flags,
+            start,
+            count,
+            fds,
+            data: data.to_vec(),
+        });
+        Ok(())
+    }
+
+    fn reset(&self) -> Result<(), Errno> {
+        self.state.lock().unwrap().resets += 1;
+        Ok(())
+    }
+}
+
+// ---- server fixture ----
+struct Server {
+    path: PathBuf,
+    dir: PathBuf,
+    stop: StopSignal,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+    state: Arc<Mutex<FakeState>>,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Server {
+    fn start() -> Server {
+        let dir = std::env::temp_dir().join(format!(
+            "vfio-user-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dev.sock");
+        let (fake, state) = Fake::new();
+        let stop = StopSignal::new().unwrap();
+        let dma_check: DmaCheck =
+            Arc::new(|gpa, len| gpa.checked_add(len).is_some_and(|e| e <= GUEST_RAM_END));
+        let thread =
+            spawn_device_server("test", &path, Box::new(fake), dma_check, stop.clone()).unwrap();
+        Server {
+            path,
+            dir,
+            stop,
+            thread: Some(thread),
+            state,
+        }
+    }
+
+    fn connect(&self) -> Client {
+        let sock = UnixStream::connect(&self.path).unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        Client { sock, next_id: 1 }
+    }
+
+    /// A connected client past VERSION.
+    fn client(&self) -> Client {
+        let mut c = self.connect();
+        c.version(r#"{"capabilities":{"max_msg_fds":16}}"#).unwrap();
+        c
+    }
+
+    fn wait_for(&self, what: &str, f: impl Fn(&FakeState) -> bool) {
+        let t = Instant::now();
+        while !f(&self.state.lock().unwrap()) {
+            assert!(t.elapsed() < TIMEOUT, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---- the client ----
+#[derive(Debug, Clone, Copy)]
+struct Hdr {
+    id: u16,
+    cmd: u16,
+    size: u32,
+    flags: u32,
+    error: u32,
+}
+
+fn hdr_bytes(id: u16, cmd: u16, size: u32, flags: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16);
+    b.extend_from_slice(&id.to_ne_bytes());
+    b.extend_from_slice(&cmd.to_ne_bytes());
+    b.extend_from_slice(&size.to_ne_bytes());
+    b.extend_from_slice(&flags.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b
+}
+
+fn le16(b: &[u8], o: usize) -> u16 {
+    u16::from_ne_bytes(b[o..o + 2].try_into().unwrap())
+}
+fn le32(b: &[u8], o: usize) -> u32 {
+    u32::from_ne_bytes(b[o..o + 4].try_into().unwrap())
+}
+fn le64(b: &[u8], o: usize) -> u64 {
+    u64::from_ne_bytes(b[o..o + 8].try_into().unwrap())
+}
+
+/// A little builder for payloads.
+#[derive(Default)]
+struct P(Vec<u8>);
+impl P {
+    fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_ne_bytes());
+        self
+    }
+    fn u64(mut self, v: u64) -> Self {
+        self.0.extend_from_slice(&v.to_ne_bytes());
+        self
+    }
+    fn bytes(mut self, v: &[u8]) -> Self {
+        self.0.extend_from_slice(v);
+        self
+    }
+}
+
+struct Client {
+    sock: UnixStream,
+    next_id: u16,
+}
+
+type Res = Result<(Vec<u8>, Vec<OwnedFd>), u32>;
+
+impl Client {
+    fn send_raw(&mut self, bytes: &[u8], fds: &[RawFd]) {
+        let n = self.sock.send_with_fds(&[bytes], fds).unwrap();
+        assert_eq!(n, bytes.len());
+    }
+
+    fn send(&mut self, cmd: u16, payload: &[u8], fds: &[RawFd], flags: u32) -> u16 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let mut m = hdr_bytes(id, cmd, (16 + payload.len()) as u32, flags);
+        m.extend_from_slice(payload);
+        self.send_raw(&m, fds);
+        id
+    }
+
+    fn recv(&mut self) -> (Hdr, Vec<u8>, Vec<OwnedFd>) {
+        let mut h = [0u8; 16];
+        let mut fds = [-1; 4];
+        let mut iov = [libc::iovec {
+            iov_base: h.as_mut_ptr().cast(),
+            iov_len: h.len(),
+        }];
+        // SAFETY: the iovec covers `h`, which may receive arbitrary bytes.
+        let (n, nfds) = unsafe { self.sock.recv_with_fds(&mut iov, &mut fds) }.unwrap();
+        // SAFETY: recv_with_fds handed us `nfds` fresh fds to own.
+        let fds: Vec<OwnedFd> = fds[..nfds]
+            .iter()
+            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        assert!(n > 0, "server closed the connection");
+        if n < 16 {
+            self.sock.read_exact(&mut h[n..]).unwrap();
+        }
+        let hdr = Hdr {
+            id: le16(&h, 0),
+            cmd: le16(&h, 2),
+            size: le32(&h, 4),
+            flags: le32(&h, 8),
+            error: le32(&h, 12),
+        };
+        assert!(
+            hdr.size >= 16 && hdr.size < 2 << 20,
+            "reply size {}",
+            hdr.size
+        );
+        let mut body = vec![0u8; hdr.size as usize - 16];
+        self.sock.read_exact(&mut body).unwrap();
+        (hdr, body, fds)
+    }
+
+    /// Receives the reply to `id`/`cmd`: Ok(payload, fds) or Err(errno).
+    fn reply(&mut self, id: u16, cmd: u16) -> Res {
+        let (h, body, fds) = self.recv();
+        assert_eq!(h.flags & 0xf, T_REPLY, "{h:?}");
+        assert_eq!((h.id, h.cmd), (id, cmd), "{h:?}");
+        if h.flags & F_ERROR != 0 {
+            assert_ne!(h.error, 0, "an error reply must carry an errno");
+            assert!(body.is_empty(), "error replies are header-only");
+            assert!(fds.is_empty());
+            return Err(h.error);
+        }
+        Ok((body, fds))
+    }
+
+    fn call(&mut self, cmd: u16, payload: &[u8], fds: &[RawFd]) -> Res {
+        let id = self.send(cmd, payload, fds, 0);
+        self.reply(id, cmd)
+    }
+
+    fn version(&mut self, json: &str) -> Result<serde_json::Value, u32> {
+        let mut p = P::default()
+            .bytes(&0u16.to_ne_bytes())
+            .bytes(&0u16.to_ne_bytes());
+        p = p.bytes(json.as_bytes()).bytes(&[0]);
+        let (body, _) = self.call(VERSION, &p.0, &[])?;
+        assert_eq!(le16(&body, 0), 0, "major");
+        assert_eq!(le16(&body, 2), 0, "minor");
+        assert_eq!(*body.last().unwrap(), 0, "NUL-terminated capabilities");
+        Ok(serde_json::from_slice(&body[4..body.len() - 1]).unwrap())
+    }
+
+    fn region_info(&mut self, index: u32, argsz: u32) -> Res {
+        let p = P::default()
+            .u32(argsz)
+            .u32(0)
+            .u32(index)
+            .u32(0)
+            .u64(0)
+            .u64(0);
+        self.call(GET_REGION_INFO, &p.0, &[])
+    }
+
+    fn read(&mut self, region: u32, offset: u64, count: u32) -> Result<Vec<u8>, u32> {
+        let p = P::default().u64(offset).u32(region).u32(count);
+        let (body, _) = self.call(REGION_READ, &p.0, &[])?;
+        assert_eq!(le64(&body, 0), offset);
+        assert_eq!(le32(&body, 8), region);
+        assert_eq!(le32(&body, 12), count);
+        Ok(body[16..].to_vec())
+    }
+
+    fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), u32> {
+        let p = P::default()
+            .u64(offset)
+            .u32(region)
+            .u32(data.len() as u32)
+            .bytes(data);
+        let (body, _) = self.call(REGION_WRITE, &p.0, &[])?;
+        assert_eq!(body.len(), 16);
+        assert_eq!(le32(&body, 12), data.len() as u32);
+        Ok(())
+    }
+
+    fn set_irqs(
+        &mut self,
+        flags: u32,
+        index: u32,
+        start: u32,
+        count: u32,
+        fds: &[RawFd],
+        data: &[u8],
+    ) -> Res {
+        let p = P::default()
+            .u32(20 + data.len() as u32)
+            .u32(flags)
+            .u32(index)
+            .u32(start)
+            .u32(count)
+            .bytes(data);
+        self.call(SET_IRQS, &p.0, fds)
+    }
+
+    fn dma_map(
+        &mut self,
+        flags: u32,
+        offset: u64,
+        address: u64,
+        size: u64,
+        fd: Option<RawFd>,
+    ) -> Res {
+        let p = P::default()
+            .u32(32)
+            .u32(flags)
+            .u64(offset)
+            .u64(address)
+            .u64(size);
+        let fds: Vec<RawFd> = fd.into_iter().collect();
+        self.call(DMA_MAP, &p.0, &fds)
+    }
+
+    fn dma_unmap(&mut self, flags: u32, address: u64, size: u64) -> Res {
+        let p = P::default().u32(24).u32(flags).u64(address).u64(size);
+        self.call(DMA_UNMAP, &p.0, &[])
+    }
+
+    fn info(&mut self) -> Result<(u32, u32, u32, u32), u32> {
+        let p = P::default().u32(16).u32(0).u32(0).u32(0);
+        let (b, _) = self.call(GET_INFO, &p.0, &[])?;
+        assert_eq!(b.len(), 16);
+        Ok((le32(&b, 0), le32(&b, 4), le32(&b, 8), le32(&b, 12)))
+    }
+
+    /// True once the server has closed the connection (reads EOF).
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.sock.read(&mut b), Ok(0))
+    }
+}
+
+/// A parsed capability chain: (id, version, offset of the cap in the reply).
+fn caps(reply: &[u8]) -> Vec<(u16, u16, usize)> {
+    let mut out = Vec::new();
+    if le32(reply, 4) & REG_CAPS == 0 {
+        return out;
+    }
+    let mut off = le32(reply, 12) as usize;
+    while off != 0 {
+        assert!(off >= 32 && off + 8 <= reply.len(), "cap at {off}");
+        out.push((le16(reply, off), le16(reply, off + 2), off));
+        let next = le32(reply, off + 4) as usize;
+        assert!(next == 0 || next > off, "cap chain goes backwards");
+        off = next;
+    }
+    out
+}
+
+fn sparse_areas(reply: &[u8], off: usize) -> Vec<(u64, u64)> {
+    let n = le32(reply, off + 8) as usize;
+    (0..n)
+        .map(|i| {
+            (
+                le64(reply, off + 16 + 16 * i),
+                le64(reply, off + 24 + 16 * i),
+            )
+        })
+        .collect()
+}
+
+/// Gets a region's info the way a VMM does: bare argsz first, then the size it was told.
+fn region_info_two_pass(c: &mut Client, index: u32) -> (Vec<u8>, Vec<OwnedFd>) {
+    let (first, fds) = c.region_info(index, 32).unwrap();
+    assert_eq!(first.len(), 32, "the bare answer is just the struct");
+    let needed = le32(&first, 0);
+    if needed == 32 {
+        return (first, fds);
+    }
+    assert!(fds.is_empty(), "no fd with the bare answer");
+    assert_eq!(le32(&first, 4) & REG_CAPS, 0, "no CAPS flag without caps");
+    let (full, fds) = c.region_info(index, needed).unwrap();
+    assert_eq!(full.len(), needed as usize);
+    (full, fds)
+}
+
+fn mmap_bytes(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Vec<u8> {
+    // SAFETY: a fresh shared read-only mapping of `len` bytes of `fd`; nothing else aliases
+    // it as Rust data; it is unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    // SAFETY: `p` maps `len` readable bytes.
+    let out = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) }.to_vec();
+    // SAFETY: write one byte through the mapping, then unmap it (no references remain).
+    unsafe {
+        p.cast::<u8>().write_volatile(0xa5);
+        libc::munmap(p, len);
+    }
+    out
+}
+
+// ---- the tests ----
+
+#[test]
+fn version_negotiation_advertises_capabilities() {
+    let s = Server::start();
+    let mut c = s.connect();
+    let caps = c
+        .version(r#"{"capabilities":{"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"migration":{"pgsize":4096,"max_bitmap_size":1048576},"write_multiple":true}}"#)
+        .unwrap();
+    let c0 = &caps["capabilities"];
+    assert!(c0["max_msg_fds"].as_u64().unwrap() >= 16);
+    assert_eq!(c0["max_data_xfer_size"], 1 << 20);
+    assert_eq!(c0["pgsizes"], 4096);
+    assert!(c0["max_dma_maps"].as_u64().unwrap() > 0);
+    assert!(c0.get("migration").is_none(), "no migration");
+    assert!(c0.get("twin_socket").is_none());
+    assert_eq!(c0["write_multiple"], true);
+    // A second VERSION is refused.
+    assert!(c.version("{}").is_err());
+
+    // A client that does not offer write_multiple is not offered it.
+    drop(c);
+    let mut c = s.connect();
+    let caps = c.version(r#"{"capabilities":{}}"#).unwrap();
+    assert!(caps["capabilities"].get("write_multiple").is_none());
+    // And one with no capabilities at all is fine too.
+    drop(c);
+    let mut c = s.connect();
+    let p = P::default().u32(0);
+    assert!(c.call(VERSION, &p.0, &[]).is_ok());
+}
+
+#[test]
+fn unsupported_major_version_is_refused_and_closed() {
+    let s = Server::start();
+    let mut c = s.connect();
+    let p = P::default()
+        .bytes(&1u16.to_ne_bytes())
+        .bytes(&0u16.to_ne_bytes());
+    assert!(c.call(VERSION, &p.0, &[]).is_err());
+    assert!(c.closed());
+}
+
+#[test]
+fn commands_before_version_are_refused() {
+    let s = Server::start();
+    let mut c = s.connect();
+    assert!(c.info().is_err());
+    c.version("{}").unwrap();
+    assert!(c.info().is_ok());
+}
+
+#[test]
+fn device_info() {
+    let s = Server::start();
+    let mut c = s.client();
+    let (argsz, flags, regions, irqs) = c.info().unwrap();
+    assert_eq!((argsz, flags, regions, irqs), (16, 3, 9, 5));
+}
+
+#[test]
+fn region_info_two_pass_with_sparse_mmap_and_fd() {
+    let s = Server::start();
+    let mut c = s.client();
+
+    let (bar0, fds) = region_info_two_pass(&mut c, 0);
+    let flags = le32(&bar0, 4);
+    assert_eq!(flags & (REG_READ | REG_WRITE | REG_MMAP | REG_CAPS), 15);
+    assert_eq!(le32(&bar0, 8), 0, "index");
+    assert_eq!(le64(&bar0, 16), BAR0_SIZE);
+    let offset = le64(&bar0, 24);
+    assert_eq!(offset, BAR0_OFF);
+    let chain = caps(&bar0);
+    assert!(
+        chain.iter().all(|c| c.0 != CAP_MSIX_MAPPABLE),
+        "MSIX_MAPPABLE must be withheld: {chain:?}"
+    );
+    let sparse = chain
+        .iter()
+        .find(|c| c.0 == CAP_SPARSE)
+        .expect("sparse cap");
+    assert_eq!(sparse.1, 1, "sparse cap version");
+    let areas = sparse_areas(&bar0, sparse.2);
+    assert_eq!(
+        areas,
+        vec![(0, 0x1000), (0x2000, 0x2000)],
+        "the kernel's areas"
+    );
+    assert_eq!(fds.len(), 1, "the region fd comes with the full answer");
+
+    // Map each area the way QEMU does, (fd, region.offset + area.offset), and see the fake's
+    // bytes; a write through the mapping is seen by the device.
+    for (aoff, asize) in areas {
+        let got = mmap_bytes(fds[0].as_fd(), offset + aoff, asize as usize);
+        let want: Vec<u8> = (aoff..aoff + asize).map(|i| (i * 7 % 251) as u8).collect();
+        assert_eq!(got, want, "area at {aoff:#x}");
+        assert_eq!(c.read(0, aoff, 1).unwrap(), vec![0xa5]);
+    }
+
+    // A mappable region without kernel areas gets one area covering it.
+    let (bar2, fds) = region_info_two_pass(&mut c, 2);
+    let chain = caps(&bar2);
+    assert_eq!(chain.len(), 1);
+    assert_eq!(sparse_areas(&bar2, chain[0].2), vec![(0, BAR2_SIZE)]);
+    assert_eq!(fds.len(), 1);
+
+    // Config space: not mappable, no caps, no fd, answered in one pass.
+    let (cfg, fds) = c.region_info(CONFIG, 32).unwrap();
+    assert_eq!(le32(&cfg, 0), 32);
+    assert_eq!(le32(&cfg, 4), REG_READ | REG_WRITE);
+    assert_eq!(le64(&cfg, 16), 256);
+    assert_eq!(le64(&cfg, 24), 7 << 40);
+    assert!(fds.is_empty());
+
+    // A generous argsz is fine; an index past num_regions and a too-small argsz are not.
+    let (big, fds) = c.region_info(0, 4096).unwrap();
+    assert_eq!(big, bar0);
+    assert_eq!(fds.len(), 1);
+    assert!(c.region_info(9, 32).is_err());
+    assert!(c.region_info(0, 16).is_err());
+    // GET_REGION_IO_FDS is not offered.
+    let p = P::default().u32(32).u32(0).u32(0).u32(0);
+    assert!(c.call(GET_REGION_IO_FDS, &p.0, &[]).is_err());
+}
+
+#[test]
+fn region_read_and_write() {
+    let s = Server::start();
+    let mut c = s.client();
+    assert_eq!(c.read(CONFIG, 0, 4).unwrap(), vec![0x34, 0x12, 0xe8, 0x11]);
+    c.write(CONFIG, 4, &[0x06, 0x01]).unwrap();
+    assert_eq!(s.state.lock().unwrap().config[4..6], [0x06, 0x01]);
+    assert_eq!(c.read(CONFIG, 4, 2).unwrap(), vec![0x06, 0x01]);
+    // BAR through the socket.
+    c.write(0, 0x10, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+    assert_eq!(c.read(0, 0x10, 8).unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8]);
+    // Out of the region, a region that does not exist, more than max_data_xfer_size.
+    assert!(c.read(CONFIG, 250, 8).is_err());
+    assert!(c.read(20, 0, 4).is_err());
+    assert!(c.read(0, 0, (1 << 20) + 1).is_err());
+    assert!(c.write(CONFIG, 255, &[0, 0]).is_err());
+    // Still serving.
+    assert_eq!(c.read(CONFIG, 0, 2).unwrap(), vec![0x34, 0x12]);
+}
+
+#[test]
+fn region_write_multi() {
+    let s = Server::start();
+    let mut c = s.connect();
+    c.version(r#"{"capabilities":{"write_multiple":true}}"#)
+        .unwrap();
+    let mut p = P::default().u64(2);
+    p = p
+        .u64(8)
+        .u32(CONFIG)
+        .u32(2)
+        .bytes(&[0xaa, 0xbb, 0, 0, 0, 0, 0, 0]);
+    p = p.u64(0x20).u32(0).u32(4).bytes(&[9, 8, 7, 6, 0, 0, 0, 0]);
+    let (b, _) = c.call(WRITE_MULTI, &p.0, &[]).unwrap();
+    assert_eq!(le64(&b, 0), 2);
+    assert_eq!(c.read(CONFIG, 8, 2).unwrap(), vec![0xaa, 0xbb]);
+    assert_eq!(c.read(0, 0x20, 4).unwrap(), vec![9, 8, 7, 6]);
+    // QEMU sends it with no-reply: nothing comes back, the next reply is the next command's.
+    let p = P::default()
+        .u64(1)
+        .u64(10)
+        .u32(CONFIG)
+        .u32(1)
+        .bytes(&[0x5a, 0, 0, 0, 0, 0, 0, 0]);
+    c.send(WRITE_MULTI, &p.0, &[], F_NO_REPLY);
+    assert_eq!(c.read(CONFIG, 10, 1).unwrap(), vec![0x5a]);
+    // wr_cnt disagreeing with the size.
+    let p = P::default().u64(3).u64(0).u32(CONFIG).u32(1).u64(0);
+    assert!(c.call(WRITE_MULTI, &p.0, &[]).is_err());
+}
+
+#[test]
+fn irq_info_and_set_irqs_with_eventfds() {
+    let s = Server::start();
+    let mut c = s.client();
+    let p = P::default().u32(16).u32(0).u32(MSIX).u32(0);
+    let (b, _) = c.call(GET_IRQ_INFO, &p.0, &[]).unwrap();
+    assert_eq!(
+        (le32(&b, 0), le32(&b, 4), le32(&b, 8), le32(&b, 12)),
+        (16, IRQ_EVENTFD | IRQ_NORESIZE, MSIX, 4)
+    );
+    let p = P::default().u32(16).u32(0).u32(5).u32(0);
+    assert!(
+        c.call(GET_IRQ_INFO, &p.0, &[]).is_err(),
+        "index past num_irqs"
+    );
+
+    // MSI-X vectors 0 and 1 with eventfds, vector 2 without (count with no fds), as QEMU
+    // sends them.
+    let e0 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let e1 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let fl = SET_DATA_EVENTFD | SET_ACTION_TRIGGER;
+    c.set_irqs(fl, MSIX, 0, 2, &[e0.as_raw_fd(), e1.as_raw_fd()], &[])
+        .unwrap();
+    c.set_irqs(fl, MSIX, 2, 1, &[], &[]).unwrap();
+    {
+        let st = s.state.lock().unwrap();
+        let a = &st.irq_calls[0];
+        assert_eq!((a.index, a.flags, a.start, a.count), (MSIX, fl, 0, 2));
+        assert!(a.fds.iter().all(Option::is_some));
+        // The device got our very eventfds: signalling its copies wakes ours.
+        for (fd, ours) in a.fds.iter().zip([&e0, &e1]) {
+            let mut f = File::from(fd.as_ref().unwrap().try_clone().unwrap());
+            f.write_all(&1u64.to_ne_bytes()).unwrap();
+            assert_eq!(ours.read().unwrap(), 1);
+        }
+        let b = &st.irq_calls[1];
+        assert_eq!((b.index, b.start, b.count), (MSIX, 2, 1));
+        assert!(b.fds.iter().all(Option::is_none), "no fd means -1");
+    }
+    // DATA_BOOL carries its bools; DATA_NONE nothing.
+    c.set_irqs(SET_DATA_BOOL | SET_ACTION_TRIGGER, MSIX, 0, 2, &[], &[1, 0])
+        .unwrap();
+    c.set_irqs(SET_DATA_NONE | SET_ACTION_TRIGGER, 0, 0, 1, &[], &[])
+        .unwrap();
+    {
+        let st = s.state.lock().unwrap();
+        assert_eq!(st.irq_calls[2].data, vec![1, 0]);
+        assert_eq!(st.irq_calls[3].flags, SET_DATA_NONE | SET_ACTION_TRIGGER);
+    }
+    // Refused: fd count differing from count, fds without DATA_EVENTFD, two data types,
+    // bools missing, an index past num_irqs, an absurd count.
+    assert!(c.set_irqs(fl, MSIX, 0, 2, &[e0.as_raw_fd()], &[]).is_err());
+    assert!(
+        c.set_irqs(
+            SET_DATA_NONE | SET_ACTION_TRIGGER,
+            MSIX,
+            0,
+            1,
+            &[e0.as_raw_fd()],
+            &[]
+        )
+        .is_err()
+    );
+    assert!(
+        c.set_irqs(
+            SET_DATA_NONE | SET_DATA_BOOL | SET_ACTION_TRIGGER,
+            MSIX,
+            0,
+            1,
+            &[],
+            &[1]
+        )
+        .is_err()
+    );
+    assert!(
+        c.set_irqs(SET_DATA_BOOL | SET_ACTION_TRIGGER, MSIX, 0, 4, &[], &[1])
+            .is_err()
+    );
+    assert!(c.set_irqs(fl, 7, 0, 1, &[], &[]).is_err());
+    assert!(c.set_irqs(fl, MSIX, 0, u32::MAX, &[], &[]).is_err());
+    assert_eq!(
+        s.state.lock().unwrap().irq_calls.len(),
+        4,
+        "refused calls never reach the device"
+    );
+    // Up to 16 fds in one message.
+    let many: Vec<EventFd> = (0..16).map(|_| EventFd::new(0).unwrap()).collect();
+    let raw: Vec<RawFd> = many.iter().map(|e| e.as_raw_fd()).collect();
+    c.set_irqs(fl, MSIX, 0, 16, &raw, &[]).unwrap();
+    assert_eq!(s.state.lock().unwrap().irq_calls[4].fds.len(), 16);
+}
+
+#[test]
+fn reset_is_forwarded() {
+    let s = Server::start();
+    let mut c = s.client();
+    assert!(c.call(RESET, &[], &[]).unwrap().0.is_empty());
+    assert_eq!(s.state.lock().unwrap().resets, 1);
+}
+
+#[test]
+fn dma_map_is_checked_against_guest_ram_and_recorded() {
+    let s = Server::start();
+    let mut c = s.client();
+    let ram = memfd("guest-ram", 0x10_0000);
+    let fd = Some(ram.as_raw_fd());
+    // Inside guest RAM, with the memfd.
+    c.dma_map(3, 0, 0x10_0000, 0x10_0000, fd).unwrap();
+    // Outside guest RAM: refused with an errno.
+    let e = c.dma_map(3, 0, GUEST_RAM_END, 0x1000, fd).unwrap_err();
+    assert_eq!(e, libc::EFAULT as u32);
+    let e = c
+        .dma_map(3, 0, GUEST_RAM_END - 0x1000, 0x2000, fd)
+        .unwrap_err();
+    assert_eq!(e, libc::EFAULT as u32);
+    // Without an fd (ROM, a peer BAR), anywhere: accepted and recorded.
+    c.dma_map(1, 0, 0xfebc_0000_0000, 0x4000, None).unwrap();
+    // Overlaps are refused.
+    assert_eq!(
+        c.dma_map(3, 0, 0x18_0000, 0x1000, fd).unwrap_err(),
+        libc::EEXIST as u32
+    );
+    assert_eq!(
+        c.dma_map(1, 0, 0xfebc_0000_2000, 0x1000, None).unwrap_err(),
+        libc::EEXIST as u32
+    );
+    // Malformed: size 0, unaligned, unknown flags, two fds.
+    assert!(c.dma_map(3, 0, 0x40_0000, 0, fd).is_err());
+    assert!(c.dma_map(3, 0, 0x40_0800, 0x1000, fd).is_err());
+    assert!(c.dma_map(0x100, 0, 0x40_0000, 0x1000, fd).is_err());
+    let p = P::default()
+        .u32(32)
+        .u32(3)
+        .u64(0)
+        .u64(0x40_0000)
+        .u64(0x1000);
+    assert!(
+        c.call(DMA_MAP, &p.0, &[ram.as_raw_fd(), ram.as_raw_fd()])
+            .is_err()
+    );
+    // A map with no-reply: no answer, but recorded (so mapping it again overlaps).
+    let p = P::default()
+        .u32(32)
+        .u32(3)
+        .u64(0)
+        .u64(0x60_0000)
+        .u64(0x1000);
+    c.send(DMA_MAP, &p.0, &[ram.as_raw_fd()], F_NO_REPLY);
+    assert_eq!(
+        c.dma_map(3, 0, 0x60_0000, 0x1000, fd).unwrap_err(),
+        libc::EEXIST as u32
+    );
+
+    // UNMAP must name a map exactly; the reply echoes the entry.
+    assert!(c.dma_unmap(0, 0x10_0000, 0x1000).is_err());
+    let (b, _) = c.dma_unmap(0, 0x10_0000, 0x10_0000).unwrap();
+    assert_eq!((le64(&b, 8), le64(&b, 16)), (0x10_0000, 0x10_0000));
+    assert!(
+        c.dma_unmap(0, 0x10_0000, 0x10_0000).is_err(),
+        "already gone"
+    );
+    c.dma_map(3, 0, 0x10_0000, 0x1000, fd).unwrap();
+    // Unmap-all (QEMU's VFIO_DMA_UNMAP_FLAG_ALL) drops everything.
+    c.dma_unmap(2, 0, 0).unwrap();
+    c.dma_map(1, 0, 0xfebc_0000_0000, 0x4000, None).unwrap();
+    // Dirty bitmaps are not offered.
+    assert!(c.dma_unmap(1, 0xfebc_0000_0000, 0x4000).is_err());
+}
+
+#[test]
+fn malformed_messages_get_errors_and_serving_continues() {
+    let s = Server::start();
+    let mut c = s.client();
+
+    // A header whose size is smaller than a header.
+    c.send_raw(&hdr_bytes(100, GET_INFO, 8, 0), &[]);
+    let (h, body, _) = c.recv();
+    assert_eq!(h.id, 100);
+    assert!(h.flags & F_ERROR != 0 && h.error != 0 && body.is_empty());
+
+    // Sizes that lie about the payload: too short for the command's struct.
+    let p = P::default().u32(32).u32(0);
+    assert!(c.call(GET_REGION_INFO, &p.0, &[]).is_err());
+    assert!(c.call(GET_INFO, &[0u8; 4], &[]).is_err());
+    assert!(c.call(DMA_MAP, &[0u8; 16], &[]).is_err());
+    assert!(c.call(SET_IRQS, &[0u8; 12], &[]).is_err());
+    // A REGION_WRITE whose count says 100 but carries 4 bytes.
+    let p = P::default()
+        .u64(0)
+        .u32(CONFIG)
+        .u32(100)
+        .bytes(&[1, 2, 3, 4]);
+    assert!(c.call(REGION_WRITE, &p.0, &[]).is_err());
+    // argsz smaller than the struct.
+    let p = P::default().u32(8).u32(0).u32(0).u32(0);
+    assert!(c.call(GET_INFO, &p.0, &[]).is_err());
+
+    // Unknown and wrong-direction commands.
+    assert!(c.call(99, &[], &[]).is_err());
+    assert!(c.call(0xffff, &[1, 2, 3], &[]).is_err());
+    assert!(
+        c.call(11, &[0u8; 16], &[]).is_err(),
+        "DMA_READ is server-to-client"
+    );
+    // An fd with a command that takes none is refused (and closed).
+    let e = EventFd::new(0).unwrap();
+    let p = P::default().u32(16).u32(0).u32(0).u32(0);
+    assert!(c.call(GET_INFO, &p.0, &[e.as_raw_fd()]).is_err());
+    // A message of an unknown type.
+    let mut m = hdr_bytes(200, GET_INFO, 32, 7);
+    m.extend_from_slice(&p.0);
+    c.send_raw(&m, &[]);
+    let (h, _, _) = c.recv();
+    assert!(h.id == 200 && h.flags & F_ERROR != 0 && h.error != 0);
+    // A reply from the client answers nothing: ignored, no reply to it.
+    let mut m = hdr_bytes(201, GET_INFO, 32, T_REPLY);
+    m.extend_from_slice(&p.0);
+    c.send_raw(&m, &[]);
+
+    // Still serving, in order.
+    assert_eq!(c.info().unwrap().2, 9);
+
+    // A header that claims more than any message may be: an error, then the stream is
+    // abandoned; the server goes on to accept the next client.
+    c.send_raw(&hdr_bytes(300, REGION_WRITE, u32::MAX, 0), &[]);
+    let (h, _, _) = c.recv();
+    assert!(h.id == 300 && h.flags & F_ERROR != 0 && h.error != 0);
+    assert!(c.closed());
+    let mut c = s.client();
+    assert_eq!(c.info().unwrap().2, 9);
+
+    // A client that dies mid-header or mid-message does not hurt the server.
+    c.send_raw(&[1, 2, 3], &[]);
+    drop(c);
+    let mut c = s.connect();
+    let mut m = hdr_bytes(1, VERSION, 64, 0);
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    c.send_raw(&m, &[]);
+    drop(c);
+    let mut c = s.client();
+    assert_eq!(c.info().unwrap().2, 9);
+}
+
+#[test]
+fn disconnect_disables_irqs_resets_and_drops_dma_maps() {
+    let s = Server::start();
+    let mut c = s.client();
+    let ram = memfd("guest-ram", 0x1000);
+    c.dma_map(3, 0, 0x1000, 0x1000, Some(ram.as_raw_fd()))
+        .unwrap();
+    let e = EventFd::new(0).unwrap();
+    c.set_irqs(
+        SET_DATA_EVENTFD | SET_ACTION_TRIGGER,
+        MSIX,
+        0,
+        1,
+        &[e.as_raw_fd()],
+        &[],
+    )
+    .unwrap();
+    let before = s.state.lock().unwrap().irq_calls.len();
+    drop(c);
+    s.wait_for("reset after disconnect", |st| st.resets == 1);
+    {
+        let st = s.state.lock().unwrap();
+        let disabled: Vec<u32> = st.irq_calls[before..]
+            .iter()
+            .filter(|k| {
+                k.flags == SET_DATA_NONE | SET_ACTION_TRIGGER && k.start == 0 && k.count == 0
+            })
+            .map(|k| k.index)
+            .collect();
+        assert_eq!(disabled, vec![0, 1, 2, 3, 4], "every IRQ index disabled");
+    }
+    // The next client is served, and the old client's maps are gone.
+    let mut c = s.client();
+    c.dma_map(3, 0, 0x1000, 0x1000, Some(ram.as_raw_fd()))
+        .unwrap();
+    assert_eq!(c.info().unwrap().2, 9);
+}
+
+#[test]
+fn stop_ends_the_server_with_cleanup() {
+    let mut s = Server::start();
+    let mut c = s.client();
+    assert!(c.info().is_ok());
+    s.stop.stop();
+    let r = s.thread.take().unwrap().join().unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(s.state.lock().unwrap().resets, 1);
+    assert!(c.closed());
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced_and_other_files_are_not() {
+    let s = Server::start();
+    drop(s.connect());
+    let dir = s.dir.clone();
+    drop(s);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let l = vhost_user_iommu::vfio_user::bind_socket(&path).unwrap();
+    drop(l);
+    let file = dir.join("plain");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(vhost_user_iommu::vfio_user::bind_socket(&file).is_err());
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn device_server_hooks_and_recorded_dma_maps() {
+    use vhost_user_iommu::vfio_user::{DeviceServer, bind_socket};
+    let dir = std::env::temp_dir().join(format!("vfio-user-hooks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dev.sock");
+    let (fake, state) = Fake::new();
+    let stop = StopSignal::new().unwrap();
+    let events = Arc::new(Mutex::new(Vec::<&'static str>::new()));
+    let (e1, e2) = (events.clone(), events.clone());
+    let server = DeviceServer::new(Box::new(fake), Arc::new(|_, _| true), stop.clone())
+        .name("hooks")
+        .on_connect(move || e1.lock().unwrap().push("connect"))
+        .on_disconnect(move || e2.lock().unwrap().push("disconnect"));
+    let maps = server.dma_maps();
+    let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
+
+    let sock = UnixStream::connect(&path).unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut c = Client { sock, next_id: 1 };
+    c.version("{}").unwrap();
+    let ram = memfd("guest-ram", 0x2000);
+    c.dma_map(3, 0x1000, 0x10_0000, 0x1000, Some(ram.as_raw_fd()))
+        .unwrap();
+    c.dma_map(1, 0, 0xc000_0000, 0x1000, None).unwrap();
+    let snap = maps.snapshot();
+    assert_eq!(snap.len(), 2);
+    assert_eq!(
+        (snap[0].address, snap[0].size, snap[0].offset, snap[0].flags),
+        (0x10_0000, 0x1000, 0x1000, 3)
+    );
+    use std::os::unix::fs::MetadataExt;
+    let md = ram.metadata().unwrap();
+    assert_eq!(snap[0].file_id, Some((md.dev(), md.ino())));
+    assert_eq!(snap[1].file_id, None);
+    drop(c);
+    let t = Instant::now();
+    while events.lock().unwrap().len() < 2 {
+        assert!(t.elapsed() < TIMEOUT);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(*events.lock().unwrap(), vec!["connect", "disconnect"]);
+    assert!(maps.is_empty());
+    assert_eq!(
+        state.lock().unwrap().resets,
+        1,
+        "cleanup ran before the hook"
+    );
+    stop.stop();
+    thread.join().unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
