@@ -20,6 +20,7 @@ use vhost_user_iommu::metrics::Metrics;
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::server::{OnConnect, Stopper, handle_signals, serve};
 use vhost_user_iommu::vfio::{self, PciAddress, SysfsRoot};
+use vhost_user_iommu::vfio_user;
 use vhost_user_iommu::vhost::DeviceSettings;
 use vhost_user_iommu::viot::{Viot, parse_pci_address};
 
@@ -283,6 +284,69 @@ fn write_viot(a: ViotArgs) -> Result<(), String> {
 /// any order; the unit is started by the first).
 const DEVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The backend in use, and the iommufd backend itself when that is the one (the vfio-user
+/// fronts need its device files).
+struct Backend {
+    dyn_backend: Arc<dyn DmaBackend>,
+    iommufd: Option<Arc<IommufdBackend>>,
+}
+
+/// Serves each configured endpoint's VFIO device to the VMM over vfio-user. DMA_MAPs from the
+/// VMM are checked against the vhost-user memory table once it is known (QEMU sends them right
+/// after connecting, before the guest starts the IOMMU device); they are recorded, never mapped
+/// for the device.
+fn start_vfio_user(
+    cfg: &VmConfig,
+    backend: &Backend,
+    current: &CurrentDevice,
+    stop: &vfio_user::StopSignal,
+) -> Result<Vec<std::thread::JoinHandle<std::io::Result<()>>>, String> {
+    let mut threads = Vec::new();
+    for e in &cfg.endpoints {
+        let Some(path) = &e.vfio_user_socket else {
+            continue;
+        };
+        let Some(iommufd) = &backend.iommufd else {
+            return Err(format!(
+                "endpoint {}: vfio_user_socket needs the iommufd backend (a host device to serve)",
+                e.id
+            ));
+        };
+        let file = iommufd
+            .device_file(EndpointId(e.id))
+            .ok_or_else(|| format!("endpoint {}: no VFIO device is open for it", e.id))?
+            .try_clone()
+            .map_err(|err| {
+                format!(
+                    "endpoint {}: cannot duplicate the VFIO device fd: {err}",
+                    e.id
+                )
+            })?;
+        let name = format!("endpoint {}", e.id);
+        let dev = vfio_user::VfioCdevDevice::new(file, name.clone())
+            .map_err(|err| format!("{name}: {err}"))?;
+        let current = current.clone();
+        let dma_check: vfio_user::DmaCheck = Arc::new(move |gpa, len| {
+            let dev = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let Some(ram) = dev.and_then(|d| d.guest_ram()) else {
+                return true;
+            };
+            vhost_user_iommu::ids::IovaRange::with_len(gpa, len)
+                .is_some_and(|r| ram.locate(&r).is_some())
+        });
+        let t = vfio_user::spawn_device_server(&name, path, Box::new(dev), dma_check, stop.clone())
+            .map_err(|err| {
+                format!(
+                    "{name}: cannot serve vfio-user on {}: {err}",
+                    path.display()
+                )
+            })?;
+        info!("{name}: serving vfio-user on {}", path.display());
+        threads.push(t);
+    }
+    Ok(threads)
+}
+
 /// Picks and opens the translation backend: iommufd when asked, or with `auto` when every
 /// endpoint names a host device and /dev/iommu exists; else the software table.
 fn open_backend(
@@ -291,7 +355,7 @@ fn open_backend(
     cli_endpoints: &[u32],
     endpoints: &[EndpointId],
     boot_bypass: bool,
-) -> Result<Arc<dyn DmaBackend>, String> {
+) -> Result<Backend, String> {
     let all_have_devices =
         !cfg.endpoints.is_empty() && cfg.endpoints.iter().all(|e| e.pci.is_some());
     let iommufd = match kind {
@@ -315,7 +379,10 @@ fn open_backend(
     };
     if !iommufd {
         warn!("using the software translation backend: no host device DMA is translated");
-        return Ok(Arc::new(SoftBackend::new(endpoints, boot_bypass)));
+        return Ok(Backend {
+            dyn_backend: Arc::new(SoftBackend::new(endpoints, boot_bypass)),
+            iommufd: None,
+        });
     }
     if !cli_endpoints.is_empty() {
         return Err("--endpoint cannot be used with the iommufd backend: list the endpoints with their pci address in the config".into());
@@ -345,7 +412,11 @@ fn open_backend(
         .collect();
     let b = IommufdBackend::open(&devices, boot_bypass).map_err(|e| e.to_string())?;
     info!("iommufd backend: {} device(s) bound", devices.len());
-    Ok(Arc::new(b))
+    let b = Arc::new(b);
+    Ok(Backend {
+        dyn_backend: b.clone(),
+        iommufd: Some(b),
+    })
 }
 
 fn run(a: ServeArgs) -> Result<(), String> {
@@ -399,7 +470,7 @@ fn run(a: ServeArgs) -> Result<(), String> {
         &endpoints,
         boot_bypass,
     )?;
-    let c = backend.constraints();
+    let c = backend.dyn_backend.constraints();
     let [d0, d1] = cfg.domain_range.unwrap_or([0, u32::MAX]);
     let rules = Rules::for_host(&c, (d0, d1), cfg.limits(), cfg.probe_size.unwrap_or(512));
     let threads = a.threads.or(cfg.threads).unwrap_or(0);
@@ -419,30 +490,42 @@ fn run(a: ServeArgs) -> Result<(), String> {
             .map(std::time::Duration::from_micros)
             .unwrap_or(vhost_user_iommu::vhost::DEFAULT_POLL),
     };
-    // The socket listens: systemd (Type=notify) may start the VM now.
-    if let Err(e) = vhost_user_iommu::deploy::notify_ready() {
-        warn!("cannot notify systemd: {e}");
-    }
     let stopper = Arc::new(Stopper::default());
     handle_signals(stopper.clone()).map_err(|e| format!("cannot install signal handling: {e}"))?;
-    info!("serving virtio-iommu ({mode:?})");
     let metrics = Arc::new(Metrics::default());
     let current: CurrentDevice = Arc::default();
     if let Some(p) = &a.control_socket {
         control::spawn(p, current.clone(), metrics.clone())
             .map_err(|e| format!("cannot serve the control socket {}: {e}", p.display()))?;
     }
+    let vfio_stop =
+        vfio_user::StopSignal::new().map_err(|e| format!("cannot create an eventfd: {e}"))?;
+    let vfio_threads = start_vfio_user(&cfg, &backend, &current, &vfio_stop)?;
+    // Every socket listens: systemd (Type=notify) may start the VM now.
+    if let Err(e) = vhost_user_iommu::deploy::notify_ready() {
+        warn!("cannot notify systemd: {e}");
+    }
+    info!("serving virtio-iommu ({mode:?})");
     let hook: OnConnect =
         Box::new(move |d| *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.clone()));
     let served = serve(
         listener,
         settings,
-        backend,
+        backend.dyn_backend.clone(),
         metrics.clone(),
         stopper,
         None,
         Some(hook),
     );
+    // The vfio-user fronts reset their devices and disable their IRQs as they stop.
+    vfio_stop.stop();
+    for t in vfio_threads {
+        match t.join() {
+            Ok(Err(e)) => warn!("vfio-user server: {e}"),
+            Err(_) => error!("a vfio-user server thread panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
     served.map_err(|e| {
         error!("{e}");
         e.to_string()

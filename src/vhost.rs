@@ -68,6 +68,8 @@ pub struct DeviceSettings {
 struct Session {
     dispatcher: Dispatcher,
     mem: Option<Mem>,
+    /// The current memory table as the domain model sees it (None before the first one).
+    ram: Option<Arc<GuestRam>>,
     pending: PendingTable,
     probe_buf: Vec<u8>,
     request_vring: Option<VringRwLock>,
@@ -172,6 +174,7 @@ impl IommuDevice {
         let session = Session {
             dispatcher,
             mem: None,
+            ram: None,
             pending: PendingTable::new(QUEUE_CAPACITY),
             probe_buf: vec![0; settings.rules.probe_size as usize],
             request_vring: None,
@@ -217,6 +220,11 @@ impl IommuDevice {
         lock(&self.0.session).dispatcher.snapshot()
     }
 
+    /// The guest RAM of the current connection's memory table, once the VMM has sent one.
+    pub fn guest_ram(&self) -> Option<Arc<GuestRam>> {
+        lock(&self.0.session).ram.clone()
+    }
+
     /// The connection ended: every endpoint goes back to its boot state, every domain is
     /// destroyed and `bypass` returns to its initial value (a system reset, §5.13.4).
     pub fn disconnect(&self) {
@@ -232,6 +240,7 @@ impl IommuDevice {
         s.dispatcher.set_ram(empty);
         s.request_vring = None;
         s.mem = None;
+        s.ram = None;
     }
 
     /// Closes the exit-event fds the vring library took and never closed. Call only after the
@@ -615,7 +624,8 @@ impl VhostUserBackend for IommuDevice {
             .backend
             .set_ram(&ram)
             .map_err(|e| io::Error::from_raw_os_error(e.errno))?;
-        s.dispatcher.set_ram(ram);
+        s.dispatcher.set_ram(ram.clone());
+        s.ram = Some(ram);
         s.mem = Some(mem);
         Ok(())
     }
