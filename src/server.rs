@@ -16,7 +16,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::DmaBackend;
 use crate::metrics::Metrics;
-use crate::vhost::{COMPLETION_EVENT, DeviceSettings, IommuDevice};
+use crate::vhost::{DeviceSettings, IommuDevice};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -86,9 +86,9 @@ pub fn serve(
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("vhost-user-iommu".into(), dev.clone(), mem)
             .map_err(ServeError::Daemon)?;
-        if let Some(fd) = dev.completion_fd() {
+        for (fd, token) in dev.event_fds() {
             daemon.get_epoll_handlers()[0]
-                .register_listener(fd, EventSet::IN, u64::from(COMPLETION_EVENT))
+                .register_listener(fd, EventSet::IN, u64::from(token))
                 .map_err(ServeError::Register)?;
         }
         match daemon.start(&mut listener) {

@@ -22,6 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::backend::DmaBackend;
 use crate::domains::{DomainView, EndpointView, Rules, status_of};
@@ -45,6 +46,10 @@ type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
 /// Event token of the executors' completion eventfd (0, 1 are the queues, 2 the exit event).
 pub const COMPLETION_EVENT: u16 = 3;
+/// Event token of the eventfd that resumes request processing after a budget ran out.
+pub const REWAKE_EVENT: u16 = 4;
+/// How long the vring thread serves requests in one go before it lets control messages in.
+const BATCH_BUDGET: std::time::Duration = std::time::Duration::from_millis(2);
 /// Largest virtqueue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
@@ -138,6 +143,8 @@ impl Answerer<'_> {
 }
 
 struct Inner {
+    /// Written when request processing yields after its budget; brings the vring thread back.
+    rewake: EventFd,
     /// The polling window in force: the configured one, except in pipeline mode without a core
     /// for every spinning thread, where polling would only steal the executors' time.
     poll: std::time::Duration,
@@ -197,6 +204,7 @@ impl IommuDevice {
             _ => settings.poll,
         };
         Ok(IommuDevice(Arc::new(Inner {
+            rewake: EventFd::new(EFD_NONBLOCK)?,
             poll,
             exit_fds: Mutex::new(Vec::new()),
             settings,
@@ -206,13 +214,14 @@ impl IommuDevice {
         })))
     }
 
-    /// The executors' completion eventfd, to register with the vring thread's epoll.
-    pub fn completion_fd(&self) -> Option<i32> {
-        use std::os::fd::AsRawFd;
-        lock(&self.0.session)
-            .dispatcher
-            .completion_event()
-            .map(|e| e.as_raw_fd())
+    /// The eventfds to register with the vring thread's epoll, with their event tokens: the
+    /// rewake eventfd and, in pipeline mode, the executors' completion eventfd.
+    pub fn event_fds(&self) -> Vec<(i32, u16)> {
+        let mut v = vec![(self.0.rewake.as_raw_fd(), REWAKE_EVENT)];
+        if let Some(e) = lock(&self.0.session).dispatcher.completion_event() {
+            v.push((e.as_raw_fd(), COMPLETION_EVENT));
+        }
+        v
     }
 
     /// Current domains and endpoints (for tests and the state dump).
@@ -315,7 +324,18 @@ impl IommuDevice {
             limiter,
             used: false,
         };
+        let started = Instant::now();
         loop {
+            // A guest that never stops sending must not keep the session to itself: after a
+            // budget, give the VMM's control messages (which take the same lock) their turn and
+            // come back through the rewake eventfd.
+            if started.elapsed() >= BATCH_BUDGET {
+                if let Err(e) = self.0.rewake.write(1) {
+                    warn!("cannot rearm the request queue: {e}");
+                } else {
+                    break;
+                }
+            }
             vring.disable_notification().map_err(io::Error::other)?;
             loop {
                 if a.pending.is_full() {
@@ -675,6 +695,10 @@ impl VhostUserBackend for IommuDevice {
             _ if device_event == COMPLETION_EVENT => {
                 self.process_completions();
                 Ok(())
+            }
+            _ if device_event == REWAKE_EVENT => {
+                let _ = self.0.rewake.read();
+                self.process_requests(&vrings[REQUEST_QUEUE])
             }
             _ => Ok(()),
         }
