@@ -22,10 +22,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Listener;
-use vhost_user_iommu::backend::iommufd::{IommufdBackend, MapPath, sys};
+use vhost_user_iommu::backend::iommufd::{IommufdBackend, MapPath, MapStrategy, sys};
 use vhost_user_iommu::backend::{Attachment, DmaBackend, HostConstraints};
 use vhost_user_iommu::domains::{Limits, Rules};
-use vhost_user_iommu::driver::{TestVm, VmOptions};
+use vhost_user_iommu::driver::{GuestRam, TestVm, VmOptions};
 use vhost_user_iommu::ids::{DomainId, EndpointId};
 use vhost_user_iommu::metrics::Metrics;
 use vhost_user_iommu::pipeline::Mode;
@@ -195,12 +195,22 @@ impl Edu {
     }
 
     fn dma(&self, src: u64, dst: u64, to_ram: bool) -> Result<()> {
+        self.start(src, dst, to_ram);
+        self.wait(src, dst)
+    }
+
+    /// Starts a one-page DMA (edu fires it from a 100 ms timer of QEMU's virtual clock).
+    fn start(&self, src: u64, dst: u64, to_ram: bool) {
         self.bar0.write_u64(EDU_DMA_SRC, src);
         self.bar0.write_u64(EDU_DMA_DST, dst);
         self.bar0.write_u64(EDU_DMA_COUNT, PAGE);
         std::sync::atomic::fence(Ordering::SeqCst);
         let cmd = EDU_CMD_START | if to_ram { EDU_CMD_TO_RAM } else { 0 };
         self.bar0.write_u64(EDU_DMA_CMD, cmd);
+    }
+
+    /// Waits for the DMA `start` began.
+    fn wait(&self, src: u64, dst: u64) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.bar0.read_u64(EDU_DMA_CMD) & EDU_CMD_START != 0 {
             if Instant::now() > deadline {
@@ -223,28 +233,74 @@ impl Edu {
     }
 }
 
-/// Guest RAM as the checks see it: the TestVm's memfd, through our own descriptor so that it
-/// outlives the TestVm (the disconnect check reads it after the VMM is gone).
+/// Guest RAM as the checks see it: a dup of one of the TestVm's memfds, so that it outlives the
+/// TestVm (the disconnect checks read it after the VMM is gone), plus our own shared mapping of
+/// it (a third user VA of the same pages, for the kernel's page checks).
 struct Ram {
     file: File,
+    base: u64,
+    size: u64,
+    view: NonNull<u8>,
 }
 
 impl Ram {
     fn of(vm: &TestVm) -> Result<Ram> {
+        Ram::dup(vm.ram())
+    }
+
+    fn dup(g: &GuestRam) -> Result<Ram> {
         // SAFETY: dup of a valid fd the TestVm owns; the new fd is owned by the File.
-        let fd = unsafe { libc::dup(vm.ram().fd()) };
+        let fd = unsafe { libc::dup(g.fd()) };
         if fd < 0 {
             return Err(format!("dup: {}", std::io::Error::last_os_error()));
         }
         // SAFETY: `fd` was just returned by dup and nothing else owns it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let size = g.size();
+        // SAFETY: a fresh shared mapping at a kernel-chosen address aliases no Rust object; it is
+        // only read through raw pointers by the kernel (GUP), never as a Rust reference.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!(
+                "mmap guest RAM: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
         Ok(Ram {
-            file: unsafe { File::from_raw_fd(fd) },
+            file,
+            base: g.base(),
+            size,
+            view: NonNull::new(p.cast()).ok_or("mmap returned NULL")?,
         })
+    }
+
+    fn off(&self, gpa: u64, len: usize) -> Result<u64> {
+        match gpa.checked_sub(self.base) {
+            Some(o) if o + len as u64 <= self.size => Ok(o),
+            _ => Err(format!(
+                "GPA {gpa:#x}+{len:#x} outside RAM {:#x}+{:#x}",
+                self.base, self.size
+            )),
+        }
+    }
+
+    /// Our own user VA of `gpa`.
+    fn va(&self, gpa: u64) -> u64 {
+        self.view.as_ptr() as u64 + (gpa - self.base)
     }
 
     fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
         self.file
-            .write_all_at(data, gpa)
+            .write_all_at(data, self.off(gpa, data.len())?)
             .map_err(|e| format!("write guest RAM at {gpa:#x}: {e}"))
     }
 
@@ -252,11 +308,16 @@ impl Ram {
         self.write(gpa, &vec![b; PAGE as usize])
     }
 
-    fn expect(&self, gpa: u64, want: &[u8], what: &str) -> Result<()> {
-        let mut got = vec![0u8; want.len()];
+    fn read(&self, gpa: u64, len: usize) -> Result<Vec<u8>> {
+        let mut got = vec![0u8; len];
         self.file
-            .read_exact_at(&mut got, gpa)
+            .read_exact_at(&mut got, self.off(gpa, len)?)
             .map_err(|e| format!("read guest RAM at {gpa:#x}: {e}"))?;
+        Ok(got)
+    }
+
+    fn expect(&self, gpa: u64, want: &[u8], what: &str) -> Result<()> {
+        let got = self.read(gpa, want.len())?;
         let wrong: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
         match wrong.first() {
             None => Ok(()),
@@ -272,6 +333,38 @@ impl Ram {
 
     fn expect_sentinel(&self, gpa: u64, what: &str) -> Result<()> {
         self.expect(gpa, &[SENTINEL; PAGE as usize], what)
+    }
+
+    /// A fingerprint of every page in `[base, base + len)` (whole-RAM "did anything change").
+    fn page_sums(&self, len: u64) -> Result<Vec<u64>> {
+        let len = len.min(self.size);
+        let mut out = Vec::with_capacity((len / PAGE) as usize);
+        let chunk = 1 << 20;
+        let mut buf = vec![0u8; chunk];
+        let mut off = 0u64;
+        while off < len {
+            let n = (chunk as u64).min(len - off) as usize;
+            self.file
+                .read_exact_at(&mut buf[..n], off)
+                .map_err(|e| format!("read guest RAM at +{off:#x}: {e}"))?;
+            for page in buf[..n].chunks(PAGE as usize) {
+                let mut h = 0xcbf2_9ce4_8422_2325u64;
+                for w in page.chunks_exact(8) {
+                    h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes")))
+                        .wrapping_mul(0x0100_0000_01b3);
+                }
+                out.push(h);
+            }
+            off += n as u64;
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Ram {
+    fn drop(&mut self) {
+        // SAFETY: exactly what mmap returned; the kernel holds no reference past an ioctl.
+        unsafe { libc::munmap(self.view.as_ptr().cast(), self.size as usize) };
     }
 }
 
@@ -894,7 +987,708 @@ fn compare_map_paths(rep: &mut Report, cx: &Ctx) -> Result<()> {
         );
     }
     b.prefer_map_file(true);
+    let n = cx.d.connections.load(Ordering::SeqCst);
     vm.disconnect();
+    wait_for(
+        "the daemon to finish the connection",
+        Duration::from_secs(30),
+        || cx.d.connections.load(Ordering::SeqCst) > n,
+    )
+}
+
+/// `IOMMU_TEST_CMD` of CONFIG_IOMMUFD_TEST: `struct iommu_test_cmd` transcribed from the built
+/// 7.3 kernel's drivers/iommu/iommufd/iommufd_test.h (72 bytes: header 16, union 48 at offset 16,
+/// `last` at 64; checked against the header with gcc). Only the ops used here.
+mod selftest {
+    use std::os::fd::BorrowedFd;
+
+    use vhost_user_iommu::backend::iommufd::sys::{self, IoctlArg};
+
+    const OP_MOCK_DOMAIN: u32 = 2;
+    const OP_MD_CHECK_MAP: u32 = 3;
+    const OP_MD_CHECK_REFS: u32 = 4;
+    /// MOCK_APERTURE_START / MOCK_APERTURE_LAST (MOCK_IOMMUPT_DEFAULT).
+    pub const APERTURE: (u64, u64) = (1 << 24, (1 << 31) - 1);
+
+    /// `struct iommu_test_cmd`: the union as six u64 words.
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct IommuTestCmd {
+        pub size: u32,
+        pub op: u32,
+        pub id: u32,
+        pub reserved: u32,
+        pub u: [u64; 6],
+        pub last: u32,
+        pub pad: u32,
+    }
+    const _: () = assert!(size_of::<IommuTestCmd>() == 72);
+    const _: () = assert!(std::mem::offset_of!(IommuTestCmd, u) == 16);
+    const _: () = assert!(std::mem::offset_of!(IommuTestCmd, last) == 64);
+
+    // SAFETY: `#[repr(C)]` transcription of `struct iommu_test_cmd` (layout asserted above), made
+    // only of integers; `_IO(IOMMUFD_TYPE, IOMMUFD_CMD_BASE + 32)` = 0x3ba0.
+    unsafe impl IoctlArg for IommuTestCmd {
+        const REQ: libc::c_ulong = ((b';' as libc::c_ulong) << 8) | (0x80 + 32);
+        const NAME: &'static str = "IOMMU_TEST_CMD";
+    }
+
+    fn run(fd: BorrowedFd<'_>, op: u32, id: u32, u: [u64; 6]) -> Result<IommuTestCmd, i32> {
+        let mut c = IommuTestCmd {
+            size: sys::size32::<IommuTestCmd>(),
+            op,
+            id,
+            u,
+            ..IommuTestCmd::default()
+        };
+        sys::ioctl(fd, &mut c).map_err(|e| e.errno)?;
+        Ok(c)
+    }
+
+    /// A mock device attached to an IOAS (its auto HWPT is a mock domain filled with every
+    /// mapping of the IOAS). Destroyed (device object, hence the HWPT) on drop.
+    pub struct Mock<'a> {
+        fd: BorrowedFd<'a>,
+        pub stdev: u32,
+        pub hwpt: u32,
+    }
+
+    impl<'a> Mock<'a> {
+        pub fn attach(fd: BorrowedFd<'a>, ioas: u32) -> Result<Mock<'a>, i32> {
+            let c = run(fd, OP_MOCK_DOMAIN, ioas, [0; 6])?;
+            Ok(Mock {
+                fd,
+                stdev: c.u[0] as u32,
+                hwpt: (c.u[0] >> 32) as u32,
+            })
+        }
+
+        /// MD_CHECK_MAP: every mock page of `[iova, iova + len)` translates to the physical page
+        /// behind the user VA `uptr + offset` (EINVAL: unmapped or another page).
+        pub fn check_map(&self, iova: u64, len: u64, uptr: u64) -> Result<(), i32> {
+            run(
+                self.fd,
+                OP_MD_CHECK_MAP,
+                self.hwpt,
+                [iova, len, uptr, 0, 0, 0],
+            )
+            .map(|_| ())
+        }
+    }
+
+    impl Drop for Mock<'_> {
+        fn drop(&mut self) {
+            if let Err(e) = sys::destroy(self.fd, self.stdev) {
+                println!(
+                    "(mock device {} not destroyed: errno {})",
+                    self.stdev, e.errno
+                );
+            }
+        }
+    }
+
+    /// MD_CHECK_REFS: every (non-compound) page behind `[uptr, uptr + len)` has exactly `refs`
+    /// pins (page refcount / GUP_PIN_COUNTING_BIAS); EIO at the first one that does not.
+    pub fn check_refs(fd: BorrowedFd<'_>, uptr: u64, len: u64, refs: u32) -> Result<(), i32> {
+        run(
+            fd,
+            OP_MD_CHECK_REFS,
+            0,
+            [len, uptr, u64::from(refs), 0, 0, 0],
+        )
+        .map(|_| ())
+    }
+}
+
+fn errno_name(e: i32) -> String {
+    format!("{} (errno {e})", std::io::Error::from_raw_os_error(e))
+}
+
+/// `VmPin` of /proc/self/status in KiB: every page iommufd pins is added to the pinning mm's
+/// `pinned_vm` whatever the accounting mode (drivers/iommu/iommufd/pages.c,
+/// `iopt_pages_update_pinned`), so this is the kernel's own count of what the daemon pins.
+fn vm_pin_kib() -> Result<u64> {
+    let s =
+        fs::read_to_string("/proc/self/status").map_err(|e| format!("/proc/self/status: {e}"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmPin:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| "no VmPin line in /proc/self/status".to_string())
+}
+
+/// Pins per page of `ram` by the kernel's count (MD_CHECK_REFS): `Ok(n)` if every page has
+/// exactly `n` for some n in 0..=3 (one ioctl per try), else a per-page histogram.
+fn pin_refs(fd: std::os::fd::BorrowedFd<'_>, ram: &Ram) -> Result<String> {
+    for n in 0..=3 {
+        match selftest::check_refs(fd, ram.va(ram.base), ram.size, n) {
+            Ok(()) => return Ok(format!("every page {n}")),
+            Err(libc::EIO) => {}
+            Err(e) => return Err(format!("MD_CHECK_REFS: {}", errno_name(e))),
+        }
+    }
+    let mut hist = [0u64; 5];
+    for p in 0..ram.size / PAGE {
+        let va = ram.va(ram.base + p * PAGE);
+        let n = (0..4u32)
+            .find(|&n| selftest::check_refs(fd, va, PAGE, n).is_ok())
+            .unwrap_or(4);
+        hist[n as usize] += 1;
+    }
+    Ok(format!(
+        "pages with 0/1/2/3/>3 pins: {}/{}/{}/{}/{}",
+        hist[0], hist[1], hist[2], hist[3], hist[4]
+    ))
+}
+
+/// Whether the identity (staging) IOAS maps `[gpa, gpa + len)`: an `IOMMU_IOAS_COPY` of it into
+/// a scratch IOAS works (ENOENT: not mapped). Leaves the identity IOAS as it was.
+fn identity_maps(b: &IommufdBackend, gpa: u64, len: u64) -> Result<bool> {
+    let fd = b.iommufd();
+    let scratch = sys::ioas_alloc(fd).map_err(|e| format!("scratch IOAS: errno {}", e.errno))?;
+    let r = sys::ioas_copy(
+        fd,
+        scratch,
+        gpa,
+        b.identity_ioas(),
+        gpa,
+        len,
+        sys::IOMMU_IOAS_MAP_READABLE,
+    );
+    let _ = sys::destroy(fd, scratch);
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if e.errno == libc::ENOENT => Ok(false),
+        Err(e) => Err(format!(
+            "IOAS_COPY probe at {gpa:#x}: {}",
+            errno_name(e.errno)
+        )),
+    }
+}
+
+/// Everything the backend and the kernel report about pinning and translation state.
+fn figures(b: &IommufdBackend, ram: Option<&Ram>) -> String {
+    let pin = vm_pin_kib().map_or_else(|e| e, |k| format!("{k} KiB"));
+    let refs = match ram {
+        Some(r) => format!(
+            ", pins per guest page {}",
+            pin_refs(b.iommufd(), r).unwrap_or_else(|e| e)
+        ),
+        None => String::new(),
+    };
+    format!(
+        "pinned_bytes {:#x}, VmPin {pin}{refs}, paging IOASes {:?}, endpoint 1 {:?}, endpoint 2 {:?}",
+        b.pinned_bytes(),
+        b.domain_ids(),
+        b.attachment(EndpointId(1)),
+        b.attachment(EndpointId(2))
+    )
+}
+
+/// Stores from every edu to every address (each edu's buffer holds a pattern that differs from
+/// what lies at those pages); none may change a page of any of `rams` (first `len` bytes each).
+/// Returns the number of DMAs.
+fn stores_land_nowhere(edus: &[&Edu], addrs: &[u64], rams: &[(&Ram, u64)]) -> Result<usize> {
+    let before: Vec<Vec<u64>> = rams
+        .iter()
+        .map(|(r, l)| r.page_sums(*l))
+        .collect::<Result<_>>()?;
+    // Each edu fires one DMA per 100 ms of QEMU time: run both devices side by side.
+    let mut n = 0;
+    for &a in addrs {
+        for e in edus {
+            e.start(EDU_BUFFER, a, true);
+        }
+        for e in edus {
+            e.wait(EDU_BUFFER, a)?;
+            n += 1;
+        }
+    }
+    for ((r, l), b) in rams.iter().zip(&before) {
+        let after = r.page_sums(*l)?;
+        let changed: Vec<String> = (0..after.len())
+            .filter(|&i| after[i] != b[i])
+            .map(|i| format!("{:#x}", r.base + i as u64 * PAGE))
+            .collect();
+        if !changed.is_empty() {
+            return Err(format!(
+                "{} DMAs to stale addresses changed {} pages of the memory at GPA {:#x} (first: {})",
+                n,
+                changed.len(),
+                r.base,
+                changed
+                    .iter()
+                    .take(8)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    Ok(n)
+}
+
+fn ioas_of(b: &IommufdBackend, ep: u32) -> Result<u32> {
+    match b.attachment(EndpointId(ep)) {
+        Some(Attachment::Domain(id)) => Ok(id),
+        other => Err(format!(
+            "endpoint {ep} is at {other:?}, not in a paging IOAS"
+        )),
+    }
+}
+
+fn map_req(d: u32, iova: u64, gpa: u64, len: u64) -> Request {
+    Request::Map {
+        domain: DomainId(d),
+        virt_start: iova,
+        virt_end: iova + len - 1,
+        phys_start: gpa,
+        flags: RW,
+    }
+}
+
+/// Pushes MAP chains without kicking.
+fn push_unkicked(vm: &mut TestVm, reqs: &[Request]) -> Result<()> {
+    for r in reqs {
+        let (bytes, n) = r.encode();
+        vm.push(&bytes[..n], 4).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Pushes MAP chains without waiting, kicks once; returns how many were pushed.
+fn push_maps(vm: &mut TestVm, reqs: &[Request]) -> Result<usize> {
+    for r in reqs {
+        let (bytes, n) = r.encode();
+        vm.push(&bytes[..n], 4).map_err(|e| e.to_string())?;
+    }
+    vm.kick().map_err(|e| e.to_string())?;
+    Ok(reqs.len())
+}
+
+// Addresses of the chaos connection. IOVAs: above guest RAM, below edu's 28-bit DMA mask, inside
+// the mock domain's aperture (16 MiB..2 GiB).
+const IOVA_MOCK: u64 = 0x0a00_0000;
+const IOVA_BATCH: u64 = 0x0b00_0000;
+const IOVA_REGION: u64 = 0x0c00_0000;
+const IOVA_KEEP: u64 = 0x0c80_0000;
+const IOVA_STORM: u64 = 0x0d00_0000;
+const IOVA_FINAL: u64 = 0x0e00_0000;
+const GPA_PATTERN: u64 = 0x50_0000;
+const GPA_STORM: u64 = 0x80_0000;
+const GPA_BATCH: u64 = 0xc0_0000;
+/// The extra memfd region of the memory-table scenario (outside the 64 MiB of RAM).
+const GPA_REGION: u64 = 0x1_0000_0000;
+const REGION_SIZE: u64 = 2 << 20;
+const BATCH: u64 = 64;
+/// MAP chains pushed after the kicked batch, without a kick.
+const LATE: u64 = 32;
+const STORM: u64 = 100;
+
+/// Issue 9 and issue 7: the mock domain's view of the daemon's mappings, pinning after device
+/// reset and disconnect, and DMA to stale IOVAs after each chaos scenario.
+fn chaos_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
+    let b = &*cx.d.backend;
+    let (e1, e2) = (&cx.edu1, &cx.edu2);
+    let both = [e1, e2];
+    let fd = b.iommufd();
+    let thp = fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_else(|e| format!("? ({e})"));
+    // The automatic (production) map strategy; compare_map_paths left an override behind.
+    b.set_map_strategy(None);
+    let pin0 = vm_pin_kib()?;
+    let mut vm = cx.d.connect()?;
+    let ram = Ram::of(&vm)?;
+    let usable = vm.usable_ram_end();
+    let pattern_page = bytes(pattern(42));
+    rep.check(
+        "chaos connection: pinning before and after the memory table arrived",
+        Ok(format!(
+            "map strategy {}; VmPin before connecting {pin0} KiB; connected: {}; shmem THP {}",
+            b.map_strategy().name(),
+            figures(b, Some(&ram)),
+            thp.trim()
+        )),
+    );
+
+    // --- issue 9: MD_CHECK_MAP of a mock domain on the daemon's IOAS ---------------------------
+    for (k, strategy) in [MapStrategy::Copy, MapStrategy::MapFile, MapStrategy::Map]
+        .into_iter()
+        .enumerate()
+    {
+        b.set_map_strategy(Some(strategy));
+        let dom = 70 + k as u32;
+        let name = format!(
+            "IOMMUFD_TEST mock domain on the daemon's IOAS: MD_CHECK_MAP agrees with every \
+             mapping, unmapped IOVAs are not mapped (map strategy {})",
+            strategy.name()
+        );
+        rep.check(
+        &name,
+        timed(|| {
+            let counts = (b.map_counts(), b.copy_count());
+            attach(&mut vm, dom, 1, 0)?;
+            // (IOVA, GPA, length): 4 KiB, 64 KiB, 2 MiB (aligned), 12 KiB and 8 KiB at odd spots.
+            let maps = [
+                (IOVA_MOCK, 0x40_0000, PAGE),
+                (IOVA_MOCK + 0x10_0000, 0x41_0000, 0x1_0000),
+                (IOVA_MOCK + 0x20_0000, 0x60_0000, 0x20_0000),
+                (IOVA_MOCK + 0x40_3000, 0x42_5000, 3 * PAGE),
+                (IOVA_MOCK + 0x41_0000, 0x43_7000, 2 * PAGE),
+            ];
+            for &(iova, gpa, len) in &maps {
+                map(&mut vm, dom, iova, gpa, len, RW)?;
+            }
+            let ioas = ioas_of(b, 1)?;
+            let mock = selftest::Mock::attach(fd, ioas).map_err(|e| {
+                format!(
+                    "MOCK_DOMAIN on IOAS {ioas} (edu 1 attached through the real IOMMU): {}",
+                    errno_name(e)
+                )
+            })?;
+            let tvm = vm.ram().host_addr();
+            let check = |iova: u64, len: u64, uptr: u64, what: &str| {
+                mock.check_map(iova, len, uptr)
+                    .map_err(|e| format!("MD_CHECK_MAP {what} {iova:#x}+{len:#x}: {}", errno_name(e)))
+            };
+            for &(iova, gpa, len) in &maps {
+                // The TestVm's VA (the VMM's mapping) and our own mmap of the same memfd: the
+                // kernel compares physical pages, so any VA of the page must agree.
+                check(iova, len, tvm + gpa, "(TestVm VA)")?;
+                check(iova, len, ram.va(gpa), "(independent mmap VA)")?;
+            }
+            let refused = |iova: u64, uptr: u64, what: &str| match mock.check_map(iova, PAGE, uptr) {
+                Err(libc::EINVAL) => Ok(()),
+                Ok(()) => Err(format!("MD_CHECK_MAP of {what} at {iova:#x} passed")),
+                Err(e) => Err(format!("MD_CHECK_MAP of {what} at {iova:#x}: {}", errno_name(e))),
+            };
+            // Negative controls: the wrong page, unmapped IOVAs (a gap and the page after a map).
+            refused(IOVA_MOCK, tvm + 0x40_0000 + PAGE, "a mapping against the wrong page")?;
+            refused(IOVA_MOCK + PAGE, tvm + 0x40_1000, "the unmapped page after the 4 KiB map")?;
+            refused(IOVA_MOCK + 0x30_0000, tvm, "an unmapped gap")?;
+            // The mock domain follows the daemon: a MAP made now appears, an UNMAP disappears.
+            map(&mut vm, dom, IOVA_MOCK + 0x50_0000, GPA_PATTERN, PAGE, RW)?;
+            check(IOVA_MOCK + 0x50_0000, PAGE, tvm + GPA_PATTERN, "(MAP after the mock attached)")?;
+            unmap(&mut vm, dom, IOVA_MOCK, PAGE)?;
+            refused(IOVA_MOCK, tvm + 0x40_0000, "the UNMAPped 4 KiB mapping")?;
+            // The real device shares the IOAS with the mock: DMA still lands.
+            ram.write(GPA_PATTERN, &pattern_page)?;
+            e1.load(IOVA_MOCK + 0x50_0000)?;
+            ram.fill(0x41_0000, SENTINEL)?;
+            e1.store(IOVA_MOCK + 0x10_0000)?;
+            ram.expect(0x41_0000, &pattern_page, "edu 1 through the 64 KiB mapping")?;
+            let refs = (0..4u32)
+                .find(|&n| selftest::check_refs(fd, ram.va(0x41_0000), PAGE, n).is_ok())
+                .map_or_else(|| "more than 3".to_string(), |n| n.to_string());
+            let after = (b.map_counts(), b.copy_count());
+            let note = format!(
+                "maps by MAP_FILE/user VA/COPY {}/{}/{}; IOAS {ioas}, mock HWPT {} (device object {}), aperture {:#x}..={:#x}; 5 mappings (4 KiB, 64 KiB, 2 MiB, 12 KiB, 8 KiB) match by TestVm VA and by an independent mmap; wrong page, unmapped page, gap and UNMAPped page refused with EINVAL; a MAP made after the attach is seen; pins of a mapped page (MD_CHECK_REFS): {refs}",
+                after.0.0 - counts.0.0,
+                after.0.1 - counts.0.1,
+                after.1 - counts.1,
+                mock.hwpt, mock.stdev, selftest::APERTURE.0, selftest::APERTURE.1
+            );
+            drop(mock);
+            detach(&mut vm, dom, 1)?;
+            if !b.domain_ids().is_empty() {
+                return Err(format!("IOASes left: {:?}", b.domain_ids()));
+            }
+            Ok(note)
+        }),
+    );
+    }
+    b.set_map_strategy(None);
+
+    // --- issue 7 (b) + issue 9: device reset with requests in flight ---------------------------
+    // Both edus get the pattern in their buffers here and keep it: from now on they only store
+    // (a blocked device read could change the buffer), so a store that lands changes a page.
+    let arm = |vm: &mut TestVm, d: u32| -> Result<()> {
+        ram.write(GPA_PATTERN, &pattern_page)?;
+        map(vm, d, IOVA_FINAL, GPA_PATTERN, PAGE, MAP_F_READ)?;
+        e1.load(IOVA_FINAL)?;
+        e2.load(IOVA_FINAL)?;
+        unmap(vm, d, IOVA_FINAL, PAGE)
+    };
+    rep.check(
+        "chaos (b): device reset with 64 kicked + 32 unkicked MAPs in flight: nothing attached, no IOAS, DMA to every stale IOVA blocked",
+        timed(|| {
+            attach(&mut vm, 80, 1, 0)?;
+            attach(&mut vm, 80, 2, 0)?;
+            arm(&mut vm, 80)?;
+            map(&mut vm, 80, IOVA_BATCH - PAGE, GPA_BATCH, PAGE, RW)?;
+            ram.fill(GPA_BATCH, SENTINEL)?;
+            e2.store(IOVA_BATCH - PAGE)?;
+            ram.expect(GPA_BATCH, &pattern_page, "edu 2 before the reset")?;
+            let reqs: Vec<Request> = (0..BATCH)
+                .map(|i| map_req(80, IOVA_BATCH + i * PAGE, GPA_BATCH + i * PAGE, PAGE))
+                .collect();
+            push_maps(&mut vm, &reqs)?;
+            // And more behind them, not kicked (the daemon sees them only if it polls the ring).
+            let late: Vec<Request> = (BATCH..BATCH + LATE)
+                .map(|i| map_req(80, IOVA_BATCH + i * PAGE, GPA_BATCH + i * PAGE, PAGE))
+                .collect();
+            push_unkicked(&mut vm, &late)?;
+            vm.reset_device().map_err(|e| e.to_string())?;
+            let done = match vm.wait_used((BATCH + LATE) as usize, Duration::from_millis(300)) {
+                Ok(v) => v.len(),
+                Err(vhost_user_iommu::driver::DriverError::Timeout { got, .. }) => got.len(),
+                Err(e) => return Err(e.to_string()),
+            };
+            let fig = figures(b, Some(&ram));
+            expect_attachment(b, 1, Attachment::Blocked)?;
+            expect_attachment(b, 2, Attachment::Blocked)?;
+            if !b.domain_ids().is_empty() {
+                return Err(format!("IOASes left after the reset: {:?}", b.domain_ids()));
+            }
+            let mut stale: Vec<u64> = (0..=BATCH + LATE).map(|i| IOVA_BATCH + i * PAGE - PAGE).collect();
+            stale.extend([GPA_BATCH, GPA_BATCH + BATCH / 2 * PAGE, GPA_PATTERN]);
+            let n = stores_land_nowhere(&both, &stale, &[(&ram, usable)])?;
+            vm.reset_rings().map_err(|e| format!("rings after the reset: {e}"))?;
+            Ok(format!(
+                "{done} of {BATCH} kicked + {LATE} unkicked MAPs answered before the reset; after it: {fig}; {n} DMAs to stale IOVAs and IOVA = GPA landed nowhere"
+            ))
+        }),
+    );
+
+    // --- issue 7 (c): memory table change -------------------------------------------------------
+    rep.check(
+        "chaos (c): MAP into an added memfd region, REM_MEM_REG: mapping torn down, DMA to its IOVA blocked, nothing written into the removed memfd",
+        timed(|| {
+            // Liveness after the reset (proves the edus are still armed): a fresh domain works.
+            attach(&mut vm, 82, 1, 0)?;
+            attach(&mut vm, 82, 2, 0)?;
+            map(&mut vm, 82, IOVA_KEEP, GPA_BATCH, PAGE, RW)?;
+            for e in both {
+                ram.fill(GPA_BATCH, SENTINEL)?;
+                e.store(IOVA_KEEP)?;
+                ram.expect(GPA_BATCH, &pattern_page, &format!("{} after the reset", e.name))?;
+            }
+            let f0 = figures(b, None);
+            vm.add_region(GPA_REGION, REGION_SIZE).map_err(|e| e.to_string())?;
+            let region = Ram::dup(vm.region(GPA_REGION).ok_or("region not added")?)?;
+            for p in 0..REGION_SIZE / PAGE {
+                region.fill(GPA_REGION + p * PAGE, SENTINEL)?;
+            }
+            map(&mut vm, 82, IOVA_REGION, GPA_REGION, PAGE, RW)?;
+            map(&mut vm, 82, IOVA_REGION + 0x10_0000, GPA_REGION + 0x10_0000, 0x1_0000, RW)?;
+            e1.store(IOVA_REGION + 0x10_0000)?;
+            region.expect(GPA_REGION + 0x10_0000, &pattern_page, "the region through its mapping")?;
+            region.fill(GPA_REGION + 0x10_0000, SENTINEL)?;
+            let f1 = figures(b, None);
+            vm.remove_region(GPA_REGION).map_err(|e| e.to_string())?;
+            let f2 = figures(b, None);
+            let stale = [IOVA_REGION, IOVA_REGION + 0x10_0000, IOVA_REGION + 0x10_0000 + 15 * PAGE];
+            let n = stores_land_nowhere(&both, &stale, &[(&ram, usable), (&region, REGION_SIZE)])?;
+            // Every page of the removed memfd is still the sentinel (all equal to the first).
+            let sums = region.page_sums(REGION_SIZE)?;
+            region.expect_sentinel(GPA_REGION, "removed region, first page")?;
+            if sums.iter().any(|&x| x != sums[0]) {
+                return Err("a page of the removed memfd is no longer the sentinel".into());
+            }
+            ram.fill(GPA_BATCH, SENTINEL)?;
+            e2.store(IOVA_KEEP)?;
+            ram.expect(GPA_BATCH, &pattern_page, "the mapping in RAM that stayed")?;
+            Ok(format!(
+                "before ADD_MEM_REG: {f0}; region mapped: {f1}; after REM_MEM_REG: {f2}; {n} DMAs to the stale IOVAs landed nowhere (RAM and the removed memfd unchanged); the RAM mapping still works"
+            ))
+        }),
+    );
+
+    // --- issue 7 (d): re-ATTACH storm -------------------------------------------------------------
+    // Endpoint 2 stays in domain 90; endpoint 1 cycles 91, 92, 90 (100 moves; 91 and 92 die each
+    // time it leaves them), with a MAP after every move, each to a GPA of its own: in 91/92 at
+    // IOVA pool B (8 IOVAs, never mapped in 90), in 90 at pool A (UNMAP then MAP: the pool's
+    // translation changes under the device). The final domain is 90: pool A must reach only the
+    // latest GPA of each IOVA, pool B nothing, and no older GPA may change.
+    const POOL: u64 = 8;
+    let pool_a = |k: u64| IOVA_STORM + k * PAGE;
+    let pool_b = |k: u64| IOVA_STORM + 0x10_0000 + k * PAGE;
+    let mut current: Vec<(u64, u64)> = Vec::new();
+    let mut stale_storm: Vec<u64> = Vec::new();
+    rep.check(
+        "chaos (d): 100 re-ATTACHes of endpoint 1 across 3 domains with MAPs in between: DMA only through the final domain",
+        timed(|| {
+            detach(&mut vm, 82, 1)?;
+            attach(&mut vm, 90, 2, 0)?;
+            let ring = [91u32, 92, 90];
+            let mut latest: Vec<Option<u64>> = vec![None; POOL as usize];
+            let (mut na, mut nb) = (0u64, 0u64);
+            let t = Instant::now();
+            for i in 0..STORM {
+                let d = ring[(i % 3) as usize];
+                attach(&mut vm, d, 1, 0)?;
+                let gpa = GPA_STORM + i * PAGE;
+                if d == 90 {
+                    let k = na % POOL;
+                    if latest[k as usize].is_some() {
+                        unmap(&mut vm, d, pool_a(k), PAGE)?;
+                    }
+                    map(&mut vm, d, pool_a(k), gpa, PAGE, RW)?;
+                    latest[k as usize] = Some(gpa);
+                    na += 1;
+                } else {
+                    map(&mut vm, d, pool_b(nb % POOL), gpa, PAGE, RW)?;
+                    nb += 1;
+                }
+            }
+            attach(&mut vm, 90, 1, 0)?;
+            let storm_ms = t.elapsed().as_secs_f64() * 1e3;
+            current = (0..POOL)
+                .filter_map(|k| latest[k as usize].map(|g| (pool_a(k), g)))
+                .collect();
+            stale_storm = (0..POOL.min(nb)).map(pool_b).collect();
+            let ioas = ioas_of(b, 1)?;
+            expect_attachment(b, 2, Attachment::Domain(ioas))?;
+            if b.domain_ids() != vec![ioas] {
+                return Err(format!("IOASes {:?}, expected only {ioas}", b.domain_ids()));
+            }
+            for i in 0..STORM {
+                ram.fill(GPA_STORM + i * PAGE, SENTINEL)?;
+            }
+            let n = stores_land_nowhere(&both, &stale_storm, &[(&ram, usable)])?;
+            // The mock domain's view of the final IOAS: exactly the current mappings.
+            let mock = selftest::Mock::attach(fd, ioas)
+                .map_err(|e| format!("MOCK_DOMAIN on IOAS {ioas}: {}", errno_name(e)))?;
+            for &(iova, gpa) in &current {
+                mock.check_map(iova, PAGE, ram.va(gpa))
+                    .map_err(|e| format!("MD_CHECK_MAP of current {iova:#x}: {}", errno_name(e)))?;
+            }
+            for &iova in &stale_storm {
+                if mock.check_map(iova, PAGE, ram.va(GPA_STORM)) != Err(libc::EINVAL) {
+                    return Err(format!("MD_CHECK_MAP: stale {iova:#x} is not reported unmapped"));
+                }
+            }
+            drop(mock);
+            // Both edus through every current IOVA, side by side: only the latest GPA changes.
+            let before = ram.page_sums(usable)?;
+            for &(iova, gpa) in &current {
+                for e in both {
+                    e.start(EDU_BUFFER, iova, true);
+                }
+                for e in both {
+                    e.wait(EDU_BUFFER, iova)?;
+                }
+                ram.expect(gpa, &pattern_page, "through a mapping of the final domain")?;
+            }
+            let after = ram.page_sums(usable)?;
+            let want: Vec<u64> = current.iter().map(|c| c.1).collect();
+            let wrong: Vec<String> = (0..after.len() as u64)
+                .filter(|&i| after[i as usize] != before[i as usize] && !want.contains(&(i * PAGE)))
+                .map(|i| format!("{:#x}", i * PAGE))
+                .collect();
+            if !wrong.is_empty() {
+                return Err(format!(
+                    "DMA through the final domain changed other pages: {}",
+                    wrong.join(", ")
+                ));
+            }
+            Ok(format!(
+                "storm {storm_ms:.0} ms ({:.2} ms per move + MAP, {na} MAPs in 90 with UNMAPs, {nb} in 91/92); final IOAS {ioas}; {} current IOVAs land at their latest GPA only (MD_CHECK_MAP agrees), {n} DMAs to {} stale IOVAs landed nowhere (mock: not mapped)",
+                storm_ms / STORM as f64,
+                current.len(),
+                stale_storm.len()
+            ))
+        }),
+    );
+
+    // --- issue 7 (a) + issue 9: disconnect in the middle of a batch of MAPs ---------------------
+    let n = cx.d.connections.load(Ordering::SeqCst);
+    let old_ioas = b.domain_ids();
+    rep.check(
+        "chaos (a): VMM disconnect in the middle of 64 kicked + 32 unkicked MAPs: every device blocked, nothing pinned (backend and kernel), DMA to every stale IOVA blocked",
+        timed(|| {
+            let reqs: Vec<Request> = (0..BATCH)
+                .map(|i| map_req(90, IOVA_BATCH + i * PAGE, GPA_BATCH + i * PAGE, PAGE))
+                .collect();
+            let used_idx = vm.request_queue().layout().used + 2;
+            let used = |r: &Ram| -> Result<u16> {
+                let b = r.read(used_idx, 2)?;
+                Ok(u16::from_le_bytes([b[0], b[1]]))
+            };
+            let u0 = used(&ram)?;
+            push_maps(&mut vm, &reqs)?;
+            let late: Vec<Request> = (BATCH..BATCH + LATE)
+                .map(|i| map_req(90, IOVA_BATCH + i * PAGE, GPA_BATCH + i * PAGE, PAGE))
+                .collect();
+            push_unkicked(&mut vm, &late)?;
+            vm.disconnect();
+            wait_for("the daemon to finish the connection", Duration::from_secs(30), || {
+                cx.d.connections.load(Ordering::SeqCst) > n
+            })?;
+            // Object ids first (a scratch IOAS of the probes below could reuse a freed id).
+            for &id in &old_ioas {
+                match sys::ioas_iova_ranges(fd, id) {
+                    Err(e) if e.errno == libc::ENOENT => {}
+                    other => return Err(format!("IOAS {id} still exists: {other:?}")),
+                }
+            }
+            let answered = used(&ram)?.wrapping_sub(u0);
+            let fig = figures(b, Some(&ram));
+            let pinned = b.pinned_bytes();
+            let vmpin = vm_pin_kib()?;
+            let refs0 = selftest::check_refs(fd, ram.va(0), ram.size, 0);
+            let mut staged = Vec::new();
+            for gpa in (0..ram.size).step_by(4 << 20).chain([ram.size - PAGE]) {
+                if identity_maps(b, gpa, PAGE)? {
+                    staged.push(format!("{gpa:#x}"));
+                }
+            }
+            expect_attachment(b, 1, Attachment::Blocked)?;
+            expect_attachment(b, 2, Attachment::Blocked)?;
+            if !b.domain_ids().is_empty() {
+                return Err(format!("IOASes left: {:?}", b.domain_ids()));
+            }
+            if pinned != 0 || vmpin != pin0 {
+                return Err(format!("still pinned after the disconnect: {fig}"));
+            }
+            if let Err(e) = refs0 {
+                return Err(format!("MD_CHECK_REFS(0) over guest RAM: {}: {fig}", errno_name(e)));
+            }
+            if !staged.is_empty() {
+                return Err(format!("identity IOAS still maps GPAs {}", staged.join(", ")));
+            }
+            let mut stale: Vec<u64> = (0..BATCH + LATE).map(|i| IOVA_BATCH + i * PAGE).collect();
+            stale.extend(current.iter().map(|c| c.0));
+            stale.extend(stale_storm.iter().copied());
+            stale.extend([IOVA_KEEP, GPA_STORM, GPA_BATCH, GPA_PATTERN]);
+            let n = stores_land_nowhere(&both, &stale, &[(&ram, ram.size)])?;
+            Ok(format!(
+                "{answered} of {BATCH} kicked + {LATE} unkicked MAPs answered before the teardown; after it: {fig}; old IOASes {old_ioas:?} gone; identity IOAS maps none of 17 probed GPAs; {n} DMAs to stale IOVAs and IOVA = GPA: whole 64 MiB unchanged"
+            ))
+        }),
+    );
+
+    // The next VMM: the edus (still holding the pattern) are alive, so the blocked DMAs above
+    // were real; its disconnect releases everything again.
+    rep.check(
+        "next connection after the chaos: DMA lands again, its disconnect releases everything",
+        timed(|| {
+            let n = cx.d.connections.load(Ordering::SeqCst);
+            let mut vm = cx.d.connect()?;
+            let ram = Ram::of(&vm)?;
+            attach(&mut vm, 1, 1, 0)?;
+            attach(&mut vm, 1, 2, 0)?;
+            map(&mut vm, 1, IOVA_X, GPA_A, PAGE, RW)?;
+            for e in both {
+                ram.fill(GPA_A, SENTINEL)?;
+                e.store(IOVA_X)?;
+                ram.expect(GPA_A, &pattern_page, &format!("{} after the chaos", e.name))?;
+            }
+            let during = figures(b, None);
+            vm.disconnect();
+            wait_for(
+                "the daemon to finish the connection",
+                Duration::from_secs(30),
+                || cx.d.connections.load(Ordering::SeqCst) > n,
+            )?;
+            let after = figures(b, Some(&ram));
+            if b.pinned_bytes() != 0 || vm_pin_kib()? != pin0 {
+                return Err(format!("still pinned: {after}"));
+            }
+            Ok(format!(
+                "connected: {during}; after its disconnect: {after}"
+            ))
+        }),
+    );
     Ok(())
 }
 
@@ -980,6 +1774,9 @@ fn main() -> ExitCode {
     }
     if let Err(e) = compare_map_paths(&mut rep, &cx) {
         rep.check("second connection", Err(e));
+    }
+    if let Err(e) = chaos_connection(&mut rep, &cx) {
+        rep.check("chaos connection", Err(e));
     }
     drop(cx);
     println!(
