@@ -12,6 +12,8 @@
 #   VM_DAEMON_DMA=0      skip the daemon-dma guest program (built and run by default)
 #   VM_BENCH_IOMMUFD=0   skip the bench-iommufd guest program (built and run by default; prints
 #                        the iommufd map-path table, fails only on errors, never on timing)
+#   VM_VFIO_USER=0       skip the vfio-user-edu guest program (built and run by default; embeds a
+#                        static build of the daemon binary itself)
 #   VM_INITRD            initramfs path (default $VM_CACHE/run/initramfs-$IOMMU.cpio.gz)
 #   VM_IOMMU_DEVICE      replaces the IOMMU's -device argument (same IOMMU kind), e.g. a narrower
 #                        IOVA space: intel-iommu,intremap=on,aw-bits=39
@@ -98,6 +100,24 @@ if [[ ${VM_BENCH_IOMMUFD:-1} != 0 ]]; then
             cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
         die "cargo build of tests/vm/bench-iommufd failed (if the main crate's dependencies changed: cd tests/vm/bench-iommufd && cargo update -p vhost-user-iommu)"
     bins+=("$bi_target/x86_64-unknown-linux-gnu/release/bench-iommufd")
+fi
+# vfio-user-edu: the daemon binary (built static here, embedded in the program) serves both edus
+# over vfio-user to a client written from the protocol document (tests/vm/vfio-user-edu).
+if [[ ${VM_VFIO_USER:-1} != 0 ]]; then
+    vd_target=$VM_CACHE/target/vhost-user-iommu
+    log "building vhost-user-iommu (static, for vfio-user-edu)"
+    (cd "$here/../.." &&
+        CARGO_TARGET_DIR=$vd_target RUSTFLAGS="-C target-feature=+crt-static" \
+            cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu --bin vhost-user-iommu) ||
+        die "static cargo build of vhost-user-iommu failed"
+    vu_target=$VM_CACHE/target/vfio-user-edu
+    log "building vfio-user-edu (static)"
+    (cd "$here/vfio-user-edu" &&
+        VFIO_USER_EDU_DAEMON=$vd_target/x86_64-unknown-linux-gnu/release/vhost-user-iommu \
+            CARGO_TARGET_DIR=$vu_target RUSTFLAGS="-C target-feature=+crt-static" \
+            cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
+        die "cargo build of tests/vm/vfio-user-edu failed (if the main crate's dependencies changed: cd tests/vm/vfio-user-edu && cargo update -p vhost-user-iommu)"
+    bins+=("$vu_target/x86_64-unknown-linux-gnu/release/vfio-user-edu")
 fi
 read -r -a extra <<<"${VM_GUEST_BINS:-}"
 bins+=(${extra[@]+"${extra[@]}"})
