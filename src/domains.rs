@@ -674,6 +674,24 @@ impl Topology {
         Ok(())
     }
 
+    /// The VMM let go of an endpoint's device (its vfio-user connection closed): the endpoint
+    /// leaves its domain and goes back to the unattached state (blocked, or the identity when
+    /// `bypass` is set) until the guest attaches it again. The guest is not told; its next
+    /// ATTACH re-establishes translation.
+    pub fn unplug(
+        &mut self,
+        shards: &mut dyn Shards,
+        endpoint: EndpointId,
+    ) -> Result<(), BackendError> {
+        let Ok(Some(domain)) = self.endpoint(endpoint) else {
+            return Ok(());
+        };
+        self.backend.attach(endpoint, self.unattached())?;
+        self.endpoints.insert(endpoint, None);
+        self.release(shards, domain);
+        Ok(())
+    }
+
     /// Drops one endpoint reference; destroys the domain when it was the last.
     fn release(&mut self, shards: &mut dyn Shards, domain: DomainId) {
         let Some(d) = self.domains.get_mut(&domain) else {

@@ -325,22 +325,34 @@ fn start_vfio_user(
         let name = format!("endpoint {}", e.id);
         let dev = vfio_user::VfioCdevDevice::new(file, name.clone())
             .map_err(|err| format!("{name}: {err}"))?;
-        let current = current.clone();
+        let ram_of = current.clone();
         let dma_check: vfio_user::DmaCheck = Arc::new(move |gpa, len| {
-            let dev = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let dev = ram_of.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let Some(ram) = dev.and_then(|d| d.guest_ram()) else {
                 return true;
             };
             vhost_user_iommu::ids::IovaRange::with_len(gpa, len)
                 .is_some_and(|r| ram.locate(&r).is_some())
         });
-        let t = vfio_user::spawn_device_server(&name, path, Box::new(dev), dma_check, stop.clone())
-            .map_err(|err| {
-                format!(
-                    "{name}: cannot serve vfio-user on {}: {err}",
-                    path.display()
-                )
-            })?;
+        let listener = vfio_user::bind_socket(path).map_err(|err| {
+            format!(
+                "{name}: cannot serve vfio-user on {}: {err}",
+                path.display()
+            )
+        })?;
+        let (current, ep) = (current.clone(), EndpointId(e.id));
+        // A closed device connection leaves the device blocked until the guest re-attaches it
+        // (DESIGN §3.4); the domain model is told so that it stays equal to the host.
+        let on_disconnect = move || {
+            if let Some(d) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                d.endpoint_disconnected(ep);
+            }
+        };
+        let t = vfio_user::DeviceServer::new(Box::new(dev), dma_check, stop.clone())
+            .name(name.clone())
+            .on_disconnect(on_disconnect)
+            .spawn(listener)
+            .map_err(|err| format!("{name}: cannot start the vfio-user thread: {err}"))?;
         info!("{name}: serving vfio-user on {}", path.display());
         threads.push(t);
     }

@@ -489,6 +489,12 @@ impl Dispatcher {
         }
     }
 
+    /// The VMM let go of an endpoint's device: detach it (see [`Topology::unplug`]). Call with
+    /// nothing in flight.
+    pub fn unplug(&mut self, endpoint: EndpointId) -> Result<(), crate::backend::BackendError> {
+        self.topology.unplug(&mut self.exec, endpoint)
+    }
+
     pub fn set_bypass(&mut self, bypass: bool) -> Result<(), crate::backend::BackendError> {
         self.topology.set_bypass(bypass)
     }

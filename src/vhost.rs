@@ -229,6 +229,22 @@ impl IommuDevice {
         lock(&self.0.session).dispatcher.snapshot()
     }
 
+    /// The VMM closed an endpoint's device connection (vfio-user): the endpoint is detached and
+    /// left blocked (or identity under bypass) until the guest attaches it again.
+    pub fn endpoint_disconnected(&self, endpoint: EndpointId) {
+        let mut s = lock(&self.0.session);
+        if let Some(v) = s.request_vring.clone() {
+            let mem = s.mem.as_ref().map(|m| m.memory());
+            drain(&mut s, mem.as_deref(), &v, &self.0.metrics);
+        }
+        match s.dispatcher.unplug(endpoint) {
+            Ok(()) => info!("{endpoint}: device connection closed, endpoint detached"),
+            Err(e) => {
+                log::error!("{endpoint}: cannot block after its device connection closed: {e}")
+            }
+        }
+    }
+
     /// The guest RAM of the current connection's memory table, once the VMM has sent one.
     pub fn guest_ram(&self) -> Option<Arc<GuestRam>> {
         lock(&self.0.session).ram.clone()

@@ -775,3 +775,30 @@ fn mappings_whose_memory_moved_are_torn_down() {
     assert_eq!(f.table.set_ram(Arc::new(moved)), 1);
     assert_eq!(f.count(1), Some(0));
 }
+
+#[test]
+fn unplug_detaches_the_endpoint_and_blocks_it_until_the_guest_attaches_again() {
+    let mut f = fx();
+    assert_eq!(f.attach(1, 1, 0), Status::Ok);
+    assert_eq!(f.attach(1, 2, 0), Status::Ok);
+    assert_eq!(f.map(1, 0x1000, 0x1fff, 0x1000, RW), Status::Ok);
+    f.topo
+        .unplug(&mut One(&mut f.table), EndpointId(1))
+        .unwrap();
+    f.check();
+    assert_eq!(f.dma(1, 0x1000, false), Err(Fault::Blocked));
+    assert_eq!(
+        f.dma(2, 0x1000, false),
+        Ok(0x1000),
+        "the other endpoint keeps the domain"
+    );
+    f.topo
+        .unplug(&mut One(&mut f.table), EndpointId(2))
+        .unwrap();
+    f.check();
+    assert_eq!(f.count(1), None, "the emptied domain is destroyed");
+    f.topo
+        .unplug(&mut One(&mut f.table), EndpointId(2))
+        .unwrap();
+    assert_eq!(f.attach(3, 1, 0), Status::Ok);
+}
