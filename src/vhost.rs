@@ -537,6 +537,12 @@ impl IommuDevice {
     }
 }
 
+/// A memory table the backend refused, as the vhost-user layer carries it: the errno's kind with
+/// the backend's whole message (`io::Error::from_raw_os_error` alone would keep only the errno).
+fn memory_table_error(e: crate::backend::BackendError) -> io::Error {
+    io::Error::new(io::Error::from_raw_os_error(e.errno).kind(), e)
+}
+
 fn unwritable() -> crate::domains::Rejection {
     crate::domains::Rejection {
         status: Status::DevErr,
@@ -656,10 +662,9 @@ impl VhostUserBackend for IommuDevice {
         let ram = Arc::new(guest_ram(&mem.memory()).map_err(io::Error::other)?);
         debug!("memory table: {} regions", ram.regions().len());
         let mut s = lock(&self.0.session);
-        self.0
-            .backend
-            .set_ram(&ram)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno))?;
+        // Keep the backend's text (e.g. which RLIMIT_MEMLOCK pinning this table needs): the
+        // refused table ends the connection, and this error is what the daemon then logs.
+        self.0.backend.set_ram(&ram).map_err(memory_table_error)?;
         s.dispatcher.set_ram(ram.clone());
         s.ram = Some(ram);
         s.mem = Some(mem);
@@ -718,5 +723,45 @@ impl VhostUserBackend for IommuDevice {
             }
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::fault::{FaultyBackend, Injector, Op};
+    use crate::backend::soft::SoftBackend;
+
+    #[test]
+    fn a_refused_memory_table_keeps_the_backends_message() {
+        let injector = Arc::new(Injector::default());
+        let backend = Arc::new(FaultyBackend::new(
+            SoftBackend::new(&[EndpointId(1)], false),
+            injector.clone(),
+        ));
+        let settings = DeviceSettings {
+            endpoints: vec![EndpointId(1)],
+            boot_bypass: false,
+            rules: crate::bench::daemon::soft_rules(crate::domains::Limits::default()),
+            mode: Mode::Inline,
+            poll: std::time::Duration::ZERO,
+        };
+        let dev = IommuDevice::new(settings, backend, Arc::new(Metrics::default())).unwrap();
+        injector.fail(Op::SetRam, 0, 1, libc::ENOMEM);
+        let err = dev
+            .update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::OutOfMemory);
+        let text = err.to_string();
+        assert!(
+            text.contains("set_ram failed on injected: set ram"),
+            "{text}"
+        );
+        assert!(text.contains("Cannot allocate memory"), "{text}");
+        // Not applied: the next table goes through.
+        assert!(dev.guest_ram().is_none());
+        dev.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+            .unwrap();
+        assert!(dev.guest_ram().is_some());
     }
 }

@@ -14,6 +14,8 @@
 #                        the iommufd map-path table, fails only on errors, never on timing)
 #   VM_VFIO_USER=0       skip the vfio-user-edu guest program (built and run by default; embeds a
 #                        static build of the daemon binary itself)
+#   VM_MEMLOCK=0         skip the memlock guest program (built and run by default; RLIMIT_MEMLOCK
+#                        exhaustion without CAP_IPC_LOCK is refused clearly and recovers)
 #   VM_INITRD            initramfs path (default $VM_CACHE/run/initramfs-$IOMMU.cpio.gz)
 #   VM_IOMMU_DEVICE      replaces the IOMMU's -device argument (same IOMMU kind), e.g. a narrower
 #                        IOVA space: intel-iommu,intremap=on,aw-bits=39
@@ -118,6 +120,18 @@ if [[ ${VM_VFIO_USER:-1} != 0 ]]; then
             cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
         die "cargo build of tests/vm/vfio-user-edu failed (if the main crate's dependencies changed: cd tests/vm/vfio-user-edu && cargo update -p vhost-user-iommu)"
     bins+=("$vu_target/x86_64-unknown-linux-gnu/release/vfio-user-edu")
+fi
+# memlock: RLIMIT_MEMLOCK exhaustion (issue 7): the daemon without CAP_IPC_LOCK under a low soft
+# limit refuses the memory table / a MAP with the limit named, pins nothing, and recovers once the
+# limit is raised (tests/vm/memlock).
+if [[ ${VM_MEMLOCK:-1} != 0 ]]; then
+    ml_target=$VM_CACHE/target/memlock
+    log "building memlock (static)"
+    (cd "$here/memlock" &&
+        CARGO_TARGET_DIR=$ml_target RUSTFLAGS="-C target-feature=+crt-static" \
+            cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
+        die "cargo build of tests/vm/memlock failed (if the main crate's dependencies changed: cd tests/vm/memlock && cargo update -p vhost-user-iommu)"
+    bins+=("$ml_target/x86_64-unknown-linux-gnu/release/memlock")
 fi
 read -r -a extra <<<"${VM_GUEST_BINS:-}"
 bins+=(${extra[@]+"${extra[@]}"})
