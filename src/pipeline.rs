@@ -189,7 +189,7 @@ impl Threads {
 /// thread it waits for, so it is off (see [`spin_window`]).
 const SPIN: Duration = Duration::from_micros(20);
 
-/// The spin window for `executors` executor threads: [`SPIN`] if every spinning thread (the
+/// The spin window for `executors` executor threads: `SPIN` if every spinning thread (the
 /// executors, the vring thread and the guest vCPU it serves) can have a core, else zero.
 pub fn spin_window(executors: usize) -> Duration {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
