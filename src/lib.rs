@@ -15,6 +15,7 @@ pub mod deploy;
 pub mod domains;
 pub mod driver;
 pub mod guest_ram;
+pub mod hotplug;
 pub mod ids;
 pub mod metrics;
 pub mod pipeline;

@@ -300,8 +300,9 @@ fn start_vfio_user(
     backend: &Backend,
     current: &CurrentDevice,
     stop: &vfio_user::StopSignal,
-) -> Result<Vec<std::thread::JoinHandle<std::io::Result<()>>>, String> {
+) -> Result<VfioUserFronts, String> {
     let mut threads = Vec::new();
+    let mut slots = std::collections::BTreeMap::new();
     for e in &cfg.endpoints {
         let Some(path) = &e.vfio_user_socket else {
             continue;
@@ -314,14 +315,7 @@ fn start_vfio_user(
         };
         let file = iommufd
             .device_file(EndpointId(e.id))
-            .ok_or_else(|| format!("endpoint {}: no VFIO device is open for it", e.id))?
-            .try_clone()
-            .map_err(|err| {
-                format!(
-                    "endpoint {}: cannot duplicate the VFIO device fd: {err}",
-                    e.id
-                )
-            })?;
+            .ok_or_else(|| format!("endpoint {}: no VFIO device is open for it", e.id))?;
         let name = format!("endpoint {}", e.id);
         let dev = vfio_user::VfioCdevDevice::new(file, name.clone())
             .map_err(|err| format!("{name}: {err}"))?;
@@ -348,16 +342,24 @@ fn start_vfio_user(
                 d.endpoint_disconnected(ep);
             }
         };
-        let t = vfio_user::DeviceServer::new(Box::new(dev), dma_check, stop.clone())
+        let server = vfio_user::DeviceServer::new(Box::new(dev), dma_check, stop.clone())
             .name(name.clone())
-            .on_disconnect(on_disconnect)
+            .on_disconnect(on_disconnect);
+        slots.insert(ep, server.slot());
+        let t = server
             .spawn(listener)
             .map_err(|err| format!("{name}: cannot start the vfio-user thread: {err}"))?;
         info!("{name}: serving vfio-user on {}", path.display());
         threads.push(t);
     }
-    Ok(threads)
+    Ok((threads, slots))
 }
+
+/// The vfio-user server threads and their device slots (taken away on host unplug).
+type VfioUserFronts = (
+    Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+    std::collections::BTreeMap<EndpointId, vfio_user::DeviceSlot>,
+);
 
 /// Picks and opens the translation backend: iommufd when asked, or with `auto` when every
 /// endpoint names a host device and /dev/iommu exists; else the software table.
@@ -512,7 +514,12 @@ fn run(a: ServeArgs) -> Result<(), String> {
     }
     let vfio_stop =
         vfio_user::StopSignal::new().map_err(|e| format!("cannot create an eventfd: {e}"))?;
-    let vfio_threads = start_vfio_user(&cfg, &backend, &current, &vfio_stop)?;
+    let (vfio_threads, slots) = start_vfio_user(&cfg, &backend, &current, &vfio_stop)?;
+    if let Some(b) = &backend.iommufd {
+        // Host unbind of a device → detach, close, serve the rest; rebind → serve it again.
+        vhost_user_iommu::hotplug::watch(b, current.clone(), slots)
+            .map_err(|e| format!("cannot start the hot-plug watcher: {e}"))?;
+    }
     // Every socket listens: systemd (Type=notify) may start the VM now.
     if let Err(e) = vhost_user_iommu::deploy::notify_ready() {
         warn!("cannot notify systemd: {e}");

@@ -1187,3 +1187,67 @@ fn device_server_hooks_and_recorded_dma_maps() {
     thread.join().unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_removed_device_is_dropped_clients_are_refused_until_it_is_put_back() {
+    use vhost_user_iommu::vfio_user::{DeviceServer, bind_socket};
+    let dir = std::env::temp_dir().join(format!("vfio-user-slot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dev.sock");
+    let (fake, state) = Fake::new();
+    let stop = StopSignal::new().unwrap();
+    let server =
+        DeviceServer::new(Box::new(fake), Arc::new(|_, _| true), stop.clone()).name("slot");
+    let slot = server.slot();
+    let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
+    let connect = || {
+        let sock = UnixStream::connect(&path).unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        Client { sock, next_id: 1 }
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !cond() {
+            assert!(t.elapsed() < TIMEOUT, "{what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+
+    // Host unplug while a client is connected: the connection ends, the device is dropped.
+    let mut c = connect();
+    c.version("{}").unwrap();
+    slot.remove();
+    let mut b = [0u8; 1];
+    assert_eq!(
+        c.sock.read(&mut b).unwrap(),
+        0,
+        "the connection is shut down"
+    );
+    wait("the device is dropped", &|| Arc::strong_count(&state) == 1);
+    assert!(!slot.is_present());
+    assert_eq!(
+        state.lock().unwrap().resets,
+        1,
+        "cleanup ran before the drop"
+    );
+
+    // While it is gone, clients are refused with ENODEV.
+    let mut c = connect();
+    assert_eq!(c.version("{}").unwrap_err(), libc::ENODEV as u32);
+
+    // Replug: served again.
+    let (fake, state) = Fake::new();
+    slot.put(Box::new(fake));
+    let mut c = connect();
+    c.version("{}").unwrap();
+    drop(c);
+    // Removed while idle (or just after the cleanup): dropped.
+    wait("the client is gone", &|| state.lock().unwrap().resets == 1);
+    slot.remove();
+    wait("the idle device is dropped", &|| {
+        Arc::strong_count(&state) == 1
+    });
+    stop.stop();
+    thread.join().unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

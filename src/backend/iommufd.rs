@@ -39,6 +39,13 @@
 //! - **Destroying an attached domain.** The domain model detaches before it destroys, but if a
 //!   domain is dropped while an endpoint still points at it (the kernel would refuse with EBUSY)
 //!   those endpoints are blocked first, like the soft backend does.
+//! - **Hot-unplug.** Each device's request IRQ (`VFIO_PCI_REQ_IRQ_INDEX`) is an eventfd; the
+//!   kernel signals it when the host unbinds the device from vfio-pci, and its unbind waits
+//!   until every fd of the device is closed. [`IommufdBackend::watch_hotplug`] then lets the
+//!   daemon detach the endpoint in the domain model and drop its own duplicates (the vfio-user
+//!   front's), closes the device, and polls sysfs for it to come back, when it is reopened,
+//!   bound and left blocked (identity under bypass). While unplugged the endpoint counts as
+//!   blocked; attaching it to a paging domain fails with ENODEV (the guest sees S_DEVERR).
 //! - **RLIMIT_MEMLOCK.** Pinned pages are charged to the daemon user's RLIMIT_MEMLOCK unless it
 //!   has CAP_IPC_LOCK, once per IOAS that maps them. An ENOMEM from a map therefore names the
 //!   limit and how much this backend has pinned.
@@ -50,10 +57,11 @@
 use std::collections::HashSet;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
@@ -61,6 +69,7 @@ use super::{Attachment, BackendError, DmaBackend, HostConstraints, HwDomain, Map
 use crate::guest_ram::GuestRam;
 use crate::ids::{EndpointId, IovaRange, Perms};
 use crate::protocol::{ResvKind, ResvMem};
+use crate::vfio::{self, PciAddress, SysfsRoot};
 
 /// The x86 MSI doorbell window, always reported to the guest as RESV_MEM MSI.
 pub const X86_MSI_WINDOW: (u64, u64) = (0xfee0_0000, 0xfeef_ffff);
@@ -424,7 +433,42 @@ pub mod sys {
         "VFIO_DEVICE_DETACH_IOMMUFD_PT"
     );
 
+    pub const VFIO_PCI_REQ_IRQ_INDEX: u32 = 4;
+    pub const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+    pub const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
+
+    /// `struct vfio_irq_set` with one eventfd as its data.
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct VfioIrqSetEventfd {
+        pub argsz: u32,
+        pub flags: u32,
+        pub index: u32,
+        pub start: u32,
+        pub count: u32,
+        pub fd: i32,
+    }
+    arg!(
+        VfioIrqSetEventfd,
+        io(TYPE, VFIO_BASE + 10),
+        "VFIO_DEVICE_SET_IRQS"
+    );
+
     // Typed wrappers: the only callers of `ioctl`.
+
+    /// Signals `eventfd` when the kernel asks for the device back (`VFIO_PCI_REQ_IRQ_INDEX`:
+    /// the host is unbinding it from vfio-pci).
+    pub fn set_req_eventfd(dev: BorrowedFd<'_>, eventfd: BorrowedFd<'_>) -> Result<(), Errno> {
+        let mut a = VfioIrqSetEventfd {
+            argsz: size32::<VfioIrqSetEventfd>(),
+            flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            index: VFIO_PCI_REQ_IRQ_INDEX,
+            start: 0,
+            count: 1,
+            fd: eventfd.as_raw_fd(),
+        };
+        ioctl(dev, &mut a)
+    }
 
     pub fn ioas_alloc(iommufd: BorrowedFd<'_>) -> Result<u32, Errno> {
         let mut a = IommuIoasAlloc {
@@ -720,9 +764,112 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Device {
     path: PathBuf,
-    file: File,
+    /// `None` while the host has the device back (unplugged; see "Hot-unplug" in the module
+    /// docs).
+    file: Option<File>,
     dev_id: u32,
+    /// The PCI address behind the cdev (from sysfs), to find the device again after an unplug.
+    pci: Option<PciAddress>,
+    /// Signalled by the kernel when it wants the device back (request IRQ).
+    req: Option<OwnedFd>,
+    /// When an ATTACH of the unplugged endpoint was last logged.
+    last_warn: Option<Instant>,
 }
+
+impl Device {
+    fn open(path: &Path, iommufd: &File) -> std::result::Result<Device, IommufdError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| IommufdError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let dev_id =
+            sys::bind_iommufd(file.as_fd(), iommufd.as_fd()).map_err(|e| IommufdError::Ioctl {
+                ioctl: e.name,
+                what: path.display().to_string(),
+                errno: e.errno,
+            })?;
+        let pci = path
+            .file_name()
+            .and_then(|n| {
+                std::fs::canonicalize(Path::new("/sys/class/vfio-dev").join(n).join("device")).ok()
+            })
+            .and_then(|p| p.file_name()?.to_str()?.parse::<PciAddress>().ok());
+        let req = request_eventfd(&file, path);
+        Ok(Device {
+            path: path.to_path_buf(),
+            file: Some(file),
+            dev_id,
+            pci,
+            req,
+            last_warn: None,
+        })
+    }
+
+    /// The open cdev; ENODEV while unplugged.
+    fn file(&self, endpoint: EndpointId) -> Result<&File> {
+        self.file.as_ref().ok_or_else(|| {
+            BackendError::new(
+                "attach",
+                libc::ENODEV,
+                format!(
+                    "{endpoint} ({}): the device was unplugged from vfio-pci",
+                    self.path.display()
+                ),
+            )
+        })
+    }
+}
+
+/// An eventfd registered as the device's request IRQ; `None` (logged) if that fails.
+fn request_eventfd(file: &File, path: &Path) -> Option<OwnedFd> {
+    // SAFETY: eventfd has no memory preconditions; a non-negative return is a new fd we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        warn!(
+            "{}: eventfd for the request IRQ: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        return None;
+    }
+    // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    match sys::set_req_eventfd(file.as_fd(), fd.as_fd()) {
+        Ok(()) => Some(fd),
+        Err(e) => {
+            warn!(
+                "{}: cannot register the request IRQ ({}): unbinding it from vfio-pci will \
+                 block until the daemon stops",
+                path.display(),
+                std::io::Error::from_raw_os_error(e.errno)
+            );
+            None
+        }
+    }
+}
+
+/// What the hot-plug watcher ([`IommufdBackend::watch_hotplug`]) reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HotplugEvent {
+    /// The host asked for the device back. Called *before* the backend closes its fd: detach
+    /// the endpoint in the domain model and drop every duplicate of the fd.
+    Unplugging,
+    /// The device is bound to vfio-pci again, reopened, bound to the iommufd and blocked (or
+    /// identity under bypass): serve it again.
+    Replugged,
+}
+
+/// The callback of [`IommufdBackend::watch_hotplug`].
+pub type HotplugHook = Box<dyn Fn(EndpointId, HotplugEvent) + Send>;
+
+/// How often unplugged devices are looked for in sysfs.
+const REPLUG_POLL: Duration = Duration::from_secs(1);
+/// At most one log line per endpoint this often for ATTACHes of an unplugged device.
+const UNPLUGGED_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// `(file id and offset, host VA)`: what makes two RAM regions the same memory.
 type MemoryKey = (Option<((u64, u64), u64)>, u64);
@@ -741,7 +888,8 @@ struct Topo {
 
 struct Shared {
     iommufd: File,
-    devices: BTreeMap<EndpointId, Device>,
+    /// Locked after `topo` when both are held.
+    devices: Mutex<BTreeMap<EndpointId, Device>>,
     identity_id: u32,
     topo: Mutex<Topo>,
     ram: Mutex<Arc<GuestRam>>,
@@ -860,14 +1008,35 @@ impl Shared {
 
     /// Points one device somewhere. Caller holds the topology lock.
     fn point(&self, topo: &mut Topo, endpoint: EndpointId, to: Attachment) -> Result<()> {
-        let dev = self.devices.get(&endpoint).ok_or_else(|| {
+        let mut devices = lock(&self.devices);
+        let dev = devices.get_mut(&endpoint).ok_or_else(|| {
             BackendError::new("attach", libc::ENODEV, format!("{endpoint}: no device"))
         })?;
+        if dev.file.is_none() {
+            // Unplugged: no DMA at all, which satisfies blocked and identity; a paging domain
+            // is refused (ENODEV: S_DEVERR) until the device is back.
+            if let Attachment::Domain(_) = to {
+                if dev
+                    .last_warn
+                    .is_none_or(|t| t.elapsed() >= UNPLUGGED_WARN_EVERY)
+                {
+                    dev.last_warn = Some(Instant::now());
+                    warn!(
+                        "{endpoint}: ATTACH refused (S_DEVERR): {} is unplugged from vfio-pci",
+                        dev.path.display()
+                    );
+                }
+                return Err(dev.file(endpoint).unwrap_err());
+            }
+            topo.attachments.insert(endpoint, to);
+            return Ok(());
+        }
+        let file = dev.file(endpoint)?;
         let what = |op: &str| format!("{endpoint} ({}) {op}", dev.path.display());
         let r = match to {
-            Attachment::Blocked => sys::detach_pt(dev.file.as_fd()),
-            Attachment::Identity => sys::attach_pt(dev.file.as_fd(), self.identity_id),
-            Attachment::Domain(id) => sys::attach_pt(dev.file.as_fd(), id),
+            Attachment::Blocked => sys::detach_pt(file.as_fd()),
+            Attachment::Identity => sys::attach_pt(file.as_fd(), self.identity_id),
+            Attachment::Domain(id) => sys::attach_pt(file.as_fd(), id),
         };
         r.map_err(|e| {
             let target = match to {
@@ -929,18 +1098,20 @@ impl IommufdBackend {
             if devices.contains_key(ep) {
                 return Err(IommufdError::DuplicateEndpoint(ep.0));
             }
-            let file = open(path)?;
-            let dev_id = sys::bind_iommufd(file.as_fd(), iommufd.as_fd())
-                .map_err(ioctl_err(format!("{ep} ({})", path.display())))?;
-            info!("{ep}: {} bound to iommufd, dev_id {dev_id}", path.display());
-            devices.insert(
-                *ep,
-                Device {
-                    path: path.clone(),
-                    file,
-                    dev_id,
+            let d = Device::open(path, &iommufd).map_err(|e| match e {
+                IommufdError::Ioctl { ioctl, errno, .. } => IommufdError::Ioctl {
+                    ioctl,
+                    what: format!("{ep} ({})", path.display()),
+                    errno,
                 },
+                e => e,
+            })?;
+            info!(
+                "{ep}: {} bound to iommufd, dev_id {}",
+                path.display(),
+                d.dev_id
             );
+            devices.insert(*ep, d);
         }
 
         // Host constraints with every device attached (the intersection of their limits).
@@ -948,7 +1119,7 @@ impl IommufdBackend {
             sys::ioas_alloc(iommufd.as_fd()).map_err(ioctl_err("the scratch IOAS".to_string()))?;
         let queried = (|| {
             for (ep, d) in &devices {
-                sys::attach_pt(d.file.as_fd(), scratch).map_err(ioctl_err(format!(
+                sys::attach_pt(dev_fd(d), scratch).map_err(ioctl_err(format!(
                     "{ep} ({}) to scratch IOAS {scratch}",
                     d.path.display()
                 )))?;
@@ -976,8 +1147,8 @@ impl IommufdBackend {
         let mut boot = Ok(());
         for (ep, d) in &devices {
             let r = match (&identity, boot_bypass) {
-                (Ok(id), true) => sys::attach_pt(d.file.as_fd(), *id),
-                _ => sys::detach_pt(d.file.as_fd()),
+                (Ok(id), true) => sys::attach_pt(dev_fd(d), *id),
+                _ => sys::detach_pt(dev_fd(d)),
             };
             if let Err(e) = r {
                 boot = boot.and(Err(ioctl_err(format!("{ep} ({})", d.path.display()))(e)));
@@ -1025,7 +1196,7 @@ impl IommufdBackend {
         Ok(IommufdBackend {
             shared: Arc::new(Shared {
                 iommufd,
-                devices,
+                devices: Mutex::new(devices),
                 identity_id,
                 topo: Mutex::new(Topo {
                     attachments,
@@ -1049,16 +1220,170 @@ impl IommufdBackend {
         })
     }
 
-    /// The device's VFIO cdev fd, bound to this backend's iommufd. **For tests and the coming
-    /// vfio-user front**: region access (BARs, config space) and IRQ setup go through it; the
-    /// backend alone decides where its DMA goes, so nothing may attach or detach through it.
-    pub fn device_file(&self, endpoint: EndpointId) -> Option<&File> {
-        self.shared.devices.get(&endpoint).map(|d| &d.file)
+    /// A duplicate of the device's VFIO cdev fd, bound to this backend's iommufd (`None` for
+    /// an unknown or unplugged endpoint). **For tests and the vfio-user front**: region access
+    /// (BARs, config space) and IRQ setup go through it; the backend alone decides where its
+    /// DMA goes, so nothing may attach or detach through it. The holder must drop it (and any
+    /// mmap of it) on [`HotplugEvent::Unplugging`], or the host's unbind keeps waiting.
+    pub fn device_file(&self, endpoint: EndpointId) -> Option<File> {
+        lock(&self.shared.devices)
+            .get(&endpoint)?
+            .file
+            .as_ref()?
+            .try_clone()
+            .map_err(|e| warn!("{endpoint}: cannot duplicate the VFIO device fd: {e}"))
+            .ok()
     }
 
-    /// The iommufd device id of an endpoint's device.
+    /// The iommufd device id of an endpoint's device (`None` while unplugged).
     pub fn dev_id(&self, endpoint: EndpointId) -> Option<u32> {
-        self.shared.devices.get(&endpoint).map(|d| d.dev_id)
+        lock(&self.shared.devices)
+            .get(&endpoint)
+            .filter(|d| d.file.is_some())
+            .map(|d| d.dev_id)
+    }
+
+    /// Whether an endpoint's device is currently unplugged (given back to the host).
+    pub fn is_unplugged(&self, endpoint: EndpointId) -> bool {
+        lock(&self.shared.devices)
+            .get(&endpoint)
+            .is_some_and(|d| d.file.is_none())
+    }
+
+    /// Starts the hot-plug watcher thread: when the kernel signals a device's request IRQ (the
+    /// host unbinds it from vfio-pci), `hook(ep, Unplugging)` runs, then the backend closes the
+    /// device so the unbind completes; every second unplugged devices are looked for
+    /// with [`vfio::discover`], reopened, bound, left blocked (identity under bypass), and
+    /// `hook(ep, Replugged)` runs. The thread ends when the backend is dropped.
+    pub fn watch_hotplug(
+        self: &Arc<Self>,
+        root: SysfsRoot,
+        hook: HotplugHook,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("iommufd-hotplug".into())
+            .spawn(move || {
+                while let Some(b) = weak.upgrade() {
+                    if !b.hotplug_step(&root, &hook) {
+                        return;
+                    }
+                }
+            })
+    }
+
+    /// One round of the watcher: waits up to `REPLUG_POLL` for a request IRQ, handles it,
+    /// then looks for unplugged devices. `false` when there is nothing to watch.
+    fn hotplug_step(&self, root: &SysfsRoot, hook: &HotplugHook) -> bool {
+        let mut fds: Vec<(EndpointId, libc::pollfd)> = lock(&self.shared.devices)
+            .iter()
+            .filter_map(|(ep, d)| {
+                d.req.as_ref().map(|r| {
+                    (
+                        *ep,
+                        libc::pollfd {
+                            fd: std::os::fd::AsRawFd::as_raw_fd(r),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                    )
+                })
+            })
+            .collect();
+        let mut p: Vec<libc::pollfd> = fds.iter().map(|f| f.1).collect();
+        // SAFETY: `p` is a valid array of pollfds for the call; the fds stay open because only
+        // this thread closes them (in `unplug`, below).
+        let rc = unsafe {
+            libc::poll(
+                p.as_mut_ptr(),
+                p.len() as libc::nfds_t,
+                REPLUG_POLL.as_millis() as i32,
+            )
+        };
+        if rc > 0 {
+            for (f, q) in fds.iter_mut().zip(&p) {
+                if q.revents != 0 {
+                    let mut v = [0u8; 8];
+                    // SAFETY: reads 8 bytes into `v` from the (non-blocking) eventfd.
+                    unsafe { libc::read(q.fd, v.as_mut_ptr().cast(), v.len()) };
+                    info!("{}: the host asks for its device back: unplugging it", f.0);
+                    hook(f.0, HotplugEvent::Unplugging);
+                    self.unplug(f.0);
+                }
+            }
+        }
+        let gone: Vec<(EndpointId, Option<PciAddress>)> = lock(&self.shared.devices)
+            .iter()
+            .filter(|(_, d)| d.file.is_none())
+            .map(|(ep, d)| (*ep, d.pci))
+            .collect();
+        for (ep, pci) in gone {
+            let Some(pci) = pci else { continue };
+            let Ok(cdev) = vfio::discover(root, pci) else {
+                continue;
+            };
+            match self.replug(ep, &cdev.node) {
+                Ok(()) => hook(ep, HotplugEvent::Replugged),
+                Err(e) => debug!("{ep}: not replugged yet: {e}"),
+            }
+        }
+        true
+    }
+
+    /// Closes an endpoint's device (its request eventfd too): DMA stops, and the host's unbind
+    /// completes once every other duplicate of the fd is closed.
+    fn unplug(&self, endpoint: EndpointId) {
+        let mut topo = lock(&self.shared.topo);
+        let mut devices = lock(&self.shared.devices);
+        let Some(d) = devices.get_mut(&endpoint) else {
+            return;
+        };
+        d.req = None;
+        if d.file.take().is_some() {
+            d.last_warn = None;
+            let keep = match topo.attachments.get(&endpoint) {
+                Some(Attachment::Identity) => Attachment::Identity,
+                _ => Attachment::Blocked,
+            };
+            topo.attachments.insert(endpoint, keep);
+            info!("{endpoint}: {} closed (unplugged)", d.path.display());
+        }
+    }
+
+    /// Reopens an unplugged endpoint's device at `node`, binds it and points it where the
+    /// model has it (blocked or identity).
+    fn replug(&self, endpoint: EndpointId, node: &Path) -> std::result::Result<(), IommufdError> {
+        let mut topo = lock(&self.shared.topo);
+        let mut new = Device::open(node, &self.shared.iommufd)?;
+        let to = topo
+            .attachments
+            .get(&endpoint)
+            .copied()
+            .unwrap_or(Attachment::Blocked);
+        let f = new.file.as_ref().map(|f| f.as_fd()).expect("just opened");
+        let r = match to {
+            Attachment::Identity => sys::attach_pt(f, self.shared.identity_id),
+            _ => sys::detach_pt(f),
+        };
+        r.map_err(|e| IommufdError::Ioctl {
+            ioctl: e.name,
+            what: format!("{endpoint} ({})", node.display()),
+            errno: e.errno,
+        })?;
+        let mut devices = lock(&self.shared.devices);
+        if let Some(old) = devices.get(&endpoint) {
+            new.pci = new.pci.or(old.pci);
+        }
+        info!(
+            "{endpoint}: {} replugged, dev_id {}, {to:?}",
+            node.display(),
+            new.dev_id
+        );
+        devices.insert(endpoint, new);
+        if to != Attachment::Identity {
+            topo.attachments.insert(endpoint, Attachment::Blocked);
+        }
+        Ok(())
     }
 
     /// `VFIO_DEVICE_GET_REGION_INFO` of one region of an endpoint's device.
@@ -1067,12 +1392,12 @@ impl IommufdBackend {
         endpoint: EndpointId,
         index: u32,
     ) -> std::result::Result<RegionInfo, IommufdError> {
-        let d = self
-            .shared
-            .devices
+        let devices = lock(&self.shared.devices);
+        let d = devices
             .get(&endpoint)
+            .filter(|d| d.file.is_some())
             .ok_or_else(|| IommufdError::Constraints(format!("{endpoint} has no device")))?;
-        let r = sys::region_info(d.file.as_fd(), index).map_err(|e| IommufdError::Ioctl {
+        let r = sys::region_info(dev_fd(d), index).map_err(|e| IommufdError::Ioctl {
             ioctl: e.name,
             what: format!("{endpoint} ({}) region {index}", d.path.display()),
             errno: e.errno,
@@ -1176,6 +1501,11 @@ impl IommufdBackend {
     pub fn pinned_bytes(&self) -> u64 {
         self.shared.pinned.load(Ordering::Relaxed)
     }
+}
+
+/// The fd of a device that is open (during `open`, all are).
+fn dev_fd(d: &Device) -> std::os::fd::BorrowedFd<'_> {
+    d.file.as_ref().expect("the device is open").as_fd()
 }
 
 /// Tries `IOMMU_IOAS_MAP_FILE` of one memfd page into `ioas` (left as it was).
@@ -1622,6 +1952,8 @@ mod tests {
         assert_eq!(VfioDeviceBindIommufd::REQ, 0x3b76);
         assert_eq!(VfioDeviceAttachIommufdPt::REQ, 0x3b77);
         assert_eq!(VfioDeviceDetachIommufdPt::REQ, 0x3b78);
+        assert_eq!(size_of::<VfioIrqSetEventfd>(), 24);
+        assert_eq!(VfioIrqSetEventfd::REQ, 0x3b6e);
     }
 
     #[test]

@@ -32,6 +32,6 @@ pub mod server;
 pub use device::{AssignedDevice, Errno, VfioCdevDevice};
 pub use protocol::{DeviceInfo, IrqInfo, RegionCap, RegionInfo, SparseArea};
 pub use server::{
-    DeviceServer, DmaCheck, DmaMaps, DmaRegion, StopSignal, bind_socket, serve_device,
+    DeviceServer, DeviceSlot, DmaCheck, DmaMaps, DmaRegion, StopSignal, bind_socket, serve_device,
     spawn_device_server,
 };

@@ -110,11 +110,64 @@ impl DmaMaps {
 
 type Hook = Box<dyn FnMut() + Send>;
 
+/// The device a [`DeviceServer`] serves, which the host may take away (hot-unplug) and give
+/// back (replug). Cheap to clone; [`DeviceServer::slot`] hands out the server's.
+#[derive(Clone)]
+pub struct DeviceSlot(Arc<Mutex<SlotState>>);
+
+struct SlotState {
+    dev: Option<Box<dyn AssignedDevice>>,
+    /// Bumped by every `remove` and `put`: a device the server took out for a connection under
+    /// an older generation is dropped afterwards, not put back.
+    generation: u64,
+    /// The connected client's socket, shut down by `remove` to end the connection.
+    client: Option<UnixStream>,
+}
+
+impl DeviceSlot {
+    pub fn new(dev: Box<dyn AssignedDevice>) -> DeviceSlot {
+        DeviceSlot(Arc::new(Mutex::new(SlotState {
+            dev: Some(dev),
+            generation: 0,
+            client: None,
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the device away: dropped at once when no client is connected; otherwise the
+    /// connection is shut down and the server drops the device after its cleanup. Clients are
+    /// refused (ENODEV) until [`put`](Self::put).
+    pub fn remove(&self) {
+        let mut st = self.lock();
+        st.generation += 1;
+        drop(st.dev.take());
+        if let Some(c) = st.client.take() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Serves `dev` again (after a replug).
+    pub fn put(&self, dev: Box<dyn AssignedDevice>) {
+        let mut st = self.lock();
+        st.generation += 1;
+        st.dev = Some(dev);
+    }
+
+    /// Whether a device is there to serve (it may be in use by the connected client).
+    pub fn is_present(&self) -> bool {
+        let st = self.lock();
+        st.dev.is_some() || st.client.is_some()
+    }
+}
+
 /// A vfio-user server for one device; [`serve_device`] and [`spawn_device_server`] are the
 /// short forms. Hooks run on the server thread when a client connects and after its
 /// connection has been cleaned up (e.g. to put the endpoint back into its boot DMA state).
 pub struct DeviceServer {
-    dev: Box<dyn AssignedDevice>,
+    slot: DeviceSlot,
     dma_check: DmaCheck,
     stop: StopSignal,
     on_connect: Option<Hook>,
@@ -126,7 +179,7 @@ pub struct DeviceServer {
 impl DeviceServer {
     pub fn new(dev: Box<dyn AssignedDevice>, dma_check: DmaCheck, stop: StopSignal) -> Self {
         DeviceServer {
-            dev,
+            slot: DeviceSlot::new(dev),
             dma_check,
             stop,
             on_connect: None,
@@ -139,6 +192,11 @@ impl DeviceServer {
     /// A handle on the DMA maps of whichever client is connected.
     pub fn dma_maps(&self) -> DmaMaps {
         self.maps.clone()
+    }
+
+    /// A handle on the served device, to take it away and give it back (hot-plug).
+    pub fn slot(&self) -> DeviceSlot {
+        self.slot.clone()
     }
 
     /// The name used in log lines (e.g. the endpoint or PCI address).
@@ -176,17 +234,43 @@ impl DeviceServer {
                     continue;
                 }
             };
+            let taken = {
+                let mut st = self.slot.lock();
+                let generation = st.generation;
+                let dev = st.dev.take();
+                if dev.is_some() {
+                    st.client = stream.try_clone().ok();
+                }
+                dev.map(|d| (d, generation))
+            };
+            let Some((dev, generation)) = taken else {
+                refuse_unplugged(&stream, &self.name);
+                continue;
+            };
             info!("vfio-user {}: client connected", self.name);
             if let Some(f) = self.on_connect.as_mut() {
                 f();
             }
-            let mut conn = Connection::new(&*self.dev, &self.dma_check, &self.name, &self.maps);
+            let mut conn = Connection::new(&*dev, &self.dma_check, &self.name, &self.maps);
             match conn.run(&stream, &self.stop) {
                 Ok(()) => info!("vfio-user {}: client disconnected", self.name),
                 Err(e) => warn!("vfio-user {}: connection ended: {e}", self.name),
             }
             drop(stream);
             conn.cleanup();
+            {
+                let mut st = self.slot.lock();
+                st.client = None;
+                if st.generation == generation && st.dev.is_none() {
+                    st.dev = Some(dev);
+                } else {
+                    info!(
+                        "vfio-user {}: the device was unplugged: closed it",
+                        self.name
+                    );
+                    drop(dev);
+                }
+            }
             if let Some(f) = self.on_disconnect.as_mut() {
                 f();
             }
@@ -199,6 +283,23 @@ impl DeviceServer {
         std::thread::Builder::new()
             .name(thread)
             .spawn(move || self.serve(listener))
+    }
+}
+
+/// Answers a client's first message with ENODEV and closes the connection: the device is
+/// unplugged from vfio-pci on the host.
+fn refuse_unplugged(stream: &UnixStream, name: &str) {
+    warn!(
+        "vfio-user {name}: refusing a client: the device is unplugged from vfio-pci on the host \
+         (it is served again once it is bound to vfio-pci)"
+    );
+    let mut hb = [0u8; HEADER_SIZE];
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    if io::Read::read_exact(&mut &*stream, &mut hb).is_ok() {
+        let h = Header::decode(&hb);
+        let _ = (&*stream).write_all(&error_reply(h.msg_id, h.command, libc::ENODEV));
     }
 }
 

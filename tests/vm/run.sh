@@ -16,6 +16,8 @@
 #                        static build of the daemon binary itself)
 #   VM_MEMLOCK=0         skip the memlock guest program (built and run by default; RLIMIT_MEMLOCK
 #                        exhaustion without CAP_IPC_LOCK is refused clearly and recovers)
+#   VM_UNPLUG=0          skip the unplug guest program (built and run by default; a device
+#                        unbound from vfio-pci while the daemon runs is released and replugged)
 #   VM_INITRD            initramfs path (default $VM_CACHE/run/initramfs-$IOMMU.cpio.gz)
 #   VM_IOMMU_DEVICE      replaces the IOMMU's -device argument (same IOMMU kind), e.g. a narrower
 #                        IOVA space: intel-iommu,intremap=on,aw-bits=39
@@ -132,6 +134,18 @@ if [[ ${VM_MEMLOCK:-1} != 0 ]]; then
             cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
         die "cargo build of tests/vm/memlock failed (if the main crate's dependencies changed: cd tests/vm/memlock && cargo update -p vhost-user-iommu)"
     bins+=("$ml_target/x86_64-unknown-linux-gnu/release/memlock")
+fi
+# unplug: host hot-unplug and replug (issue 10): endpoint 1's edu is unbound from vfio-pci while
+# the daemon holds it, the unbind completes, endpoint 2 keeps working, and the rebound device is
+# served again (tests/vm/unplug).
+if [[ ${VM_UNPLUG:-1} != 0 ]]; then
+    up_target=$VM_CACHE/target/unplug
+    log "building unplug (static)"
+    (cd "$here/unplug" &&
+        CARGO_TARGET_DIR=$up_target RUSTFLAGS="-C target-feature=+crt-static" \
+            cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
+        die "cargo build of tests/vm/unplug failed (if the main crate's dependencies changed: cd tests/vm/unplug && cargo update -p vhost-user-iommu)"
+    bins+=("$up_target/x86_64-unknown-linux-gnu/release/unplug")
 fi
 read -r -a extra <<<"${VM_GUEST_BINS:-}"
 bins+=(${extra[@]+"${extra[@]}"})

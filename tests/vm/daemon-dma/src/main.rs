@@ -170,7 +170,7 @@ struct Edu {
 
 impl Edu {
     fn open(backend: &IommufdBackend, ep: EndpointId, name: String) -> Result<Edu> {
-        let file = backend.device_file(ep).ok_or("no device file")?;
+        let file = &backend.device_file(ep).ok_or("no device file")?;
         let bar = backend
             .region_info(ep, sys::VFIO_PCI_BAR0_REGION_INDEX)
             .map_err(|e| e.to_string())?;
