@@ -97,14 +97,7 @@ fn edu_cdevs() -> Result<Vec<(String, PathBuf)>> {
 }
 
 fn rules_from(c: &HostConstraints) -> Rules {
-    Rules {
-        granule_mask: (c.page_size_mask & c.page_size_mask.wrapping_neg()) - 1,
-        input_range: c.input_range,
-        domain_range: (1, 1023),
-        resv_mem: c.reserved.clone(),
-        limits: Limits::default(),
-        probe_size: 512,
-    }
+    Rules::for_host(c, (1, 1023), Limits::default(), 512)
 }
 
 /// Timings of one row.
