@@ -5,6 +5,8 @@
 //! - `state`: JSON with the live domains (and their mappings), the endpoints and the counters;
 //! - `metrics`: the counters in Prometheus text format.
 //!
+//! `vhost-user-iommu ctl --control-socket PATH state|metrics` is such a client.
+//!
 //! It never changes anything; who may connect is decided by the socket file's permissions.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -22,8 +24,17 @@ use crate::vhost::IommuDevice;
 /// The device of the current connection, if any.
 pub type CurrentDevice = Arc<Mutex<Option<IommuDevice>>>;
 
+/// Reads how many bytes of guest RAM the backend holds pinned right now (0 for the software
+/// backend, which pins nothing).
+pub type PinnedBytes = Box<dyn Fn() -> u64 + Send>;
+
 /// Starts the control socket's thread.
-pub fn spawn(path: &Path, device: CurrentDevice, metrics: Arc<Metrics>) -> std::io::Result<()> {
+pub fn spawn(
+    path: &Path,
+    device: CurrentDevice,
+    metrics: Arc<Metrics>,
+    pinned: PinnedBytes,
+) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::thread::Builder::new()
@@ -32,7 +43,7 @@ pub fn spawn(path: &Path, device: CurrentDevice, metrics: Arc<Metrics>) -> std::
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) = answer(c, &device, &metrics) {
+                        if let Err(e) = answer(c, &device, &metrics, &pinned) {
                             warn!("control socket: {e}");
                         }
                     }
@@ -43,7 +54,12 @@ pub fn spawn(path: &Path, device: CurrentDevice, metrics: Arc<Metrics>) -> std::
     Ok(())
 }
 
-fn answer(conn: UnixStream, device: &CurrentDevice, metrics: &Metrics) -> std::io::Result<()> {
+fn answer(
+    conn: UnixStream,
+    device: &CurrentDevice,
+    metrics: &Metrics,
+    pinned: &PinnedBytes,
+) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut line = String::new();
     BufReader::new(conn.try_clone()?)
@@ -59,6 +75,7 @@ fn answer(conn: UnixStream, device: &CurrentDevice, metrics: &Metrics) -> std::i
                 "endpoints": endpoints,
                 "failed_requests": metrics.failed(),
                 "mappings": domains.iter().map(|d| d.mappings.len()).sum::<usize>(),
+                "pinned_bytes": pinned(),
             });
             writeln!(conn, "{v}")
         }
@@ -66,7 +83,12 @@ fn answer(conn: UnixStream, device: &CurrentDevice, metrics: &Metrics) -> std::i
             let dev = device.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let (domains, endpoints) = dev.map(|d| d.snapshot()).unwrap_or_default();
             conn.write_all(metrics.render().as_bytes())?;
-            conn.write_all(state_metrics(&domains, &endpoints).as_bytes())
+            conn.write_all(state_metrics(&domains, &endpoints).as_bytes())?;
+            writeln!(
+                conn,
+                "# TYPE viommu_pinned_bytes gauge\nviommu_pinned_bytes {}",
+                pinned()
+            )
         }
         other => writeln!(conn, "unknown command {other:?}; try state or metrics"),
     }
@@ -110,4 +132,14 @@ fn state_metrics(domains: &[DomainView], endpoints: &[EndpointView]) -> String {
         );
     }
     out
+}
+
+/// Sends one command to a daemon's control socket and returns its whole answer.
+pub fn query(path: &Path, command: &str) -> std::io::Result<String> {
+    let mut conn = UnixStream::connect(path)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    writeln!(conn, "{command}")?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    Ok(answer)
 }

@@ -88,6 +88,24 @@ enum Command {
     Check(vhost_user_iommu::deploy::CheckArgs),
     /// Print the VMs whose configs list a device (for the udev rule); exit 1 if none.
     UdevLookup(vhost_user_iommu::deploy::UdevLookupArgs),
+    /// Ask a running daemon's control socket for its state (JSON) or metrics (Prometheus text).
+    Ctl(CtlArgs),
+}
+
+#[derive(Args, Debug)]
+struct CtlArgs {
+    /// The daemon's --control-socket.
+    #[arg(long)]
+    control_socket: PathBuf,
+    /// What to ask for.
+    #[arg(value_enum, default_value = "state")]
+    what: CtlQuery,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CtlQuery {
+    State,
+    Metrics,
 }
 
 #[derive(Args, Debug)]
@@ -141,6 +159,17 @@ struct ViotArgs {
     config: Option<PathBuf>,
 }
 
+fn ctl(a: CtlArgs) -> Result<(), String> {
+    let command = match a.what {
+        CtlQuery::State => "state",
+        CtlQuery::Metrics => "metrics",
+    };
+    let answer = control::query(&a.control_socket, command)
+        .map_err(|e| format!("control socket {}: {e}", a.control_socket.display()))?;
+    print!("{answer}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
@@ -155,6 +184,7 @@ fn main() -> ExitCode {
         Some(Command::UdevLookup(a)) => return vhost_user_iommu::deploy::udev_lookup_command(a),
         Some(Command::Viot(a)) => write_viot(a),
         Some(Command::Bench(a)) => bench(a),
+        Some(Command::Ctl(a)) => ctl(a),
         None => run(cli.serve),
     };
     match result {
@@ -509,7 +539,10 @@ fn run(a: ServeArgs) -> Result<(), String> {
     let metrics = Arc::new(Metrics::default());
     let current: CurrentDevice = Arc::default();
     if let Some(p) = &a.control_socket {
-        control::spawn(p, current.clone(), metrics.clone())
+        let iommufd = backend.iommufd.clone();
+        let pinned: control::PinnedBytes =
+            Box::new(move || iommufd.as_ref().map_or(0, |b| b.pinned_bytes()));
+        control::spawn(p, current.clone(), metrics.clone(), pinned)
             .map_err(|e| format!("cannot serve the control socket {}: {e}", p.display()))?;
     }
     let vfio_stop =

@@ -222,7 +222,33 @@ fn control_socket_reports_state_and_prometheus_metrics() {
     ] {
         assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
     }
+    assert!(
+        m.lines().any(|l| l == "viommu_pinned_bytes 0"),
+        "soft backend pins nothing:\n{m}"
+    );
+    assert_eq!(state["pinned_bytes"], 0);
     assert!(ask(&ctl, "bogus").contains("unknown command"));
+    // The `ctl` subcommand is the same client, for operators and scripts.
+    let out = Command::new(BIN)
+        .args(["ctl", "--control-socket"])
+        .arg(&ctl)
+        .arg("metrics")
+        .output()
+        .expect("run ctl");
+    assert!(out.status.success(), "ctl metrics failed: {out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == "viommu_domain_mappings{domain=\"1\"} 1"),
+        "ctl metrics printed:\n{text}"
+    );
+    let missing = Command::new(BIN)
+        .args(["ctl", "--control-socket"])
+        .arg(dir.0.join("absent.sock"))
+        .output()
+        .expect("run ctl");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("absent.sock"));
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(wait_exit(&mut child).success());
