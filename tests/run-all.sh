@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test tier: formatting and lints, unit and socket tests, docs, a bounded fuzz run,
 # the VM tier (a real kernel with iommufd + VFIO cdev under QEMU/TCG, edu DMA), the guest-driver
-# tier (the real Linux virtio-iommu driver under QEMU 11 driving the daemon) and the deployment
-# files. The VM tiers install what they need (apt, kernel source, QEMU) and cache their builds.
+# tier (the real Linux virtio-iommu driver under QEMU 11 driving the daemon), the end-to-end tier
+# (a nested VM on stock QEMU whose passed-through devices DMA through the daemon) and the
+# deployment files. The VM tiers install what they need (apt, kernel source, QEMU) and cache their builds.
 # Usage: tests/run-all.sh            everything (what CI runs)
 #        SKIP_VM=1 tests/run-all.sh  without the VM tier (no root or apt needed)
 set -euo pipefail
@@ -37,6 +38,10 @@ else
   IOMMU=virtio tests/vm/run.sh
   step "guest-driver tier: the Linux virtio-iommu driver under QEMU 11 drives the daemon"
   tests/guest/run.sh
+  step "end-to-end tier: a nested Linux VM on stock QEMU 11, its passed-through edus DMA through the daemon"
+  t_e2e=$(date +%s)
+  tests/e2e/run.sh
+  echo "end-to-end tier wall time: $(( $(date +%s) - t_e2e )) s"
   step "VIOT table from the viot command, disassembled by iasl -d (trixie acpica-tools)"
   viot=$(mktemp -d)/viot.bin
   cargo build --release --quiet

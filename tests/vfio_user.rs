@@ -80,6 +80,8 @@ struct IrqCall {
 struct FakeState {
     config: Vec<u8>,
     resets: u32,
+    /// The device reports no reset method (no VFIO_DEVICE_FLAGS_RESET), like edu.
+    no_reset: bool,
     irq_calls: Vec<IrqCall>,
 }
 
@@ -136,8 +138,13 @@ fn einval() -> Errno {
 
 impl AssignedDevice for Fake {
     fn info(&self) -> DeviceInfo {
+        let reset = if self.state.lock().unwrap().no_reset {
+            0
+        } else {
+            1
+        };
         DeviceInfo {
-            flags: 1 | 2, // RESET | PCI
+            flags: reset | 2, // RESET | PCI
             num_regions: 9,
             num_irqs: 5,
         }
@@ -1103,6 +1110,20 @@ fn disconnect_disables_irqs_resets_and_drops_dma_maps() {
     c.dma_map(3, 0, 0x1000, 0x1000, Some(ram.as_raw_fd()))
         .unwrap();
     assert_eq!(c.info().unwrap().2, 9);
+}
+
+#[test]
+fn disconnect_from_a_device_without_reset_method_clears_bus_mastering_instead() {
+    let s = Server::start();
+    let mut c = s.client();
+    // The client enables memory decoding and bus mastering.
+    c.write(CONFIG, 4, &0x0006u16.to_le_bytes()).unwrap();
+    s.state.lock().unwrap().no_reset = true;
+    drop(c);
+    s.wait_for("bus mastering cleared", |st| st.config[4] & 0x04 == 0);
+    let st = s.state.lock().unwrap();
+    assert_eq!(st.resets, 0, "no VFIO_DEVICE_RESET without the RESET flag");
+    assert_eq!(st.config[4], 0x02, "memory decoding is left alone");
 }
 
 #[test]

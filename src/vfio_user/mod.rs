@@ -1,7 +1,8 @@
 //! The vfio-user device front: each assigned PCI device is served to the VMM over its own
 //! unix socket with the standard vfio-user protocol (nutanix/libvfio-user
 //! `docs/vfio-user.rst`, version 0.0), so stock QEMU uses it with
-//! `-device vfio-user-pci,socket.type=unix,socket.path=…`.
+//! `-device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"…"}}'`
+//! (the dotted `socket.type=unix,…` form is refused by QEMU 11.1's `-device`).
 //!
 //! The daemon owns the device: it opened the VFIO cdev and bound it to its iommufd. To the
 //! VMM it proxies what a VMM needs to run the device: device/region/IRQ info, config-space

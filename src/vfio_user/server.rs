@@ -773,13 +773,44 @@ impl<'a> Connection<'a> {
                 debug!("vfio-user {}: disabling IRQ index {index}: {e}", self.name);
             }
         }
-        if let Err(e) = self.dev.reset() {
-            warn!("vfio-user {}: reset after disconnect: {e}", self.name);
+        if info.flags & VFIO_DEVICE_FLAGS_RESET != 0 {
+            if let Err(e) = self.dev.reset() {
+                warn!("vfio-user {}: reset after disconnect: {e}", self.name);
+            }
+        } else {
+            // No reset method (no FLR or PM reset, not alone on its bus): the IOMMU already
+            // blocks its DMA; also stop it from initiating any.
+            match self.clear_bus_master() {
+                Ok(()) => debug!(
+                    "vfio-user {}: no reset method, bus mastering cleared",
+                    self.name
+                ),
+                Err(e) => warn!(
+                    "vfio-user {}: clearing bus mastering after disconnect: {e}",
+                    self.name
+                ),
+            }
         }
         self.maps.lock().clear();
         self.negotiated = false;
     }
+
+    fn clear_bus_master(&self) -> Result<(), Errno> {
+        let mut cmd = [0u8; 2];
+        self.dev
+            .read(VFIO_PCI_CONFIG_REGION_INDEX, PCI_COMMAND, &mut cmd)?;
+        let cmd = u16::from_le_bytes(cmd) & !PCI_COMMAND_MASTER;
+        self.dev.write(
+            VFIO_PCI_CONFIG_REGION_INDEX,
+            PCI_COMMAND,
+            &cmd.to_le_bytes(),
+        )
+    }
 }
+
+/// The PCI command register and its bus-master enable bit.
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MASTER: u16 = 1 << 2;
 
 /// Reads exactly `buf.len()` bytes (collecting fds); false if the stream ended first with
 /// nothing read (`at_start`) — an end mid-message is an error.

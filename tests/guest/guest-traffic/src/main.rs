@@ -20,6 +20,8 @@
 //! Guest-side checks print `PASS: <name>` or `FAIL: <name>: <why>`; exit status 1 if any failed.
 //! It touches only the edu devices the initramfs bound to vfio-pci (VM_TIER_EDU_BDFS).
 
+// Shared with tests/e2e/l2-dma, which issues requests this program does not.
+#[allow(dead_code)]
 mod uapi;
 
 use std::fs::{self, File, OpenOptions};

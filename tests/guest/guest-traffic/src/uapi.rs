@@ -130,6 +130,48 @@ unsafe impl IoctlArg for VfioDeviceAttachIommufdPt {
     const NAME: &'static str = "VFIO_DEVICE_ATTACH_IOMMUFD_PT";
 }
 
+/// `struct vfio_region_info` (without capabilities: `argsz` is the bare struct).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct VfioRegionInfo {
+    pub argsz: u32,
+    pub flags: u32,
+    pub index: u32,
+    pub cap_offset: u32,
+    pub size: u64,
+    pub offset: u64,
+}
+// SAFETY: repr(C) copy of `struct vfio_region_info`, plain integers.
+unsafe impl IoctlArg for VfioRegionInfo {
+    const REQ: c_ulong = io(100 + 8);
+    const NAME: &'static str = "VFIO_DEVICE_GET_REGION_INFO";
+}
+
+pub const VFIO_PCI_BAR0_REGION_INDEX: u32 = 0;
+pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
+pub const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+
+/// `struct vfio_irq_set` carrying exactly one eventfd.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct VfioIrqSetOne {
+    pub argsz: u32,
+    pub flags: u32,
+    pub index: u32,
+    pub start: u32,
+    pub count: u32,
+    pub fd: i32,
+}
+// SAFETY: repr(C) copy of `struct vfio_irq_set` followed by its one `__s32` of data.
+unsafe impl IoctlArg for VfioIrqSetOne {
+    const REQ: c_ulong = io(100 + 10);
+    const NAME: &'static str = "VFIO_DEVICE_SET_IRQS";
+}
+
+pub const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+pub const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
+pub const VFIO_PCI_MSI_IRQ_INDEX: u32 = 1;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +183,8 @@ mod tests {
         assert_eq!(size_of::<IommuIoasUnmap>(), 24);
         assert_eq!(size_of::<VfioDeviceBindIommufd>(), 24);
         assert_eq!(size_of::<VfioDeviceAttachIommufdPt>(), 16);
+        assert_eq!(size_of::<VfioRegionInfo>(), 32);
+        assert_eq!(size_of::<VfioIrqSetOne>(), 24);
     }
 
     #[test]
@@ -150,5 +194,7 @@ mod tests {
         assert_eq!(IommuIoasUnmap::REQ, 0x3b86);
         assert_eq!(VfioDeviceBindIommufd::REQ, 0x3b76);
         assert_eq!(VfioDeviceAttachIommufdPt::REQ, 0x3b77);
+        assert_eq!(VfioRegionInfo::REQ, 0x3b6c);
+        assert_eq!(VfioIrqSetOne::REQ, 0x3b6e);
     }
 }

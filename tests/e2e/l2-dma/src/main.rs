@@ -1,0 +1,814 @@
+//! l2-dma: `/init` of the nested guest (L2) in the end-to-end tier (tests/e2e/run.sh).
+//!
+//! L2 runs on stock QEMU inside L1. Its IOMMU is the daemon (vhost-user-test-device-pci, found
+//! through the daemon's VIOT table) and its two edu devices are real (emulated by L0) devices
+//! that the daemon serves to L1's QEMU over vfio-user. So every DMA below is done by a device the
+//! daemon programmed into L1's IOMMU from the requests the real Linux virtio-iommu driver in L2
+//! sent it.
+//!
+//! Two modes, chosen by the kernel command line:
+//! - translated (default): each edu is bound to vfio-pci in L2 and attached to its own IOAS of
+//!   L2's iommufd; buffers are mapped at fixed IOVAs and edu DMAs through them (with an MSI on
+//!   completion): round trips, a read-only mapping, cross-device isolation, DMA after unmap;
+//! - identity (`iommu.passthrough=1`): no driver; edu DMAs straight to the guest-physical address
+//!   of a buffer (read from /proc/self/pagemap), which lands only if the daemon gave identity.
+//!
+//! Every check prints `PASS: L2: <name>` or `FAIL: L2: <name>: <why>`. Then `E2E-L2: END ...`
+//! with the number of live mappings, and the program waits for L1's instruction on /dev/ttyS1
+//! (`reboot` or `poweroff`), so that L1 can check the daemon's state first.
+
+// Shared with tests/guest/guest-traffic.
+#[allow(dead_code)]
+#[path = "../../../guest/guest-traffic/src/uapi.rs"]
+mod uapi;
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{fence, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use uapi::*;
+
+type Result<T> = std::result::Result<T, String>;
+
+const PAGE: usize = 4096;
+const EDU_VENDOR: &str = "0x1234";
+const EDU_DEVICE: &str = "0x11e8";
+const EDU_ID: usize = 0x00;
+const EDU_IRQ_STATUS: usize = 0x24;
+const EDU_IRQ_ACK: usize = 0x64;
+const EDU_DMA_SRC: usize = 0x80;
+const EDU_DMA_DST: usize = 0x88;
+const EDU_DMA_COUNT: usize = 0x90;
+const EDU_DMA_CMD: usize = 0x98;
+const EDU_CMD_START: u64 = 1;
+const EDU_CMD_TO_RAM: u64 = 2;
+const EDU_CMD_IRQ: u64 = 4;
+/// The device-side DMA buffer of edu (4 KiB).
+const EDU_BUFFER: u64 = 0x40000;
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MEMORY: u16 = 1 << 1;
+const PCI_COMMAND_MASTER: u16 = 1 << 2;
+
+/// The IOVAs of the translated mode (device A = first edu, device B = second).
+const A_SRC: u64 = 0x10_0000;
+const A_DST: u64 = 0x11_0000;
+const A_RO: u64 = 0x12_0000;
+const B_SRC: u64 = 0x20_0000;
+const B_DST: u64 = 0x21_0000;
+
+fn main() {
+    if let Err(e) = init_system() {
+        // Without a console there is nobody to tell; try anyway.
+        eprintln!("E2E-L2: init failed: {e}");
+    }
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let identity = cmdline
+        .split_whitespace()
+        .any(|w| w == "iommu.passthrough=1");
+    println!(
+        "E2E-L2: {} mode, cmdline: {}",
+        if identity { "identity" } else { "translated" },
+        cmdline.trim()
+    );
+    let mut r = Report::default();
+    // Opened before END so that L1's instruction cannot arrive before anyone listens.
+    let ctl = open_raw_tty("/dev/ttyS1");
+    if let Err(e) = &ctl {
+        r.check("control channel /dev/ttyS1", Err(e.clone()));
+    }
+    let live = match edu_bdfs() {
+        Ok(bdfs) if bdfs.len() == 2 => {
+            if identity {
+                identity_checks(&mut r, &bdfs);
+                0
+            } else {
+                translated_checks(&mut r, &bdfs)
+            }
+        }
+        Ok(bdfs) => {
+            r.check("two edu devices", Err(format!("found {bdfs:?}")));
+            0
+        }
+        Err(e) => {
+            r.check("two edu devices", Err(e));
+            0
+        }
+    };
+    println!(
+        "E2E-L2: END live_mappings={live} passed={} failed={}",
+        r.passed, r.failed
+    );
+    let what = match ctl {
+        Ok(tty) => wait_instruction(tty),
+        Err(_) => "poweroff".to_string(),
+    };
+    println!("E2E-L2: {what}");
+    // SAFETY: sync and reboot take no pointers; as init we may restart or power off the machine.
+    unsafe {
+        libc::sync();
+        libc::reboot(if what == "reboot" {
+            libc::RB_AUTOBOOT
+        } else {
+            libc::RB_POWER_OFF
+        });
+    }
+    loop {
+        thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Mounts /dev, /proc and /sys and points stdio at the console (the kernel found no
+/// /dev/console in the initramfs, so init starts without stdio).
+fn init_system() -> Result<()> {
+    for d in ["/dev", "/proc", "/sys"] {
+        let _ = fs::create_dir_all(d);
+    }
+    mount("devtmpfs", "/dev", "devtmpfs")?;
+    let console = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+        .map_err(|e| format!("/dev/console: {e}"))?;
+    for fd in 0..3 {
+        // SAFETY: dup2 of a valid open fd onto the standard descriptors, which we own as init.
+        unsafe { libc::dup2(console.as_raw_fd(), fd) };
+    }
+    mount("proc", "/proc", "proc")?;
+    mount("sysfs", "/sys", "sysfs")
+}
+
+fn mount(src: &str, target: &str, fstype: &str) -> Result<()> {
+    let c = |s: &str| CString::new(s).expect("no NUL in a literal");
+    let (s, t, f) = (c(src), c(target), c(fstype));
+    // SAFETY: three valid NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, ptr::null()) };
+    if rc != 0 {
+        return Err(format!(
+            "mount {fstype} on {target}: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Report {
+    passed: usize,
+    failed: usize,
+}
+
+impl Report {
+    fn check(&mut self, name: &str, r: Result<String>) -> bool {
+        match r {
+            Ok(note) => {
+                self.passed += 1;
+                if note.is_empty() {
+                    println!("PASS: L2: {name}");
+                } else {
+                    println!("PASS: L2: {name} ({note})");
+                }
+                true
+            }
+            Err(why) => {
+                self.failed += 1;
+                println!("FAIL: L2: {name}: {why}");
+                false
+            }
+        }
+    }
+}
+
+fn open_raw_tty(path: &str) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("open {path}: {e}"))?;
+    // SAFETY: termios is plain data filled by tcgetattr for a valid fd; cfmakeraw and tcsetattr
+    // only touch that local struct and the fd's settings.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(f.as_raw_fd(), &mut t) != 0 {
+            return Err(format!("tcgetattr {path}: {}", io::Error::last_os_error()));
+        }
+        libc::cfmakeraw(&mut t);
+        if libc::tcsetattr(f.as_raw_fd(), libc::TCSANOW, &t) != 0 {
+            return Err(format!("tcsetattr {path}: {}", io::Error::last_os_error()));
+        }
+    }
+    Ok(f)
+}
+
+/// The first non-empty line L1 sends: `reboot` or `poweroff` (anything else means poweroff).
+fn wait_instruction(tty: File) -> String {
+    let mut rx = BufReader::new(tty);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match rx.read_line(&mut line) {
+            Ok(0) | Err(_) => return "poweroff".into(),
+            Ok(_) => match line.trim() {
+                "" => continue,
+                "reboot" => return "reboot".into(),
+                _ => return "poweroff".into(),
+            },
+        }
+    }
+}
+
+fn edu_bdfs() -> Result<Vec<String>> {
+    let dir = "/sys/bus/pci/devices";
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).map_err(|e| format!("{dir}: {e}"))? {
+        let p = e.map_err(|e| e.to_string())?.path();
+        let id = |f: &str| fs::read_to_string(p.join(f)).unwrap_or_default();
+        if id("vendor").trim() == EDU_VENDOR && id("device").trim() == EDU_DEVICE {
+            out.push(
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+// --- memory ------------------------------------------------------------------------------------
+
+/// One locked, zeroed page of L2 RAM that devices write behind the compiler's back: every access
+/// is volatile.
+struct Page {
+    ptr: NonNull<u8>,
+}
+
+impl Page {
+    fn new() -> Result<Page> {
+        // SAFETY: a fresh private anonymous mapping at a kernel-chosen address aliases nothing.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | libc::MAP_LOCKED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mmap a page: {}", io::Error::last_os_error()));
+        }
+        Ok(Page {
+            ptr: NonNull::new(p.cast()).ok_or("mmap returned NULL")?,
+        })
+    }
+
+    fn va(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    fn fill(&self, seed: u8) {
+        for (i, v) in pattern(seed).into_iter().enumerate() {
+            // SAFETY: i < PAGE, inside the mapping this Page owns.
+            unsafe { ptr::write_volatile(self.ptr.as_ptr().add(i), v) };
+        }
+        fence(Ordering::SeqCst);
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        fence(Ordering::SeqCst);
+        // SAFETY: i < PAGE, inside the mapping this Page owns.
+        (0..PAGE)
+            .map(|i| unsafe { ptr::read_volatile(self.ptr.as_ptr().add(i)) })
+            .collect()
+    }
+
+    /// Ok if the page holds what `fill(seed)` wrote.
+    fn expect(&self, seed: u8, what: &str) -> Result<()> {
+        let want = pattern(seed);
+        let got = self.bytes();
+        if got == want {
+            return Ok(());
+        }
+        let diff = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        Err(format!(
+            "{what}: {diff} of {PAGE} bytes differ from pattern {seed:#04x} (first bytes {:02x?})",
+            &got[..8]
+        ))
+    }
+
+    /// The guest-physical address of the page (root reads PFNs from /proc/self/pagemap).
+    fn phys(&self) -> Result<u64> {
+        let f = File::open("/proc/self/pagemap").map_err(|e| format!("pagemap: {e}"))?;
+        let mut e = [0u8; 8];
+        f.read_exact_at(&mut e, self.va() / PAGE as u64 * 8)
+            .map_err(|e| format!("pagemap read: {e}"))?;
+        let e = u64::from_le_bytes(e);
+        if e & (1 << 63) == 0 || e & ((1 << 55) - 1) == 0 {
+            return Err(format!("page not present or PFN hidden (pagemap {e:#x})"));
+        }
+        Ok((e & ((1 << 55) - 1)) * PAGE as u64)
+    }
+}
+
+impl Drop for Page {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping mmap returned; nothing borrows it past self.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), PAGE) };
+    }
+}
+
+/// The page contents `fill(seed)` writes: distinct per seed and per byte position.
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..PAGE)
+        .map(|i| seed.wrapping_add((i as u8).wrapping_mul(7)) ^ (i >> 8) as u8)
+        .collect()
+}
+
+// --- edu ---------------------------------------------------------------------------------------
+
+/// A mapped BAR0 of an edu, accessed with volatile reads and writes only.
+struct Bar {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Bar {
+    fn map(file: &File, offset: u64, len: usize) -> Result<Bar> {
+        let off = libc::off_t::try_from(offset).map_err(|_| "BAR offset overflows")?;
+        // SAFETY: a fresh shared mapping at a kernel-chosen address aliases no Rust object.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mmap BAR0: {}", io::Error::last_os_error()));
+        }
+        let ptr = NonNull::new(p.cast()).ok_or("mmap returned NULL")?;
+        Ok(Bar { ptr, len })
+    }
+
+    fn at<T>(&self, off: usize) -> *mut T {
+        assert!(off.is_multiple_of(size_of::<T>()) && off + size_of::<T>() <= self.len);
+        // SAFETY: in bounds (asserted) of a mapping that lives as long as self.
+        unsafe { self.ptr.as_ptr().add(off).cast() }
+    }
+
+    fn read_u32(&self, off: usize) -> u32 {
+        // SAFETY: aligned and in bounds of mapped device memory.
+        unsafe { ptr::read_volatile(self.at::<u32>(off)) }
+    }
+
+    fn write_u32(&self, off: usize, v: u32) {
+        // SAFETY: aligned and in bounds of mapped device memory.
+        unsafe { ptr::write_volatile(self.at::<u32>(off), v) }
+    }
+
+    fn read_u64(&self, off: usize) -> u64 {
+        // SAFETY: aligned and in bounds of mapped device memory.
+        unsafe { ptr::read_volatile(self.at::<u64>(off)) }
+    }
+
+    fn write_u64(&self, off: usize, v: u64) {
+        // SAFETY: aligned and in bounds of mapped device memory.
+        unsafe { ptr::write_volatile(self.at::<u64>(off), v) }
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping mmap returned; nothing borrows it past self.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// One edu: its BAR0 and, in translated mode, its MSI eventfd.
+struct Edu {
+    name: String,
+    bar0: Bar,
+    msi: Option<OwnedFd>,
+}
+
+impl Edu {
+    /// Enables memory decoding and bus mastering (QEMU drops the DMA of a device that is not a
+    /// bus master) through a config-space file at `cfg_offset`, then checks edu's id register.
+    fn new(name: String, bar0: Bar, cfg: &File, cfg_offset: u64) -> Result<Edu> {
+        let mut cmd = [0u8; 2];
+        cfg.read_exact_at(&mut cmd, cfg_offset + PCI_COMMAND)
+            .map_err(|e| format!("read PCI_COMMAND: {e}"))?;
+        let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        cfg.write_all_at(&cmd.to_le_bytes(), cfg_offset + PCI_COMMAND)
+            .map_err(|e| format!("write PCI_COMMAND: {e}"))?;
+        let id = bar0.read_u32(EDU_ID);
+        if id & 0xffff != 0x00ed {
+            return Err(format!("{name}: edu id register reads {id:#010x}"));
+        }
+        Ok(Edu {
+            name,
+            bar0,
+            msi: None,
+        })
+    }
+
+    /// One 4 KiB DMA (edu starts it from a 100 ms timer); with an MSI eventfd, also waits for
+    /// the completion interrupt and reports whether it came.
+    fn dma(&self, src: u64, dst: u64, to_ram: bool) -> Result<bool> {
+        self.bar0.write_u64(EDU_DMA_SRC, src);
+        self.bar0.write_u64(EDU_DMA_DST, dst);
+        self.bar0.write_u64(EDU_DMA_COUNT, PAGE as u64);
+        fence(Ordering::SeqCst);
+        let irq = if self.msi.is_some() { EDU_CMD_IRQ } else { 0 };
+        let dir = if to_ram { EDU_CMD_TO_RAM } else { 0 };
+        self.bar0.write_u64(EDU_DMA_CMD, EDU_CMD_START | dir | irq);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.bar0.read_u64(EDU_DMA_CMD) & EDU_CMD_START != 0 {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{}: DMA {src:#x} -> {dst:#x} never completed",
+                    self.name
+                ));
+            }
+            thread::sleep(Duration::from_micros(500));
+        }
+        fence(Ordering::SeqCst);
+        let Some(fd) = &self.msi else {
+            return Ok(false);
+        };
+        let got = wait_eventfd(fd, Duration::from_secs(5));
+        let status = self.bar0.read_u32(EDU_IRQ_STATUS);
+        if status != 0 {
+            self.bar0.write_u32(EDU_IRQ_ACK, status);
+        }
+        Ok(got)
+    }
+}
+
+fn wait_eventfd(fd: &OwnedFd, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    if unsafe { libc::poll(&mut p, 1, ms) } != 1 {
+        return false;
+    }
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into a live u64 from a valid eventfd.
+    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    n == 8 && v > 0
+}
+
+// --- translated mode ---------------------------------------------------------------------------
+
+/// An edu bound to vfio-pci in L2, its cdev bound to L2's iommufd and attached to its own IOAS.
+struct VfioEdu {
+    edu: Edu,
+    ioas: u32,
+    _cdev: File,
+}
+
+fn bind_vfio_pci(bdf: &str) -> Result<String> {
+    let dev = format!("/sys/bus/pci/devices/{bdf}");
+    if fs::metadata(format!("{dev}/driver")).is_ok() {
+        fs::write(format!("{dev}/driver/unbind"), bdf).map_err(|e| format!("unbind: {e}"))?;
+    }
+    fs::write(format!("{dev}/driver_override"), "vfio-pci")
+        .map_err(|e| format!("driver_override: {e}"))?;
+    fs::write("/sys/bus/pci/drivers_probe", bdf).map_err(|e| format!("drivers_probe: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(rd) = fs::read_dir(format!("{dev}/vfio-dev")) {
+            if let Some(n) = rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|n| n.starts_with("vfio"))
+            {
+                return Ok(format!("/dev/vfio/devices/{n}"));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{bdf}: no vfio-dev after binding vfio-pci"));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn open_vfio_edu(iommufd: &File, bdf: &str) -> Result<VfioEdu> {
+    let path = bind_vfio_pci(bdf)?;
+    let cdev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("open {path}: {e}"))?;
+    let mut bind = VfioDeviceBindIommufd {
+        argsz: size32::<VfioDeviceBindIommufd>(),
+        iommufd: iommufd.as_raw_fd(),
+        ..Default::default()
+    };
+    ioctl(cdev.as_fd(), &mut bind).map_err(|e| format!("{bdf}: {e}"))?;
+    let mut alloc = IommuIoasAlloc {
+        size: size32::<IommuIoasAlloc>(),
+        ..Default::default()
+    };
+    ioctl(iommufd.as_fd(), &mut alloc).map_err(|e| e.to_string())?;
+    let mut attach = VfioDeviceAttachIommufdPt {
+        argsz: size32::<VfioDeviceAttachIommufdPt>(),
+        pt_id: alloc.out_ioas_id,
+        ..Default::default()
+    };
+    ioctl(cdev.as_fd(), &mut attach).map_err(|e| format!("{bdf}: {e}"))?;
+    let region = |index| -> Result<VfioRegionInfo> {
+        let mut info = VfioRegionInfo {
+            argsz: size32::<VfioRegionInfo>(),
+            index,
+            ..Default::default()
+        };
+        ioctl(cdev.as_fd(), &mut info).map_err(|e| format!("{bdf}: {e}"))?;
+        Ok(info)
+    };
+    let bar = region(VFIO_PCI_BAR0_REGION_INDEX)?;
+    if bar.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 || bar.size < 0x100 {
+        return Err(format!("{bdf}: BAR0 not mmappable or too small: {bar:?}"));
+    }
+    let bar0 = Bar::map(&cdev, bar.offset, bar.size as usize)?;
+    let cfg = region(VFIO_PCI_CONFIG_REGION_INDEX)?;
+    let mut edu = Edu::new(bdf.to_string(), bar0, &cdev, cfg.offset)?;
+    // SAFETY: eventfd takes no pointers; a non-negative result is a new fd that we own.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if efd < 0 {
+        return Err(format!("eventfd: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: efd was just returned by eventfd and is owned by nobody else.
+    let efd = unsafe { OwnedFd::from_raw_fd(efd) };
+    let mut irqs = VfioIrqSetOne {
+        argsz: size32::<VfioIrqSetOne>(),
+        flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+        index: VFIO_PCI_MSI_IRQ_INDEX,
+        start: 0,
+        count: 1,
+        fd: efd.as_raw_fd(),
+    };
+    ioctl(cdev.as_fd(), &mut irqs).map_err(|e| format!("{bdf}: MSI: {e}"))?;
+    edu.msi = Some(efd);
+    Ok(VfioEdu {
+        edu,
+        ioas: alloc.out_ioas_id,
+        _cdev: cdev,
+    })
+}
+
+fn map(iommufd: &File, ioas: u32, page: &Page, iova: u64, writeable: bool) -> Result<()> {
+    let mut m = IommuIoasMap {
+        size: size32::<IommuIoasMap>(),
+        flags: IOMMU_IOAS_MAP_FIXED_IOVA
+            | IOMMU_IOAS_MAP_READABLE
+            | if writeable {
+                IOMMU_IOAS_MAP_WRITEABLE
+            } else {
+                0
+            },
+        ioas_id: ioas,
+        user_va: page.va(),
+        length: PAGE as u64,
+        iova,
+        ..Default::default()
+    };
+    ioctl(iommufd.as_fd(), &mut m).map_err(|e| format!("map {iova:#x}: {e}"))
+}
+
+fn unmap(iommufd: &File, ioas: u32, iova: u64) -> Result<()> {
+    let mut u = IommuIoasUnmap {
+        size: size32::<IommuIoasUnmap>(),
+        ioas_id: ioas,
+        iova,
+        length: PAGE as u64,
+    };
+    ioctl(iommufd.as_fd(), &mut u).map_err(|e| format!("unmap {iova:#x}: {e}"))
+}
+
+/// The translated-mode checks; returns how many mappings are live at the end.
+fn translated_checks(r: &mut Report, bdfs: &[String]) -> usize {
+    let setup = || -> Result<(File, VfioEdu, VfioEdu)> {
+        let fd = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/iommu")
+            .map_err(|e| format!("/dev/iommu: {e}"))?;
+        let a = open_vfio_edu(&fd, &bdfs[0])?;
+        let b = open_vfio_edu(&fd, &bdfs[1])?;
+        Ok((fd, a, b))
+    };
+    let (fd, a, b) = match setup() {
+        Ok(v) => v,
+        Err(e) => {
+            r.check(
+                "both edu devices bound to vfio-pci, each attached to its own IOAS",
+                Err(e),
+            );
+            return 0;
+        }
+    };
+    r.check(
+        "both edu devices bound to vfio-pci, each attached to its own IOAS",
+        Ok(format!(
+            "{} -> IOAS {}, {} -> IOAS {}",
+            a.edu.name, a.ioas, b.edu.name, b.ioas
+        )),
+    );
+    let pages = || -> Result<[Page; 5]> {
+        Ok([
+            Page::new()?,
+            Page::new()?,
+            Page::new()?,
+            Page::new()?,
+            Page::new()?,
+        ])
+    };
+    let [a_src, a_dst, a_ro, b_src, b_dst] = match pages() {
+        Ok(p) => p,
+        Err(e) => {
+            r.check("buffers", Err(e));
+            return 0;
+        }
+    };
+    let maps = [
+        (a.ioas, &a_src, A_SRC, true),
+        (a.ioas, &a_dst, A_DST, true),
+        (a.ioas, &a_ro, A_RO, false),
+        (b.ioas, &b_src, B_SRC, true),
+        (b.ioas, &b_dst, B_DST, true),
+    ];
+    let mapped = maps
+        .iter()
+        .try_for_each(|&(ioas, page, iova, w)| map(&fd, ioas, page, iova, w));
+    if !r.check(
+        "IOAS_MAP of 5 pages (one read-only) at fixed IOVAs in two IOASes",
+        mapped.map(|()| String::new()),
+    ) {
+        return 0;
+    }
+    let mut live = maps.len();
+
+    // Both directions through the IOVAs, with the MSI of each completion.
+    for (dev, src, dst, src_iova, dst_iova, seed) in [
+        (&a, &a_src, &a_dst, A_SRC, A_DST, 0x11u8),
+        (&b, &b_src, &b_dst, B_SRC, B_DST, 0x22u8),
+    ] {
+        let name = &dev.edu.name;
+        let mut irqs = 0;
+        let res = (|| {
+            src.fill(seed);
+            dst.fill(0);
+            irqs += dev.edu.dma(src_iova, EDU_BUFFER, false)? as usize;
+            irqs += dev.edu.dma(EDU_BUFFER, dst_iova, true)? as usize;
+            dst.expect(seed, "destination page")?;
+            Ok(format!("{src_iova:#x} -> device -> {dst_iova:#x}"))
+        })();
+        r.check(
+            &format!("{name}: RAM->device and device->RAM DMA land through the IOVAs"),
+            res,
+        );
+        let msi = if irqs == 2 {
+            Ok("2 of 2 completions".to_string())
+        } else {
+            Err(format!("{irqs} of 2 completions raised an MSI"))
+        };
+        r.check(
+            &format!("{name}: MSI on DMA completion reaches L2's eventfd"),
+            msi,
+        );
+    }
+
+    // A read-only mapping: the device may read it, its write is refused.
+    let ro = (|| {
+        a_ro.fill(0x33);
+        a_dst.fill(0);
+        a.edu.dma(A_RO, EDU_BUFFER, false)?;
+        a.edu.dma(EDU_BUFFER, A_DST, true)?;
+        a_dst.expect(0x33, "read through the read-only mapping")?;
+        a_src.fill(0x44);
+        a.edu.dma(A_SRC, EDU_BUFFER, false)?;
+        a.edu.dma(EDU_BUFFER, A_RO, true)?;
+        a_ro.expect(0x33, "read-only page after a device write")?;
+        Ok(format!("device write to {A_RO:#x} dropped"))
+    })();
+    r.check(
+        &format!(
+            "{}: a READ-only mapping is readable and refuses the device write",
+            a.edu.name
+        ),
+        ro,
+    );
+
+    // Isolation: each device's IOAS holds only its own pages.
+    let iso = (|| {
+        a_src.fill(0x55);
+        a.edu.dma(A_SRC, EDU_BUFFER, false)?;
+        b_dst.fill(0x66);
+        a.edu.dma(EDU_BUFFER, B_DST, true)?;
+        b_dst.expect(0x66, "B's page after A wrote to B's IOVA")?;
+        b_src.fill(0x77);
+        b.edu.dma(B_SRC, EDU_BUFFER, false)?;
+        a_dst.fill(0x88);
+        b.edu.dma(EDU_BUFFER, A_DST, true)?;
+        a_dst.expect(0x88, "A's page after B wrote to A's IOVA")?;
+        // B reads A's IOVA (unmapped for B), then writes its device buffer to its own page.
+        b.edu.dma(A_SRC, EDU_BUFFER, false)?;
+        b_dst.fill(0);
+        b.edu.dma(EDU_BUFFER, B_DST, true)?;
+        if b_dst.expect(0x55, "").is_ok() {
+            return Err("B read A's page through A's IOVA".into());
+        }
+        Ok(format!(
+            "A -> {B_DST:#x}, B -> {A_DST:#x} and B <- {A_SRC:#x} all blocked"
+        ))
+    })();
+    r.check(
+        "devices in separate IOASes cannot reach each other's pages",
+        iso,
+    );
+
+    // After IOAS_UNMAP the old IOVA no longer reaches the page.
+    let after_unmap = (|| {
+        a_src.fill(0x99);
+        a.edu.dma(A_SRC, EDU_BUFFER, false)?;
+        a_dst.fill(0);
+        a.edu.dma(EDU_BUFFER, A_DST, true)?;
+        a_dst.expect(0x99, "before unmap")?;
+        unmap(&fd, a.ioas, A_DST)?;
+        live -= 1;
+        a_dst.fill(0xaa);
+        a.edu.dma(EDU_BUFFER, A_DST, true)?;
+        a_dst.expect(0xaa, "page after a DMA to its unmapped IOVA")?;
+        Ok(format!(
+            "DMA to {A_DST:#x} landed before IOAS_UNMAP, not after"
+        ))
+    })();
+    r.check(
+        &format!("{}: after IOAS_UNMAP the DMA no longer lands", a.edu.name),
+        after_unmap,
+    );
+    println!(
+        "E2E-L2: DMAs that had to be refused: {} -> {A_RO:#x} (read-only), -> {B_DST:#x}, -> {A_DST:#x} (unmapped); {} -> {A_DST:#x}, <- {A_SRC:#x}",
+        a.edu.name, b.edu.name
+    );
+    // Keep the devices, IOASes and pages alive until L1 has looked at the daemon.
+    std::mem::forget((fd, a, b, a_src, a_dst, a_ro, b_src, b_dst));
+    live
+}
+
+// --- identity mode -----------------------------------------------------------------------------
+
+fn identity_checks(r: &mut Report, bdfs: &[String]) {
+    for (i, bdf) in bdfs.iter().enumerate() {
+        let seed = 0xc0 + i as u8;
+        let res = (|| {
+            let dev = format!("/sys/bus/pci/devices/{bdf}");
+            if fs::metadata(format!("{dev}/driver")).is_ok() {
+                return Err(format!("{bdf} has a driver in identity mode"));
+            }
+            let cfg = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("{dev}/config"))
+                .map_err(|e| format!("{dev}/config: {e}"))?;
+            let res0 = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("{dev}/resource0"))
+                .map_err(|e| format!("{dev}/resource0: {e}"))?;
+            let len = res0.metadata().map_err(|e| e.to_string())?.len() as usize;
+            let edu = Edu::new(bdf.clone(), Bar::map(&res0, 0, len)?, &cfg, 0)?;
+            let (src, dst) = (Page::new()?, Page::new()?);
+            let (src_pa, dst_pa) = (src.phys()?, dst.phys()?);
+            src.fill(seed);
+            dst.fill(0);
+            edu.dma(src_pa, EDU_BUFFER, false)?;
+            edu.dma(EDU_BUFFER, dst_pa, true)?;
+            dst.expect(seed, "destination page at its guest-physical address")?;
+            Ok(format!("GPA {src_pa:#x} -> device -> GPA {dst_pa:#x}"))
+        })();
+        r.check(
+            &format!(
+                "{bdf}: iommu.passthrough=1 gives identity: DMA to guest-physical addresses lands"
+            ),
+            res,
+        );
+    }
+}
