@@ -180,25 +180,26 @@ if wait_end 1; then
     else
         fail "daemon state while L2 runs" "domains attached mappings pinned failed = $* (L2 has 2 IOASes, $live live mappings)"
     fi
-    # L1's kernel logs the DMAR faults of the DMAs the daemon's IOAS refused (device, IOVA):
-    # A after IOAS_UNMAP, A into B's IOVA, B into A's IOVA (write), B from A's IOVA (read).
-    # (L0's emulated VT-d records no fault for the write into the read-only page: QEMU checks
-    # that permission outside its fault reporting; L2's own check shows the page unchanged.)
-    for f in "0000:00:04.0 0x110000 after IOAS_UNMAP" "0000:00:04.0 0x210000 isolation" \
-        "0000:00:05.0 0x110000 isolation" "0000:00:05.0 0x100000 isolation"; do
-        set -- $f
-        i=0
-        until line=$(dmesg | grep -a "DMAR: \[DMA .*\[$1\] fault addr $2 " | head -n 1) && [ -n "$line" ]; do
-            i=$((i + 1))
-            [ $i -gt 50 ] && break
-            sleep 0.1
-        done
-        if [ -n "$line" ]; then
-            pass "$3: L1's IOMMU faulted the DMA of $1 to L2 IOVA $2 (${line#*DMAR: })"
-        else
-            fail "$3: fault of $1 at $2 reported on L1" "no DMAR fault line in dmesg: $(dmesg | grep -a 'DMAR: \[' | tail -n 4)"
-        fi
+    # L1's kernel logs DMAR faults for the DMAs the daemon's IOASes refused. Refused on purpose:
+    # A into B's IOVA, B into A's IOVA (write), B from A's IOVA (read), A after IOAS_UNMAP (and A
+    # into its read-only page, which L0's emulated VT-d refuses without recording a fault: QEMU
+    # checks that permission outside its fault reporting). The emulated VT-d has one fault
+    # record register and loses some records of back-to-back faults (seen: 1 to 3 of these 4
+    # logged), so the check is: at least one of them is logged, and no fault names any other
+    # device or IOVA (a fault at a mapped IOVA would mean a wrong translation).
+    sleep 2
+    faults=$(dmesg | grep -a 'DMAR: \[DMA ' | sed -n 's/.*Request device \[\([0-9a-f:.]*\)\] fault addr \(0x[0-9a-f]*\).*/\1@\2/p' | sort -u)
+    expected=" 0000:00:04.0@0x210000 0000:00:05.0@0x110000 0000:00:05.0@0x100000 0000:00:04.0@0x110000 "
+    seen=""
+    other=""
+    for f in $faults; do
+        case $expected in *" $f "*) seen="$seen $f" ;; *) other="$other $f" ;; esac
     done
+    if [ -n "$seen" ] && [ -z "$other" ]; then
+        pass "L1's IOMMU faulted refused DMAs and nothing else (logged:$seen)"
+    else
+        fail "DMAR faults on L1" "logged refused DMAs:${seen:- none}; unexpected:${other:- none}; $(dmesg | grep -a 'DMAR: \[' | tail -n 3)"
+    fi
     tell_l2 reboot
     if wait_idle 60; then
         pass "L2 reboot: device reset leaves both endpoints blocked (no domain, no mapping) in the daemon"
