@@ -17,7 +17,11 @@
 //! with the number of live mappings, and the program waits for L1's instruction on /dev/ttyS1
 //! (`reboot` or `poweroff`), so that L1 can check the daemon's state first.
 
-// Shared with tests/guest/guest-traffic.
+// edu's registers and BAR access, shared with the VM tier's guest programs.
+#[allow(dead_code)]
+#[path = "../../../vm/guest-kit/mmio.rs"]
+mod mmio;
+// The iommufd/VFIO uAPI structs, shared with tests/guest/guest-traffic.
 #[allow(dead_code)]
 #[path = "../../../guest/guest-traffic/src/uapi.rs"]
 mod uapi;
@@ -32,28 +36,11 @@ use std::sync::atomic::{fence, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use mmio::*;
 use uapi::*;
 
-type Result<T> = std::result::Result<T, String>;
-
-const PAGE: usize = 4096;
-const EDU_VENDOR: &str = "0x1234";
-const EDU_DEVICE: &str = "0x11e8";
-const EDU_ID: usize = 0x00;
-const EDU_IRQ_STATUS: usize = 0x24;
-const EDU_IRQ_ACK: usize = 0x64;
-const EDU_DMA_SRC: usize = 0x80;
-const EDU_DMA_DST: usize = 0x88;
-const EDU_DMA_COUNT: usize = 0x90;
-const EDU_DMA_CMD: usize = 0x98;
-const EDU_CMD_START: u64 = 1;
-const EDU_CMD_TO_RAM: u64 = 2;
-const EDU_CMD_IRQ: u64 = 4;
-/// The device-side DMA buffer of edu (4 KiB).
-const EDU_BUFFER: u64 = 0x40000;
-const PCI_COMMAND: u64 = 0x04;
-const PCI_COMMAND_MEMORY: u16 = 1 << 1;
-const PCI_COMMAND_MASTER: u16 = 1 << 2;
+/// One page, as a length.
+const PAGE: usize = mmio::PAGE as usize;
 
 /// The IOVAs of the translated mode (device A = first edu, device B = second).
 const A_SRC: u64 = 0x10_0000;
@@ -334,67 +321,6 @@ fn pattern(seed: u8) -> Vec<u8> {
 }
 
 // --- edu ---------------------------------------------------------------------------------------
-
-/// A mapped BAR0 of an edu, accessed with volatile reads and writes only.
-struct Bar {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Bar {
-    fn map(file: &File, offset: u64, len: usize) -> Result<Bar> {
-        let off = libc::off_t::try_from(offset).map_err(|_| "BAR offset overflows")?;
-        // SAFETY: a fresh shared mapping at a kernel-chosen address aliases no Rust object.
-        let p = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(format!("mmap BAR0: {}", io::Error::last_os_error()));
-        }
-        let ptr = NonNull::new(p.cast()).ok_or("mmap returned NULL")?;
-        Ok(Bar { ptr, len })
-    }
-
-    fn at<T>(&self, off: usize) -> *mut T {
-        assert!(off.is_multiple_of(size_of::<T>()) && off + size_of::<T>() <= self.len);
-        // SAFETY: in bounds (asserted) of a mapping that lives as long as self.
-        unsafe { self.ptr.as_ptr().add(off).cast() }
-    }
-
-    fn read_u32(&self, off: usize) -> u32 {
-        // SAFETY: aligned and in bounds of mapped device memory.
-        unsafe { ptr::read_volatile(self.at::<u32>(off)) }
-    }
-
-    fn write_u32(&self, off: usize, v: u32) {
-        // SAFETY: aligned and in bounds of mapped device memory.
-        unsafe { ptr::write_volatile(self.at::<u32>(off), v) }
-    }
-
-    fn read_u64(&self, off: usize) -> u64 {
-        // SAFETY: aligned and in bounds of mapped device memory.
-        unsafe { ptr::read_volatile(self.at::<u64>(off)) }
-    }
-
-    fn write_u64(&self, off: usize, v: u64) {
-        // SAFETY: aligned and in bounds of mapped device memory.
-        unsafe { ptr::write_volatile(self.at::<u64>(off), v) }
-    }
-}
-
-impl Drop for Bar {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping mmap returned; nothing borrows it past self.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
 
 /// One edu: its BAR0 and, in translated mode, its MSI eventfd.
 struct Edu {
