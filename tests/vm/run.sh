@@ -94,7 +94,7 @@ if [[ ${VM_DAEMON_DMA:-1} != 0 ]]; then
     bins+=("$dd_target/x86_64-unknown-linux-gnu/release/daemon-dma")
 fi
 # bench-iommufd: raw IOAS_MAP / MAP_FILE / staging+COPY loops vs the daemon path
-# (tests/vm/bench-iommufd, BENCHMARKS-iommufd.md). Pairs per row: BENCH_PAIRS_4K / BENCH_PAIRS_2M
+# (tests/vm/bench-iommufd, BENCHMARKS.md). Pairs per row: BENCH_PAIRS_4K / BENCH_PAIRS_2M
 # in the guest environment (defaults 256 / 32).
 if [[ ${VM_BENCH_IOMMUFD:-1} != 0 ]]; then
     bi_target=$VM_CACHE/target/bench-iommufd

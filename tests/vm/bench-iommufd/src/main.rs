@@ -14,11 +14,21 @@
 //!   the strict pattern (one MAP per kick, then one UNMAP per kick), per strategy, with the
 //!   default 50 µs polling window; `daemon-noop` maps without permissions (the backend records
 //!   it, no ioctl: the round trip alone); `-poll0` rows run a second daemon that never polls
+//! - batched patterns (several requests per kick, 4 KiB, default Copy strategy): `lazy k=8`
+//!   (Linux lazy mode: queued UNMAPs go out with the next MAP's kick) and `sg 16x4K` (16 MAPs in
+//!   one kick, their 16 UNMAPs in the next), each through `raw-map`, `raw-copy`, `backend-copy`
+//!   and the daemon (`daemon-copy`, `daemon-noop`, and both `-poll0`), doing the same ioctls
+//! - `huge-*`: the raw loops again on hugetlb-backed RAM (memfd with MFD_HUGETLB|MFD_HUGE_2MB,
+//!   2 MiB pages reserved through /proc/sys/vm/nr_hugepages), against the 4 KiB-page shmem rows
+//!   of the same run (2 MiB maps of 2 MiB-aligned hugetlb pages can use 2 MiB IOPTEs); a `SKIP:`
+//!   line if no hugepages can be had
 //!
 //! Output: a table per size (per-pair time, MAP and UNMAP time, ratio to `raw-map`, p50/p99 of
-//! the pair), one `BENCH-IOMMUFD: {json}` line per row, `PASS: bench-iommufd ...` lines, and
-//! `FAIL:` only on errors (never on timing). Pairs per row: BENCH_PAIRS_4K (default 256),
-//! BENCH_PAIRS_2M (default 32).
+//! the pair), a batch table (per-request time of each pattern and its ratio to the raw and
+//! backend loops of the same pattern), hugetlb-vs-shmem ratios, one `BENCH-IOMMUFD: {json}` line
+//! per row, `PASS: bench-iommufd ...` lines, and `FAIL:` only on errors (never on timing). Pairs
+//! per row: BENCH_PAIRS_4K (default 256), BENCH_PAIRS_2M (default 32), BENCH_PAIRS_BATCH (MAP+UNMAP
+//! pairs per batched row, default BENCH_PAIRS_4K).
 
 use std::fs::{self, File};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
@@ -123,7 +133,10 @@ impl Row {
         self.mean(|s| s.1)
     }
     fn pct(&self, p: f64) -> u64 {
-        let mut v: Vec<u64> = self.samples.iter().map(|s| s.0 + s.1).collect();
+        self.pct_by(|s| s.0 + s.1, p)
+    }
+    fn pct_by(&self, f: impl Fn(&(u64, u64)) -> u64, p: f64) -> u64 {
+        let mut v: Vec<u64> = self.samples.iter().map(f).collect();
         v.sort_unstable();
         if v.is_empty() {
             return 0;
@@ -162,6 +175,176 @@ fn pairs(
         note: String::new(),
     })
 }
+
+/// One 4 KiB MAP or UNMAP of a batched pattern.
+#[derive(Clone, Copy)]
+enum Op {
+    Map { iova: u64, gpa: u64 },
+    Unmap { iova: u64 },
+}
+
+/// A request pattern with several requests per kick (REFERENCE §2), repeated in cycles. The
+/// `m`-th MAP of a run uses IOVA slot `m % 64` (so a scatter-gather list gets contiguous IOVAs)
+/// and GPA slot `5m % 64` (scattered buffers).
+#[derive(Clone, Copy)]
+enum Pattern {
+    /// Linux lazy mode (flush queue): an UNMAP is queued without a kick and goes out with the
+    /// next kick. A cycle is `k` kicks of one MAP each; the first also carries, before its MAP,
+    /// the `k` UNMAPs of the previous cycle's MAPs (`k` + 1 requests in that kick).
+    Lazy(u64),
+    /// Scatter-gather: `n` MAPs of 4 KiB in one kick (one guest `dma_map_sg`), then their `n`
+    /// UNMAPs in the next.
+    Sg(u64),
+}
+
+fn iova_of(m: u64) -> u64 {
+    IOVA_BASE + (m % MAX_SLOTS) * KIB4
+}
+
+fn gpa_of(m: u64) -> u64 {
+    GPA_BASE + ((m * 5) % MAX_SLOTS) * KIB4
+}
+
+impl Pattern {
+    fn label(self) -> String {
+        match self {
+            Pattern::Lazy(k) => format!("lazy k={k}"),
+            Pattern::Sg(n) => format!("sg {n}x4K"),
+        }
+    }
+    fn maps_per_cycle(self) -> u64 {
+        match self {
+            Pattern::Lazy(k) | Pattern::Sg(k) => k,
+        }
+    }
+    fn kicks_per_cycle(self) -> u64 {
+        match self {
+            Pattern::Lazy(k) => k,
+            Pattern::Sg(_) => 2,
+        }
+    }
+    /// The kicks of cycle `c`, each a list of requests in submission order.
+    fn cycle(self, c: u64) -> Vec<Vec<Op>> {
+        let map = |m: u64| Op::Map {
+            iova: iova_of(m),
+            gpa: gpa_of(m),
+        };
+        match self {
+            Pattern::Lazy(k) => (0..k)
+                .map(|j| {
+                    let mut kick = Vec::with_capacity(k as usize + 1);
+                    if j == 0 && c > 0 {
+                        kick.extend((0..k).map(|i| Op::Unmap {
+                            iova: iova_of((c - 1) * k + i),
+                        }));
+                    }
+                    kick.push(map(c * k + j));
+                    kick
+                })
+                .collect(),
+            Pattern::Sg(n) => vec![
+                (c * n..(c + 1) * n).map(map).collect(),
+                (c * n..(c + 1) * n)
+                    .map(|m| Op::Unmap { iova: iova_of(m) })
+                    .collect(),
+            ],
+        }
+    }
+    /// The kicks that unmap what is still mapped after cycle `c` (untimed).
+    fn drain(self, c: u64) -> Vec<Vec<Op>> {
+        match self {
+            Pattern::Lazy(k) => vec![
+                (0..k)
+                    .map(|i| Op::Unmap {
+                        iova: iova_of(c * k + i),
+                    })
+                    .collect(),
+            ],
+            Pattern::Sg(_) => Vec::new(),
+        }
+    }
+}
+
+/// Timings of one batched row: whole cycles (every kick of the pattern's cycle).
+struct BatchRow {
+    name: String,
+    pattern: String,
+    /// Requests (MAP + UNMAP) and kicks per cycle.
+    requests: u64,
+    kicks: u64,
+    /// ns per cycle.
+    samples: Vec<u64>,
+    note: String,
+}
+
+impl BatchRow {
+    fn per_request_ns(&self) -> f64 {
+        self.samples.iter().sum::<u64>() as f64
+            / (self.samples.len().max(1) as u64 * self.requests) as f64
+    }
+    /// The p50 cycle over the requests of a cycle.
+    fn p50_per_request_ns(&self) -> f64 {
+        self.pct(0.5) as f64 / self.requests as f64
+    }
+    fn pct(&self, p: f64) -> u64 {
+        let mut v = self.samples.clone();
+        v.sort_unstable();
+        if v.is_empty() {
+            return 0;
+        }
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    }
+    /// The strict pattern, from a row of the per-size table: a cycle is one pair (two kicks).
+    fn strict(r: &Row) -> BatchRow {
+        BatchRow {
+            name: r.name.clone(),
+            pattern: "strict".into(),
+            requests: 2,
+            kicks: 2,
+            samples: r.samples.iter().map(|s| s.0 + s.1).collect(),
+            note: r.note.clone(),
+        }
+    }
+}
+
+/// Cycles of `p`: enough warm-up cycles to touch all 64 GPA slots, then `pairs` MAP+UNMAP pairs
+/// (rounded up to whole cycles) timed per cycle, then the drain. `kick` executes one kick.
+fn cycles(
+    name: &str,
+    p: Pattern,
+    pairs: usize,
+    mut kick: impl FnMut(&[Op]) -> Result<()>,
+) -> Result<BatchRow> {
+    let per = p.maps_per_cycle();
+    let warmup = MAX_SLOTS.div_ceil(per) + 1;
+    let n = (pairs as u64).div_ceil(per).max(1);
+    let mut samples = Vec::with_capacity(n as usize);
+    for c in 0..warmup + n {
+        let kicks = p.cycle(c);
+        let t0 = Instant::now();
+        for (j, k) in kicks.iter().enumerate() {
+            kick(k).map_err(|e| format!("{name} {}: cycle {c} kick {j}: {e}", p.label()))?;
+        }
+        let dt = t0.elapsed().as_nanos() as u64;
+        if c >= warmup {
+            samples.push(dt);
+        }
+    }
+    for k in p.drain(warmup + n - 1) {
+        kick(&k).map_err(|e| format!("{name} {}: drain: {e}", p.label()))?;
+    }
+    Ok(BatchRow {
+        name: name.to_string(),
+        pattern: p.label(),
+        requests: 2 * per,
+        kicks: p.kicks_per_cycle(),
+        samples,
+        note: String::new(),
+    })
+}
+
+/// The batched patterns measured.
+const PATTERNS: [Pattern; 2] = [Pattern::Lazy(8), Pattern::Sg(16)];
 
 fn size_name(size: u64) -> &'static str {
     if size == KIB4 { "4K" } else { "2M" }
@@ -236,6 +419,152 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+/// The batch table: per-request time of each pattern, against the raw and backend loops of the
+/// same pattern (the strict pattern from the 4 KiB rows of the per-size table).
+fn print_batch(batch: &[BatchRow], rows: &[Row]) {
+    const STRICT: [&str; 7] = [
+        "raw-map",
+        "raw-copy",
+        "backend-copy",
+        "daemon-copy",
+        "daemon-noop",
+        "daemon-copy-poll0",
+        "daemon-noop-poll0",
+    ];
+    let strict: Vec<BatchRow> = STRICT
+        .iter()
+        .filter_map(|n| rows.iter().find(|r| r.size == KIB4 && r.name == *n))
+        .map(BatchRow::strict)
+        .collect();
+    let all: Vec<&BatchRow> = strict.iter().chain(batch).collect();
+    let mut patterns: Vec<&str> = Vec::new();
+    for r in &all {
+        if !patterns.contains(&r.pattern.as_str()) {
+            patterns.push(&r.pattern);
+        }
+    }
+    println!(
+        "bench-iommufd batch: {:<10} {:<18} {:>6} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9} {:>11} {:>11} {:>11} {:>11}",
+        "pattern",
+        "row",
+        "cycles",
+        "req/cyc",
+        "kicks/cyc",
+        "us/req",
+        "x raw-map",
+        "x raw-cp",
+        "x backend",
+        "p50 us/req",
+        "p50 x bknd",
+        "p50 cyc us",
+        "p99 cyc us"
+    );
+    let mut json = Vec::new();
+    for pat in &patterns {
+        let rs: Vec<&BatchRow> = all.iter().copied().filter(|r| r.pattern == *pat).collect();
+        let per = |n: &str| rs.iter().find(|r| r.name == n).map(|r| r.per_request_ns());
+        let per50 = |n: &str| {
+            rs.iter()
+                .find(|r| r.name == n)
+                .map(|r| r.p50_per_request_ns())
+        };
+        let backend50 = per50("backend-copy");
+        let ratio = |base: Option<f64>, v: f64| base.map_or(f64::NAN, |b| v / b);
+        let (raw, raw_copy, backend) = (per("raw-map"), per("raw-copy"), per("backend-copy"));
+        for r in &rs {
+            let (v, v50) = (r.per_request_ns(), r.p50_per_request_ns());
+            println!(
+                "bench-iommufd batch: {:<10} {:<18} {:>6} {:>7} {:>9} {:>8.1} {:>9.2} {:>9.2} {:>9.2} {:>11.1} {:>11.2} {:>11.1} {:>11.1}{}",
+                r.pattern,
+                r.name,
+                r.samples.len(),
+                r.requests,
+                r.kicks,
+                v / 1e3,
+                ratio(raw, v),
+                ratio(raw_copy, v),
+                ratio(backend, v),
+                v50 / 1e3,
+                ratio(backend50, v50),
+                r.pct(0.5) as f64 / 1e3,
+                r.pct(0.99) as f64 / 1e3,
+                if r.note.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", r.note)
+                }
+            );
+            let num = |x: f64| {
+                if x.is_finite() {
+                    format!("{x:.3}")
+                } else {
+                    "null".into()
+                }
+            };
+            json.push(format!(
+                "BENCH-IOMMUFD: {{\"size\":{},\"pattern\":\"{}\",\"row\":\"{}\",\"cycles\":{},\"requests_per_cycle\":{},\"kicks_per_cycle\":{},\"per_request_ns\":{:.0},\"ratio_raw\":{},\"ratio_raw_copy\":{},\"ratio_backend\":{},\"p50_per_request_ns\":{:.0},\"p50_ratio_backend\":{},\"p50_cycle_ns\":{},\"p99_cycle_ns\":{}}}",
+                KIB4,
+                r.pattern,
+                r.name,
+                r.samples.len(),
+                r.requests,
+                r.kicks,
+                v,
+                num(ratio(raw, v)),
+                num(ratio(raw_copy, v)),
+                num(ratio(backend, v)),
+                v50,
+                num(ratio(backend50, v50)),
+                r.pct(0.5),
+                r.pct(0.99)
+            ));
+        }
+    }
+    for j in json {
+        println!("{j}");
+    }
+}
+
+/// hugetlb-backed rows against the shmem rows of the same run: time ratios (< 1: hugetlb is
+/// faster), of the means and of the p50s.
+fn print_huge(rows: &[Row]) {
+    for size in [KIB4, MIB2] {
+        for (h, s) in [
+            ("huge-raw-map", "raw-map"),
+            ("huge-raw-map-file", "raw-map-file"),
+            ("huge-raw-copy", "raw-copy"),
+        ] {
+            let find = |n: &str| rows.iter().find(|r| r.size == size && r.name == n);
+            let (Some(h), Some(s)) = (find(h), find(s)) else {
+                continue;
+            };
+            let p50 = |r: &Row, f: fn(&(u64, u64)) -> u64| r.pct_by(f, 0.5) as f64;
+            let pair = h.pair_ns() / s.pair_ns();
+            let map = h.map_ns() / s.map_ns();
+            let unmap = h.unmap_ns() / s.unmap_ns();
+            let pair50 = h.pct(0.5) as f64 / s.pct(0.5) as f64;
+            let map50 = p50(h, |x| x.0) / p50(s, |x| x.0);
+            let unmap50 = p50(h, |x| x.1) / p50(s, |x| x.1);
+            println!(
+                "bench-iommufd hugetlb {}: {} / {}: pair {:.2}x (p50 {:.2}x), MAP {:.2}x (p50 {:.2}x), UNMAP {:.2}x (p50 {:.2}x)",
+                size_name(size),
+                h.name,
+                s.name,
+                pair,
+                pair50,
+                map,
+                map50,
+                unmap,
+                unmap50
+            );
+            println!(
+                "BENCH-IOMMUFD: {{\"size\":{},\"compare\":\"{}/{}\",\"pair_ratio\":{:.3},\"pair_p50_ratio\":{:.3},\"map_ratio\":{:.3},\"map_p50_ratio\":{:.3},\"unmap_ratio\":{:.3},\"unmap_p50_ratio\":{:.3}}}",
+                size, h.name, s.name, pair, pair50, map, map50, unmap, unmap50
+            );
+        }
+    }
+}
+
 /// A staging IOAS of this bench: all of `ram` at IOVA = GPA, optionally kept pinned by an
 /// unattached HWPT.
 struct Staging<'a> {
@@ -245,14 +574,15 @@ struct Staging<'a> {
 }
 
 impl<'a> Staging<'a> {
-    fn new(fd: BorrowedFd<'a>, ram: &MemfdRam, hwpt_dev: Option<u32>) -> Result<Staging<'a>> {
+    /// Guest RAM `[0, size)` at user VA `host`.
+    fn new(fd: BorrowedFd<'a>, host: u64, size: u64, hwpt_dev: Option<u32>) -> Result<Staging<'a>> {
         let ioas = sys::ioas_alloc(fd).map_err(errno)?;
         let mut s = Staging {
             fd,
             ioas,
             hwpt: None,
         };
-        sys::ioas_map(fd, ioas, ram.base(), ram.host_addr(), ram.size(), RW).map_err(errno)?;
+        sys::ioas_map(fd, ioas, 0, host, size, RW).map_err(errno)?;
         if let Some(dev) = hwpt_dev {
             // Not every IOMMU driver can allocate an unattached paging domain: then no row.
             match sys::hwpt_alloc(fd, dev, ioas) {
@@ -284,8 +614,239 @@ fn fault_in(file: &File, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// hugetlb RAM of the `huge-*` rows (the same size and GPA layout as the shmem RAM) and the
+/// hugepages reserved for it (40 = 80 MiB: the RAM and some slack).
+const HUGE_PAGES: u64 = 40;
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// A field of /proc/meminfo (the number before any unit).
+fn meminfo(field: &str) -> std::result::Result<u64, String> {
+    let text = fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("/proc/meminfo has no {field}"))
+}
+
+/// The hugepage pool this bench set up; `nr_hugepages` goes back to its old value on drop.
+struct Hugepages {
+    prev: u64,
+}
+
+impl Hugepages {
+    /// Raises `nr_hugepages` to `HUGE_PAGES` (if lower) and checks that enough 2 MiB pages are
+    /// free for `bytes`; the error is the reason to skip the hugetlb rows.
+    fn reserve(bytes: u64) -> std::result::Result<Hugepages, String> {
+        let read = || -> std::result::Result<u64, String> {
+            fs::read_to_string(NR_HUGEPAGES)
+                .map_err(|e| format!("{NR_HUGEPAGES}: {e}"))?
+                .trim()
+                .parse()
+                .map_err(|e| format!("{NR_HUGEPAGES}: {e}"))
+        };
+        let prev = read()?;
+        let h = Hugepages { prev };
+        let kb = meminfo("Hugepagesize")?;
+        if kb != MIB2 >> 10 {
+            return Err(format!("default hugepage size is {kb} kB, not 2048 kB"));
+        }
+        if prev < HUGE_PAGES {
+            fs::write(NR_HUGEPAGES, format!("{HUGE_PAGES}\n"))
+                .map_err(|e| format!("writing {HUGE_PAGES} to {NR_HUGEPAGES}: {e}"))?;
+        }
+        let (now, free) = (read()?, meminfo("HugePages_Free")?);
+        if free * MIB2 < bytes {
+            return Err(format!(
+                "{NR_HUGEPAGES} is {now} after writing {HUGE_PAGES} (was {prev}), {free} free: \
+                 need {} 2 MiB pages",
+                bytes / MIB2
+            ));
+        }
+        Ok(h)
+    }
+}
+
+impl Drop for Hugepages {
+    fn drop(&mut self) {
+        let _ = fs::write(NR_HUGEPAGES, format!("{}\n", self.prev));
+    }
+}
+
+/// Guest RAM on 2 MiB hugetlb pages: a memfd with MFD_HUGETLB|MFD_HUGE_2MB, mapped shared and
+/// populated (every page faulted in), at a 2 MiB-aligned user VA.
+struct HugeRam {
+    file: File,
+    addr: u64,
+    size: u64,
+}
+
+impl HugeRam {
+    fn new(size: u64) -> std::result::Result<HugeRam, String> {
+        let flags = libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+        // SAFETY: a NUL-terminated name; the returned fd (if any) is owned by the File.
+        let fd = unsafe { libc::memfd_create(c"bench-iommufd-hugetlb".as_ptr(), flags) };
+        if fd < 0 {
+            return Err(format!(
+                "memfd_create(MFD_HUGETLB|MFD_HUGE_2MB): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)
+            .map_err(|e| format!("ftruncate of the hugetlb memfd to {size:#x}: {e}"))?;
+        // SAFETY: a new shared mapping of the whole memfd; nothing else is at that address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!(
+                "mmap of the hugetlb memfd: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let ram = HugeRam {
+            file,
+            addr: p as u64,
+            size,
+        };
+        if !ram.addr.is_multiple_of(MIB2) {
+            return Err(format!(
+                "hugetlb mapping at {:#x}: not 2 MiB aligned",
+                ram.addr
+            ));
+        }
+        // Touch every 4 KiB (MAP_POPULATE should have faulted all of it already).
+        for off in (0..size).step_by(KIB4 as usize) {
+            // SAFETY: inside the mapping just made, which is readable and writable.
+            unsafe { std::ptr::write_volatile((ram.addr + off) as *mut u8, 0) };
+        }
+        Ok(ram)
+    }
+}
+
+impl Drop for HugeRam {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; nothing refers to it any more.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.size as usize) };
+    }
+}
+
+/// Which IOPTE sizes the intel-iommu driver gives paging domains, decoded from the emulated
+/// VT-d's capability registers in sysfs (7.3: first stage if scalable mode and FLTS, 2 MiB
+/// always, 1 GiB with FL1GP; else second stage with the SLLPS bits), or why that is unknown.
+fn iopte_sizes() -> String {
+    let Some(dir) = fs::read_dir("/sys/class/iommu").ok().and_then(|d| {
+        d.filter_map(|e| e.ok())
+            .map(|e| e.path().join("intel-iommu"))
+            .find(|p| p.is_dir())
+    }) else {
+        return "IOPTE sizes unknown (no intel-iommu in /sys/class/iommu)".into();
+    };
+    let reg = |f: &str| {
+        fs::read_to_string(dir.join(f))
+            .ok()
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    };
+    let (Some(cap), Some(ecap)) = (reg("cap"), reg("ecap")) else {
+        return format!("IOPTE sizes unknown (cannot read {}/cap)", dir.display());
+    };
+    let bit = |v: u64, b: u32| (v >> b) & 1 == 1;
+    let sp_off = fs::read_to_string("/proc/cmdline").is_ok_and(|c| c.contains("sp_off"));
+    let (stage, m2, g1) = if bit(ecap, 43) && bit(ecap, 47) {
+        ("first", true, bit(cap, 56))
+    } else {
+        ("second", bit(cap, 34), bit(cap, 35))
+    };
+    format!(
+        "VT-d cap {cap:#x} ecap {ecap:#x}: {stage}-stage paging domains, IOPTE sizes 4K{}{}",
+        if m2 && !sp_off { " 2M" } else { "" },
+        if g1 && !sp_off { " 1G" } else { "" }
+    )
+}
+
+/// The hugetlb rows' setup: the pool, the RAM, and a staging IOAS over it (with a HWPT).
+struct Huge<'a> {
+    // Field order = drop order: the staging IOAS, the RAM, then the pool.
+    staged: Staging<'a>,
+    ram: HugeRam,
+    map_file: bool,
+    _pool: Hugepages,
+}
+
+/// Sets up the hugetlb rows: `Ok(Err(reason))` if they must be skipped (no hugepages), `Err` on
+/// an error.
+fn huge_setup<'a>(
+    b: &IommufdBackend,
+    fd: BorrowedFd<'a>,
+    ioas: u32,
+    dev2: u32,
+) -> Result<std::result::Result<Huge<'a>, String>> {
+    let (pool, free0, ram, free1) = match (|| {
+        let pool = Hugepages::reserve(RAM_SIZE)?;
+        let free0 = meminfo("HugePages_Free")?;
+        let ram = HugeRam::new(RAM_SIZE)?;
+        let free1 = meminfo("HugePages_Free")?;
+        Ok::<_, String>((pool, free0, ram, free1))
+    })() {
+        Ok(v) => v,
+        Err(why) => return Ok(Err(why)),
+    };
+    if free0 - free1 < RAM_SIZE / MIB2 {
+        return Err(format!(
+            "the hugetlb memfd took {} 2 MiB pages for {} MiB (HugePages_Free {free0} -> {free1})",
+            free0 - free1,
+            RAM_SIZE >> 20
+        ));
+    }
+    println!(
+        "bench-iommufd hugetlb: {} MiB memfd (MFD_HUGETLB|MFD_HUGE_2MB) at {:#x}, {} 2 MiB pages \
+         (HugePages_Free {free0} -> {free1}, nr_hugepages was {}); {}",
+        RAM_SIZE >> 20,
+        ram.addr,
+        free0 - free1,
+        pool.prev,
+        iopte_sizes()
+    );
+    // MAP_FILE of a hugetlb memfd: probed once; a refusal drops that row only.
+    let map_file = b.map_file_supported()
+        && match sys::ioas_map_file(fd, ioas, IOVA_BASE, ram.file.as_fd(), 0, MIB2, RW) {
+            Ok(()) => {
+                sys::ioas_unmap(fd, ioas, IOVA_BASE, MIB2).map_err(errno)?;
+                true
+            }
+            Err(e) => {
+                println!(
+                    "bench-iommufd hugetlb: IOMMU_IOAS_MAP_FILE of the hugetlb memfd refused: {}",
+                    errno(e)
+                );
+                false
+            }
+        };
+    let staged = Staging::new(fd, ram.addr, RAM_SIZE, Some(dev2))?;
+    Ok(Ok(Huge {
+        staged,
+        ram,
+        map_file,
+        _pool: pool,
+    }))
+}
+
 /// (a)–(c) and the backend-call loops, before the daemon serves anything.
-fn raw_rows(b: &Arc<IommufdBackend>, sizes: &[(u64, usize)], rows: &mut Vec<Row>) -> Result<()> {
+fn raw_rows(
+    b: &Arc<IommufdBackend>,
+    sizes: &[(u64, usize)],
+    batch_pairs: usize,
+    rows: &mut Vec<Row>,
+    batch: &mut Vec<BatchRow>,
+) -> Result<()> {
     let ram = MemfdRam::new(RAM_SIZE).map_err(|e| format!("memfd RAM: {e}"))?;
     // SAFETY: dup of the valid memfd `ram` owns; the new fd is owned by the File.
     let memfd = unsafe { File::from_raw_fd(libc::dup(ram.fd())) };
@@ -299,8 +860,8 @@ fn raw_rows(b: &Arc<IommufdBackend>, sizes: &[(u64, usize)], rows: &mut Vec<Row>
     let ioas = dom.id();
     b.attach(ep1, Attachment::Domain(ioas))
         .map_err(|e| e.to_string())?;
-    let staged = Staging::new(fd, &ram, Some(dev2))?;
-    let unpinned = Staging::new(fd, &ram, None)?;
+    let staged = Staging::new(fd, ram.host_addr(), RAM_SIZE, Some(dev2))?;
+    let unpinned = Staging::new(fd, ram.host_addr(), RAM_SIZE, None)?;
     let host = ram.host_addr();
     let unmap = |iova: u64, size: u64| -> Result<()> {
         let done = sys::ioas_unmap(fd, ioas, iova, size).map_err(errno)?;
@@ -308,6 +869,13 @@ fn raw_rows(b: &Arc<IommufdBackend>, sizes: &[(u64, usize)], rows: &mut Vec<Row>
             return Err(format!("unmapped {done:#x} of {size:#x}"));
         }
         Ok(())
+    };
+    let huge = match huge_setup(b, fd, ioas, dev2)? {
+        Ok(h) => Some(h),
+        Err(why) => {
+            println!("SKIP: bench-iommufd hugetlb rows: {why}");
+            None
+        }
     };
     for &(size, n) in sizes {
         rows.push(pairs(
@@ -350,6 +918,78 @@ fn raw_rows(b: &Arc<IommufdBackend>, sizes: &[(u64, usize)], rows: &mut Vec<Row>
         )?;
         r.note = "staging IOAS without HWPT: pins per copy".into();
         rows.push(r);
+        // The same loops on hugetlb RAM, right after the shmem ones.
+        let Some(h) = &huge else { continue };
+        let hhost = h.ram.addr;
+        let mut r = pairs(
+            "huge-raw-map",
+            size,
+            n,
+            |iova, gpa| sys::ioas_map(fd, ioas, iova, hhost + gpa, size, RW).map_err(errno),
+            |iova| unmap(iova, size),
+        )?;
+        r.note = "hugetlb 2 MiB pages".into();
+        rows.push(r);
+        if h.map_file {
+            let mut r = pairs(
+                "huge-raw-map-file",
+                size,
+                n,
+                |iova, gpa| {
+                    sys::ioas_map_file(fd, ioas, iova, h.ram.file.as_fd(), gpa, size, RW)
+                        .map_err(errno)
+                },
+                |iova| unmap(iova, size),
+            )?;
+            r.note = "hugetlb 2 MiB pages".into();
+            rows.push(r);
+        }
+        if h.staged.hwpt.is_some() {
+            let mut r = pairs(
+                "huge-raw-copy",
+                size,
+                n,
+                |iova, gpa| {
+                    sys::ioas_copy(fd, ioas, iova, h.staged.ioas, gpa, size, RW).map_err(errno)
+                },
+                |iova| unmap(iova, size),
+            )?;
+            r.note = "hugetlb staging IOAS with a HWPT".into();
+            rows.push(r);
+        }
+    }
+    drop(huge);
+    // Batched patterns (4 KiB), the same ioctls in the same order as the daemon will issue.
+    for p in PATTERNS {
+        let mut r = cycles("raw-map", p, batch_pairs, |kick| {
+            for op in kick {
+                match *op {
+                    Op::Map { iova, gpa } => {
+                        sys::ioas_map(fd, ioas, iova, host + gpa, KIB4, RW).map_err(errno)?
+                    }
+                    Op::Unmap { iova } => unmap(iova, KIB4)?,
+                }
+            }
+            Ok(())
+        })?;
+        r.note = "IOAS_MAP + IOAS_UNMAP".into();
+        batch.push(r);
+        if staged.hwpt.is_some() {
+            let mut r = cycles("raw-copy", p, batch_pairs, |kick| {
+                for op in kick {
+                    match *op {
+                        Op::Map { iova, gpa } => {
+                            sys::ioas_copy(fd, ioas, iova, staged.ioas, gpa, KIB4, RW)
+                                .map_err(errno)?
+                        }
+                        Op::Unmap { iova } => unmap(iova, KIB4)?,
+                    }
+                }
+                Ok(())
+            })?;
+            r.note = "IOAS_COPY + IOAS_UNMAP".into();
+            batch.push(r);
+        }
     }
     drop(unpinned);
     drop(staged);
@@ -409,6 +1049,38 @@ fn raw_rows(b: &Arc<IommufdBackend>, sizes: &[(u64, usize)], rows: &mut Vec<Row>
                 .map_err(|e| e.to_string())?;
         }
     }
+    // The batched patterns through the backend with the daemon's default strategy (Copy).
+    b.set_map_strategy(Some(MapStrategy::Copy));
+    for p in PATTERNS {
+        let mut dom = b.create_domain().map_err(|e| e.to_string())?;
+        b.attach(ep1, Attachment::Domain(dom.id()))
+            .map_err(|e| e.to_string())?;
+        let before = (b.map_counts(), b.copy_count());
+        let mut r = cycles("backend-copy", p, batch_pairs, |kick| {
+            for op in kick {
+                match *op {
+                    Op::Map { iova, gpa } => dom.map(&MapOp {
+                        iova: IovaRange::new(iova, iova + KIB4 - 1).expect("valid"),
+                        gpa,
+                        host: HostLocation {
+                            host_addr: host + gpa,
+                            file: Some(((st.dev(), st.ino()), gpa)),
+                        },
+                        perms: Perms::RW,
+                    }),
+                    Op::Unmap { iova } => {
+                        dom.unmap(IovaRange::new(iova, iova + KIB4 - 1).expect("valid"))
+                    }
+                }
+                .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })?;
+        r.note = used(before, (b.map_counts(), b.copy_count()));
+        batch.push(r);
+        b.attach(ep1, Attachment::Blocked)
+            .map_err(|e| e.to_string())?;
+    }
     b.set_map_strategy(None);
     Ok(())
 }
@@ -427,15 +1099,31 @@ fn used(before: ((u64, u64), u64), after: ((u64, u64), u64)) -> String {
 /// by the backend, no ioctl: the socket and kick round trip alone).
 type DaemonRow = Option<MapStrategy>;
 
+/// One daemon of the daemon rows: its polling window, what it maps in the strict pattern and
+/// in the batched ones, and the suffix of its row names.
+#[derive(Clone, Copy)]
+struct DaemonSpec<'a> {
+    poll: Duration,
+    strict: &'a [DaemonRow],
+    batched: &'a [DaemonRow],
+    suffix: &'a str,
+}
+
 /// (d): the daemon over its socket, strict pattern, per strategy, with this polling window.
 fn daemon_rows(
     b: &Arc<IommufdBackend>,
     sizes: &[(u64, usize)],
-    poll: Duration,
-    which: &[DaemonRow],
-    suffix: &str,
+    batch_pairs: usize,
+    spec: &DaemonSpec,
     rows: &mut Vec<Row>,
+    batch: &mut Vec<BatchRow>,
 ) -> Result<()> {
+    let DaemonSpec {
+        poll,
+        strict: which,
+        batched: batch_which,
+        suffix,
+    } = *spec;
     let dir = std::env::temp_dir().join(format!(
         "bench-iommufd-{}-{}",
         std::process::id(),
@@ -560,6 +1248,52 @@ fn daemon_rows(
                 rows.push(r);
             }
         }
+        // The batched patterns: each kick of the pattern is one `TestVm::batch` (all its
+        // requests in the avail ring, one kick, wait for all of them).
+        for p in PATTERNS {
+            for &s in batch_which {
+                b.set_map_strategy(s);
+                let flags = if s.is_some() { 3 } else { 0 };
+                let label = s.map_or("noop", short);
+                let before = (b.map_counts(), b.copy_count());
+                let mut r = cycles(&format!("daemon-{label}{suffix}"), p, batch_pairs, |kick| {
+                    let reqs: Vec<Request> = kick
+                        .iter()
+                        .map(|op| match *op {
+                            Op::Map { iova, gpa } => Request::Map {
+                                domain: DomainId(1),
+                                virt_start: iova,
+                                virt_end: iova + KIB4 - 1,
+                                phys_start: gpa,
+                                flags,
+                            },
+                            Op::Unmap { iova } => Request::Unmap {
+                                domain: DomainId(1),
+                                virt_start: iova,
+                                virt_end: iova + KIB4 - 1,
+                                reserved: [0; 4],
+                            },
+                        })
+                        .collect();
+                    let sts = vm.batch(&reqs).map_err(|e| e.to_string())?;
+                    match sts.iter().position(|&st| st != Status::Ok) {
+                        None if sts.len() == reqs.len() => Ok(()),
+                        None => Err(format!(
+                            "{} statuses for {} requests",
+                            sts.len(),
+                            reqs.len()
+                        )),
+                        Some(i) => Err(format!(
+                            "request {i} of {} in the kick: {:?}",
+                            reqs.len(),
+                            sts[i]
+                        )),
+                    }
+                })?;
+                r.note = used(before, (b.map_counts(), b.copy_count()));
+                batch.push(r);
+            }
+        }
         b.set_map_strategy(None);
         vm.disconnect();
         Ok(())
@@ -597,6 +1331,7 @@ fn main() -> ExitCode {
         (KIB4, env_n("BENCH_PAIRS_4K", 256)),
         (MIB2, env_n("BENCH_PAIRS_2M", 32)),
     ];
+    let batch_pairs = env_n("BENCH_PAIRS_BATCH", sizes[0].1);
     let run = (|| {
         let edus = edu_cdevs()?;
         if edus.len() < 2 {
@@ -623,7 +1358,8 @@ fn main() -> ExitCode {
             b.staging_hwpt()
         );
         let mut rows = Vec::new();
-        raw_rows(&b, &sizes, &mut rows)?;
+        let mut batch = Vec::new();
+        raw_rows(&b, &sizes, batch_pairs, &mut rows, &mut batch)?;
         let auto = b.auto_map_strategy();
         let copy = b.copy_works();
         let all = [
@@ -632,20 +1368,30 @@ fn main() -> ExitCode {
             Some(MapStrategy::Copy),
             None,
         ];
-        daemon_rows(&b, &sizes, DEFAULT_POLL, &all, "", &mut rows)?;
-        daemon_rows(
-            &b,
-            &sizes,
-            Duration::ZERO,
-            &[Some(MapStrategy::Copy), None],
-            "-poll0",
-            &mut rows,
-        )?;
-        Ok((rows, auto, copy))
+        let copy_noop = [Some(MapStrategy::Copy), None];
+        for spec in [
+            DaemonSpec {
+                poll: DEFAULT_POLL,
+                strict: &all,
+                batched: &copy_noop,
+                suffix: "",
+            },
+            DaemonSpec {
+                poll: Duration::ZERO,
+                strict: &copy_noop,
+                batched: &copy_noop,
+                suffix: "-poll0",
+            },
+        ] {
+            daemon_rows(&b, &sizes, batch_pairs, &spec, &mut rows, &mut batch)?;
+        }
+        Ok((rows, batch, auto, copy))
     })();
     match run {
-        Ok((rows, auto, copy)) => {
+        Ok((rows, batch, auto, copy)) => {
             print_table(&rows);
+            print_batch(&batch, &rows);
+            print_huge(&rows);
             println!(
                 "PASS: bench-iommufd sub-range IOMMU_IOAS_COPY from the staging IOAS ({})",
                 match copy {
@@ -655,8 +1401,9 @@ fn main() -> ExitCode {
                 }
             );
             println!(
-                "PASS: bench-iommufd ran ({} rows, automatic map strategy {}, {:.1} s)",
+                "PASS: bench-iommufd ran ({} rows, {} batched rows, automatic map strategy {}, {:.1} s)",
                 rows.len(),
+                batch.len(),
                 auto.name(),
                 t0.elapsed().as_secs_f64()
             );
