@@ -1,45 +1,27 @@
 //! Shared by the VM tier's guest programs (included with `#[path]`, so no extra crate or lock
-//! file): PASS/FAIL reporting, edu discovery and BAR/DMA access through a VFIO device fd, and
-//! the rules the in-process daemon uses. edu's registers and the BAR mapping are in mmio.rs.
+//! file): PASS/FAIL reporting (report.rs), edu discovery and BAR/DMA access through a VFIO device
+//! fd, the iommufd backend over two edus, and the rules the in-process daemon uses. edu's
+//! registers and the BAR mapping are in mmio.rs; the in-process daemon itself is in daemon.rs.
 
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use vhost_user_iommu::backend::HostConstraints;
 use vhost_user_iommu::backend::iommufd::{IommufdBackend, sys};
 use vhost_user_iommu::domains::{Limits, Rules};
 use vhost_user_iommu::ids::EndpointId;
 
-// Shared with tests/e2e/l2-dma (libc only); not every program uses every item.
+// Shared with tests/e2e/l2-dma and vfio-user-edu (libc only); not every program uses every item.
 #[allow(dead_code)]
 #[path = "mmio.rs"]
 mod mmio;
 pub use mmio::*;
 
-pub struct Report {
-    pub passed: usize,
-    pub failed: usize,
-}
-
-impl Report {
-    pub fn check(&mut self, name: &str, r: Result<String>) -> bool {
-        match r {
-            Ok(note) if note.is_empty() => println!("PASS: {name}"),
-            Ok(note) => println!("PASS: {name} ({note})"),
-            Err(why) => {
-                self.failed += 1;
-                println!("FAIL: {name}: {why}");
-                return false;
-            }
-        }
-        self.passed += 1;
-        true
-    }
-}
+#[path = "report.rs"]
+mod report;
+pub use report::*;
 
 /// An edu device driven through the VFIO cdev the backend holds.
 pub struct Edu {
@@ -76,44 +58,43 @@ impl Edu {
 
     /// A one-page DMA (edu fires it from a 100 ms timer of QEMU's virtual clock).
     pub fn dma(&self, src: u64, dst: u64, to_ram: bool) -> Result<()> {
-        self.bar0.write_u64(EDU_DMA_SRC, src);
-        self.bar0.write_u64(EDU_DMA_DST, dst);
-        self.bar0.write_u64(EDU_DMA_COUNT, PAGE);
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let cmd = EDU_CMD_START | if to_ram { EDU_CMD_TO_RAM } else { 0 };
-        self.bar0.write_u64(EDU_DMA_CMD, cmd);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.bar0.read_u64(EDU_DMA_CMD) & EDU_CMD_START != 0 {
-            if Instant::now() > deadline {
-                return Err(format!("{}: DMA {src:#x} -> {dst:#x} not done", self.name));
-            }
-            thread::sleep(Duration::from_micros(200));
-        }
-        std::sync::atomic::fence(Ordering::SeqCst);
-        Ok(())
+        self.start(src, dst, to_ram);
+        self.wait(src, dst)
+    }
+
+    /// Starts a one-page DMA without waiting for it.
+    pub fn start(&self, src: u64, dst: u64, to_ram: bool) {
+        self.bar0.edu_dma_start(src, dst, to_ram, false);
+    }
+
+    /// Waits for the DMA `start` began.
+    pub fn wait(&self, src: u64, dst: u64) -> Result<()> {
+        self.bar0
+            .edu_dma_wait(src, dst)
+            .map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    /// Device reads a page at `iova` into its buffer.
+    pub fn load(&self, iova: u64) -> Result<()> {
+        self.dma(iova, EDU_BUFFER, false)
+    }
+
+    /// Device writes its buffer to the page at `iova`.
+    pub fn store(&self, iova: u64) -> Result<()> {
+        self.dma(EDU_BUFFER, iova, true)
     }
 }
 
-pub fn edu_cdevs() -> Result<Vec<(String, PathBuf)>> {
-    let dir = "/sys/bus/pci/devices";
+/// An edu's BDF and VFIO cdev.
+pub type EduCdev = (String, PathBuf);
+
+/// Every edu (sorted by BDF) with its VFIO cdev.
+pub fn edu_cdevs() -> Result<Vec<EduCdev>> {
     let mut out = Vec::new();
-    for e in fs::read_dir(dir).map_err(|e| format!("{dir}: {e}"))? {
-        let p = e.map_err(|e| e.to_string())?.path();
-        let id = |f: &str| {
-            fs::read_to_string(p.join(f))
-                .unwrap_or_default()
-                .trim()
-                .to_owned()
-        };
-        if id("vendor") != EDU_VENDOR || id("device") != EDU_DEVICE {
-            continue;
-        }
-        let bdf = p
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let vdir = p.join("vfio-dev");
+    for bdf in edu_bdfs()? {
+        let vdir = Path::new("/sys/bus/pci/devices")
+            .join(&bdf)
+            .join("vfio-dev");
         let cdev = fs::read_dir(&vdir)
             .map_err(|e| format!("{}: {e} (not bound to vfio-pci?)", vdir.display()))?
             .filter_map(|e| e.ok())
@@ -122,8 +103,26 @@ pub fn edu_cdevs() -> Result<Vec<(String, PathBuf)>> {
             .ok_or_else(|| format!("{} lists no vfioN", vdir.display()))?;
         out.push((bdf, Path::new("/dev/vfio/devices").join(cdev)));
     }
-    out.sort();
     Ok(out)
+}
+
+/// The iommufd backend over the first two edus' cdevs as endpoints 1 and 2, and every edu
+/// found (BDF, cdev); fails unless there are two.
+pub fn backend_over_two_edus() -> Result<(Arc<IommufdBackend>, Vec<EduCdev>)> {
+    let edus = edu_cdevs()?;
+    if edus.len() < 2 {
+        return Err(format!(
+            "need two edu devices bound to vfio-pci, found {edus:?}"
+        ));
+    }
+    let eps: Vec<(EndpointId, PathBuf)> = edus
+        .iter()
+        .take(2)
+        .enumerate()
+        .map(|(i, (_, p))| (EndpointId(i as u32 + 1), p.clone()))
+        .collect();
+    let backend = Arc::new(IommufdBackend::open(&eps, false).map_err(|e| format!("open: {e}"))?);
+    Ok((backend, edus))
 }
 
 pub fn rules_from(c: &HostConstraints) -> Rules {

@@ -1,10 +1,14 @@
-//! edu's registers and a mapped BAR with volatile access: the part of the guest programs' kit
-//! that needs nothing but libc (so the end-to-end tier's L2 program, tests/e2e/l2-dma, shares
-//! it; edu.rs re-exports it for the VM tier's programs).
+//! edu's registers, its discovery in sysfs, and a mapped BAR with volatile access and edu's DMA
+//! engine: the part of the guest programs' kit that needs nothing but libc (so the end-to-end
+//! tier's L2 program, tests/e2e/l2-dma, and vfio-user-edu, which maps BAR0 from a vfio-user
+//! region fd, share it; edu.rs re-exports it for the VM tier's other programs).
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::fs;
+use std::os::fd::{AsFd, AsRawFd};
 use std::ptr::{self, NonNull};
+use std::sync::atomic::{self, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
 
 pub type Result<T> = std::result::Result<T, String>;
 
@@ -26,6 +30,34 @@ pub const PAGE: u64 = 4096;
 pub const EDU_IRQ_STATUS: usize = 0x24;
 pub const EDU_IRQ_ACK: usize = 0x64;
 pub const EDU_CMD_IRQ: u64 = 4;
+/// How long one edu DMA may take (edu fires it from a 100 ms timer of QEMU's virtual clock).
+pub const EDU_DMA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The BDFs of every edu in /sys/bus/pci/devices, sorted.
+pub fn edu_bdfs() -> Result<Vec<String>> {
+    let dir = "/sys/bus/pci/devices";
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).map_err(|e| format!("{dir}: {e}"))? {
+        let p = e.map_err(|e| e.to_string())?.path();
+        let id = |f: &str| {
+            fs::read_to_string(p.join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        };
+        if id("vendor") != EDU_VENDOR || id("device") != EDU_DEVICE {
+            continue;
+        }
+        let bdf = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        out.push(bdf);
+    }
+    out.sort();
+    Ok(out)
+}
 
 /// A mapped BAR, accessed with volatile reads and writes only.
 pub struct Bar {
@@ -34,7 +66,9 @@ pub struct Bar {
 }
 
 impl Bar {
-    pub fn map(file: &File, offset: u64, len: usize) -> Result<Bar> {
+    /// Maps `len` bytes at `offset` of `file` (a VFIO device fd, or a region fd a vfio-user
+    /// server passed).
+    pub fn map(file: &impl AsFd, offset: u64, len: usize) -> Result<Bar> {
         let off = libc::off_t::try_from(offset).map_err(|_| "BAR offset overflows".to_string())?;
         // SAFETY: a fresh shared mapping at a kernel-chosen address aliases no Rust object.
         let p = unsafe {
@@ -43,7 +77,7 @@ impl Bar {
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                file.as_raw_fd(),
+                file.as_fd().as_raw_fd(),
                 off,
             )
         };
@@ -80,6 +114,46 @@ impl Bar {
     pub fn write_u64(&self, off: usize, v: u64) {
         // SAFETY: aligned, in bounds, device memory mapped for writing.
         unsafe { ptr::write_volatile(self.at::<u64>(off), v) }
+    }
+
+    /// Starts a one-page edu DMA `src` -> `dst` (`to_ram`: device buffer to RAM; `irq`: edu
+    /// raises its completion interrupt). edu fires it from a 100 ms timer of QEMU's clock.
+    pub fn edu_dma_start(&self, src: u64, dst: u64, to_ram: bool, irq: bool) {
+        self.write_u64(EDU_DMA_SRC, src);
+        self.write_u64(EDU_DMA_DST, dst);
+        self.write_u64(EDU_DMA_COUNT, PAGE);
+        atomic::fence(Ordering::SeqCst);
+        let cmd = EDU_CMD_START
+            | if to_ram { EDU_CMD_TO_RAM } else { 0 }
+            | if irq { EDU_CMD_IRQ } else { 0 };
+        self.write_u64(EDU_DMA_CMD, cmd);
+    }
+
+    /// Waits up to [`EDU_DMA_TIMEOUT`] for the DMA `edu_dma_start(src, dst, ..)` began.
+    pub fn edu_dma_wait(&self, src: u64, dst: u64) -> Result<()> {
+        let deadline = Instant::now() + EDU_DMA_TIMEOUT;
+        while self.read_u64(EDU_DMA_CMD) & EDU_CMD_START != 0 {
+            if Instant::now() > deadline {
+                return Err(format!("DMA {src:#x} -> {dst:#x} not done"));
+            }
+            thread::sleep(Duration::from_micros(200));
+        }
+        atomic::fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// One page of edu DMA, waited for.
+    pub fn edu_dma(&self, src: u64, dst: u64, to_ram: bool, irq: bool) -> Result<()> {
+        self.edu_dma_start(src, dst, to_ram, irq);
+        self.edu_dma_wait(src, dst)
+    }
+
+    /// Acknowledges whatever edu's interrupt status shows.
+    pub fn edu_ack_irqs(&self) {
+        let irq = self.read_u32(EDU_IRQ_STATUS);
+        if irq != 0 {
+            self.write_u32(EDU_IRQ_ACK, irq);
+        }
     }
 }
 

@@ -20,8 +20,10 @@
 //! Guest-side checks print `PASS: <name>` or `FAIL: <name>: <why>`; exit status 1 if any failed.
 //! It touches only the edu devices the initramfs bound to vfio-pci (VM_TIER_EDU_BDFS).
 
-// Shared with tests/e2e/l2-dma, which issues requests this program does not.
+// The iommufd/VFIO uAPI structs (tests/vm/guest-kit/uapi.rs), shared with tests/vm/guest-smoke
+// and tests/e2e/l2-dma, which issue requests this program does not.
 #[allow(dead_code)]
+#[path = "../../../vm/guest-kit/uapi.rs"]
 mod uapi;
 
 use std::fs::{self, File, OpenOptions};

@@ -13,45 +13,29 @@
 use std::fs::{self, File};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::ptr::{self, NonNull};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::Listener;
 use vhost_user_iommu::backend::iommufd::{IommufdBackend, MapPath, MapStrategy, sys};
 use vhost_user_iommu::backend::{Attachment, DmaBackend, HostConstraints};
-use vhost_user_iommu::domains::{Limits, Rules};
-use vhost_user_iommu::driver::{GuestRam, TestVm, VmOptions};
+use vhost_user_iommu::driver::{GuestRam, TestVm};
 use vhost_user_iommu::ids::{DomainId, EndpointId};
-use vhost_user_iommu::metrics::Metrics;
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{
-    ATTACH_F_BYPASS, MAP_F_READ, MAP_F_WRITE, Request, ResvKind, Status, decode_probe_properties,
+    ATTACH_F_BYPASS, MAP_F_READ, Request, ResvKind, Status, decode_probe_properties,
 };
-use vhost_user_iommu::server::{Stopper, serve};
-use vhost_user_iommu::vhost::{DEFAULT_POLL, DeviceSettings, IommuDevice};
 
-type Result<T> = std::result::Result<T, String>;
+// The VM tier's guest kit; not every program uses every item.
+#[allow(dead_code)]
+#[path = "../../guest-kit/daemon.rs"]
+mod daemon;
+#[allow(dead_code)]
+#[path = "../../guest-kit/edu.rs"]
+mod edu;
+use daemon::*;
+use edu::*;
 
-const EDU_VENDOR: &str = "0x1234";
-const EDU_DEVICE: &str = "0x11e8";
-const EDU_ID: usize = 0x00;
-const EDU_DMA_SRC: usize = 0x80;
-const EDU_DMA_DST: usize = 0x88;
-const EDU_DMA_COUNT: usize = 0x90;
-const EDU_DMA_CMD: usize = 0x98;
-const EDU_CMD_START: u64 = 1;
-const EDU_CMD_TO_RAM: u64 = 2;
-const EDU_BUFFER: u64 = 0x40000;
-const PCI_COMMAND: u64 = 0x04;
-const PCI_COMMAND_MEMORY: u16 = 1 << 1;
-const PCI_COMMAND_MASTER: u16 = 1 << 2;
-
-const PAGE: u64 = 4096;
 /// DMA buffers in the TestVm's guest RAM (64 MiB at GPA 0).
 const GPA_A: u64 = 0x10_0000;
 const GPA_B: u64 = 0x20_0000;
@@ -64,174 +48,6 @@ const IOVA_Z: u64 = 0x0820_0000;
 const IOVA_W: u64 = 0x0830_0000;
 /// A 16 MiB mapping (timing of the pinning).
 const IOVA_BIG: u64 = 0x0900_0000;
-const SENTINEL: u8 = 0xee;
-
-fn pattern(seed: u8) -> impl Fn(usize) -> u8 + Copy {
-    move |i| {
-        (i as u8)
-            .wrapping_mul(31)
-            .wrapping_add((i >> 8) as u8)
-            .wrapping_add(seed.wrapping_mul(77))
-            ^ 0x5a
-    }
-}
-
-fn bytes(f: impl Fn(usize) -> u8) -> Vec<u8> {
-    (0..PAGE as usize).map(f).collect()
-}
-
-struct Report {
-    passed: usize,
-    failed: usize,
-}
-
-impl Report {
-    fn check(&mut self, name: &str, r: Result<String>) -> bool {
-        match r {
-            Ok(note) if note.is_empty() => println!("PASS: {name}"),
-            Ok(note) => println!("PASS: {name} ({note})"),
-            Err(why) => {
-                self.failed += 1;
-                println!("FAIL: {name}: {why}");
-                return false;
-            }
-        }
-        self.passed += 1;
-        true
-    }
-}
-
-/// A mapped BAR, accessed with volatile reads and writes only.
-struct Bar {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is device memory owned by this value; every access is a volatile copy.
-unsafe impl Send for Bar {}
-
-impl Bar {
-    fn map(file: &File, offset: u64, len: usize) -> Result<Bar> {
-        let off = libc::off_t::try_from(offset).map_err(|_| "BAR offset overflows".to_string())?;
-        // SAFETY: a fresh shared mapping at a kernel-chosen address aliases no Rust object.
-        let p = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(format!("mmap BAR0: {}", std::io::Error::last_os_error()));
-        }
-        Ok(Bar {
-            ptr: NonNull::new(p.cast()).ok_or("mmap returned NULL")?,
-            len,
-        })
-    }
-
-    fn at<T>(&self, off: usize) -> *mut T {
-        assert!(off.is_multiple_of(size_of::<T>()) && off + size_of::<T>() <= self.len);
-        // SAFETY: in bounds (asserted) of a mapping that lives as long as `self`.
-        unsafe { self.ptr.as_ptr().add(off).cast() }
-    }
-
-    fn read_u32(&self, off: usize) -> u32 {
-        // SAFETY: aligned, in bounds, device memory mapped for reading.
-        unsafe { ptr::read_volatile(self.at::<u32>(off)) }
-    }
-
-    fn read_u64(&self, off: usize) -> u64 {
-        // SAFETY: aligned, in bounds, device memory mapped for reading.
-        unsafe { ptr::read_volatile(self.at::<u64>(off)) }
-    }
-
-    fn write_u64(&self, off: usize, v: u64) {
-        // SAFETY: aligned, in bounds, device memory mapped for writing.
-        unsafe { ptr::write_volatile(self.at::<u64>(off), v) }
-    }
-}
-
-impl Drop for Bar {
-    fn drop(&mut self) {
-        // SAFETY: exactly what mmap returned; no reference into it outlives `self`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
-/// An edu device driven through the VFIO cdev the backend holds.
-struct Edu {
-    name: String,
-    bar0: Bar,
-}
-
-impl Edu {
-    fn open(backend: &IommufdBackend, ep: EndpointId, name: String) -> Result<Edu> {
-        let file = &backend.device_file(ep).ok_or("no device file")?;
-        let bar = backend
-            .region_info(ep, sys::VFIO_PCI_BAR0_REGION_INDEX)
-            .map_err(|e| e.to_string())?;
-        if bar.flags & sys::VFIO_REGION_INFO_FLAG_MMAP == 0 || bar.size < 0x100 {
-            return Err(format!("BAR0 not mmappable or too small: {bar:?}"));
-        }
-        let bar0 = Bar::map(file, bar.offset, bar.size as usize)?;
-        let cfg = backend
-            .region_info(ep, sys::VFIO_PCI_CONFIG_REGION_INDEX)
-            .map_err(|e| e.to_string())?;
-        let mut cmd = [0u8; 2];
-        file.read_exact_at(&mut cmd, cfg.offset + PCI_COMMAND)
-            .map_err(|e| format!("read PCI_COMMAND: {e}"))?;
-        let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
-        file.write_all_at(&cmd.to_le_bytes(), cfg.offset + PCI_COMMAND)
-            .map_err(|e| format!("enable bus mastering: {e}"))?;
-        let id = bar0.read_u32(EDU_ID);
-        if id & 0xffff != 0x00ed {
-            return Err(format!("edu identification register reads {id:#010x}"));
-        }
-        Ok(Edu { name, bar0 })
-    }
-
-    fn dma(&self, src: u64, dst: u64, to_ram: bool) -> Result<()> {
-        self.start(src, dst, to_ram);
-        self.wait(src, dst)
-    }
-
-    /// Starts a one-page DMA (edu fires it from a 100 ms timer of QEMU's virtual clock).
-    fn start(&self, src: u64, dst: u64, to_ram: bool) {
-        self.bar0.write_u64(EDU_DMA_SRC, src);
-        self.bar0.write_u64(EDU_DMA_DST, dst);
-        self.bar0.write_u64(EDU_DMA_COUNT, PAGE);
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let cmd = EDU_CMD_START | if to_ram { EDU_CMD_TO_RAM } else { 0 };
-        self.bar0.write_u64(EDU_DMA_CMD, cmd);
-    }
-
-    /// Waits for the DMA `start` began.
-    fn wait(&self, src: u64, dst: u64) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.bar0.read_u64(EDU_DMA_CMD) & EDU_CMD_START != 0 {
-            if Instant::now() > deadline {
-                return Err(format!("{}: DMA {src:#x} -> {dst:#x} not done", self.name));
-            }
-            thread::sleep(Duration::from_micros(200));
-        }
-        std::sync::atomic::fence(Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// Device reads a page at `iova` into its buffer.
-    fn load(&self, iova: u64) -> Result<()> {
-        self.dma(iova, EDU_BUFFER, false)
-    }
-
-    /// Device writes its buffer to the page at `iova`.
-    fn store(&self, iova: u64) -> Result<()> {
-        self.dma(EDU_BUFFER, iova, true)
-    }
-}
 
 /// Guest RAM as the checks see it: a dup of one of the TestVm's memfds, so that it outlives the
 /// TestVm (the disconnect checks read it after the VMM is gone), plus our own shared mapping of
@@ -368,63 +184,6 @@ impl Drop for Ram {
     }
 }
 
-fn ok(s: Status, what: &str) -> Result<()> {
-    if s == Status::Ok {
-        Ok(())
-    } else {
-        Err(format!("{what}: status {}", s.name()))
-    }
-}
-
-fn attach(vm: &mut TestVm, d: u32, ep: u32, flags: u32) -> Result<()> {
-    let s = vm
-        .request(&Request::Attach {
-            domain: DomainId(d),
-            endpoint: EndpointId(ep),
-            flags,
-            reserved: [0; 4],
-        })
-        .map_err(|e| e.to_string())?;
-    ok(s, &format!("ATTACH endpoint {ep} to domain {d}"))
-}
-
-fn detach(vm: &mut TestVm, d: u32, ep: u32) -> Result<()> {
-    let s = vm
-        .request(&Request::Detach {
-            domain: DomainId(d),
-            endpoint: EndpointId(ep),
-        })
-        .map_err(|e| e.to_string())?;
-    ok(s, &format!("DETACH endpoint {ep} from domain {d}"))
-}
-
-fn map(vm: &mut TestVm, d: u32, iova: u64, gpa: u64, len: u64, flags: u32) -> Result<()> {
-    let s = vm
-        .request(&Request::Map {
-            domain: DomainId(d),
-            virt_start: iova,
-            virt_end: iova + len - 1,
-            phys_start: gpa,
-            flags,
-        })
-        .map_err(|e| e.to_string())?;
-    ok(s, &format!("MAP {iova:#x} -> {gpa:#x} in domain {d}"))
-}
-
-fn unmap(vm: &mut TestVm, d: u32, iova: u64, len: u64) -> Result<()> {
-    let s = vm
-        .request(&Request::Unmap {
-            domain: DomainId(d),
-            virt_start: iova,
-            virt_end: iova + len - 1,
-            reserved: [0; 4],
-        })
-        .map_err(|e| e.to_string())?;
-    ok(s, &format!("UNMAP {iova:#x} in domain {d}"))
-}
-
-const RW: u32 = MAP_F_READ | MAP_F_WRITE;
-
 fn expect_attachment(b: &IommufdBackend, ep: u32, want: Attachment) -> Result<()> {
     match b.attachment(EndpointId(ep)) {
         Some(a) if a == want => Ok(()),
@@ -432,42 +191,6 @@ fn expect_attachment(b: &IommufdBackend, ep: u32, want: Attachment) -> Result<()
             "backend has endpoint {ep} at {other:?}, expected {want:?}"
         )),
     }
-}
-
-fn edu_cdevs() -> Result<Vec<(String, PathBuf)>> {
-    let dir = "/sys/bus/pci/devices";
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).map_err(|e| format!("{dir}: {e}"))? {
-        let p = e.map_err(|e| e.to_string())?.path();
-        let id = |f: &str| {
-            fs::read_to_string(p.join(f))
-                .unwrap_or_default()
-                .trim()
-                .to_owned()
-        };
-        if id("vendor") != EDU_VENDOR || id("device") != EDU_DEVICE {
-            continue;
-        }
-        let bdf = p
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let vdir = p.join("vfio-dev");
-        let cdev = fs::read_dir(&vdir)
-            .map_err(|e| format!("{}: {e} (not bound to vfio-pci?)", vdir.display()))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .find(|n| n.starts_with("vfio"))
-            .ok_or_else(|| format!("{} lists no vfioN", vdir.display()))?;
-        out.push((bdf, Path::new("/dev/vfio/devices").join(cdev)));
-    }
-    out.sort();
-    Ok(out)
-}
-
-fn rules_from(c: &HostConstraints) -> Rules {
-    Rules::for_host(c, (1, 1023), Limits::default(), 512)
 }
 
 fn describe(c: &HostConstraints) -> String {
@@ -489,91 +212,6 @@ fn describe(c: &HostConstraints) -> String {
         c.input_range,
         resv.join(", ")
     )
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
-    let end = Instant::now() + timeout;
-    while !cond() {
-        if Instant::now() > end {
-            return Err(format!("timed out after {timeout:?} waiting for {what}"));
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
-/// The daemon of this test: serve loop in a thread, backend visible.
-struct Daemon {
-    backend: Arc<IommufdBackend>,
-    socket: PathBuf,
-    stopper: Arc<Stopper>,
-    connections: Arc<AtomicUsize>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Daemon {
-    fn start(backend: Arc<IommufdBackend>, mode: Mode) -> Result<Daemon> {
-        let dir = std::env::temp_dir().join(format!("daemon-dma-{}", std::process::id()));
-        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let socket = dir.join("viommu.sock");
-        let settings = DeviceSettings {
-            endpoints: vec![EndpointId(1), EndpointId(2)],
-            boot_bypass: false,
-            rules: rules_from(&backend.constraints()),
-            mode,
-            poll: DEFAULT_POLL,
-        };
-        let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
-        let stopper = Arc::new(Stopper::default());
-        let connections = Arc::new(AtomicUsize::new(0));
-        let (s, n, b) = (stopper.clone(), connections.clone(), backend.clone());
-        let thread = thread::Builder::new()
-            .name("daemon".into())
-            .spawn(move || {
-                let hook = Box::new(move |_: &IommuDevice| {
-                    n.fetch_add(1, Ordering::SeqCst);
-                });
-                let backend: Arc<dyn DmaBackend> = b;
-                if let Err(e) = serve(
-                    listener,
-                    settings,
-                    backend,
-                    Arc::new(Metrics::default()),
-                    s,
-                    None,
-                    Some(hook),
-                ) {
-                    eprintln!("daemon: {e}");
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        Ok(Daemon {
-            backend,
-            socket,
-            stopper,
-            connections,
-            thread: Some(thread),
-        })
-    }
-
-    fn connect(&self) -> Result<TestVm> {
-        let opts = VmOptions {
-            connect_timeout: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(30),
-            ..VmOptions::default()
-        };
-        TestVm::connect(&self.socket, opts).map_err(|e| format!("TestVm::connect: {e}"))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stopper.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = fs::remove_file(&self.socket);
-    }
 }
 
 struct Ctx {
@@ -678,7 +316,7 @@ fn first_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
         })(),
     );
 
-    let p1 = bytes(pattern(1));
+    let p1 = pattern(1);
     if !rep.check(
         "MAP READ|WRITE: device->IOVA DMA lands at the GPA, memory->device DMA reads the right bytes",
         timed(|| {
@@ -698,8 +336,8 @@ fn first_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
         return Ok(());
     }
 
-    let p2 = bytes(pattern(2));
-    let p3 = bytes(pattern(3));
+    let p2 = pattern(2);
+    let p3 = pattern(3);
     rep.check(
         "MAP READ only: device reads it, a device write is refused (buffer unchanged)",
         timed(|| {
@@ -755,7 +393,7 @@ fn first_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
         }),
     );
 
-    let p4 = bytes(pattern(4));
+    let p4 = pattern(4);
     rep.check(
         "ATTACH_F_BYPASS domain: IOVA = GPA",
         timed(|| {
@@ -790,7 +428,7 @@ fn first_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
         }),
     );
 
-    let p5 = bytes(pattern(5));
+    let p5 = pattern(5);
     rep.check(
         "re-ATTACH of endpoint 1 to another domain switches its translation",
         timed(|| {
@@ -822,7 +460,7 @@ fn first_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
         }),
     );
 
-    let p6 = bytes(pattern(6));
+    let p6 = pattern(6);
     rep.check(
         "both edus in one domain share its mappings",
         timed(|| {
@@ -865,16 +503,12 @@ fn first_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
     );
 
     // Both edus hold p6 in their buffers and sit in domain 21 with IOVA X -> GPA B.
-    let n = cx.d.connections.load(Ordering::SeqCst);
+    let n = cx.d.devices();
     rep.check(
         "VMM disconnect: both devices blocked, no IOAS left, DMA lands nowhere",
         timed(|| {
             vm.disconnect();
-            wait_for(
-                "the daemon to finish the connection",
-                Duration::from_secs(30),
-                || cx.d.connections.load(Ordering::SeqCst) > n,
-            )?;
+            cx.d.wait_closed(n, Duration::from_secs(30))?;
             expect_attachment(b, 1, Attachment::Blocked)?;
             expect_attachment(b, 2, Attachment::Blocked)?;
             if !b.domain_ids().is_empty() {
@@ -934,7 +568,7 @@ fn compare_map_paths(rep: &mut Report, cx: &Ctx) -> Result<()> {
                 attach(&mut vm, d, 1, 0)?;
                 map(&mut vm, d, IOVA_X, GPA_A, PAGE, RW)?;
                 map(&mut vm, d, IOVA_Y, GPA_B, PAGE, RW)?;
-                let p = bytes(pattern(seed));
+                let p = pattern(seed);
                 ram.write(GPA_A, &p)?;
                 ram.fill(GPA_B, SENTINEL)?;
                 e1.load(IOVA_X)?;
@@ -980,13 +614,9 @@ fn compare_map_paths(rep: &mut Report, cx: &Ctx) -> Result<()> {
         );
     }
     b.prefer_map_file(true);
-    let n = cx.d.connections.load(Ordering::SeqCst);
+    let n = cx.d.devices();
     vm.disconnect();
-    wait_for(
-        "the daemon to finish the connection",
-        Duration::from_secs(30),
-        || cx.d.connections.load(Ordering::SeqCst) > n,
-    )
+    cx.d.wait_closed(n, Duration::from_secs(30))
 }
 
 /// `IOMMU_TEST_CMD` of CONFIG_IOMMUFD_TEST: `struct iommu_test_cmd` transcribed from the built
@@ -1292,7 +922,7 @@ fn chaos_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
     let mut vm = cx.d.connect()?;
     let ram = Ram::of(&vm)?;
     let usable = vm.usable_ram_end();
-    let pattern_page = bytes(pattern(42));
+    let pattern_page = pattern(42);
     rep.check(
         "chaos connection: pinning before and after the memory table arrived",
         Ok(format!(
@@ -1584,7 +1214,7 @@ fn chaos_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
     );
 
     // --- issue 7 (a) + issue 9: disconnect in the middle of a batch of MAPs ---------------------
-    let n = cx.d.connections.load(Ordering::SeqCst);
+    let n = cx.d.devices();
     let old_ioas = b.domain_ids();
     rep.check(
         "chaos (a): VMM disconnect in the middle of 64 kicked + 32 unkicked MAPs: every device blocked, nothing pinned (backend and kernel), DMA to every stale IOVA blocked",
@@ -1604,9 +1234,7 @@ fn chaos_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
                 .collect();
             push_unkicked(&mut vm, &late)?;
             vm.disconnect();
-            wait_for("the daemon to finish the connection", Duration::from_secs(30), || {
-                cx.d.connections.load(Ordering::SeqCst) > n
-            })?;
+            cx.d.wait_closed(n, Duration::from_secs(30))?;
             // Object ids first (a scratch IOAS of the probes below could reuse a freed id).
             for &id in &old_ioas {
                 match sys::ioas_iova_ranges(fd, id) {
@@ -1655,7 +1283,7 @@ fn chaos_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
     rep.check(
         "next connection after the chaos: DMA lands again, its disconnect releases everything",
         timed(|| {
-            let n = cx.d.connections.load(Ordering::SeqCst);
+            let n = cx.d.devices();
             let mut vm = cx.d.connect()?;
             let ram = Ram::of(&vm)?;
             attach(&mut vm, 1, 1, 0)?;
@@ -1668,11 +1296,7 @@ fn chaos_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
             }
             let during = figures(b, None);
             vm.disconnect();
-            wait_for(
-                "the daemon to finish the connection",
-                Duration::from_secs(30),
-                || cx.d.connections.load(Ordering::SeqCst) > n,
-            )?;
+            cx.d.wait_closed(n, Duration::from_secs(30))?;
             let after = figures(b, Some(&ram));
             if b.pinned_bytes() != 0 || vm_pin_kib()? != pin0 {
                 return Err(format!("still pinned: {after}"));
@@ -1692,10 +1316,7 @@ fn main() -> ExitCode {
     )
     .write_style(env_logger::WriteStyle::Never)
     .init();
-    let mut rep = Report {
-        passed: 0,
-        failed: 0,
-    };
+    let mut rep = Report::default();
     // Pinned guest RAM is charged to RLIMIT_MEMLOCK (root has CAP_IPC_LOCK anyway).
     let inf = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
@@ -1711,20 +1332,7 @@ fn main() -> ExitCode {
 
     let t0 = Instant::now();
     let setup = (|| {
-        let edus = edu_cdevs()?;
-        if edus.len() < 2 {
-            return Err(format!(
-                "need two edu devices bound to vfio-pci, found {edus:?}"
-            ));
-        }
-        let eps: Vec<(EndpointId, PathBuf)> = edus
-            .iter()
-            .take(2)
-            .enumerate()
-            .map(|(i, (_, p))| (EndpointId(i as u32 + 1), p.clone()))
-            .collect();
-        let backend =
-            Arc::new(IommufdBackend::open(&eps, false).map_err(|e| format!("open: {e}"))?);
+        let (backend, edus) = backend_over_two_edus()?;
         let edu1 = Edu::open(&backend, EndpointId(1), format!("edu {}", edus[0].0))?;
         let edu2 = Edu::open(&backend, EndpointId(2), format!("edu {}", edus[1].0))?;
         let note = format!(
@@ -1740,7 +1348,7 @@ fn main() -> ExitCode {
                 "not available"
             }
         );
-        let d = Daemon::start(backend, Mode::Inline)?;
+        let d = Daemon::start("daemon-dma", backend, Mode::Inline, false)?;
         Ok((Ctx { d, edu1, edu2 }, note))
     })();
     let cx = match setup {
@@ -1772,15 +1380,5 @@ fn main() -> ExitCode {
         rep.check("chaos connection", Err(e));
     }
     drop(cx);
-    println!(
-        "daemon-dma: {} passed, {} failed in {:.1} s",
-        rep.passed,
-        rep.failed,
-        t0.elapsed().as_secs_f64()
-    );
-    if rep.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    rep.finish("daemon-dma", t0)
 }

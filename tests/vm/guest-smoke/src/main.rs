@@ -11,6 +11,10 @@
 //! It owns nothing but the edu devices; it must never touch other PCI devices.
 
 mod mem;
+// The iommufd/VFIO uAPI structs, shared with tests/guest/guest-traffic and tests/e2e/l2-dma,
+// which issue requests this program does not.
+#[allow(dead_code)]
+#[path = "../../guest-kit/uapi.rs"]
 mod uapi;
 
 use std::fs::{self, File, OpenOptions};

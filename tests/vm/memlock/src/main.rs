@@ -22,27 +22,23 @@
 //!
 //! Output: `PASS: name` / `FAIL: name: why` per check; exit status 1 if any failed.
 
-use std::fs::{self};
-use std::path::PathBuf;
+use std::fs;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::Listener;
-use vhost_user_iommu::backend::DmaBackend;
 use vhost_user_iommu::backend::iommufd::{IommufdBackend, MapStrategy};
-use vhost_user_iommu::driver::{TestVm, VmOptions};
-use vhost_user_iommu::ids::{DomainId, EndpointId};
-use vhost_user_iommu::metrics::Metrics;
+use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::pipeline::Mode;
-use vhost_user_iommu::protocol::{MAP_F_READ, MAP_F_WRITE, Request, Status};
-use vhost_user_iommu::server::{Stopper, serve};
-use vhost_user_iommu::vhost::{DEFAULT_POLL, DeviceSettings, IommuDevice};
+use vhost_user_iommu::protocol::Status;
 
+// The VM tier's guest kit; not every program uses every item.
+#[allow(dead_code)]
+#[path = "../../guest-kit/daemon.rs"]
+mod daemon;
+#[allow(dead_code)]
 #[path = "../../guest-kit/edu.rs"]
 mod edu;
+use daemon::*;
 use edu::*;
 
 const MIB: u64 = 1 << 20;
@@ -59,8 +55,6 @@ const HIGH: u64 = 256 * MIB;
 const BIG: u64 = 16 * MIB;
 const GPA_BIG: u64 = 16 * MIB;
 const IOVA_BIG: u64 = 0x0900_0000;
-const SENTINEL: u8 = 0xee;
-const RW: u32 = MAP_F_READ | MAP_F_WRITE;
 
 /// `CAP_IPC_LOCK` (include/uapi/linux/capability.h).
 const CAP_IPC_LOCK: u32 = 14;
@@ -153,63 +147,6 @@ fn mib(b: u64) -> String {
     }
 }
 
-/// Every log record of the daemon (level info and up), kept for the checks and echoed to stderr.
-struct Recorder {
-    lines: Mutex<Vec<String>>,
-}
-
-static RECORDER: Recorder = Recorder {
-    lines: Mutex::new(Vec::new()),
-};
-
-impl log::Log for Recorder {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::Level::Info
-    }
-
-    fn log(&self, r: &log::Record) {
-        if !self.enabled(r.metadata()) {
-            return;
-        }
-        let line = format!("{} {}: {}", r.level(), r.target(), r.args());
-        eprintln!("daemon: {line}");
-        self.lines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(line);
-    }
-
-    fn flush(&self) {}
-}
-
-fn log_mark() -> usize {
-    RECORDER
-        .lines
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .len()
-}
-
-/// The first log line after `mark` containing `needle` (waiting up to `timeout`).
-fn wait_log(mark: usize, needle: &str, timeout: Duration) -> Result<String> {
-    let end = Instant::now() + timeout;
-    loop {
-        {
-            let lines = RECORDER.lines.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(l) = lines.iter().skip(mark).find(|l| l.contains(needle)) {
-                return Ok(l.clone());
-            }
-            if Instant::now() > end {
-                return Err(format!(
-                    "no daemon log line containing {needle:?} within {timeout:?}; since then: {:?}",
-                    &lines[mark.min(lines.len())..]
-                ));
-            }
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// The daemon's error text must name the limit, its current value and what is needed.
 fn expect_hint(line: &str, limit: u64, needed: u64) -> Result<()> {
     for want in [
@@ -224,143 +161,11 @@ fn expect_hint(line: &str, limit: u64, needed: u64) -> Result<()> {
     Ok(())
 }
 
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
-    let end = Instant::now() + timeout;
-    while !cond() {
-        if Instant::now() > end {
-            return Err(format!("timed out after {timeout:?} waiting for {what}"));
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
-struct Daemon {
-    backend: Arc<IommufdBackend>,
-    socket: PathBuf,
-    stopper: Arc<Stopper>,
-    /// Devices created by the serve loop: one per connection, made before it is accepted, so a
-    /// connection is completely torn down once this has moved past it.
-    devices: Arc<AtomicUsize>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Daemon {
-    fn start(backend: Arc<IommufdBackend>) -> Result<Daemon> {
-        let dir = std::env::temp_dir().join(format!("memlock-{}", std::process::id()));
-        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let socket = dir.join("viommu.sock");
-        let settings = DeviceSettings {
-            endpoints: vec![EndpointId(1), EndpointId(2)],
-            boot_bypass: false,
-            rules: rules_from(&backend.constraints()),
-            mode: Mode::Inline,
-            poll: DEFAULT_POLL,
-        };
-        let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
-        let stopper = Arc::new(Stopper::default());
-        let devices = Arc::new(AtomicUsize::new(0));
-        let (s, n, b) = (stopper.clone(), devices.clone(), backend.clone());
-        let thread = thread::Builder::new()
-            .name("daemon".into())
-            .spawn(move || {
-                let hook = Box::new(move |_: &IommuDevice| {
-                    n.fetch_add(1, Ordering::SeqCst);
-                });
-                let backend: Arc<dyn DmaBackend> = b;
-                if let Err(e) = serve(
-                    listener,
-                    settings,
-                    backend,
-                    Arc::new(Metrics::default()),
-                    s,
-                    None,
-                    Some(hook),
-                ) {
-                    eprintln!("daemon: serve ended: {e}");
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        Ok(Daemon {
-            backend,
-            socket,
-            stopper,
-            devices,
-            thread: Some(thread),
-        })
-    }
-
-    fn connect(&self) -> Result<TestVm> {
-        let opts = VmOptions {
-            ram_size: RAM,
-            connect_timeout: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(30),
-            ..VmOptions::default()
-        };
-        TestVm::connect(&self.socket, opts).map_err(|e| format!("TestVm::connect: {e}"))
-    }
-
-    fn alive(&self) -> Result<()> {
-        match &self.thread {
-            Some(t) if !t.is_finished() => Ok(()),
-            _ => Err("the daemon's serve loop has ended".into()),
-        }
-    }
-
-    fn devices(&self) -> usize {
-        self.devices.load(Ordering::SeqCst)
-    }
-
-    /// Waits until the connection that was current when `before` was read is torn down.
-    fn wait_torn_down(&self, before: usize) -> Result<()> {
-        wait_for(
-            "the daemon to finish the connection",
-            Duration::from_secs(10),
-            || self.devices() > before,
-        )?;
-        self.alive()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stopper.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = fs::remove_file(&self.socket);
-    }
-}
-
-fn ok(s: Status, what: &str) -> Result<()> {
-    if s == Status::Ok {
-        Ok(())
-    } else {
-        Err(format!("{what}: status {}", s.name()))
-    }
-}
-
-fn attach(vm: &mut TestVm, d: u32, ep: u32) -> Result<()> {
-    let s = vm
-        .request(&Request::Attach {
-            domain: DomainId(d),
-            endpoint: EndpointId(ep),
-            flags: 0,
-            reserved: [0; 4],
-        })
-        .map_err(|e| e.to_string())?;
-    ok(s, &format!("ATTACH endpoint {ep} to domain {d}"))
-}
-
-fn map_status(vm: &mut TestVm, d: u32, iova: u64, gpa: u64, len: u64) -> Result<Status> {
-    vm.request(&Request::Map {
-        domain: DomainId(d),
-        virt_start: iova,
-        virt_end: iova + len - 1,
-        phys_start: gpa,
-        flags: RW,
-    })
-    .map_err(|e| e.to_string())
+/// Waits until the connection that was current when `before` was read from `d.devices()` is
+/// torn down; the daemon must still be serving.
+fn wait_torn_down(d: &Daemon, before: usize) -> Result<()> {
+    d.wait_closed(before, Duration::from_secs(10))?;
+    d.alive()
 }
 
 /// What the backend and the kernel say is pinned must both be `want` bytes.
@@ -375,44 +180,6 @@ fn expect_pinned(b: &IommufdBackend, want: u64, when: &str) -> Result<String> {
         ));
     }
     Ok(format!("pinned_bytes = VmPin = {}", mib(want)))
-}
-
-fn pattern(seed: u8) -> Vec<u8> {
-    (0..PAGE as usize)
-        .map(|i| {
-            (i as u8)
-                .wrapping_mul(31)
-                .wrapping_add((i >> 8) as u8)
-                .wrapping_add(seed.wrapping_mul(77))
-                ^ 0x5a
-        })
-        .collect()
-}
-
-/// IOVA -> edu -> IOVA inside the big mapping: the page read at one GPA must land at another.
-fn round_trip(vm: &TestVm, edu: &Edu, seed: u8) -> Result<()> {
-    let (src, dst) = (PAGE, 2 * PAGE);
-    let p = pattern(seed);
-    let ram = vm.ram();
-    ram.write(GPA_BIG + src, &p).map_err(|e| e.to_string())?;
-    ram.write(GPA_BIG + dst, &[SENTINEL; PAGE as usize])
-        .map_err(|e| e.to_string())?;
-    edu.dma(IOVA_BIG + src, EDU_BUFFER, false)?;
-    edu.dma(EDU_BUFFER, IOVA_BIG + dst, true)?;
-    let mut got = vec![0u8; PAGE as usize];
-    ram.read(GPA_BIG + dst, &mut got)
-        .map_err(|e| e.to_string())?;
-    let wrong = got.iter().zip(&p).filter(|(a, b)| a != b).count();
-    if wrong != 0 {
-        return Err(format!(
-            "{}: {wrong} of {PAGE} bytes at GPA {:#x} differ after IOVA {:#x} -> edu -> IOVA {:#x}",
-            edu.name,
-            GPA_BIG + dst,
-            IOVA_BIG + src,
-            IOVA_BIG + dst
-        ));
-    }
-    Ok(())
 }
 
 /// One map strategy through refusal, recovery, S_NOMEM (or a free COPY), recovery and DMA.
@@ -449,7 +216,7 @@ fn strategy_round(rep: &mut Report, d: &Daemon, edu: &Edu, s: MapStrategy, seed:
             }
             let line = wait_log(mark, "RLIMIT_MEMLOCK", Duration::from_secs(10))?;
             expect_hint(&line, LOW, RAM)?;
-            d.wait_torn_down(before)?;
+            wait_torn_down(d, before)?;
             Ok(format!("VMM: {vmm}; daemon: {line}"))
         })(),
     );
@@ -459,7 +226,7 @@ fn strategy_round(rep: &mut Report, d: &Daemon, edu: &Edu, s: MapStrategy, seed:
         ),
         (|| {
             if refused {
-                d.wait_torn_down(before)?;
+                wait_torn_down(d, before)?;
             }
             if !b.domain_ids().is_empty() {
                 return Err(format!("paging IOASes left: {:?}", b.domain_ids()));
@@ -490,7 +257,7 @@ fn strategy_round(rep: &mut Report, d: &Daemon, edu: &Edu, s: MapStrategy, seed:
         ),
         (|| {
             d.alive()?;
-            attach(&mut vm, 1, 1)?;
+            attach(&mut vm, 1, 1, 0)?;
             expect_pinned(b, RAM, "connected")
         })(),
     );
@@ -508,7 +275,7 @@ fn strategy_round(rep: &mut Report, d: &Daemon, edu: &Edu, s: MapStrategy, seed:
                 ),
                 (|| {
                     ok(
-                        map_status(&mut vm, 1, IOVA_BIG, GPA_BIG, BIG)?,
+                        map_status(&mut vm, 1, IOVA_BIG, GPA_BIG, BIG, RW)?,
                         "MAP 16 MiB",
                     )?;
                     if b.copy_count() != copies + 1 {
@@ -529,7 +296,7 @@ fn strategy_round(rep: &mut Report, d: &Daemon, edu: &Edu, s: MapStrategy, seed:
                     mib(MID)
                 ),
                 (|| {
-                    let st = map_status(&mut vm, 1, IOVA_BIG, GPA_BIG, BIG)?;
+                    let st = map_status(&mut vm, 1, IOVA_BIG, GPA_BIG, BIG, RW)?;
                     if st != Status::NoMem {
                         return Err(format!("MAP 16 MiB: status {}, expected NOMEM", st.name()));
                     }
@@ -560,13 +327,13 @@ fn strategy_round(rep: &mut Report, d: &Daemon, edu: &Edu, s: MapStrategy, seed:
                 } else {
                     // The refused MAP left nothing mapped: the same range maps now.
                     ok(
-                        map_status(&mut vm, 1, IOVA_BIG, GPA_BIG, BIG)?,
+                        map_status(&mut vm, 1, IOVA_BIG, GPA_BIG, BIG, RW)?,
                         "MAP 16 MiB again",
                     )?;
                     RAM + BIG
                 };
                 let pin = expect_pinned(b, want, "after the MAP")?;
-                round_trip(&vm, edu, seed)?;
+                round_trip(&vm, edu, IOVA_BIG, GPA_BIG, &pattern(seed))?;
                 Ok(format!("{pin}; {} round trip through IOVA {IOVA_BIG:#x}", edu.name))
             })(),
         );
@@ -577,7 +344,7 @@ fn strategy_round(rep: &mut Report, d: &Daemon, edu: &Edu, s: MapStrategy, seed:
     rep.check(
         &format!("{n}: the disconnect leaves nothing pinned"),
         (|| {
-            d.wait_torn_down(before)?;
+            wait_torn_down(d, before)?;
             if !b.domain_ids().is_empty() {
                 return Err(format!("paging IOASes left: {:?}", b.domain_ids()));
             }
@@ -588,10 +355,7 @@ fn strategy_round(rep: &mut Report, d: &Daemon, edu: &Edu, s: MapStrategy, seed:
 }
 
 fn main() -> ExitCode {
-    let mut rep = Report {
-        passed: 0,
-        failed: 0,
-    };
+    let mut rep = Report::default();
     // Before any thread exists: capabilities are per thread and inherited at clone.
     let caps = (|| {
         set_memlock(LOW)?;
@@ -619,25 +383,11 @@ fn main() -> ExitCode {
     ) {
         return ExitCode::FAILURE;
     }
-    log::set_logger(&RECORDER).expect("the only logger");
-    log::set_max_level(log::LevelFilter::Info);
+    record_log();
 
     let t0 = Instant::now();
     let setup = (|| {
-        let edus = edu_cdevs()?;
-        if edus.len() < 2 {
-            return Err(format!(
-                "need two edu devices bound to vfio-pci, found {edus:?}"
-            ));
-        }
-        let eps: Vec<(EndpointId, PathBuf)> = edus
-            .iter()
-            .take(2)
-            .enumerate()
-            .map(|(i, (_, p))| (EndpointId(i as u32 + 1), p.clone()))
-            .collect();
-        let backend =
-            Arc::new(IommufdBackend::open(&eps, false).map_err(|e| format!("open: {e}"))?);
+        let (backend, edus) = backend_over_two_edus()?;
         let edu = Edu::open(&backend, EndpointId(1), format!("edu {}", edus[0].0))?;
         let note = format!(
             "endpoint 1 = {}, endpoint 2 = {}; staging HWPT {:?}; MAP_FILE {}; automatic strategy {}",
@@ -652,7 +402,7 @@ fn main() -> ExitCode {
                 "{note}: no staging HWPT, so set_ram pins nothing and these checks do not apply"
             ));
         }
-        let d = Daemon::start(backend)?;
+        let d = Daemon::start("memlock", backend, Mode::Inline, false)?;
         Ok((d, edu, note))
     })();
     let (d, edu) = match setup {
@@ -696,15 +446,5 @@ fn main() -> ExitCode {
     }
     drop(edu);
     drop(d);
-    println!(
-        "memlock: {} passed, {} failed in {:.1} s",
-        rep.passed,
-        rep.failed,
-        t0.elapsed().as_secs_f64()
-    );
-    if rep.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    rep.finish("memlock", t0)
 }

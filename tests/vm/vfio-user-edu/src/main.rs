@@ -21,8 +21,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::ptr::{self, NonNull};
-use std::sync::atomic::{Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -35,6 +33,16 @@ use vmm_sys_util::eventfd::EventFd;
 use client::{
     CallError, Client, DMA_READ, DMA_WRITE, REG_MMAP, Result, SET_ACTION_TRIGGER, SET_DATA_EVENTFD,
 };
+
+// The VM tier's guest kit: edu's registers, discovery and BAR mapping (libc only) and the
+// PASS/FAIL report; not every program uses every item.
+#[allow(dead_code)]
+#[path = "../../guest-kit/mmio.rs"]
+mod mmio;
+#[path = "../../guest-kit/report.rs"]
+mod report;
+use mmio::*;
+use report::Report;
 
 /// The static daemon binary (build.rs; empty when built without VFIO_USER_EDU_DAEMON).
 static DAEMON: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/daemon.bin"));
@@ -51,30 +59,15 @@ const BAR0: u32 = 0;
 const CONFIG: u32 = 7;
 const MSI: u32 = 1;
 const IRQ_INFO_EVENTFD: u32 = 1;
-const PCI_COMMAND: u64 = 0x04;
-const PCI_COMMAND_MEMORY: u16 = 1 << 1;
-const PCI_COMMAND_MASTER: u16 = 1 << 2;
 const PCI_CAPABILITY_LIST: usize = 0x34;
 const PCI_CAP_ID_MSI: u8 = 0x05;
 
-// edu (QEMU hw/misc/edu.c).
-const EDU_ID: usize = 0x00;
+// edu (QEMU hw/misc/edu.c), beyond the registers in guest-kit/mmio.rs.
 const EDU_ID_VALUE: u32 = 0x0100_00ed;
 const EDU_LIVENESS: usize = 0x04;
-const EDU_IRQ_STATUS: usize = 0x24;
 const EDU_IRQ_RAISE: usize = 0x60;
-const EDU_IRQ_ACK: usize = 0x64;
-const EDU_DMA_SRC: usize = 0x80;
-const EDU_DMA_DST: usize = 0x88;
-const EDU_DMA_COUNT: usize = 0x90;
-const EDU_DMA_CMD: usize = 0x98;
-const EDU_CMD_START: u64 = 1;
-const EDU_CMD_TO_RAM: u64 = 2;
-const EDU_CMD_IRQ: u64 = 4;
 const EDU_DMA_IRQ_STATUS: u32 = 0x100;
-const EDU_BUFFER: u64 = 0x40000;
 
-const PAGE: u64 = 4096;
 const RAM_SIZE: u64 = 64 << 20;
 /// DMA buffers in the TestVm's guest RAM (64 MiB at GPA 0).
 const GPA_A: u64 = 0x10_0000;
@@ -92,125 +85,25 @@ fn pattern(seed: u8) -> Vec<u8> {
         .collect()
 }
 
-struct Report {
-    passed: usize,
-    failed: usize,
-}
-
-impl Report {
-    fn check(&mut self, name: &str, r: Result<String>) -> bool {
-        match r {
-            Ok(note) if note.is_empty() => println!("PASS: {name}"),
-            Ok(note) => println!("PASS: {name} ({note})"),
-            Err(why) => {
-                self.failed += 1;
-                println!("FAIL: {name}: {why}");
-                return false;
-            }
-        }
-        self.passed += 1;
-        true
-    }
-}
-
 fn s<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
-/// A BAR mapped from the fd a GET_REGION_INFO reply carried; volatile accesses only.
-struct Bar {
-    ptr: NonNull<u8>,
-    len: usize,
+/// One page of edu DMA through `bar` (mapped from the fd a GET_REGION_INFO reply carried);
+/// `irq` asks for the completion interrupt.
+fn dma(bar: &Bar, src: u64, dst: u64, to_ram: bool, irq: bool) -> Result<()> {
+    bar.edu_dma(src, dst, to_ram, irq)
+        .map_err(|e| format!("edu {e}"))
 }
 
-impl Bar {
-    fn map(fd: &OwnedFd, offset: u64, len: usize) -> Result<Bar> {
-        let off = libc::off_t::try_from(offset).map_err(|_| "BAR offset overflows".to_string())?;
-        // SAFETY: a fresh shared mapping at a kernel-chosen address aliases no Rust object.
-        let p = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(format!(
-                "mmap of the region fd at {offset:#x}+{len:#x}: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(Bar {
-            ptr: NonNull::new(p.cast()).ok_or("mmap returned NULL")?,
-            len,
-        })
-    }
-
-    fn at<T>(&self, off: usize) -> *mut T {
-        assert!(off.is_multiple_of(size_of::<T>()) && off + size_of::<T>() <= self.len);
-        // SAFETY: in bounds (asserted) of a mapping that lives as long as `self`.
-        unsafe { self.ptr.as_ptr().add(off).cast() }
-    }
-    fn r32(&self, off: usize) -> u32 {
-        // SAFETY: aligned, in bounds, device memory mapped for reading.
-        unsafe { ptr::read_volatile(self.at::<u32>(off)) }
-    }
-    fn w32(&self, off: usize, v: u32) {
-        // SAFETY: aligned, in bounds, device memory mapped for writing.
-        unsafe { ptr::write_volatile(self.at::<u32>(off), v) }
-    }
-    fn r64(&self, off: usize) -> u64 {
-        // SAFETY: as above.
-        unsafe { ptr::read_volatile(self.at::<u64>(off)) }
-    }
-    fn w64(&self, off: usize, v: u64) {
-        // SAFETY: as above.
-        unsafe { ptr::write_volatile(self.at::<u64>(off), v) }
-    }
-
-    /// One page of edu DMA; `irq` asks for the completion interrupt.
-    fn dma(&self, src: u64, dst: u64, to_ram: bool, irq: bool) -> Result<()> {
-        self.w64(EDU_DMA_SRC, src);
-        self.w64(EDU_DMA_DST, dst);
-        self.w64(EDU_DMA_COUNT, PAGE);
-        fence(Ordering::SeqCst);
-        let cmd = EDU_CMD_START
-            | if to_ram { EDU_CMD_TO_RAM } else { 0 }
-            | if irq { EDU_CMD_IRQ } else { 0 };
-        self.w64(EDU_DMA_CMD, cmd);
-        let deadline = Instant::now() + TIMEOUT;
-        while self.r64(EDU_DMA_CMD) & EDU_CMD_START != 0 {
-            if Instant::now() > deadline {
-                return Err(format!("edu DMA {src:#x} -> {dst:#x} not done"));
-            }
-            thread::sleep(Duration::from_micros(200));
-        }
-        fence(Ordering::SeqCst);
-        Ok(())
-    }
-    fn load(&self, iova: u64) -> Result<()> {
-        self.dma(iova, EDU_BUFFER, false, false)
-    }
-    fn store(&self, iova: u64) -> Result<()> {
-        self.dma(EDU_BUFFER, iova, true, false)
-    }
-    /// Acknowledges whatever edu's interrupt status shows.
-    fn ack_all(&self) {
-        let irq = self.r32(EDU_IRQ_STATUS);
-        if irq != 0 {
-            self.w32(EDU_IRQ_ACK, irq);
-        }
-    }
+/// edu reads the page at `iova` into its buffer.
+fn load(bar: &Bar, iova: u64) -> Result<()> {
+    dma(bar, iova, EDU_BUFFER, false, false)
 }
 
-impl Drop for Bar {
-    fn drop(&mut self) {
-        // SAFETY: exactly what mmap returned; no reference into it outlives `self`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
+/// edu writes its buffer to the page at `iova`.
+fn store(bar: &Bar, iova: u64) -> Result<()> {
+    dma(bar, EDU_BUFFER, iova, true, false)
 }
 
 /// Waits up to `t` for `e` to be signalled; returns the count read (0 = timed out).
@@ -293,27 +186,7 @@ fn bus_master_in_sysfs(edu: &Edu) -> Result<bool> {
 }
 
 fn edus() -> Result<Vec<Edu>> {
-    let mut out = Vec::new();
-    for e in fs::read_dir("/sys/bus/pci/devices").map_err(s)? {
-        let p = e.map_err(s)?.path();
-        let id = |f: &str| {
-            fs::read_to_string(p.join(f))
-                .unwrap_or_default()
-                .trim()
-                .to_owned()
-        };
-        if id("vendor") != "0x1234" || id("device") != "0x11e8" {
-            continue;
-        }
-        let bdf = p
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        out.push(bdf);
-    }
-    out.sort();
-    Ok(out
+    Ok(edu_bdfs()?
         .into_iter()
         .enumerate()
         .map(|(i, bdf)| Edu {
@@ -417,15 +290,6 @@ impl Daemon {
             }
             thread::sleep(Duration::from_millis(10));
         }
-    }
-
-    fn log_count(&self, what: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(what))
-            .count()
     }
 
     /// SIGTERM, then the exit status.
@@ -571,7 +435,9 @@ fn map_bar0(c: &mut Client, edu: &Edu) -> Result<(Bar, String)> {
         return Err(format!("sparse areas {areas:?}"));
     }
     let fd = info.fd.as_ref().ok_or("no fd with the full region info")?;
-    let bar = Bar::map(fd, info.offset + aoff, asize as usize)?;
+    let off = info.offset + aoff;
+    let bar = Bar::map(fd, off, asize as usize)
+        .map_err(|e| format!("region fd at {off:#x}+{asize:#x}: {e}"))?;
     Ok((
         bar,
         format!(
@@ -669,7 +535,7 @@ fn basic_checks(rep: &mut Report, edu: &Edu, ep: u32) -> Option<(Client, Bar)> {
             let cmd = set_command_bits(&mut c, PCI_COMMAND_MEMORY)?;
             let (b, note) = map_bar0(&mut c, edu)?;
             let before = c.sent;
-            let id = b.r32(EDU_ID);
+            let id = b.read_u32(EDU_ID);
             if id != EDU_ID_VALUE {
                 return Err(format!("ID register reads {id:#010x} via the mapping"));
             }
@@ -677,8 +543,8 @@ fn basic_checks(rep: &mut Report, edu: &Edu, ep: u32) -> Option<(Client, Bar)> {
             let t = Instant::now();
             for k in 0..N {
                 let v = 0x1234_5678u32.wrapping_add(k.wrapping_mul(0x9e37_79b9));
-                b.w32(EDU_LIVENESS, v);
-                let r = b.r32(EDU_LIVENESS);
+                b.write_u32(EDU_LIVENESS, v);
+                let r = b.read_u32(EDU_LIVENESS);
                 if r != !v {
                     return Err(format!("liveness {v:#010x} reads back {r:#010x}, expected {:#010x}", !v));
                 }
@@ -727,13 +593,13 @@ fn dma_check(
             ram_fill(vm, GPA_B, SENTINEL)?;
             ram_fill(vm, GPA_C, SENTINEL)?;
             let t = Instant::now();
-            bar.load(IOVA_X)?;
-            bar.store(IOVA_Y)?;
+            load(bar, IOVA_X)?;
+            store(bar, IOVA_Y)?;
             let us = t.elapsed().as_secs_f64() * 1e6;
             ram_expect(vm, GPA_B, &p, "IOVA X -> edu -> IOVA Y")?;
             // Nothing but the guest's mappings: no identity, no unmapped IOVA.
-            bar.store(GPA_C)?;
-            bar.store(IOVA_Z)?;
+            store(bar, GPA_C)?;
+            store(bar, IOVA_Z)?;
             ram_expect(vm, GPA_C, &[SENTINEL; PAGE as usize], "IOVA = GPA C (not mapped)")?;
             Ok(format!(
                 "domain {d}, PCI_COMMAND {cmd:#06x}; page read at IOVA {IOVA_X:#x} landed at GPA {GPA_B:#x} via IOVA {IOVA_Y:#x} in {us:.0} us; IOVA = GPA and an unmapped IOVA reach nothing"
@@ -747,7 +613,7 @@ fn msi_checks(rep: &mut Report, edu: &Edu, c: &mut Client, bar: &Bar) -> Option<
     let ok = rep.check(
         "endpoint 1: MSI via SET_IRQS eventfd: edu's raise register (0x60) fires it",
         (|| {
-            bar.ack_all();
+            bar.edu_ack_irqs();
             c.set_irqs(SET_DATA_EVENTFD | SET_ACTION_TRIGGER, MSI, 0, 1, &[e.as_raw_fd()])?;
             let enabled = msi_enabled_in_sysfs(edu)?;
             if !enabled {
@@ -755,11 +621,11 @@ fn msi_checks(rep: &mut Report, edu: &Edu, c: &mut Client, bar: &Bar) -> Option<
             }
             let spurious = drain(&e);
             let t = Instant::now();
-            bar.w32(EDU_IRQ_RAISE, 0x1);
+            bar.write_u32(EDU_IRQ_RAISE, 0x1);
             let n = wait_event(&e, TIMEOUT)?;
             let us = t.elapsed().as_secs_f64() * 1e6;
-            let st = bar.r32(EDU_IRQ_STATUS);
-            bar.w32(EDU_IRQ_ACK, st);
+            let st = bar.read_u32(EDU_IRQ_STATUS);
+            bar.write_u32(EDU_IRQ_ACK, st);
             if n == 0 {
                 return Err(format!("no event within {TIMEOUT:?} (irq status {st:#x})"));
             }
@@ -777,11 +643,11 @@ fn msi_checks(rep: &mut Report, edu: &Edu, c: &mut Client, bar: &Bar) -> Option<
         (|| {
             drain(&e);
             let t = Instant::now();
-            bar.dma(EDU_BUFFER, IOVA_Y, true, true)?;
+            dma(bar, EDU_BUFFER, IOVA_Y, true, true)?;
             let n = wait_event(&e, TIMEOUT)?;
             let us = t.elapsed().as_secs_f64() * 1e6;
-            let st = bar.r32(EDU_IRQ_STATUS);
-            bar.w32(EDU_IRQ_ACK, st);
+            let st = bar.read_u32(EDU_IRQ_STATUS);
+            bar.write_u32(EDU_IRQ_ACK, st);
             if n == 0 {
                 return Err(format!("no event within {TIMEOUT:?} (irq status {st:#x})"));
             }
@@ -857,7 +723,7 @@ fn run(rep: &mut Report) -> Result<()> {
             };
             // The VMM's map gives the device nothing: IOVA = GPA C stays unreachable.
             ram_fill(&cx.vm, GPA_C, SENTINEL)?;
-            bar1.store(GPA_C)?;
+            store(&bar1, GPA_C)?;
             ram_expect(&cx.vm, GPA_C, &[SENTINEL; PAGE as usize], "DMA to IOVA = GPA C after the VMM's DMA_MAP")?;
             Ok(format!(
                 "[0, {RAM_SIZE:#x}) with the memfd: ok; {RAM_SIZE:#x}+0x100000: errno {outside} ({}); 4 GiB: errno {straddle}; a DMA to IOVA = GPA still lands nowhere",
@@ -900,9 +766,9 @@ fn run(rep: &mut Report) -> Result<()> {
             let old = EventFd::new(libc::EFD_NONBLOCK).map_err(s)?;
             c1.set_irqs(SET_DATA_EVENTFD | SET_ACTION_TRIGGER, MSI, 0, 1, &[old.as_raw_fd()])?;
             drain(&old);
-            bar1.w32(EDU_IRQ_RAISE, 0x1);
+            bar1.write_u32(EDU_IRQ_RAISE, 0x1);
             let n = wait_event(&old, TIMEOUT)?;
-            bar1.ack_all();
+            bar1.edu_ack_irqs();
             if n == 0 {
                 return Err("precondition: the eventfd does not fire before the disconnect".into());
             }
@@ -938,18 +804,18 @@ fn run(rep: &mut Report) -> Result<()> {
             set_command_bits(&mut c, PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)?;
             let (bar, _) = map_bar0(&mut c, &cx.edus[0])?;
             drain(&old);
-            bar.w32(EDU_IRQ_RAISE, 0x1);
+            bar.write_u32(EDU_IRQ_RAISE, 0x1);
             let n = wait_event(&old, Duration::from_secs(1))?;
-            bar.ack_all();
+            bar.edu_ack_irqs();
             if n != 0 {
                 return Err("the old client's eventfd fired after the disconnect".into());
             }
             // The device still raises: the new client's eventfd fires.
             let new = EventFd::new(libc::EFD_NONBLOCK).map_err(s)?;
             c.set_irqs(SET_DATA_EVENTFD | SET_ACTION_TRIGGER, MSI, 0, 1, &[new.as_raw_fd()])?;
-            bar.w32(EDU_IRQ_RAISE, 0x1);
+            bar.write_u32(EDU_IRQ_RAISE, 0x1);
             let n = wait_event(&new, TIMEOUT)?;
-            bar.ack_all();
+            bar.edu_ack_irqs();
             if n == 0 {
                 return Err("the new client's eventfd does not fire".into());
             }
@@ -962,8 +828,8 @@ fn run(rep: &mut Report) -> Result<()> {
             let p = pattern(99);
             cx.vm.ram().write(GPA_A, &p).map_err(s)?;
             ram_fill(&cx.vm, GPA_B, SENTINEL)?;
-            bar.load(IOVA_X)?;
-            bar.store(IOVA_Y)?;
+            load(&bar, IOVA_X)?;
+            store(&bar, IOVA_Y)?;
             blocked_after = Some(match ram_expect(&cx.vm, GPA_B, &p, "") {
                 Ok(()) => Err("DMA through the guest's domain 1 still lands after the vfio-user disconnect".into()),
                 Err(_) => Ok("DMA through the guest's domain 1 no longer lands: the endpoint was detached and blocked".to_string()),
@@ -986,23 +852,10 @@ fn run(rep: &mut Report) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let mut rep = Report {
-        passed: 0,
-        failed: 0,
-    };
+    let mut rep = Report::default();
     let t0 = Instant::now();
     if let Err(e) = run(&mut rep) {
         rep.check("vfio-user-edu", Err(e));
     }
-    println!(
-        "vfio-user-edu: {} passed, {} failed in {:.1} s",
-        rep.passed,
-        rep.failed,
-        t0.elapsed().as_secs_f64()
-    );
-    if rep.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    rep.finish("vfio-user-edu", t0)
 }

@@ -1,6 +1,9 @@
-//! The slice of the iommufd and VFIO uAPI this check uses, transcribed from the uAPI headers of
-//! the guest kernel that tests/vm/build-kernel.sh builds (`headers/include/linux/iommufd.h` and
-//! `headers/include/linux/vfio.h`, linux-source-7.3). Field names follow the headers.
+//! The slice of the iommufd and VFIO cdev uAPI the raw-ioctl guest programs issue, transcribed
+//! from the uAPI headers of the guest kernel that tests/vm/build-kernel.sh builds
+//! (`headers/include/linux/iommufd.h` and `headers/include/linux/vfio.h`, linux-source-7.3).
+//! Field names follow the headers. libc only; included with `#[path]` by tests/vm/guest-smoke,
+//! tests/guest/guest-traffic and tests/e2e/l2-dma (each uses a subset). The layout and request
+//! number tests run with `cargo test` in guest-smoke and guest-traffic.
 //!
 //! Every argument struct implements [`IoctlArg`], which ties it to its one request number, so an
 //! ioctl can only ever be issued with the layout the kernel expects for it.
@@ -192,6 +195,28 @@ unsafe impl IoctlArg for VfioDeviceDetachIommufdPt {
     const NAME: &'static str = "VFIO_DEVICE_DETACH_IOMMUFD_PT";
 }
 
+/// `struct vfio_irq_set` carrying exactly one eventfd.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct VfioIrqSetOne {
+    pub argsz: u32,
+    pub flags: u32,
+    pub index: u32,
+    pub start: u32,
+    pub count: u32,
+    pub fd: i32,
+}
+// SAFETY: repr(C) copy of `struct vfio_irq_set` followed by its one `__s32` of data, plain
+// integers, used with VFIO_DEVICE_SET_IRQS.
+unsafe impl IoctlArg for VfioIrqSetOne {
+    const REQ: c_ulong = io(IOCTL_TYPE, VFIO_BASE + 10);
+    const NAME: &'static str = "VFIO_DEVICE_SET_IRQS";
+}
+
+pub const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+pub const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
+pub const VFIO_PCI_MSI_IRQ_INDEX: u32 = 1;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +231,7 @@ mod tests {
         assert_eq!(size_of::<VfioDeviceBindIommufd>(), 24);
         assert_eq!(size_of::<VfioDeviceAttachIommufdPt>(), 16);
         assert_eq!(size_of::<VfioDeviceDetachIommufdPt>(), 12);
+        assert_eq!(size_of::<VfioIrqSetOne>(), 24);
     }
 
     #[test]
@@ -217,5 +243,6 @@ mod tests {
         assert_eq!(VfioDeviceBindIommufd::REQ, 0x3b76);
         assert_eq!(VfioDeviceAttachIommufdPt::REQ, 0x3b77);
         assert_eq!(VfioDeviceDetachIommufdPt::REQ, 0x3b78);
+        assert_eq!(VfioIrqSetOne::REQ, 0x3b6e);
     }
 }

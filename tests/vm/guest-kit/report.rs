@@ -1,0 +1,45 @@
+//! PASS/FAIL reporting of the VM tier's guest programs (std only; included with `#[path]`, by
+//! edu.rs and by programs that need nothing else of the kit). tests/vm/run.sh counts the
+//! `PASS: ` and `FAIL: ` lines this prints.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Default)]
+pub struct Report {
+    pub passed: usize,
+    pub failed: usize,
+}
+
+impl Report {
+    /// Prints `PASS: name (note)` or `FAIL: name: why`; true if it passed.
+    pub fn check(&mut self, name: &str, r: std::result::Result<String, String>) -> bool {
+        match r {
+            Ok(note) if note.is_empty() => println!("PASS: {name}"),
+            Ok(note) => println!("PASS: {name} ({note})"),
+            Err(why) => {
+                self.failed += 1;
+                println!("FAIL: {name}: {why}");
+                return false;
+            }
+        }
+        self.passed += 1;
+        true
+    }
+
+    /// Prints `program: N passed, M failed in S s` (time since `t0`); the program's exit status
+    /// (failure if any check failed).
+    pub fn finish(&self, program: &str, t0: Instant) -> ExitCode {
+        println!(
+            "{program}: {} passed, {} failed in {:.1} s",
+            self.passed,
+            self.failed,
+            t0.elapsed().as_secs_f64()
+        );
+        if self.failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
+}
