@@ -21,9 +21,9 @@
 #[allow(dead_code)]
 #[path = "../../../vm/guest-kit/mmio.rs"]
 mod mmio;
-// The iommufd/VFIO uAPI structs, shared with tests/guest/guest-traffic.
+// The iommufd/VFIO uAPI structs, shared with guest-smoke and guest-traffic.
 #[allow(dead_code)]
-#[path = "../../../guest/guest-traffic/src/uapi.rs"]
+#[path = "../../../vm/guest-kit/uapi.rs"]
 mod uapi;
 
 use std::ffi::CString;
@@ -46,6 +46,8 @@ const PAGE: usize = mmio::PAGE as usize;
 const A_SRC: u64 = 0x10_0000;
 const A_DST: u64 = 0x11_0000;
 const A_RO: u64 = 0x12_0000;
+/// Mapped, used once, unmapped, then targeted again: the first DMA of the run that must fault.
+const A_GONE: u64 = 0x13_0000;
 const B_SRC: u64 = 0x20_0000;
 const B_DST: u64 = 0x21_0000;
 
@@ -557,8 +559,9 @@ fn translated_checks(r: &mut Report, bdfs: &[String]) -> usize {
             a.edu.name, a.ioas, b.edu.name, b.ioas
         )),
     );
-    let pages = || -> Result<[Page; 5]> {
+    let pages = || -> Result<[Page; 6]> {
         Ok([
+            Page::new()?,
             Page::new()?,
             Page::new()?,
             Page::new()?,
@@ -566,7 +569,7 @@ fn translated_checks(r: &mut Report, bdfs: &[String]) -> usize {
             Page::new()?,
         ])
     };
-    let [a_src, a_dst, a_ro, b_src, b_dst] = match pages() {
+    let [a_src, a_dst, a_ro, a_gone, b_src, b_dst] = match pages() {
         Ok(p) => p,
         Err(e) => {
             r.check("buffers", Err(e));
@@ -577,6 +580,7 @@ fn translated_checks(r: &mut Report, bdfs: &[String]) -> usize {
         (a.ioas, &a_src, A_SRC, true),
         (a.ioas, &a_dst, A_DST, true),
         (a.ioas, &a_ro, A_RO, false),
+        (a.ioas, &a_gone, A_GONE, true),
         (b.ioas, &b_src, B_SRC, true),
         (b.ioas, &b_dst, B_DST, true),
     ];
@@ -584,7 +588,7 @@ fn translated_checks(r: &mut Report, bdfs: &[String]) -> usize {
         .iter()
         .try_for_each(|&(ioas, page, iova, w)| map(&fd, ioas, page, iova, w));
     if !r.check(
-        "IOAS_MAP of 5 pages (one read-only) at fixed IOVAs in two IOASes",
+        "IOAS_MAP of 6 pages (one read-only) at fixed IOVAs in two IOASes",
         mapped.map(|()| String::new()),
     ) {
         return 0;
@@ -621,6 +625,27 @@ fn translated_checks(r: &mut Report, bdfs: &[String]) -> usize {
         );
     }
 
+    // After IOAS_UNMAP the old IOVA no longer reaches the page. This is the run's first DMA that
+    // must fault (L1 checks its fault record; the emulated VT-d may lose later back-to-back ones).
+    let after_unmap = (|| {
+        a_src.fill(0x99);
+        a.edu.dma(A_SRC, EDU_BUFFER, false)?;
+        a_gone.fill(0);
+        a.edu.dma(EDU_BUFFER, A_GONE, true)?;
+        a_gone.expect(0x99, "before unmap")?;
+        unmap(&fd, a.ioas, A_GONE)?;
+        live -= 1;
+        a_gone.fill(0xaa);
+        a.edu.dma(EDU_BUFFER, A_GONE, true)?;
+        a_gone.expect(0xaa, "page after a DMA to its unmapped IOVA")?;
+        Ok(format!(
+            "DMA to {A_GONE:#x} landed before IOAS_UNMAP, not after"
+        ))
+    })();
+    r.check(
+        &format!("{}: after IOAS_UNMAP the DMA no longer lands", a.edu.name),
+        after_unmap,
+    );
     // A read-only mapping: the device may read it, its write is refused.
     let ro = (|| {
         a_ro.fill(0x33);
@@ -670,32 +695,12 @@ fn translated_checks(r: &mut Report, bdfs: &[String]) -> usize {
         iso,
     );
 
-    // After IOAS_UNMAP the old IOVA no longer reaches the page.
-    let after_unmap = (|| {
-        a_src.fill(0x99);
-        a.edu.dma(A_SRC, EDU_BUFFER, false)?;
-        a_dst.fill(0);
-        a.edu.dma(EDU_BUFFER, A_DST, true)?;
-        a_dst.expect(0x99, "before unmap")?;
-        unmap(&fd, a.ioas, A_DST)?;
-        live -= 1;
-        a_dst.fill(0xaa);
-        a.edu.dma(EDU_BUFFER, A_DST, true)?;
-        a_dst.expect(0xaa, "page after a DMA to its unmapped IOVA")?;
-        Ok(format!(
-            "DMA to {A_DST:#x} landed before IOAS_UNMAP, not after"
-        ))
-    })();
-    r.check(
-        &format!("{}: after IOAS_UNMAP the DMA no longer lands", a.edu.name),
-        after_unmap,
-    );
     println!(
-        "E2E-L2: DMAs that had to be refused: {} -> {A_RO:#x} (read-only), -> {B_DST:#x}, -> {A_DST:#x} (unmapped); {} -> {A_DST:#x}, <- {A_SRC:#x}",
+        "E2E-L2: DMAs that had to be refused: {} -> {A_GONE:#x} (unmapped), -> {A_RO:#x} (read-only), -> {B_DST:#x}; {} -> {A_DST:#x}, <- {A_SRC:#x}",
         a.edu.name, b.edu.name
     );
     // Keep the devices, IOASes and pages alive until L1 has looked at the daemon.
-    std::mem::forget((fd, a, b, a_src, a_dst, a_ro, b_src, b_dst));
+    std::mem::forget((fd, a, b, a_src, a_dst, a_ro, a_gone, b_src, b_dst));
     live
 }
 
