@@ -28,6 +28,8 @@ passes=0
 fails=0
 pass() { passes=$((passes + 1)); echo "PASS: L1: $1"; }
 fail() { fails=$((fails + 1)); echo "FAIL: L1: $1: $2"; }
+# A failure of L2 itself seen from here (it hung or its QEMU died).
+fail_l2() { fails=$((fails + 1)); echo "FAIL: L2: $1: $2"; }
 finish() {
     echo "E2E-L1: $passes passed, $fails failed; uptime $(cut -d' ' -f1 /proc/uptime) s"
     if [ "$fails" -eq 0 ] && [ "$passes" -gt 0 ]; then echo "E2E-L1: PASS"; else echo "E2E-L1: FAIL"; fi
@@ -39,7 +41,8 @@ t() { cut -d' ' -f1 /proc/uptime; }
 
 # --- the daemon's view: its control socket ---------------------------------------------------------
 metric() { vhost-user-iommu ctl --control-socket "$ctl" metrics 2>/dev/null | awk -v k="$1" '$1 == k { print $2 }'; }
-state() { vhost-user-iommu ctl --control-socket "$ctl" state 2>/dev/null | grep -o "\"$1\":[0-9]*" | cut -d: -f2; }
+# A top-level number of the state JSON (the per-domain "mappings" are arrays, not numbers).
+state() { vhost-user-iommu ctl --control-socket "$ctl" state 2>/dev/null | grep -o "\"$1\":[0-9][0-9]*" | cut -d: -f2; }
 # "domains attached mappings pinned failed", one line.
 snapshot() { echo "$(metric viommu_domains) $(metric viommu_endpoints_attached) $(state mappings) $(state pinned_bytes) $(state failed_requests)"; }
 # Polls until the daemon has no domain, no attached endpoint and no mapping (up to $1 s).
@@ -92,9 +95,11 @@ done
 pass "daemon listens: vhost-user $run/vm1.sock, vfio-user vm1-32.sock and vm1-40.sock"
 
 # The L2 VM. The lines from `qemu-system-x86_64` to the one before `"$@"` are the README's
-# "Using it with QEMU" command line, verbatim (tests/e2e/run.sh checks it).
+# "Using it with QEMU" command line, verbatim (tests/e2e/run.sh checks it). Called in a
+# background subshell, which `exec` turns into QEMU itself: $! is QEMU's pid, so a kill reaches
+# QEMU and not just the subshell.
 start_vm() {
-    qemu-system-x86_64 -M q35,memory-backend=mem -m 256M \
+    exec qemu-system-x86_64 -M q35,memory-backend=mem -m 256M \
         -object memory-backend-memfd,id=mem,size=256M,share=on \
         -chardev socket,id=viommu,path=/run/vhost-user-iommu/vm1.sock \
         -device vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,vq_size=256,config_size=40,addr=03.0 \
@@ -127,12 +132,12 @@ wait_end() {
     i=0
     while [ "$(grep -ac 'E2E-L2: END' "$log")" -lt "$1" ]; do
         if ! kill -0 $qemu 2>/dev/null; then
-            fail "L2 boot $1 reaches END" "QEMU exited early: $(tail -n 5 "$d/qemu.log")"
+            fail_l2 "boot $1 reaches END" "its QEMU exited early: $(tail -n 5 "$d/qemu.log")"
             return 1
         fi
         i=$((i + 1))
         if [ $i -gt $((l2_timeout * 5)) ]; then
-            fail "L2 boot $1 reaches END" "nothing after ${l2_timeout} s; last lines: $(tail -n 3 "$log")"
+            fail_l2 "boot $1 reaches END" "not after ${l2_timeout} s; last lines: $(tail -n 3 "$log")"
             return 1
         fi
         sleep 0.2

@@ -80,8 +80,8 @@ phase_end programs
 
 # --- the README shows the command line L1 runs ---------------------------------------------------
 # The lines of start_vm() in l1-init.sh, from `qemu-system-x86_64` up to `"$@"`, must appear in
-# README.md in the same order, verbatim (leading blanks aside).
-mapfile -t qemu_lines < <(sed -n '/^start_vm() {/,/"\$@"/p' "$here/l1-init.sh" | sed '1d;$d' | sed 's/^ *//')
+# README.md verbatim (leading blanks and start_vm's `exec` aside).
+mapfile -t qemu_lines < <(sed -n '/^start_vm() {/,/"\$@"/p' "$here/l1-init.sh" | sed '1d;$d' | sed 's/^ *//; s/^exec //')
 ((${#qemu_lines[@]} >= 5)) || die "cannot find start_vm() in $here/l1-init.sh"
 readme_block=$(sed 's/^ *//' "$repo/README.md")
 missing=()
