@@ -23,7 +23,7 @@ echo "E2E-L1: kernel $(uname -r), cmdline: $(cat /proc/cmdline)"
 cfg=/etc/vhost-user-iommu/vm1.toml
 run=/run/vhost-user-iommu
 ctl=$run/vm1.ctl
-l2_timeout=${E2E_L2_TIMEOUT:-300}
+l2_timeout=${E2E_L2_TIMEOUT:-600}
 passes=0
 fails=0
 pass() { passes=$((passes + 1)); echo "PASS: L1: $1"; }

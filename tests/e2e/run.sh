@@ -15,7 +15,7 @@
 # Builds are cached like the other VM tiers (kernel, QEMU 11 root, static binaries).
 #
 # Environment: VM_CACHE (default /var/cache/vhost-user-iommu-vm), E2E_TIMEOUT (whole L0 run,
-# default 1200 s), E2E_L2_TIMEOUT (per L2 boot inside L1, default 300 s).
+# default 1800 s), E2E_L2_TIMEOUT (per L2 boot inside L1, default 600 s).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -23,7 +23,7 @@ repo=$(cd "$here/../.." && pwd)
 # shellcheck source=../vm/lib.sh
 . "$here/../vm/lib.sh"
 
-timeout_s=${E2E_TIMEOUT:-1200}
+timeout_s=${E2E_TIMEOUT:-1800}
 need_cmd cargo timeout gzip cpio readelf tee
 out=$VM_CACHE/run/e2e
 mkdir -p "$out"
@@ -146,7 +146,7 @@ cmd=(
     -serial stdio -no-reboot
     -device intel-iommu,intremap=on,caching-mode=on -device edu,addr=04.0 -device edu,addr=05.0
     -kernel "$bzimage" -initrd "$l1_initrd"
-    -append "console=ttyS0 panic=-1 intel_iommu=on iommu.strict=1 E2E_L2_TIMEOUT=${E2E_L2_TIMEOUT:-300}"
+    -append "console=ttyS0 panic=-1 intel_iommu=on iommu.strict=1 E2E_L2_TIMEOUT=${E2E_L2_TIMEOUT:-600}"
 )
 log "booting L1 (timeout ${timeout_s}s, console log $console)"
 log "  ${cmd[*]}"
