@@ -21,6 +21,7 @@ pub use mmio::*;
 
 #[path = "report.rs"]
 mod report;
+#[allow(unused_imports)] // not every program reports through the kit
 pub use report::*;
 
 /// An edu device driven through the VFIO cdev the backend holds.

@@ -212,25 +212,6 @@ fn wait_instruction(tty: File) -> String {
     }
 }
 
-fn edu_bdfs() -> Result<Vec<String>> {
-    let dir = "/sys/bus/pci/devices";
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).map_err(|e| format!("{dir}: {e}"))? {
-        let p = e.map_err(|e| e.to_string())?.path();
-        let id = |f: &str| fs::read_to_string(p.join(f)).unwrap_or_default();
-        if id("vendor").trim() == EDU_VENDOR && id("device").trim() == EDU_DEVICE {
-            out.push(
-                p.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-            );
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
 // --- memory ------------------------------------------------------------------------------------
 
 /// One locked, zeroed page of L2 RAM that devices write behind the compiler's back: every access

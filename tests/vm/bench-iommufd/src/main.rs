@@ -33,16 +33,20 @@
 use std::fs::{self, File};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+// The VM tier's guest kit: edu discovery, the backend over both edus, the daemon's rules.
+#[allow(dead_code)]
+#[path = "../../guest-kit/edu.rs"]
+mod edu;
+use edu::{backend_over_two_edus, rules_from};
+
 use vhost::vhost_user::Listener;
 use vhost_user_iommu::backend::iommufd::{IommufdBackend, MapStrategy, sys};
-use vhost_user_iommu::backend::{Attachment, DmaBackend, HostConstraints, MapOp};
-use vhost_user_iommu::domains::{Limits, Rules};
+use vhost_user_iommu::backend::{Attachment, DmaBackend, MapOp};
 use vhost_user_iommu::driver::{GuestRam as MemfdRam, TestVm, VmOptions};
 use vhost_user_iommu::guest_ram::{Backing, GuestRam, HostLocation, RamRegion};
 use vhost_user_iommu::ids::{DomainId, EndpointId, IovaRange, Perms};
@@ -54,8 +58,6 @@ use vhost_user_iommu::vhost::{DEFAULT_POLL, DeviceSettings};
 
 type Result<T> = std::result::Result<T, String>;
 
-const EDU_VENDOR: &str = "0x1234";
-const EDU_DEVICE: &str = "0x11e8";
 const KIB4: u64 = 4 << 10;
 const MIB2: u64 = 2 << 20;
 /// RAM of the raw and backend loops (memfd, pre-faulted): 64 MiB at GPA 0.
@@ -72,42 +74,6 @@ const RW: u32 = sys::IOMMU_IOAS_MAP_READABLE | sys::IOMMU_IOAS_MAP_WRITEABLE;
 
 fn errno(e: sys::Errno) -> String {
     format!("{}: {}", e.name, std::io::Error::from_raw_os_error(e.errno))
-}
-
-fn edu_cdevs() -> Result<Vec<(String, PathBuf)>> {
-    let dir = "/sys/bus/pci/devices";
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).map_err(|e| format!("{dir}: {e}"))? {
-        let p = e.map_err(|e| e.to_string())?.path();
-        let id = |f: &str| {
-            fs::read_to_string(p.join(f))
-                .unwrap_or_default()
-                .trim()
-                .to_owned()
-        };
-        if id("vendor") != EDU_VENDOR || id("device") != EDU_DEVICE {
-            continue;
-        }
-        let bdf = p
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let vdir = p.join("vfio-dev");
-        let cdev = fs::read_dir(&vdir)
-            .map_err(|e| format!("{}: {e} (not bound to vfio-pci?)", vdir.display()))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .find(|n| n.starts_with("vfio"))
-            .ok_or_else(|| format!("{} lists no vfioN", vdir.display()))?;
-        out.push((bdf, Path::new("/dev/vfio/devices").join(cdev)));
-    }
-    out.sort();
-    Ok(out)
-}
-
-fn rules_from(c: &HostConstraints) -> Rules {
-    Rules::for_host(c, (1, 1023), Limits::default(), 512)
 }
 
 /// Timings of one row.
@@ -1332,20 +1298,8 @@ fn main() -> ExitCode {
         (MIB2, env_n("BENCH_PAIRS_2M", 32)),
     ];
     let batch_pairs = env_n("BENCH_PAIRS_BATCH", sizes[0].1);
-    let run = (|| {
-        let edus = edu_cdevs()?;
-        if edus.len() < 2 {
-            return Err(format!(
-                "need two edu devices bound to vfio-pci, found {edus:?}"
-            ));
-        }
-        let eps: Vec<(EndpointId, PathBuf)> = edus
-            .iter()
-            .take(2)
-            .enumerate()
-            .map(|(i, (_, p))| (EndpointId(i as u32 + 1), p.clone()))
-            .collect();
-        let b = Arc::new(IommufdBackend::open(&eps, false).map_err(|e| format!("open: {e}"))?);
+    let run = (|| -> Result<_> {
+        let (b, edus) = backend_over_two_edus()?;
         println!(
             "bench-iommufd: edus {} and {}; MAP_FILE {}; staging HWPT {:?}; TCG guest: only ratios count",
             edus[0].0,
