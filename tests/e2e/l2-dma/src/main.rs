@@ -13,6 +13,11 @@
 //! - identity (`iommu.passthrough=1`): no driver; edu DMAs straight to the guest-physical address
 //!   of a buffer (read from /proc/self/pagemap), which lands only if the daemon gave identity.
 //!
+//! In both modes L2's own `nvme` driver runs a real NVMe controller through the daemon
+//! ([`nvme`]): O_DIRECT data read back byte for byte, completions on several MSI-X vectors,
+//! strict and lazy invalidation, the data of earlier runs intact after resets; and its own `igb`
+//! driver runs a real NIC ([`nic`]): a TCP stream echoed by a peer on L0's network hub.
+//!
 //! Every check prints `PASS: L2: <name>` or `FAIL: L2: <name>: <why>`. Then `E2E-L2: END ...`
 //! with the number of live mappings, and the program waits for L1's instruction on /dev/ttyS1
 //! (`reboot` or `poweroff`), so that L1 can check the daemon's state first.
@@ -22,6 +27,9 @@
 #[path = "../../../vm/guest-kit/mmio.rs"]
 mod mmio;
 // The iommufd/VFIO uAPI structs, shared with guest-smoke and guest-traffic.
+mod bench;
+mod nic;
+mod nvme;
 #[allow(dead_code)]
 #[path = "../../../vm/guest-kit/uapi.rs"]
 mod uapi;
@@ -52,6 +60,20 @@ const B_SRC: u64 = 0x20_0000;
 const B_DST: u64 = 0x21_0000;
 
 fn main() {
+    // On the host, after L0 exited: `l2-dma verify-nvme-image FILE` checks the NVMe backing file.
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, cmd, image] = &args[..] {
+        if cmd == "verify-nvme-image" {
+            match nvme::verify_image(image) {
+                Ok(s) => println!("{image}: {s}"),
+                Err(e) => {
+                    eprintln!("{image}: {e}");
+                    std::process::exit(1);
+                }
+            }
+            return;
+        }
+    }
     if let Err(e) = init_system() {
         // Without a console there is nobody to tell; try anyway.
         eprintln!("E2E-L2: init failed: {e}");
@@ -65,6 +87,17 @@ fn main() {
         if identity { "identity" } else { "translated" },
         cmdline.trim()
     );
+    let arg = |key: &str| {
+        cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key).map(str::to_owned))
+    };
+    if let Some(config) = arg("e2e.bench=") {
+        let secs = arg("e2e.secs=").and_then(|s| s.parse().ok()).unwrap_or(3.0);
+        bench::run(&config, secs);
+        println!("E2E-L2: END bench");
+        finish(open_raw_tty("/dev/ttyS1").ok());
+    }
     let mut r = Report::default();
     // Opened before END so that L1's instruction cannot arrive before anyone listens.
     let ctl = open_raw_tty("/dev/ttyS1");
@@ -89,13 +122,20 @@ fn main() {
             0
         }
     };
+    nvme::nvme_checks(&mut |name, res| r.check(name, res), identity);
+    nic::nic_checks(&mut |name, res| r.check(name, res));
     println!(
         "E2E-L2: END live_mappings={live} passed={} failed={}",
         r.passed, r.failed
     );
+    finish(ctl.ok());
+}
+
+/// Waits for L1's instruction on the control line (none: power off), then reboots or powers off.
+fn finish(ctl: Option<File>) -> ! {
     let what = match ctl {
-        Ok(tty) => wait_instruction(tty),
-        Err(_) => "poweroff".to_string(),
+        Some(tty) => wait_instruction(tty),
+        None => "poweroff".to_string(),
     };
     println!("E2E-L2: {what}");
     // SAFETY: sync and reboot take no pointers; as init we may restart or power off the machine.

@@ -1,0 +1,146 @@
+#!/bin/busybox sh
+# /init of L1 in the peer comparison (tests/e2e/peers.sh): the same L2 kernel, devices and
+# workloads (tests/e2e/l2-dma/src/bench.rs) under four vIOMMU configurations of L1's stock QEMU:
+#   a  no vIOMMU: the devices as plain vfio-pci (iommufd backend) — the ceiling
+#   b  QEMU's own virtio-iommu-pci + vfio-pci (iommufd backend)
+#   c  QEMU's own intel-iommu (caching mode) + vfio-pci (iommufd backend)
+#   d  this daemon: the README's command line (vhost-user virtio-iommu + vfio-user devices)
+# Rounds interleave the configurations (the order rotates each round) so that drift and noise
+# show in the spread of the results. L2's BENCH lines reach this console prefixed `L2| `.
+/bin/busybox mkdir -p /dev /proc /sys /tmp /run
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+/bin/busybox --install -s /bin
+export PATH=/bin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo "PEERS-L1: kernel $(uname -r), cmdline: $(cat /proc/cmdline)"
+rounds=2
+secs=3
+configs="a b c d"
+for w in $(cat /proc/cmdline); do
+    case $w in
+        PEERS_ROUNDS=*) rounds=${w#*=} ;;
+        PEERS_SECS=*) secs=${w#*=} ;;
+        PEERS_CONFIGS=*) configs=$(echo "${w#*=}" | tr , ' ') ;;
+    esac
+done
+cfg=/etc/vhost-user-iommu/vm1.toml
+run=/run/vhost-user-iommu
+t() { cut -d' ' -f1 /proc/uptime; }
+bye() {
+    echo "PEERS-L1: done at $(t) s"
+    sync
+    poweroff -f
+    sleep 10
+}
+
+for dev_id in 0000:00:04.0=0x1234:0x11e8 0000:00:05.0=0x1234:0x11e8 0000:00:06.0=0x1b36:0x0010 0000:00:07.0=0x8086:0x10c9; do
+    bdf=${dev_id%%=*}
+    dev=/sys/bus/pci/devices/$bdf
+    [ -e "$dev/driver" ] && echo "$bdf" >"$dev/driver/unbind"
+    echo vfio-pci >"$dev/driver_override"
+    echo "$bdf" >/sys/bus/pci/drivers_probe
+    [ "$(basename "$(readlink $dev/driver)")" = vfio-pci ] || { echo "PEERS-L1: FAIL: $bdf not on vfio-pci"; bye; }
+done
+peer=$(ls /sys/bus/pci/devices/0000:00:08.0/net 2>/dev/null | head -n 1)
+ip addr add 192.0.2.1/24 dev "$peer" && ip link set "$peer" up && nc -ll -p 5000 -e cat &
+mkdir -p $run /run/peers
+vhost-user-iommu viot --config $cfg -o $run/vm1-viot.bin || { echo "PEERS-L1: FAIL: viot"; bye; }
+
+# Configuration d: the README's command line (as tests/e2e/l1-init.sh runs it).
+start_vm() {
+    exec qemu-system-x86_64 -M q35,memory-backend=mem -m 256M \
+        -object memory-backend-memfd,id=mem,size=256M,share=on \
+        -chardev socket,id=viommu,path=/run/vhost-user-iommu/vm1.sock \
+        -device vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,vq_size=256,config_size=40,addr=03.0 \
+        -acpitable file=/run/vhost-user-iommu/vm1-viot.bin \
+        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vhost-user-iommu/vm1-32.sock"},"addr":"04.0"}' \
+        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vhost-user-iommu/vm1-40.sock"},"addr":"05.0"}' \
+        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vhost-user-iommu/vm1-48.sock"},"addr":"06.0"}' \
+        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vhost-user-iommu/vm1-56.sock"},"addr":"07.0"}' \
+        "$@"
+}
+# Configurations a-c: the same machine, RAM backend and guest addresses, QEMU's own vfio-pci.
+start_peer() {
+    viommu=$1
+    shift
+    exec qemu-system-x86_64 -M q35,memory-backend=mem -m 256M \
+        -object memory-backend-memfd,id=mem,size=256M,share=on \
+        -object iommufd,id=ifd $viommu \
+        -device vfio-pci,host=0000:00:04.0,iommufd=ifd,addr=04.0 \
+        -device vfio-pci,host=0000:00:05.0,iommufd=ifd,addr=05.0 \
+        -device vfio-pci,host=0000:00:06.0,iommufd=ifd,addr=06.0 \
+        -device vfio-pci,host=0000:00:07.0,iommufd=ifd,addr=07.0 \
+        "$@"
+}
+
+# one CONFIG ROUND: boots L2 under CONFIG, waits for its bench to end, powers it off.
+one() {
+    c=$1
+    d=/run/peers/$c-$2
+    mkdir -p "$d"
+    log=$d/console.log
+    : >"$log"
+    mkfifo "$d/ctl.in" "$d/ctl.out"
+    cat "$d/ctl.out" >/dev/null &
+    daemon=
+    if [ "$c" = d ]; then
+        vhost-user-iommu --config $cfg >"$d/daemon.log" 2>&1 &
+        daemon=$!
+        i=0
+        until [ -S $run/vm1.sock ] && [ -S $run/vm1-56.sock ]; do
+            i=$((i + 1))
+            [ $i -gt 200 ] && { echo "PEERS-L1: FAIL: daemon: $(tail -n 5 "$d/daemon.log")"; return; }
+            sleep 0.1
+        done
+    fi
+    echo "PEERS-L1: round $2 config $c starts at $(t) s"
+    common="-accel tcg,tb-size=64 -cpu max -smp 1 -nodefaults -display none -serial file:$log -chardev pipe,id=ctl,path=$d/ctl -serial chardev:ctl -kernel /e2e/bzImage -initrd /e2e/l2-initrd.cpio.gz"
+    append="console=ttyS0 panic=-1 iommu.strict=1 nvme.write_queues=1 iommufd.allow_unsafe_interrupts=1 vfio_iommu_type1.allow_unsafe_interrupts=1 e2e.bench=$c e2e.secs=$secs"
+    case $c in
+        a) (start_peer "" $common -append "$append") </dev/null >"$d/qemu.log" 2>&1 & ;;
+        b) (start_peer "-device virtio-iommu-pci,addr=03.0" $common -append "$append") </dev/null >"$d/qemu.log" 2>&1 & ;;
+        c) (start_peer "-device intel-iommu,caching-mode=on" $common -append "$append intel_iommu=on") </dev/null >"$d/qemu.log" 2>&1 & ;;
+        d) (start_vm $common -append "$append") </dev/null >"$d/qemu.log" 2>&1 & ;;
+    esac
+    qemu=$!
+    { tail -f "$log" & echo $! >"$d/tail.pid"; wait; } | sed 's/^/L2| /' &
+    i=0
+    until grep -aq 'E2E-L2: END' "$log"; do
+        i=$((i + 1))
+        if ! kill -0 $qemu 2>/dev/null || [ $i -gt 3000 ]; then
+            echo "PEERS-L1: FAIL: config $c round $2: L2 ended early or hung: $(tail -n 5 "$d/qemu.log")"
+            break
+        fi
+        sleep 0.2
+    done
+    echo poweroff >"$d/ctl.in"
+    i=0
+    while kill -0 $qemu 2>/dev/null && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.1; done
+    kill -9 $qemu 2>/dev/null
+    wait $qemu
+    kill "$(cat "$d/tail.pid")" 2>/dev/null
+    if [ -n "$daemon" ]; then
+        kill -TERM $daemon
+        wait $daemon
+    fi
+    echo "PEERS-L1: round $2 config $c ends at $(t) s"
+}
+
+r=1
+while [ $r -le "$rounds" ]; do
+    # Rotate the order each round: a b c d, b c d a, ...
+    order=$configs
+    k=1
+    while [ $k -lt $r ]; do
+        set -- $order
+        first=$1
+        shift
+        order="$* $first"
+        k=$((k + 1))
+    done
+    for c in $order; do one "$c" "$r"; done
+    r=$((r + 1))
+done
+bye

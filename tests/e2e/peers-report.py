@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Summarises a peer-comparison run (tests/e2e/peers.sh): reads the L1 console log, where L2's
+`BENCH config=C mode=M workload=W ... key=value` lines appear once per round, and writes
+
+- a Markdown table (stdout, and FILE.md with --out FILE): per workload and mode the median over
+  the rounds of each configuration, with the rounds' range, and the ratios to (a) no vIOMMU and
+  of (d) the daemon to (b) QEMU virtio-iommu and (c) QEMU intel-iommu, oriented so that > 1
+  means the daemon is better;
+- an SVG bar chart (FILE.svg) of (d)/(b) and (d)/(c) per row.
+
+Only the Python standard library is used.
+"""
+
+import argparse
+import re
+import statistics
+import sys
+
+CONFIGS = {
+    "a": "no vIOMMU",
+    "b": "QEMU virtio-iommu",
+    "c": "QEMU intel-iommu",
+    "d": "vhost-user-iommu",
+}
+# The figure of merit of each workload and whether higher is better.
+METRIC = {
+    "nvme-randread-4k-qd1": ("iops", True),
+    "nvme-randread-4k-qd32": ("iops", True),
+    "nvme-seqread-128k": ("mbps", True),
+    "nic-tcp-echo-4m": ("mbps", True),
+    "ioas-map-unmap-4k": ("p50_us", False),
+}
+LINE = re.compile(r"BENCH (config=\S+ .*)$")
+
+
+def parse(path):
+    runs = {}
+    errors = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            if "BENCH-ERROR" in line:
+                errors.append(line.split("BENCH-ERROR", 1)[1].strip())
+                continue
+            m = LINE.search(line)
+            if not m:
+                continue
+            kv = dict(w.split("=", 1) for w in m.group(1).split() if "=" in w)
+            key = (kv["workload"], kv["mode"])
+            runs.setdefault(key, {}).setdefault(kv["config"], []).append(kv)
+    return runs, errors
+
+
+def value(kv, workload):
+    name, _ = METRIC[workload]
+    return float(kv[name])
+
+
+def ratio(x, y, higher_better):
+    """How much better x is than y (> 1: x is better)."""
+    if not x or not y:
+        return None
+    return x / y if higher_better else y / x
+
+
+def fmt(r):
+    return "–" if r is None else f"{r:.2f}"
+
+
+def table(runs):
+    rows = []
+    out = [
+        "| workload | mode | metric | (a) none | (b) virtio-iommu | (c) intel-iommu | (d) daemon "
+        "| (b)/(a) | (c)/(a) | (d)/(a) | (d) vs (b) | (d) vs (c) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = list(METRIC)
+    modes = ["none", "strict", "lazy", "user"]
+    keys = sorted(runs, key=lambda k: (order.index(k[0]) if k[0] in order else 99, modes.index(k[1]) if k[1] in modes else 9))
+    for workload, mode in keys:
+        if workload not in METRIC:
+            continue
+        name, higher = METRIC[workload]
+        per = runs[(workload, mode)]
+        med = {}
+        cells = []
+        for c in "abcd":
+            vals = [value(kv, workload) for kv in per.get(c, [])]
+            if not vals:
+                med[c] = None
+                cells.append("–")
+                continue
+            med[c] = statistics.median(vals)
+            cells.append(f"{med[c]:.0f} ({min(vals):.0f}–{max(vals):.0f}, n={len(vals)})")
+        # (a) has no IOMMU, so its one mode ("none") is the baseline of every mode.
+        base = med.get("a")
+        if base is None:
+            base_vals = [value(kv, workload) for kv in runs.get((workload, "none"), {}).get("a", [])]
+            base = statistics.median(base_vals) if base_vals else None
+            if base is not None:
+                cells[0] = f"{base:.0f} (none)"
+        r = [ratio(med[c], base, higher) for c in "bcd"]
+        db = ratio(med["d"], med["b"], higher)
+        dc = ratio(med["d"], med["c"], higher)
+        rows.append((workload, mode, db, dc))
+        unit = {"iops": "IOPS", "mbps": "MB/s", "p50_us": "p50 µs (lower is better)"}[name]
+        out.append(
+            f"| {workload} | {mode} | {unit} | " + " | ".join(cells) + " | "
+            + " | ".join(fmt(x) for x in r) + f" | {fmt(db)} | {fmt(dc)} |"
+        )
+    out.append("")
+    out.append("Ratios of configurations to (a) are throughput-like (> 1: faster than no vIOMMU);"
+               " '(d) vs (b)' and '(d) vs (c)' are > 1 where the daemon is better.")
+    return "\n".join(out), rows
+
+
+def svg(rows):
+    bar_h, gap, left, width = 14, 10, 260, 420
+    scale = width / 2.0  # 2.0x at the right edge
+    h = 40 + len(rows) * (2 * bar_h + gap) + 30
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 60}" height="{h}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<text x="10" y="18" font-size="13">vhost-user-iommu vs QEMU\'s vIOMMUs (> 1: daemon better; '
+        'median over rounds)</text>',
+    ]
+    y = 34
+    x1 = left + scale
+    for workload, mode, db, dc in rows:
+        parts.append(f'<text x="10" y="{y + bar_h + 4}">{workload} ({mode})</text>')
+        for r, colour, label in ((db, "#4878a8", "vs virtio-iommu"), (dc, "#c0504d", "vs intel-iommu")):
+            if r is not None:
+                w = min(r, 2.0) * scale
+                parts.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h - 2}" fill="{colour}"/>')
+                parts.append(f'<text x="{left + w + 4:.1f}" y="{y + bar_h - 4}">{r:.2f} {label}</text>')
+            y += bar_h
+        y += gap
+    parts.append(f'<line x1="{x1}" y1="28" x2="{x1}" y2="{y}" stroke="black" stroke-dasharray="4,3"/>')
+    parts.append(f'<text x="{x1 - 8}" y="{y + 14}">1.0</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("console", help="the L1 console log of a peers.sh run")
+    ap.add_argument("--out", help="write OUT.md and OUT.svg")
+    a = ap.parse_args()
+    runs, errors = parse(a.console)
+    if not runs:
+        sys.exit(f"{a.console}: no BENCH lines")
+    md, rows = table(runs)
+    if errors:
+        md += "\n\nErrors:\n" + "\n".join(f"- {e}" for e in errors)
+    print(md)
+    if a.out:
+        with open(a.out + ".md", "w") as f:
+            f.write(md + "\n")
+        with open(a.out + ".svg", "w") as f:
+            f.write(svg(rows) + "\n")
+    sys.exit(1 if errors else 0)
+
+
+if __name__ == "__main__":
+    main()
