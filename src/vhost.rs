@@ -17,7 +17,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -79,9 +81,52 @@ struct Session {
     probe_buf: Vec<u8>,
     request_vring: Option<VringRwLock>,
     acked_features: u64,
-    /// The request ring was stopped (GET_VRING_BASE); a restart from index 0 is a device reset.
-    stopped: bool,
+    /// The request ring was stopped (GET_VRING_BASE) at this position; see [`RingMark`].
+    stopped: Option<RingMark>,
     limiter: LogLimiter,
+}
+
+/// Where the request ring stood when the VMM stopped it, to tell a resume from a reset.
+///
+/// QEMU stops and restarts the rings the same way (GET_VRING_BASE, then SET_FEATURES and
+/// SET_VRING_*) for a VM pause and for a guest's device reset, and sends no reset message for a
+/// generic vhost-user device (`vhost_dev_stop` serves both). What differs is the ring: a resume
+/// hands back the very ring that stopped (same size and addresses, the avail index that
+/// GET_VRING_BASE returned, the used entries the device wrote still in place), while a driver can
+/// only hand the device new rings after a device reset (virtio 1.2 §3.1.1, §2.7: queue setup
+/// happens before DRIVER_OK), and its ring memory starts zeroed. So a restart onto anything but
+/// the ring as it stopped is a reset; the value of an index on its own means nothing (the avail
+/// index is 0 again after every 65,536 requests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RingMark {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_avail: u16,
+    /// The used-ring element the device wrote last (id and length), as guest memory holds it.
+    last_used: Option<[u8; 8]>,
+}
+
+impl RingMark {
+    fn of(vring: &VringRwLock, mem: Option<&GuestMemoryMmap>) -> RingMark {
+        let g = vring.get_ref();
+        let q = g.get_queue();
+        let last_used = mem.zip(q.next_used().wrapping_sub(1).checked_rem(q.size()));
+        let last_used = last_used.and_then(|(mem, slot)| {
+            // struct virtq_used { le16 flags; le16 idx; struct virtq_used_elem ring[]; }
+            let at = q.used_ring().checked_add(4 + 8 * u64::from(slot))?;
+            mem.read_obj::<[u8; 8]>(vm_memory::GuestAddress(at)).ok()
+        });
+        RingMark {
+            size: q.size(),
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+            next_avail: q.next_avail(),
+            last_used,
+        }
+    }
 }
 
 /// Everything `complete` needs besides the dispatcher, so both can be borrowed at once.
@@ -186,7 +231,7 @@ impl IommuDevice {
             probe_buf: vec![0; settings.rules.probe_size as usize],
             request_vring: None,
             acked_features: 0,
-            stopped: false,
+            stopped: None,
             limiter: LogLimiter {
                 window: Instant::now(),
                 count: 0,
@@ -313,10 +358,11 @@ impl IommuDevice {
         if s.request_vring.is_none() {
             s.request_vring = Some(vring.clone());
         }
-        if s.stopped {
-            s.stopped = false;
-            let fresh = vring.get_ref().get_queue().next_avail() == 0;
-            if fresh && s.dispatcher.has_state() {
+        if let Some(mark) = s.stopped.take() {
+            let mem = s.mem.as_ref().map(|m| m.memory());
+            let now = RingMark::of(vring, mem.as_deref());
+            if now != mark && s.dispatcher.has_state() {
+                debug!("request ring restarted at {now:?}, stopped at {mark:?}");
                 self.reset(s);
             }
         }
@@ -697,8 +743,8 @@ impl VhostUserBackend for IommuDevice {
         if let Some(v) = s.request_vring.clone() {
             let mem = s.mem.as_ref().map(|m| m.memory());
             drain(&mut s, mem.as_deref(), &v, &self.0.metrics);
+            s.stopped = Some(RingMark::of(&v, mem.as_deref()));
         }
-        s.stopped = true;
         Ok(())
     }
 

@@ -11,8 +11,8 @@ use vhost_user_iommu::driver::{Desc, VmOptions};
 use vhost_user_iommu::ids::{DomainId, EndpointId};
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{
-    ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, Request, ResvKind, Status, decode_probe_properties,
-    features,
+    ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, REQUEST_QUEUE, Request, ResvKind, Status,
+    decode_probe_properties, features,
 };
 
 fn attach(d: u32, e: u32) -> Request {
@@ -519,7 +519,7 @@ fn device_reset_detaches_everything_and_keeps_bypass() {
 }
 
 #[test]
-fn restarting_the_rings_from_zero_is_a_device_reset() {
+fn restarting_onto_fresh_rings_after_a_stop_is_a_device_reset() {
     let d = Daemon::start(Options {
         mode: Mode::Pipeline(2),
         ..Options::default()
@@ -530,6 +530,75 @@ fn restarting_the_rings_from_zero_is_a_device_reset() {
         vec![Status::Ok; 2]
     );
     vm.reset_rings().unwrap();
+    assert_eq!(vm.request(&attach(5, 2)).unwrap(), Status::Ok);
+    let (domains, endpoints) = d.state();
+    assert_eq!(domains.iter().map(|d| d.id).collect::<Vec<_>>(), vec![5]);
+    assert_eq!(endpoints.iter().find(|e| e.id == 1).unwrap().domain, None);
+    assert_eq!(
+        d.soft.translate(EndpointId(1), 0, false),
+        Err(Fault::Blocked)
+    );
+}
+
+/// Sends cheap requests until exactly 65,536 went through the request ring since it was set up:
+/// its free-running avail index is 0 again.
+fn wrap_the_request_ring(vm: &mut vhost_user_iommu::driver::TestVm, sent: usize) {
+    let filler = vec![attach(1, 1); 512];
+    let mut sent = sent;
+    while sent < 1 << 16 {
+        let n = ((1 << 16) - sent).min(filler.len());
+        let statuses = vm.batch(&filler[..n]).unwrap();
+        assert!(statuses.iter().all(|s| *s == Status::Ok), "{statuses:?}");
+        sent += n;
+    }
+    assert_eq!(vm.request_queue().avail_idx(), 0);
+}
+
+#[test]
+fn pausing_and_resuming_the_rings_keeps_every_domain_even_when_the_avail_index_wrapped_to_zero() {
+    for mode in [Mode::Inline, Mode::Pipeline(2)] {
+        let d = Daemon::start(Options {
+            mode,
+            ..Options::default()
+        });
+        let mut vm = d.connect_with(big_queue());
+        assert_eq!(
+            vm.batch(&[attach(1, 1), map(1, 0, 0xfff, 0, RW)]).unwrap(),
+            vec![Status::Ok; 2]
+        );
+        wrap_the_request_ring(&mut vm, 2);
+        let bases = vm.pause_and_resume().unwrap();
+        assert_eq!(bases[REQUEST_QUEUE], 0, "{mode:?}");
+        assert_eq!(
+            vm.request(&map(1, 0x1000, 0x1fff, 0x1000, RW)).unwrap(),
+            Status::Ok,
+            "{mode:?}: the domain is still there after the resume"
+        );
+        let (domains, endpoints) = d.state();
+        assert_eq!(domains.len(), 1, "{mode:?}");
+        assert_eq!(domains[0].mappings.len(), 2, "{mode:?}");
+        assert_eq!(
+            endpoints.iter().find(|e| e.id == 1).unwrap().domain,
+            Some(1),
+            "{mode:?}"
+        );
+        assert_eq!(d.soft.translate(EndpointId(1), 0x10, false), Ok(0x10));
+    }
+}
+
+#[test]
+fn restarting_onto_fresh_rings_after_the_avail_index_wrapped_to_zero_is_still_a_device_reset() {
+    let d = Daemon::start(Options::default());
+    let mut vm = d.connect_with(big_queue());
+    assert_eq!(
+        vm.batch(&[attach(1, 1), map(1, 0, 0xfff, 0, RW)]).unwrap(),
+        vec![Status::Ok; 2]
+    );
+    wrap_the_request_ring(&mut vm, 2);
+    // The same ring memory, zeroed and set up again from index 0: what a rebooted guest whose
+    // driver allocated its ring at the same address looks like.
+    vm.reset_rings().unwrap();
+    assert_eq!(vm.last_vring_bases().unwrap()[REQUEST_QUEUE], 0);
     assert_eq!(vm.request(&attach(5, 2)).unwrap(), Status::Ok);
     let (domains, endpoints) = d.state();
     assert_eq!(domains.iter().map(|d| d.id).collect::<Vec<_>>(), vec![5]);
