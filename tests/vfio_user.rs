@@ -1239,6 +1239,29 @@ fn a_stale_socket_file_is_replaced_and_other_files_are_not() {
 }
 
 #[test]
+fn a_served_socket_is_never_taken_over_by_a_second_server() {
+    let s = Server::start();
+    let (fake, _) = Fake::new();
+    let dma_check: DmaCheck = Arc::new(|_, _| true);
+    let stop = StopSignal::new().unwrap();
+    let second = spawn_device_server("second", &s.path, Box::new(fake), dma_check, stop.clone());
+    let e = second.expect_err("a second server on a live socket must be refused");
+    assert!(e.to_string().contains("in use by a running daemon"), "{e}");
+    assert!(vhost_user_iommu::vfio_user::bind_socket(&s.path).is_err());
+    // The first server still owns the path.
+    let mut c = s.client();
+    assert_eq!(c.info().unwrap().2, 9);
+}
+
+#[test]
+fn the_socket_is_created_mode_0660() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Server::start();
+    let mode = std::fs::metadata(&s.path).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o660);
+}
+
+#[test]
 fn device_server_hooks_and_recorded_dma_maps() {
     use vhost_user_iommu::vfio_user::{DeviceServer, bind_socket};
     let dir = std::env::temp_dir().join(format!("vfio-user-hooks-{}", std::process::id()));

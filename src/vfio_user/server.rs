@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -319,21 +319,10 @@ pub fn serve_device(
     DeviceServer::new(dev, dma_check, stop).serve(listener)
 }
 
-/// Binds a listening socket at `path`, replacing a stale socket file (anything else at the
-/// path is an error).
+/// Binds a listening socket at `path` with [`crate::listen::bind`]: a stale socket is replaced,
+/// a live daemon's socket and anything that is not a socket are refused.
 pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if m.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        } else {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ));
-        }
-    }
-    UnixListener::bind(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {}: {e}", path.display())))
+    Ok(crate::listen::bind(path)?)
 }
 
 /// Binds `socket_path` and serves `dev` there on a new thread: the one-call form for each
