@@ -41,7 +41,7 @@ mod chain;
 mod memory;
 
 use chain::{Chain, LogLimiter, Pending, PendingTable, read_chain};
-use memory::{file_identity, guest_ram};
+use memory::{check_backing, file_identity, guest_ram};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
@@ -199,6 +199,9 @@ struct Inner {
     backend: Arc<dyn DmaBackend>,
     metrics: Arc<Metrics>,
     session: Mutex<Session>,
+    /// The last memory table `update_memory` accepted (empty before the first). Outside the
+    /// session lock: a refusal must put it back without waiting for the vring thread.
+    accepted: Mutex<Arc<GuestMemoryMmap>>,
 }
 
 /// The virtio-iommu vhost-user device for one connection.
@@ -256,6 +259,7 @@ impl IommuDevice {
             backend,
             metrics,
             session: Mutex::new(session),
+            accepted: Mutex::new(Arc::new(GuestMemoryMmap::new())),
         })))
     }
 
@@ -311,6 +315,8 @@ impl IommuDevice {
         s.request_vring = None;
         s.mem = None;
         s.ram = None;
+        *self.0.accepted.lock().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(GuestMemoryMmap::new());
     }
 
     /// Closes the exit-event fds the vring library took and never closed. Call only after the
@@ -339,6 +345,17 @@ impl IommuDevice {
             probe_size: r.probe_size,
             bypass: u8::from(bypass),
         }
+    }
+
+    /// The vhost-user library installs a table in the memory every vring uses before it asks
+    /// `update_memory`; a refused one is swapped back for the last accepted one at once, so that
+    /// nothing reads or writes guest memory through it until the connection closes.
+    fn restore_accepted_table(&self, mem: &Mem) {
+        let accepted =
+            GuestMemoryMmap::clone(&self.0.accepted.lock().unwrap_or_else(|p| p.into_inner()));
+        mem.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(accepted);
     }
 
     /// Device reset: nothing attached, no domain left; `bypass` keeps its value.
@@ -705,15 +722,27 @@ impl VhostUserBackend for IommuDevice {
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        let ram = Arc::new(guest_ram(&mem.memory()).map_err(io::Error::other)?);
+        let table = mem.memory();
+        let ram = match check_backing(&table).and_then(|()| guest_ram(&table)) {
+            Ok(ram) => Arc::new(ram),
+            Err(e) => {
+                warn!("memory table refused: {e}");
+                self.restore_accepted_table(&mem);
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+            }
+        };
         debug!("memory table: {} regions", ram.regions().len());
         let mut s = lock(&self.0.session);
         // Keep the backend's text (e.g. which RLIMIT_MEMLOCK pinning this table needs): the
         // refused table ends the connection, and this error is what the daemon then logs.
-        self.0.backend.set_ram(&ram).map_err(memory_table_error)?;
+        if let Err(e) = self.0.backend.set_ram(&ram) {
+            self.restore_accepted_table(&mem);
+            return Err(memory_table_error(e));
+        }
         s.dispatcher.set_ram(ram.clone());
         s.ram = Some(ram);
         s.mem = Some(mem);
+        *self.0.accepted.lock().unwrap_or_else(|p| p.into_inner()) = table.into_inner();
         Ok(())
     }
 
@@ -777,6 +806,67 @@ mod tests {
     use super::*;
     use crate::backend::fault::{FaultyBackend, Injector, Op};
     use crate::backend::soft::SoftBackend;
+
+    fn file_table(regions: &[(u64, u64, u64)]) -> GuestMemoryMmap {
+        // (gpa, file size, mapped size)
+        let regions = regions
+            .iter()
+            .enumerate()
+            .map(|(i, &(gpa, file_size, size))| {
+                let path = std::env::temp_dir().join(format!(
+                    "viommu-vhost-table-{}-{gpa:x}-{i}",
+                    std::process::id()
+                ));
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .unwrap();
+                std::fs::remove_file(&path).unwrap();
+                file.set_len(file_size).unwrap();
+                let m = vm_memory::MmapRegion::from_file(
+                    vm_memory::FileOffset::new(file, 0),
+                    size as usize,
+                )
+                .unwrap();
+                vm_memory::GuestRegionMmap::new(m, vm_memory::GuestAddress(gpa)).unwrap()
+            })
+            .collect();
+        GuestMemoryMmap::from_regions(regions).unwrap()
+    }
+
+    #[test]
+    fn a_table_past_the_end_of_a_file_is_refused_and_the_last_accepted_one_put_back() {
+        let settings = DeviceSettings {
+            endpoints: vec![EndpointId(1)],
+            boot_bypass: false,
+            rules: crate::bench::daemon::soft_rules(crate::domains::Limits::default()),
+            mode: Mode::Inline,
+            poll: std::time::Duration::ZERO,
+        };
+        let backend = Arc::new(SoftBackend::new(&[EndpointId(1)], false));
+        let dev = IommuDevice::new(settings, backend, Arc::new(Metrics::default())).unwrap();
+        let mem = GuestMemoryAtomic::new(file_table(&[(0, 0x10_0000, 0x10_0000)]));
+        dev.update_memory(mem.clone()).unwrap();
+        // What the vhost-user library does with the next table: install it, then ask.
+        mem.lock()
+            .unwrap()
+            .replace(file_table(&[(0, 0x10_0000, 0x20_0000)]));
+        let err = dev.update_memory(mem.clone()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("past the end"), "{err}");
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let now = mem.memory();
+        assert_eq!(now.num_regions(), 1);
+        assert_eq!(
+            now.iter().next().unwrap().len(),
+            0x10_0000,
+            "the accepted table is back"
+        );
+        assert_eq!(dev.guest_ram().unwrap().regions()[0].gpa.end(), 0xf_ffff);
+    }
 
     #[test]
     fn a_refused_memory_table_keeps_the_backends_message() {

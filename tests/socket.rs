@@ -698,6 +698,43 @@ fn memory_regions_added_and_removed_at_runtime_govern_what_may_be_mapped() {
 }
 
 #[test]
+fn a_memory_region_beyond_the_end_of_its_file_is_refused_and_the_daemon_serves_on() {
+    let d = Daemon::start(Options::default());
+    let extra = 1u64 << 32;
+    const MIB: u64 = 1 << 20;
+    // (file size, claimed size, offset in the file): each claims bytes the file does not have,
+    // whose pages would raise SIGBUS in the daemon when touched.
+    let lies = [
+        (MIB, 2 * MIB, 0),
+        (2 * MIB, 2 * MIB, 4096),
+        (2 * MIB, MIB, 2 * MIB),
+    ];
+    for (i, &(file, size, offset)) in lies.iter().enumerate() {
+        let mut vm = d.connect();
+        assert!(
+            vm.add_region_claiming(extra, file, size, offset).is_err(),
+            "ADD_MEM_REG {i} accepted"
+        );
+        drop(vm);
+        let mut vm = d.connect();
+        assert!(
+            vm.set_mem_table_claiming(extra, file, size, offset)
+                .is_err(),
+            "SET_MEM_TABLE {i} accepted"
+        );
+        drop(vm);
+    }
+    // Still serving, and an honest region still goes through.
+    let mut vm = d.connect();
+    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    vm.add_region_claiming(extra, 2 * MIB, MIB, MIB).unwrap();
+    assert_eq!(
+        vm.request(&map(1, 0, 0xfff, extra, RW)).unwrap(),
+        Status::Ok
+    );
+}
+
+#[test]
 fn backend_failures_reach_the_guest_as_statuses_and_roll_back() {
     let d = Daemon::start(Options::default());
     let mut vm = d.connect();

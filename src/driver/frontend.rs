@@ -735,6 +735,54 @@ impl TestVm {
         Ok(())
     }
 
+    /// ADD_MEM_REG of a region at `gpa` that claims `memory_size` bytes at `mmap_offset` of a
+    /// fresh memfd of only `file_size` bytes: a VMM describing more memory than its file has.
+    /// Kept like [`TestVm::add_region`]'s region if the daemon accepts it.
+    pub fn add_region_claiming(
+        &mut self,
+        gpa: u64,
+        file_size: u64,
+        memory_size: u64,
+        mmap_offset: u64,
+    ) -> Result<(), DriverError> {
+        self.need_mem_slots()?;
+        let r =
+            GuestRam::new_at(gpa, file_size).map_err(DriverError::io("creating memory region"))?;
+        let info = VhostUserMemoryRegionInfo {
+            memory_size,
+            mmap_offset,
+            ..region_info(&r)
+        };
+        self.frontend
+            .add_mem_region(&info)
+            .map_err(DriverError::vhost("ADD_MEM_REG"))?;
+        self.regions.push(r);
+        Ok(())
+    }
+
+    /// SET_MEM_TABLE with guest RAM and, like [`TestVm::add_region_claiming`], a region at
+    /// `gpa` that claims more of its memfd than the file holds.
+    pub fn set_mem_table_claiming(
+        &mut self,
+        gpa: u64,
+        file_size: u64,
+        memory_size: u64,
+        mmap_offset: u64,
+    ) -> Result<(), DriverError> {
+        let r =
+            GuestRam::new_at(gpa, file_size).map_err(DriverError::io("creating memory region"))?;
+        let info = VhostUserMemoryRegionInfo {
+            memory_size,
+            mmap_offset,
+            ..region_info(&r)
+        };
+        self.frontend
+            .set_mem_table(&[region_info(&self.ram), info])
+            .map_err(DriverError::vhost("SET_MEM_TABLE"))?;
+        self.regions.push(r);
+        Ok(())
+    }
+
     /// REM_MEM_REG of the extra region starting at `gpa`.
     pub fn remove_region(&mut self, gpa: u64) -> Result<(), DriverError> {
         self.need_mem_slots()?;
