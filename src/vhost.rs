@@ -733,6 +733,18 @@ impl VhostUserBackend for IommuDevice {
         };
         debug!("memory table: {} regions", ram.regions().len());
         let mut s = lock(&self.0.session);
+        // Requests in flight were checked against the old table and run with it: answer them
+        // all before the backend and the executors switch (the pipeline's contract), writing
+        // their tails through the old table they were read from.
+        if let Some(v) = s.request_vring.clone() {
+            let old = self
+                .0
+                .accepted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            drain(&mut s, Some(&old), &v, &self.0.metrics);
+        }
         // Keep the backend's text (e.g. which RLIMIT_MEMLOCK pinning this table needs): the
         // refused table ends the connection, and this error is what the daemon then logs.
         if let Err(e) = self.0.backend.set_ram(&ram) {

@@ -735,6 +735,40 @@ fn a_memory_region_beyond_the_end_of_its_file_is_refused_and_the_daemon_serves_o
 }
 
 #[test]
+fn a_memory_table_change_waits_for_the_requests_in_flight() {
+    let d = Daemon::start(Options {
+        mode: Mode::Pipeline(2),
+        ..Options::default()
+    });
+    let mut vm = d.connect_with(big_queue());
+    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    d.faults
+        .delay(Op::Map, std::time::Duration::from_millis(30));
+    let n = 8u64;
+    let heads: Vec<u16> = (0..n)
+        .map(|i| {
+            let (bytes, len) = map(1, i << 12, (i << 12) | 0xfff, i << 12, RW).encode();
+            vm.push(&bytes[..len], 4).unwrap()
+        })
+        .collect();
+    vm.kick().unwrap();
+    d.wait_until("a MAP is running", |d| d.faults.mapping() > 0);
+    // Now the executor works through the maps; the new region must wait for all of them.
+    vm.add_region(1 << 32, 2 << 20).unwrap();
+    let used = vm.wait_used(heads.len(), TIMEOUT).unwrap();
+    assert_eq!(used.len(), heads.len());
+    for (head, _) in used {
+        assert_eq!(vm.writable_bytes(head)[0], Status::Ok as u8, "chain {head}");
+    }
+    assert_eq!(
+        d.faults.set_ram_while_mapping(),
+        0,
+        "the backend's set_ram ran while a MAP was in flight"
+    );
+    assert_eq!(d.state().0[0].mappings.len(), n as usize);
+}
+
+#[test]
 fn backend_failures_reach_the_guest_as_statuses_and_roll_back() {
     let d = Daemon::start(Options::default());
     let mut vm = d.connect();
