@@ -109,6 +109,15 @@ impl VmConfig {
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
             return Err(format!("endpoint id {} is listed twice", w[0]));
         }
+        let mut seen = std::collections::BTreeSet::new();
+        for (_, p) in self.socket_paths() {
+            if !seen.insert(p.clone()) {
+                return Err(format!(
+                    "socket path {} is used twice: each socket needs its own path",
+                    p.display()
+                ));
+            }
+        }
         if let Some([s, e]) = self.domain_range
             && s > e
         {
@@ -125,6 +134,21 @@ impl VmConfig {
             return Err(format!("threads {t} is more than 64"));
         }
         Ok(())
+    }
+
+    /// Every socket the daemon listens on for this VM, with what it is for, as normalised
+    /// paths (`a//b` and `a/./b` are `a/b`; `..` is kept: it cannot be resolved lexically).
+    pub fn socket_paths(&self) -> Vec<(String, PathBuf)> {
+        let norm = |p: &Path| p.components().collect::<PathBuf>();
+        let vhost = self
+            .socket
+            .iter()
+            .map(|p| ("vhost-user socket".to_string(), norm(p)));
+        let vfio = self.endpoints.iter().filter_map(|e| {
+            let p = e.vfio_user_socket.as_deref()?;
+            Some((format!("endpoint {}: vfio-user socket", e.id), norm(p)))
+        });
+        vhost.chain(vfio).collect()
     }
 
     pub fn limits(&self) -> Limits {
@@ -183,6 +207,28 @@ vfio_user_socket = "/run/vhost-user-iommu/vm1-01.sock"
         assert!(msg.contains("/etc/x.toml"), "{msg}");
         assert!(msg.contains("line 2"), "{msg}");
         assert!(msg.contains("bogus"), "{msg}");
+    }
+
+    #[test]
+    fn a_socket_path_used_twice_in_one_config_is_rejected() {
+        let p = Path::new("a.toml");
+        let two_vfio = "[[endpoint]]\nid = 1\nvfio_user_socket = \"/run/v/a.sock\"\n\
+                        [[endpoint]]\nid = 2\nvfio_user_socket = \"/run/v/./a.sock\"\n";
+        let msg = VmConfig::parse(two_vfio, p).unwrap_err().to_string();
+        assert!(
+            msg.contains("/run/v/a.sock") && msg.contains("twice"),
+            "{msg}"
+        );
+        let vhost_and_vfio = "socket = \"/run/v/a.sock\"\n\
+                              [[endpoint]]\nid = 1\nvfio_user_socket = \"/run/v//a.sock\"\n";
+        let msg = VmConfig::parse(vhost_and_vfio, p).unwrap_err().to_string();
+        assert!(
+            msg.contains("/run/v/a.sock") && msg.contains("twice"),
+            "{msg}"
+        );
+        let distinct = "socket = \"/run/v/a.sock\"\n\
+                        [[endpoint]]\nid = 1\nvfio_user_socket = \"/run/v/b.sock\"\n";
+        assert!(VmConfig::parse(distinct, p).is_ok());
     }
 
     #[test]

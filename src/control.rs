@@ -10,7 +10,7 @@
 //! It never changes anything; who may connect is decided by the socket file's permissions.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,8 +35,7 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     pinned: PinnedBytes,
 ) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+    let listener = crate::listen::bind(path)?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {

@@ -14,7 +14,7 @@ use std::io;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::config::{BackendKind, VmConfig};
@@ -400,6 +400,7 @@ pub fn check(path: &Path, opts: &CheckOptions) -> Report {
         );
     }
     check_socket(&mut r, &cfg, &vm);
+    check_socket_owners(&mut r, &cfg, path, &vm);
 
     let host_devices: Vec<_> = cfg.endpoints.iter().filter(|e| e.pci.is_some()).collect();
     let iommufd = match cfg.backend {
@@ -428,21 +429,68 @@ pub fn check(path: &Path, opts: &CheckOptions) -> Report {
 }
 
 fn check_socket(r: &mut Report, cfg: &VmConfig, vm: &str) {
-    match &cfg.socket {
-        None => r.push(
+    if cfg.socket.is_none() {
+        r.push(
             Status::Warn,
             format!(
                 "no `socket` in the config: the unit runs `--config` only; set socket = \"{RUNTIME_DIR}/{vm}.sock\" (or pass --fd from a socket unit)"
             ),
-        ),
-        Some(s) if !s.starts_with(RUNTIME_DIR) => r.push(
-            Status::Warn,
-            format!(
-                "socket {} is outside {RUNTIME_DIR}: under the unit (ProtectSystem=strict) the daemon can only create it there; move it or add ReadWritePaths= in a drop-in",
-                s.display()
-            ),
-        ),
-        Some(s) => r.push(Status::Ok, format!("vhost-user socket {}", s.display())),
+        );
+    }
+    for (what, s) in cfg.socket_paths() {
+        if s.components().any(|c| c == Component::ParentDir) {
+            r.push(
+                Status::Fail,
+                format!(
+                    "{what} {} has a `..` component: refused, it may lead out of {RUNTIME_DIR}; write the path without `..`",
+                    s.display()
+                ),
+            );
+        } else if !s.starts_with(RUNTIME_DIR) {
+            r.push(
+                Status::Warn,
+                format!(
+                    "{what} {} is outside {RUNTIME_DIR}: under the unit (ProtectSystem=strict) the daemon can only create it there; move it or add ReadWritePaths= in a drop-in",
+                    s.display()
+                ),
+            );
+        } else if cfg.socket.is_some() && what == "vhost-user socket" {
+            r.push(Status::Ok, format!("vhost-user socket {}", s.display()));
+        }
+    }
+}
+
+/// Two daemons cannot listen on one path: the second is refused at start. Fails for each
+/// socket of this VM that another config in the same directory also names.
+fn check_socket_owners(r: &mut Report, cfg: &VmConfig, path: &Path, vm: &str) {
+    let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return;
+    };
+    let Ok(files) = config_files(dir) else {
+        return;
+    };
+    let others: Vec<(String, VmConfig)> = files
+        .into_iter()
+        .filter(|(other, _)| other != vm)
+        .filter_map(|(other, p)| Some((other, VmConfig::load(&p).ok()?)))
+        .collect();
+    for (what, s) in cfg.socket_paths() {
+        let users: Vec<&str> = others
+            .iter()
+            .filter(|(_, c)| c.socket_paths().iter().any(|(_, p)| *p == s))
+            .map(|(v, _)| v.as_str())
+            .collect();
+        if !users.is_empty() {
+            r.push(
+                Status::Fail,
+                format!(
+                    "{what} {} is also used by VM(s) {} in {}: only one daemon can listen on it; give each VM its own path",
+                    s.display(),
+                    users.join(", "),
+                    dir.display()
+                ),
+            );
+        }
     }
 }
 

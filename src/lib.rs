@@ -17,6 +17,7 @@ pub mod driver;
 pub mod guest_ram;
 pub mod hotplug;
 pub mod ids;
+pub mod listen;
 pub mod metrics;
 pub mod pipeline;
 pub mod protocol;

@@ -484,6 +484,8 @@ fn run(a: ServeArgs) -> Result<(), String> {
     };
     endpoints.sort_unstable();
     endpoints.dedup();
+    // Removes the vhost-user socket file at exit, as long as it is still ours.
+    let mut _socket_file = None;
     let listener = match (a.fd, a.socket_path.as_ref().or(cfg.socket.as_ref())) {
         (Some(fd), _) => {
             // SAFETY: fstat on an arbitrary integer is harmless; it tells whether `fd` is open.
@@ -500,7 +502,10 @@ fn run(a: ServeArgs) -> Result<(), String> {
             unsafe { Listener::from_raw_fd(fd) }
         }
         (None, Some(p)) => {
-            Listener::new(p, true).map_err(|e| format!("cannot listen on {}: {e}", p.display()))?
+            let l = vhost_user_iommu::listen::bind(p)
+                .map_err(|e| format!("cannot listen on {}: {e}", p.display()))?;
+            _socket_file = Some(vhost_user_iommu::listen::SocketFile::new(p));
+            Listener::from(l)
         }
         (None, None) => {
             return Err("give --socket-path PATH, --fd N, or socket in the config".into());

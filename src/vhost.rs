@@ -17,7 +17,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -39,7 +41,7 @@ mod chain;
 mod memory;
 
 use chain::{Chain, LogLimiter, Pending, PendingTable, read_chain};
-use memory::{file_identity, guest_ram};
+use memory::{check_backing, file_identity, guest_ram};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
@@ -79,9 +81,52 @@ struct Session {
     probe_buf: Vec<u8>,
     request_vring: Option<VringRwLock>,
     acked_features: u64,
-    /// The request ring was stopped (GET_VRING_BASE); a restart from index 0 is a device reset.
-    stopped: bool,
+    /// The request ring was stopped (GET_VRING_BASE) at this position; see [`RingMark`].
+    stopped: Option<RingMark>,
     limiter: LogLimiter,
+}
+
+/// Where the request ring stood when the VMM stopped it, to tell a resume from a reset.
+///
+/// QEMU stops and restarts the rings the same way (GET_VRING_BASE, then SET_FEATURES and
+/// SET_VRING_*) for a VM pause and for a guest's device reset, and sends no reset message for a
+/// generic vhost-user device (`vhost_dev_stop` serves both). What differs is the ring: a resume
+/// hands back the very ring that stopped (same size and addresses, the avail index that
+/// GET_VRING_BASE returned, the used entries the device wrote still in place), while a driver can
+/// only hand the device new rings after a device reset (virtio 1.2 §3.1.1, §2.7: queue setup
+/// happens before DRIVER_OK), and its ring memory starts zeroed. So a restart onto anything but
+/// the ring as it stopped is a reset; the value of an index on its own means nothing (the avail
+/// index is 0 again after every 65,536 requests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RingMark {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_avail: u16,
+    /// The used-ring element the device wrote last (id and length), as guest memory holds it.
+    last_used: Option<[u8; 8]>,
+}
+
+impl RingMark {
+    fn of(vring: &VringRwLock, mem: Option<&GuestMemoryMmap>) -> RingMark {
+        let g = vring.get_ref();
+        let q = g.get_queue();
+        let last_used = mem.zip(q.next_used().wrapping_sub(1).checked_rem(q.size()));
+        let last_used = last_used.and_then(|(mem, slot)| {
+            // struct virtq_used { le16 flags; le16 idx; struct virtq_used_elem ring[]; }
+            let at = q.used_ring().checked_add(4 + 8 * u64::from(slot))?;
+            mem.read_obj::<[u8; 8]>(vm_memory::GuestAddress(at)).ok()
+        });
+        RingMark {
+            size: q.size(),
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+            next_avail: q.next_avail(),
+            last_used,
+        }
+    }
 }
 
 /// Everything `complete` needs besides the dispatcher, so both can be borrowed at once.
@@ -154,6 +199,9 @@ struct Inner {
     backend: Arc<dyn DmaBackend>,
     metrics: Arc<Metrics>,
     session: Mutex<Session>,
+    /// The last memory table `update_memory` accepted (empty before the first). Outside the
+    /// session lock: a refusal must put it back without waiting for the vring thread.
+    accepted: Mutex<Arc<GuestMemoryMmap>>,
 }
 
 /// The virtio-iommu vhost-user device for one connection.
@@ -186,7 +234,7 @@ impl IommuDevice {
             probe_buf: vec![0; settings.rules.probe_size as usize],
             request_vring: None,
             acked_features: 0,
-            stopped: false,
+            stopped: None,
             limiter: LogLimiter {
                 window: Instant::now(),
                 count: 0,
@@ -211,6 +259,7 @@ impl IommuDevice {
             backend,
             metrics,
             session: Mutex::new(session),
+            accepted: Mutex::new(Arc::new(GuestMemoryMmap::new())),
         })))
     }
 
@@ -266,6 +315,8 @@ impl IommuDevice {
         s.request_vring = None;
         s.mem = None;
         s.ram = None;
+        *self.0.accepted.lock().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(GuestMemoryMmap::new());
     }
 
     /// Closes the exit-event fds the vring library took and never closed. Call only after the
@@ -296,6 +347,17 @@ impl IommuDevice {
         }
     }
 
+    /// The vhost-user library installs a table in the memory every vring uses before it asks
+    /// `update_memory`; a refused one is swapped back for the last accepted one at once, so that
+    /// nothing reads or writes guest memory through it until the connection closes.
+    fn restore_accepted_table(&self, mem: &Mem) {
+        let accepted =
+            GuestMemoryMmap::clone(&self.0.accepted.lock().unwrap_or_else(|p| p.into_inner()));
+        mem.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(accepted);
+    }
+
     /// Device reset: nothing attached, no domain left; `bypass` keeps its value.
     fn reset(&self, s: &mut Session) {
         if let Some(v) = s.request_vring.clone() {
@@ -313,10 +375,11 @@ impl IommuDevice {
         if s.request_vring.is_none() {
             s.request_vring = Some(vring.clone());
         }
-        if s.stopped {
-            s.stopped = false;
-            let fresh = vring.get_ref().get_queue().next_avail() == 0;
-            if fresh && s.dispatcher.has_state() {
+        if let Some(mark) = s.stopped.take() {
+            let mem = s.mem.as_ref().map(|m| m.memory());
+            let now = RingMark::of(vring, mem.as_deref());
+            if now != mark && s.dispatcher.has_state() {
+                debug!("request ring restarted at {now:?}, stopped at {mark:?}");
                 self.reset(s);
             }
         }
@@ -659,15 +722,39 @@ impl VhostUserBackend for IommuDevice {
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        let ram = Arc::new(guest_ram(&mem.memory()).map_err(io::Error::other)?);
+        let table = mem.memory();
+        let ram = match check_backing(&table).and_then(|()| guest_ram(&table)) {
+            Ok(ram) => Arc::new(ram),
+            Err(e) => {
+                warn!("memory table refused: {e}");
+                self.restore_accepted_table(&mem);
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+            }
+        };
         debug!("memory table: {} regions", ram.regions().len());
         let mut s = lock(&self.0.session);
+        // Requests in flight were checked against the old table and run with it: answer them
+        // all before the backend and the executors switch (the pipeline's contract), writing
+        // their tails through the old table they were read from.
+        if let Some(v) = s.request_vring.clone() {
+            let old = self
+                .0
+                .accepted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            drain(&mut s, Some(&old), &v, &self.0.metrics);
+        }
         // Keep the backend's text (e.g. which RLIMIT_MEMLOCK pinning this table needs): the
         // refused table ends the connection, and this error is what the daemon then logs.
-        self.0.backend.set_ram(&ram).map_err(memory_table_error)?;
+        if let Err(e) = self.0.backend.set_ram(&ram) {
+            self.restore_accepted_table(&mem);
+            return Err(memory_table_error(e));
+        }
         s.dispatcher.set_ram(ram.clone());
         s.ram = Some(ram);
         s.mem = Some(mem);
+        *self.0.accepted.lock().unwrap_or_else(|p| p.into_inner()) = table.into_inner();
         Ok(())
     }
 
@@ -697,8 +784,8 @@ impl VhostUserBackend for IommuDevice {
         if let Some(v) = s.request_vring.clone() {
             let mem = s.mem.as_ref().map(|m| m.memory());
             drain(&mut s, mem.as_deref(), &v, &self.0.metrics);
+            s.stopped = Some(RingMark::of(&v, mem.as_deref()));
         }
-        s.stopped = true;
         Ok(())
     }
 
@@ -731,6 +818,67 @@ mod tests {
     use super::*;
     use crate::backend::fault::{FaultyBackend, Injector, Op};
     use crate::backend::soft::SoftBackend;
+
+    fn file_table(regions: &[(u64, u64, u64)]) -> GuestMemoryMmap {
+        // (gpa, file size, mapped size)
+        let regions = regions
+            .iter()
+            .enumerate()
+            .map(|(i, &(gpa, file_size, size))| {
+                let path = std::env::temp_dir().join(format!(
+                    "viommu-vhost-table-{}-{gpa:x}-{i}",
+                    std::process::id()
+                ));
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .unwrap();
+                std::fs::remove_file(&path).unwrap();
+                file.set_len(file_size).unwrap();
+                let m = vm_memory::MmapRegion::from_file(
+                    vm_memory::FileOffset::new(file, 0),
+                    size as usize,
+                )
+                .unwrap();
+                vm_memory::GuestRegionMmap::new(m, vm_memory::GuestAddress(gpa)).unwrap()
+            })
+            .collect();
+        GuestMemoryMmap::from_regions(regions).unwrap()
+    }
+
+    #[test]
+    fn a_table_past_the_end_of_a_file_is_refused_and_the_last_accepted_one_put_back() {
+        let settings = DeviceSettings {
+            endpoints: vec![EndpointId(1)],
+            boot_bypass: false,
+            rules: crate::bench::daemon::soft_rules(crate::domains::Limits::default()),
+            mode: Mode::Inline,
+            poll: std::time::Duration::ZERO,
+        };
+        let backend = Arc::new(SoftBackend::new(&[EndpointId(1)], false));
+        let dev = IommuDevice::new(settings, backend, Arc::new(Metrics::default())).unwrap();
+        let mem = GuestMemoryAtomic::new(file_table(&[(0, 0x10_0000, 0x10_0000)]));
+        dev.update_memory(mem.clone()).unwrap();
+        // What the vhost-user library does with the next table: install it, then ask.
+        mem.lock()
+            .unwrap()
+            .replace(file_table(&[(0, 0x10_0000, 0x20_0000)]));
+        let err = dev.update_memory(mem.clone()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("past the end"), "{err}");
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let now = mem.memory();
+        assert_eq!(now.num_regions(), 1);
+        assert_eq!(
+            now.iter().next().unwrap().len(),
+            0x10_0000,
+            "the accepted table is back"
+        );
+        assert_eq!(dev.guest_ram().unwrap().regions()[0].gpa.end(), 0xf_ffff);
+    }
 
     #[test]
     fn a_refused_memory_table_keeps_the_backends_message() {

@@ -334,3 +334,144 @@ fn sigterm_under_load_exits_zero_promptly() {
     assert!(served > 0, "the load ran");
     assert!(st.success(), "SIGTERM under load must exit 0, got {st:?}");
 }
+
+/// Waits up to 5 s for `child` to exit by itself; kills it (and says so with `None`) if not.
+fn exit_or_kill(mut child: std::process::Child) -> (Option<std::process::ExitStatus>, String) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if Instant::now() >= deadline {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reap");
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err).expect("stderr");
+    }
+    (status, err)
+}
+
+/// A daemon killed when the test ends, failed or not.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn daemon(args: &[&std::ffi::OsStr]) -> std::process::Child {
+    Command::new(BIN)
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
+
+fn mode_of(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn a_second_daemon_on_a_live_daemons_sockets_is_refused_and_the_first_keeps_serving() {
+    let dir = TempDir::new();
+    let (sock, ctl) = (dir.0.join("v.sock"), dir.0.join("ctl.sock"));
+    let mut first = Running(daemon(&[
+        "--socket-path".as_ref(),
+        sock.as_os_str(),
+        "--control-socket".as_ref(),
+        ctl.as_os_str(),
+    ]));
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
+    exercise(&mut vm);
+    drop(vm);
+    let inode =
+        |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let (sock_ino, ctl_ino) = (inode(&sock), inode(&ctl));
+
+    // The same vhost-user socket.
+    let (status, err) = exit_or_kill(daemon(&["--socket-path".as_ref(), sock.as_os_str()]));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "a second daemon on the same --socket-path must fail, got {status:?}: {err}"
+    );
+    assert!(err.contains("in use by a running daemon"), "{err}");
+    // The same control socket (its own vhost-user socket is fine, and is not left behind).
+    let other = dir.0.join("other.sock");
+    let (status, err) = exit_or_kill(daemon(&[
+        "--socket-path".as_ref(),
+        other.as_os_str(),
+        "--control-socket".as_ref(),
+        ctl.as_os_str(),
+    ]));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "a second daemon on the same --control-socket must fail, got {status:?}: {err}"
+    );
+    assert!(err.contains("in use by a running daemon"), "{err}");
+    assert!(!other.exists(), "the refused daemon removed its own socket");
+
+    assert_eq!((inode(&sock), inode(&ctl)), (sock_ino, ctl_ino));
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("the first still serves");
+    exercise(&mut vm);
+    assert!(ask(&ctl, "state").contains("mappings"));
+    drop(vm);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(first.0.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut first.0).success());
+}
+
+#[test]
+fn socket_path_never_replaces_a_file_that_is_not_a_socket() {
+    let dir = TempDir::new();
+    let file = dir.0.join("not-a-socket");
+    std::fs::write(&file, b"precious").unwrap();
+    let (status, err) = exit_or_kill(daemon(&["--socket-path".as_ref(), file.as_os_str()]));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "got {status:?}: {err}"
+    );
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+}
+
+#[test]
+fn the_daemons_sockets_are_created_mode_0660_whatever_the_umask() {
+    let dir = TempDir::new();
+    let (sock, ctl) = (dir.0.join("v.sock"), dir.0.join("ctl.sock"));
+    for umask in [0o022, 0o000, 0o077] {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--socket-path")
+            .arg(&sock)
+            .arg("--control-socket")
+            .arg(&ctl)
+            .stderr(Stdio::null());
+        // SAFETY: umask in the child between fork and exec only changes the child's mask.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::umask(umask);
+                Ok(())
+            });
+        }
+        let mut child = Running(cmd.spawn().expect("spawn"));
+        drop(TestVm::connect(&sock, VmOptions::default()).expect("connect"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::os::unix::net::UnixStream::connect(&ctl).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(mode_of(&sock), 0o660, "umask {umask:03o}");
+        assert_eq!(mode_of(&ctl), 0o660, "umask {umask:03o}");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+        assert!(wait_exit(&mut child.0).success());
+    }
+}

@@ -537,6 +537,53 @@ fn config_problems_are_reported() {
 }
 
 #[test]
+fn socket_paths_with_dot_dot_fail_the_runtime_directory_check() {
+    let (h, _) = FakeHost::healthy();
+    for (key, value) in [
+        ("socket", "/run/vhost-user-iommu/../../etc/vm1.sock"),
+        ("vfio_user_socket", "/run/vhost-user-iommu/../vm1-32.sock"),
+    ] {
+        let text = VM1
+            .lines()
+            .map(|l| {
+                if l.starts_with(&format!("{key} =")) {
+                    format!("{key} = \"{value}\"")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let r = deploy::check(&h.config("vm1", &text), &opts(&h));
+        let f = only_failure(&r);
+        assert!(f.contains(value) && f.contains(".."), "{r}");
+    }
+}
+
+#[test]
+fn a_socket_path_another_vm_uses_fails_the_check() {
+    let (h, _) = FakeHost::healthy();
+    // vm2 is a different VM (its own device-less endpoint) that took vm1's vfio-user socket.
+    h.config(
+        "vm2",
+        "socket = \"/run/vhost-user-iommu/vm2.sock\"\nbackend = \"soft\"\n\
+         [[endpoint]]\nid = 1\nvfio_user_socket = \"/run/vhost-user-iommu/vm1-32.sock\"\n",
+    );
+    let r = deploy::check(&h.config("vm1", VM1), &opts(&h));
+    let f = only_failure(&r);
+    assert!(
+        f.contains("/run/vhost-user-iommu/vm1-32.sock") && f.contains("vm2"),
+        "{r}"
+    );
+    // Distinct paths pass.
+    h.config(
+        "vm2",
+        "socket = \"/run/vhost-user-iommu/vm2.sock\"\nbackend = \"soft\"\n",
+    );
+    assert!(deploy::check(&h.config("vm1", VM1), &opts(&h)).passed());
+}
+
+#[test]
 fn the_check_command_prints_a_report_and_fails_on_problems() {
     let (h, nic) = FakeHost::healthy();
     let cfg = h.config("vm1", VM1);

@@ -11,8 +11,8 @@ use vhost_user_iommu::driver::{Desc, VmOptions};
 use vhost_user_iommu::ids::{DomainId, EndpointId};
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{
-    ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, Request, ResvKind, Status, decode_probe_properties,
-    features,
+    ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, REQUEST_QUEUE, Request, ResvKind, Status,
+    decode_probe_properties, features,
 };
 
 fn attach(d: u32, e: u32) -> Request {
@@ -519,7 +519,7 @@ fn device_reset_detaches_everything_and_keeps_bypass() {
 }
 
 #[test]
-fn restarting_the_rings_from_zero_is_a_device_reset() {
+fn restarting_onto_fresh_rings_after_a_stop_is_a_device_reset() {
     let d = Daemon::start(Options {
         mode: Mode::Pipeline(2),
         ..Options::default()
@@ -530,6 +530,75 @@ fn restarting_the_rings_from_zero_is_a_device_reset() {
         vec![Status::Ok; 2]
     );
     vm.reset_rings().unwrap();
+    assert_eq!(vm.request(&attach(5, 2)).unwrap(), Status::Ok);
+    let (domains, endpoints) = d.state();
+    assert_eq!(domains.iter().map(|d| d.id).collect::<Vec<_>>(), vec![5]);
+    assert_eq!(endpoints.iter().find(|e| e.id == 1).unwrap().domain, None);
+    assert_eq!(
+        d.soft.translate(EndpointId(1), 0, false),
+        Err(Fault::Blocked)
+    );
+}
+
+/// Sends cheap requests until exactly 65,536 went through the request ring since it was set up:
+/// its free-running avail index is 0 again.
+fn wrap_the_request_ring(vm: &mut vhost_user_iommu::driver::TestVm, sent: usize) {
+    let filler = vec![attach(1, 1); 512];
+    let mut sent = sent;
+    while sent < 1 << 16 {
+        let n = ((1 << 16) - sent).min(filler.len());
+        let statuses = vm.batch(&filler[..n]).unwrap();
+        assert!(statuses.iter().all(|s| *s == Status::Ok), "{statuses:?}");
+        sent += n;
+    }
+    assert_eq!(vm.request_queue().avail_idx(), 0);
+}
+
+#[test]
+fn pausing_and_resuming_the_rings_keeps_every_domain_even_when_the_avail_index_wrapped_to_zero() {
+    for mode in [Mode::Inline, Mode::Pipeline(2)] {
+        let d = Daemon::start(Options {
+            mode,
+            ..Options::default()
+        });
+        let mut vm = d.connect_with(big_queue());
+        assert_eq!(
+            vm.batch(&[attach(1, 1), map(1, 0, 0xfff, 0, RW)]).unwrap(),
+            vec![Status::Ok; 2]
+        );
+        wrap_the_request_ring(&mut vm, 2);
+        let bases = vm.pause_and_resume().unwrap();
+        assert_eq!(bases[REQUEST_QUEUE], 0, "{mode:?}");
+        assert_eq!(
+            vm.request(&map(1, 0x1000, 0x1fff, 0x1000, RW)).unwrap(),
+            Status::Ok,
+            "{mode:?}: the domain is still there after the resume"
+        );
+        let (domains, endpoints) = d.state();
+        assert_eq!(domains.len(), 1, "{mode:?}");
+        assert_eq!(domains[0].mappings.len(), 2, "{mode:?}");
+        assert_eq!(
+            endpoints.iter().find(|e| e.id == 1).unwrap().domain,
+            Some(1),
+            "{mode:?}"
+        );
+        assert_eq!(d.soft.translate(EndpointId(1), 0x10, false), Ok(0x10));
+    }
+}
+
+#[test]
+fn restarting_onto_fresh_rings_after_the_avail_index_wrapped_to_zero_is_still_a_device_reset() {
+    let d = Daemon::start(Options::default());
+    let mut vm = d.connect_with(big_queue());
+    assert_eq!(
+        vm.batch(&[attach(1, 1), map(1, 0, 0xfff, 0, RW)]).unwrap(),
+        vec![Status::Ok; 2]
+    );
+    wrap_the_request_ring(&mut vm, 2);
+    // The same ring memory, zeroed and set up again from index 0: what a rebooted guest whose
+    // driver allocated its ring at the same address looks like.
+    vm.reset_rings().unwrap();
+    assert_eq!(vm.last_vring_bases().unwrap()[REQUEST_QUEUE], 0);
     assert_eq!(vm.request(&attach(5, 2)).unwrap(), Status::Ok);
     let (domains, endpoints) = d.state();
     assert_eq!(domains.iter().map(|d| d.id).collect::<Vec<_>>(), vec![5]);
@@ -626,6 +695,77 @@ fn memory_regions_added_and_removed_at_runtime_govern_what_may_be_mapped() {
         "kept"
     );
     assert_eq!(d.state().0[0].mappings.len(), 1);
+}
+
+#[test]
+fn a_memory_region_beyond_the_end_of_its_file_is_refused_and_the_daemon_serves_on() {
+    let d = Daemon::start(Options::default());
+    let extra = 1u64 << 32;
+    const MIB: u64 = 1 << 20;
+    // (file size, claimed size, offset in the file): each claims bytes the file does not have,
+    // whose pages would raise SIGBUS in the daemon when touched.
+    let lies = [
+        (MIB, 2 * MIB, 0),
+        (2 * MIB, 2 * MIB, 4096),
+        (2 * MIB, MIB, 2 * MIB),
+    ];
+    for (i, &(file, size, offset)) in lies.iter().enumerate() {
+        let mut vm = d.connect();
+        assert!(
+            vm.add_region_claiming(extra, file, size, offset).is_err(),
+            "ADD_MEM_REG {i} accepted"
+        );
+        drop(vm);
+        let mut vm = d.connect();
+        assert!(
+            vm.set_mem_table_claiming(extra, file, size, offset)
+                .is_err(),
+            "SET_MEM_TABLE {i} accepted"
+        );
+        drop(vm);
+    }
+    // Still serving, and an honest region still goes through.
+    let mut vm = d.connect();
+    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    vm.add_region_claiming(extra, 2 * MIB, MIB, MIB).unwrap();
+    assert_eq!(
+        vm.request(&map(1, 0, 0xfff, extra, RW)).unwrap(),
+        Status::Ok
+    );
+}
+
+#[test]
+fn a_memory_table_change_waits_for_the_requests_in_flight() {
+    let d = Daemon::start(Options {
+        mode: Mode::Pipeline(2),
+        ..Options::default()
+    });
+    let mut vm = d.connect_with(big_queue());
+    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    d.faults
+        .delay(Op::Map, std::time::Duration::from_millis(30));
+    let n = 8u64;
+    let heads: Vec<u16> = (0..n)
+        .map(|i| {
+            let (bytes, len) = map(1, i << 12, (i << 12) | 0xfff, i << 12, RW).encode();
+            vm.push(&bytes[..len], 4).unwrap()
+        })
+        .collect();
+    vm.kick().unwrap();
+    d.wait_until("a MAP is running", |d| d.faults.mapping() > 0);
+    // Now the executor works through the maps; the new region must wait for all of them.
+    vm.add_region(1 << 32, 2 << 20).unwrap();
+    let used = vm.wait_used(heads.len(), TIMEOUT).unwrap();
+    assert_eq!(used.len(), heads.len());
+    for (head, _) in used {
+        assert_eq!(vm.writable_bytes(head)[0], Status::Ok as u8, "chain {head}");
+    }
+    assert_eq!(
+        d.faults.set_ram_while_mapping(),
+        0,
+        "the backend's set_ram ran while a MAP was in flight"
+    );
+    assert_eq!(d.state().0[0].mappings.len(), n as usize);
 }
 
 #[test]

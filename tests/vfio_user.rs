@@ -54,7 +54,10 @@ const SET_DATA_BOOL: u32 = 2;
 const SET_DATA_EVENTFD: u32 = 4;
 const SET_ACTION_TRIGGER: u32 = 32;
 
+const INTX: u32 = 0;
 const MSIX: u32 = 2;
+/// VFIO_PCI_REQ_IRQ_INDEX: the host's unplug request, the daemon's own.
+const REQ: u32 = 4;
 const CONFIG: u32 = 7;
 
 // ---- the fake device ----
@@ -1103,13 +1106,92 @@ fn disconnect_disables_irqs_resets_and_drops_dma_maps() {
             })
             .map(|k| k.index)
             .collect();
-        assert_eq!(disabled, vec![0, 1, 2, 3, 4], "every IRQ index disabled");
+        assert_eq!(
+            disabled,
+            vec![MSIX],
+            "the IRQ index the client set is disabled"
+        );
     }
     // The next client is served, and the old client's maps are gone.
     let mut c = s.client();
     c.dma_map(3, 0, 0x1000, 0x1000, Some(ram.as_raw_fd()))
         .unwrap();
     assert_eq!(c.info().unwrap().2, 9);
+}
+
+#[test]
+fn disconnect_disables_only_the_irq_indexes_the_client_set_and_never_the_req_index() {
+    let s = Server::start();
+    let mut c = s.client();
+    let e = EventFd::new(0).unwrap();
+    let fl = SET_DATA_EVENTFD | SET_ACTION_TRIGGER;
+    c.set_irqs(fl, INTX, 0, 1, &[e.as_raw_fd()], &[]).unwrap();
+    c.set_irqs(fl, MSIX, 0, 1, &[e.as_raw_fd()], &[]).unwrap();
+    let before = s.state.lock().unwrap().irq_calls.len();
+    drop(c);
+    s.wait_for("reset after disconnect", |st| st.resets == 1);
+    let st = s.state.lock().unwrap();
+    let touched: Vec<(u32, u32, u32, u32)> = st.irq_calls[before..]
+        .iter()
+        .map(|k| (k.index, k.flags, k.start, k.count))
+        .collect();
+    let off = SET_DATA_NONE | SET_ACTION_TRIGGER;
+    assert_eq!(touched, vec![(INTX, off, 0, 0), (MSIX, off, 0, 0)]);
+    assert!(
+        st.irq_calls.iter().all(|k| k.index != REQ),
+        "the REQ index (the daemon's unplug watcher) was touched: {:?}",
+        st.irq_calls.iter().map(|k| k.index).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn the_req_irq_index_is_the_daemons_and_a_client_can_neither_query_nor_set_it() {
+    let s = Server::start();
+    let mut c = s.client();
+    let p = P::default().u32(16).u32(0).u32(REQ).u32(0);
+    assert_eq!(
+        c.call(GET_IRQ_INFO, &p.0, &[]).unwrap_err(),
+        libc::EPERM as u32
+    );
+    let e = EventFd::new(0).unwrap();
+    for (flags, fds, data) in [
+        (
+            SET_DATA_EVENTFD | SET_ACTION_TRIGGER,
+            vec![e.as_raw_fd()],
+            vec![],
+        ),
+        (SET_DATA_EVENTFD | SET_ACTION_TRIGGER, vec![], vec![]),
+        (SET_DATA_BOOL | SET_ACTION_TRIGGER, vec![], vec![1]),
+        (SET_DATA_NONE | SET_ACTION_TRIGGER, vec![], vec![]),
+    ] {
+        let count = if flags & SET_DATA_NONE != 0 { 0 } else { 1 };
+        assert_eq!(
+            c.set_irqs(flags, REQ, 0, count, &fds, &data).unwrap_err(),
+            libc::EPERM as u32,
+            "flags {flags:#x}"
+        );
+    }
+    // The connection goes on: the other indexes still work.
+    c.set_irqs(
+        SET_DATA_EVENTFD | SET_ACTION_TRIGGER,
+        MSIX,
+        0,
+        1,
+        &[e.as_raw_fd()],
+        &[],
+    )
+    .unwrap();
+    drop(c);
+    s.wait_for("reset after disconnect", |st| st.resets == 1);
+    assert!(
+        s.state
+            .lock()
+            .unwrap()
+            .irq_calls
+            .iter()
+            .all(|k| k.index != REQ),
+        "a client reached the REQ index"
+    );
 }
 
 #[test]
@@ -1154,6 +1236,29 @@ fn a_stale_socket_file_is_replaced_and_other_files_are_not() {
     assert!(vhost_user_iommu::vfio_user::bind_socket(&file).is_err());
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_served_socket_is_never_taken_over_by_a_second_server() {
+    let s = Server::start();
+    let (fake, _) = Fake::new();
+    let dma_check: DmaCheck = Arc::new(|_, _| true);
+    let stop = StopSignal::new().unwrap();
+    let second = spawn_device_server("second", &s.path, Box::new(fake), dma_check, stop.clone());
+    let e = second.expect_err("a second server on a live socket must be refused");
+    assert!(e.to_string().contains("in use by a running daemon"), "{e}");
+    assert!(vhost_user_iommu::vfio_user::bind_socket(&s.path).is_err());
+    // The first server still owns the path.
+    let mut c = s.client();
+    assert_eq!(c.info().unwrap().2, 9);
+}
+
+#[test]
+fn the_socket_is_created_mode_0660() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Server::start();
+    let mode = std::fs::metadata(&s.path).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o660);
 }
 
 #[test]

@@ -1,10 +1,14 @@
-//! Fault injection: a backend wrapper that fails chosen calls with a chosen errno.
+//! Fault injection: a backend wrapper that fails chosen calls with a chosen errno, or slows
+//! them down.
 //!
 //! Used by tests to prove that every backend error becomes the right status, that the shadow
-//! state rolls back and that nothing leaks. It forwards everything else unchanged and must never
-//! be selected by a production configuration.
+//! state rolls back and that nothing leaks, and (with delays) that calls which must not overlap
+//! do not. It forwards everything else unchanged and must never be selected by a production
+//! configuration.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::{Attachment, BackendError, DmaBackend, HostConstraints, HwDomain, MapOp, Result};
 use crate::guest_ram::GuestRam;
@@ -34,6 +38,11 @@ struct Rule {
 #[derive(Default, Debug)]
 pub struct Injector {
     rules: Mutex<Vec<Rule>>,
+    delays: Mutex<Vec<(Op, Duration)>>,
+    /// MAP and UNMAP calls running right now.
+    mapping: AtomicUsize,
+    /// `set_ram` calls made while a MAP or UNMAP was running.
+    set_ram_while_mapping: AtomicUsize,
 }
 
 impl Injector {
@@ -52,6 +61,52 @@ impl Injector {
 
     pub fn clear(&self) {
         self.rules.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.delays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Makes every later call of `op` take `d` longer (holds requests in flight).
+    pub fn delay(&self, op: Op, d: Duration) {
+        self.delays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((op, d));
+    }
+
+    /// MAP and UNMAP calls running right now.
+    pub fn mapping(&self) -> usize {
+        self.mapping.load(Ordering::SeqCst)
+    }
+
+    /// `set_ram` calls that were made while a MAP or UNMAP was running: the pipeline's contract
+    /// says a memory table changes only with nothing in flight.
+    pub fn set_ram_while_mapping(&self) -> usize {
+        self.set_ram_while_mapping.load(Ordering::SeqCst)
+    }
+
+    fn pause(&self, op: Op) {
+        let d: Duration = self
+            .delays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(o, _)| *o == op)
+            .map(|(_, d)| *d)
+            .sum();
+        if !d.is_zero() {
+            std::thread::sleep(d);
+        }
+    }
+
+    /// Runs a MAP or UNMAP, counted in [`Injector::mapping`] while it runs.
+    fn mapping_call<T>(&self, op: Op, f: impl FnOnce() -> T) -> T {
+        self.mapping.fetch_add(1, Ordering::SeqCst);
+        self.pause(op);
+        let r = f();
+        self.mapping.fetch_sub(1, Ordering::SeqCst);
+        r
     }
 
     fn check(&self, op: Op, what: &dyn Fn() -> String) -> Result<()> {
@@ -101,14 +156,18 @@ impl HwDomain for FaultyDomain {
         self.inner.id()
     }
     fn map(&mut self, op: &MapOp) -> Result<()> {
-        self.injector
-            .check(Op::Map, &|| format!("map {}", op.iova))?;
-        self.inner.map(op)
+        let (injector, inner) = (&self.injector, &mut self.inner);
+        injector.mapping_call(Op::Map, || {
+            injector.check(Op::Map, &|| format!("map {}", op.iova))?;
+            inner.map(op)
+        })
     }
     fn unmap(&mut self, iova: IovaRange) -> Result<()> {
-        self.injector
-            .check(Op::Unmap, &|| format!("unmap {iova}"))?;
-        self.inner.unmap(iova)
+        let (injector, inner) = (&self.injector, &mut self.inner);
+        injector.mapping_call(Op::Unmap, || {
+            injector.check(Op::Unmap, &|| format!("unmap {iova}"))?;
+            inner.unmap(iova)
+        })
     }
 }
 
@@ -133,6 +192,11 @@ impl<B: DmaBackend> DmaBackend for FaultyBackend<B> {
         self.inner.attach(endpoint, to)
     }
     fn set_ram(&self, ram: &GuestRam) -> Result<()> {
+        if self.injector.mapping() > 0 {
+            self.injector
+                .set_ram_while_mapping
+                .fetch_add(1, Ordering::SeqCst);
+        }
         self.injector.check(Op::SetRam, &|| "set ram".into())?;
         self.inner.set_ram(ram)
     }

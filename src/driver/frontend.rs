@@ -271,45 +271,52 @@ impl TestVm {
                     post_event_buffer(&self.ram, &mut queue)?;
                 }
             }
-            let host = |gpa: u64, len: u64| {
-                self.ram
-                    .host_addr_of(gpa, len)
-                    .ok_or(DriverError::OutOfRam {
-                        gpa,
-                        len,
-                        base: 0,
-                        size: self.ram.size(),
-                    })
-            };
-            let n = u64::from(ring.size);
-            let addr = VringConfigData {
-                queue_max_size: ring.size,
-                queue_size: ring.size,
-                flags: 0,
-                desc_table_addr: host(ring.desc, 16 * n)?,
-                used_ring_addr: host(ring.used, 6 + 8 * n)?,
-                avail_ring_addr: host(ring.avail, 6 + 2 * n)?,
-                log_addr: None,
-            };
-            let f = &mut self.frontend;
-            f.set_vring_num(q, ring.size)
-                .map_err(DriverError::vhost("SET_VRING_NUM"))?;
-            f.set_vring_addr(q, &addr)
-                .map_err(DriverError::vhost("SET_VRING_ADDR"))?;
-            f.set_vring_base(q, 0)
-                .map_err(DriverError::vhost("SET_VRING_BASE"))?;
-            f.set_vring_call(q, &queue.call)
-                .map_err(DriverError::vhost("SET_VRING_CALL"))?;
-            f.set_vring_kick(q, &queue.kick)
-                .map_err(DriverError::vhost("SET_VRING_KICK"))?;
-            f.set_vring_enable(q, true)
-                .map_err(DriverError::vhost("SET_VRING_ENABLE"))?;
+            self.announce_queue(q, &queue, 0)?;
             if q == EVENT_QUEUE && self.opts.fill_event_queue {
                 queue.kick.write(1).map_err(DriverError::io("kick"))?;
             }
             self.queues.push(queue);
         }
         Ok(())
+    }
+
+    /// Tells the daemon where queue `q`'s ring lives and starts it at `base` (SET_VRING_NUM,
+    /// ADDR, BASE, CALL, KICK, ENABLE), as QEMU's `vhost_virtqueue_start` does.
+    fn announce_queue(&mut self, q: usize, queue: &Queue, base: u16) -> Result<(), DriverError> {
+        let ring = *queue.vq.layout();
+        let host = |gpa: u64, len: u64| {
+            self.ram
+                .host_addr_of(gpa, len)
+                .ok_or(DriverError::OutOfRam {
+                    gpa,
+                    len,
+                    base: 0,
+                    size: self.ram.size(),
+                })
+        };
+        let n = u64::from(ring.size);
+        let addr = VringConfigData {
+            queue_max_size: ring.size,
+            queue_size: ring.size,
+            flags: 0,
+            desc_table_addr: host(ring.desc, 16 * n)?,
+            used_ring_addr: host(ring.used, 6 + 8 * n)?,
+            avail_ring_addr: host(ring.avail, 6 + 2 * n)?,
+            log_addr: None,
+        };
+        let f = &mut self.frontend;
+        f.set_vring_num(q, ring.size)
+            .map_err(DriverError::vhost("SET_VRING_NUM"))?;
+        f.set_vring_addr(q, &addr)
+            .map_err(DriverError::vhost("SET_VRING_ADDR"))?;
+        f.set_vring_base(q, base)
+            .map_err(DriverError::vhost("SET_VRING_BASE"))?;
+        f.set_vring_call(q, &queue.call)
+            .map_err(DriverError::vhost("SET_VRING_CALL"))?;
+        f.set_vring_kick(q, &queue.kick)
+            .map_err(DriverError::vhost("SET_VRING_KICK"))?;
+        f.set_vring_enable(q, true)
+            .map_err(DriverError::vhost("SET_VRING_ENABLE"))
     }
 
     /// GET_CONFIG (40 bytes), decoded.
@@ -654,8 +661,9 @@ impl TestVm {
         Ok(out)
     }
 
-    /// Stops both rings like QEMU on a device reset (GET_VRING_BASE for 0 and 1), then sets them up again from index 0 (SET_FEATURES again, fresh rings). Chains in
-    /// flight are forgotten.
+    /// Stops both rings like QEMU on a device reset (GET_VRING_BASE for 0 and 1), then sets them
+    /// up again from index 0 (SET_FEATURES again, fresh zeroed rings at the same addresses).
+    /// Chains in flight are forgotten.
     pub fn reset_rings(&mut self) -> Result<(), DriverError> {
         let mut bases = [0u32; 2];
         for q in [REQUEST_QUEUE, EVENT_QUEUE] {
@@ -671,6 +679,33 @@ impl TestVm {
             .set_features(self.features)
             .map_err(DriverError::vhost("SET_FEATURES"))?;
         self.setup_queues()
+    }
+
+    /// Stops both rings and starts them again where they stopped, like QEMU around a VM pause
+    /// (`vhost_dev_stop`: SET_VRING_ENABLE 0 and GET_VRING_BASE; `vhost_dev_start`: SET_FEATURES
+    /// and SET_VRING_* with the bases GET_VRING_BASE returned). The ring memory and every chain
+    /// in it are kept; the bases are returned.
+    pub fn pause_and_resume(&mut self) -> Result<[u32; 2], DriverError> {
+        let mut bases = [0u32; 2];
+        for q in [REQUEST_QUEUE, EVENT_QUEUE] {
+            self.frontend
+                .set_vring_enable(q, false)
+                .map_err(DriverError::vhost("SET_VRING_ENABLE"))?;
+            bases[q] = self
+                .frontend
+                .get_vring_base(q)
+                .map_err(DriverError::vhost("GET_VRING_BASE"))?;
+        }
+        self.frontend
+            .set_features(self.features)
+            .map_err(DriverError::vhost("SET_FEATURES"))?;
+        let queues = std::mem::take(&mut self.queues);
+        let announced = [REQUEST_QUEUE, EVENT_QUEUE]
+            .into_iter()
+            .try_for_each(|q| self.announce_queue(q, &queues[q], bases[q] as u16));
+        self.queues = queues;
+        announced?;
+        Ok(bases)
     }
 
     /// VHOST_USER_RESET_DEVICE (error if the protocol feature was not negotiated). The rings
@@ -696,6 +731,54 @@ impl TestVm {
         self.frontend
             .add_mem_region(&region_info(&r))
             .map_err(DriverError::vhost("ADD_MEM_REG"))?;
+        self.regions.push(r);
+        Ok(())
+    }
+
+    /// ADD_MEM_REG of a region at `gpa` that claims `memory_size` bytes at `mmap_offset` of a
+    /// fresh memfd of only `file_size` bytes: a VMM describing more memory than its file has.
+    /// Kept like [`TestVm::add_region`]'s region if the daemon accepts it.
+    pub fn add_region_claiming(
+        &mut self,
+        gpa: u64,
+        file_size: u64,
+        memory_size: u64,
+        mmap_offset: u64,
+    ) -> Result<(), DriverError> {
+        self.need_mem_slots()?;
+        let r =
+            GuestRam::new_at(gpa, file_size).map_err(DriverError::io("creating memory region"))?;
+        let info = VhostUserMemoryRegionInfo {
+            memory_size,
+            mmap_offset,
+            ..region_info(&r)
+        };
+        self.frontend
+            .add_mem_region(&info)
+            .map_err(DriverError::vhost("ADD_MEM_REG"))?;
+        self.regions.push(r);
+        Ok(())
+    }
+
+    /// SET_MEM_TABLE with guest RAM and, like [`TestVm::add_region_claiming`], a region at
+    /// `gpa` that claims more of its memfd than the file holds.
+    pub fn set_mem_table_claiming(
+        &mut self,
+        gpa: u64,
+        file_size: u64,
+        memory_size: u64,
+        mmap_offset: u64,
+    ) -> Result<(), DriverError> {
+        let r =
+            GuestRam::new_at(gpa, file_size).map_err(DriverError::io("creating memory region"))?;
+        let info = VhostUserMemoryRegionInfo {
+            memory_size,
+            mmap_offset,
+            ..region_info(&r)
+        };
+        self.frontend
+            .set_mem_table(&[region_info(&self.ram), info])
+            .map_err(DriverError::vhost("SET_MEM_TABLE"))?;
         self.regions.push(r);
         Ok(())
     }

@@ -64,6 +64,13 @@ pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
 pub const VFIO_PCI_INTX_IRQ_INDEX: u32 = 0;
 pub const VFIO_PCI_MSI_IRQ_INDEX: u32 = 1;
 pub const VFIO_PCI_MSIX_IRQ_INDEX: u32 = 2;
+pub const VFIO_PCI_ERR_IRQ_INDEX: u32 = 3;
+/// The host's request to have the device back (unbind, unplug): the daemon's own hot-unplug
+/// watcher (`src/hotplug.rs`) owns this index, never a vfio-user client.
+pub const VFIO_PCI_REQ_IRQ_INDEX: u32 = 4;
+/// The IRQ indexes a client may query and set: INTx, MSI, MSI-X and ERR.
+pub const CLIENT_IRQ_INDEXES: std::ops::RangeInclusive<u32> =
+    VFIO_PCI_INTX_IRQ_INDEX..=VFIO_PCI_ERR_IRQ_INDEX;
 pub const DMA_FLAG_READ: u32 = 1 << 0;
 pub const DMA_FLAG_WRITE: u32 = 1 << 1;
 /// `VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP`: needs dirty tracking, which is not offered.

@@ -3,13 +3,18 @@
 //!
 //! A connection ends when the client closes it, sends something the stream cannot recover
 //! from (a header whose size is out of bounds, an unsupported major version), or the stop
-//! signal fires. Then every IRQ index of the device is disabled, the device is reset, the
+//! signal fires. Then every IRQ index the client set is disabled, the device is reset, the
 //! recorded DMA maps are dropped and the next client is accepted.
+//!
+//! A client may use the IRQ indexes a VMM needs (INTx, MSI, MSI-X, ERR) and never the
+//! request index (`VFIO_PCI_REQ_IRQ_INDEX`): the daemon's hot-unplug watcher has its eventfd
+//! there, and a client that replaced or cleared it could hide the host's unplug request from
+//! the daemon (the host's unbind then waits until the daemon exits) or fake one.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -314,21 +319,10 @@ pub fn serve_device(
     DeviceServer::new(dev, dma_check, stop).serve(listener)
 }
 
-/// Binds a listening socket at `path`, replacing a stale socket file (anything else at the
-/// path is an error).
+/// Binds a listening socket at `path` with [`crate::listen::bind`]: a stale socket is replaced,
+/// a live daemon's socket and anything that is not a socket are refused.
 pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if m.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        } else {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ));
-        }
-    }
-    UnixListener::bind(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {}: {e}", path.display())))
+    Ok(crate::listen::bind(path)?)
 }
 
 /// Binds `socket_path` and serves `dev` there on a new thread: the one-call form for each
@@ -393,6 +387,8 @@ struct Connection<'a> {
     name: &'a str,
     negotiated: bool,
     maps: &'a DmaMaps,
+    /// IRQ indexes (bit per index) the client set, to disable after it.
+    irqs_set: u32,
 }
 
 impl<'a> Connection<'a> {
@@ -408,6 +404,7 @@ impl<'a> Connection<'a> {
             name,
             negotiated: false,
             maps,
+            irqs_set: 0,
         }
     }
 
@@ -695,7 +692,13 @@ impl<'a> Connection<'a> {
     }
 
     fn check_irq_index(&self, index: u32) -> Result<(), Errno> {
-        if index >= self.dev.info().num_irqs {
+        if index == VFIO_PCI_REQ_IRQ_INDEX {
+            return Err(err(
+                libc::EPERM,
+                format!("IRQ index {index} (REQ) is the daemon's hot-unplug watcher's"),
+            ));
+        }
+        if !CLIENT_IRQ_INDEXES.contains(&index) || index >= self.dev.info().num_irqs {
             return Err(err(libc::EINVAL, format!("no IRQ index {index}")));
         }
         Ok(())
@@ -753,15 +756,18 @@ impl<'a> Connection<'a> {
         };
         self.dev
             .set_irqs(s.index, s.flags, s.start, s.count, &raw, s.data)?;
+        self.irqs_set |= 1 << s.index;
         // Our copies of the eventfds close when the message drops; the device holds its own.
         Ok(Reply::empty())
     }
 
     /// After a client: no IRQ may fire into its eventfds, the device starts afresh, and its
-    /// DMA maps are forgotten.
+    /// DMA maps are forgotten. Only the indexes it set are disabled: the others hold nothing of
+    /// its, and the request index holds the daemon's own eventfd.
     fn cleanup(&mut self) {
         let info = self.dev.info();
-        for index in 0..info.num_irqs {
+        let set = std::mem::take(&mut self.irqs_set);
+        for index in CLIENT_IRQ_INDEXES.filter(|i| set & (1 << i) != 0) {
             if let Err(e) = self.dev.set_irqs(
                 index,
                 VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
