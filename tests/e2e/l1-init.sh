@@ -258,11 +258,26 @@ if wait_end 1; then
         fail "NIC: ping L2 from the peer" "$(tail -n 3 /run/e2e/ping.log)"
     fi
     echo "E2E-L1: peer $peer statistics: $(cd /sys/class/net/$peer/statistics && for f in rx_packets tx_packets rx_errors rx_dropped rx_crc_errors tx_errors; do printf '%s=%s ' $f "$(cat $f)"; done)"
+    resets() { dmesg | grep -ac "vfio-pci $1: reset done"; }
+    nvme_resets=$(resets 0000:00:06.0)
+    nic_resets=$(resets 0000:00:07.0)
     tell_l2 reboot
     if wait_idle 60; then
-        pass "L2 reboot: device reset leaves both endpoints blocked (no domain, no mapping) in the daemon"
+        pass "L2 reboot: device reset leaves every endpoint blocked (no domain, no mapping) in the daemon"
     else
         fail "L2 reboot: endpoints blocked" "domains attached mappings pinned failed = $(snapshot)"
+    fi
+    # The VMM resets each assigned device on a guest reboot (vfio-user DEVICE_RESET); the daemon
+    # passes it to the kernel (VFIO_DEVICE_RESET: a function-level reset for these two).
+    i=0
+    until [ "$(resets 0000:00:06.0)" -gt "$nvme_resets" ] && [ "$(resets 0000:00:07.0)" -gt "$nic_resets" ] || [ $i -gt 300 ]; do
+        i=$((i + 1))
+        sleep 0.1
+    done
+    if [ "$(resets 0000:00:06.0)" -gt "$nvme_resets" ] && [ "$(resets 0000:00:07.0)" -gt "$nic_resets" ]; then
+        pass "L2 reboot: the NVMe controller and the NIC were reset through the daemon (L1's kernel: reset done)"
+    else
+        fail "L2 reboot: device reset" "L1's kernel logged no reset of 0000:00:06.0 or 0000:00:07.0"
     fi
     if wait_end 2; then
         l2_verdict "vm1 boot 2 (after the reboot)" 2
