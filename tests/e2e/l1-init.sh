@@ -2,11 +2,12 @@
 # /init of L1 in the end-to-end tier (tests/e2e/run.sh packs it with busybox, the static daemon,
 # stock QEMU 11 and L2's kernel and initramfs).
 #
-# L1 is the host of the product: it binds both edu devices (emulated by L0 behind L0's VT-d) to
-# vfio-pci, runs the daemon from the per-VM config as the service would, and starts stock QEMU
-# for the VM L2 with the daemon as its virtio-iommu and both edus over vfio-user. L2's /init
+# L1 is the host of the product: it binds both edu devices, the NVMe controller and the igb NIC
+# (emulated by L0 behind L0's VT-d) to vfio-pci, keeps the e1000e as the NIC's peer, runs the
+# daemon from the per-VM config as the service would, and starts stock QEMU for the VM L2 with
+# the daemon as its virtio-iommu and the four devices over vfio-user. L2's /init
 # (tests/e2e/l2-dma) does the DMA checks; this script checks the daemon's and the host kernel's
-# side at each point, reboots L2 once, powers it off, boots a second VM with
+# side at each point, reboots L2 once, powers it off, restarts the daemon, boots a second VM with
 # iommu.passthrough=1, and stops the daemon.
 #
 # Every check prints `PASS: L1: <name>` or `FAIL: L1: <name>: <why>`; L2's lines reach this
@@ -86,18 +87,62 @@ else
     fail "vhost-user-iommu check" "$(tail -n 8 /run/e2e/check.log)"
 fi
 vhost-user-iommu viot --config $cfg -o $run/vm1-viot.bin || fail "viot" "vhost-user-iommu viot failed"
-vhost-user-iommu --config $cfg --control-socket $ctl -v >/run/e2e/daemon.log 2>&1 &
-daemon=$!
-i=0
-until [ -S $run/vm1.sock ] && [ -S $run/vm1-32.sock ] && [ -S $run/vm1-40.sock ] && [ -S $run/vm1-48.sock ] && [ -S $run/vm1-56.sock ] && [ -S $ctl ]; do
-    i=$((i + 1))
-    if [ $i -gt 200 ] || ! kill -0 $daemon 2>/dev/null; then
-        fail "daemon listening" "sockets missing after $((i / 10)) s: $(tail -n 10 /run/e2e/daemon.log)"
-        finish
+# start_daemon LOG [ARGS...]: the daemon as the unit runs it, plus ARGS; sets $daemon and $dlog.
+# Ready when it logs that it serves (every socket listens by then; files left by a previous
+# daemon do not count).
+start_daemon() {
+    dlog=$1
+    shift
+    vhost-user-iommu --config $cfg --control-socket $ctl -v "$@" >"$dlog" 2>&1 &
+    daemon=$!
+    i=0
+    until grep -aq 'serving virtio-iommu' "$dlog"; do
+        i=$((i + 1))
+        if [ $i -gt 300 ] || ! kill -0 $daemon 2>/dev/null; then
+            fail "daemon listening" "not serving after $((i / 10)) s: $(tail -n 10 "$dlog")"
+            finish
+        fi
+        sleep 0.1
+    done
+    for sock in vm1.sock vm1-32.sock vm1-40.sock vm1-48.sock vm1-56.sock vm1.ctl; do
+        [ -S $run/$sock ] || { fail "daemon listening" "no socket $run/$sock"; finish; }
+    done
+    pass "daemon ${*:+($*) }listens: vhost-user $run/vm1.sock, vfio-user vm1-32.sock, vm1-40.sock, vm1-48.sock and vm1-56.sock"
+}
+
+# stop_daemon WHAT: no failed request in its counters, exit 0 on SIGTERM, no warning logged.
+stop_daemon() {
+    failed=$(state failed_requests)
+    [ "$failed" = 0 ] && pass "$1: daemon's request counters: no failed request" ||
+        fail "$1: daemon's failed requests" "$failed: $(vhost-user-iommu ctl --control-socket $ctl metrics | grep -v ' 0$' | grep requests_total)"
+    kill -TERM $daemon
+    wait $daemon
+    rc=$?
+    [ $rc = 0 ] && pass "$1: daemon exited 0 on SIGTERM" || fail "$1: daemon exit status on SIGTERM" "$rc"
+    warn=$(grep -aE '^\[[^]]* (WARN|ERROR) ' "$dlog" | head -n 5)
+    [ -z "$warn" ] && pass "$1: daemon logged no warning or error" || fail "$1: daemon log" "$warn"
+    echo "E2E-L1: $1: daemon log (last 10 lines):"
+    tail -n 10 "$dlog" | sed 's/^/daemon| /'
+}
+
+# L2's firmware (SeaBIOS) looks for a boot disk on the NVMe controller before any guest driver
+# attaches; it logs the namespace it found ("drive ...: ... s=SECTORS", 98304 sectors of 512 bytes
+# for the 48 MiB disk) only if its DMA (identify, queues) reached guest RAM.
+firmware_saw_nvme() { grep -aq 'drive .* s=98304$' "$d/firmware.log"; }
+
+# firmware_blocked NAME: with boot_bypass off every endpoint is blocked until the guest's driver
+# attaches it, so the firmware's NVMe DMA is refused: no drive found, and L1's VT-d logged DMA
+# faults of the controller between L2's start and its kernel's.
+firmware_blocked() {
+    fw_faults=$(dmesg | grep -a 'DMAR: \[DMA ' | awk -v a="$faults_at_start" -v b="${faults_before:-0}" 'NR > a && NR <= b' | grep -ac '\[0000:00:06.0\]')
+    if ! firmware_saw_nvme && [ "$fw_faults" -gt 0 ]; then
+        pass "$1: boot_bypass off: L2's firmware found no NVMe drive, its DMA refused ($fw_faults DMAR faults of 0000:00:06.0 before L2's kernel)"
+    else
+        fail "$1: boot_bypass off: firmware DMA blocked" "firmware drive line: $(grep -a 's=98304' "$d/firmware.log"); faults of 00:06.0 before the kernel: $fw_faults"
     fi
-    sleep 0.1
-done
-pass "daemon listens: vhost-user $run/vm1.sock, vfio-user vm1-32.sock, vm1-40.sock, vm1-48.sock and vm1-56.sock"
+}
+
+start_daemon /run/e2e/daemon-vm1.log
 
 # --- the NIC's peer: L1's own e1000e on L0's network hub, with a TCP echo server -----------------
 # The hub has no host backend, so nothing leaves the emulated machines; the addresses are from the
@@ -140,9 +185,11 @@ boot_l2() {
     # boot_bypass = false its DMA is refused (seen: 0000:00:06.0 reading its admin queue at
     # 0xffdd000, just under L2's 256 MiB, "Present bit in context entry is clear").
     faults_before=
+    faults_at_start=$(dmesg | grep -ac 'DMAR: \[DMA ')
     echo "E2E-L1: starting L2 '$1' at $(t) s"
     start_vm -accel tcg,tb-size=64 -cpu max -smp 1 -nodefaults -display none \
         -serial file:"$log" -chardev pipe,id=ctl,path="$d/ctl" -serial chardev:ctl \
+        -chardev file,id=fw,path="$d/firmware.log" -device isa-debugcon,iobase=0x402,chardev=fw \
         -kernel /e2e/bzImage -initrd /e2e/l2-initrd.cpio.gz \
         -append "console=ttyS0 panic=-1 $2 nvme.write_queues=1 iommufd.allow_unsafe_interrupts=1 vfio_iommu_type1.allow_unsafe_interrupts=1" \
         </dev/null >"$d/qemu.log" 2>&1 &
@@ -204,6 +251,7 @@ wait_qemu_exit() {
 boot_l2 vm1 "iommu.strict=1"
 if wait_end 1; then
     l2_verdict "vm1 boot 1" 1
+    firmware_blocked vm1
     live=$(grep -a 'E2E-L2: END' "$log" | head -n 1 | sed -n 's/.*live_mappings=\([0-9]*\).*/\1/p')
     # The NVMe controller (endpoint 48) and the NIC (56) are in the DMA domains of L2's nvme and
     # igb drivers; their mappings are the drivers' (queues, rings, buffers), the rest are L2's
@@ -294,12 +342,16 @@ else
     fail "L2 QEMU exit: daemon idle" "domains attached mappings pinned failed = $(snapshot)"
 fi
 kill -0 $daemon 2>/dev/null && [ -S $run/vm1.sock ] && pass "daemon still serving after the VM exited" ||
-    fail "daemon still serving" "$(tail -n 10 /run/e2e/daemon.log)"
+    fail "daemon still serving" "$(tail -n 10 "$dlog")"
 
-# --- VM 2: the next VM boots with iommu.passthrough=1 ------------------------------------------------
+stop_daemon vm1
+
+# --- VM 2: a restarted daemon; the VM boots with iommu.passthrough=1 ----------------------------------
+start_daemon /run/e2e/daemon-vm2.log
 boot_l2 vm2-passthrough "iommu.passthrough=1"
 if wait_end 1; then
     l2_verdict "vm2 (iommu.passthrough=1)" 1
+    firmware_blocked vm2
     tell_l2 poweroff
 fi
 wait_qemu_exit vm2
@@ -307,16 +359,5 @@ wait_idle 20 && [ "$(state pinned_bytes)" = 0 ] &&
     pass "vm2 exit: no domain, no attached endpoint, no mapping, 0 pinned bytes" ||
     fail "vm2 exit: daemon idle" "domains attached mappings pinned failed = $(snapshot)"
 
-# --- the daemon's counters and its exit --------------------------------------------------------------
-failed=$(state failed_requests)
-[ "$failed" = 0 ] && pass "daemon's request counters: no failed request over both VMs" ||
-    fail "daemon's failed requests" "$failed: $(vhost-user-iommu ctl --control-socket $ctl metrics | grep -v ' 0$' | grep requests_total)"
-kill -TERM $daemon
-wait $daemon
-rc=$?
-[ $rc = 0 ] && pass "daemon exited 0 on SIGTERM" || fail "daemon exit status on SIGTERM" "$rc"
-warn=$(grep -aE '^\[[^]]* (WARN|ERROR) ' /run/e2e/daemon.log | head -n 5)
-[ -z "$warn" ] && pass "daemon logged no warning or error" || fail "daemon log" "$warn"
-echo "E2E-L1: daemon log (last 15 lines):"
-tail -n 15 /run/e2e/daemon.log | sed 's/^/daemon| /'
+stop_daemon vm2
 finish

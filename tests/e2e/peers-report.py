@@ -62,6 +62,11 @@ def ratio(x, y, higher_better):
     return x / y if higher_better else y / x
 
 
+def num(v):
+    """Three significant digits, no exponent for the sizes seen here."""
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def fmt(r):
     return "–" if r is None else f"{r:.2f}"
 
@@ -90,14 +95,14 @@ def table(runs):
                 cells.append("–")
                 continue
             med[c] = statistics.median(vals)
-            cells.append(f"{med[c]:.0f} ({min(vals):.0f}–{max(vals):.0f}, n={len(vals)})")
+            cells.append(f"{num(med[c])} ({num(min(vals))}–{num(max(vals))}, n={len(vals)})")
         # (a) has no IOMMU, so its one mode ("none") is the baseline of every mode.
         base = med.get("a")
         if base is None:
             base_vals = [value(kv, workload) for kv in runs.get((workload, "none"), {}).get("a", [])]
             base = statistics.median(base_vals) if base_vals else None
             if base is not None:
-                cells[0] = f"{base:.0f} (none)"
+                cells[0] = f"{num(base)} (mode none)"
         r = [ratio(med[c], base, higher) for c in "bcd"]
         db = ratio(med["d"], med["b"], higher)
         dc = ratio(med["d"], med["c"], higher)
@@ -114,6 +119,7 @@ def table(runs):
 
 
 def svg(rows):
+    rows = [r for r in rows if r[2] is not None or r[3] is not None]
     bar_h, gap, left, width = 14, 10, 260, 420
     scale = width / 2.0  # 2.0x at the right edge
     h = 40 + len(rows) * (2 * bar_h + gap) + 30

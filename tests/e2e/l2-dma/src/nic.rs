@@ -282,12 +282,13 @@ fn interface_interrupts(ifname: &str) -> Vec<(String, u64, bool)> {
 /// Waits for `bdf`'s interface, turns scatter-gather off (see below), gives it LOCAL/24 and waits for its link; returns its name.
 pub fn bring_up(bdf: &str) -> Result<String> {
     let name = wait_interface(bdf, Duration::from_secs(60))?;
-    // Scatter-gather off (and so TSO): L0's emulated igb maps each TX buffer with one
-    // dma_memory_map() and drops the packet when the mapping comes back short, which it does
-    // whenever a buffer spans two IOMMU pages that are not contiguous in L1's memory. TCP's
-    // 32 KiB page fragments do that under every vIOMMU of the peer comparison and without one
-    // (L1's own VT-d is always there), so it is the test rig's limit, not the daemon's; linear
-    // skbs (at most 2 KiB, inside one page) never span pages.
+    // Scatter-gather off (and so TSO): with it on, TCP streams stall behind a vIOMMU. The
+    // likely cause (read in QEMU's code, not traced): L0's emulated igb maps each TX buffer with
+    // one dma_memory_map(), which stops at an IOMMU page whose successor is not contiguous in
+    // L1's memory, and the packet is lost; TCP's 32 KiB page fragments span such pages. The peer comparison probes it per configuration: it
+    // stalls as well with QEMU's own virtio-iommu and intel-iommu, not without a vIOMMU. So it
+    // is the test rig's limit, not the daemon's; linear skbs (at most 2 KiB, inside one page)
+    // never span pages.
     set_offload(&name, ETHTOOL_SSG, false)?;
     configure(&name)?;
     wait_carrier(&name, Duration::from_secs(60))?;
