@@ -39,6 +39,8 @@ finish() {
     sleep 10
 }
 t() { cut -d' ' -f1 /proc/uptime; }
+# bind_devices, start_nic_peer, start_vm (the README's command line): shared with l1-peers.sh.
+. /e2e/l1-lib.sh
 
 # --- the daemon's view: its control socket ---------------------------------------------------------
 metric() { vhost-user-iommu ctl --control-socket "$ctl" metrics 2>/dev/null | awk -v k="$1" '$1 == k { print $2 }'; }
@@ -57,27 +59,9 @@ wait_idle() {
     return 1
 }
 
-# --- devices: both edus, the NVMe controller and the igb NIC to vfio-pci ---------------------------------------
-# BDF and vendor:device as L0 emulates them. L1's own kernel has an nvme driver and takes the NVMe
-# controller and the NIC at boot: they are unbound first, as an operator's udev rule or
-# driverctl would.
-for dev_id in 0000:00:04.0=0x1234:0x11e8 0000:00:05.0=0x1234:0x11e8 0000:00:06.0=0x1b36:0x0010 0000:00:07.0=0x8086:0x10c9; do
-    bdf=${dev_id%%=*}
-    dev=/sys/bus/pci/devices/$bdf
-    if [ "$(cat $dev/vendor 2>/dev/null):$(cat $dev/device 2>/dev/null)" != "${dev_id#*=}" ]; then
-        fail "device ${dev_id#*=} at $bdf" "not there: $(ls /sys/bus/pci/devices)"
-        finish
-    fi
-    [ -e "$dev/driver" ] && echo "$bdf" >"$dev/driver/unbind"
-    echo vfio-pci >"$dev/driver_override"
-    echo "$bdf" >/sys/bus/pci/drivers_probe
-    if [ "$(basename "$(readlink $dev/driver)")" = vfio-pci ]; then
-        pass "${dev_id#*=} at $bdf bound to vfio-pci ($(ls $dev/vfio-dev), IOMMU group $(basename "$(readlink $dev/iommu_group)"))"
-    else
-        fail "${dev_id#*=} at $bdf bound to vfio-pci" "driver: $(readlink $dev/driver)"
-        finish
-    fi
-done
+# --- devices: both edus, the NVMe controller and the igb NIC to vfio-pci; the NIC's peer ----------
+bind_devices
+start_nic_peer
 
 # --- the daemon, as the service runs it --------------------------------------------------------------
 mkdir -p $run /run/e2e
@@ -143,34 +127,6 @@ firmware_blocked() {
 }
 
 start_daemon /run/e2e/daemon-vm1.log
-
-# --- the NIC's peer: L1's own e1000e on L0's network hub, with a TCP echo server -----------------
-# The hub has no host backend, so nothing leaves the emulated machines; the addresses are from the
-# documentation range (RFC 5737). L2 (192.0.2.2) streams through its igb to the echo server.
-peer=$(ls /sys/bus/pci/devices/0000:00:08.0/net 2>/dev/null | head -n 1)
-if [ -n "$peer" ] && ip addr add 192.0.2.1/24 dev "$peer" && ip link set "$peer" up; then
-    nc -ll -p 5000 -e cat &
-    pass "NIC peer: L1's $peer at 192.0.2.1/24 with an echo server on port 5000"
-else
-    fail "NIC peer" "no interface for 0000:00:08.0 or it cannot be configured: $(ls /sys/bus/pci/devices/0000:00:08.0/)"
-fi
-
-# The L2 VM. The lines from `qemu-system-x86_64` to the one before `"$@"` are the README's
-# "Using it with QEMU" command line, verbatim (tests/e2e/run.sh checks it). Called in a
-# background subshell, which `exec` turns into QEMU itself: $! is QEMU's pid, so a kill reaches
-# QEMU and not just the subshell.
-start_vm() {
-    exec qemu-system-x86_64 -M q35,memory-backend=mem -m 256M \
-        -object memory-backend-memfd,id=mem,size=256M,share=on \
-        -chardev socket,id=viommu,path=/run/vhost-user-iommu/vm1.sock \
-        -device vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,vq_size=256,config_size=40,addr=03.0 \
-        -acpitable file=/run/vhost-user-iommu/vm1-viot.bin \
-        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vhost-user-iommu/vm1-32.sock"},"addr":"04.0"}' \
-        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vhost-user-iommu/vm1-40.sock"},"addr":"05.0"}' \
-        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vhost-user-iommu/vm1-48.sock"},"addr":"06.0"}' \
-        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vhost-user-iommu/vm1-56.sock"},"addr":"07.0"}' \
-        "$@"
-}
 
 # boot_l2 NAME APPEND: starts L2 in the background; sets $qemu, $log, $d.
 boot_l2() {

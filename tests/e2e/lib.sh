@@ -65,7 +65,7 @@ pack() { # DIR OUT: a gzip'd newc cpio of DIR, reproducible (sorted, owned by ro
 }
 
 # e2e_pack L1_INIT: L2's initramfs (l2-dma as /init) and L1's (busybox, the daemon, QEMU 11, L2's
-# kernel and initramfs, L1_INIT as /init); sets l2_initrd and l1_initrd.
+# kernel and initramfs, L1_INIT as /init beside /e2e/l1-lib.sh); sets l2_initrd and l1_initrd.
 e2e_pack() {
     local l2root l1root f lib
     l2root=$(mktemp -d)
@@ -81,6 +81,7 @@ e2e_pack() {
     is_static "$l1root/bin/busybox" || die "/bin/busybox is not static (install busybox-static)"
     cp "$1" "$l1root/init"
     chmod 755 "$l1root/init"
+    cp "$here/l1-lib.sh" "$l1root/e2e/l1-lib.sh"
     cp "$daemon" "$l1root/usr/bin/vhost-user-iommu"
     cp "$here/vm1.toml" "$l1root/etc/vhost-user-iommu/vm1.toml"
     cp "$bzimage" "$l1root/e2e/bzImage"

@@ -25,16 +25,16 @@ repo=$(cd "$here/../.." && pwd)
 timeout_s=${E2E_TIMEOUT:-1800}
 
 # --- the README shows the command line L1 runs ---------------------------------------------------
-# The lines of start_vm() in l1-init.sh, from `qemu-system-x86_64` up to `"$@"`, must appear in
+# The lines of start_vm() in l1-lib.sh, from `qemu-system-x86_64` up to `"$@"`, must appear in
 # README.md verbatim (leading blanks and start_vm's `exec` aside).
-mapfile -t qemu_lines < <(sed -n '/^start_vm() {/,/"\$@"/p' "$here/l1-init.sh" | sed '1d;$d' | sed 's/^ *//; s/^exec //')
-((${#qemu_lines[@]} >= 5)) || die "cannot find start_vm() in $here/l1-init.sh"
+mapfile -t qemu_lines < <(sed -n '/^start_vm() {/,/"\$@"/p' "$here/l1-lib.sh" | sed '1d;$d' | sed 's/^ *//; s/^exec //')
+((${#qemu_lines[@]} >= 5)) || die "cannot find start_vm() in $here/l1-lib.sh"
 readme_block=$(sed 's/^ *//' "$repo/README.md")
 missing=()
 for l in "${qemu_lines[@]}"; do grep -qxF -- "$l" <<<"$readme_block" || missing+=("$l"); done
 ((${#missing[@]} == 0)) ||
     die "README.md's \"Using it with QEMU\" differs from the command line this tier runs; missing: ${missing[*]}"
-log "README.md shows the L2 QEMU command line of l1-init.sh (${#qemu_lines[@]} lines)"
+log "README.md shows the L2 QEMU command line of l1-lib.sh (${#qemu_lines[@]} lines)"
 
 e2e_pack "$here/l1-init.sh"
 phase_end initramfs

@@ -30,6 +30,7 @@ mod mmio;
 mod bench;
 mod nic;
 mod nvme;
+mod sysfs;
 #[allow(dead_code)]
 #[path = "../../../vm/guest-kit/uapi.rs"]
 mod uapi;

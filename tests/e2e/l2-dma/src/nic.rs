@@ -12,6 +12,8 @@ use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::sysfs;
+
 pub type Result<T> = std::result::Result<T, String>;
 
 const ETHERNET_CLASS: &str = "0x020000";
@@ -21,33 +23,9 @@ const PORT: u16 = 5000;
 /// Bytes sent to the echo server and compared on their way back.
 const STREAM_BYTES: usize = 1 << 20;
 
-fn read_trim(path: &str) -> Result<String> {
-    fs::read_to_string(path)
-        .map(|s| s.trim().to_owned())
-        .map_err(|e| format!("{path}: {e}"))
-}
-
 /// The Ethernet controllers of this machine (PCI addresses).
 pub fn nic_bdfs() -> Result<Vec<String>> {
-    let dir = "/sys/bus/pci/devices";
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).map_err(|e| format!("{dir}: {e}"))? {
-        let p = e.map_err(|e| e.to_string())?.path();
-        if fs::read_to_string(p.join("class"))
-            .unwrap_or_default()
-            .trim()
-            == ETHERNET_CLASS
-        {
-            out.push(
-                p.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-            );
-        }
-    }
-    out.sort();
-    Ok(out)
+    sysfs::bdfs_of_class(ETHERNET_CLASS)
 }
 
 /// The interface the driver made for `bdf` (it registers it asynchronously).
@@ -246,7 +224,8 @@ fn statistics(ifname: &str) -> String {
     ]
     .iter()
     .map(|f| {
-        let v = read_trim(&format!("/sys/class/net/{ifname}/statistics/{f}")).unwrap_or_default();
+        let v = sysfs::read_trim(&format!("/sys/class/net/{ifname}/statistics/{f}"))
+            .unwrap_or_default();
         format!("{f}={v}")
     })
     .collect::<Vec<_>>()
@@ -319,7 +298,7 @@ pub fn nic_checks(check: &mut dyn FnMut(&str, Result<String>) -> bool) {
         Ok(n) => {
             check(
                 &format!("{bdf}: the kernel's igb driver runs the NIC, {n} is up with {LOCAL}/24"),
-                Ok(read_trim(&format!("/sys/class/net/{n}/address")).unwrap_or_default()),
+                Ok(sysfs::read_trim(&format!("/sys/class/net/{n}/address")).unwrap_or_default()),
             );
             n
         }

@@ -16,6 +16,8 @@ use std::ptr::{self, NonNull};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::sysfs;
+
 pub type Result<T> = std::result::Result<T, String>;
 
 /// The PCI class of an NVMe controller (mass storage, non-volatile memory, NVM Express).
@@ -175,46 +177,18 @@ impl Drop for DmaBuf {
 
 /// The NVMe controllers of this machine (PCI addresses).
 pub fn nvme_bdfs() -> Result<Vec<String>> {
-    let dir = "/sys/bus/pci/devices";
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).map_err(|e| format!("{dir}: {e}"))? {
-        let p = e.map_err(|e| e.to_string())?.path();
-        if fs::read_to_string(p.join("class"))
-            .unwrap_or_default()
-            .trim()
-            == NVME_CLASS
-        {
-            out.push(
-                p.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-            );
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-fn read_trim(path: &str) -> Result<String> {
-    fs::read_to_string(path)
-        .map(|s| s.trim().to_owned())
-        .map_err(|e| format!("{path}: {e}"))
-}
-
-fn write_sys(path: &str, v: &str) -> Result<()> {
-    fs::write(path, v).map_err(|e| format!("write {v:?} to {path}: {e}"))
+    sysfs::bdfs_of_class(NVME_CLASS)
 }
 
 /// Rebinds `bdf` (driven by `driver`) with its IOMMU group's default domain switched to lazy
 /// invalidation: the kernel allows the switch only while no driver is bound.
 pub fn switch_to_lazy(bdf: &str, driver: &str) -> Result<String> {
     let group = format!("/sys/bus/pci/devices/{bdf}/iommu_group/type");
-    let before = read_trim(&group)?;
-    write_sys(&format!("/sys/bus/pci/drivers/{driver}/unbind"), bdf)?;
-    write_sys(&group, "DMA-FQ")?;
-    write_sys(&format!("/sys/bus/pci/drivers/{driver}/bind"), bdf)?;
-    let after = read_trim(&group)?;
+    let before = sysfs::read_trim(&group)?;
+    sysfs::write(&format!("/sys/bus/pci/drivers/{driver}/unbind"), bdf)?;
+    sysfs::write(&group, "DMA-FQ")?;
+    sysfs::write(&format!("/sys/bus/pci/drivers/{driver}/bind"), bdf)?;
+    let after = sysfs::read_trim(&group)?;
     if after != "DMA-FQ" {
         return Err(format!("group type {after:?} after writing DMA-FQ"));
     }
@@ -257,7 +231,7 @@ pub fn wait_namespace(timeout: Duration) -> Result<String> {
 
 /// `/proc/interrupts` counts of the controller's queues: (queue name, count, is MSI-X).
 fn queue_interrupts() -> Result<Vec<(String, u64, bool)>> {
-    let text = read_trim("/proc/interrupts")?;
+    let text = sysfs::read_trim("/proc/interrupts")?;
     let mut out = Vec::new();
     for line in text.lines() {
         let Some(name) = line.split_whitespace().last() else {
@@ -386,7 +360,7 @@ pub fn nvme_checks(check: &mut dyn FnMut(&str, Result<String>) -> bool, identity
             return;
         }
     };
-    let group_type = read_trim(&format!("{dev}/iommu_group/type")).unwrap_or_default();
+    let group_type = sysfs::read_trim(&format!("{dev}/iommu_group/type")).unwrap_or_default();
     let read = |b: &mut [u8], off: u64| {
         disk.read_exact_at(b, off)
             .map_err(|e| format!("{node}: read {} at {off:#x}: {e}", b.len()))

@@ -1,0 +1,57 @@
+# Sourced by L1's /init (l1-init.sh for the end-to-end tier, l1-peers.sh for the peer comparison):
+# what both do to L1 the same way. Expects pass NAME [NOTE], fail NAME WHY and finish (which
+# does not return) from the caller.
+
+# bind_devices: both edus, the NVMe controller and the igb NIC to vfio-pci. BDF and vendor:device
+# as L0 emulates them. L1's kernel has nvme and igb drivers but leaves these devices alone
+# (initcall_blacklist on L1's command line); a device already bound is unbound first, as an
+# operator's udev rule or driverctl would.
+bind_devices() {
+    for dev_id in 0000:00:04.0=0x1234:0x11e8 0000:00:05.0=0x1234:0x11e8 0000:00:06.0=0x1b36:0x0010 0000:00:07.0=0x8086:0x10c9; do
+        bdf=${dev_id%%=*}
+        dev=/sys/bus/pci/devices/$bdf
+        if [ "$(cat $dev/vendor 2>/dev/null):$(cat $dev/device 2>/dev/null)" != "${dev_id#*=}" ]; then
+            fail "device ${dev_id#*=} at $bdf" "not there: $(ls /sys/bus/pci/devices)"
+            finish
+        fi
+        [ -e "$dev/driver" ] && echo "$bdf" >"$dev/driver/unbind"
+        echo vfio-pci >"$dev/driver_override"
+        echo "$bdf" >/sys/bus/pci/drivers_probe
+        if [ "$(basename "$(readlink $dev/driver)")" = vfio-pci ]; then
+            pass "${dev_id#*=} at $bdf bound to vfio-pci ($(ls $dev/vfio-dev), IOMMU group $(basename "$(readlink $dev/iommu_group)"))"
+        else
+            fail "${dev_id#*=} at $bdf bound to vfio-pci" "driver: $(readlink $dev/driver)"
+            finish
+        fi
+    done
+}
+
+# start_nic_peer: L1's own e1000e on L0's network hub, with a TCP echo server on port 5000. The
+# hub has no host backend, so nothing leaves the emulated machines; the addresses are from the
+# documentation range (RFC 5737). L2 (192.0.2.2) streams through its igb to the echo server.
+start_nic_peer() {
+    peer=$(ls /sys/bus/pci/devices/0000:00:08.0/net 2>/dev/null | head -n 1)
+    if [ -n "$peer" ] && ip addr add 192.0.2.1/24 dev "$peer" && ip link set "$peer" up; then
+        nc -ll -p 5000 -e cat &
+        pass "NIC peer: L1's $peer at 192.0.2.1/24 with an echo server on port 5000"
+    else
+        fail "NIC peer" "no interface for 0000:00:08.0 or it cannot be configured: $(ls /sys/bus/pci/devices/0000:00:08.0/)"
+    fi
+}
+
+# The L2 VM with the daemon. The lines from `qemu-system-x86_64` to the one before `"$@"` are the
+# README's "Using it with QEMU" command line, verbatim (tests/e2e/run.sh checks it). Called in a
+# background subshell, which `exec` turns into QEMU itself: $! is QEMU's pid, so a kill reaches
+# QEMU and not just the subshell.
+start_vm() {
+    exec qemu-system-x86_64 -M q35,memory-backend=mem -m 256M \
+        -object memory-backend-memfd,id=mem,size=256M,share=on \
+        -chardev socket,id=viommu,path=/run/vhost-user-iommu/vm1.sock \
+        -device vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,vq_size=256,config_size=40,addr=03.0 \
+        -acpitable file=/run/vhost-user-iommu/vm1-viot.bin \
+        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vhost-user-iommu/vm1-32.sock"},"addr":"04.0"}' \
+        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vhost-user-iommu/vm1-40.sock"},"addr":"05.0"}' \
+        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vhost-user-iommu/vm1-48.sock"},"addr":"06.0"}' \
+        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vhost-user-iommu/vm1-56.sock"},"addr":"07.0"}' \
+        "$@"
+}
