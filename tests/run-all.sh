@@ -38,7 +38,7 @@ else
   IOMMU=virtio tests/vm/run.sh
   step "guest-driver tier: the Linux virtio-iommu driver under QEMU 11 drives the daemon"
   tests/guest/run.sh
-  step "end-to-end tier: a nested Linux VM on stock QEMU 11, its passed-through edus DMA through the daemon"
+  step "end-to-end tier: a nested Linux VM on stock QEMU 11; its passed-through edus, NVMe and NIC DMA through the daemon"
   t_e2e=$(date +%s)
   tests/e2e/run.sh
   echo "end-to-end tier wall time: $(( $(date +%s) - t_e2e )) s"
