@@ -819,6 +819,17 @@ mod tests {
     use crate::backend::fault::{FaultyBackend, Injector, Op};
     use crate::backend::soft::SoftBackend;
 
+    /// One endpoint (1), soft-backend rules, inline, no polling.
+    fn inline_settings() -> DeviceSettings {
+        DeviceSettings {
+            endpoints: vec![EndpointId(1)],
+            boot_bypass: false,
+            rules: crate::bench::daemon::soft_rules(crate::domains::Limits::default()),
+            mode: Mode::Inline,
+            poll: std::time::Duration::ZERO,
+        }
+    }
+
     fn file_table(regions: &[(u64, u64, u64)]) -> GuestMemoryMmap {
         // (gpa, file size, mapped size)
         let regions = regions
@@ -851,13 +862,7 @@ mod tests {
 
     #[test]
     fn a_table_past_the_end_of_a_file_is_refused_and_the_last_accepted_one_put_back() {
-        let settings = DeviceSettings {
-            endpoints: vec![EndpointId(1)],
-            boot_bypass: false,
-            rules: crate::bench::daemon::soft_rules(crate::domains::Limits::default()),
-            mode: Mode::Inline,
-            poll: std::time::Duration::ZERO,
-        };
+        let settings = inline_settings();
         let backend = Arc::new(SoftBackend::new(&[EndpointId(1)], false));
         let dev = IommuDevice::new(settings, backend, Arc::new(Metrics::default())).unwrap();
         let mem = GuestMemoryAtomic::new(file_table(&[(0, 0x10_0000, 0x10_0000)]));
@@ -887,13 +892,7 @@ mod tests {
             SoftBackend::new(&[EndpointId(1)], false),
             injector.clone(),
         ));
-        let settings = DeviceSettings {
-            endpoints: vec![EndpointId(1)],
-            boot_bypass: false,
-            rules: crate::bench::daemon::soft_rules(crate::domains::Limits::default()),
-            mode: Mode::Inline,
-            poll: std::time::Duration::ZERO,
-        };
+        let settings = inline_settings();
         let dev = IommuDevice::new(settings, backend, Arc::new(Metrics::default())).unwrap();
         injector.fail(Op::SetRam, 0, 1, libc::ENOMEM);
         let err = dev

@@ -746,13 +746,7 @@ impl TestVm {
         mmap_offset: u64,
     ) -> Result<(), DriverError> {
         self.need_mem_slots()?;
-        let r =
-            GuestRam::new_at(gpa, file_size).map_err(DriverError::io("creating memory region"))?;
-        let info = VhostUserMemoryRegionInfo {
-            memory_size,
-            mmap_offset,
-            ..region_info(&r)
-        };
+        let (r, info) = claiming_region(gpa, file_size, memory_size, mmap_offset)?;
         self.frontend
             .add_mem_region(&info)
             .map_err(DriverError::vhost("ADD_MEM_REG"))?;
@@ -769,13 +763,7 @@ impl TestVm {
         memory_size: u64,
         mmap_offset: u64,
     ) -> Result<(), DriverError> {
-        let r =
-            GuestRam::new_at(gpa, file_size).map_err(DriverError::io("creating memory region"))?;
-        let info = VhostUserMemoryRegionInfo {
-            memory_size,
-            mmap_offset,
-            ..region_info(&r)
-        };
+        let (r, info) = claiming_region(gpa, file_size, memory_size, mmap_offset)?;
         self.frontend
             .set_mem_table(&[region_info(&self.ram), info])
             .map_err(DriverError::vhost("SET_MEM_TABLE"))?;
@@ -830,6 +818,23 @@ fn region_info(r: &GuestRam) -> VhostUserMemoryRegionInfo {
         mmap_offset: 0,
         mmap_handle: r.fd(),
     }
+}
+
+/// A fresh memfd of `file_size` bytes at `gpa` and a region description that claims
+/// `memory_size` bytes of it at `mmap_offset`: what a VMM that overstates its file sends.
+fn claiming_region(
+    gpa: u64,
+    file_size: u64,
+    memory_size: u64,
+    mmap_offset: u64,
+) -> Result<(GuestRam, VhostUserMemoryRegionInfo), DriverError> {
+    let r = GuestRam::new_at(gpa, file_size).map_err(DriverError::io("creating memory region"))?;
+    let info = VhostUserMemoryRegionInfo {
+        memory_size,
+        mmap_offset,
+        ..region_info(&r)
+    };
+    Ok((r, info))
 }
 
 fn read_config(f: &mut Frontend) -> Result<Config, DriverError> {

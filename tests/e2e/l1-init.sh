@@ -12,13 +12,11 @@
 #
 # Every check prints `PASS: L1: <name>` or `FAIL: L1: <name>: <why>`; L2's lines reach this
 # console prefixed with `L2| `. The last line is `E2E-L1: PASS` or `E2E-L1: FAIL`.
-/bin/busybox mkdir -p /dev /proc /sys /tmp /run
-/bin/busybox mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-/bin/busybox --install -s /bin
-export PATH=/bin:/usr/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
+
+# bind_devices, start_nic_peer, start_vm (the README's command line), l1_boot: shared with
+# the other L1 /init (l1-lib.sh).
+. /e2e/l1-lib.sh
+l1_boot
 echo "E2E-L1: kernel $(uname -r), cmdline: $(cat /proc/cmdline)"
 
 cfg=/etc/vhost-user-iommu/vm1.toml
@@ -39,8 +37,6 @@ finish() {
     sleep 10
 }
 t() { cut -d' ' -f1 /proc/uptime; }
-# bind_devices, start_nic_peer, start_vm (the README's command line): shared with l1-peers.sh.
-. /e2e/l1-lib.sh
 
 # --- the daemon's view: its control socket ---------------------------------------------------------
 metric() { vhost-user-iommu ctl --control-socket "$ctl" metrics 2>/dev/null | awk -v k="$1" '$1 == k { print $2 }'; }

@@ -1,6 +1,17 @@
 # Sourced by L1's /init (l1-init.sh for the end-to-end tier, l1-peers.sh for the peer comparison):
 # what both do to L1 the same way. Expects pass NAME [NOTE], fail NAME WHY and finish (which
-# does not return) from the caller.
+# does not return) from the caller, by the time a function here runs.
+
+# l1_boot: /dev, /proc, /sys mounted, stdio on the console, busybox's applets on PATH.
+l1_boot() {
+    /bin/busybox mkdir -p /dev /proc /sys /tmp /run
+    /bin/busybox mount -t devtmpfs devtmpfs /dev
+    exec </dev/console >/dev/console 2>&1
+    /bin/busybox --install -s /bin
+    export PATH=/bin:/usr/bin
+    mount -t proc proc /proc
+    mount -t sysfs sysfs /sys
+}
 
 # bind_devices: both edus, the NVMe controller and the igb NIC to vfio-pci. BDF and vendor:device
 # as L0 emulates them. L1's kernel has nvme and igb drivers but leaves these devices alone

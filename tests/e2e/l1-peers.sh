@@ -7,13 +7,10 @@
 #   d  this daemon: the README's command line (vhost-user virtio-iommu + vfio-user devices)
 # Rounds interleave the configurations (the order rotates each round) so that drift and noise
 # show in the spread of the results. L2's BENCH lines reach this console prefixed `L2| `.
-/bin/busybox mkdir -p /dev /proc /sys /tmp /run
-/bin/busybox mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-/bin/busybox --install -s /bin
-export PATH=/bin:/usr/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
+# bind_devices, start_nic_peer, start_vm (the README's command line), l1_boot: shared with
+# the other L1 /init (l1-lib.sh).
+. /e2e/l1-lib.sh
+l1_boot
 echo "PEERS-L1: kernel $(uname -r), cmdline: $(cat /proc/cmdline)"
 rounds=2
 secs=3
@@ -39,7 +36,6 @@ bye() {
 pass() { :; }
 fail() { echo "PEERS-L1: FAIL: $1: $2"; }
 finish() { bye; }
-. /e2e/l1-lib.sh
 bind_devices
 start_nic_peer
 mkdir -p $run /run/peers

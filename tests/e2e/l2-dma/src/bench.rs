@@ -193,7 +193,7 @@ pub fn run(config: &str, secs: f64) {
         match &ifname {
             Some(Ok(_)) => {
                 let t = Instant::now();
-                let r = nic::echo_stream(4 << 20, Duration::from_secs(60)).map(|(_, _)| Sample {
+                let r = nic::echo_stream(4 << 20, Duration::from_secs(60)).map(|_| Sample {
                     lat_ns: vec![t.elapsed().as_nanos() as u64],
                     bytes: 2 * (4 << 20),
                     secs: t.elapsed().as_secs_f64(),

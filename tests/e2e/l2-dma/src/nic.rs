@@ -232,32 +232,6 @@ fn statistics(ifname: &str) -> String {
     .join(" ")
 }
 
-/// `/proc/interrupts` counts of the interface's vectors: (name, count, is MSI-X).
-fn interface_interrupts(ifname: &str) -> Vec<(String, u64, bool)> {
-    let text = fs::read_to_string("/proc/interrupts").unwrap_or_default();
-    let mut out: Vec<(String, u64, bool)> = text
-        .lines()
-        .filter_map(|line| {
-            let name = line.split_whitespace().last()?;
-            if !name.starts_with(ifname) {
-                return None;
-            }
-            let (_, rest) = line.split_once(':')?;
-            let count = rest
-                .split_whitespace()
-                .map_while(|w| w.parse::<u64>().ok())
-                .sum();
-            Some((
-                name.to_owned(),
-                count,
-                line.contains("MSIX") || line.contains("MSI-X"),
-            ))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 /// Waits for `bdf`'s interface, turns scatter-gather off (see below), gives it LOCAL/24 and waits for its link; returns its name.
 pub fn bring_up(bdf: &str) -> Result<String> {
     let name = wait_interface(bdf, Duration::from_secs(60))?;
@@ -307,7 +281,7 @@ pub fn nic_checks(check: &mut dyn FnMut(&str, Result<String>) -> bool) {
             return;
         }
     };
-    let before = interface_interrupts(&ifname);
+    let before = sysfs::interrupts(&ifname);
     check(
         &format!(
             "NIC: a TCP stream to the peer's echo server at {PEER}:{PORT} comes back byte for byte"
@@ -316,14 +290,8 @@ pub fn nic_checks(check: &mut dyn FnMut(&str, Result<String>) -> bool) {
             .map(|(s, _)| s)
             .map_err(|e| format!("{e}; {ifname}: {}", statistics(&ifname))),
     );
-    let after = interface_interrupts(&ifname);
-    let fired: Vec<String> = after
-        .iter()
-        .filter(|(q, n, msix)| {
-            *msix && before.iter().find(|(b, _, _)| b == q).map_or(0, |b| b.1) < *n
-        })
-        .map(|(q, n, _)| format!("{q}={n}"))
-        .collect();
+    let after = sysfs::interrupts(&ifname);
+    let fired = sysfs::msix_fired(&before, &after);
     check(
         "NIC: its traffic raised MSI-X interrupts",
         if fired.is_empty() {

@@ -229,34 +229,6 @@ pub fn wait_namespace(timeout: Duration) -> Result<String> {
     }
 }
 
-/// `/proc/interrupts` counts of the controller's queues: (queue name, count, is MSI-X).
-fn queue_interrupts() -> Result<Vec<(String, u64, bool)>> {
-    let text = sysfs::read_trim("/proc/interrupts")?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some(name) = line.split_whitespace().last() else {
-            continue;
-        };
-        if !name.starts_with("nvme") || !name.contains('q') {
-            continue;
-        }
-        let Some((_, rest)) = line.split_once(':') else {
-            continue;
-        };
-        let count = rest
-            .split_whitespace()
-            .map_while(|w| w.parse::<u64>().ok())
-            .sum();
-        out.push((
-            name.to_owned(),
-            count,
-            line.contains("MSIX") || line.contains("MSI-X"),
-        ));
-    }
-    out.sort();
-    Ok(out)
-}
-
 /// Which run this is, found from the disk: the first translated boot finds area 0 empty.
 enum Run {
     Strict,
@@ -365,7 +337,7 @@ pub fn nvme_checks(check: &mut dyn FnMut(&str, Result<String>) -> bool, identity
         disk.read_exact_at(b, off)
             .map_err(|e| format!("{node}: read {} at {off:#x}: {e}", b.len()))
     };
-    let irq_before = queue_interrupts().unwrap_or_default();
+    let irq_before = sysfs::interrupts("nvme");
     let t = Instant::now();
     let written = (|| {
         let b = buf.as_mut();
@@ -393,19 +365,11 @@ pub fn nvme_checks(check: &mut dyn FnMut(&str, Result<String>) -> bool, identity
         ),
         verified.map(|b| format!("{b} bytes; writes {write_s:.2} s, reads {read_s:.2} s")),
     );
-    let irq_after = queue_interrupts().unwrap_or_default();
-    let fired: Vec<String> = irq_after
-        .iter()
-        .filter(|(q, n, msix)| {
-            *msix
-                && !q.ends_with("q0")
-                && irq_before
-                    .iter()
-                    .find(|(b, _, _)| b == q)
-                    .map_or(0, |b| b.1)
-                    < *n
-        })
-        .map(|(q, n, _)| format!("{q}={n}"))
+    let irq_after = sysfs::interrupts("nvme");
+    // The admin queue (q0) does not count: its vector fires without any I/O.
+    let fired: Vec<String> = sysfs::msix_fired(&irq_before, &irq_after)
+        .into_iter()
+        .filter(|v| !v.split('=').next().is_some_and(|name| name.ends_with("q0")))
         .collect();
     check(
         "NVMe: the I/O completions arrived on at least two MSI-X vectors (two I/O queues)",

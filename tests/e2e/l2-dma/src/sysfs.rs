@@ -1,4 +1,5 @@
-//! The sysfs reads and writes the device checks share: PCI devices by class, one-line files.
+//! The sysfs and procfs reads and writes the device checks share: PCI devices by class,
+//! one-line files, interrupt counts.
 
 use std::fs;
 
@@ -36,4 +37,53 @@ pub fn read_trim(path: &str) -> Result<String> {
 
 pub fn write(path: &str, v: &str) -> Result<()> {
     fs::write(path, v).map_err(|e| format!("write {v:?} to {path}: {e}"))
+}
+
+/// One line of `/proc/interrupts`: the handler's name, its count over every CPU, MSI-X or not.
+#[derive(Debug)]
+pub struct Vector {
+    pub name: String,
+    pub count: u64,
+    pub msix: bool,
+}
+
+/// The interrupt vectors whose handler name starts with `prefix`, sorted by name.
+pub fn interrupts(prefix: &str) -> Vec<Vector> {
+    let text = fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    let mut out: Vec<Vector> = text
+        .lines()
+        .filter_map(|line| {
+            let name = line.split_whitespace().last()?;
+            if !name.starts_with(prefix) {
+                return None;
+            }
+            let (_, rest) = line.split_once(':')?;
+            let count = rest
+                .split_whitespace()
+                .map_while(|w| w.parse::<u64>().ok())
+                .sum();
+            Some(Vector {
+                name: name.to_owned(),
+                count,
+                msix: line.contains("MSIX") || line.contains("MSI-X"),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The MSI-X vectors of `after` whose count grew since `before`, as `name=count`.
+pub fn msix_fired(before: &[Vector], after: &[Vector]) -> Vec<String> {
+    after
+        .iter()
+        .filter(|v| {
+            let was = before
+                .iter()
+                .find(|b| b.name == v.name)
+                .map_or(0, |b| b.count);
+            v.msix && was < v.count
+        })
+        .map(|v| format!("{}={}", v.name, v.count))
+        .collect()
 }
