@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod boot_ram;
 pub mod config;
 pub mod control;
 pub mod deploy;

@@ -3,7 +3,7 @@
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use clap::{Args, Parser, Subcommand};
 use log::{error, info, warn};
@@ -12,6 +12,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_iommu::backend::DmaBackend;
 use vhost_user_iommu::backend::iommufd::IommufdBackend;
 use vhost_user_iommu::backend::soft::SoftBackend;
+use vhost_user_iommu::boot_ram::BootRam;
 use vhost_user_iommu::config::{BackendKind, VmConfig};
 use vhost_user_iommu::control::{self, CurrentDevice};
 use vhost_user_iommu::domains::Rules;
@@ -324,15 +325,18 @@ struct Backend {
 /// Serves each configured endpoint's VFIO device to the VMM over vfio-user. DMA_MAPs from the
 /// VMM are checked against the vhost-user memory table once it is known (QEMU sends them right
 /// after connecting, before the guest starts the IOMMU device); they are recorded, never mapped
-/// for the device.
+/// for the device. With `boot` (boot bypass), the guest RAM they describe is what identity
+/// translation covers until the memory table arrives (see `boot_ram`).
 fn start_vfio_user(
     cfg: &VmConfig,
     backend: &Backend,
     current: &CurrentDevice,
     stop: &vfio_user::StopSignal,
+    boot: Option<&Arc<BootRam>>,
 ) -> Result<VfioUserFronts, String> {
     let mut threads = Vec::new();
     let mut slots = std::collections::BTreeMap::new();
+    let all_maps: Arc<Mutex<Vec<vfio_user::DmaMaps>>> = Arc::default();
     for e in &cfg.endpoints {
         let Some(path) = &e.vfio_user_socket else {
             continue;
@@ -364,17 +368,49 @@ fn start_vfio_user(
                 path.display()
             )
         })?;
-        let (current, ep) = (current.clone(), EndpointId(e.id));
+        let (connected, ep) = (current.clone(), EndpointId(e.id));
         // A closed device connection leaves the device blocked until the guest re-attaches it
         // (DESIGN §3.4); the domain model is told so that it stays equal to the host.
         let on_disconnect = move || {
-            if let Some(d) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            if let Some(d) = connected.lock().unwrap_or_else(|p| p.into_inner()).clone() {
                 d.endpoint_disconnected(ep);
             }
         };
-        let server = vfio_user::DeviceServer::new(Box::new(dev), dma_check, stop.clone())
+        let mut server = vfio_user::DeviceServer::new(Box::new(dev), dma_check, stop.clone())
             .name(name.clone())
             .on_disconnect(on_disconnect);
+        if let Some(boot) = boot {
+            all_maps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(server.dma_maps());
+            let (boot, all_maps, current) = (boot.clone(), all_maps.clone(), current.clone());
+            let own = server.dma_maps();
+            server = server.on_dma_change(move || {
+                // Each client describes all of guest RAM, and QEMU updates them one after the
+                // other: the one that changed last is the current view, or, when it just left,
+                // any client still connected.
+                let mut maps = own.snapshot();
+                if maps.is_empty() {
+                    maps = all_maps
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .map(|m| m.snapshot())
+                        .find(|m| !m.is_empty())
+                        .unwrap_or_default();
+                }
+                let (changed, skipped) = boot.update(&maps);
+                for why in skipped {
+                    if BOOT_RAM_LOG.allow() {
+                        warn!("boot bypass: a DMA map left out of guest RAM: {why}");
+                    }
+                }
+                if changed {
+                    follow_boot_ram(&boot, &current);
+                }
+            });
+        }
         slots.insert(ep, server.slot());
         let t = server
             .spawn(listener)
@@ -383,6 +419,49 @@ fn start_vfio_user(
         threads.push(t);
     }
     Ok((threads, slots))
+}
+
+/// Lets the first 10 log lines through, then one in 1,000: the VMM decides how often these
+/// events happen, and must not flood the log.
+struct EveryNth(std::sync::atomic::AtomicU64);
+
+impl EveryNth {
+    fn allow(&self) -> bool {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        n < 10 || n.is_multiple_of(1000)
+    }
+}
+
+static BOOT_RAM_LOG: EveryNth = EveryNth(std::sync::atomic::AtomicU64::new(0));
+
+/// Hands the guest RAM the vfio-user clients' DMA maps describe to the current vhost-user
+/// device, which covers it with identity translation until its memory table arrives.
+fn follow_boot_ram(boot: &BootRam, current: &CurrentDevice) {
+    let Some(d) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+        return;
+    };
+    let ram = match boot.ram() {
+        Ok(ram) => ram,
+        Err(e) => {
+            if BOOT_RAM_LOG.allow() {
+                warn!("boot bypass: the DMA maps describe no usable guest RAM: {e}");
+            }
+            return;
+        }
+    };
+    match d.set_boot_ram(&ram) {
+        Ok(false) => {}
+        Ok(true) if BOOT_RAM_LOG.allow() => info!(
+            "boot bypass: identity translation over the {} RAM regions the VMM's DMA maps describe (no memory table yet)",
+            ram.regions().len()
+        ),
+        Ok(true) => {}
+        Err(e) => {
+            if BOOT_RAM_LOG.allow() {
+                warn!("boot bypass: cannot follow the VMM's DMA maps in the identity domain: {e}");
+            }
+        }
+    }
 }
 
 /// The vfio-user server threads and their device slots (taken away on host unplug).
@@ -552,7 +631,11 @@ fn run(a: ServeArgs) -> Result<(), String> {
     }
     let vfio_stop =
         vfio_user::StopSignal::new().map_err(|e| format!("cannot create an eventfd: {e}"))?;
-    let (vfio_threads, slots) = start_vfio_user(&cfg, &backend, &current, &vfio_stop)?;
+    // With boot bypass, firmware DMA needs guest RAM before the memory table: the vfio-user
+    // clients' DMA maps describe it (see `boot_ram`).
+    let boot = boot_bypass.then(|| Arc::new(BootRam::default()));
+    let (vfio_threads, slots) =
+        start_vfio_user(&cfg, &backend, &current, &vfio_stop, boot.as_ref())?;
     if let Some(b) = &backend.iommufd {
         // Host unbind of a device → detach, close, serve the rest; rebind → serve it again.
         vhost_user_iommu::hotplug::watch(b, current.clone(), slots)
@@ -563,8 +646,12 @@ fn run(a: ServeArgs) -> Result<(), String> {
         warn!("cannot notify systemd: {e}");
     }
     info!("serving virtio-iommu ({mode:?})");
-    let hook: OnConnect =
-        Box::new(move |d| *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.clone()));
+    let hook: OnConnect = Box::new(move |d| {
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.clone());
+        if let Some(boot) = &boot {
+            follow_boot_ram(boot, &current);
+        }
+    });
     let served = serve(
         listener,
         settings,

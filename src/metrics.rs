@@ -23,6 +23,10 @@ pub struct Metrics {
     pub faults_reported: AtomicU64,
     /// Requests the host backend failed (after the request passed every spec check).
     pub backend_errors: AtomicU64,
+    /// Times the vring thread found the guest's next request while polling after an answer.
+    pub poll_hits: AtomicU64,
+    /// Times the vring thread slept through a quiet guest and a kick woke it for more.
+    pub wakeups: AtomicU64,
     latency: [AtomicU64; BUCKETS],
     latency_sum_ns: AtomicU64,
 }
@@ -69,6 +73,8 @@ impl Metrics {
             ("viommu_unknown_requests_total", &self.unknown_type),
             ("viommu_faults_reported_total", &self.faults_reported),
             ("viommu_backend_errors_total", &self.backend_errors),
+            ("viommu_poll_hits_total", &self.poll_hits),
+            ("viommu_wakeups_total", &self.wakeups),
         ] {
             let _ = writeln!(
                 out,

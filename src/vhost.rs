@@ -39,9 +39,11 @@ use crate::protocol::{
 
 mod chain;
 mod memory;
+mod poll_window;
 
 use chain::{Chain, LogLimiter, Pending, PendingTable, read_chain};
 use memory::{check_backing, file_identity, guest_ram};
+use poll_window::PollWindow;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
@@ -55,8 +57,8 @@ const BATCH_BUDGET: std::time::Duration = std::time::Duration::from_millis(2);
 /// Largest virtqueue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
-/// Default polling window of the vring thread after each answer (see `DeviceSettings::poll`).
-pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+/// Default ceiling of the vring thread's adaptive polling window (see `DeviceSettings::poll`).
+pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Everything the device needs to know about the VM it serves; fixed for the daemon's life.
 #[derive(Clone, Debug)]
@@ -65,8 +67,9 @@ pub struct DeviceSettings {
     pub boot_bypass: bool,
     pub rules: Rules,
     pub mode: Mode,
-    /// How long the vring thread keeps watching the ring for the next request after answering
-    /// one, before it goes back to waiting for a kick (0: never).
+    /// The most the vring thread keeps watching the ring for the next request after answering
+    /// one, before it goes back to waiting for a kick (0: never). The window itself adapts
+    /// between 50 µs and this ceiling to the gaps the guest leaves (see `vhost::poll_window`).
     pub poll: std::time::Duration,
 }
 
@@ -84,6 +87,11 @@ struct Session {
     /// The request ring was stopped (GET_VRING_BASE) at this position; see [`RingMark`].
     stopped: Option<RingMark>,
     limiter: LogLimiter,
+    /// How long to watch the ring after an answer (adapts to the guest's gaps).
+    window: PollWindow,
+    /// When the last answer went out with nothing more to do and the window ran out: the next
+    /// kick tells how long the guest's gap really was.
+    quiet_since: Option<Instant>,
 }
 
 /// Where the request ring stood when the VMM stopped it, to tell a resume from a reset.
@@ -190,9 +198,6 @@ impl Answerer<'_> {
 struct Inner {
     /// Written when request processing yields after its budget; brings the vring thread back.
     rewake: EventFd,
-    /// The polling window in force: the configured one, except in pipeline mode without a core
-    /// for every spinning thread, where polling would only steal the executors' time.
-    poll: std::time::Duration,
     /// Exit-event fds handed to the vring library, which leaks them (see `exit_event`).
     exit_fds: Mutex<Vec<(i32, (u64, u64))>>,
     settings: DeviceSettings,
@@ -226,6 +231,19 @@ impl IommuDevice {
             settings.boot_bypass,
             Arc::new(GuestRam::default()),
         )?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // The ceiling of the polling window in force: the configured one, except in pipeline
+        // mode without a core for every spinning thread, where polling would only steal the
+        // executors' time.
+        let poll = match settings.mode {
+            // With one CPU the guest's vCPU and this thread share it: polling would only delay
+            // the very request it waits for.
+            _ if cores < 2 => std::time::Duration::ZERO,
+            Mode::Pipeline(n) if crate::pipeline::spin_window(n).is_zero() => {
+                std::time::Duration::ZERO
+            }
+            _ => settings.poll,
+        };
         let session = Session {
             dispatcher,
             mem: None,
@@ -240,20 +258,11 @@ impl IommuDevice {
                 count: 0,
                 suppressed: 0,
             },
-        };
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let poll = match settings.mode {
-            // With one CPU the guest's vCPU and this thread share it: polling would only delay
-            // the very request it waits for.
-            _ if cores < 2 => std::time::Duration::ZERO,
-            Mode::Pipeline(n) if crate::pipeline::spin_window(n).is_zero() => {
-                std::time::Duration::ZERO
-            }
-            _ => settings.poll,
+            window: PollWindow::new(poll),
+            quiet_since: None,
         };
         Ok(IommuDevice(Arc::new(Inner {
             rewake: EventFd::new(EFD_NONBLOCK)?,
-            poll,
             exit_fds: Mutex::new(Vec::new()),
             settings,
             backend,
@@ -292,6 +301,18 @@ impl IommuDevice {
                 log::error!("{endpoint}: cannot block after its device connection closed: {e}")
             }
         }
+    }
+
+    /// Guest RAM as the VMM's vfio-user DMA maps describe it (see `boot_ram`): the identity
+    /// domain follows it until the memory table arrives, so that boot-bypass endpoints reach
+    /// guest RAM while the firmware runs. Ignored (`Ok(false)`) once the connection has a memory
+    /// table.
+    pub fn set_boot_ram(&self, ram: &GuestRam) -> Result<bool, crate::backend::BackendError> {
+        let s = lock(&self.0.session);
+        if s.ram.is_some() {
+            return Ok(false);
+        }
+        self.0.backend.set_ram(ram).map(|()| true)
     }
 
     /// The guest RAM of the current connection's memory table, once the VMM has sent one.
@@ -387,12 +408,20 @@ impl IommuDevice {
             return Ok(());
         };
         let metrics = &*self.0.metrics;
+        if let Some(quiet) = s.quiet_since.take() {
+            s.window.missed(quiet.elapsed());
+            metrics
+                .wakeups
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let probe_size = u64::from(self.0.settings.rules.probe_size);
         let Session {
             dispatcher,
             pending,
             probe_buf,
             limiter,
+            window,
+            quiet_since,
             ..
         } = s;
         let mut a = Answerer {
@@ -526,10 +555,15 @@ impl IommuDevice {
                 signal(vring);
                 a.used = false;
             }
-            if self.poll_for_work(vring, &mem, dispatcher, &mut a) {
+            let answered = Instant::now();
+            if poll_for_work(window.current(), vring, &mem, dispatcher, &mut a) {
+                metrics
+                    .poll_hits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 continue;
             }
             if !vring.enable_notification().map_err(io::Error::other)? {
+                *quiet_since = Some(answered);
                 break;
             }
         }
@@ -537,45 +571,6 @@ impl IommuDevice {
             signal(vring);
         }
         Ok(())
-    }
-
-    /// Spins for up to the configured window until the guest adds a request or an executor
-    /// completes one; true if there is new work on the ring.
-    fn poll_for_work(
-        &self,
-        vring: &VringRwLock,
-        mem: &MemGuard,
-        dispatcher: &mut Dispatcher,
-        a: &mut Answerer<'_>,
-    ) -> bool {
-        let window = self.0.poll;
-        if window.is_zero() && dispatcher.in_flight() == 0 {
-            return false;
-        }
-        let start = Instant::now();
-        loop {
-            if dispatcher.in_flight() > 0 {
-                dispatcher.poll(&mut |c| a.complete(c));
-                if a.used {
-                    signal(vring);
-                    a.used = false;
-                }
-            }
-            let pending = {
-                let g = vring.get_ref();
-                let q = g.get_queue();
-                q.avail_idx(&**mem, std::sync::atomic::Ordering::Acquire)
-                    .map(|i| i.0 != q.next_avail())
-                    .unwrap_or(false)
-            };
-            if pending {
-                return true;
-            }
-            if start.elapsed() >= window {
-                return false;
-            }
-            std::hint::spin_loop();
-        }
     }
 
     fn process_completions(&self) {
@@ -631,6 +626,51 @@ fn drain(s: &mut Session, mem: Option<&GuestMemoryMmap>, vring: &VringRwLock, me
     if a.used {
         signal(vring);
     }
+}
+
+/// Spins for up to `window` until the guest adds a request or an executor completes one;
+/// true if there is new work on the ring.
+fn poll_for_work(
+    window: std::time::Duration,
+    vring: &VringRwLock,
+    mem: &MemGuard,
+    dispatcher: &mut Dispatcher,
+    a: &mut Answerer<'_>,
+) -> bool {
+    if window.is_zero() && dispatcher.in_flight() == 0 {
+        return false;
+    }
+    let start = Instant::now();
+    loop {
+        if dispatcher.in_flight() > 0 {
+            dispatcher.poll(&mut |c| a.complete(c));
+            if a.used {
+                signal(vring);
+                a.used = false;
+            }
+        }
+        let pending = {
+            let g = vring.get_ref();
+            let q = g.get_queue();
+            q.avail_idx(&**mem, std::sync::atomic::Ordering::Acquire)
+                .map(|i| i.0 != q.next_avail())
+                .unwrap_or(false)
+        };
+        if pending {
+            return true;
+        }
+        if start.elapsed() >= window {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Checks a memory table built from the VMM's file descriptors and converts it into the domain
+/// model's view of guest RAM (the memory table's rules, for other descriptions of the same RAM).
+pub(crate) fn describe_ram(mem: &GuestMemoryMmap) -> Result<GuestRam, String> {
+    check_backing(mem)?;
+    guest_ram(mem)
 }
 
 fn signal(vring: &VringRwLock) {

@@ -831,3 +831,37 @@ fn the_device_offers_the_features_the_linux_driver_needs() {
     );
     assert_eq!(f & features::MMIO, 0, "MMIO mappings are not implemented");
 }
+
+#[test]
+fn back_to_back_requests_are_found_by_polling_and_a_quiet_guest_is_woken_by_its_kick() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let d = Daemon::start(Options {
+        poll: std::time::Duration::from_millis(200),
+        ..Options::default()
+    });
+    let mut vm = d.connect();
+    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    // Each answer opens a window; a request that misses it but comes within the 200 ms ceiling
+    // widens it, so a guest sending back to back is soon served without a kick or a wake-up.
+    for i in 0..64u64 {
+        let r = map(1, i << 12, (i << 12) + 0xfff, i << 12, RW);
+        assert_eq!(vm.request(&r).unwrap(), Status::Ok);
+    }
+    let hits = d.metrics.poll_hits.load(Relaxed);
+    assert!(
+        hits > 0,
+        "no request of 64 back to back was found by polling"
+    );
+    // A guest quiet for longer than the ceiling: the window runs out, the vring thread sleeps
+    // and the next request comes through a kick.
+    let woken = d.metrics.wakeups.load(Relaxed);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(vm.request(&unmap(1, 0, u64::MAX)).unwrap(), Status::Ok);
+    assert!(
+        d.metrics.wakeups.load(Relaxed) > woken,
+        "the request after a quiet spell did not count as a wake-up"
+    );
+    assert_eq!(d.backend_mappings(), 0);
+    let text = d.metrics.render();
+    assert!(text.contains("viommu_poll_hits_total ") && text.contains("viommu_wakeups_total "));
+}

@@ -18,7 +18,9 @@
 //! for the device. What the device may reach is decided only by the guest, through its
 //! virtio-iommu ATTACH/MAP requests (identity over guest RAM in bypass), which the daemon
 //! turns into iommufd mappings. Maps without an fd (ROM ranges, QEMU's peer-to-peer maps of
-//! BARs) are accepted and recorded for the same reason: they map nothing. DMA_READ/DMA_WRITE
+//! BARs) are accepted and recorded for the same reason: they map nothing. The fd-backed ones
+//! also tell what guest RAM is before the memory table arrives, for identity translation under
+//! boot bypass ([`crate::boot_ram`]). DMA_READ/DMA_WRITE
 //! (server → client) are never sent.
 //!
 //! Layout: [`protocol`] (pure encode/decode with size checks), [`device`] (the

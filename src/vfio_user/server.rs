@@ -77,7 +77,7 @@ impl StopSignal {
 }
 
 /// One DMA_MAP the client made, as recorded (never mapped for the device).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct DmaRegion {
     pub address: u64,
     pub size: u64,
@@ -87,6 +87,9 @@ pub struct DmaRegion {
     /// `(st_dev, st_ino)` of the fd that came with the map; `None` for maps without one (ROM
     /// ranges, peer-to-peer maps of BARs).
     pub file_id: Option<(u64, u64)>,
+    /// The fd itself (a duplicate), for describing guest RAM before the memory table (see
+    /// `boot_ram`).
+    pub file: Option<Arc<std::fs::File>>,
 }
 
 /// The DMA maps the current client has recorded, shared with whoever wants to look at them
@@ -114,6 +117,8 @@ impl DmaMaps {
 }
 
 type Hook = Box<dyn FnMut() + Send>;
+/// Called on the server thread after the client's DMA maps changed (with no lock held).
+type MapsHook = Arc<dyn Fn() + Send + Sync>;
 
 /// The device a [`DeviceServer`] serves, which the host may take away (hot-unplug) and give
 /// back (replug). Cheap to clone; [`DeviceServer::slot`] hands out the server's.
@@ -177,6 +182,7 @@ pub struct DeviceServer {
     stop: StopSignal,
     on_connect: Option<Hook>,
     on_disconnect: Option<Hook>,
+    on_dma_change: Option<MapsHook>,
     name: String,
     maps: DmaMaps,
 }
@@ -189,6 +195,7 @@ impl DeviceServer {
             stop,
             on_connect: None,
             on_disconnect: None,
+            on_dma_change: None,
             name: "device".to_string(),
             maps: DmaMaps::default(),
         }
@@ -217,6 +224,13 @@ impl DeviceServer {
 
     pub fn on_disconnect(mut self, f: impl FnMut() + Send + 'static) -> Self {
         self.on_disconnect = Some(Box::new(f));
+        self
+    }
+
+    /// Runs `f` after every change of the client's DMA maps (a map, an unmap, the maps dropped
+    /// at disconnect), once the change is visible in [`dma_maps`](Self::dma_maps).
+    pub fn on_dma_change(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_dma_change = Some(Arc::new(f));
         self
     }
 
@@ -257,6 +271,7 @@ impl DeviceServer {
                 f();
             }
             let mut conn = Connection::new(&*dev, &self.dma_check, &self.name, &self.maps);
+            conn.on_maps = self.on_dma_change.clone();
             match conn.run(&stream, &self.stop) {
                 Ok(()) => info!("vfio-user {}: client disconnected", self.name),
                 Err(e) => warn!("vfio-user {}: connection ended: {e}", self.name),
@@ -387,6 +402,7 @@ struct Connection<'a> {
     name: &'a str,
     negotiated: bool,
     maps: &'a DmaMaps,
+    on_maps: Option<MapsHook>,
     /// IRQ indexes (bit per index) the client set, to disable after it.
     irqs_set: u32,
 }
@@ -404,7 +420,14 @@ impl<'a> Connection<'a> {
             name,
             negotiated: false,
             maps,
+            on_maps: None,
             irqs_set: 0,
+        }
+    }
+
+    fn maps_changed(&self) {
+        if let Some(f) = &self.on_maps {
+            f();
         }
     }
 
@@ -619,7 +642,7 @@ impl<'a> Connection<'a> {
         }
         // Only this thread changes the maps, so nothing new can overlap meanwhile; the check
         // runs without the lock held.
-        let file_id = match fd {
+        let (file_id, file) = match fd {
             Some(fd) => {
                 if !(self.dma_check)(m.address, m.size) {
                     return Err(err(
@@ -637,9 +660,9 @@ impl<'a> Connection<'a> {
                 let md = f
                     .metadata()
                     .map_err(|e| Errno::from_io(&e, "fstat of the DMA map fd"))?;
-                Some((md.dev(), md.ino()))
+                (Some((md.dev(), md.ino())), Some(Arc::new(f)))
             }
-            None => None,
+            None => (None, None),
         };
         debug!(
             "vfio-user {}: DMA map {:#x}+{:#x} flags {:#x} offset {:#x} fd {}",
@@ -658,29 +681,34 @@ impl<'a> Connection<'a> {
                 flags: m.flags,
                 offset: m.offset,
                 file_id,
+                file,
             },
         );
+        self.maps_changed();
         Ok(Reply::empty())
     }
 
     fn dma_unmap(&mut self, p: &[u8]) -> Result<Reply<'a>, Errno> {
         let u = decode_dma_unmap(p)?;
-        let mut maps = self.maps.lock();
-        if u.flags & DMA_UNMAP_FLAG_ALL != 0 {
-            maps.clear();
-        } else {
-            match maps.get(&u.address) {
-                Some(r) if r.size == u.size => {
-                    maps.remove(&u.address);
-                }
-                _ => {
-                    return Err(err(
-                        libc::ENOENT,
-                        format!("no DMA map is exactly {:#x}+{:#x}", u.address, u.size),
-                    ));
+        {
+            let mut maps = self.maps.lock();
+            if u.flags & DMA_UNMAP_FLAG_ALL != 0 {
+                maps.clear();
+            } else {
+                match maps.get(&u.address) {
+                    Some(r) if r.size == u.size => {
+                        maps.remove(&u.address);
+                    }
+                    _ => {
+                        return Err(err(
+                            libc::ENOENT,
+                            format!("no DMA map is exactly {:#x}+{:#x}", u.address, u.size),
+                        ));
+                    }
                 }
             }
         }
+        self.maps_changed();
         Ok(Reply::data(encode_dma_unmap_reply(&u)))
     }
 
@@ -797,7 +825,11 @@ impl<'a> Connection<'a> {
                 ),
             }
         }
+        let had_maps = !self.maps.is_empty();
         self.maps.lock().clear();
+        if had_maps {
+            self.maps_changed();
+        }
         self.negotiated = false;
     }
 

@@ -5,6 +5,7 @@
 #   b  QEMU's own virtio-iommu-pci + vfio-pci (iommufd backend)
 #   c  QEMU's own intel-iommu (caching mode) + vfio-pci (iommufd backend)
 #   d  this daemon: the README's command line (vhost-user virtio-iommu + vfio-user devices)
+#   dN the daemon as d, with its polling window set to N µs (`poll_us = N` in its config)
 # Rounds interleave the configurations (the order rotates each round) so that drift and noise
 # show in the spread of the results. L2's BENCH lines reach this console prefixed `L2| `.
 # bind_devices, start_nic_peer, start_vm (the README's command line), l1_boot: shared with
@@ -25,6 +26,8 @@ done
 cfg=/etc/vhost-user-iommu/vm1.toml
 run=/run/vhost-user-iommu
 t() { cut -d' ' -f1 /proc/uptime; }
+# cpu_s PID: user + system CPU seconds the process has used so far.
+cpu_s() { awk '{ printf "%.1f", ($14 + $15) / 100 }' "/proc/$1/stat" 2>/dev/null; }
 bye() {
     echo "PEERS-L1: done at $(t) s"
     sync
@@ -66,8 +69,13 @@ one() {
     mkfifo "$d/ctl.in" "$d/ctl.out"
     cat "$d/ctl.out" >/dev/null &
     daemon=
-    if [ "$c" = d ]; then
-        vhost-user-iommu --config $cfg >"$d/daemon.log" 2>&1 &
+    case $c in d*)
+        conf=$cfg
+        if [ "$c" != d ]; then
+            conf=$d/vm1.toml
+            { echo "poll_us = ${c#d}"; cat $cfg; } >"$conf"
+        fi
+        vhost-user-iommu --config "$conf" --control-socket "$d/ctl.sock" >"$d/daemon.log" 2>&1 &
         daemon=$!
         i=0
         until [ -S $run/vm1.sock ] && [ -S $run/vm1-56.sock ]; do
@@ -75,15 +83,17 @@ one() {
             [ $i -gt 200 ] && { echo "PEERS-L1: FAIL: daemon: $(tail -n 5 "$d/daemon.log")"; return; }
             sleep 0.1
         done
-    fi
-    echo "PEERS-L1: round $2 config $c starts at $(t) s"
+        ;;
+    esac
+    started=$(t)
+    echo "PEERS-L1: round $2 config $c starts at $started s"
     common="-accel tcg,tb-size=64 -cpu max -smp 1 -nodefaults -display none -serial file:$log -chardev pipe,id=ctl,path=$d/ctl -serial chardev:ctl -kernel /e2e/bzImage -initrd /e2e/l2-initrd.cpio.gz"
     append="console=ttyS0 panic=-1 iommu.strict=1 nvme.write_queues=1 iommufd.allow_unsafe_interrupts=1 vfio_iommu_type1.allow_unsafe_interrupts=1 e2e.bench=$c e2e.secs=$secs"
     case $c in
         a) (start_peer "" $common -append "$append") </dev/null >"$d/qemu.log" 2>&1 & ;;
         b) (start_peer "-device virtio-iommu-pci,addr=03.0" $common -append "$append") </dev/null >"$d/qemu.log" 2>&1 & ;;
         c) (start_peer "-device intel-iommu,caching-mode=on" $common -append "$append intel_iommu=on") </dev/null >"$d/qemu.log" 2>&1 & ;;
-        d) (start_vm $common -append "$append") </dev/null >"$d/qemu.log" 2>&1 & ;;
+        d*) (start_vm $common -append "$append") </dev/null >"$d/qemu.log" 2>&1 & ;;
     esac
     qemu=$!
     { tail -f "$log" & echo $! >"$d/tail.pid"; wait; } | sed 's/^/L2| /' &
@@ -96,6 +106,14 @@ one() {
         fi
         sleep 0.2
     done
+    # What the run cost in L1 CPU time (the vIOMMU of b and c runs inside QEMU, the daemon's
+    # apart), and how the daemon's requests went: served from its polling window or after a
+    # wake-up, and its own mean service time.
+    echo "PEERS-L1: config $c round $2 cpu: qemu $(cpu_s $qemu) s${daemon:+, daemon $(cpu_s $daemon) s} over $(echo "$(t) $started" | awk '{ printf "%.1f", $1 - $2 }') s"
+    if [ -n "$daemon" ]; then
+        echo "PEERS-L1: config $c round $2 daemon: $(vhost-user-iommu ctl --control-socket "$d/ctl.sock" metrics |
+            awk '$1 ~ /^viommu_(poll_hits_total|wakeups_total|request_latency_seconds_sum|request_latency_seconds_count)$/ { printf "%s=%s ", $1, $2 }')"
+    fi
     echo poweroff >"$d/ctl.in"
     i=0
     while kill -0 $qemu 2>/dev/null && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.1; done

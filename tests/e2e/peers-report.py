@@ -31,6 +31,61 @@ METRIC = {
     "ioas-map-unmap-4k": ("p50_us", False),
 }
 LINE = re.compile(r"BENCH (config=\S+ .*)$")
+CPU = re.compile(r"PEERS-L1: config (\S+) round (\d+) cpu: qemu ([\d.]+) s(?:, daemon ([\d.]+) s)? over ([\d.]+) s")
+DAEMON = re.compile(r"PEERS-L1: config (\S+) round (\d+) daemon: (.*)$")
+
+
+def parse_costs(path):
+    """Per configuration: a list of per-round dicts with the L1 CPU seconds of QEMU and the
+    daemon, the run's wall seconds and the daemon's counters."""
+    costs = {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = CPU.search(line)
+            if m:
+                c, r = m.group(1), m.group(2)
+                row = costs.setdefault(c, {}).setdefault(r, {})
+                row["qemu"] = float(m.group(3))
+                row["daemon"] = float(m.group(4)) if m.group(4) else 0.0
+                row["wall"] = float(m.group(5))
+                continue
+            m = DAEMON.search(line)
+            if m:
+                row = costs.setdefault(m.group(1), {}).setdefault(m.group(2), {})
+                for kv in m.group(3).split():
+                    k, _, v = kv.partition("=")
+                    row[k] = float(v)
+    return {c: list(rounds.values()) for c, rounds in costs.items()}
+
+
+def cost_table(costs, order):
+    out = [
+        "| configuration | L1 CPU s, QEMU | L1 CPU s, daemon | CPU per wall second | "
+        "requests found by polling | wake-ups by a kick | daemon service time, mean µs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in order:
+        rows = [r for r in costs.get(c, []) if "wall" in r]
+        if not rows:
+            continue
+        q = statistics.median(r["qemu"] for r in rows)
+        d = statistics.median(r["daemon"] for r in rows)
+        share = statistics.median((r["qemu"] + r["daemon"]) / r["wall"] for r in rows if r["wall"])
+        hits = sum(r.get("viommu_poll_hits_total", 0) for r in rows)
+        wakes = sum(r.get("viommu_wakeups_total", 0) for r in rows)
+        n = sum(r.get("viommu_request_latency_seconds_count", 0) for r in rows)
+        svc = sum(r.get("viommu_request_latency_seconds_sum", 0) for r in rows) / n * 1e6 if n else None
+        daemon = c.startswith("d")
+        out.append(
+            f"| {label(c)} | {q:.1f} | {d:.1f} | {share:.2f} | "
+            + (f"{hits:.0f} | {wakes:.0f} | {svc:.0f} |" if daemon and svc is not None else "– | – | – |")
+        )
+    out.append("")
+    out.append("Medians over the rounds of L1 CPU seconds used by L1's QEMU (which runs the vIOMMU of"
+               " (b) and (c)) and by the daemon, from L2's start to the end of its benchmark, and"
+               " their sum per wall-clock second (L1 has 2 vCPUs); the daemon's counters are summed"
+               " over the rounds.")
+    return "\n".join(out)
 
 
 def parse(path):
@@ -71,12 +126,30 @@ def fmt(r):
     return "–" if r is None else f"{r:.2f}"
 
 
+def label(c):
+    """The heading of configuration c (dN: the daemon with an N µs polling window)."""
+    if c in CONFIGS:
+        return f"({c}) {CONFIGS[c]}"
+    return f"({c}) daemon, poll {c[1:]} µs"
+
+
+def configs_of(runs):
+    """a, b, c, d in that order, then the daemon's variants dN by N."""
+    seen = {c for per in runs.values() for c in per}
+    extra = sorted((c for c in seen if c not in CONFIGS and c[:1] == "d" and c[1:].isdigit()),
+                   key=lambda c: int(c[1:]))
+    return [c for c in "abcd" if c in seen or c in "abcd"] + extra
+
+
 def table(runs):
     rows = []
+    cfgs = configs_of(runs)
+    daemons = [c for c in cfgs if c[0] == "d"]
     out = [
-        "| workload | mode | metric | (a) none | (b) virtio-iommu | (c) intel-iommu | (d) daemon "
-        "| (b)/(a) | (c)/(a) | (d)/(a) | (d) vs (b) | (d) vs (c) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | mode | metric | " + " | ".join(label(c) for c in cfgs) + " | "
+        + " | ".join(f"({c})/(a)" for c in cfgs[1:]) + " | "
+        + " | ".join(f"({d}) vs (b) | ({d}) vs (c)" for d in daemons) + " |",
+        "|---" * (3 + len(cfgs) + len(cfgs) - 1 + 2 * len(daemons)) + "|",
     ]
     order = list(METRIC)
     modes = ["none", "strict", "lazy", "user"]
@@ -88,7 +161,7 @@ def table(runs):
         per = runs[(workload, mode)]
         med = {}
         cells = []
-        for c in "abcd":
+        for c in cfgs:
             vals = [value(kv, workload) for kv in per.get(c, [])]
             if not vals:
                 med[c] = None
@@ -103,14 +176,17 @@ def table(runs):
             base = statistics.median(base_vals) if base_vals else None
             if base is not None:
                 cells[0] = f"{num(base)} (mode none)"
-        r = [ratio(med[c], base, higher) for c in "bcd"]
-        db = ratio(med["d"], med["b"], higher)
-        dc = ratio(med["d"], med["c"], higher)
-        rows.append((workload, mode, db, dc))
+        r = [ratio(med[c], base, higher) for c in cfgs[1:]]
+        vs = []
+        for d in daemons:
+            db = ratio(med[d], med["b"], higher)
+            dc = ratio(med[d], med["c"], higher)
+            vs += [db, dc]
+            rows.append((workload, mode, d, db, dc))
         unit = {"iops": "IOPS", "mbps": "MB/s", "p50_us": "p50 µs (lower is better)"}[name]
         out.append(
             f"| {workload} | {mode} | {unit} | " + " | ".join(cells) + " | "
-            + " | ".join(fmt(x) for x in r) + f" | {fmt(db)} | {fmt(dc)} |"
+            + " | ".join(fmt(x) for x in r) + " | " + " | ".join(fmt(x) for x in vs) + " |"
         )
     out.append("")
     out.append("Ratios of configurations to (a) are throughput-like (> 1: faster than no vIOMMU);"
@@ -119,7 +195,7 @@ def table(runs):
 
 
 def svg(rows):
-    rows = [r for r in rows if r[2] is not None or r[3] is not None]
+    rows = [r for r in rows if r[3] is not None or r[4] is not None]
     bar_h, gap, left, width = 14, 10, 260, 420
     scale = width / 2.0  # 2.0x at the right edge
     h = 40 + len(rows) * (2 * bar_h + gap) + 30
@@ -131,8 +207,9 @@ def svg(rows):
     ]
     y = 34
     x1 = left + scale
-    for workload, mode, db, dc in rows:
-        parts.append(f'<text x="10" y="{y + bar_h + 4}">{workload} ({mode})</text>')
+    for workload, mode, d, db, dc in rows:
+        name = f"{workload} ({mode})" if d == "d" else f"{workload} ({mode}, {d})"
+        parts.append(f'<text x="10" y="{y + bar_h + 4}">{name}</text>')
         for r, colour, label in ((db, "#4878a8", "vs virtio-iommu"), (dc, "#c0504d", "vs intel-iommu")):
             if r is not None:
                 w = min(r, 2.0) * scale
@@ -155,6 +232,9 @@ def main():
     if not runs:
         sys.exit(f"{a.console}: no BENCH lines")
     md, rows = table(runs)
+    costs = parse_costs(a.console)
+    if costs:
+        md += "\n\n" + cost_table(costs, configs_of(runs))
     if errors:
         md += "\n\nErrors:\n" + "\n".join(f"- {e}" for e in errors)
     print(md)
