@@ -673,14 +673,35 @@ pub(crate) fn describe_ram(mem: &GuestMemoryMmap) -> Result<GuestRam, String> {
     guest_ram(mem)
 }
 
+/// Signal failures logged so far (the first 10, then one in 1,000: the VMM decides how often).
+static SIGNAL_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn signal(vring: &VringRwLock) {
-    match vring.needs_notification() {
-        Ok(false) => {}
-        _ => {
-            if let Err(e) = vring.signal_used_queue() {
-                warn!("cannot notify the guest: {e}");
-            }
+    if let Ok(false) = vring.needs_notification() {
+        return;
+    }
+    // The call fd is the VMM's: a blocking one that is full (an eventfd at its maximum, a pipe
+    // nobody reads) would stop this thread in write(2) with the session held, and with it the
+    // device, the control socket and shutdown. Make it non-blocking first: a full one then fails
+    // with EAGAIN (and the guest has a notification pending anyway).
+    if let Some(call) = vring.get_ref().get_call() {
+        make_nonblocking(call.as_raw_fd());
+    }
+    if let Err(e) = vring.signal_used_queue() {
+        let n = SIGNAL_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n < 10 || n.is_multiple_of(1000) {
+            warn!("cannot notify the guest ({} failures so far): {e}", n + 1);
         }
+    }
+}
+
+/// Sets O_NONBLOCK on `fd` if it is not set yet (the VMM's eventfds usually have it already).
+fn make_nonblocking(fd: i32) {
+    // SAFETY: F_GETFL only reads the status flags of an fd we hold; a bad fd returns -1.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: F_SETFL changes only the status flags of the same fd.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
     }
 }
 

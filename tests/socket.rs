@@ -865,3 +865,21 @@ fn back_to_back_requests_are_found_by_polling_and_a_quiet_guest_is_woken_by_its_
     let text = d.metrics.render();
     assert!(text.contains("viommu_poll_hits_total ") && text.contains("viommu_wakeups_total "));
 }
+
+#[test]
+fn a_call_eventfd_that_would_block_does_not_wedge_the_device() {
+    // The VMM hands over a blocking call eventfd at its maximum count and asks for an interrupt
+    // per answer: a blocking write to it would never return, with the device's thread holding
+    // the session. Every request must still be answered, and the daemon must still stop.
+    let d = Daemon::start(Options::default());
+    let mut vm = d.connect_with(VmOptions {
+        saturated_call: true,
+        ..VmOptions::default()
+    });
+    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    for i in 0..8u64 {
+        let r = map(1, i << 12, (i << 12) + 0xfff, i << 12, RW);
+        assert_eq!(vm.request(&r).unwrap(), Status::Ok, "request {i}");
+    }
+    assert_eq!(d.backend_mappings(), 8);
+}

@@ -250,7 +250,8 @@ impl TestVm {
         for q in [REQUEST_QUEUE, EVENT_QUEUE] {
             let ring = self.layout.rings[q];
             let vq = Virtqueue::new(&self.ram, ring, event_idx)?;
-            if q == REQUEST_QUEUE && !event_idx {
+            let hostile = q == REQUEST_QUEUE && self.opts.saturated_call;
+            if q == REQUEST_QUEUE && !event_idx && !hostile {
                 // Like the Linux driver, whose request queue has no callback: it polls the used
                 // ring and asks for no interrupt (VRING_AVAIL_F_NO_INTERRUPT).
                 self.ram.write(ring.avail, &1u16.to_le_bytes())?;
@@ -258,7 +259,14 @@ impl TestVm {
             let mut queue = Queue {
                 vq,
                 kick: EventFd::new(libc::EFD_NONBLOCK).map_err(DriverError::io("kick eventfd"))?,
-                call: EventFd::new(libc::EFD_NONBLOCK).map_err(DriverError::io("call eventfd"))?,
+                call: if hostile {
+                    let fd = EventFd::new(0).map_err(DriverError::io("call eventfd"))?;
+                    fd.write(u64::MAX - 1)
+                        .map_err(DriverError::io("saturate the call eventfd"))?;
+                    fd
+                } else {
+                    EventFd::new(libc::EFD_NONBLOCK).map_err(DriverError::io("call eventfd"))?
+                },
                 slots: self.layout.slots[q],
                 slot_size: if q == REQUEST_QUEUE {
                     REQ_SLOT
@@ -524,8 +532,11 @@ impl TestVm {
                 std::hint::spin_loop();
             }
         }
-        // Interrupts are not used; keep the call eventfd from just counting up.
-        let _ = q.call.read();
+        // Interrupts are not used; keep the call eventfd from just counting up (a saturated one
+        // stays saturated: that is its point).
+        if !self.opts.saturated_call {
+            let _ = q.call.read();
+        }
         Ok(out)
     }
 

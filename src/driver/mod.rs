@@ -64,6 +64,10 @@ pub struct VmOptions {
     /// Post a `FAULT_SIZE` buffer in every event-queue entry, as the Linux driver does;
     /// default true.
     pub fill_event_queue: bool,
+    /// Play a VMM that tries to wedge the device: the request queue asks for an interrupt per
+    /// answer, and its call fd is a *blocking* eventfd already at its maximum count, which a
+    /// blocking write(2) would wait on forever; default false.
+    pub saturated_call: bool,
 }
 
 impl Default for VmOptions {
@@ -75,6 +79,7 @@ impl Default for VmOptions {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             fill_event_queue: true,
+            saturated_call: false,
         }
     }
 }

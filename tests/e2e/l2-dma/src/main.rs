@@ -28,6 +28,7 @@
 mod mmio;
 // The iommufd/VFIO uAPI structs, shared with guest-smoke and guest-traffic.
 mod bench;
+mod msix;
 mod nic;
 mod nvme;
 mod sysfs;

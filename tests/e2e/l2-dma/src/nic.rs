@@ -300,5 +300,9 @@ pub fn nic_checks(check: &mut dyn FnMut(&str, Result<String>) -> bool) {
             Ok(fired.join(" "))
         },
     );
+    check(
+        "NIC: MSI-X table and PBA as the guest reads them through the BAR",
+        crate::msix::Msix::find(&bdf).and_then(|m| m.check_table(&bdf, after.len())),
+    );
     println!("E2E-L2: nic {bdf} {ifname} {LOCAL} up");
 }

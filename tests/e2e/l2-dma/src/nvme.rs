@@ -16,6 +16,7 @@ use std::ptr::{self, NonNull};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::msix;
 use crate::sysfs;
 
 pub type Result<T> = std::result::Result<T, String>;
@@ -380,5 +381,32 @@ pub fn nvme_checks(check: &mut dyn FnMut(&str, Result<String>) -> bool, identity
                 "I/O queue vectors that fired: {fired:?}; /proc/interrupts: {irq_after:?}"
             ))
         },
+    );
+    let msix = match msix::Msix::find(&bdf) {
+        Ok(m) => m,
+        Err(e) => {
+            check("NVMe: MSI-X capability", Err(e));
+            return;
+        }
+    };
+    check(
+        "NVMe: MSI-X table and PBA as the guest reads them through the BAR",
+        msix.check_table(&bdf, irq_after.len()),
+    );
+    // A read of a block this run wrote, whose completion interrupt must wait for the unmask.
+    let off = random_offsets(area)[1];
+    check(
+        "NVMe: with MSI-X masked a completion waits as a pending bit, unmasking delivers it",
+        msix.check_masked_completion(&bdf, || {
+            let mut b = DmaBuf::new(BLOCK)?;
+            read(b.as_mut(), off)?;
+            let mut want = vec![0u8; BLOCK];
+            fill(&mut want, area, off);
+            if b.as_mut()[..] == want[..] {
+                Ok(())
+            } else {
+                Err(format!("block {off:#x} read back wrong while masked"))
+            }
+        }),
     );
 }
