@@ -21,6 +21,9 @@ use crate::domains::{DomainView, EndpointView};
 use crate::metrics::Metrics;
 use crate::vhost::IommuDevice;
 
+/// How long an answer may wait for a client to read it before the connection is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The device of the current connection, if any.
 pub type CurrentDevice = Arc<Mutex<Option<IommuDevice>>>;
 
@@ -59,7 +62,10 @@ fn answer(
     metrics: &Metrics,
     pinned: &PinnedBytes,
 ) -> std::io::Result<()> {
+    // One thread answers every client in turn: one that sends a command and then reads slowly
+    // or not at all may hold it this long per answer, not forever.
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new(conn.try_clone()?)
         .take(64)
@@ -76,7 +82,11 @@ fn answer(
                 "mappings": domains.iter().map(|d| d.mappings.len()).sum::<usize>(),
                 "pinned_bytes": pinned(),
             });
-            writeln!(conn, "{v}")
+            // One buffer, one write: formatting straight into the socket cost a sendto(2) per
+            // JSON token.
+            let mut text = v.to_string();
+            text.push('\n');
+            conn.write_all(text.as_bytes())
         }
         "metrics" => {
             let dev = device.lock().unwrap_or_else(|p| p.into_inner()).clone();

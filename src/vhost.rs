@@ -57,8 +57,8 @@ const BATCH_BUDGET: std::time::Duration = std::time::Duration::from_millis(2);
 /// Largest virtqueue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
-/// Default ceiling of the vring thread's adaptive polling window (see `DeviceSettings::poll`).
-pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+/// Default cap of the vring thread's adaptive polling window (see `DeviceSettings::poll`).
+pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Everything the device needs to know about the VM it serves; fixed for the daemon's life.
 #[derive(Clone, Debug)]
@@ -69,7 +69,8 @@ pub struct DeviceSettings {
     pub mode: Mode,
     /// The most the vring thread keeps watching the ring for the next request after answering
     /// one, before it goes back to waiting for a kick (0: never). The window itself adapts
-    /// between 50 µs and this ceiling to the gaps the guest leaves (see `vhost::poll_window`).
+    /// between 50 µs and this cap (or 128 times the recent per-request service time, if lower)
+    /// to the gaps the guest leaves (see `vhost::poll_window`).
     pub poll: std::time::Duration,
 }
 
@@ -445,6 +446,10 @@ impl IommuDevice {
                 }
             }
             vring.disable_notification().map_err(io::Error::other)?;
+            // Requests served in this batch and when it began: the machine's speed, for the
+            // polling window's ceiling.
+            let batch = Instant::now();
+            let mut served = 0u32;
             loop {
                 if a.pending.is_full() {
                     dispatcher.wait_idle(&mut |c| a.complete(c));
@@ -454,6 +459,7 @@ impl IommuDevice {
                     .get_queue_mut()
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
+                served += 1;
                 let head = chain.head_index();
                 let (bytes, len, writable) = match read_chain(&mem, chain) {
                     Chain::Unusable(why) => {
@@ -556,6 +562,9 @@ impl IommuDevice {
                 a.used = false;
             }
             let answered = Instant::now();
+            if served > 0 {
+                window.served((answered - batch) / served);
+            }
             if poll_for_work(window.current(), vring, &mem, dispatcher, &mut a) {
                 metrics
                     .poll_hits

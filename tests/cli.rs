@@ -255,6 +255,70 @@ fn control_socket_reports_state_and_prometheus_metrics() {
 }
 
 #[test]
+fn a_control_client_that_never_reads_does_not_block_the_control_socket() {
+    use std::io::Write;
+    let dir = TempDir::new();
+    let (sock, ctl) = (dir.0.join("v.sock"), dir.0.join("ctl.sock"));
+    let mut child = Command::new(BIN)
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--control-socket")
+        .arg(&ctl)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Killed if an assertion below fails, so that no daemon outlives the test.
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: sending a signal to our own child process; the guard is forgotten once
+            // the child has been waited for, so until then its pid is still ours.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+    let guard = KillOnDrop(child.id());
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
+    exercise(&mut vm);
+    // Enough mappings for a `state` answer far larger than a unix socket's buffer.
+    for chunk in 0..80u64 {
+        let maps: Vec<Request> = (0..100u64)
+            .map(|i| {
+                let page = 0x10 + chunk * 100 + i;
+                Request::Map {
+                    domain: DomainId(1),
+                    virt_start: page << 12,
+                    virt_end: (page << 12) + 0xfff,
+                    phys_start: page << 12,
+                    flags: 3,
+                }
+            })
+            .collect();
+        assert!(vm.batch(&maps).unwrap().iter().all(|s| *s == Status::Ok));
+    }
+    // A client asks for the state and never reads it.
+    let mut stuck = std::os::unix::net::UnixStream::connect(&ctl).expect("control socket");
+    stuck.write_all(b"state\n").unwrap();
+    // Another client is still answered, within the daemon's write timeout, not never.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ctl2 = ctl.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(ask(&ctl2, "metrics"));
+    });
+    let answer = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the control socket stayed blocked by a client that does not read");
+    assert!(
+        answer.contains("viommu_domain_mappings{domain=\"1\"} 8001"),
+        "{answer}"
+    );
+    drop(stuck);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child).success());
+    std::mem::forget(guard);
+}
+
+#[test]
 fn a_daemon_killed_with_sigkill_is_restarted_on_its_stale_socket() {
     let dir = TempDir::new();
     let sock = dir.0.join("v.sock");

@@ -71,8 +71,7 @@ use crate::ids::{EndpointId, IovaRange, Perms};
 use crate::protocol::{ResvKind, ResvMem};
 use crate::vfio::{self, PciAddress, SysfsRoot};
 
-/// The x86 MSI doorbell window, always reported to the guest as RESV_MEM MSI.
-pub const X86_MSI_WINDOW: (u64, u64) = (0xfee0_0000, 0xfeef_ffff);
+use super::X86_MSI_WINDOW;
 
 /// The iommufd character device.
 pub const IOMMUFD_NODE: &str = "/dev/iommu";

@@ -51,6 +51,10 @@ impl From<&BackendError> for Status {
 
 pub type Result<T> = std::result::Result<T, BackendError>;
 
+/// The x86 MSI doorbell window (inclusive): no mapping may cover it, and every backend reports
+/// it to the guest as a RESV_MEM MSI region.
+pub const X86_MSI_WINDOW: (u64, u64) = (0xfee0_0000, 0xfeef_ffff);
+
 /// Where an endpoint's DMA goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attachment {

@@ -15,8 +15,7 @@ use crate::guest_ram::GuestRam;
 use crate::ids::{EndpointId, IovaRange, Perms};
 use crate::protocol::{ResvKind, ResvMem};
 
-/// The x86 MSI doorbell window, reported to the guest as RESV_MEM MSI.
-pub const X86_MSI_WINDOW: (u64, u64) = (0xfee0_0000, 0xfeef_ffff);
+use super::X86_MSI_WINDOW;
 
 #[derive(Clone, Copy, Debug)]
 struct Entry {

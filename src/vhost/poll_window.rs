@@ -1,17 +1,23 @@
 //! How long the vring thread watches the request ring for the next request after answering one,
 //! before it sleeps until the guest kicks: an adaptive window, grown and shrunk the way KVM
-//! sizes its halt-polling window.
+//! sizes its halt-polling window, under a ceiling that follows the machine's speed.
 //!
 //! Polling pays when the guest's next request comes soon: the guest then skips its kick and the
 //! daemon skips a wake-up, which on a host whose CPU went idle costs far more than the request
 //! itself. It wastes a core when the guest has gone quiet. So the window follows the gaps the
 //! guest actually leaves between requests:
 //! - a request that arrived after the window ran out, but within the ceiling, would have been
-//!   caught by a longer window: the window doubles (from the floor when it was 0), up to the
-//!   ceiling;
+//!   caught by a longer window: the window doubles (from the floor), up to the ceiling;
 //! - a gap longer than the ceiling means the guest went idle and the spin was wasted: the
 //!   window falls back to the floor;
 //! - a request caught while polling leaves the window as it is.
+//!
+//! The ceiling is the configured cap (`poll_us`), or [`SERVICE_MULTIPLE`] times the recent time
+//! the daemon takes to serve one request, whichever is lower. A wake-up, the guest's next
+//! request and the daemon's service all run at the machine's speed: where a request is served
+//! in 5 µs (a host with KVM), the window stops at 640 µs, comparable to KVM's own halt polling;
+//! where the same work takes 80 µs (a nested guest under TCG, everything some 20 times slower),
+//! it may reach 10 ms. Measured in BENCHMARKS.md ("The peers").
 //!
 //! Pure bookkeeping: the caller measures time and spins.
 
@@ -19,37 +25,62 @@ use std::time::Duration;
 
 /// Where the window starts and falls back to; also the step of the first growth.
 pub const FLOOR: Duration = Duration::from_micros(50);
+/// The ceiling in units of the recent per-request service time.
+pub const SERVICE_MULTIPLE: u32 = 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PollWindow {
     current: Duration,
-    ceiling: Duration,
+    cap: Duration,
+    /// Moving average of the time to serve one request (zero before the first).
+    service: Duration,
 }
 
 impl PollWindow {
-    /// A window that never exceeds `ceiling` (zero: never poll).
-    pub fn new(ceiling: Duration) -> Self {
+    /// A window that never exceeds `cap` (zero: never poll).
+    pub fn new(cap: Duration) -> Self {
         PollWindow {
-            current: FLOOR.min(ceiling),
-            ceiling,
+            current: FLOOR.min(cap),
+            cap,
+            service: Duration::ZERO,
         }
+    }
+
+    /// The window's upper bound now: the cap, or the service-time multiple if lower.
+    pub fn ceiling(&self) -> Duration {
+        if self.service.is_zero() {
+            return self.cap;
+        }
+        (self.service * SERVICE_MULTIPLE).clamp(FLOOR.min(self.cap), self.cap)
     }
 
     /// How long to poll after the current answer.
     pub fn current(&self) -> Duration {
-        self.current
+        self.current.min(self.ceiling())
+    }
+
+    /// A batch was served in `per_request` per request (a moving average over batches, 1/8
+    /// weight for the newest).
+    pub fn served(&mut self, per_request: Duration) {
+        self.service = if self.service.is_zero() {
+            per_request
+        } else {
+            (self.service * 7 + per_request) / 8
+        };
     }
 
     /// The window ran out and the next request came `gap` after the answer that started it
     /// (the spin included).
     pub fn missed(&mut self, gap: Duration) {
-        if self.ceiling.is_zero() {
+        let ceiling = self.ceiling();
+        if ceiling.is_zero() {
             return;
         }
-        self.current = if gap <= self.ceiling {
-            (self.current * 2).clamp(FLOOR.min(self.ceiling), self.ceiling)
+        let floor = FLOOR.min(ceiling);
+        self.current = if gap <= ceiling {
+            (self.current() * 2).clamp(floor, ceiling)
         } else {
-            FLOOR.min(self.ceiling)
+            floor
         };
     }
 }
@@ -92,6 +123,39 @@ mod tests {
         assert_eq!(w.current(), Duration::from_micros(20));
         w.missed(MS);
         assert_eq!(w.current(), Duration::from_micros(20));
+    }
+
+    #[test]
+    fn the_ceiling_follows_the_time_to_serve_a_request() {
+        let mut w = PollWindow::new(10 * MS);
+        // A fast host: 5 us per request puts the ceiling at 640 us.
+        w.served(Duration::from_micros(5));
+        assert_eq!(w.ceiling(), Duration::from_micros(640));
+        for _ in 0..10 {
+            w.missed(Duration::from_micros(500));
+        }
+        assert_eq!(w.current(), Duration::from_micros(640));
+        // Gaps of 1 ms are idleness there: back to the floor.
+        w.missed(MS);
+        assert_eq!(w.current(), FLOOR);
+        // A slow machine (80 us per request, as a nested TCG guest): the cap of 10 ms binds.
+        for _ in 0..64 {
+            w.served(Duration::from_micros(80));
+        }
+        assert_eq!(w.ceiling(), 10 * MS);
+        for _ in 0..10 {
+            w.missed(5 * MS);
+        }
+        assert_eq!(w.current(), 10 * MS);
+        // Faster again: the window shrinks with the ceiling at once.
+        for _ in 0..64 {
+            w.served(Duration::from_micros(2));
+        }
+        assert!(
+            w.current() <= Duration::from_micros(300),
+            "{:?}",
+            w.current()
+        );
     }
 
     #[test]
