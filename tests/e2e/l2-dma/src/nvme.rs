@@ -396,7 +396,7 @@ pub fn nvme_checks(check: &mut dyn FnMut(&str, Result<String>) -> bool, identity
     // A read of a block this run wrote, whose completion interrupt must wait for the unmask.
     let off = random_offsets(area)[1];
     check(
-        "NVMe: with MSI-X masked a completion waits as a pending bit, unmasking delivers it",
+        "NVMe: with MSI-X masked a completion's interrupt is held, unmasking delivers it",
         msix.check_masked_completion(&bdf, || {
             let mut b = DmaBuf::new(BLOCK)?;
             read(b.as_mut(), off)?;
