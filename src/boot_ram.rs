@@ -171,19 +171,7 @@ mod tests {
     }
 
     fn ram_file(len: u64) -> Arc<File> {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("boot-ram-{}-{n}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        f.set_len(len).unwrap();
-        Arc::new(f)
+        Arc::new(crate::testing::unlinked_file(len))
     }
 
     fn dma(address: u64, size: u64, offset: u64, file: Option<&Arc<File>>) -> DmaRegion {

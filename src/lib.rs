@@ -19,6 +19,7 @@ pub mod guest_ram;
 pub mod hotplug;
 pub mod ids;
 pub mod listen;
+pub mod log_limit;
 pub mod metrics;
 pub mod pipeline;
 pub mod protocol;

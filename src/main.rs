@@ -17,6 +17,7 @@ use vhost_user_iommu::config::{BackendKind, VmConfig};
 use vhost_user_iommu::control::{self, CurrentDevice};
 use vhost_user_iommu::domains::Rules;
 use vhost_user_iommu::ids::EndpointId;
+use vhost_user_iommu::log_limit::EveryNth;
 use vhost_user_iommu::metrics::Metrics;
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::server::{OnConnect, Stopper, handle_signals, serve};
@@ -421,18 +422,8 @@ fn start_vfio_user(
     Ok((threads, slots))
 }
 
-/// Lets the first 10 log lines through, then one in 1,000: the VMM decides how often these
-/// events happen, and must not flood the log.
-struct EveryNth(std::sync::atomic::AtomicU64);
-
-impl EveryNth {
-    fn allow(&self) -> bool {
-        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        n < 10 || n.is_multiple_of(1000)
-    }
-}
-
-static BOOT_RAM_LOG: EveryNth = EveryNth(std::sync::atomic::AtomicU64::new(0));
+/// Boot-RAM log lines: the VMM decides how often its DMA maps change.
+static BOOT_RAM_LOG: EveryNth = EveryNth::new();
 
 /// Hands the guest RAM the vfio-user clients' DMA maps describe to the current vhost-user
 /// device, which covers it with identity translation until its memory table arrives.

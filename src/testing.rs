@@ -259,3 +259,21 @@ pub fn random_request(r: &mut Rng) -> Request {
         }
     }
 }
+
+/// A regular file of `len` bytes with no name left (created in the temporary directory and
+/// unlinked): backing memory for tests of memory tables and DMA maps.
+pub fn unlinked_file(len: u64) -> std::fs::File {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("viommu-file-{}-{n}", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("create a temporary file");
+    std::fs::remove_file(&path).expect("unlink the temporary file");
+    f.set_len(len).expect("size the temporary file");
+    f
+}

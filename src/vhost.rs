@@ -682,8 +682,8 @@ pub(crate) fn describe_ram(mem: &GuestMemoryMmap) -> Result<GuestRam, String> {
     guest_ram(mem)
 }
 
-/// Signal failures logged so far (the first 10, then one in 1,000: the VMM decides how often).
-static SIGNAL_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Failed guest notifications (the VMM's call fd decides how often).
+static SIGNAL_FAILURES: crate::log_limit::EveryNth = crate::log_limit::EveryNth::new();
 
 fn signal(vring: &VringRwLock) {
     if let Ok(false) = vring.needs_notification() {
@@ -696,11 +696,13 @@ fn signal(vring: &VringRwLock) {
     if let Some(call) = vring.get_ref().get_call() {
         make_nonblocking(call.as_raw_fd());
     }
-    if let Err(e) = vring.signal_used_queue() {
-        let n = SIGNAL_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if n < 10 || n.is_multiple_of(1000) {
-            warn!("cannot notify the guest ({} failures so far): {e}", n + 1);
-        }
+    if let Err(e) = vring.signal_used_queue()
+        && SIGNAL_FAILURES.allow()
+    {
+        warn!(
+            "cannot notify the guest ({} failures so far): {e}",
+            SIGNAL_FAILURES.seen()
+        );
     }
 }
 
@@ -904,21 +906,8 @@ mod tests {
         // (gpa, file size, mapped size)
         let regions = regions
             .iter()
-            .enumerate()
-            .map(|(i, &(gpa, file_size, size))| {
-                let path = std::env::temp_dir().join(format!(
-                    "viommu-vhost-table-{}-{gpa:x}-{i}",
-                    std::process::id()
-                ));
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)
-                    .unwrap();
-                std::fs::remove_file(&path).unwrap();
-                file.set_len(file_size).unwrap();
+            .map(|&(gpa, file_size, size)| {
+                let file = crate::testing::unlinked_file(file_size);
                 let m = vm_memory::MmapRegion::from_file(
                     vm_memory::FileOffset::new(file, 0),
                     size as usize,

@@ -173,6 +173,18 @@ fn viot_command_writes_a_table_that_decodes_back() {
     assert_eq!(v.endpoint_id(0, bdf("00:03.0")), None);
 }
 
+/// The daemon on `sock` with its control socket on `ctl`.
+fn spawn_with_control(sock: &std::path::Path, ctl: &std::path::Path) -> std::process::Child {
+    Command::new(BIN)
+        .arg("--socket-path")
+        .arg(sock)
+        .arg("--control-socket")
+        .arg(ctl)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn")
+}
+
 fn ask(sock: &std::path::Path, cmd: &str) -> String {
     use std::io::{Read, Write};
     let mut c = std::os::unix::net::UnixStream::connect(sock).expect("control socket");
@@ -186,14 +198,7 @@ fn ask(sock: &std::path::Path, cmd: &str) -> String {
 fn control_socket_reports_state_and_prometheus_metrics() {
     let dir = TempDir::new();
     let (sock, ctl) = (dir.0.join("v.sock"), dir.0.join("ctl.sock"));
-    let mut child = Command::new(BIN)
-        .arg("--socket-path")
-        .arg(&sock)
-        .arg("--control-socket")
-        .arg(&ctl)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = spawn_with_control(&sock, &ctl);
     let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
     exercise(&mut vm);
     let state: serde_json::Value = serde_json::from_str(&ask(&ctl, "state")).expect("JSON state");
@@ -259,14 +264,7 @@ fn a_control_client_that_never_reads_does_not_block_the_control_socket() {
     use std::io::Write;
     let dir = TempDir::new();
     let (sock, ctl) = (dir.0.join("v.sock"), dir.0.join("ctl.sock"));
-    let mut child = Command::new(BIN)
-        .arg("--socket-path")
-        .arg(&sock)
-        .arg("--control-socket")
-        .arg(&ctl)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = spawn_with_control(&sock, &ctl);
     // Killed if an assertion below fails, so that no daemon outlives the test.
     struct KillOnDrop(u32);
     impl Drop for KillOnDrop {

@@ -138,7 +138,7 @@ def configs_of(runs):
     seen = {c for per in runs.values() for c in per}
     extra = sorted((c for c in seen if c not in CONFIGS and c[:1] == "d" and c[1:].isdigit()),
                    key=lambda c: int(c[1:]))
-    return [c for c in "abcd" if c in seen or c in "abcd"] + extra
+    return list("abcd") + extra
 
 
 def table(runs):
