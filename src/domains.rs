@@ -551,7 +551,12 @@ impl Topology {
     }
 
     fn unattached(&self) -> Attachment {
-        if self.bypass {
+        Self::unattached_for(self.bypass)
+    }
+
+    /// Where an unattached endpoint's DMA goes under the given `bypass`.
+    fn unattached_for(bypass: bool) -> Attachment {
+        if bypass {
             Attachment::Identity
         } else {
             Attachment::Blocked
@@ -719,13 +724,26 @@ impl Topology {
         if bypass == self.bypass {
             return Ok(());
         }
-        self.bypass = bypass;
-        let to = self.unattached();
-        for (&e, d) in &self.endpoints {
-            if d.is_none() {
-                self.backend.attach(e, to)?;
+        let (from, to) = (self.unattached(), Self::unattached_for(bypass));
+        let unattached: Vec<EndpointId> = self
+            .endpoints
+            .iter()
+            .filter(|(_, d)| d.is_none())
+            .map(|(&e, _)| e)
+            .collect();
+        for (i, &e) in unattached.iter().enumerate() {
+            if let Err(err) = self.backend.attach(e, to) {
+                // All or nothing: the endpoints already moved go back, so that the host stays
+                // what the model says (the old `bypass`).
+                for &done in &unattached[..i] {
+                    if let Err(e2) = self.backend.attach(done, from) {
+                        log::error!("{done}: cannot roll back a refused bypass write: {e2}");
+                    }
+                }
+                return Err(err);
             }
         }
+        self.bypass = bypass;
         Ok(())
     }
 

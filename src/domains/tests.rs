@@ -802,3 +802,28 @@ fn unplug_detaches_the_endpoint_and_blocks_it_until_the_guest_attaches_again() {
         .unwrap();
     assert_eq!(f.attach(3, 1, 0), Status::Ok);
 }
+
+#[test]
+fn a_bypass_write_the_backend_refuses_midway_is_rolled_back_on_every_endpoint() {
+    let mut f = fx();
+    // Endpoints 1, 2, 3 are unattached and blocked; the second re-attach to identity fails.
+    f.faults.fail(Op::Attach, 1, 1, libc::EBUSY);
+    assert!(f.topo.set_bypass(true).is_err());
+    assert!(!f.topo.bypass(), "bypass kept its old value");
+    for e in 1..=3 {
+        assert_eq!(
+            f.dma(e, 0x1000, false),
+            Err(Fault::Blocked),
+            "endpoint {e} went back to blocked"
+        );
+    }
+    // The next write goes through on all of them.
+    assert!(f.topo.set_bypass(true).is_ok());
+    for e in 1..=3 {
+        assert_eq!(
+            f.dma(e, 0x1000, false),
+            Ok(0x1000),
+            "endpoint {e} in identity"
+        );
+    }
+}
