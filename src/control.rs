@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use log::warn;
 
-use crate::domains::{DomainView, EndpointView};
+use crate::domains::{DomainSummary, EndpointView};
 use crate::metrics::Metrics;
 use crate::vhost::IommuDevice;
 
@@ -89,8 +89,9 @@ fn answer(
             conn.write_all(text.as_bytes())
         }
         "metrics" => {
+            // Counts only: a scrape never copies the mappings (see `IommuDevice::summary`).
             let dev = device.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let (domains, endpoints) = dev.map(|d| d.snapshot()).unwrap_or_default();
+            let (domains, endpoints) = dev.map(|d| d.summary()).unwrap_or_default();
             conn.write_all(metrics.render().as_bytes())?;
             conn.write_all(state_metrics(&domains, &endpoints).as_bytes())?;
             writeln!(
@@ -105,7 +106,7 @@ fn answer(
 
 /// Gauges of the current state: live domains, mappings and mapped bytes per domain, attached
 /// endpoints (mapped bytes are what the backend pins for the guest).
-fn state_metrics(domains: &[DomainView], endpoints: &[EndpointView]) -> String {
+fn state_metrics(domains: &[DomainSummary], endpoints: &[EndpointView]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
@@ -123,21 +124,15 @@ fn state_metrics(domains: &[DomainView], endpoints: &[EndpointView]) -> String {
         let _ = writeln!(
             out,
             "viommu_domain_mappings{{domain=\"{}\"}} {}",
-            d.id,
-            d.mappings.len()
+            d.id, d.mappings
         );
     }
     out.push_str("# TYPE viommu_domain_mapped_bytes gauge\n");
     for d in domains {
-        let bytes: u128 = d
-            .mappings
-            .iter()
-            .map(|m| u128::from(m.end - m.start) + 1)
-            .sum();
         let _ = writeln!(
             out,
-            "viommu_domain_mapped_bytes{{domain=\"{}\"}} {bytes}",
-            d.id
+            "viommu_domain_mapped_bytes{{domain=\"{}\"}} {}",
+            d.id, d.mapped_bytes
         );
     }
     out

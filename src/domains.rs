@@ -182,10 +182,49 @@ struct Mapping {
 
 enum ShardDomain {
     Bypass,
-    Paging {
-        hw: Box<dyn HwDomain>,
-        maps: BTreeMap<u64, Mapping>,
-    },
+    Paging { hw: Box<dyn HwDomain>, maps: Shadow },
+}
+
+/// A paging domain's mappings by IOVA start, with the bytes they cover kept as they change (so
+/// that a gauge never walks the tree).
+#[derive(Default)]
+struct Shadow {
+    tree: BTreeMap<u64, Mapping>,
+    bytes: u128,
+}
+
+impl Shadow {
+    fn size(start: u64, m: &Mapping) -> u128 {
+        u128::from(m.end - start) + 1
+    }
+
+    fn insert(&mut self, start: u64, m: Mapping) {
+        self.bytes += Self::size(start, &m);
+        if let Some(old) = self.tree.insert(start, m) {
+            self.bytes -= Self::size(start, &old);
+        }
+    }
+
+    fn remove(&mut self, start: u64) -> Option<Mapping> {
+        let m = self.tree.remove(&start)?;
+        self.bytes -= Self::size(start, &m);
+        Some(m)
+    }
+
+    fn range<R: std::ops::RangeBounds<u64>>(
+        &self,
+        r: R,
+    ) -> std::collections::btree_map::Range<'_, u64, Mapping> {
+        self.tree.range(r)
+    }
+
+    fn iter(&self) -> std::collections::btree_map::Iter<'_, u64, Mapping> {
+        self.tree.iter()
+    }
+
+    fn len(&self) -> usize {
+        self.tree.len()
+    }
 }
 
 /// One mapping, for state dumps and tests.
@@ -198,6 +237,15 @@ pub struct MappingView {
     pub write: bool,
 }
 
+/// One domain's counts (what the gauges need; no mapping is copied).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DomainSummary {
+    pub id: u32,
+    pub kind: DomainKind,
+    pub mappings: usize,
+    pub mapped_bytes: u128,
+}
+
 /// One domain as a shard holds it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct DomainView {
@@ -207,7 +255,7 @@ pub struct DomainView {
 }
 
 /// A paging domain's backend handle and shadow tree, borrowed together.
-type PagingParts<'a> = (&'a mut Box<dyn HwDomain>, &'a mut BTreeMap<u64, Mapping>);
+type PagingParts<'a> = (&'a mut Box<dyn HwDomain>, &'a mut Shadow);
 
 /// The domains one executor owns, with their shadow mapping trees.
 pub struct DomainTable {
@@ -377,7 +425,7 @@ impl DomainTable {
             if let Err(e) = hw.unmap(one) {
                 return Err(Rejection::backend(e));
             }
-            maps.remove(&s);
+            maps.remove(s);
             total.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -392,7 +440,7 @@ impl DomainTable {
                 (
                     ShardDomain::Paging {
                         hw,
-                        maps: BTreeMap::new(),
+                        maps: Shadow::default(),
                     },
                     Some(id),
                 )
@@ -435,10 +483,12 @@ impl DomainTable {
                 .map(|(&s, _)| s)
                 .collect();
             for s in stale {
-                let end = maps[&s].end;
+                let Some(end) = maps.range(s..=s).next().map(|(_, m)| m.end) else {
+                    continue;
+                };
                 match hw.unmap(IovaRange::new(s, end).expect("valid")) {
                     Ok(()) => {
-                        maps.remove(&s);
+                        maps.remove(s);
                         removed += 1;
                     }
                     Err(e) => warn!("{id}: cannot unmap mapping outside the new memory table: {e}"),
@@ -456,6 +506,27 @@ impl DomainTable {
             ShardDomain::Bypass => Some(0),
             ShardDomain::Paging { maps, .. } => Some(maps.len()),
         }
+    }
+
+    /// Counts of this shard's domains, without copying a mapping (for gauges).
+    pub fn summary(&self) -> Vec<DomainSummary> {
+        self.domains
+            .iter()
+            .map(|(id, d)| match d {
+                ShardDomain::Bypass => DomainSummary {
+                    id: id.0,
+                    kind: DomainKind::Bypass,
+                    mappings: 0,
+                    mapped_bytes: 0,
+                },
+                ShardDomain::Paging { maps, .. } => DomainSummary {
+                    id: id.0,
+                    kind: DomainKind::Paging,
+                    mappings: maps.len(),
+                    mapped_bytes: maps.bytes,
+                },
+            })
+            .collect()
     }
 
     /// A copy of this shard's state, sorted by domain id.

@@ -30,7 +30,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::backend::DmaBackend;
 use crate::domains::{
-    DomainKind, DomainTable, DomainView, EndpointView, Outcome, Rejection, Rules, Shards, Topology,
+    DomainKind, DomainSummary, DomainTable, DomainView, EndpointView, Outcome, Rejection, Rules,
+    Shards, Topology,
 };
 use crate::guest_ram::GuestRam;
 use crate::ids::{DomainId, EndpointId};
@@ -68,12 +69,14 @@ enum Work {
     SetRam(Arc<GuestRam>),
     Clear,
     Snapshot,
+    Summary,
 }
 
 enum Reply {
     Created(Result<Option<u32>, Rejection>),
     Done,
     Snapshot(Vec<DomainView>),
+    Summary(Vec<DomainSummary>),
 }
 
 fn execute(table: &mut DomainTable, w: Work) -> Result<Completion, Reply> {
@@ -109,6 +112,7 @@ fn execute(table: &mut DomainTable, w: Work) -> Result<Completion, Reply> {
             Err(Reply::Done)
         }
         Work::Snapshot => Err(Reply::Snapshot(table.snapshot())),
+        Work::Summary => Err(Reply::Summary(table.summary())),
     }
 }
 
@@ -506,6 +510,23 @@ impl Dispatcher {
     /// Whether any domain exists (a reset would change something).
     pub fn has_state(&self) -> bool {
         self.topology.domain_count() > 0
+    }
+
+    /// Domains with their counts (no mapping copied), and endpoints with their attachments.
+    pub fn summary(&mut self) -> (Vec<DomainSummary>, Vec<EndpointView>) {
+        let mut domains = match &mut self.exec {
+            Executors::Inline(t) => t.summary(),
+            Executors::Threads(th) => th
+                .call_all(|| Work::Summary)
+                .into_iter()
+                .flat_map(|r| match r {
+                    Reply::Summary(v) => v,
+                    _ => Vec::new(),
+                })
+                .collect(),
+        };
+        domains.sort_by_key(|d| d.id);
+        (domains, self.topology.endpoints())
     }
 
     /// Domains with their mappings, and endpoints with their attachments.

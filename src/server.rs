@@ -91,13 +91,20 @@ pub fn serve(
                 .register_listener(fd, EventSet::IN, u64::from(token))
                 .map_err(ServeError::Register)?;
         }
+        // The vring thread runs (the library starts it with the daemon) and has the device's
+        // events in its epoll set: it owns the device state until it is gone.
+        dev.owner_started();
         match daemon.start(&mut listener) {
             Ok(()) => {}
-            Err(_) if stopper.stopped() => {
-                info!("stopping while waiting for a VMM");
-                break;
+            Err(e) => {
+                drop(daemon);
+                dev.owner_stopped();
+                if stopper.stopped() {
+                    info!("stopping while waiting for a VMM");
+                    break;
+                }
+                return Err(ServeError::Daemon(e));
             }
-            Err(e) => return Err(ServeError::Daemon(e)),
         }
         served += 1;
         info!("VMM connected");

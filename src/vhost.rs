@@ -5,9 +5,14 @@
 //! into a fixed buffer, before anything looks at it; it writes tails and PROBE replies only into
 //! device-writable descriptors that lie inside guest RAM. It never interprets a request: that is
 //! the domain model's job, reached through the [`Dispatcher`].
+//!
+//! The device state has one owner, the vring thread: the vhost-user message thread and every
+//! other thread post [`Event`]s to its mailbox (see `mailbox`) and wait for the answer.
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -26,8 +31,8 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::backend::DmaBackend;
-use crate::domains::{DomainView, EndpointView, Rules, status_of};
+use crate::backend::{BackendError, DmaBackend};
+use crate::domains::{DomainSummary, DomainView, EndpointView, Rules, status_of};
 use crate::guest_ram::GuestRam;
 use crate::ids::EndpointId;
 use crate::metrics::Metrics;
@@ -38,10 +43,12 @@ use crate::protocol::{
 };
 
 mod chain;
+mod mailbox;
 mod memory;
 mod poll_window;
 
 use chain::{Chain, LogLimiter, Pending, PendingTable, read_chain};
+use mailbox::Mailbox;
 use memory::{check_backing, file_identity, guest_ram};
 use poll_window::PollWindow;
 
@@ -52,6 +59,8 @@ type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
 pub const COMPLETION_EVENT: u16 = 3;
 /// Event token of the eventfd that resumes request processing after a budget ran out.
 pub const REWAKE_EVENT: u16 = 4;
+/// Event token of the mailbox: other threads posted events for the device state's owner.
+pub const MAILBOX_EVENT: u16 = 5;
 /// How long the vring thread serves requests in one go before it lets control messages in.
 const BATCH_BUDGET: std::time::Duration = std::time::Duration::from_millis(2);
 /// Largest virtqueue the device accepts.
@@ -74,8 +83,8 @@ pub struct DeviceSettings {
     pub poll: std::time::Duration,
 }
 
-/// Per-connection device state, touched by the vring thread once per batch and by the vhost-user
-/// thread for control messages.
+/// Per-connection device state. One owner changes it (see `mailbox`): the vring thread while it
+/// runs; every other thread posts an [`Event`].
 struct Session {
     dispatcher: Dispatcher,
     mem: Option<Mem>,
@@ -84,7 +93,6 @@ struct Session {
     pending: PendingTable,
     probe_buf: Vec<u8>,
     request_vring: Option<VringRwLock>,
-    acked_features: u64,
     /// The request ring was stopped (GET_VRING_BASE) at this position; see [`RingMark`].
     stopped: Option<RingMark>,
     limiter: LogLimiter,
@@ -196,6 +204,30 @@ impl Answerer<'_> {
     }
 }
 
+/// The answer to an [`Event`], sent back by the owner.
+type Reply<T> = SyncSender<T>;
+
+/// What another thread asks of the device state's owner (see `mailbox`): everything that changes
+/// the state, and the queries that must see it whole.
+enum Event {
+    /// The VMM closed the endpoint's device connection, or the host unplugs the device.
+    EndpointGone(EndpointId, Reply<()>),
+    /// Guest RAM as the vfio-user DMA maps describe it (boot bypass, before the memory table).
+    BootRam(GuestRam, Reply<Result<bool, BackendError>>),
+    /// A checked memory table, with the domain model's view of it.
+    MemoryTable(Mem, Arc<GuestRam>, Reply<Result<(), BackendError>>),
+    /// The driver wrote `bypass`.
+    Bypass(bool, Reply<Result<(), BackendError>>),
+    /// RESET_DEVICE.
+    Reset(Reply<()>),
+    /// GET_VRING_BASE of the request queue.
+    StopRing(Reply<()>),
+    /// Domains with every mapping (the control socket's `state`).
+    Snapshot(Reply<(Vec<DomainView>, Vec<EndpointView>)>),
+    /// Domains with their counts only (gauges).
+    Summary(Reply<(Vec<DomainSummary>, Vec<EndpointView>)>),
+}
+
 struct Inner {
     /// Written when request processing yields after its budget; brings the vring thread back.
     rewake: EventFd,
@@ -204,7 +236,17 @@ struct Inner {
     settings: DeviceSettings,
     backend: Arc<dyn DmaBackend>,
     metrics: Arc<Metrics>,
+    /// The device state. Only its owner locks it (the vring thread, or the poster when none
+    /// runs; see `mailbox`): the lock is never contended while a vring thread runs.
     session: Mutex<Session>,
+    /// Events for the owner.
+    mailbox: Mailbox<Event>,
+    /// The features the driver acknowledged (written by the vhost-user thread).
+    acked_features: AtomicU64,
+    /// `bypass` as last published by the owner (config-space reads).
+    bypass: AtomicBool,
+    /// The memory table's guest RAM as last published by the owner (vfio-user DMA checks).
+    ram: Mutex<Option<Arc<GuestRam>>>,
     /// The last memory table `update_memory` accepted (empty before the first). Outside the
     /// session lock: a refusal must put it back without waiting for the vring thread.
     accepted: Mutex<Arc<GuestMemoryMmap>>,
@@ -252,7 +294,6 @@ impl IommuDevice {
             pending: PendingTable::new(QUEUE_CAPACITY),
             probe_buf: vec![0; settings.rules.probe_size as usize],
             request_vring: None,
-            acked_features: 0,
             stopped: None,
             limiter: LogLimiter {
                 window: Instant::now(),
@@ -262,6 +303,7 @@ impl IommuDevice {
             window: PollWindow::new(poll),
             quiet_since: None,
         };
+        let settings_bypass = settings.boot_bypass;
         Ok(IommuDevice(Arc::new(Inner {
             rewake: EventFd::new(EFD_NONBLOCK)?,
             exit_fds: Mutex::new(Vec::new()),
@@ -269,61 +311,204 @@ impl IommuDevice {
             backend,
             metrics,
             session: Mutex::new(session),
+            mailbox: Mailbox::new()?,
+            acked_features: AtomicU64::new(0),
+            bypass: AtomicBool::new(settings_bypass),
+            ram: Mutex::new(None),
             accepted: Mutex::new(Arc::new(GuestMemoryMmap::new())),
         })))
     }
 
     /// The eventfds to register with the vring thread's epoll, with their event tokens: the
-    /// rewake eventfd and, in pipeline mode, the executors' completion eventfd.
+    /// rewake eventfd, the mailbox and, in pipeline mode, the executors' completion eventfd.
+    /// Once they are registered, call [`IommuDevice::owner_started`].
     pub fn event_fds(&self) -> Vec<(i32, u16)> {
-        let mut v = vec![(self.0.rewake.as_raw_fd(), REWAKE_EVENT)];
+        let mut v = vec![
+            (self.0.rewake.as_raw_fd(), REWAKE_EVENT),
+            (self.0.mailbox.fd(), MAILBOX_EVENT),
+        ];
         if let Some(e) = lock(&self.0.session).dispatcher.completion_event() {
             v.push((e.as_raw_fd(), COMPLETION_EVENT));
         }
         v
     }
 
-    /// Current domains and endpoints (for tests and the state dump).
-    pub fn snapshot(&self) -> (Vec<DomainView>, Vec<EndpointView>) {
-        lock(&self.0.session).dispatcher.snapshot()
+    /// The connection's vring thread runs, with [`IommuDevice::event_fds`] in its epoll set: it
+    /// owns the device state from now on, and other threads reach it through the mailbox.
+    pub fn owner_started(&self) {
+        self.0.mailbox.start();
     }
 
-    /// The VMM closed an endpoint's device connection (vfio-user): the endpoint is detached and
-    /// left blocked (or identity under bypass) until the guest attaches it again.
-    pub fn endpoint_disconnected(&self, endpoint: EndpointId) {
-        let mut s = lock(&self.0.session);
-        if let Some(v) = s.request_vring.clone() {
-            let mem = s.mem.as_ref().map(|m| m.memory());
-            drain(&mut s, mem.as_deref(), &v, &self.0.metrics);
-        }
-        match s.dispatcher.unplug(endpoint) {
-            Ok(()) => info!("{endpoint}: device connection closed, endpoint detached"),
-            Err(e) => {
-                log::error!("{endpoint}: cannot block after its device connection closed: {e}")
+    /// The vring thread is gone (or never came): events it did not take are applied here, and
+    /// later ones by whoever posts them.
+    pub fn owner_stopped(&self) {
+        let left = self.0.mailbox.stop();
+        if !left.is_empty() {
+            let mut s = lock(&self.0.session);
+            for e in left {
+                self.apply(&mut s, e);
             }
         }
+    }
+
+    /// Hands `event` to the owner and waits for its answer; None if the owner dropped it
+    /// (it failed while applying it).
+    fn call<T>(&self, event: impl FnOnce(Reply<T>) -> Event) -> Option<T> {
+        let (tx, rx) = sync_channel(1);
+        if let Err(e) = self.0.mailbox.post(event(tx)) {
+            let mut s = lock(&self.0.session);
+            self.apply(&mut s, e);
+        }
+        rx.recv().ok()
+    }
+
+    /// Current domains with every mapping, and endpoints (the state dump; tests). It copies
+    /// every mapping: for gauges use [`IommuDevice::summary`].
+    pub fn snapshot(&self) -> (Vec<DomainView>, Vec<EndpointView>) {
+        self.call(Event::Snapshot).unwrap_or_default()
+    }
+
+    /// Current domains with their counts, and endpoints: no mapping is copied.
+    pub fn summary(&self) -> (Vec<DomainSummary>, Vec<EndpointView>) {
+        self.call(Event::Summary).unwrap_or_default()
+    }
+
+    /// The VMM closed an endpoint's device connection (vfio-user), or the host is taking the
+    /// device away: the endpoint is detached and left blocked (or identity under bypass) until
+    /// the guest attaches it again. Returns once that is done.
+    pub fn endpoint_disconnected(&self, endpoint: EndpointId) {
+        self.call(|r| Event::EndpointGone(endpoint, r));
     }
 
     /// Guest RAM as the VMM's vfio-user DMA maps describe it (see `boot_ram`): the identity
     /// domain follows it until the memory table arrives, so that boot-bypass endpoints reach
     /// guest RAM while the firmware runs. Ignored (`Ok(false)`) once the connection has a memory
     /// table.
-    pub fn set_boot_ram(&self, ram: &GuestRam) -> Result<bool, crate::backend::BackendError> {
-        let s = lock(&self.0.session);
-        if s.ram.is_some() {
-            return Ok(false);
-        }
-        self.0.backend.set_ram(ram).map(|()| true)
+    pub fn set_boot_ram(&self, ram: &GuestRam) -> Result<bool, BackendError> {
+        self.call(|r| Event::BootRam(ram.clone(), r))
+            .unwrap_or(Ok(false))
     }
 
     /// The guest RAM of the current connection's memory table, once the VMM has sent one.
     pub fn guest_ram(&self) -> Option<Arc<GuestRam>> {
-        lock(&self.0.session).ram.clone()
+        self.0.ram.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The connection ended: every endpoint goes back to its boot state, every domain is
-    /// destroyed and `bypass` returns to its initial value (a system reset, §5.13.4).
+    /// Applies one event to the state (the owner only).
+    fn apply(&self, s: &mut Session, event: Event) {
+        match event {
+            Event::EndpointGone(endpoint, r) => {
+                self.drain_ring(s);
+                match s.dispatcher.unplug(endpoint) {
+                    Ok(()) => info!("{endpoint}: device connection closed, endpoint detached"),
+                    Err(e) => log::error!(
+                        "{endpoint}: cannot block after its device connection closed: {e}"
+                    ),
+                }
+                let _ = r.send(());
+            }
+            Event::BootRam(ram, r) => {
+                let res = if s.ram.is_some() {
+                    Ok(false)
+                } else {
+                    self.0.backend.set_ram(&ram).map(|()| true)
+                };
+                let _ = r.send(res);
+            }
+            Event::MemoryTable(mem, ram, r) => {
+                let _ = r.send(self.switch_memory(s, mem, ram));
+            }
+            Event::Bypass(bypass, r) => {
+                let _ = r.send(s.dispatcher.set_bypass(bypass));
+            }
+            Event::Reset(r) => {
+                self.reset(s);
+                let _ = r.send(());
+            }
+            Event::StopRing(r) => {
+                if let Some(v) = s.request_vring.clone() {
+                    let mem = s.mem.as_ref().map(|m| m.memory());
+                    drain(s, mem.as_deref(), &v, &self.0.metrics);
+                    s.stopped = Some(RingMark::of(&v, mem.as_deref()));
+                }
+                let _ = r.send(());
+            }
+            Event::Snapshot(r) => {
+                let _ = r.send(s.dispatcher.snapshot());
+            }
+            Event::Summary(r) => {
+                let _ = r.send(s.dispatcher.summary());
+            }
+        }
+        self.publish(s);
+    }
+
+    /// Makes what other threads read without the owner (config space, DMA checks) current.
+    fn publish(&self, s: &Session) {
+        self.0
+            .bypass
+            .store(s.dispatcher.bypass(), Ordering::Release);
+        let mut ram = self.0.ram.lock().unwrap_or_else(|p| p.into_inner());
+        if !ram
+            .as_ref()
+            .zip(s.ram.as_ref())
+            .is_some_and(|(a, b)| Arc::ptr_eq(a, b))
+        {
+            *ram = s.ram.clone();
+        }
+    }
+
+    /// The owner: applies what other threads posted.
+    fn take_mail(&self) {
+        let events = self.0.mailbox.take();
+        if events.is_empty() {
+            return;
+        }
+        let mut s = lock(&self.0.session);
+        for e in events {
+            self.apply(&mut s, e);
+        }
+    }
+
+    /// Answers every request in flight (before the state they were checked against changes).
+    fn drain_ring(&self, s: &mut Session) {
+        if let Some(v) = s.request_vring.clone() {
+            let mem = s.mem.as_ref().map(|m| m.memory());
+            drain(s, mem.as_deref(), &v, &self.0.metrics);
+        }
+    }
+
+    /// A new memory table: requests in flight were checked against the old one and run with it,
+    /// so they are answered first (the pipeline's contract), their tails written through the
+    /// old table they were read from; then the backend and the executors switch.
+    fn switch_memory(
+        &self,
+        s: &mut Session,
+        mem: Mem,
+        ram: Arc<GuestRam>,
+    ) -> Result<(), BackendError> {
+        if let Some(v) = s.request_vring.clone() {
+            let old = self
+                .0
+                .accepted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            drain(s, Some(&old), &v, &self.0.metrics);
+        }
+        self.0.backend.set_ram(&ram)?;
+        s.dispatcher.set_ram(ram.clone());
+        s.ram = Some(ram);
+        *self.0.accepted.lock().unwrap_or_else(|p| p.into_inner()) = mem.memory().into_inner();
+        s.mem = Some(mem);
+        Ok(())
+    }
+
+    /// The connection ended (its vring thread is gone): every endpoint goes back to its boot
+    /// state, every domain is destroyed and `bypass` returns to its initial value (a system
+    /// reset, §5.13.4).
     pub fn disconnect(&self) {
+        self.owner_stopped();
         let mut s = lock(&self.0.session);
         s.dispatcher.wait_idle(&mut |_| {});
         s.dispatcher.reset(self.0.settings.boot_bypass);
@@ -339,6 +524,7 @@ impl IommuDevice {
         s.ram = None;
         *self.0.accepted.lock().unwrap_or_else(|p| p.into_inner()) =
             Arc::new(GuestMemoryMmap::new());
+        self.publish(&s);
     }
 
     /// Closes the exit-event fds the vring library took and never closed. Call only after the
@@ -382,10 +568,7 @@ impl IommuDevice {
 
     /// Device reset: nothing attached, no domain left; `bypass` keeps its value.
     fn reset(&self, s: &mut Session) {
-        if let Some(v) = s.request_vring.clone() {
-            let mem = s.mem.as_ref().map(|m| m.memory());
-            drain(s, mem.as_deref(), &v, &self.0.metrics);
-        }
+        self.drain_ring(s);
         let bypass = s.dispatcher.bypass();
         s.dispatcher.reset(bypass);
         info!("device reset: all endpoints detached, all domains destroyed");
@@ -435,10 +618,11 @@ impl IommuDevice {
         };
         let started = Instant::now();
         loop {
-            // A guest that never stops sending must not keep the session to itself: after a
-            // budget, give the VMM's control messages (which take the same lock) their turn and
-            // come back through the rewake eventfd.
-            if started.elapsed() >= BATCH_BUDGET {
+            // A guest that never stops sending must not keep the device to itself: after a
+            // budget, or as soon as another thread posted an event (a vhost-user message, a
+            // device connection that closed, a query), let the epoll loop deliver it and come
+            // back through the rewake eventfd.
+            if started.elapsed() >= BATCH_BUDGET || self.0.mailbox.has_mail() {
                 if let Err(e) = self.0.rewake.write(1) {
                     warn!("cannot rearm the request queue: {e}");
                 } else {
@@ -565,7 +749,14 @@ impl IommuDevice {
             if served > 0 {
                 window.served((answered - batch) / served);
             }
-            if poll_for_work(window.current(), vring, &mem, dispatcher, &mut a) {
+            if poll_for_work(
+                window.current(),
+                vring,
+                &mem,
+                dispatcher,
+                &mut a,
+                &self.0.mailbox,
+            ) {
                 metrics
                     .poll_hits
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -610,6 +801,11 @@ fn memory_table_error(e: crate::backend::BackendError) -> io::Error {
     io::Error::new(io::Error::from_raw_os_error(e.errno).kind(), e)
 }
 
+/// The device state's owner dropped an event without answering it (it failed while applying it).
+fn owner_gone() -> io::Error {
+    io::Error::other("the device state's owner failed")
+}
+
 fn unwritable() -> crate::domains::Rejection {
     crate::domains::Rejection {
         status: Status::DevErr,
@@ -645,6 +841,7 @@ fn poll_for_work(
     mem: &MemGuard,
     dispatcher: &mut Dispatcher,
     a: &mut Answerer<'_>,
+    mailbox: &Mailbox<Event>,
 ) -> bool {
     if window.is_zero() && dispatcher.in_flight() == 0 {
         return false;
@@ -668,7 +865,8 @@ fn poll_for_work(
         if pending {
             return true;
         }
-        if start.elapsed() >= window {
+        // Other threads' events must not wait out the window.
+        if start.elapsed() >= window || mailbox.has_mail() {
             return false;
         }
         std::hint::spin_loop();
@@ -741,7 +939,7 @@ impl VhostUserBackend for IommuDevice {
     }
 
     fn acked_features(&self, features: u64) {
-        lock(&self.0.session).acked_features = features;
+        self.0.acked_features.store(features, Ordering::Release);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -753,8 +951,7 @@ impl VhostUserBackend for IommuDevice {
     }
 
     fn reset_device(&self) {
-        let mut s = lock(&self.0.session);
-        self.reset(&mut s);
+        self.call(Event::Reset);
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -763,7 +960,7 @@ impl VhostUserBackend for IommuDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let bypass = lock(&self.0.session).dispatcher.bypass();
+        let bypass = self.0.bypass.load(Ordering::Acquire);
         let bytes = self.config(bypass).to_bytes();
         // vhost-user config messages carry at most 256 bytes; never allocate what the VMM asks
         // beyond that.
@@ -780,17 +977,20 @@ impl VhostUserBackend for IommuDevice {
             // Every other field is read-only for the driver (§5.13.4.1): ignore the write.
             return Ok(());
         }
-        let mut s = lock(&self.0.session);
-        if s.acked_features & features::BYPASS_CONFIG == 0 {
+        if self.0.acked_features.load(Ordering::Acquire) & features::BYPASS_CONFIG == 0 {
             warn!("driver wrote bypass without negotiating BYPASS_CONFIG; ignored");
             return Ok(());
         }
         // Bits 1-7 carry nothing (§5.13.4.1).
         let bypass = buf[at - offset] & 1 != 0;
-        s.dispatcher.set_bypass(bypass).map_err(|e| {
-            warn!("cannot apply bypass={bypass}: {e}");
-            io::Error::from_raw_os_error(e.errno)
-        })
+        match self.call(|r| Event::Bypass(bypass, r)) {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => {
+                warn!("cannot apply bypass={bypass}: {e}");
+                Err(io::Error::from_raw_os_error(e.errno))
+            }
+            None => Err(owner_gone()),
+        }
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
@@ -804,30 +1004,19 @@ impl VhostUserBackend for IommuDevice {
             }
         };
         debug!("memory table: {} regions", ram.regions().len());
-        let mut s = lock(&self.0.session);
-        // Requests in flight were checked against the old table and run with it: answer them
-        // all before the backend and the executors switch (the pipeline's contract), writing
-        // their tails through the old table they were read from.
-        if let Some(v) = s.request_vring.clone() {
-            let old = self
-                .0
-                .accepted
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            drain(&mut s, Some(&old), &v, &self.0.metrics);
+        match self.call(|r| Event::MemoryTable(mem.clone(), ram, r)) {
+            Some(Ok(())) => Ok(()),
+            // Keep the backend's text (e.g. which RLIMIT_MEMLOCK pinning this table needs): the
+            // refused table ends the connection, and this error is what the daemon then logs.
+            Some(Err(e)) => {
+                self.restore_accepted_table(&mem);
+                Err(memory_table_error(e))
+            }
+            None => {
+                self.restore_accepted_table(&mem);
+                Err(owner_gone())
+            }
         }
-        // Keep the backend's text (e.g. which RLIMIT_MEMLOCK pinning this table needs): the
-        // refused table ends the connection, and this error is what the daemon then logs.
-        if let Err(e) = self.0.backend.set_ram(&ram) {
-            self.restore_accepted_table(&mem);
-            return Err(memory_table_error(e));
-        }
-        s.dispatcher.set_ram(ram.clone());
-        s.ram = Some(ram);
-        s.mem = Some(mem);
-        *self.0.accepted.lock().unwrap_or_else(|p| p.into_inner()) = table.into_inner();
-        Ok(())
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -852,13 +1041,7 @@ impl VhostUserBackend for IommuDevice {
         if queue_index as usize != REQUEST_QUEUE {
             return Ok(());
         }
-        let mut s = lock(&self.0.session);
-        if let Some(v) = s.request_vring.clone() {
-            let mem = s.mem.as_ref().map(|m| m.memory());
-            drain(&mut s, mem.as_deref(), &v, &self.0.metrics);
-            s.stopped = Some(RingMark::of(&v, mem.as_deref()));
-        }
-        Ok(())
+        self.call(Event::StopRing).ok_or_else(owner_gone)
     }
 
     fn handle_event(
@@ -868,6 +1051,31 @@ impl VhostUserBackend for IommuDevice {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
+        // This thread owns the device state: if it fails or panics, posters must not wait for
+        // it any longer (the vring library ends the thread on an error).
+        let watch = OwnerWatch(self);
+        let r = self.handle(device_event, vrings);
+        if r.is_err() {
+            self.owner_stopped();
+        }
+        drop(watch);
+        r
+    }
+}
+
+/// Hands the device state back to the posters if the owner thread unwinds.
+struct OwnerWatch<'a>(&'a IommuDevice);
+
+impl Drop for OwnerWatch<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.owner_stopped();
+        }
+    }
+}
+
+impl IommuDevice {
+    fn handle(&self, device_event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
         match device_event as usize {
             REQUEST_QUEUE => self.process_requests(&vrings[REQUEST_QUEUE]),
             // Event-queue buffers stay available until there is a fault to report.
@@ -879,6 +1087,10 @@ impl VhostUserBackend for IommuDevice {
             _ if device_event == REWAKE_EVENT => {
                 let _ = self.0.rewake.read();
                 self.process_requests(&vrings[REQUEST_QUEUE])
+            }
+            _ if device_event == MAILBOX_EVENT => {
+                self.take_mail();
+                Ok(())
             }
             _ => Ok(()),
         }

@@ -883,3 +883,51 @@ fn a_call_eventfd_that_would_block_does_not_wedge_the_device() {
     }
     assert_eq!(d.backend_mappings(), 8);
 }
+
+#[test]
+fn the_vring_thread_alone_changes_the_device_whatever_thread_the_event_comes_from() {
+    for mode in [Mode::Inline, Mode::Pipeline(2)] {
+        let d = Daemon::start(Options {
+            mode,
+            ..Options::default()
+        });
+        let mut vm = d.connect();
+        assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+        // Events from the vhost-user message thread: a config write, memory-table changes, a
+        // ring stop and restart, a device reset and new rings.
+        vm.write_bypass(1).unwrap();
+        vm.add_region(1 << 32, 2 << 20).unwrap();
+        vm.remove_region(1 << 32).unwrap();
+        vm.pause_and_resume().unwrap();
+        assert_eq!(vm.request(&attach(2, 2)).unwrap(), Status::Ok);
+        vm.reset_device().unwrap();
+        vm.reset_rings().unwrap();
+        assert_eq!(vm.request(&attach(3, 3)).unwrap(), Status::Ok);
+        // From another thread of the daemon: a device connection that closed.
+        d.device().unwrap().endpoint_disconnected(EndpointId(3));
+        assert_eq!(
+            d.soft.translate(EndpointId(3), 0x5000, false),
+            Ok(0x5000),
+            "{mode:?}: detached into identity (bypass is 1)"
+        );
+        let calls = d.faults.take_callers();
+        for op in [Op::Attach, Op::SetRam, Op::CreateDomain] {
+            assert!(
+                calls.iter().any(|(o, _)| *o == op),
+                "{mode:?}: no {op:?} call seen: {calls:?}"
+            );
+        }
+        // Domains are created and maps run on the executors in pipeline mode; everything else
+        // (attachments, memory, bypass, reset) on the vring thread.
+        let elsewhere: Vec<_> = calls
+            .iter()
+            .filter(|(op, t)| {
+                t != "vring_worker" && !(mode != Mode::Inline && matches!(op, Op::CreateDomain))
+            })
+            .collect();
+        assert!(
+            elsewhere.is_empty(),
+            "{mode:?}: backend calls from other threads: {elsewhere:?}"
+        );
+    }
+}

@@ -43,6 +43,8 @@ pub struct Injector {
     mapping: AtomicUsize,
     /// `set_ram` calls made while a MAP or UNMAP was running.
     set_ram_while_mapping: AtomicUsize,
+    /// Every call, with the name of the thread that made it (who changes the backend).
+    callers: Mutex<Vec<(Op, String)>>,
 }
 
 impl Injector {
@@ -109,7 +111,20 @@ impl Injector {
         r
     }
 
+    /// Every backend call so far, with the name of the thread that made it; empties the log.
+    pub fn take_callers(&self) -> Vec<(Op, String)> {
+        std::mem::take(&mut *self.callers.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn check(&self, op: Op, what: &dyn Fn() -> String) -> Result<()> {
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        self.callers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((op, thread));
         let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
         for r in rules.iter_mut().filter(|r| r.op == op && r.count > 0) {
             if r.skip > 0 {

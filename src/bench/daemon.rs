@@ -119,6 +119,14 @@ impl LocalDaemon {
         dev.map(|d| d.snapshot()).unwrap_or_default()
     }
 
+    /// The current connection's device (None before the first).
+    pub fn device(&self) -> Option<IommuDevice> {
+        self.device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Mappings the backend holds, over all domains.
     pub fn backend_mappings(&self) -> usize {
         self.soft.domain_sizes().iter().map(|d| d.1).sum()

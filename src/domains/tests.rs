@@ -141,6 +141,28 @@ impl Fx {
         host.sort_unstable();
         assert_eq!(shadow, host, "shadow state differs from the backend");
         assert_eq!(self.table.snapshot().len(), self.topo.domain_count());
+        // The gauges' counts, kept as the tree changes, agree with a walk of the tree.
+        let mut counted: Vec<(u32, usize, u128)> = self
+            .table
+            .summary()
+            .iter()
+            .map(|d| (d.id, d.mappings, d.mapped_bytes))
+            .collect();
+        counted.sort_unstable();
+        let walked: Vec<(u32, usize, u128)> = self
+            .table
+            .snapshot()
+            .iter()
+            .map(|d| {
+                let bytes = d
+                    .mappings
+                    .iter()
+                    .map(|m| u128::from(m.end - m.start) + 1)
+                    .sum();
+                (d.id, d.mappings.len(), bytes)
+            })
+            .collect();
+        assert_eq!(counted, walked, "summary differs from the tree");
         let paging = self
             .table
             .snapshot()
