@@ -1,0 +1,188 @@
+//! A guest paging domain: one IOAS, its MAP/UNMAP and its teardown.
+
+use super::*;
+
+/// A guest paging domain: one IOAS.
+pub(super) struct IommufdDomain {
+    id: u32,
+    shared: Arc<Shared>,
+    ram: Arc<GuestRam>,
+    ram_gen: u64,
+    /// Mappings without permissions: recorded, not given to the kernel (start → end).
+    phantom: BTreeMap<u64, u64>,
+    /// Bytes this IOAS pins (released at destroy).
+    pinned: u64,
+    /// Starts of the mappings made by `IOMMU_IOAS_COPY` (they pin nothing of their own).
+    copied: HashSet<u64>,
+}
+
+impl IommufdDomain {
+    /// `IOMMU_IOAS_ALLOC`: a new, empty domain over the backend's current RAM table.
+    pub(super) fn alloc(shared: &Arc<Shared>) -> Result<Self> {
+        let id = sys::ioas_alloc(shared.fd())
+            .map_err(|e| BackendError::new(e.name, e.errno, "a paging domain"))?;
+        lock(&shared.domains).insert(id, ());
+        let ram_gen = shared.ram_gen.load(Ordering::Acquire);
+        let ram = lock(&shared.ram).clone();
+        debug!("IOAS {id} allocated");
+        Ok(IommufdDomain {
+            id,
+            shared: shared.clone(),
+            ram,
+            ram_gen,
+            phantom: BTreeMap::new(),
+            pinned: 0,
+            copied: HashSet::new(),
+        })
+    }
+
+    /// The backend's current RAM table; locks only when `set_ram` ran since the last call.
+    fn current_ram(&mut self) -> Arc<GuestRam> {
+        let g = self.shared.ram_gen.load(Ordering::Acquire);
+        if g != self.ram_gen {
+            self.ram = lock(&self.shared.ram).clone();
+            self.ram_gen = g;
+        }
+        self.ram.clone()
+    }
+}
+
+impl HwDomain for IommufdDomain {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn map(&mut self, op: &MapOp) -> Result<()> {
+        let iova = op.iova;
+        let ctx = |s: &Self| format!("IOAS {} at {iova} (GPA {:#x})", s.id, op.gpa);
+        let len = iova
+            .len()
+            .ok_or_else(|| BackendError::new("map", libc::EOVERFLOW, ctx(self)))?;
+        if !op.perms.read && !op.perms.write {
+            if let Some((_, &e)) = self.phantom.range(..=iova.end()).next_back()
+                && e >= iova.start()
+            {
+                return Err(BackendError::new("map", libc::EEXIST, ctx(self)));
+            }
+            self.phantom.insert(iova.start(), iova.end());
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        let id = self.id;
+        let ram = self.current_ram();
+        if shared.strategy() == MapStrategy::Copy
+            && shared.staged_gen.load(Ordering::Acquire) == self.ram_gen
+        {
+            // The staging (identity) IOAS maps every RAM region at IOVA = GPA, pinned once.
+            match sys::ioas_copy(
+                shared.fd(),
+                id,
+                iova.start(),
+                shared.identity_id,
+                op.gpa,
+                len,
+                map_flags(op.perms),
+            ) {
+                Ok(()) => {
+                    shared.maps_copy.fetch_add(1, Ordering::Relaxed);
+                    self.copied.insert(iova.start());
+                    return Ok(());
+                }
+                // Not (or no longer) staged: map it directly below.
+                Err(e) if e.errno == libc::ENOENT || e.errno == libc::EPERM => {
+                    debug!(
+                        "IOAS {id}: COPY from staging at GPA {:#x}: errno {}",
+                        op.gpa, e.errno
+                    );
+                }
+                Err(e) => return Err(BackendError::new(e.name, e.errno, ctx(self))),
+            }
+        }
+        match shared.map(&ram, id, iova.start(), len, &op.host, op.perms) {
+            Ok(_) => {
+                self.pinned += len;
+                Ok(())
+            }
+            Err(e) if e.errno == libc::ENOMEM => Err(BackendError::new(
+                e.name,
+                e.errno,
+                format!(
+                    "{}: {}",
+                    ctx(self),
+                    memlock_hint(shared.pinned.load(Ordering::Relaxed), len)
+                ),
+            )),
+            Err(e) => Err(BackendError::new(e.name, e.errno, ctx(self))),
+        }
+    }
+
+    fn unmap(&mut self, iova: IovaRange) -> Result<()> {
+        if self.phantom.get(&iova.start()) == Some(&iova.end()) {
+            self.phantom.remove(&iova.start());
+            return Ok(());
+        }
+        let len = iova.len().ok_or_else(|| {
+            BackendError::new(
+                "unmap",
+                libc::EOVERFLOW,
+                format!("IOAS {} at {iova}", self.id),
+            )
+        })?;
+        let copied = self.copied.remove(&iova.start());
+        let r = if copied {
+            sys::ioas_unmap(self.shared.fd(), self.id, iova.start(), len).map(|_| ())
+        } else {
+            self.shared.unmap(self.id, iova.start(), len)
+        };
+        if let Err(e) = r {
+            if copied {
+                self.copied.insert(iova.start());
+            }
+            return Err(BackendError::new(
+                e.name,
+                e.errno,
+                format!("IOAS {} at {iova}", self.id),
+            ));
+        }
+        if !copied {
+            self.pinned = self.pinned.saturating_sub(len);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for IommufdDomain {
+    fn drop(&mut self) {
+        {
+            // The kernel refuses to destroy an IOAS a device is attached to: block those first.
+            let mut topo = lock(&self.shared.topo);
+            let users: Vec<EndpointId> = topo
+                .attachments
+                .iter()
+                .filter(|(_, a)| **a == Attachment::Domain(self.id))
+                .map(|(&e, _)| e)
+                .collect();
+            for e in users {
+                warn!(
+                    "IOAS {} destroyed while {e} is attached: blocking it",
+                    self.id
+                );
+                if let Err(err) = self.shared.point(&mut topo, e, Attachment::Blocked) {
+                    error!("{err}");
+                }
+            }
+        }
+        match sys::destroy(self.shared.fd(), self.id) {
+            Ok(()) => {
+                self.shared.pinned.fetch_sub(self.pinned, Ordering::Relaxed);
+                debug!("IOAS {} destroyed", self.id);
+            }
+            Err(e) => error!(
+                "IOMMU_DESTROY of IOAS {}: {}",
+                self.id,
+                std::io::Error::from_raw_os_error(e.errno)
+            ),
+        }
+        lock(&self.shared.domains).remove(&self.id);
+    }
+}

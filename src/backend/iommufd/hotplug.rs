@@ -1,0 +1,187 @@
+//! Host unbind and rebind of assigned devices: the request IRQ, the watcher thread, unplug and
+//! replug (see "Hot-unplug" in the backend's module doc).
+
+use super::*;
+
+/// An eventfd registered as the device's request IRQ; `None` (logged) if that fails.
+pub(super) fn request_eventfd(file: &File, path: &Path) -> Option<OwnedFd> {
+    // SAFETY: eventfd has no memory preconditions; a non-negative return is a new fd we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        warn!(
+            "{}: eventfd for the request IRQ: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        return None;
+    }
+    // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    match sys::set_req_eventfd(file.as_fd(), fd.as_fd()) {
+        Ok(()) => Some(fd),
+        Err(e) => {
+            warn!(
+                "{}: cannot register the request IRQ ({}): unbinding it from vfio-pci will \
+                 block until the daemon stops",
+                path.display(),
+                std::io::Error::from_raw_os_error(e.errno)
+            );
+            None
+        }
+    }
+}
+
+/// What the hot-plug watcher ([`IommufdBackend::watch_hotplug`]) reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HotplugEvent {
+    /// The host asked for the device back. Called *before* the backend closes its fd: detach
+    /// the endpoint in the domain model and drop every duplicate of the fd.
+    Unplugging,
+    /// The device is bound to vfio-pci again, reopened, bound to the iommufd and blocked (or
+    /// identity under bypass): serve it again.
+    Replugged,
+}
+
+/// The callback of [`IommufdBackend::watch_hotplug`].
+pub type HotplugHook = Box<dyn Fn(EndpointId, HotplugEvent) + Send>;
+
+/// How often unplugged devices are looked for in sysfs.
+const REPLUG_POLL: Duration = Duration::from_secs(1);
+
+impl IommufdBackend {
+    /// Starts the hot-plug watcher thread: when the kernel signals a device's request IRQ (the
+    /// host unbinds it from vfio-pci), `hook(ep, Unplugging)` runs, then the backend closes the
+    /// device so the unbind completes; every second unplugged devices are looked for
+    /// with [`vfio::discover`], reopened, bound, left blocked (identity under bypass), and
+    /// `hook(ep, Replugged)` runs. The thread ends when the backend is dropped.
+    pub fn watch_hotplug(
+        self: &Arc<Self>,
+        root: SysfsRoot,
+        hook: HotplugHook,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("iommufd-hotplug".into())
+            .spawn(move || {
+                while let Some(b) = weak.upgrade() {
+                    if !b.hotplug_step(&root, &hook) {
+                        return;
+                    }
+                }
+            })
+    }
+
+    /// One round of the watcher: waits up to `REPLUG_POLL` for a request IRQ, handles it,
+    /// then looks for unplugged devices. `false` when there is nothing to watch.
+    fn hotplug_step(&self, root: &SysfsRoot, hook: &HotplugHook) -> bool {
+        let mut fds: Vec<(EndpointId, libc::pollfd)> = lock(&self.shared.devices)
+            .iter()
+            .filter_map(|(ep, d)| {
+                d.req.as_ref().map(|r| {
+                    (
+                        *ep,
+                        libc::pollfd {
+                            fd: std::os::fd::AsRawFd::as_raw_fd(r),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                    )
+                })
+            })
+            .collect();
+        let mut p: Vec<libc::pollfd> = fds.iter().map(|f| f.1).collect();
+        // SAFETY: `p` is a valid array of pollfds for the call; the fds stay open because only
+        // this thread closes them (in `unplug`, below).
+        let rc = unsafe {
+            libc::poll(
+                p.as_mut_ptr(),
+                p.len() as libc::nfds_t,
+                REPLUG_POLL.as_millis() as i32,
+            )
+        };
+        if rc > 0 {
+            for (f, q) in fds.iter_mut().zip(&p) {
+                if q.revents != 0 {
+                    let mut v = [0u8; 8];
+                    // SAFETY: reads 8 bytes into `v` from the (non-blocking) eventfd.
+                    unsafe { libc::read(q.fd, v.as_mut_ptr().cast(), v.len()) };
+                    info!("{}: the host asks for its device back: unplugging it", f.0);
+                    hook(f.0, HotplugEvent::Unplugging);
+                    self.unplug(f.0);
+                }
+            }
+        }
+        let gone: Vec<(EndpointId, Option<PciAddress>)> = lock(&self.shared.devices)
+            .iter()
+            .filter(|(_, d)| d.file.is_none())
+            .map(|(ep, d)| (*ep, d.pci))
+            .collect();
+        for (ep, pci) in gone {
+            let Some(pci) = pci else { continue };
+            let Ok(cdev) = vfio::discover(root, pci) else {
+                continue;
+            };
+            match self.replug(ep, &cdev.node) {
+                Ok(()) => hook(ep, HotplugEvent::Replugged),
+                Err(e) => debug!("{ep}: not replugged yet: {e}"),
+            }
+        }
+        true
+    }
+
+    /// Closes an endpoint's device (its request eventfd too): DMA stops, and the host's unbind
+    /// completes once every other duplicate of the fd is closed.
+    fn unplug(&self, endpoint: EndpointId) {
+        let mut topo = lock(&self.shared.topo);
+        let mut devices = lock(&self.shared.devices);
+        let Some(d) = devices.get_mut(&endpoint) else {
+            return;
+        };
+        d.req = None;
+        if d.file.take().is_some() {
+            d.last_warn = None;
+            let keep = match topo.attachments.get(&endpoint) {
+                Some(Attachment::Identity) => Attachment::Identity,
+                _ => Attachment::Blocked,
+            };
+            topo.attachments.insert(endpoint, keep);
+            info!("{endpoint}: {} closed (unplugged)", d.path.display());
+        }
+    }
+
+    /// Reopens an unplugged endpoint's device at `node`, binds it and points it where the
+    /// model has it (blocked or identity).
+    fn replug(&self, endpoint: EndpointId, node: &Path) -> std::result::Result<(), IommufdError> {
+        let mut topo = lock(&self.shared.topo);
+        let mut new = Device::open(node, &self.shared.iommufd)?;
+        let to = topo
+            .attachments
+            .get(&endpoint)
+            .copied()
+            .unwrap_or(Attachment::Blocked);
+        let f = new.file.as_ref().map(|f| f.as_fd()).expect("just opened");
+        let r = match to {
+            Attachment::Identity => sys::attach_pt(f, self.shared.identity_id),
+            _ => sys::detach_pt(f),
+        };
+        r.map_err(|e| IommufdError::Ioctl {
+            ioctl: e.name,
+            what: format!("{endpoint} ({})", node.display()),
+            errno: e.errno,
+        })?;
+        let mut devices = lock(&self.shared.devices);
+        if let Some(old) = devices.get(&endpoint) {
+            new.pci = new.pci.or(old.pci);
+        }
+        info!(
+            "{endpoint}: {} replugged, dev_id {}, {to:?}",
+            node.display(),
+            new.dev_id
+        );
+        devices.insert(endpoint, new);
+        if to != Attachment::Identity {
+            topo.attachments.insert(endpoint, Attachment::Blocked);
+        }
+        Ok(())
+    }
+}
