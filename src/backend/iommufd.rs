@@ -177,14 +177,18 @@ pub struct RegionInfo {
 pub mod sys;
 
 mod constraints;
+mod device;
+mod diagnostics;
 mod domain;
 mod hotplug;
+mod identity;
 mod probe;
 
 pub use constraints::constraints_from_ranges;
-pub use hotplug::{HotplugEvent, HotplugHook};
+use device::{Device, dev_fd};
 use domain::IommufdDomain;
 use hotplug::request_eventfd;
+pub use hotplug::{HotplugEvent, HotplugHook};
 use probe::{probe_copy, probe_map_file};
 
 /// The error text for an ENOMEM from a map: which limit, how much is needed.
@@ -214,68 +218,6 @@ fn memlock_hint(pinned: u64, len: u64) -> String {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves its state consistent before anything that can panic.
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-struct Device {
-    path: PathBuf,
-    /// `None` while the host has the device back (unplugged; see "Hot-unplug" in the module
-    /// docs).
-    file: Option<File>,
-    dev_id: u32,
-    /// The PCI address behind the cdev (from sysfs), to find the device again after an unplug.
-    pci: Option<PciAddress>,
-    /// Signalled by the kernel when it wants the device back (request IRQ).
-    req: Option<OwnedFd>,
-    /// When an ATTACH of the unplugged endpoint was last logged.
-    last_warn: Option<Instant>,
-}
-
-impl Device {
-    fn open(path: &Path, iommufd: &File) -> std::result::Result<Device, IommufdError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|source| IommufdError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let dev_id =
-            sys::bind_iommufd(file.as_fd(), iommufd.as_fd()).map_err(|e| IommufdError::Ioctl {
-                ioctl: e.name,
-                what: path.display().to_string(),
-                errno: e.errno,
-            })?;
-        let pci = path
-            .file_name()
-            .and_then(|n| {
-                std::fs::canonicalize(Path::new("/sys/class/vfio-dev").join(n).join("device")).ok()
-            })
-            .and_then(|p| p.file_name()?.to_str()?.parse::<PciAddress>().ok());
-        let req = request_eventfd(&file, path);
-        Ok(Device {
-            path: path.to_path_buf(),
-            file: Some(file),
-            dev_id,
-            pci,
-            req,
-            last_warn: None,
-        })
-    }
-
-    /// The open cdev; ENODEV while unplugged.
-    fn file(&self, endpoint: EndpointId) -> Result<&File> {
-        self.file.as_ref().ok_or_else(|| {
-            BackendError::new(
-                "attach",
-                libc::ENODEV,
-                format!(
-                    "{endpoint} ({}): the device was unplugged from vfio-pci",
-                    self.path.display()
-                ),
-            )
-        })
-    }
 }
 
 const UNPLUGGED_WARN_EVERY: Duration = Duration::from_secs(10);
@@ -697,88 +639,10 @@ impl IommufdBackend {
         self.shared.identity_id
     }
 
-    /// Whether the kernel has `IOMMU_IOAS_MAP_FILE` (probed once in `open`).
-    pub fn map_file_supported(&self) -> bool {
-        self.shared.map_file_supported
-    }
-
-    /// Forces MAP_FILE (`true`) or MAP by user VA (`false`) for guest MAPs from now on: the same
-    /// as `set_map_strategy(Some(MapFile | Map))`. Mappings already made keep their path.
-    pub fn prefer_map_file(&self, on: bool) {
-        self.shared.use_map_file.store(on, Ordering::Relaxed);
-        self.set_map_strategy(Some(if on {
-            MapStrategy::MapFile
-        } else {
-            MapStrategy::Map
-        }));
-    }
-
-    /// Overrides the map strategy of guest MAPs from now on (`None`: automatic, by capability:
-    /// see `map_strategy`). Measurements only; mappings already made keep theirs.
-    pub fn set_map_strategy(&self, s: Option<MapStrategy>) {
-        self.shared
-            .strategy_override
-            .store(MapStrategy::code(s), Ordering::Relaxed);
-    }
-
-    /// The strategy the next guest MAP tries first (a `Copy` falls back to a direct map while
-    /// its memory is not staged).
-    pub fn map_strategy(&self) -> MapStrategy {
-        self.shared.strategy()
-    }
-
-    /// The automatic strategy this kernel and these devices allow.
-    pub fn auto_map_strategy(&self) -> MapStrategy {
-        self.shared.auto_strategy()
-    }
-
-    /// The HWPT that keeps staged guest RAM pinned, if `IOMMU_HWPT_ALLOC` worked.
-    pub fn staging_hwpt(&self) -> Option<u32> {
-        self.shared.staging_hwpt
-    }
-
-    /// Whether a sub-range `IOMMU_IOAS_COPY` from the staging IOAS worked (`None`: not probed
-    /// yet; probed at the first `set_ram` when there is a staging HWPT).
-    pub fn copy_works(&self) -> Option<bool> {
-        match self.shared.copy_works.load(Ordering::Relaxed) {
-            1 => Some(true),
-            2 => Some(false),
-            _ => None,
-        }
-    }
-
-    /// Guest MAPs done by `IOMMU_IOAS_COPY` from the staging IOAS so far.
-    pub fn copy_count(&self) -> u64 {
-        self.shared.maps_copy.load(Ordering::Relaxed)
-    }
-
-    /// The `/dev/iommu` fd (benchmarks: raw ioctl loops on IOASes of this context).
-    pub fn iommufd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.shared.fd()
-    }
-
-    /// The path the next direct (non-COPY) map of file-backed RAM takes.
-    pub fn map_path(&self) -> MapPath {
-        self.shared.path(true)
-    }
-
-    /// Maps done so far: `(by MAP_FILE, by user VA)`, identity IOAS included.
-    pub fn map_counts(&self) -> (u64, u64) {
-        (
-            self.shared.maps_file.load(Ordering::Relaxed),
-            self.shared.maps_va.load(Ordering::Relaxed),
-        )
-    }
-
     /// Bytes currently pinned by this backend's maps (summed over IOASes).
     pub fn pinned_bytes(&self) -> u64 {
         self.shared.pinned.load(Ordering::Relaxed)
     }
-}
-
-/// The fd of a device that is open (during `open`, all are).
-fn dev_fd(d: &Device) -> std::os::fd::BorrowedFd<'_> {
-    d.file.as_ref().expect("the device is open").as_fd()
 }
 
 impl DmaBackend for IommufdBackend {
@@ -800,88 +664,7 @@ impl DmaBackend for IommufdBackend {
     }
 
     fn set_ram(&self, ram: &GuestRam) -> Result<()> {
-        let ram = Arc::new(ram.clone());
-        let mut topo = lock(&self.shared.topo);
-        // No copies from the staging IOAS while it changes.
-        self.shared.staged_gen.store(u64::MAX, Ordering::Release);
-        let generation = {
-            *lock(&self.shared.ram) = ram.clone();
-            self.shared.ram_gen.fetch_add(1, Ordering::AcqRel) + 1
-        };
-        let wanted: Vec<IdentityEntry> = ram
-            .regions()
-            .iter()
-            .map(|r| IdentityEntry {
-                gpa: r.gpa,
-                key: (
-                    r.backing.as_ref().map(|b| (b.file_id, b.offset)),
-                    r.host_addr,
-                ),
-            })
-            .collect();
-        let id = self.shared.identity_id;
-        // Unmap what is gone (or changed) first: a new region may reuse its GPAs.
-        let mut kept = Vec::new();
-        for e in std::mem::take(&mut topo.identity) {
-            if wanted.contains(&e) {
-                kept.push(e);
-                continue;
-            }
-            let len = e.gpa.len().unwrap_or(u64::MAX);
-            match self.shared.unmap(id, e.gpa.start(), len) {
-                Ok(()) => debug!("identity IOAS: unmapped {}", e.gpa),
-                Err(err) => {
-                    kept.push(e.clone());
-                    topo.identity = kept;
-                    return Err(BackendError::new(
-                        err.name,
-                        err.errno,
-                        format!("identity IOAS {id}: removed RAM at {}", e.gpa),
-                    ));
-                }
-            }
-        }
-        topo.identity = kept;
-        for (e, r) in wanted.iter().zip(ram.regions()) {
-            if topo.identity.contains(e) {
-                continue;
-            }
-            let len = e.gpa.len().unwrap_or(u64::MAX);
-            let host = crate::guest_ram::HostLocation {
-                host_addr: r.host_addr,
-                file: e.key.0,
-            };
-            match self
-                .shared
-                .map(&ram, id, e.gpa.start(), len, &host, Perms::RW)
-            {
-                Ok(path) => {
-                    debug!("identity IOAS: mapped {} ({path:?})", e.gpa);
-                    topo.identity.push(e.clone());
-                }
-                Err(err) => {
-                    let mut ctx = format!("identity IOAS {id}: RAM at {}", e.gpa);
-                    if err.errno == libc::ENOMEM {
-                        ctx = format!(
-                            "{ctx}: {}",
-                            memlock_hint(self.shared.pinned.load(Ordering::Relaxed), len)
-                        );
-                    }
-                    return Err(BackendError::new(err.name, err.errno, ctx));
-                }
-            }
-        }
-        if self.shared.staging_hwpt.is_some() && self.shared.copy_works.load(Ordering::Relaxed) == 0
-        {
-            let works = probe_copy(&self.shared, &ram);
-            if let Some(w) = works {
-                self.shared
-                    .copy_works
-                    .store(if w { 1 } else { 2 }, Ordering::Relaxed);
-            }
-        }
-        self.shared.staged_gen.store(generation, Ordering::Release);
-        Ok(())
+        self.stage_ram(ram)
     }
 }
 

@@ -40,8 +40,8 @@ fn struct_sizes_and_request_numbers_match_the_uapi_headers() {
 #[test]
 fn intel_like_ranges_become_a_granule_a_span_and_an_msi_window() {
     // What an intel-iommu (39-bit) device reports: everything but the MSI window.
-    let c = constraints_from_ranges(&[(0, 0xfedf_ffff), (0xfef0_0000, (1 << 39) - 1)], 4096)
-        .unwrap();
+    let c =
+        constraints_from_ranges(&[(0, 0xfedf_ffff), (0xfef0_0000, (1 << 39) - 1)], 4096).unwrap();
     assert_eq!(c.page_size_mask, !0xfff);
     assert_eq!(c.input_range, IovaRange::new(0, (1 << 39) - 1).unwrap());
     assert_eq!(

@@ -84,8 +84,7 @@ fn region_info_short_answer_has_no_caps_flag() {
 #[test]
 fn irq_set_checks() {
     let mut p = vec![0u8; 20];
-    p[4..8]
-        .copy_from_slice(&(VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_ACTION_TRIGGER).to_ne_bytes());
+    p[4..8].copy_from_slice(&(VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_ACTION_TRIGGER).to_ne_bytes());
     p[16..20].copy_from_slice(&3u32.to_ne_bytes());
     assert!(decode_irq_set(&p).is_err());
     p.extend_from_slice(&[1, 0, 1]);
