@@ -1,0 +1,217 @@
+//! The device state's owner side: the events other threads post (see `mailbox`), how the
+//! vring thread applies them, and what it publishes for readers that do not ask.
+
+use super::*;
+
+/// The answer to an [`Event`], sent back by the owner.
+pub(super) type Reply<T> = SyncSender<T>;
+
+/// What another thread asks of the device state's owner (see `mailbox`): everything that changes
+/// the state, and the queries that must see it whole.
+pub(super) enum Event {
+    /// The VMM closed the endpoint's device connection, or the host unplugs the device.
+    EndpointGone(EndpointId, Reply<()>),
+    /// Guest RAM as the vfio-user DMA maps describe it (boot bypass, before the memory table).
+    BootRam(GuestRam, Reply<Result<bool, BackendError>>),
+    /// A checked memory table, with the domain model's view of it.
+    MemoryTable(Mem, Arc<GuestRam>, Reply<Result<(), BackendError>>),
+    /// The driver wrote `bypass`.
+    Bypass(bool, Reply<Result<(), BackendError>>),
+    /// RESET_DEVICE.
+    Reset(Reply<()>),
+    /// GET_VRING_BASE of the request queue.
+    StopRing(Reply<()>),
+    /// Domains with every mapping (the control socket's `state`).
+    Snapshot(Reply<(Vec<DomainView>, Vec<EndpointView>)>),
+    /// Domains with their counts only (gauges).
+    Summary(Reply<(Vec<DomainSummary>, Vec<EndpointView>)>),
+}
+
+/// The device state's owner dropped an event without answering it (it failed while applying it).
+pub(super) fn owner_gone() -> io::Error {
+    io::Error::other("the device state's owner failed")
+}
+
+/// Hands the device state back to the posters if the owner thread unwinds.
+pub(super) struct OwnerWatch<'a>(pub(super) &'a IommuDevice);
+
+impl Drop for OwnerWatch<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.owner_stopped();
+        }
+    }
+}
+
+impl IommuDevice {
+    /// The connection's vring thread runs, with [`IommuDevice::event_fds`] in its epoll set: it
+    /// owns the device state from now on, and other threads reach it through the mailbox.
+    pub fn owner_started(&self) {
+        self.0.mailbox.start();
+    }
+
+    /// The vring thread is gone (or never came): events it did not take are applied here, and
+    /// later ones by whoever posts them.
+    pub fn owner_stopped(&self) {
+        let left = self.0.mailbox.stop();
+        if !left.is_empty() {
+            let mut s = lock(&self.0.session);
+            for e in left {
+                self.apply(&mut s, e);
+            }
+        }
+    }
+
+    /// Hands `event` to the owner and waits for its answer; None if the owner dropped it
+    /// (it failed while applying it).
+    pub(super) fn call<T>(&self, event: impl FnOnce(Reply<T>) -> Event) -> Option<T> {
+        let (tx, rx) = sync_channel(1);
+        if let Err(e) = self.0.mailbox.post(event(tx)) {
+            let mut s = lock(&self.0.session);
+            self.apply(&mut s, e);
+        }
+        rx.recv().ok()
+    }
+
+    /// Current domains with every mapping, and endpoints (the state dump; tests). It copies
+    /// every mapping: for gauges use [`IommuDevice::summary`].
+    pub fn snapshot(&self) -> (Vec<DomainView>, Vec<EndpointView>) {
+        self.call(Event::Snapshot).unwrap_or_default()
+    }
+
+    /// Current domains with their counts, and endpoints: no mapping is copied.
+    pub fn summary(&self) -> (Vec<DomainSummary>, Vec<EndpointView>) {
+        self.call(Event::Summary).unwrap_or_default()
+    }
+
+    /// The VMM closed an endpoint's device connection (vfio-user), or the host is taking the
+    /// device away: the endpoint is detached and left blocked (or identity under bypass) until
+    /// the guest attaches it again. Returns once that is done.
+    pub fn endpoint_disconnected(&self, endpoint: EndpointId) {
+        self.call(|r| Event::EndpointGone(endpoint, r));
+    }
+
+    /// Guest RAM as the VMM's vfio-user DMA maps describe it (see `boot_ram`): the identity
+    /// domain follows it until the memory table arrives, so that boot-bypass endpoints reach
+    /// guest RAM while the firmware runs. Ignored (`Ok(false)`) once the connection has a memory
+    /// table.
+    pub fn set_boot_ram(&self, ram: &GuestRam) -> Result<bool, BackendError> {
+        self.call(|r| Event::BootRam(ram.clone(), r))
+            .unwrap_or(Ok(false))
+    }
+
+    /// The guest RAM of the current connection's memory table, once the VMM has sent one.
+    pub fn guest_ram(&self) -> Option<Arc<GuestRam>> {
+        self.0.ram.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Applies one event to the state (the owner only).
+    pub(super) fn apply(&self, s: &mut Session, event: Event) {
+        match event {
+            Event::EndpointGone(endpoint, r) => {
+                self.drain_ring(s);
+                match s.dispatcher.unplug(endpoint) {
+                    Ok(()) => info!("{endpoint}: device connection closed, endpoint detached"),
+                    Err(e) => log::error!(
+                        "{endpoint}: cannot block after its device connection closed: {e}"
+                    ),
+                }
+                let _ = r.send(());
+            }
+            Event::BootRam(ram, r) => {
+                let res = if s.ram.is_some() {
+                    Ok(false)
+                } else {
+                    self.0.backend.set_ram(&ram).map(|()| true)
+                };
+                let _ = r.send(res);
+            }
+            Event::MemoryTable(mem, ram, r) => {
+                let _ = r.send(self.switch_memory(s, mem, ram));
+            }
+            Event::Bypass(bypass, r) => {
+                let _ = r.send(s.dispatcher.set_bypass(bypass));
+            }
+            Event::Reset(r) => {
+                self.reset(s);
+                let _ = r.send(());
+            }
+            Event::StopRing(r) => {
+                if let Some(v) = s.request_vring.clone() {
+                    let mem = s.mem.as_ref().map(|m| m.memory());
+                    drain(s, mem.as_deref(), &v, &self.0.metrics);
+                    s.stopped = Some(RingMark::of(&v, mem.as_deref()));
+                }
+                let _ = r.send(());
+            }
+            Event::Snapshot(r) => {
+                let _ = r.send(s.dispatcher.snapshot());
+            }
+            Event::Summary(r) => {
+                let _ = r.send(s.dispatcher.summary());
+            }
+        }
+        self.publish(s);
+    }
+
+    /// Makes what other threads read without the owner (config space, DMA checks) current.
+    pub(super) fn publish(&self, s: &Session) {
+        self.0
+            .bypass
+            .store(s.dispatcher.bypass(), Ordering::Release);
+        let mut ram = self.0.ram.lock().unwrap_or_else(|p| p.into_inner());
+        if !ram
+            .as_ref()
+            .zip(s.ram.as_ref())
+            .is_some_and(|(a, b)| Arc::ptr_eq(a, b))
+        {
+            *ram = s.ram.clone();
+        }
+    }
+
+    /// The owner: applies what other threads posted.
+    pub(super) fn take_mail(&self) {
+        let events = self.0.mailbox.take();
+        if events.is_empty() {
+            return;
+        }
+        let mut s = lock(&self.0.session);
+        for e in events {
+            self.apply(&mut s, e);
+        }
+    }
+
+    /// Answers every request in flight (before the state they were checked against changes).
+    pub(super) fn drain_ring(&self, s: &mut Session) {
+        if let Some(v) = s.request_vring.clone() {
+            let mem = s.mem.as_ref().map(|m| m.memory());
+            drain(s, mem.as_deref(), &v, &self.0.metrics);
+        }
+    }
+
+    /// A new memory table: requests in flight were checked against the old one and run with it,
+    /// so they are answered first (the pipeline's contract), their tails written through the
+    /// old table they were read from; then the backend and the executors switch.
+    pub(super) fn switch_memory(
+        &self,
+        s: &mut Session,
+        mem: Mem,
+        ram: Arc<GuestRam>,
+    ) -> Result<(), BackendError> {
+        if let Some(v) = s.request_vring.clone() {
+            let old = self
+                .0
+                .accepted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            drain(s, Some(&old), &v, &self.0.metrics);
+        }
+        self.0.backend.set_ram(&ram)?;
+        s.dispatcher.set_ram(ram.clone());
+        s.ram = Some(ram);
+        *self.0.accepted.lock().unwrap_or_else(|p| p.into_inner()) = mem.memory().into_inner();
+        s.mem = Some(mem);
+        Ok(())
+    }
+}

@@ -1,0 +1,436 @@
+//! The request path: pop a chain, copy it out once, decode, hand it to the dispatcher, write
+//! the tail, notify the guest; and the polling window between batches.
+
+use super::*;
+
+/// How long the vring thread serves requests in one go before it lets control messages in.
+pub(super) const BATCH_BUDGET: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Where the request ring stood when the VMM stopped it, to tell a resume from a reset.
+///
+/// QEMU stops and restarts the rings the same way (GET_VRING_BASE, then SET_FEATURES and
+/// SET_VRING_*) for a VM pause and for a guest's device reset, and sends no reset message for a
+/// generic vhost-user device (`vhost_dev_stop` serves both). What differs is the ring: a resume
+/// hands back the very ring that stopped (same size and addresses, the avail index that
+/// GET_VRING_BASE returned, the used entries the device wrote still in place), while a driver can
+/// only hand the device new rings after a device reset (virtio 1.2 §3.1.1, §2.7: queue setup
+/// happens before DRIVER_OK), and its ring memory starts zeroed. So a restart onto anything but
+/// the ring as it stopped is a reset; the value of an index on its own means nothing (the avail
+/// index is 0 again after every 65,536 requests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct RingMark {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_avail: u16,
+    /// The used-ring element the device wrote last (id and length), as guest memory holds it.
+    last_used: Option<[u8; 8]>,
+}
+
+impl RingMark {
+    pub(super) fn of(vring: &VringRwLock, mem: Option<&GuestMemoryMmap>) -> RingMark {
+        let g = vring.get_ref();
+        let q = g.get_queue();
+        let last_used = mem.zip(q.next_used().wrapping_sub(1).checked_rem(q.size()));
+        let last_used = last_used.and_then(|(mem, slot)| {
+            // struct virtq_used { le16 flags; le16 idx; struct virtq_used_elem ring[]; }
+            let at = q.used_ring().checked_add(4 + 8 * u64::from(slot))?;
+            mem.read_obj::<[u8; 8]>(vm_memory::GuestAddress(at)).ok()
+        });
+        RingMark {
+            size: q.size(),
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+            next_avail: q.next_avail(),
+            last_used,
+        }
+    }
+}
+
+/// Everything `complete` needs besides the dispatcher, so both can be borrowed at once.
+pub(super) struct Answerer<'a> {
+    mem: &'a GuestMemoryMmap,
+    pending: &'a mut PendingTable,
+    vring: &'a VringRwLock,
+    metrics: &'a Metrics,
+    limiter: &'a mut LogLimiter,
+    used: bool,
+}
+
+impl Answerer<'_> {
+    pub(super) fn used(&mut self, head: u16, len: u32) {
+        if let Err(e) = self.vring.add_used(head, len) {
+            warn!("cannot add used descriptor {head}: {e}");
+        }
+        self.used = true;
+    }
+
+    pub(super) fn complete(&mut self, (token, outcome): Completion) {
+        let Some(p) = self.pending.take(token) else {
+            warn!("completion for unknown token {token}");
+            return;
+        };
+        let status = status_of(&outcome);
+        log::trace!("chain {}: {} -> {status:?}", p.head, p.kind.name());
+        if let Err(crate::domains::Rejection {
+            reason: crate::domains::Reason::Backend(_),
+            ..
+        }) = &outcome
+        {
+            self.metrics
+                .backend_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Err(r) = &outcome
+            && self.limiter.allow()
+        {
+            warn!(
+                "guest {} request failed with {:?}: {}",
+                p.kind.name(),
+                r.status,
+                r.reason
+            );
+        }
+        let ok = p
+            .writable
+            .write(self.mem, p.tail_offset, &encode_tail(status));
+        self.metrics
+            .record(p.kind, status, p.started.elapsed().as_nanos() as u64);
+        let len = if ok {
+            p.tail_offset as u32 + TAIL_SIZE as u32
+        } else {
+            0
+        };
+        self.used(p.head, len);
+    }
+}
+
+pub(super) fn unwritable() -> crate::domains::Rejection {
+    crate::domains::Rejection {
+        status: Status::DevErr,
+        reason: crate::domains::Reason::Unwritable,
+    }
+}
+
+/// Completes everything in flight (ring stop, reset).
+pub(super) fn drain(
+    s: &mut Session,
+    mem: Option<&GuestMemoryMmap>,
+    vring: &VringRwLock,
+    metrics: &Metrics,
+) {
+    let Some(mem) = mem else {
+        s.dispatcher.wait_idle(&mut |_| {});
+        return;
+    };
+    let mut a = Answerer {
+        mem,
+        pending: &mut s.pending,
+        vring,
+        metrics,
+        limiter: &mut s.limiter,
+        used: false,
+    };
+    s.dispatcher.wait_idle(&mut |c| a.complete(c));
+    if a.used {
+        signal(vring);
+    }
+}
+
+/// Spins for up to `window` until the guest adds a request or an executor completes one;
+/// true if there is new work on the ring.
+pub(super) fn poll_for_work(
+    window: std::time::Duration,
+    vring: &VringRwLock,
+    mem: &MemGuard,
+    dispatcher: &mut Dispatcher,
+    a: &mut Answerer<'_>,
+    mailbox: &Mailbox<Event>,
+) -> bool {
+    if window.is_zero() && dispatcher.in_flight() == 0 {
+        return false;
+    }
+    let start = Instant::now();
+    loop {
+        if dispatcher.in_flight() > 0 {
+            dispatcher.poll(&mut |c| a.complete(c));
+            if a.used {
+                signal(vring);
+                a.used = false;
+            }
+        }
+        let pending = {
+            let g = vring.get_ref();
+            let q = g.get_queue();
+            q.avail_idx(&**mem, std::sync::atomic::Ordering::Acquire)
+                .map(|i| i.0 != q.next_avail())
+                .unwrap_or(false)
+        };
+        if pending {
+            return true;
+        }
+        // Other threads' events must not wait out the window.
+        if start.elapsed() >= window || mailbox.has_mail() {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Failed guest notifications (the VMM's call fd decides how often).
+pub(super) static SIGNAL_FAILURES: crate::log_limit::EveryNth = crate::log_limit::EveryNth::new();
+
+pub(super) fn signal(vring: &VringRwLock) {
+    if let Ok(false) = vring.needs_notification() {
+        return;
+    }
+    // The call fd is the VMM's: a blocking one that is full (an eventfd at its maximum, a pipe
+    // nobody reads) would stop this thread in write(2) with the session held, and with it the
+    // device, the control socket and shutdown. Make it non-blocking first: a full one then fails
+    // with EAGAIN (and the guest has a notification pending anyway).
+    if let Some(call) = vring.get_ref().get_call() {
+        make_nonblocking(call.as_raw_fd());
+    }
+    if let Err(e) = vring.signal_used_queue()
+        && SIGNAL_FAILURES.allow()
+    {
+        warn!(
+            "cannot notify the guest ({} failures so far): {e}",
+            SIGNAL_FAILURES.seen()
+        );
+    }
+}
+
+/// Sets O_NONBLOCK on `fd` if it is not set yet (the VMM's eventfds usually have it already).
+pub(super) fn make_nonblocking(fd: i32) {
+    // SAFETY: F_GETFL only reads the status flags of an fd we hold; a bad fd returns -1.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: F_SETFL changes only the status flags of the same fd.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    }
+}
+
+impl IommuDevice {
+    pub(super) fn process_requests(&self, vring: &VringRwLock) -> io::Result<()> {
+        let mut guard = lock(&self.0.session);
+        let s = &mut *guard;
+        if s.request_vring.is_none() {
+            s.request_vring = Some(vring.clone());
+        }
+        if let Some(mark) = s.stopped.take() {
+            let mem = s.mem.as_ref().map(|m| m.memory());
+            let now = RingMark::of(vring, mem.as_deref());
+            if now != mark && s.dispatcher.has_state() {
+                debug!("request ring restarted at {now:?}, stopped at {mark:?}");
+                self.reset(s);
+            }
+        }
+        let Some(mem) = s.mem.as_ref().map(|m| m.memory()) else {
+            return Ok(());
+        };
+        let metrics = &*self.0.metrics;
+        if let Some(quiet) = s.quiet_since.take() {
+            s.window.missed(quiet.elapsed());
+            metrics
+                .wakeups
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let probe_size = u64::from(self.0.settings.rules.probe_size);
+        let Session {
+            dispatcher,
+            pending,
+            probe_buf,
+            limiter,
+            window,
+            quiet_since,
+            ..
+        } = s;
+        let mut a = Answerer {
+            mem: &mem,
+            pending,
+            vring,
+            metrics,
+            limiter,
+            used: false,
+        };
+        let started = Instant::now();
+        loop {
+            // A guest that never stops sending must not keep the device to itself: after a
+            // budget, or as soon as another thread posted an event (a vhost-user message, a
+            // device connection that closed, a query), let the epoll loop deliver it and come
+            // back through the rewake eventfd.
+            if started.elapsed() >= BATCH_BUDGET || self.0.mailbox.has_mail() {
+                if let Err(e) = self.0.rewake.write(1) {
+                    warn!("cannot rearm the request queue: {e}");
+                } else {
+                    break;
+                }
+            }
+            vring.disable_notification().map_err(io::Error::other)?;
+            // Requests served in this batch and when it began: the machine's speed, for the
+            // polling window's ceiling.
+            let batch = Instant::now();
+            let mut served = 0u32;
+            loop {
+                if a.pending.is_full() {
+                    dispatcher.wait_idle(&mut |c| a.complete(c));
+                }
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                served += 1;
+                let head = chain.head_index();
+                let (bytes, len, writable) = match read_chain(&mem, chain) {
+                    Chain::Unusable(why) => {
+                        metrics
+                            .malformed
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if a.limiter.allow() {
+                            warn!("request chain {head} returned unused: {why}");
+                        }
+                        a.used(head, 0);
+                        continue;
+                    }
+                    Chain::Request {
+                        bytes,
+                        len,
+                        writable,
+                    } => (bytes, len, writable),
+                };
+                let started = Instant::now();
+                let req = match Request::decode(&bytes[..len]) {
+                    Ok(r) => r,
+                    Err(DecodeError::UnknownType(t)) => {
+                        metrics
+                            .unknown_type
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if a.limiter.allow() {
+                            warn!("request chain {head}: unknown request type {t}");
+                        }
+                        a.used(head, 0);
+                        continue;
+                    }
+                    Err(e) => {
+                        if a.limiter.allow() {
+                            warn!("request chain {head}: {e}");
+                        }
+                        let kind = Request::peek_type(&bytes[..len]).ok();
+                        let ok = writable.write(&mem, 0, &encode_tail(Status::Inval));
+                        if let Some(kind) = kind {
+                            metrics.record(kind, Status::Inval, 0);
+                        }
+                        a.used(head, if ok { TAIL_SIZE as u32 } else { 0 });
+                        continue;
+                    }
+                };
+                let kind = req.kind();
+                debug!("chain {head}: {req:?}");
+                // The tail follows the properties in a PROBE; a buffer too small for them gets
+                // INVAL in its last four bytes and no property (§5.13.6.6.1).
+                let (tail_offset, short_probe) = if kind == RequestType::Probe {
+                    if writable.total >= probe_size + TAIL_SIZE as u64 {
+                        (probe_size, false)
+                    } else {
+                        (writable.total - TAIL_SIZE as u64, true)
+                    }
+                } else {
+                    (0, false)
+                };
+                let p = Pending {
+                    head,
+                    kind,
+                    writable,
+                    tail_offset,
+                    started,
+                };
+                let Some(token) = a.pending.insert(p) else {
+                    // Cannot happen: the table was drained above when full.
+                    a.used(head, 0);
+                    continue;
+                };
+                if short_probe {
+                    a.complete((
+                        token,
+                        Err(crate::domains::Rejection {
+                            status: Status::Inval,
+                            reason: crate::domains::Reason::ProbeTooSmall,
+                        }),
+                    ));
+                    continue;
+                }
+                match dispatcher.submit(req, token, probe_buf, &mut |c| a.complete(c)) {
+                    Submitted::Queued => {}
+                    Submitted::Done(outcome) => {
+                        if kind == RequestType::Probe
+                            && outcome.is_ok()
+                            && !writable.write(&mem, 0, probe_buf)
+                        {
+                            a.complete((token, Err(unwritable())));
+                            continue;
+                        }
+                        a.complete((token, outcome));
+                    }
+                }
+            }
+            dispatcher.poll(&mut |c| a.complete(c));
+            // The guest busy-waits for its answer: let it see it now, then watch the ring for
+            // its next request for a short window (kicks stay suppressed meanwhile), which
+            // saves both the guest's kick and our wake-up when requests come back to back.
+            if a.used {
+                signal(vring);
+                a.used = false;
+            }
+            let answered = Instant::now();
+            if served > 0 {
+                window.served((answered - batch) / served);
+            }
+            if poll_for_work(
+                window.current(),
+                vring,
+                &mem,
+                dispatcher,
+                &mut a,
+                &self.0.mailbox,
+            ) {
+                metrics
+                    .poll_hits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            if !vring.enable_notification().map_err(io::Error::other)? {
+                *quiet_since = Some(answered);
+                break;
+            }
+        }
+        if a.used {
+            signal(vring);
+        }
+        Ok(())
+    }
+
+    pub(super) fn process_completions(&self) {
+        let mut guard = lock(&self.0.session);
+        let s = &mut *guard;
+        let (Some(v), Some(mem)) = (s.request_vring.clone(), s.mem.as_ref().map(|m| m.memory()))
+        else {
+            return;
+        };
+        let mut a = Answerer {
+            mem: &mem,
+            pending: &mut s.pending,
+            vring: &v,
+            metrics: &self.0.metrics,
+            limiter: &mut s.limiter,
+            used: false,
+        };
+        s.dispatcher.poll(&mut |c| a.complete(c));
+        if a.used {
+            signal(&v);
+        }
+    }
+}

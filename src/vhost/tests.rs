@@ -1,0 +1,83 @@
+use super::*;
+use crate::backend::fault::{FaultyBackend, Injector, Op};
+use crate::backend::soft::SoftBackend;
+
+/// One endpoint (1), soft-backend rules, inline, no polling.
+fn inline_settings() -> DeviceSettings {
+    DeviceSettings {
+        endpoints: vec![EndpointId(1)],
+        boot_bypass: false,
+        rules: crate::bench::daemon::soft_rules(crate::domains::Limits::default()),
+        mode: Mode::Inline,
+        poll: std::time::Duration::ZERO,
+    }
+}
+
+fn file_table(regions: &[(u64, u64, u64)]) -> GuestMemoryMmap {
+    // (gpa, file size, mapped size)
+    let regions = regions
+        .iter()
+        .map(|&(gpa, file_size, size)| {
+            let file = crate::testing::unlinked_file(file_size);
+            let m = vm_memory::MmapRegion::from_file(
+                vm_memory::FileOffset::new(file, 0),
+                size as usize,
+            )
+            .unwrap();
+            vm_memory::GuestRegionMmap::new(m, vm_memory::GuestAddress(gpa)).unwrap()
+        })
+        .collect();
+    GuestMemoryMmap::from_regions(regions).unwrap()
+}
+
+#[test]
+fn a_table_past_the_end_of_a_file_is_refused_and_the_last_accepted_one_put_back() {
+    let settings = inline_settings();
+    let backend = Arc::new(SoftBackend::new(&[EndpointId(1)], false));
+    let dev = IommuDevice::new(settings, backend, Arc::new(Metrics::default())).unwrap();
+    let mem = GuestMemoryAtomic::new(file_table(&[(0, 0x10_0000, 0x10_0000)]));
+    dev.update_memory(mem.clone()).unwrap();
+    // What the vhost-user library does with the next table: install it, then ask.
+    mem.lock()
+        .unwrap()
+        .replace(file_table(&[(0, 0x10_0000, 0x20_0000)]));
+    let err = dev.update_memory(mem.clone()).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("past the end"), "{err}");
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let now = mem.memory();
+    assert_eq!(now.num_regions(), 1);
+    assert_eq!(
+        now.iter().next().unwrap().len(),
+        0x10_0000,
+        "the accepted table is back"
+    );
+    assert_eq!(dev.guest_ram().unwrap().regions()[0].gpa.end(), 0xf_ffff);
+}
+
+#[test]
+fn a_refused_memory_table_keeps_the_backends_message() {
+    let injector = Arc::new(Injector::default());
+    let backend = Arc::new(FaultyBackend::new(
+        SoftBackend::new(&[EndpointId(1)], false),
+        injector.clone(),
+    ));
+    let settings = inline_settings();
+    let dev = IommuDevice::new(settings, backend, Arc::new(Metrics::default())).unwrap();
+    injector.fail(Op::SetRam, 0, 1, libc::ENOMEM);
+    let err = dev
+        .update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+        .unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::OutOfMemory);
+    let text = err.to_string();
+    assert!(
+        text.contains("set_ram failed on injected: set ram"),
+        "{text}"
+    );
+    assert!(text.contains("Cannot allocate memory"), "{text}");
+    // Not applied: the next table goes through.
+    assert!(dev.guest_ram().is_none());
+    dev.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+        .unwrap();
+    assert!(dev.guest_ram().is_some());
+}
