@@ -119,12 +119,13 @@ fn handoff(c: &mut Criterion) {
             flags: 0,
             reserved: [0; 4],
         };
-        let _ = d.submit(attach, 0, &mut probe, &mut |_| {});
+        let _ = d.submit(attach, 0, &mut probe);
         c.bench_function(&format!("MAP+UNMAP hand-off, {name}"), |b| {
             b.iter(|| {
                 for r in [map, unmap] {
-                    if let Submitted::Queued = d.submit(r, 1, &mut probe, &mut |_| {}) {
-                        d.wait_idle(&mut |c| {
+                    if let Submitted::Queued = d.submit(r, 1, &mut probe) {
+                        d.wait_idle();
+                        d.completed().for_each(|c| {
                             let _ = black_box(c);
                         });
                     }

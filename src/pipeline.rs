@@ -298,6 +298,8 @@ impl Shards for Executors {
 pub struct Dispatcher {
     topology: Topology,
     exec: Executors,
+    /// Completions the executors delivered, until the caller takes them ([`Dispatcher::completed`]).
+    ready: Vec<Completion>,
 }
 
 /// What `submit` did with a request.
@@ -327,6 +329,7 @@ impl Dispatcher {
         Ok(Dispatcher {
             topology: Topology::new(rules, backend, endpoints, bypass),
             exec,
+            ready: Vec::new(),
         })
     }
 
@@ -338,15 +341,9 @@ impl Dispatcher {
         }
     }
 
-    /// Starts one request. `probe_out` is the PROBE reply's properties area. `done` receives
-    /// earlier requests that complete while a barrier waits for them.
-    pub fn submit(
-        &mut self,
-        req: Request,
-        token: u64,
-        probe_out: &mut [u8],
-        done: &mut dyn FnMut(Completion),
-    ) -> Submitted {
+    /// Starts one request. `probe_out` is the PROBE reply's properties area. Earlier requests
+    /// that complete while a barrier waits for them are kept for [`Dispatcher::completed`].
+    pub fn submit(&mut self, req: Request, token: u64, probe_out: &mut [u8]) -> Submitted {
         match req {
             Request::Map {
                 domain,
@@ -385,7 +382,7 @@ impl Dispatcher {
                 flags,
                 reserved,
             } => {
-                self.wait_idle(done);
+                self.wait_idle();
                 Submitted::Done(self.topology.attach(
                     &mut self.exec,
                     domain,
@@ -395,7 +392,7 @@ impl Dispatcher {
                 ))
             }
             Request::Detach { domain, endpoint } => {
-                self.wait_idle(done);
+                self.wait_idle();
                 Submitted::Done(self.topology.detach(&mut self.exec, domain, endpoint))
             }
             Request::Probe { endpoint } => {
@@ -429,25 +426,30 @@ impl Dispatcher {
         }
     }
 
-    /// Delivers the completions that are ready, without blocking.
-    pub fn poll(&mut self, done: &mut dyn FnMut(Completion)) {
+    /// Collects the completions the executors have ready, without blocking.
+    pub fn poll(&mut self) {
         if let Executors::Threads(th) = &mut self.exec {
             let _ = th.wake.read();
             while let Ok(c) = th.completions.try_recv() {
                 th.in_flight -= 1;
-                done(c);
+                self.ready.push(c);
             }
         }
     }
 
-    /// Blocks until every queued request has completed, delivering each.
-    pub fn wait_idle(&mut self, done: &mut dyn FnMut(Completion)) {
+    /// The completions collected so far (by `poll`, `wait_idle` and barriers), oldest first.
+    pub fn completed(&mut self) -> std::vec::Drain<'_, Completion> {
+        self.ready.drain(..)
+    }
+
+    /// Blocks until every queued request has completed, collecting each.
+    pub fn wait_idle(&mut self) {
         if let Executors::Threads(th) = &mut self.exec {
             while th.in_flight > 0 {
                 match spin_then_recv(&th.completions, th.spin) {
                     Ok(c) => {
                         th.in_flight -= 1;
-                        done(c);
+                        self.ready.push(c);
                     }
                     Err(_) => {
                         error!(

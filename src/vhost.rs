@@ -216,7 +216,8 @@ impl IommuDevice {
     pub fn disconnect(&self) {
         self.owner_stopped();
         let mut s = lock(&self.0.session);
-        s.dispatcher.wait_idle(&mut |_| {});
+        s.dispatcher.wait_idle();
+        s.dispatcher.completed().for_each(drop);
         s.dispatcher.reset(self.0.settings.boot_bypass);
         // The VM's memory is gone with the VMM: nothing may stay pinned for it (the identity
         // domain held all of it), and a boot-bypass endpoint must not reach stale pages.

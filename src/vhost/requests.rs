@@ -122,7 +122,9 @@ pub(super) fn drain(
     metrics: &Metrics,
 ) {
     let Some(mem) = mem else {
-        s.dispatcher.wait_idle(&mut |_| {});
+        // Nowhere to write their tails: the requests are dropped with the ring.
+        s.dispatcher.wait_idle();
+        s.dispatcher.completed().for_each(drop);
         return;
     };
     let mut a = Answerer {
@@ -133,7 +135,8 @@ pub(super) fn drain(
         limiter: &mut s.limiter,
         used: false,
     };
-    s.dispatcher.wait_idle(&mut |c| a.complete(c));
+    s.dispatcher.wait_idle();
+    s.dispatcher.completed().for_each(|c| a.complete(c));
     if a.used {
         signal(vring);
     }
@@ -155,7 +158,8 @@ pub(super) fn poll_for_work(
     let start = Instant::now();
     loop {
         if dispatcher.in_flight() > 0 {
-            dispatcher.poll(&mut |c| a.complete(c));
+            dispatcher.poll();
+            dispatcher.completed().for_each(|c| a.complete(c));
             if a.used {
                 signal(vring);
                 a.used = false;
@@ -276,7 +280,8 @@ impl IommuDevice {
             let mut served = 0u32;
             loop {
                 if a.pending.is_full() {
-                    dispatcher.wait_idle(&mut |c| a.complete(c));
+                    dispatcher.wait_idle();
+                    dispatcher.completed().for_each(|c| a.complete(c));
                 }
                 let chain = vring
                     .get_mut()
@@ -363,7 +368,10 @@ impl IommuDevice {
                     ));
                     continue;
                 }
-                match dispatcher.submit(req, token, probe_buf, &mut |c| a.complete(c)) {
+                let submitted = dispatcher.submit(req, token, probe_buf);
+                // Earlier requests a barrier (ATTACH, DETACH) waited for are answered first.
+                dispatcher.completed().for_each(|c| a.complete(c));
+                match submitted {
                     Submitted::Queued => {}
                     Submitted::Done(outcome) => {
                         if kind == RequestType::Probe
@@ -377,7 +385,8 @@ impl IommuDevice {
                     }
                 }
             }
-            dispatcher.poll(&mut |c| a.complete(c));
+            dispatcher.poll();
+            dispatcher.completed().for_each(|c| a.complete(c));
             // The guest busy-waits for its answer: let it see it now, then watch the ring for
             // its next request for a short window (kicks stay suppressed meanwhile), which
             // saves both the guest's kick and our wake-up when requests come back to back.
@@ -428,7 +437,8 @@ impl IommuDevice {
             limiter: &mut s.limiter,
             used: false,
         };
-        s.dispatcher.poll(&mut |c| a.complete(c));
+        s.dispatcher.poll();
+        s.dispatcher.completed().for_each(|c| a.complete(c));
         if a.used {
             signal(&v);
         }
