@@ -4,7 +4,8 @@
 //! - [`DomainTable`] (one per executor shard) owns some domains and their mapping trees and
 //!   answers MAP and UNMAP;
 //! - [`Topology`] (the dispatcher's) owns endpoints and which domain each is attached to, and
-//!   answers ATTACH, DETACH and PROBE, asking the shards to create and destroy domains.
+//!   answers ATTACH, DETACH and PROBE. It never reaches the shards: it tells its caller which
+//!   domain to create first ([`AttachPlan`]) and which domains a change left empty, to destroy.
 //!
 //! Every request is validated completely against the shadow state before the backend is called,
 //! and the shadow changes only after the backend succeeded, so shadow == host at all times. This
@@ -571,10 +572,33 @@ fn same_memory(new: &HostLocation, old: &HostLocation) -> bool {
     }
 }
 
-/// How the topology reaches the shard that owns a domain.
-pub trait Shards {
-    fn create(&mut self, domain: DomainId, kind: DomainKind) -> Result<Option<u32>, Rejection>;
-    fn destroy(&mut self, domain: DomainId);
+/// An ATTACH the topology accepted: the domain to create first if it does not exist, then
+/// [`Topology::attach`] with the domain's backend id.
+#[derive(Debug)]
+pub struct AttachPlan {
+    domain: DomainId,
+    endpoint: EndpointId,
+    kind: DomainKind,
+    /// The domain exists, with this backend id (None: bypass).
+    existing: Option<Option<u32>>,
+}
+
+/// Where an [`AttachPlan`] attaches the endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachTarget {
+    /// A domain that exists, with its backend id (None: bypass).
+    Existing(Option<u32>),
+    /// A domain to create first, on the shard that will own it.
+    Create(DomainId, DomainKind),
+}
+
+impl AttachPlan {
+    pub fn target(&self) -> AttachTarget {
+        match self.existing {
+            Some(hw) => AttachTarget::Existing(hw),
+            None => AttachTarget::Create(self.domain, self.kind),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -641,16 +665,16 @@ impl Topology {
             .ok_or(Rejection::new(Status::NoEnt, Reason::NoEndpoint(e)))
     }
 
-    /// ATTACH (§5.13.6.2). Re-attaching moves the endpoint (an implicit DETACH), and a domain
-    /// left without endpoints is destroyed with its mappings.
-    pub fn attach(
-        &mut self,
-        shards: &mut dyn Shards,
+    /// ATTACH (§5.13.6.2), validation: the request against the spec's rules and the caps.
+    /// `Ok(None)`: the endpoint is attached there already, nothing to do. Re-attaching moves the
+    /// endpoint (an implicit DETACH).
+    pub fn plan_attach(
+        &self,
         domain: DomainId,
         endpoint: EndpointId,
         flags: u32,
         reserved: [u8; 4],
-    ) -> Outcome {
+    ) -> Result<Option<AttachPlan>, Rejection> {
         if reserved != [0; 4] {
             return Err(Rejection::new(Status::Inval, Reason::ReservedNotZero));
         }
@@ -682,28 +706,41 @@ impl Topology {
             ));
         }
         if old == Some(domain) {
-            return Ok(());
+            return Ok(None);
         }
-        let created = existing.is_none();
-        let hw = match existing {
-            Some(d) => d.hw,
-            None => {
-                if self.domains.len() >= self.rules.limits.max_domains {
-                    return Err(Rejection::new(Status::NoMem, Reason::TooManyDomains));
-                }
-                shards.create(domain, kind)?
-            }
-        };
+        if existing.is_none() && self.domains.len() >= self.rules.limits.max_domains {
+            return Err(Rejection::new(Status::NoMem, Reason::TooManyDomains));
+        }
+        Ok(Some(AttachPlan {
+            domain,
+            endpoint,
+            kind,
+            existing: existing.map(|d| d.hw),
+        }))
+    }
+
+    /// ATTACH, execution: points the endpoint at the planned domain, whose backend id is `hw`
+    /// (None: bypass), and records it. Returns the domain the endpoint left if that left it
+    /// empty: destroy it. On a backend failure nothing changed (destroy the domain if it was
+    /// created for this plan).
+    pub fn attach(
+        &mut self,
+        plan: AttachPlan,
+        hw: Option<u32>,
+    ) -> Result<Option<DomainId>, Rejection> {
+        let AttachPlan {
+            domain,
+            endpoint,
+            kind,
+            ..
+        } = plan;
         let target = match hw {
             Some(id) => Attachment::Domain(id),
             None => Attachment::Identity,
         };
-        if let Err(e) = self.backend.attach(endpoint, target) {
-            if created {
-                shards.destroy(domain);
-            }
-            return Err(Rejection::backend(e));
-        }
+        self.backend
+            .attach(endpoint, target)
+            .map_err(Rejection::backend)?;
         self.domains
             .entry(domain)
             .or_insert(TopoDomain {
@@ -712,21 +749,17 @@ impl Topology {
                 endpoints: 0,
             })
             .endpoints += 1;
-        self.endpoints.insert(endpoint, Some(domain));
-        if let Some(old) = old {
-            self.release(shards, old);
-        }
-        Ok(())
+        let old = self.endpoints.insert(endpoint, Some(domain)).flatten();
+        Ok(old.and_then(|old| self.release(old)))
     }
 
     /// DETACH (§5.13.6.3): the endpoint goes back to the unattached state (blocked, or the
-    /// identity when `bypass` is set).
+    /// identity when `bypass` is set). Returns the domain if that left it empty: destroy it.
     pub fn detach(
         &mut self,
-        shards: &mut dyn Shards,
         domain: DomainId,
         endpoint: EndpointId,
-    ) -> Outcome {
+    ) -> Result<Option<DomainId>, Rejection> {
         let current = self.endpoint(endpoint)?;
         if !self.rules.domain_in_range(domain) {
             return Err(Rejection::new(
@@ -746,38 +779,31 @@ impl Topology {
             .attach(endpoint, self.unattached())
             .map_err(Rejection::backend)?;
         self.endpoints.insert(endpoint, None);
-        self.release(shards, domain);
-        Ok(())
+        Ok(self.release(domain))
     }
 
     /// The VMM let go of an endpoint's device (its vfio-user connection closed): the endpoint
     /// leaves its domain and goes back to the unattached state (blocked, or the identity when
     /// `bypass` is set) until the guest attaches it again. The guest is not told; its next
-    /// ATTACH re-establishes translation.
-    pub fn unplug(
-        &mut self,
-        shards: &mut dyn Shards,
-        endpoint: EndpointId,
-    ) -> Result<(), BackendError> {
+    /// ATTACH re-establishes translation. Returns the domain if that left it empty: destroy it.
+    pub fn unplug(&mut self, endpoint: EndpointId) -> Result<Option<DomainId>, BackendError> {
         let Ok(Some(domain)) = self.endpoint(endpoint) else {
-            return Ok(());
+            return Ok(None);
         };
         self.backend.attach(endpoint, self.unattached())?;
         self.endpoints.insert(endpoint, None);
-        self.release(shards, domain);
-        Ok(())
+        Ok(self.release(domain))
     }
 
-    /// Drops one endpoint reference; destroys the domain when it was the last.
-    fn release(&mut self, shards: &mut dyn Shards, domain: DomainId) {
-        let Some(d) = self.domains.get_mut(&domain) else {
-            return;
-        };
+    /// Drops one endpoint reference; returns the domain when it was the last (to destroy).
+    fn release(&mut self, domain: DomainId) -> Option<DomainId> {
+        let d = self.domains.get_mut(&domain)?;
         d.endpoints -= 1;
         if d.endpoints == 0 {
             self.domains.remove(&domain);
-            shards.destroy(domain);
+            return Some(domain);
         }
+        None
     }
 
     /// PROBE (§5.13.6.6): writes the properties into `out` (probe_size bytes).
@@ -818,9 +844,9 @@ impl Topology {
         Ok(())
     }
 
-    /// Device reset: no endpoint stays attached and every domain is destroyed (§5.13.6: "When
-    /// reset, no endpoint is attached").
-    pub fn reset(&mut self, shards: &mut dyn Shards, bypass: bool) {
+    /// Device reset: no endpoint stays attached and no domain is left (§5.13.6: "When reset, no
+    /// endpoint is attached"). Returns the domains to destroy.
+    pub fn reset(&mut self, bypass: bool) -> Vec<DomainId> {
         self.bypass = bypass;
         let to = self.unattached();
         for (&e, d) in self.endpoints.iter_mut() {
@@ -829,9 +855,7 @@ impl Topology {
             }
             *d = None;
         }
-        for (id, _) in self.domains.drain() {
-            shards.destroy(id);
-        }
+        self.domains.drain().map(|(id, _)| id).collect()
     }
 
     /// Endpoints and where they are attached.

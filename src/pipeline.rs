@@ -30,8 +30,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::backend::DmaBackend;
 use crate::domains::{
-    DomainKind, DomainSummary, DomainTable, DomainView, EndpointView, Outcome, Rejection, Rules,
-    Shards, Topology,
+    AttachTarget, DomainKind, DomainSummary, DomainTable, DomainView, EndpointView, Outcome,
+    Rejection, Rules, Topology,
 };
 use crate::guest_ram::GuestRam;
 use crate::ids::{DomainId, EndpointId};
@@ -270,7 +270,8 @@ impl Drop for Threads {
     }
 }
 
-impl Shards for Executors {
+impl Executors {
+    /// Creates a domain on the shard that owns it; its backend id (None: bypass).
     fn create(&mut self, domain: DomainId, kind: DomainKind) -> Result<Option<u32>, Rejection> {
         match self {
             Executors::Inline(t) => t.create(domain, kind),
@@ -284,6 +285,7 @@ impl Shards for Executors {
         }
     }
 
+    /// Destroys a domain on the shard that owns it.
     fn destroy(&mut self, domain: DomainId) {
         match self {
             Executors::Inline(t) => t.destroy(domain),
@@ -383,21 +385,58 @@ impl Dispatcher {
                 reserved,
             } => {
                 self.wait_idle();
-                Submitted::Done(self.topology.attach(
-                    &mut self.exec,
-                    domain,
-                    endpoint,
-                    flags,
-                    reserved,
-                ))
+                Submitted::Done(self.attach(domain, endpoint, flags, reserved))
             }
             Request::Detach { domain, endpoint } => {
                 self.wait_idle();
-                Submitted::Done(self.topology.detach(&mut self.exec, domain, endpoint))
+                Submitted::Done(
+                    self.topology
+                        .detach(domain, endpoint)
+                        .map(|emptied| self.destroy_emptied(emptied)),
+                )
             }
             Request::Probe { endpoint } => {
                 Submitted::Done(self.topology.probe(endpoint, probe_out))
             }
+        }
+    }
+
+    /// ATTACH: the topology decides, the owning shard creates the domain if needed, the
+    /// topology points the endpoint at it; a domain left empty is destroyed.
+    fn attach(
+        &mut self,
+        domain: DomainId,
+        endpoint: EndpointId,
+        flags: u32,
+        reserved: [u8; 4],
+    ) -> Outcome {
+        let Some(plan) = self
+            .topology
+            .plan_attach(domain, endpoint, flags, reserved)?
+        else {
+            return Ok(());
+        };
+        let (hw, created) = match plan.target() {
+            AttachTarget::Existing(hw) => (hw, false),
+            AttachTarget::Create(d, kind) => (self.exec.create(d, kind)?, true),
+        };
+        match self.topology.attach(plan, hw) {
+            Ok(emptied) => {
+                self.destroy_emptied(emptied);
+                Ok(())
+            }
+            Err(r) => {
+                if created {
+                    self.exec.destroy(domain);
+                }
+                Err(r)
+            }
+        }
+    }
+
+    fn destroy_emptied(&mut self, emptied: Option<DomainId>) {
+        if let Some(d) = emptied {
+            self.exec.destroy(d);
         }
     }
 
@@ -486,7 +525,9 @@ impl Dispatcher {
     /// Device reset: every endpoint unattached, every domain destroyed. Call with nothing in
     /// flight.
     pub fn reset(&mut self, bypass: bool) {
-        self.topology.reset(&mut self.exec, bypass);
+        for d in self.topology.reset(bypass) {
+            self.exec.destroy(d);
+        }
         match &mut self.exec {
             Executors::Inline(t) => t.clear(),
             Executors::Threads(th) => {
@@ -498,7 +539,9 @@ impl Dispatcher {
     /// The VMM let go of an endpoint's device: detach it (see [`Topology::unplug`]). Call with
     /// nothing in flight.
     pub fn unplug(&mut self, endpoint: EndpointId) -> Result<(), crate::backend::BackendError> {
-        self.topology.unplug(&mut self.exec, endpoint)
+        let emptied = self.topology.unplug(endpoint)?;
+        self.destroy_emptied(emptied);
+        Ok(())
     }
 
     pub fn set_bypass(&mut self, bypass: bool) -> Result<(), crate::backend::BackendError> {

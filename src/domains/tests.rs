@@ -20,17 +20,6 @@ struct Fx {
     faults: Arc<Injector>,
 }
 
-struct One<'a>(&'a mut DomainTable);
-
-impl Shards for One<'_> {
-    fn create(&mut self, d: DomainId, k: DomainKind) -> Result<Option<u32>, Rejection> {
-        self.0.create(d, k)
-    }
-    fn destroy(&mut self, d: DomainId) {
-        self.0.destroy(d)
-    }
-}
-
 fn rules() -> Rules {
     Rules {
         granule_mask: 0xfff,
@@ -81,25 +70,56 @@ fn fx() -> Fx {
 }
 
 impl Fx {
+    /// ATTACH the way the dispatcher runs it over its one shard: the topology plans, the shard
+    /// creates a new domain, the topology attaches, an emptied or unused domain is destroyed.
+    fn attach_with(&mut self, d: u32, e: u32, flags: u32, reserved: [u8; 4]) -> Outcome {
+        let Some(plan) = self
+            .topo
+            .plan_attach(DomainId(d), EndpointId(e), flags, reserved)?
+        else {
+            return Ok(());
+        };
+        let (hw, created) = match plan.target() {
+            AttachTarget::Existing(hw) => (hw, false),
+            AttachTarget::Create(d, kind) => (self.table.create(d, kind)?, true),
+        };
+        match self.topo.attach(plan, hw) {
+            Ok(emptied) => {
+                self.destroy(emptied);
+                Ok(())
+            }
+            Err(r) => {
+                if created {
+                    self.table.destroy(DomainId(d));
+                }
+                Err(r)
+            }
+        }
+    }
+    fn destroy(&mut self, emptied: Option<DomainId>) {
+        if let Some(d) = emptied {
+            self.table.destroy(d);
+        }
+    }
     fn attach(&mut self, d: u32, e: u32, flags: u32) -> Status {
-        let s = status_of(&self.topo.attach(
-            &mut One(&mut self.table),
-            DomainId(d),
-            EndpointId(e),
-            flags,
-            [0; 4],
-        ));
+        let s = status_of(&self.attach_with(d, e, flags, [0; 4]));
         self.check();
         s
     }
     fn detach(&mut self, d: u32, e: u32) -> Status {
-        let s = status_of(
-            &self
-                .topo
-                .detach(&mut One(&mut self.table), DomainId(d), EndpointId(e)),
-        );
+        let o = self.topo.detach(DomainId(d), EndpointId(e));
+        let s = status_of(&o.map(|emptied| self.destroy(emptied)));
         self.check();
         s
+    }
+    fn unplug(&mut self, e: u32) {
+        let emptied = self.topo.unplug(EndpointId(e)).unwrap();
+        self.destroy(emptied);
+    }
+    fn reset(&mut self, bypass: bool) {
+        for d in self.topo.reset(bypass) {
+            self.table.destroy(d);
+        }
     }
     fn map(&mut self, d: u32, start: u64, end: u64, phys: u64, flags: u32) -> Status {
         let s = status_of(&self.table.map(DomainId(d), start, end, phys, flags));
@@ -182,13 +202,7 @@ impl Fx {
 #[test]
 fn attach_with_reserved_bytes_set_fails_with_inval() {
     let mut f = fx();
-    let o = f.topo.attach(
-        &mut One(&mut f.table),
-        DomainId(1),
-        EndpointId(1),
-        0,
-        [0, 0, 1, 0],
-    );
+    let o = f.attach_with(1, 1, 0, [0, 0, 1, 0]);
     assert_eq!(status_of(&o), Status::Inval);
     assert_eq!(f.topo.domain_count(), 0);
 }
@@ -752,13 +766,13 @@ fn reset_detaches_everything_and_destroys_every_domain() {
     assert_eq!(f.attach(1, 1, 0), Status::Ok);
     assert_eq!(f.attach(2, 2, ATTACH_F_BYPASS), Status::Ok);
     assert_eq!(f.map(1, 0x1000, 0x1fff, 0x1000, RW), Status::Ok);
-    f.topo.reset(&mut One(&mut f.table), false);
+    f.reset(false);
     f.check();
     assert_eq!(f.topo.domain_count(), 0);
     assert!(f.table.snapshot().is_empty());
     assert_eq!(f.dma(1, 0x1000, false), Err(Fault::Blocked));
     assert_eq!(f.dma(2, 0x1000, false), Err(Fault::Blocked));
-    f.topo.reset(&mut One(&mut f.table), true);
+    f.reset(true);
     assert_eq!(
         f.dma(2, 0x1000, false),
         Ok(0x1000),
@@ -804,9 +818,7 @@ fn unplug_detaches_the_endpoint_and_blocks_it_until_the_guest_attaches_again() {
     assert_eq!(f.attach(1, 1, 0), Status::Ok);
     assert_eq!(f.attach(1, 2, 0), Status::Ok);
     assert_eq!(f.map(1, 0x1000, 0x1fff, 0x1000, RW), Status::Ok);
-    f.topo
-        .unplug(&mut One(&mut f.table), EndpointId(1))
-        .unwrap();
+    f.unplug(1);
     f.check();
     assert_eq!(f.dma(1, 0x1000, false), Err(Fault::Blocked));
     assert_eq!(
@@ -814,14 +826,10 @@ fn unplug_detaches_the_endpoint_and_blocks_it_until_the_guest_attaches_again() {
         Ok(0x1000),
         "the other endpoint keeps the domain"
     );
-    f.topo
-        .unplug(&mut One(&mut f.table), EndpointId(2))
-        .unwrap();
+    f.unplug(2);
     f.check();
     assert_eq!(f.count(1), None, "the emptied domain is destroyed");
-    f.topo
-        .unplug(&mut One(&mut f.table), EndpointId(2))
-        .unwrap();
+    f.unplug(2);
     assert_eq!(f.attach(3, 1, 0), Status::Ok);
 }
 
