@@ -5,9 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
 use super::*;
+use crate::backend::DmaBackend;
 use crate::backend::fault::{FaultyBackend, Injector, Op};
 use crate::backend::soft::{Fault, SoftBackend};
+use crate::guest_ram::GuestRam;
 use crate::guest_ram::RamRegion;
+use crate::protocol::{ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, ResvMem};
 use crate::protocol::{ResvKind, decode_probe_properties};
 
 const RAM: u64 = 16 << 20;

@@ -1,0 +1,413 @@
+//! MAP and UNMAP (§5.13.6.4, §5.13.6.5): the domains one executor shard owns, with their shadow
+//! mapping trees.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use log::warn;
+
+use super::*;
+use crate::backend::{DmaBackend, HwDomain, MapOp};
+use crate::guest_ram::{GuestRam, HostLocation};
+use crate::ids::Perms;
+use crate::protocol::{MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
+
+#[derive(Debug)]
+struct Mapping {
+    end: u64,
+    gpa: u64,
+    perms: Perms,
+    host: HostLocation,
+}
+
+enum ShardDomain {
+    Bypass,
+    Paging { hw: Box<dyn HwDomain>, maps: Shadow },
+}
+
+/// A paging domain's mappings by IOVA start, with the bytes they cover kept as they change (so
+/// that a gauge never walks the tree).
+#[derive(Default)]
+struct Shadow {
+    tree: BTreeMap<u64, Mapping>,
+    bytes: u128,
+}
+
+impl Shadow {
+    fn size(start: u64, m: &Mapping) -> u128 {
+        u128::from(m.end - start) + 1
+    }
+
+    fn insert(&mut self, start: u64, m: Mapping) {
+        self.bytes += Self::size(start, &m);
+        if let Some(old) = self.tree.insert(start, m) {
+            self.bytes -= Self::size(start, &old);
+        }
+    }
+
+    fn remove(&mut self, start: u64) -> Option<Mapping> {
+        let m = self.tree.remove(&start)?;
+        self.bytes -= Self::size(start, &m);
+        Some(m)
+    }
+
+    fn range<R: std::ops::RangeBounds<u64>>(
+        &self,
+        r: R,
+    ) -> std::collections::btree_map::Range<'_, u64, Mapping> {
+        self.tree.range(r)
+    }
+
+    fn iter(&self) -> std::collections::btree_map::Iter<'_, u64, Mapping> {
+        self.tree.iter()
+    }
+
+    fn len(&self) -> usize {
+        self.tree.len()
+    }
+}
+
+/// One mapping, for state dumps and tests.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MappingView {
+    pub start: u64,
+    pub end: u64,
+    pub gpa: u64,
+    pub read: bool,
+    pub write: bool,
+}
+
+/// One domain's counts (what the gauges need; no mapping is copied).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DomainSummary {
+    pub id: u32,
+    pub kind: DomainKind,
+    pub mappings: usize,
+    pub mapped_bytes: u128,
+}
+
+/// One domain as a shard holds it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DomainView {
+    pub id: u32,
+    pub kind: DomainKind,
+    pub mappings: Vec<MappingView>,
+}
+
+/// A paging domain's backend handle and shadow tree, borrowed together.
+type PagingParts<'a> = (&'a mut Box<dyn HwDomain>, &'a mut Shadow);
+
+/// The domains one executor owns, with their shadow mapping trees.
+pub struct DomainTable {
+    rules: Arc<Rules>,
+    backend: Arc<dyn DmaBackend>,
+    ram: Arc<GuestRam>,
+    domains: HashMap<DomainId, ShardDomain>,
+    /// Mappings held across all shards (the global cap).
+    total_mappings: Arc<AtomicUsize>,
+}
+
+impl DomainTable {
+    pub fn new(
+        rules: Arc<Rules>,
+        backend: Arc<dyn DmaBackend>,
+        ram: Arc<GuestRam>,
+        total_mappings: Arc<AtomicUsize>,
+    ) -> Self {
+        DomainTable {
+            rules,
+            backend,
+            ram,
+            domains: HashMap::new(),
+            total_mappings,
+        }
+    }
+
+    fn paging(&mut self, domain: DomainId) -> Result<PagingParts<'_>, Rejection> {
+        if !self.rules.domain_in_range(domain) {
+            return Err(Rejection::new(
+                Status::Range,
+                Reason::DomainOutOfRange(domain),
+            ));
+        }
+        match self.domains.get_mut(&domain) {
+            None => Err(Rejection::new(Status::NoEnt, Reason::NoDomain(domain))),
+            Some(ShardDomain::Bypass) => {
+                Err(Rejection::new(Status::Inval, Reason::BypassDomain(domain)))
+            }
+            Some(ShardDomain::Paging { hw, maps }) => Ok((hw, maps)),
+        }
+    }
+
+    /// MAP (§5.13.6.4).
+    pub fn map(
+        &mut self,
+        domain: DomainId,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        flags: u32,
+    ) -> Outcome {
+        let known = MAP_F_READ | MAP_F_WRITE | MAP_F_MMIO;
+        if flags & !known != 0 {
+            return Err(Rejection::new(
+                Status::Inval,
+                Reason::UnknownFlags(flags & !known),
+            ));
+        }
+        let rules = self.rules.clone();
+        let ram = self.ram.clone();
+        let total = self.total_mappings.clone();
+        let (hw, maps) = self.paging(domain)?;
+        if flags & MAP_F_MMIO != 0 {
+            return Err(Rejection::new(Status::Unsupp, Reason::Mmio));
+        }
+        let bad_range = || {
+            Rejection::new(
+                Status::Range,
+                Reason::BadRange {
+                    start: virt_start,
+                    end: virt_end,
+                },
+            )
+        };
+        let iova = IovaRange::new(virt_start, virt_end).ok_or_else(bad_range)?;
+        for a in [virt_start, phys_start, virt_end.wrapping_add(1)] {
+            if a & rules.granule_mask != 0 {
+                return Err(Rejection::new(Status::Range, Reason::Misaligned(a)));
+            }
+        }
+        if !rules.input_range.contains(&iova) {
+            return Err(Rejection::new(
+                Status::Range,
+                Reason::OutsideInputRange(iova),
+            ));
+        }
+        if let Some((_, m)) = maps.range(..=virt_end).next_back()
+            && m.end >= virt_start
+        {
+            return Err(Rejection::new(Status::Inval, Reason::Overlap(iova)));
+        }
+        if rules.overlaps_reserved(&iova) {
+            return Err(Rejection::new(Status::Inval, Reason::Reserved(iova)));
+        }
+        // The whole 64-bit space cannot be RAM, so a length that does not fit is simply not RAM.
+        let not_ram = || Rejection::new(Status::Fault, Reason::NotGuestRam(phys_start));
+        let gpa = iova
+            .len()
+            .and_then(|len| IovaRange::with_len(phys_start, len))
+            .ok_or_else(not_ram)?;
+        let host = ram.locate(&gpa).ok_or_else(not_ram)?;
+        if maps.len() >= rules.limits.max_mappings_per_domain {
+            return Err(Rejection::new(Status::NoMem, Reason::TooManyMappings));
+        }
+        if total.fetch_add(1, Ordering::Relaxed) >= rules.limits.max_mappings_total {
+            total.fetch_sub(1, Ordering::Relaxed);
+            return Err(Rejection::new(Status::NoMem, Reason::TooManyMappings));
+        }
+        let perms = Perms {
+            read: flags & MAP_F_READ != 0,
+            write: flags & MAP_F_WRITE != 0,
+        };
+        let op = MapOp {
+            iova,
+            gpa: phys_start,
+            host,
+            perms,
+        };
+        if let Err(e) = hw.map(&op) {
+            total.fetch_sub(1, Ordering::Relaxed);
+            return Err(Rejection::backend(e));
+        }
+        maps.insert(
+            virt_start,
+            Mapping {
+                end: virt_end,
+                gpa: phys_start,
+                perms,
+                host,
+            },
+        );
+        Ok(())
+    }
+
+    /// UNMAP (§5.13.6.5): all-or-nothing against the shadow tree; holes are fine.
+    pub fn unmap(&mut self, domain: DomainId, virt_start: u64, virt_end: u64) -> Outcome {
+        let total = self.total_mappings.clone();
+        let (hw, maps) = self.paging(domain)?;
+        let range = IovaRange::new(virt_start, virt_end).ok_or(Rejection::new(
+            Status::Range,
+            Reason::BadRange {
+                start: virt_start,
+                end: virt_end,
+            },
+        ))?;
+        // A mapping that starts before the range and reaches into it would be split.
+        if let Some((&s, m)) = maps.range(..virt_start).next_back()
+            && m.end >= virt_start
+        {
+            let _ = s;
+            return Err(Rejection::new(Status::Range, Reason::Split(range)));
+        }
+        // So would the last mapping starting inside the range if it ends past it.
+        if let Some((_, m)) = maps.range(virt_start..=virt_end).next_back()
+            && m.end > virt_end
+        {
+            return Err(Rejection::new(Status::Range, Reason::Split(range)));
+        }
+        // Remove covered mappings one by one: if the host fails on one, the ones before it are
+        // gone in both places and the rest stay in both, so shadow and host still agree.
+        loop {
+            let Some((&s, m)) = maps.range(virt_start..=virt_end).next() else {
+                return Ok(());
+            };
+            let one = IovaRange::new(s, m.end).expect("stored mappings are valid");
+            if let Err(e) = hw.unmap(one) {
+                return Err(Rejection::backend(e));
+            }
+            maps.remove(s);
+            total.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Creates a domain in this shard; returns the backend id for a paging domain.
+    pub fn create(&mut self, domain: DomainId, kind: DomainKind) -> Result<Option<u32>, Rejection> {
+        let (entry, id) = match kind {
+            DomainKind::Bypass => (ShardDomain::Bypass, None),
+            DomainKind::Paging => {
+                let hw = self.backend.create_domain().map_err(Rejection::backend)?;
+                let id = hw.id();
+                (
+                    ShardDomain::Paging {
+                        hw,
+                        maps: Shadow::default(),
+                    },
+                    Some(id),
+                )
+            }
+        };
+        self.domains.insert(domain, entry);
+        Ok(id)
+    }
+
+    /// Destroys a domain and everything mapped in it (its last endpoint left, or a reset).
+    pub fn destroy(&mut self, domain: DomainId) {
+        if let Some(ShardDomain::Paging { maps, .. }) = self.domains.remove(&domain) {
+            // Dropping the backend domain (IOAS destroy) releases every mapping at once.
+            self.total_mappings.fetch_sub(maps.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Destroys every domain.
+    pub fn clear(&mut self) {
+        let ids: Vec<DomainId> = self.domains.keys().copied().collect();
+        for d in ids {
+            self.destroy(d);
+        }
+    }
+
+    /// The guest's RAM changed: mappings that no longer point at the same memory are unmapped.
+    /// Returns how many were removed.
+    pub fn set_ram(&mut self, ram: Arc<GuestRam>) -> usize {
+        let mut removed = 0;
+        for (&id, d) in self.domains.iter_mut() {
+            let ShardDomain::Paging { hw, maps } = d else {
+                continue;
+            };
+            let stale: Vec<u64> = maps
+                .iter()
+                .filter(|(s, m)| {
+                    let gpa = IovaRange::new(m.gpa, m.gpa + (m.end - **s)).expect("valid");
+                    !ram.locate(&gpa).is_some_and(|h| same_memory(&h, &m.host))
+                })
+                .map(|(&s, _)| s)
+                .collect();
+            for s in stale {
+                let Some(end) = maps.range(s..=s).next().map(|(_, m)| m.end) else {
+                    continue;
+                };
+                match hw.unmap(IovaRange::new(s, end).expect("valid")) {
+                    Ok(()) => {
+                        maps.remove(s);
+                        removed += 1;
+                    }
+                    Err(e) => warn!("{id}: cannot unmap mapping outside the new memory table: {e}"),
+                }
+            }
+        }
+        self.total_mappings.fetch_sub(removed, Ordering::Relaxed);
+        self.ram = ram;
+        removed
+    }
+
+    /// Number of mappings in one domain (None if this shard does not hold it).
+    pub fn mapping_count(&self, domain: DomainId) -> Option<usize> {
+        match self.domains.get(&domain)? {
+            ShardDomain::Bypass => Some(0),
+            ShardDomain::Paging { maps, .. } => Some(maps.len()),
+        }
+    }
+
+    /// Counts of this shard's domains, without copying a mapping (for gauges).
+    pub fn summary(&self) -> Vec<DomainSummary> {
+        self.domains
+            .iter()
+            .map(|(id, d)| match d {
+                ShardDomain::Bypass => DomainSummary {
+                    id: id.0,
+                    kind: DomainKind::Bypass,
+                    mappings: 0,
+                    mapped_bytes: 0,
+                },
+                ShardDomain::Paging { maps, .. } => DomainSummary {
+                    id: id.0,
+                    kind: DomainKind::Paging,
+                    mappings: maps.len(),
+                    mapped_bytes: maps.bytes,
+                },
+            })
+            .collect()
+    }
+
+    /// A copy of this shard's state, sorted by domain id.
+    pub fn snapshot(&self) -> Vec<DomainView> {
+        let mut v: Vec<DomainView> = self
+            .domains
+            .iter()
+            .map(|(id, d)| match d {
+                ShardDomain::Bypass => DomainView {
+                    id: id.0,
+                    kind: DomainKind::Bypass,
+                    mappings: Vec::new(),
+                },
+                ShardDomain::Paging { maps, .. } => DomainView {
+                    id: id.0,
+                    kind: DomainKind::Paging,
+                    mappings: maps
+                        .iter()
+                        .map(|(&start, m)| MappingView {
+                            start,
+                            end: m.end,
+                            gpa: m.gpa,
+                            read: m.perms.read,
+                            write: m.perms.write,
+                        })
+                        .collect(),
+                },
+            })
+            .collect();
+        v.sort_by_key(|d| d.id);
+        v
+    }
+}
+
+/// A mapping survives a memory-table change only if its pages are the same pages: same file
+/// and offset when file-backed, else the same host address.
+fn same_memory(new: &HostLocation, old: &HostLocation) -> bool {
+    match (new.file, old.file) {
+        (Some(a), Some(b)) => a == b,
+        (None, None) => new.host_addr == old.host_addr,
+        _ => false,
+    }
+}
