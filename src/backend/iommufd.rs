@@ -173,8 +173,9 @@ pub struct RegionInfo {
     pub offset: u64,
 }
 
-/// The raw uAPI: structs, request numbers and the one ioctl entry point.
-pub mod sys;
+/// The ioctls: structs from the maintained bindings, request numbers, the one entry point (the
+/// `viommu-uapi` crate of this repository, shared with the VM tiers' guest programs).
+pub use viommu_uapi as sys;
 
 mod constraints;
 mod device;

@@ -92,15 +92,11 @@ pub mod sys {
 
     use super::Errno;
 
-    /// `_IO(VFIO_TYPE, VFIO_BASE + nr)`: VFIO requests carry their size in `argsz`.
-    const fn vfio_io(nr: u64) -> u64 {
-        ((b';' as u64) << 8) | (100 + nr)
-    }
-    pub const VFIO_DEVICE_GET_INFO: u64 = vfio_io(7);
-    pub const VFIO_DEVICE_GET_REGION_INFO: u64 = vfio_io(8);
-    pub const VFIO_DEVICE_GET_IRQ_INFO: u64 = vfio_io(9);
-    pub const VFIO_DEVICE_SET_IRQS: u64 = vfio_io(10);
-    pub const VFIO_DEVICE_RESET: u64 = vfio_io(11);
+    /// VFIO requests carry their size in `argsz`: one definition with the iommufd backend's.
+    pub use viommu_uapi::{
+        VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_IRQ_INFO, VFIO_DEVICE_GET_REGION_INFO,
+        VFIO_DEVICE_RESET, VFIO_DEVICE_SET_IRQS,
+    };
 
     /// Issues `req` on `fd` with `arg` as its argument (or no argument if `arg` is empty).
     /// `arg` must start with the request's `argsz` field, set to at most `arg.len()`.
@@ -161,7 +157,7 @@ impl VfioCdevDevice {
         put_u32(&mut a, 0, 24);
         sys::ioctl(
             file.as_fd(),
-            sys::VFIO_DEVICE_GET_INFO,
+            sys::VFIO_DEVICE_GET_INFO(),
             "VFIO_DEVICE_GET_INFO",
             &mut a,
         )
@@ -208,7 +204,7 @@ impl VfioCdevDevice {
             put_u32(&mut buf, 8, index);
             sys::ioctl(
                 self.file.as_fd(),
-                sys::VFIO_DEVICE_GET_REGION_INFO,
+                sys::VFIO_DEVICE_GET_REGION_INFO(),
                 "VFIO_DEVICE_GET_REGION_INFO",
                 &mut buf,
             )
@@ -305,7 +301,7 @@ impl AssignedDevice for VfioCdevDevice {
         put_u32(&mut a, 8, index);
         sys::ioctl(
             self.file.as_fd(),
-            sys::VFIO_DEVICE_GET_IRQ_INFO,
+            sys::VFIO_DEVICE_GET_IRQ_INFO(),
             "VFIO_DEVICE_GET_IRQ_INFO",
             &mut a,
         )
@@ -359,7 +355,7 @@ impl AssignedDevice for VfioCdevDevice {
         a[IRQ_SET_SIZE..].copy_from_slice(&payload);
         sys::ioctl(
             self.file.as_fd(),
-            sys::VFIO_DEVICE_SET_IRQS,
+            sys::VFIO_DEVICE_SET_IRQS(),
             "VFIO_DEVICE_SET_IRQS",
             &mut a,
         )
@@ -374,7 +370,7 @@ impl AssignedDevice for VfioCdevDevice {
     fn reset(&self) -> Result<(), Errno> {
         sys::ioctl(
             self.file.as_fd(),
-            sys::VFIO_DEVICE_RESET,
+            sys::VFIO_DEVICE_RESET(),
             "VFIO_DEVICE_RESET",
             &mut [],
         )
@@ -389,11 +385,11 @@ mod tests {
     #[test]
     fn request_numbers_match_the_uapi() {
         // _IO(';', 100 + 7) .. _IO(';', 100 + 11) from <linux/vfio.h>.
-        assert_eq!(sys::VFIO_DEVICE_GET_INFO, 0x3b6b);
-        assert_eq!(sys::VFIO_DEVICE_GET_REGION_INFO, 0x3b6c);
-        assert_eq!(sys::VFIO_DEVICE_GET_IRQ_INFO, 0x3b6d);
-        assert_eq!(sys::VFIO_DEVICE_SET_IRQS, 0x3b6e);
-        assert_eq!(sys::VFIO_DEVICE_RESET, 0x3b6f);
+        assert_eq!(sys::VFIO_DEVICE_GET_INFO(), 0x3b6b);
+        assert_eq!(sys::VFIO_DEVICE_GET_REGION_INFO(), 0x3b6c);
+        assert_eq!(sys::VFIO_DEVICE_GET_IRQ_INFO(), 0x3b6d);
+        assert_eq!(sys::VFIO_DEVICE_SET_IRQS(), 0x3b6e);
+        assert_eq!(sys::VFIO_DEVICE_RESET(), 0x3b6f);
     }
 
     #[test]

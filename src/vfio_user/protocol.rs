@@ -36,38 +36,28 @@ pub const FLAG_TYPE_REPLY: u32 = 1;
 pub const FLAG_NO_REPLY: u32 = 1 << 4;
 pub const FLAG_ERROR: u32 = 1 << 5;
 
-// VFIO constants reused by the protocol (values from <linux/vfio.h>).
-pub const VFIO_DEVICE_FLAGS_RESET: u32 = 1 << 0;
-pub const VFIO_DEVICE_FLAGS_PCI: u32 = 1 << 1;
-/// The kernel's device-info capability chain: not carried by vfio-user's 16-byte struct.
-pub const VFIO_DEVICE_FLAGS_CAPS: u32 = 1 << 7;
-pub const VFIO_REGION_INFO_FLAG_READ: u32 = 1 << 0;
-pub const VFIO_REGION_INFO_FLAG_WRITE: u32 = 1 << 1;
-pub const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
-pub const VFIO_REGION_INFO_FLAG_CAPS: u32 = 1 << 3;
-pub const VFIO_REGION_INFO_CAP_SPARSE_MMAP: u16 = 1;
-pub const VFIO_REGION_INFO_CAP_TYPE: u16 = 2;
-pub const VFIO_REGION_INFO_CAP_MSIX_MAPPABLE: u16 = 3;
-pub const VFIO_IRQ_INFO_EVENTFD: u32 = 1 << 0;
-pub const VFIO_IRQ_INFO_MASKABLE: u32 = 1 << 1;
-pub const VFIO_IRQ_INFO_AUTOMASKED: u32 = 1 << 2;
-pub const VFIO_IRQ_INFO_NORESIZE: u32 = 1 << 3;
-pub const VFIO_IRQ_SET_DATA_NONE: u32 = 1 << 0;
-pub const VFIO_IRQ_SET_DATA_BOOL: u32 = 1 << 1;
-pub const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
-pub const VFIO_IRQ_SET_ACTION_MASK: u32 = 1 << 3;
-pub const VFIO_IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
-pub const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
-pub const VFIO_IRQ_SET_DATA_TYPE_MASK: u32 = 0x7;
-pub const VFIO_IRQ_SET_ACTION_TYPE_MASK: u32 = 0x38;
-pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
-pub const VFIO_PCI_INTX_IRQ_INDEX: u32 = 0;
-pub const VFIO_PCI_MSI_IRQ_INDEX: u32 = 1;
-pub const VFIO_PCI_MSIX_IRQ_INDEX: u32 = 2;
-pub const VFIO_PCI_ERR_IRQ_INDEX: u32 = 3;
+// VFIO constants reused by the protocol: <linux/vfio.h>'s, from the maintained bindings.
+/// `VFIO_DEVICE_FLAGS_CAPS` is the kernel's device-info capability chain: not carried by
+/// vfio-user's 16-byte struct.
+pub use viommu_uapi::vfio::{
+    VFIO_DEVICE_FLAGS_CAPS, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET,
+    VFIO_IRQ_INFO_AUTOMASKED, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE,
+    VFIO_IRQ_INFO_NORESIZE, VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_BOOL,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_IRQ_SET_DATA_TYPE_MASK,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_CAPS,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+/// Capability ids are 16-bit in the capability header.
+pub const VFIO_REGION_INFO_CAP_SPARSE_MMAP: u16 =
+    viommu_uapi::vfio::VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16;
+pub const VFIO_REGION_INFO_CAP_TYPE: u16 = viommu_uapi::vfio::VFIO_REGION_INFO_CAP_TYPE as u16;
+pub const VFIO_REGION_INFO_CAP_MSIX_MAPPABLE: u16 =
+    viommu_uapi::vfio::VFIO_REGION_INFO_CAP_MSIX_MAPPABLE as u16;
 /// The host's request to have the device back (unbind, unplug): the daemon's own hot-unplug
 /// watcher (`src/hotplug.rs`) owns this index, never a vfio-user client.
-pub const VFIO_PCI_REQ_IRQ_INDEX: u32 = 4;
+pub use viommu_uapi::vfio::VFIO_PCI_REQ_IRQ_INDEX;
 /// The IRQ indexes a client may query and set: INTx, MSI, MSI-X and ERR.
 pub const CLIENT_IRQ_INDEXES: std::ops::RangeInclusive<u32> =
     VFIO_PCI_INTX_IRQ_INDEX..=VFIO_PCI_ERR_IRQ_INDEX;

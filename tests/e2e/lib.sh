@@ -43,18 +43,11 @@ done
 phase_end setup
 
 # --- static programs: the daemon (L1) and l2-dma (L2's /init) -----------------------------------
-static_build() { # DIR TARGET_DIR [cargo args...]
-    local dir=$1 target=$2
-    shift 2
-    (cd "$dir" && CARGO_TARGET_DIR=$target RUSTFLAGS="-C target-feature=+crt-static" \
-        cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu "$@")
-}
 log "building the daemon and l2-dma (static)"
-static_build "$repo" "$VM_CACHE/target/vhost-user-iommu" --bin vhost-user-iommu ||
-    die "static cargo build of vhost-user-iommu failed"
-daemon=$VM_CACHE/target/vhost-user-iommu/x86_64-unknown-linux-gnu/release/vhost-user-iommu
-static_build "$here/l2-dma" "$VM_CACHE/target/l2-dma" || die "cargo build of tests/e2e/l2-dma failed"
-l2_init=$VM_CACHE/target/l2-dma/x86_64-unknown-linux-gnu/release/l2-dma
+static_build release vhost-user-iommu || die "static cargo build of vhost-user-iommu failed"
+daemon=$(static_bin release vhost-user-iommu)
+static_build guest l2-dma || die "static cargo build of tests/e2e/l2-dma failed"
+l2_init=$(static_bin guest l2-dma)
 for b in "$daemon" "$l2_init"; do is_static "$b" || die "$b is not statically linked"; done
 phase_end programs
 

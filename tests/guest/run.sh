@@ -121,13 +121,9 @@ done
 phase_end kernel
 
 # --- guest program -------------------------------------------------------------------------------
-target_dir=$VM_CACHE/target/guest-traffic
 log "building guest-traffic (static)"
-(cd "$here/guest-traffic" &&
-    CARGO_TARGET_DIR=$target_dir RUSTFLAGS="-C target-feature=+crt-static" \
-        cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
-    die "cargo build of tests/guest/guest-traffic failed"
-guest_bin=$target_dir/x86_64-unknown-linux-gnu/release/guest-traffic
+static_build guest guest-traffic || die "static cargo build of tests/guest/guest-traffic failed"
+guest_bin=$(static_bin guest guest-traffic)
 phase_end guest-program
 
 # --- initramfs + VIOT ------------------------------------------------------------------------------

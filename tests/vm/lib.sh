@@ -6,7 +6,7 @@
 #   apt/NAME/     private apt sources lists and package lists (never the host's)
 #   src/          extracted kernel trees, one per package version
 #   kernel/KEY/   one built kernel per (package version, fragment hash): bzImage, headers/, config
-#   target/       cargo target dirs of the guest programs
+#   target/static cargo target dir of the static builds (daemon and guest programs)
 #   run/, logs/   initramfs images and console logs of run.sh
 
 VM_CACHE=${VM_CACHE:-/var/cache/vhost-user-iommu-vm}
@@ -27,6 +27,22 @@ need_cmd() {
         command -v "$c" >/dev/null 2>&1 || die "missing command '$c': run tests/vm/setup.sh"
     done
 }
+
+# Static builds from the repository's one Cargo workspace, one target dir for every tier:
+# `static_build PROFILE PACKAGE...` (release for the daemon, guest for the guest programs), and
+# `static_bin PROFILE NAME` for the binary's path.
+STATIC_TARGET=$VM_CACHE/target/static
+static_build() {
+    local profile=$1 repo_root
+    shift
+    repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+    local -a pkgs=()
+    local p
+    for p in "$@"; do pkgs+=(-p "$p"); done
+    (cd "$repo_root" && CARGO_TARGET_DIR=$STATIC_TARGET RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --quiet --locked --profile "$profile" --target x86_64-unknown-linux-gnu "${pkgs[@]}")
+}
+static_bin() { printf '%s\n' "$STATIC_TARGET/x86_64-unknown-linux-gnu/$1/$2"; }
 
 # Seconds since the epoch with microseconds, for phase timings.
 now() { printf '%s' "$EPOCHREALTIME"; }

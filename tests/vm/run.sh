@@ -75,78 +75,37 @@ bzimage=$("$here/build-kernel.sh" | tail -n 1)
 phase_end kernel
 
 # --- guest programs --------------------------------------------------------------------------
-target_dir=$VM_CACHE/target/guest-smoke
-log "building guest-smoke (static)"
-(cd "$here/guest-smoke" &&
-    CARGO_TARGET_DIR=$target_dir RUSTFLAGS="-C target-feature=+crt-static" \
-        cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
-    die "cargo build of tests/vm/guest-smoke failed"
-bins=("$target_dir/x86_64-unknown-linux-gnu/release/guest-smoke")
-# daemon-dma: the real daemon with its iommufd backend over both edu cdevs, driven by the crate's
-# TestVm (tests/vm/daemon-dma). Its first static build compiles the whole daemon (minutes).
-if [[ ${VM_DAEMON_DMA:-1} != 0 ]]; then
-    dd_target=$VM_CACHE/target/daemon-dma
-    log "building daemon-dma (static)"
-    (cd "$here/daemon-dma" &&
-        CARGO_TARGET_DIR=$dd_target RUSTFLAGS="-C target-feature=+crt-static" \
-            cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
-        die "cargo build of tests/vm/daemon-dma failed (if the main crate's dependencies changed: cd tests/vm/daemon-dma && cargo update -p vhost-user-iommu)"
-    bins+=("$dd_target/x86_64-unknown-linux-gnu/release/daemon-dma")
-fi
-# bench-iommufd: raw IOAS_MAP / MAP_FILE / staging+COPY loops vs the daemon path
-# (tests/vm/bench-iommufd, BENCHMARKS.md). Pairs per row: BENCH_PAIRS_4K / BENCH_PAIRS_2M
-# in the guest environment (defaults 256 / 32).
-if [[ ${VM_BENCH_IOMMUFD:-1} != 0 ]]; then
-    bi_target=$VM_CACHE/target/bench-iommufd
-    log "building bench-iommufd (static)"
-    (cd "$here/bench-iommufd" &&
-        CARGO_TARGET_DIR=$bi_target RUSTFLAGS="-C target-feature=+crt-static" \
-            cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
-        die "cargo build of tests/vm/bench-iommufd failed (if the main crate's dependencies changed: cd tests/vm/bench-iommufd && cargo update -p vhost-user-iommu)"
-    bins+=("$bi_target/x86_64-unknown-linux-gnu/release/bench-iommufd")
-fi
-# vfio-user-edu: the daemon binary (built static here, embedded in the program) serves both edus
-# over vfio-user to a client written from the protocol document (tests/vm/vfio-user-edu).
-if [[ ${VM_VFIO_USER:-1} != 0 ]]; then
-    vd_target=$VM_CACHE/target/vhost-user-iommu
+# guest-smoke: raw iommufd + VFIO cdev + edu DMA; then, each unless switched off:
+# daemon-dma (VM_DAEMON_DMA): the real daemon with its iommufd backend over both edu cdevs,
+#   driven by the crate's TestVm;
+# bench-iommufd (VM_BENCH_IOMMUFD): raw IOAS_MAP / MAP_FILE / staging+COPY loops vs the daemon
+#   path (BENCHMARKS.md; pairs per row: BENCH_PAIRS_4K / BENCH_PAIRS_2M in the guest
+#   environment, defaults 256 / 32);
+# vfio-user-edu (VM_VFIO_USER): the daemon binary (built static first, embedded in the program)
+#   serves both edus over vfio-user to a client written from the protocol document;
+# memlock (VM_MEMLOCK): RLIMIT_MEMLOCK exhaustion (issue 7): the daemon without CAP_IPC_LOCK under
+#   a low soft limit refuses the memory table / a MAP with the limit named, pins nothing, and
+#   recovers once the limit is raised;
+# unplug (VM_UNPLUG): host hot-unplug and replug (issue 10): endpoint 1's edu is unbound from
+#   vfio-pci while the daemon holds it, the unbind completes, endpoint 2 keeps working, and the
+#   rebound device is served again.
+# One cargo build of the workspace's guest packages (the daemon crate is compiled once for all).
+programs=(guest-smoke)
+[[ ${VM_DAEMON_DMA:-1} != 0 ]] && programs+=(daemon-dma)
+[[ ${VM_BENCH_IOMMUFD:-1} != 0 ]] && programs+=(bench-iommufd)
+[[ ${VM_VFIO_USER:-1} != 0 ]] && programs+=(vfio-user-edu)
+[[ ${VM_MEMLOCK:-1} != 0 ]] && programs+=(memlock)
+[[ ${VM_UNPLUG:-1} != 0 ]] && programs+=(unplug)
+if [[ " ${programs[*]} " == *" vfio-user-edu "* ]]; then
     log "building vhost-user-iommu (static, for vfio-user-edu)"
-    (cd "$here/../.." &&
-        CARGO_TARGET_DIR=$vd_target RUSTFLAGS="-C target-feature=+crt-static" \
-            cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu --bin vhost-user-iommu) ||
-        die "static cargo build of vhost-user-iommu failed"
-    vu_target=$VM_CACHE/target/vfio-user-edu
-    log "building vfio-user-edu (static)"
-    (cd "$here/vfio-user-edu" &&
-        VFIO_USER_EDU_DAEMON=$vd_target/x86_64-unknown-linux-gnu/release/vhost-user-iommu \
-            CARGO_TARGET_DIR=$vu_target RUSTFLAGS="-C target-feature=+crt-static" \
-            cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
-        die "cargo build of tests/vm/vfio-user-edu failed (if the main crate's dependencies changed: cd tests/vm/vfio-user-edu && cargo update -p vhost-user-iommu)"
-    bins+=("$vu_target/x86_64-unknown-linux-gnu/release/vfio-user-edu")
+    static_build release vhost-user-iommu || die "static cargo build of vhost-user-iommu failed"
+    export VFIO_USER_EDU_DAEMON
+    VFIO_USER_EDU_DAEMON=$(static_bin release vhost-user-iommu)
 fi
-# memlock: RLIMIT_MEMLOCK exhaustion (issue 7): the daemon without CAP_IPC_LOCK under a low soft
-# limit refuses the memory table / a MAP with the limit named, pins nothing, and recovers once the
-# limit is raised (tests/vm/memlock).
-if [[ ${VM_MEMLOCK:-1} != 0 ]]; then
-    ml_target=$VM_CACHE/target/memlock
-    log "building memlock (static)"
-    (cd "$here/memlock" &&
-        CARGO_TARGET_DIR=$ml_target RUSTFLAGS="-C target-feature=+crt-static" \
-            cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
-        die "cargo build of tests/vm/memlock failed (if the main crate's dependencies changed: cd tests/vm/memlock && cargo update -p vhost-user-iommu)"
-    bins+=("$ml_target/x86_64-unknown-linux-gnu/release/memlock")
-fi
-# unplug: host hot-unplug and replug (issue 10): endpoint 1's edu is unbound from vfio-pci while
-# the daemon holds it, the unbind completes, endpoint 2 keeps working, and the rebound device is
-# served again (tests/vm/unplug).
-if [[ ${VM_UNPLUG:-1} != 0 ]]; then
-    up_target=$VM_CACHE/target/unplug
-    log "building unplug (static)"
-    (cd "$here/unplug" &&
-        CARGO_TARGET_DIR=$up_target RUSTFLAGS="-C target-feature=+crt-static" \
-            cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu) ||
-        die "cargo build of tests/vm/unplug failed (if the main crate's dependencies changed: cd tests/vm/unplug && cargo update -p vhost-user-iommu)"
-    bins+=("$up_target/x86_64-unknown-linux-gnu/release/unplug")
-fi
+log "building ${programs[*]} (static)"
+static_build guest "${programs[@]}" || die "static cargo build of ${programs[*]} failed"
+bins=()
+for p in "${programs[@]}"; do bins+=("$(static_bin guest "$p")"); done
 read -r -a extra <<<"${VM_GUEST_BINS:-}"
 bins+=(${extra[@]+"${extra[@]}"})
 phase_end guest

@@ -1,9 +1,17 @@
-//! The raw uAPI: structs, request numbers and the one ioctl entry point.
+//! The iommufd and VFIO ioctls the backend issues. The structs are the maintained bindings'
+//! (`iommufd-bindings`, `vfio-bindings`: bindgen output of the uAPI headers with layout
+//! assertions), the request numbers come from `vmm-sys-util`'s ioctl macros, and [`IoctlArg`]
+//! ties each struct to its request. The daemon calls the typed wrappers at the end; the VM tiers'
+//! guest programs also issue [`ioctl`] with the structs directly.
 
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+pub use iommufd_bindings as iommu;
 use libc::c_ulong;
+pub use vfio_bindings::bindings::vfio;
+use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+use vmm_sys_util::ioctl_io_nr;
 
 /// An errno from a failed ioctl, with the request's name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,42 +20,76 @@ pub struct Errno {
     pub errno: i32,
 }
 
-/// `_IO(type, nr)`: iommufd and VFIO requests carry their size in the struct, not the number.
-const fn io(ty: u8, nr: u8) -> c_ulong {
-    ((ty as c_ulong) << 8) | nr as c_ulong
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {}",
+            self.name,
+            std::io::Error::from_raw_os_error(self.errno)
+        )
+    }
 }
-/// `IOMMUFD_TYPE` and `VFIO_TYPE`.
-const TYPE: u8 = b';';
-/// `VFIO_BASE`.
-const VFIO_BASE: u8 = 100;
 
-pub const IOMMU_IOAS_MAP_FIXED_IOVA: u32 = 1 << 0;
-pub const IOMMU_IOAS_MAP_WRITEABLE: u32 = 1 << 1;
-pub const IOMMU_IOAS_MAP_READABLE: u32 = 1 << 2;
+impl std::error::Error for Errno {}
 
-pub const VFIO_REGION_INFO_FLAG_READ: u32 = 1 << 0;
-pub const VFIO_REGION_INFO_FLAG_WRITE: u32 = 1 << 1;
-pub const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
-pub const VFIO_PCI_BAR0_REGION_INDEX: u32 = 0;
-pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
+impl From<Errno> for std::io::Error {
+    fn from(e: Errno) -> Self {
+        std::io::Error::new(std::io::Error::from_raw_os_error(e.errno).kind(), e)
+    }
+}
+
+pub const IOMMU_IOAS_MAP_FIXED_IOVA: u32 = iommu::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA;
+pub const IOMMU_IOAS_MAP_WRITEABLE: u32 = iommu::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE;
+pub const IOMMU_IOAS_MAP_READABLE: u32 = iommu::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE;
+
+pub use vfio::{
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
+    VFIO_PCI_REQ_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
+};
+
+pub type IommuDestroy = iommu::iommu_destroy;
+pub type IommuIoasAlloc = iommu::iommu_ioas_alloc;
+pub type IommuIovaRange = iommu::iommu_iova_range;
+pub type IommuIoasIovaRanges = iommu::iommu_ioas_iova_ranges;
+pub type IommuIoasMap = iommu::iommu_ioas_map;
+pub type IommuIoasUnmap = iommu::iommu_ioas_unmap;
+pub type IommuIoasMapFile = iommu::iommu_ioas_map_file;
+pub type IommuIoasCopy = iommu::iommu_ioas_copy;
+pub type IommuHwptAlloc = iommu::iommu_hwpt_alloc;
+pub type VfioRegionInfo = vfio::vfio_region_info;
+pub type VfioDeviceBindIommufd = vfio::vfio_device_bind_iommufd;
+pub type VfioDeviceAttachIommufdPt = vfio::vfio_device_attach_iommufd_pt;
+pub type VfioDeviceDetachIommufdPt = vfio::vfio_device_detach_iommufd_pt;
+
+/// `struct vfio_irq_set` with one eventfd as its data (the bindings end the struct with a
+/// flexible array).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct VfioIrqSetEventfd {
+    pub set: vfio::vfio_irq_set,
+    pub fd: i32,
+}
 
 /// An ioctl argument struct.
 ///
 /// # Safety
-/// The implementor must be `#[repr(C)]` with exactly the layout the kernel defines for `REQ`,
-/// and every bit pattern the kernel may write back must be valid for it (plain integers).
+/// The implementor must be `#[repr(C)]` with exactly the layout the kernel defines for
+/// `request()`, and every bit pattern the kernel may write back must be valid for it (plain
+/// integers).
 pub unsafe trait IoctlArg {
-    const REQ: c_ulong;
     const NAME: &'static str;
+    fn request() -> c_ulong;
 }
 
-/// Issues `T::REQ` on `fd` with `arg`.
+/// Issues `T::request()` on `fd` with `arg`.
 pub fn ioctl<T: IoctlArg>(fd: BorrowedFd<'_>, arg: &mut T) -> Result<(), Errno> {
     // SAFETY: `arg` is an exclusive reference to a live `T` whose `IoctlArg` impl guarantees
-    // the layout the kernel reads and writes for `T::REQ`; the kernel accesses at most the
+    // the layout the kernel reads and writes for `T::request()`; the kernel accesses at most the
     // struct (its size/argsz field says how much) and, for requests that carry a user
     // pointer, memory the caller made valid for the call; nothing is retained afterwards.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), T::REQ as _, arg as *mut T) };
+    let rc = unsafe { ioctl_with_mut_ref(&fd, T::request(), arg) };
     if rc < 0 {
         return Err(Errno {
             name: T::NAME,
@@ -64,234 +106,141 @@ pub fn size32<T>() -> u32 {
     u32::try_from(size_of::<T>()).expect("uAPI structs are small")
 }
 
+// iommufd and VFIO requests are `_IO(';', nr)`: the struct carries its own size.
+ioctl_io_nr!(
+    IOMMU_DESTROY,
+    iommu::IOMMUFD_TYPE.into(),
+    iommu::IOMMUFD_CMD_DESTROY
+);
+ioctl_io_nr!(
+    IOMMU_IOAS_ALLOC,
+    iommu::IOMMUFD_TYPE.into(),
+    iommu::IOMMUFD_CMD_IOAS_ALLOC
+);
+ioctl_io_nr!(
+    IOMMU_IOAS_COPY,
+    iommu::IOMMUFD_TYPE.into(),
+    iommu::IOMMUFD_CMD_IOAS_COPY
+);
+ioctl_io_nr!(
+    IOMMU_IOAS_IOVA_RANGES,
+    iommu::IOMMUFD_TYPE.into(),
+    iommu::IOMMUFD_CMD_IOAS_IOVA_RANGES
+);
+ioctl_io_nr!(
+    IOMMU_IOAS_MAP,
+    iommu::IOMMUFD_TYPE.into(),
+    iommu::IOMMUFD_CMD_IOAS_MAP
+);
+ioctl_io_nr!(
+    IOMMU_IOAS_UNMAP,
+    iommu::IOMMUFD_TYPE.into(),
+    iommu::IOMMUFD_CMD_IOAS_UNMAP
+);
+ioctl_io_nr!(
+    IOMMU_HWPT_ALLOC,
+    iommu::IOMMUFD_TYPE.into(),
+    iommu::IOMMUFD_CMD_HWPT_ALLOC
+);
+ioctl_io_nr!(
+    IOMMU_IOAS_MAP_FILE,
+    iommu::IOMMUFD_TYPE.into(),
+    iommu::IOMMUFD_CMD_IOAS_MAP_FILE
+);
+ioctl_io_nr!(
+    VFIO_DEVICE_GET_INFO,
+    vfio::VFIO_TYPE.into(),
+    vfio::VFIO_BASE + 7
+);
+ioctl_io_nr!(
+    VFIO_DEVICE_GET_REGION_INFO,
+    vfio::VFIO_TYPE.into(),
+    vfio::VFIO_BASE + 8
+);
+ioctl_io_nr!(
+    VFIO_DEVICE_GET_IRQ_INFO,
+    vfio::VFIO_TYPE.into(),
+    vfio::VFIO_BASE + 9
+);
+ioctl_io_nr!(
+    VFIO_DEVICE_SET_IRQS,
+    vfio::VFIO_TYPE.into(),
+    vfio::VFIO_BASE + 10
+);
+ioctl_io_nr!(
+    VFIO_DEVICE_RESET,
+    vfio::VFIO_TYPE.into(),
+    vfio::VFIO_BASE + 11
+);
+ioctl_io_nr!(
+    VFIO_DEVICE_BIND_IOMMUFD,
+    vfio::VFIO_TYPE.into(),
+    vfio::VFIO_BASE + 18
+);
+ioctl_io_nr!(
+    VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+    vfio::VFIO_TYPE.into(),
+    vfio::VFIO_BASE + 19
+);
+ioctl_io_nr!(
+    VFIO_DEVICE_DETACH_IOMMUFD_PT,
+    vfio::VFIO_TYPE.into(),
+    vfio::VFIO_BASE + 20
+);
+
 macro_rules! arg {
-    ($ty:ident, $req:expr, $name:literal) => {
-        // SAFETY: the struct below is a field-by-field `#[repr(C)]` transcription of the uAPI
-        // struct of this request (u64 fields are `__aligned_u64`, naturally aligned on the
-        // 64-bit targets this builds for), made only of integers.
+    ($ty:ty, $req:ident) => {
+        // SAFETY: the maintained bindings' `#[repr(C)]` struct of this request (bindgen output
+        // with layout assertions), made only of integers.
         unsafe impl IoctlArg for $ty {
-            const REQ: c_ulong = $req;
-            const NAME: &'static str = $name;
+            const NAME: &'static str = stringify!($req);
+            fn request() -> c_ulong {
+                $req()
+            }
         }
     };
 }
+arg!(IommuDestroy, IOMMU_DESTROY);
+arg!(IommuIoasAlloc, IOMMU_IOAS_ALLOC);
+arg!(IommuIoasIovaRanges, IOMMU_IOAS_IOVA_RANGES);
+arg!(IommuIoasMap, IOMMU_IOAS_MAP);
+arg!(IommuIoasUnmap, IOMMU_IOAS_UNMAP);
+arg!(IommuIoasMapFile, IOMMU_IOAS_MAP_FILE);
+arg!(IommuIoasCopy, IOMMU_IOAS_COPY);
+arg!(IommuHwptAlloc, IOMMU_HWPT_ALLOC);
+arg!(VfioRegionInfo, VFIO_DEVICE_GET_REGION_INFO);
+arg!(VfioDeviceBindIommufd, VFIO_DEVICE_BIND_IOMMUFD);
+arg!(VfioDeviceAttachIommufdPt, VFIO_DEVICE_ATTACH_IOMMUFD_PT);
+arg!(VfioDeviceDetachIommufdPt, VFIO_DEVICE_DETACH_IOMMUFD_PT);
+arg!(VfioIrqSetEventfd, VFIO_DEVICE_SET_IRQS);
 
-/// `struct iommu_destroy`
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct IommuDestroy {
-    pub size: u32,
-    pub id: u32,
+// Typed wrappers.
+
+/// Signals `eventfd` for the first interrupt of IRQ index `index` of a VFIO device
+/// (`VFIO_DEVICE_SET_IRQS`, DATA_EVENTFD | ACTION_TRIGGER, one vector).
+pub fn set_irq_eventfd(
+    dev: BorrowedFd<'_>,
+    index: u32,
+    eventfd: BorrowedFd<'_>,
+) -> Result<(), Errno> {
+    let mut a = VfioIrqSetEventfd {
+        set: vfio::vfio_irq_set {
+            argsz: size32::<VfioIrqSetEventfd>(),
+            flags: vfio::VFIO_IRQ_SET_DATA_EVENTFD | vfio::VFIO_IRQ_SET_ACTION_TRIGGER,
+            index,
+            start: 0,
+            count: 1,
+            ..Default::default()
+        },
+        fd: eventfd.as_raw_fd(),
+    };
+    ioctl(dev, &mut a)
 }
-arg!(IommuDestroy, io(TYPE, 0x80), "IOMMU_DESTROY");
-
-/// `struct iommu_ioas_alloc`
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct IommuIoasAlloc {
-    pub size: u32,
-    pub flags: u32,
-    pub out_ioas_id: u32,
-}
-arg!(IommuIoasAlloc, io(TYPE, 0x81), "IOMMU_IOAS_ALLOC");
-
-/// `struct iommu_iova_range`
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IommuIovaRange {
-    pub start: u64,
-    pub last: u64,
-}
-
-/// `struct iommu_ioas_iova_ranges`
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct IommuIoasIovaRanges {
-    pub size: u32,
-    pub ioas_id: u32,
-    pub num_iovas: u32,
-    pub reserved: u32,
-    /// User pointer to `num_iovas` `IommuIovaRange`s.
-    pub allowed_iovas: u64,
-    pub out_iova_alignment: u64,
-}
-arg!(
-    IommuIoasIovaRanges,
-    io(TYPE, 0x84),
-    "IOMMU_IOAS_IOVA_RANGES"
-);
-
-/// `struct iommu_ioas_map`
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct IommuIoasMap {
-    pub size: u32,
-    pub flags: u32,
-    pub ioas_id: u32,
-    pub reserved: u32,
-    pub user_va: u64,
-    pub length: u64,
-    pub iova: u64,
-}
-arg!(IommuIoasMap, io(TYPE, 0x85), "IOMMU_IOAS_MAP");
-
-/// `struct iommu_ioas_unmap`
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct IommuIoasUnmap {
-    pub size: u32,
-    pub ioas_id: u32,
-    pub iova: u64,
-    pub length: u64,
-}
-arg!(IommuIoasUnmap, io(TYPE, 0x86), "IOMMU_IOAS_UNMAP");
-
-/// `struct iommu_ioas_map_file`
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct IommuIoasMapFile {
-    pub size: u32,
-    pub flags: u32,
-    pub ioas_id: u32,
-    pub fd: i32,
-    pub start: u64,
-    pub length: u64,
-    pub iova: u64,
-}
-arg!(IommuIoasMapFile, io(TYPE, 0x8f), "IOMMU_IOAS_MAP_FILE");
-
-/// `struct iommu_ioas_copy`
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct IommuIoasCopy {
-    pub size: u32,
-    pub flags: u32,
-    pub dst_ioas_id: u32,
-    pub src_ioas_id: u32,
-    pub length: u64,
-    pub dst_iova: u64,
-    pub src_iova: u64,
-}
-arg!(IommuIoasCopy, io(TYPE, 0x83), "IOMMU_IOAS_COPY");
-
-/// `struct iommu_hwpt_alloc` (no driver data, no fault queue).
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct IommuHwptAlloc {
-    pub size: u32,
-    pub flags: u32,
-    pub dev_id: u32,
-    pub pt_id: u32,
-    pub out_hwpt_id: u32,
-    pub reserved: u32,
-    pub data_type: u32,
-    pub data_len: u32,
-    pub data_uptr: u64,
-    pub fault_id: u32,
-    pub reserved2: u32,
-}
-arg!(IommuHwptAlloc, io(TYPE, 0x89), "IOMMU_HWPT_ALLOC");
-
-/// `struct vfio_region_info` (no capability chain: `argsz` is exactly this struct).
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct VfioRegionInfo {
-    pub argsz: u32,
-    pub flags: u32,
-    pub index: u32,
-    pub cap_offset: u32,
-    pub size: u64,
-    pub offset: u64,
-}
-arg!(
-    VfioRegionInfo,
-    io(TYPE, VFIO_BASE + 8),
-    "VFIO_DEVICE_GET_REGION_INFO"
-);
-
-/// `struct vfio_device_bind_iommufd`
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct VfioDeviceBindIommufd {
-    pub argsz: u32,
-    pub flags: u32,
-    pub iommufd: i32,
-    pub out_devid: u32,
-    /// Read only with VFIO_DEVICE_BIND_FLAG_TOKEN (not used).
-    pub token_uuid_ptr: u64,
-}
-arg!(
-    VfioDeviceBindIommufd,
-    io(TYPE, VFIO_BASE + 18),
-    "VFIO_DEVICE_BIND_IOMMUFD"
-);
-
-/// `struct vfio_device_attach_iommufd_pt`
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct VfioDeviceAttachIommufdPt {
-    pub argsz: u32,
-    pub flags: u32,
-    pub pt_id: u32,
-    /// Read only with VFIO_DEVICE_ATTACH_PASID (not used).
-    pub pasid: u32,
-}
-arg!(
-    VfioDeviceAttachIommufdPt,
-    io(TYPE, VFIO_BASE + 19),
-    "VFIO_DEVICE_ATTACH_IOMMUFD_PT"
-);
-
-/// `struct vfio_device_detach_iommufd_pt`
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct VfioDeviceDetachIommufdPt {
-    pub argsz: u32,
-    pub flags: u32,
-    /// Read only with VFIO_DEVICE_DETACH_PASID (not used).
-    pub pasid: u32,
-}
-arg!(
-    VfioDeviceDetachIommufdPt,
-    io(TYPE, VFIO_BASE + 20),
-    "VFIO_DEVICE_DETACH_IOMMUFD_PT"
-);
-
-pub const VFIO_PCI_REQ_IRQ_INDEX: u32 = 4;
-pub const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
-pub const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
-
-/// `struct vfio_irq_set` with one eventfd as its data.
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct VfioIrqSetEventfd {
-    pub argsz: u32,
-    pub flags: u32,
-    pub index: u32,
-    pub start: u32,
-    pub count: u32,
-    pub fd: i32,
-}
-arg!(
-    VfioIrqSetEventfd,
-    io(TYPE, VFIO_BASE + 10),
-    "VFIO_DEVICE_SET_IRQS"
-);
-
-// Typed wrappers: the only callers of `ioctl`.
 
 /// Signals `eventfd` when the kernel asks for the device back (`VFIO_PCI_REQ_IRQ_INDEX`:
 /// the host is unbinding it from vfio-pci).
 pub fn set_req_eventfd(dev: BorrowedFd<'_>, eventfd: BorrowedFd<'_>) -> Result<(), Errno> {
-    let mut a = VfioIrqSetEventfd {
-        argsz: size32::<VfioIrqSetEventfd>(),
-        flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-        index: VFIO_PCI_REQ_IRQ_INDEX,
-        start: 0,
-        count: 1,
-        fd: eventfd.as_raw_fd(),
-    };
-    ioctl(dev, &mut a)
+    set_irq_eventfd(dev, VFIO_PCI_REQ_IRQ_INDEX, eventfd)
 }
 
 pub fn ioas_alloc(iommufd: BorrowedFd<'_>) -> Result<u32, Errno> {

@@ -17,24 +17,29 @@ fn struct_sizes_and_request_numbers_match_the_uapi_headers() {
     assert_eq!(size_of::<IommuIoasMapFile>(), 40);
     assert_eq!(size_of::<IommuIoasCopy>(), 40);
     assert_eq!(size_of::<IommuHwptAlloc>(), 48);
-    assert_eq!(IommuIoasCopy::REQ, 0x3b83);
-    assert_eq!(IommuHwptAlloc::REQ, 0x3b89);
+    assert_eq!(IommuIoasCopy::request(), 0x3b83);
+    assert_eq!(IommuHwptAlloc::request(), 0x3b89);
     assert_eq!(size_of::<VfioRegionInfo>(), 32);
     assert_eq!(size_of::<VfioDeviceBindIommufd>(), 24);
     assert_eq!(size_of::<VfioDeviceAttachIommufdPt>(), 16);
     assert_eq!(size_of::<VfioDeviceDetachIommufdPt>(), 12);
-    assert_eq!(IommuDestroy::REQ, 0x3b80);
-    assert_eq!(IommuIoasAlloc::REQ, 0x3b81);
-    assert_eq!(IommuIoasIovaRanges::REQ, 0x3b84);
-    assert_eq!(IommuIoasMap::REQ, 0x3b85);
-    assert_eq!(IommuIoasUnmap::REQ, 0x3b86);
-    assert_eq!(IommuIoasMapFile::REQ, 0x3b8f);
-    assert_eq!(VfioRegionInfo::REQ, 0x3b6c);
-    assert_eq!(VfioDeviceBindIommufd::REQ, 0x3b76);
-    assert_eq!(VfioDeviceAttachIommufdPt::REQ, 0x3b77);
-    assert_eq!(VfioDeviceDetachIommufdPt::REQ, 0x3b78);
+    assert_eq!(IommuDestroy::request(), 0x3b80);
+    assert_eq!(IommuIoasAlloc::request(), 0x3b81);
+    assert_eq!(IommuIoasIovaRanges::request(), 0x3b84);
+    assert_eq!(IommuIoasMap::request(), 0x3b85);
+    assert_eq!(IommuIoasUnmap::request(), 0x3b86);
+    assert_eq!(IommuIoasMapFile::request(), 0x3b8f);
+    assert_eq!(VfioRegionInfo::request(), 0x3b6c);
+    assert_eq!(VfioDeviceBindIommufd::request(), 0x3b76);
+    assert_eq!(VfioDeviceAttachIommufdPt::request(), 0x3b77);
+    assert_eq!(VfioDeviceDetachIommufdPt::request(), 0x3b78);
     assert_eq!(size_of::<VfioIrqSetEventfd>(), 24);
-    assert_eq!(VfioIrqSetEventfd::REQ, 0x3b6e);
+    assert_eq!(
+        std::mem::offset_of!(VfioIrqSetEventfd, fd),
+        20,
+        "data[] of vfio_irq_set"
+    );
+    assert_eq!(VfioIrqSetEventfd::request(), 0x3b6e);
 }
 
 #[test]

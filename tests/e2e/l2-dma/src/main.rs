@@ -32,9 +32,8 @@ mod msix;
 mod nic;
 mod nvme;
 mod sysfs;
-#[allow(dead_code)]
-#[path = "../../../vm/guest-kit/uapi.rs"]
-mod uapi;
+// The iommufd/VFIO ioctls: the daemon's own definitions (the repository's `uapi` crate).
+use viommu_uapi as uapi;
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
@@ -507,15 +506,8 @@ fn open_vfio_edu(iommufd: &File, bdf: &str) -> Result<VfioEdu> {
     }
     // SAFETY: efd was just returned by eventfd and is owned by nobody else.
     let efd = unsafe { OwnedFd::from_raw_fd(efd) };
-    let mut irqs = VfioIrqSetOne {
-        argsz: size32::<VfioIrqSetOne>(),
-        flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-        index: VFIO_PCI_MSI_IRQ_INDEX,
-        start: 0,
-        count: 1,
-        fd: efd.as_raw_fd(),
-    };
-    ioctl(cdev.as_fd(), &mut irqs).map_err(|e| format!("{bdf}: MSI: {e}"))?;
+    set_irq_eventfd(cdev.as_fd(), VFIO_PCI_MSI_IRQ_INDEX, efd.as_fd())
+        .map_err(|e| format!("{bdf}: MSI: {e}"))?;
     edu.msi = Some(efd);
     Ok(VfioEdu {
         edu,

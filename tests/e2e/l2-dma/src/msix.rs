@@ -128,10 +128,15 @@ impl Msix {
     pub fn check_table(&self, bdf: &str, used: usize) -> Result<String> {
         let ctrl = self.control(bdf)?;
         if ctrl & CTRL_ENABLE == 0 || ctrl & CTRL_FUNCTION_MASK != 0 {
-            return Err(format!("MSI-X control {ctrl:#06x}: not enabled, or function masked"));
+            return Err(format!(
+                "MSI-X control {ctrl:#06x}: not enabled, or function masked"
+            ));
         }
         if used == 0 || used > self.size {
-            return Err(format!("{used} vectors in use of a {}-entry table", self.size));
+            return Err(format!(
+                "{used} vectors in use of a {}-entry table",
+                self.size
+            ));
         }
         let bar = self.bar(bdf, self.table_bar)?;
         for v in 0..used {
@@ -145,7 +150,9 @@ impl Msix {
         }
         let pending = self.pending(bdf)?;
         if !pending.is_empty() {
-            return Err(format!("vectors pending with the function unmasked: {pending:?}"));
+            return Err(format!(
+                "vectors pending with the function unmasked: {pending:?}"
+            ));
         }
         Ok(format!(
             "{}-entry table in BAR{} at {:#x}, PBA in BAR{} at {:#x}; vectors 0-{} unmasked at 0xfee….., none pending",
@@ -192,7 +199,9 @@ impl Msix {
             let waited = !done.load(Ordering::SeqCst);
             let unmasked = Instant::now();
             let unmask = self.set_control(bdf, ctrl & !CTRL_FUNCTION_MASK);
-            let r = worker.join().map_err(|_| "the I/O thread panicked".to_string());
+            let r = worker
+                .join()
+                .map_err(|_| "the I/O thread panicked".to_string());
             let delivered_in = unmasked.elapsed();
             (seen, waited, unmask, r, delivered_in)
         });

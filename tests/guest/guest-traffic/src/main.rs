@@ -20,11 +20,8 @@
 //! Guest-side checks print `PASS: <name>` or `FAIL: <name>: <why>`; exit status 1 if any failed.
 //! It touches only the edu devices the initramfs bound to vfio-pci (VM_TIER_EDU_BDFS).
 
-// The iommufd/VFIO uAPI structs (tests/vm/guest-kit/uapi.rs), shared with tests/vm/guest-smoke
-// and tests/e2e/l2-dma, which issue requests this program does not.
-#[allow(dead_code)]
-#[path = "../../../vm/guest-kit/uapi.rs"]
-mod uapi;
+// The iommufd/VFIO ioctls: the daemon's own definitions (the repository's `uapi` crate).
+use viommu_uapi as uapi;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};

@@ -652,8 +652,10 @@ mod selftest {
     // SAFETY: `#[repr(C)]` transcription of `struct iommu_test_cmd` (layout asserted above), made
     // only of integers; `_IO(IOMMUFD_TYPE, IOMMUFD_CMD_BASE + 32)` = 0x3ba0.
     unsafe impl IoctlArg for IommuTestCmd {
-        const REQ: libc::c_ulong = ((b';' as libc::c_ulong) << 8) | (0x80 + 32);
         const NAME: &'static str = "IOMMU_TEST_CMD";
+        fn request() -> libc::c_ulong {
+            ((b';' as libc::c_ulong) << 8) | (0x80 + 32)
+        }
     }
 
     fn run(fd: BorrowedFd<'_>, op: u32, id: u32, u: [u64; 6]) -> Result<IommuTestCmd, i32> {

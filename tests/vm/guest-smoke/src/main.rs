@@ -11,11 +11,8 @@
 //! It owns nothing but the edu devices; it must never touch other PCI devices.
 
 mod mem;
-// The iommufd/VFIO uAPI structs, shared with tests/guest/guest-traffic and tests/e2e/l2-dma,
-// which issue requests this program does not.
-#[allow(dead_code)]
-#[path = "../../guest-kit/uapi.rs"]
-mod uapi;
+// The iommufd/VFIO ioctls: the daemon's own definitions (the repository's `uapi` crate).
+use viommu_uapi as uapi;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsFd;
