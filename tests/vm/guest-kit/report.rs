@@ -1,6 +1,7 @@
 //! PASS/FAIL reporting of the VM tier's guest programs (std only; included with `#[path]`, by
 //! edu.rs and by programs that need nothing else of the kit). tests/vm/run.sh counts the
-//! `PASS: ` and `FAIL: ` lines this prints.
+//! `PASS: ` and `FAIL: ` lines this prints; `INFO: ` (figures) and `SKIP: ` (a check this run
+//! cannot make) lines are not checks and are not counted.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -9,6 +10,7 @@ use std::time::Instant;
 pub struct Report {
     pub passed: usize,
     pub failed: usize,
+    pub skipped: usize,
 }
 
 impl Report {
@@ -27,13 +29,25 @@ impl Report {
         true
     }
 
-    /// Prints `program: N passed, M failed in S s` (time since `t0`); the program's exit status
+    /// Prints `INFO: name: text`: figures for the log, not a check.
+    pub fn info(&self, name: &str, text: &str) {
+        println!("INFO: {name}: {text}");
+    }
+
+    /// Prints `SKIP: name: why`: a check this run cannot make (counted apart, never as passed).
+    pub fn skip(&mut self, name: &str, why: &str) {
+        self.skipped += 1;
+        println!("SKIP: {name}: {why}");
+    }
+
+    /// Prints `program: N passed, M failed, K skipped in S s` (time since `t0`); the program's exit status
     /// (failure if any check failed).
     pub fn finish(&self, program: &str, t0: Instant) -> ExitCode {
         println!(
-            "{program}: {} passed, {} failed in {:.1} s",
+            "{program}: {} passed, {} failed, {} skipped in {:.1} s",
             self.passed,
             self.failed,
+            self.skipped,
             t0.elapsed().as_secs_f64()
         );
         if self.failed == 0 {
