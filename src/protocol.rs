@@ -221,6 +221,54 @@ fn bytes4(b: &[u8], at: usize) -> [u8; 4] {
 }
 
 impl Request {
+    /// ATTACH of `endpoint` to paging domain `domain` (no flags).
+    pub fn attach(domain: u32, endpoint: u32) -> Request {
+        Request::Attach {
+            domain: DomainId(domain),
+            endpoint: EndpointId(endpoint),
+            flags: 0,
+            reserved: [0; 4],
+        }
+    }
+
+    /// ATTACH of `endpoint` to bypass domain `domain` (ATTACH_F_BYPASS).
+    pub fn attach_bypass(domain: u32, endpoint: u32) -> Request {
+        Request::Attach {
+            domain: DomainId(domain),
+            endpoint: EndpointId(endpoint),
+            flags: ATTACH_F_BYPASS,
+            reserved: [0; 4],
+        }
+    }
+
+    pub fn detach(domain: u32, endpoint: u32) -> Request {
+        Request::Detach {
+            domain: DomainId(domain),
+            endpoint: EndpointId(endpoint),
+        }
+    }
+
+    /// MAP of IOVAs `[start, end]` to GPA `phys` with `flags` (MAP_F_*).
+    pub fn map(domain: u32, start: u64, end: u64, phys: u64, flags: u32) -> Request {
+        Request::Map {
+            domain: DomainId(domain),
+            virt_start: start,
+            virt_end: end,
+            phys_start: phys,
+            flags,
+        }
+    }
+
+    /// UNMAP of IOVAs `[start, end]`.
+    pub fn unmap(domain: u32, start: u64, end: u64) -> Request {
+        Request::Unmap {
+            domain: DomainId(domain),
+            virt_start: start,
+            virt_end: end,
+            reserved: [0; 4],
+        }
+    }
+
     /// Peeks at the request type in a device-readable buffer.
     pub fn peek_type(readable: &[u8]) -> Result<RequestType, DecodeError> {
         let t = *readable.first().ok_or(DecodeError::NoHead {

@@ -11,53 +11,11 @@ use vhost_user_iommu::driver::{Desc, VmOptions};
 use vhost_user_iommu::ids::{DomainId, EndpointId};
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{
-    ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, REQUEST_QUEUE, Request, ResvKind, Status,
-    decode_probe_properties, features,
+    MAP_F_MMIO, MAP_F_READ, REQUEST_QUEUE, Request, ResvKind, Status, decode_probe_properties,
+    features,
 };
 
-fn attach(d: u32, e: u32) -> Request {
-    Request::Attach {
-        domain: DomainId(d),
-        endpoint: EndpointId(e),
-        flags: 0,
-        reserved: [0; 4],
-    }
-}
-
-fn attach_bypass(d: u32, e: u32) -> Request {
-    Request::Attach {
-        domain: DomainId(d),
-        endpoint: EndpointId(e),
-        flags: ATTACH_F_BYPASS,
-        reserved: [0; 4],
-    }
-}
-
-fn detach(d: u32, e: u32) -> Request {
-    Request::Detach {
-        domain: DomainId(d),
-        endpoint: EndpointId(e),
-    }
-}
-
-fn map(d: u32, start: u64, end: u64, phys: u64, flags: u32) -> Request {
-    Request::Map {
-        domain: DomainId(d),
-        virt_start: start,
-        virt_end: end,
-        phys_start: phys,
-        flags,
-    }
-}
-
-fn unmap(d: u32, start: u64, end: u64) -> Request {
-    Request::Unmap {
-        domain: DomainId(d),
-        virt_start: start,
-        virt_end: end,
-        reserved: [0; 4],
-    }
-}
+use Request as R;
 
 /// A 1024-entry request queue: room for batches of up to 512 requests.
 fn big_queue() -> VmOptions {
@@ -95,9 +53,9 @@ fn the_whole_request_cycle_programs_translation() {
         resv.iter()
             .any(|r| r.kind == ResvKind::Msi && r.start == 0xfee0_0000 && r.end == 0xfeef_ffff)
     );
-    assert_eq!(vm.request(&attach(2, 1)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::attach(2, 1)).unwrap(), Status::Ok);
     assert_eq!(
-        vm.request(&map(2, 0x10_0000, 0x10_ffff, 0x20_0000, RW))
+        vm.request(&R::map(2, 0x10_0000, 0x10_ffff, 0x20_0000, RW))
             .unwrap(),
         Status::Ok
     );
@@ -112,12 +70,12 @@ fn the_whole_request_cycle_programs_translation() {
         endpoints.iter().find(|e| e.id == 1).unwrap().domain,
         Some(2)
     );
-    assert_eq!(vm.request(&unmap(2, 0, u64::MAX)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::unmap(2, 0, u64::MAX)).unwrap(), Status::Ok);
     assert_eq!(
         d.soft.translate(EndpointId(1), 0x10_0123, true),
         Err(Fault::Unmapped)
     );
-    assert_eq!(vm.request(&detach(2, 1)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::detach(2, 1)).unwrap(), Status::Ok);
     assert_eq!(
         d.soft.translate(EndpointId(1), 0x10_0123, true),
         Err(Fault::Blocked)
@@ -132,7 +90,7 @@ fn the_whole_request_cycle_programs_translation() {
 fn every_spec_rule_yields_its_status_over_the_socket() {
     let ram = 64u64 << 20;
     let cases: Vec<(&str, Request, Status)> = vec![
-        ("attach ok", attach(3, 3), Status::Ok),
+        ("attach ok", R::attach(3, 3), Status::Ok),
         (
             "attach reserved",
             Request::Attach {
@@ -153,93 +111,101 @@ fn every_spec_rule_yields_its_status_over_the_socket() {
             },
             Status::Inval,
         ),
-        ("attach unknown endpoint", attach(3, 99), Status::NoEnt),
+        ("attach unknown endpoint", R::attach(3, 99), Status::NoEnt),
         (
             "attach bypass flag to paging domain",
-            attach_bypass(2, 3),
+            R::attach_bypass(2, 3),
             Status::Inval,
         ),
         (
             "attach paging to bypass domain",
-            attach(9, 3),
+            R::attach(9, 3),
             Status::Inval,
         ),
-        ("attach shares a domain", attach(2, 3), Status::Ok),
-        ("attach again to same domain", attach(2, 1), Status::Ok),
-        ("detach ok", detach(2, 1), Status::Ok),
-        ("detach unknown endpoint", detach(2, 99), Status::NoEnt),
-        ("detach wrong domain", detach(9, 1), Status::Inval),
-        ("detach unattached endpoint", detach(2, 3), Status::Inval),
-        ("map ok", map(2, 0x40000, 0x4ffff, 0x40000, RW), Status::Ok),
+        ("attach shares a domain", R::attach(2, 3), Status::Ok),
+        ("attach again to same domain", R::attach(2, 1), Status::Ok),
+        ("detach ok", R::detach(2, 1), Status::Ok),
+        ("detach unknown endpoint", R::detach(2, 99), Status::NoEnt),
+        ("detach wrong domain", R::detach(9, 1), Status::Inval),
+        ("detach unattached endpoint", R::detach(2, 3), Status::Inval),
+        (
+            "map ok",
+            R::map(2, 0x40000, 0x4ffff, 0x40000, RW),
+            Status::Ok,
+        ),
         (
             "map unknown flag",
-            map(2, 0x40000, 0x4ffff, 0, 8),
+            R::map(2, 0x40000, 0x4ffff, 0, 8),
             Status::Inval,
         ),
         (
             "map no domain",
-            map(7, 0x40000, 0x4ffff, 0, RW),
+            R::map(7, 0x40000, 0x4ffff, 0, RW),
             Status::NoEnt,
         ),
         (
             "map bypass domain",
-            map(9, 0x40000, 0x4ffff, 0, RW),
+            R::map(9, 0x40000, 0x4ffff, 0, RW),
             Status::Inval,
         ),
         (
             "map mmio",
-            map(2, 0x40000, 0x4ffff, 0, RW | MAP_F_MMIO),
+            R::map(2, 0x40000, 0x4ffff, 0, RW | MAP_F_MMIO),
             Status::Unsupp,
         ),
         (
             "map misaligned start",
-            map(2, 0x40001, 0x4ffff, 0, RW),
+            R::map(2, 0x40001, 0x4ffff, 0, RW),
             Status::Range,
         ),
         (
             "map misaligned end",
-            map(2, 0x40000, 0x4fffe, 0, RW),
+            R::map(2, 0x40000, 0x4fffe, 0, RW),
             Status::Range,
         ),
         (
             "map misaligned phys",
-            map(2, 0x40000, 0x4ffff, 0x10, RW),
+            R::map(2, 0x40000, 0x4ffff, 0x10, RW),
             Status::Range,
         ),
         (
             "map overlap",
-            map(2, 0x18000, 0x27fff, 0, RW),
+            R::map(2, 0x18000, 0x27fff, 0, RW),
             Status::Inval,
         ),
         (
             "map msi window",
-            map(2, 0xfee0_0000, 0xfee0_ffff, 0, RW),
+            R::map(2, 0xfee0_0000, 0xfee0_ffff, 0, RW),
             Status::Inval,
         ),
         (
             "map outside guest ram",
-            map(2, 0x40000, 0x4ffff, ram, RW),
+            R::map(2, 0x40000, 0x4ffff, ram, RW),
             Status::Fault,
         ),
         (
             "map read-only ok",
-            map(2, 0x40000, 0x4ffff, 0, MAP_F_READ),
+            R::map(2, 0x40000, 0x4ffff, 0, MAP_F_READ),
             Status::Ok,
         ),
-        ("unmap ok", unmap(2, 0x10000, 0x1ffff), Status::Ok),
-        ("unmap split", unmap(2, 0x10000, 0x17fff), Status::Range),
-        ("unmap over holes", unmap(2, 0, 0xfffff), Status::Ok),
-        ("unmap over nothing", unmap(2, 0x90000, 0x9ffff), Status::Ok),
-        ("unmap no domain", unmap(7, 0, 0xfff), Status::NoEnt),
-        ("unmap bypass domain", unmap(9, 0, 0xfff), Status::Inval),
+        ("unmap ok", R::unmap(2, 0x10000, 0x1ffff), Status::Ok),
+        ("unmap split", R::unmap(2, 0x10000, 0x17fff), Status::Range),
+        ("unmap over holes", R::unmap(2, 0, 0xfffff), Status::Ok),
+        (
+            "unmap over nothing",
+            R::unmap(2, 0x90000, 0x9ffff),
+            Status::Ok,
+        ),
+        ("unmap no domain", R::unmap(7, 0, 0xfff), Status::NoEnt),
+        ("unmap bypass domain", R::unmap(9, 0, 0xfff), Status::Inval),
     ];
     let d = Daemon::start(Options::default());
     for (what, req, want) in cases {
         let mut vm = d.connect();
         let setup = [
-            attach(2, 1),
-            attach_bypass(9, 2),
-            map(2, 0x10000, 0x1ffff, 0x10000, RW),
+            R::attach(2, 1),
+            R::attach_bypass(9, 2),
+            R::map(2, 0x10000, 0x1ffff, 0x10000, RW),
         ];
         assert_eq!(
             vm.batch(&setup).unwrap(),
@@ -283,14 +249,14 @@ fn a_batch_of_many_requests_in_one_kick_completes_every_request() {
             ..Options::default()
         });
         let mut vm = d.connect_with(big_queue());
-        assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+        assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
         let reqs: Vec<Request> = (0..200u64)
-            .map(|i| map(1, i << 12, (i << 12) + 0xfff, i << 12, RW))
+            .map(|i| R::map(1, i << 12, (i << 12) + 0xfff, i << 12, RW))
             .collect();
         assert_eq!(vm.batch(&reqs).unwrap(), vec![Status::Ok; 200], "{mode:?}");
         assert_eq!(d.backend_mappings(), 200);
         assert_eq!(
-            vm.batch(&[unmap(1, 0, u64::MAX)]).unwrap(),
+            vm.batch(&[R::unmap(1, 0, u64::MAX)]).unwrap(),
             vec![Status::Ok]
         );
         assert_eq!(d.backend_mappings(), 0);
@@ -305,7 +271,7 @@ fn two_domains_in_flight_at_once_keep_per_domain_order() {
     });
     let mut vm = d.connect_with(big_queue());
     assert_eq!(
-        vm.batch(&[attach(1, 1), attach(2, 2)]).unwrap(),
+        vm.batch(&[R::attach(1, 1), R::attach(2, 2)]).unwrap(),
         vec![Status::Ok; 2]
     );
     // Interleave both domains; within each domain, map then unmap then map again the same
@@ -314,9 +280,9 @@ fn two_domains_in_flight_at_once_keep_per_domain_order() {
     for i in 0..80u64 {
         for dom in [1, 2] {
             let iova = i << 12;
-            reqs.push(map(dom, iova, iova + 0xfff, iova, RW));
-            reqs.push(unmap(dom, iova, iova + 0xfff));
-            reqs.push(map(dom, iova, iova + 0xfff, 0x100000 + iova, RW));
+            reqs.push(R::map(dom, iova, iova + 0xfff, iova, RW));
+            reqs.push(R::unmap(dom, iova, iova + 0xfff));
+            reqs.push(R::map(dom, iova, iova + 0xfff, 0x100000 + iova, RW));
         }
     }
     let n = reqs.len();
@@ -325,9 +291,9 @@ fn two_domains_in_flight_at_once_keep_per_domain_order() {
     assert_eq!(d.soft.translate(EndpointId(2), 0x5000, false), Ok(0x105000));
     // An endpoint moving between domains owned by different executors is ordered against both.
     let mv = vec![
-        map(1, 0x80_0000, 0x80_0fff, 0x1000, RW),
-        attach(2, 1),
-        map(2, 0x90_0000, 0x90_0fff, 0x2000, RW),
+        R::map(1, 0x80_0000, 0x80_0fff, 0x1000, RW),
+        R::attach(2, 1),
+        R::map(2, 0x90_0000, 0x90_0fff, 0x2000, RW),
     ];
     assert_eq!(vm.batch(&mv).unwrap(), vec![Status::Ok; 3]);
     assert_eq!(
@@ -353,7 +319,7 @@ fn descriptor_abuse_is_answered_without_harm() {
         });
         let mut vm = d.connect();
         let scratch = vm.usable_ram_end() - 0x10000;
-        let (att, n) = attach(1, 1).encode();
+        let (att, n) = R::attach(1, 1).encode();
         vm.ram().write(scratch, &att[..n]).unwrap();
         let r = |len: u32| Desc {
             addr: scratch,
@@ -486,7 +452,7 @@ fn descriptor_abuse_is_answered_without_harm() {
         }
         // And the device still serves ordinary requests.
         assert_eq!(
-            vm.request(&map(1, 0x1000, 0x1fff, 0x1000, RW)).unwrap(),
+            vm.request(&R::map(1, 0x1000, 0x1fff, 0x1000, RW)).unwrap(),
             Status::Ok
         );
         assert!(
@@ -504,7 +470,8 @@ fn device_reset_detaches_everything_and_keeps_bypass() {
     let mut vm = d.connect();
     vm.write_bypass(1).unwrap();
     assert_eq!(
-        vm.batch(&[attach(1, 1), map(1, 0, 0xfff, 0, RW)]).unwrap(),
+        vm.batch(&[R::attach(1, 1), R::map(1, 0, 0xfff, 0, RW)])
+            .unwrap(),
         vec![Status::Ok; 2]
     );
     vm.reset_device().unwrap();
@@ -526,11 +493,12 @@ fn restarting_onto_fresh_rings_after_a_stop_is_a_device_reset() {
     });
     let mut vm = d.connect();
     assert_eq!(
-        vm.batch(&[attach(1, 1), map(1, 0, 0xfff, 0, RW)]).unwrap(),
+        vm.batch(&[R::attach(1, 1), R::map(1, 0, 0xfff, 0, RW)])
+            .unwrap(),
         vec![Status::Ok; 2]
     );
     vm.reset_rings().unwrap();
-    assert_eq!(vm.request(&attach(5, 2)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::attach(5, 2)).unwrap(), Status::Ok);
     let (domains, endpoints) = d.state();
     assert_eq!(domains.iter().map(|d| d.id).collect::<Vec<_>>(), vec![5]);
     assert_eq!(endpoints.iter().find(|e| e.id == 1).unwrap().domain, None);
@@ -543,7 +511,7 @@ fn restarting_onto_fresh_rings_after_a_stop_is_a_device_reset() {
 /// Sends cheap requests until exactly 65,536 went through the request ring since it was set up:
 /// its free-running avail index is 0 again.
 fn wrap_the_request_ring(vm: &mut vhost_user_iommu::driver::TestVm, sent: usize) {
-    let filler = vec![attach(1, 1); 512];
+    let filler = vec![R::attach(1, 1); 512];
     let mut sent = sent;
     while sent < 1 << 16 {
         let n = ((1 << 16) - sent).min(filler.len());
@@ -563,14 +531,15 @@ fn pausing_and_resuming_the_rings_keeps_every_domain_even_when_the_avail_index_w
         });
         let mut vm = d.connect_with(big_queue());
         assert_eq!(
-            vm.batch(&[attach(1, 1), map(1, 0, 0xfff, 0, RW)]).unwrap(),
+            vm.batch(&[R::attach(1, 1), R::map(1, 0, 0xfff, 0, RW)])
+                .unwrap(),
             vec![Status::Ok; 2]
         );
         wrap_the_request_ring(&mut vm, 2);
         let bases = vm.pause_and_resume().unwrap();
         assert_eq!(bases[REQUEST_QUEUE], 0, "{mode:?}");
         assert_eq!(
-            vm.request(&map(1, 0x1000, 0x1fff, 0x1000, RW)).unwrap(),
+            vm.request(&R::map(1, 0x1000, 0x1fff, 0x1000, RW)).unwrap(),
             Status::Ok,
             "{mode:?}: the domain is still there after the resume"
         );
@@ -591,7 +560,8 @@ fn restarting_onto_fresh_rings_after_the_avail_index_wrapped_to_zero_is_still_a_
     let d = Daemon::start(Options::default());
     let mut vm = d.connect_with(big_queue());
     assert_eq!(
-        vm.batch(&[attach(1, 1), map(1, 0, 0xfff, 0, RW)]).unwrap(),
+        vm.batch(&[R::attach(1, 1), R::map(1, 0, 0xfff, 0, RW)])
+            .unwrap(),
         vec![Status::Ok; 2]
     );
     wrap_the_request_ring(&mut vm, 2);
@@ -599,7 +569,7 @@ fn restarting_onto_fresh_rings_after_the_avail_index_wrapped_to_zero_is_still_a_
     // driver allocated its ring at the same address looks like.
     vm.reset_rings().unwrap();
     assert_eq!(vm.last_vring_bases().unwrap()[REQUEST_QUEUE], 0);
-    assert_eq!(vm.request(&attach(5, 2)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::attach(5, 2)).unwrap(), Status::Ok);
     let (domains, endpoints) = d.state();
     assert_eq!(domains.iter().map(|d| d.id).collect::<Vec<_>>(), vec![5]);
     assert_eq!(endpoints.iter().find(|e| e.id == 1).unwrap().domain, None);
@@ -623,7 +593,11 @@ fn disconnect_tears_down_and_the_next_connection_starts_clean() {
                 0,
                 "bypass restored on reconnect"
             );
-            let reqs = [attach(1, 1), attach_bypass(2, 2), map(1, 0, 0xfff, 0, RW)];
+            let reqs = [
+                R::attach(1, 1),
+                R::attach_bypass(2, 2),
+                R::map(1, 0, 0xfff, 0, RW),
+            ];
             assert_eq!(
                 vm.batch(&reqs).unwrap(),
                 vec![Status::Ok; 3],
@@ -652,7 +626,7 @@ fn writing_bypass_moves_unattached_endpoints_to_identity_and_back() {
     vm.write_bypass(1).unwrap();
     assert_eq!(vm.config().unwrap().bypass, 1);
     assert_eq!(d.soft.translate(EndpointId(3), 0x5000, true), Ok(0x5000));
-    assert_eq!(vm.request(&attach(1, 3)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::attach(1, 3)).unwrap(), Status::Ok);
     assert_eq!(
         d.soft.translate(EndpointId(3), 0x5000, true),
         Err(Fault::Unmapped)
@@ -669,18 +643,18 @@ fn memory_regions_added_and_removed_at_runtime_govern_what_may_be_mapped() {
     let d = Daemon::start(Options::default());
     let mut vm = d.connect();
     let extra = 1u64 << 32;
-    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
     assert_eq!(
-        vm.request(&map(1, 0, 0xfff, extra, RW)).unwrap(),
+        vm.request(&R::map(1, 0, 0xfff, extra, RW)).unwrap(),
         Status::Fault
     );
     vm.add_region(extra, 2 << 20).unwrap();
     assert_eq!(
-        vm.request(&map(1, 0, 0xfff, extra, RW)).unwrap(),
+        vm.request(&R::map(1, 0, 0xfff, extra, RW)).unwrap(),
         Status::Ok
     );
     assert_eq!(
-        vm.request(&map(1, 0x1000, 0x1fff, 0x1000, RW)).unwrap(),
+        vm.request(&R::map(1, 0x1000, 0x1fff, 0x1000, RW)).unwrap(),
         Status::Ok
     );
     vm.remove_region(extra).unwrap();
@@ -726,10 +700,10 @@ fn a_memory_region_beyond_the_end_of_its_file_is_refused_and_the_daemon_serves_o
     }
     // Still serving, and an honest region still goes through.
     let mut vm = d.connect();
-    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
     vm.add_region_claiming(extra, 2 * MIB, MIB, MIB).unwrap();
     assert_eq!(
-        vm.request(&map(1, 0, 0xfff, extra, RW)).unwrap(),
+        vm.request(&R::map(1, 0, 0xfff, extra, RW)).unwrap(),
         Status::Ok
     );
 }
@@ -741,13 +715,13 @@ fn a_memory_table_change_waits_for_the_requests_in_flight() {
         ..Options::default()
     });
     let mut vm = d.connect_with(big_queue());
-    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
     d.faults
         .delay(Op::Map, std::time::Duration::from_millis(30));
     let n = 8u64;
     let heads: Vec<u16> = (0..n)
         .map(|i| {
-            let (bytes, len) = map(1, i << 12, (i << 12) | 0xfff, i << 12, RW).encode();
+            let (bytes, len) = R::map(1, i << 12, (i << 12) | 0xfff, i << 12, RW).encode();
             vm.push(&bytes[..len], 4).unwrap()
         })
         .collect();
@@ -773,11 +747,14 @@ fn backend_failures_reach_the_guest_as_statuses_and_roll_back() {
     let d = Daemon::start(Options::default());
     let mut vm = d.connect();
     d.faults.fail(Op::CreateDomain, 0, 1, libc::ENOMEM);
-    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::NoMem);
+    assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::NoMem);
     assert!(d.state().0.is_empty());
-    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
     d.faults.fail(Op::Map, 0, 1, libc::EFAULT);
-    assert_eq!(vm.request(&map(1, 0, 0xfff, 0, RW)).unwrap(), Status::Fault);
+    assert_eq!(
+        vm.request(&R::map(1, 0, 0xfff, 0, RW)).unwrap(),
+        Status::Fault
+    );
     assert_eq!(d.backend_mappings(), 0);
     assert!(d.state().0[0].mappings.is_empty());
 }
@@ -795,18 +772,18 @@ fn resource_caps_answer_nomem_and_leave_other_domains_working() {
     });
     let mut vm = d.connect();
     assert_eq!(
-        vm.batch(&[attach(1, 1), attach(2, 2)]).unwrap(),
+        vm.batch(&[R::attach(1, 1), R::attach(2, 2)]).unwrap(),
         vec![Status::Ok; 2]
     );
     let flood: Vec<Request> = (0..60u64)
-        .map(|i| map(1, i << 12, (i << 12) + 0xfff, 0, RW))
+        .map(|i| R::map(1, i << 12, (i << 12) + 0xfff, 0, RW))
         .collect();
     let st = vm.batch(&flood).unwrap();
     assert_eq!(st.iter().filter(|&&s| s == Status::Ok).count(), 50);
     assert!(st[50..].iter().all(|&s| s == Status::NoMem));
-    assert_eq!(vm.request(&map(2, 0, 0xfff, 0, RW)).unwrap(), Status::Ok);
-    assert_eq!(vm.request(&attach(3, 3)).unwrap(), Status::Ok);
-    assert_eq!(vm.request(&attach(4, 4)).unwrap(), Status::NoMem);
+    assert_eq!(vm.request(&R::map(2, 0, 0xfff, 0, RW)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::attach(3, 3)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::attach(4, 4)).unwrap(), Status::NoMem);
 }
 
 #[test]
@@ -840,11 +817,11 @@ fn back_to_back_requests_are_found_by_polling_and_a_quiet_guest_is_woken_by_its_
         ..Options::default()
     });
     let mut vm = d.connect();
-    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
     // Each answer opens a window; a request that misses it but comes within the 200 ms ceiling
     // widens it, so a guest sending back to back is soon served without a kick or a wake-up.
     for i in 0..64u64 {
-        let r = map(1, i << 12, (i << 12) + 0xfff, i << 12, RW);
+        let r = R::map(1, i << 12, (i << 12) + 0xfff, i << 12, RW);
         assert_eq!(vm.request(&r).unwrap(), Status::Ok);
     }
     let hits = d.metrics.poll_hits.load(Relaxed);
@@ -856,7 +833,7 @@ fn back_to_back_requests_are_found_by_polling_and_a_quiet_guest_is_woken_by_its_
     // and the next request comes through a kick.
     let woken = d.metrics.wakeups.load(Relaxed);
     std::thread::sleep(std::time::Duration::from_millis(500));
-    assert_eq!(vm.request(&unmap(1, 0, u64::MAX)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::unmap(1, 0, u64::MAX)).unwrap(), Status::Ok);
     assert!(
         d.metrics.wakeups.load(Relaxed) > woken,
         "the request after a quiet spell did not count as a wake-up"
@@ -876,9 +853,9 @@ fn a_call_eventfd_that_would_block_does_not_wedge_the_device() {
         saturated_call: true,
         ..VmOptions::default()
     });
-    assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
     for i in 0..8u64 {
-        let r = map(1, i << 12, (i << 12) + 0xfff, i << 12, RW);
+        let r = R::map(1, i << 12, (i << 12) + 0xfff, i << 12, RW);
         assert_eq!(vm.request(&r).unwrap(), Status::Ok, "request {i}");
     }
     assert_eq!(d.backend_mappings(), 8);
@@ -892,17 +869,17 @@ fn the_vring_thread_alone_changes_the_device_whatever_thread_the_event_comes_fro
             ..Options::default()
         });
         let mut vm = d.connect();
-        assert_eq!(vm.request(&attach(1, 1)).unwrap(), Status::Ok);
+        assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
         // Events from the vhost-user message thread: a config write, memory-table changes, a
         // ring stop and restart, a device reset and new rings.
         vm.write_bypass(1).unwrap();
         vm.add_region(1 << 32, 2 << 20).unwrap();
         vm.remove_region(1 << 32).unwrap();
         vm.pause_and_resume().unwrap();
-        assert_eq!(vm.request(&attach(2, 2)).unwrap(), Status::Ok);
+        assert_eq!(vm.request(&R::attach(2, 2)).unwrap(), Status::Ok);
         vm.reset_device().unwrap();
         vm.reset_rings().unwrap();
-        assert_eq!(vm.request(&attach(3, 3)).unwrap(), Status::Ok);
+        assert_eq!(vm.request(&R::attach(3, 3)).unwrap(), Status::Ok);
         // From another thread of the daemon: a device connection that closed.
         d.device().unwrap().endpoint_disconnected(EndpointId(3));
         assert_eq!(
