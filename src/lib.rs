@@ -6,14 +6,20 @@
 //! [`protocol`] decodes it; [`pipeline`] routes it to the executor owning its domain;
 //! [`domains`] validates it against the spec and the shadow state and calls a
 //! [`backend::DmaBackend`]; the tail goes back through [`vhost`].
+//!
+//! The `test-utils` feature adds the test kit: `driver` (a simulated VMM and guest driver),
+//! `bench` (the in-process daemon and the `bench` command), `backend::fault` (fault
+//! injection) and `testing`.
 
 pub mod backend;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod bench;
 pub mod boot_ram;
 pub mod config;
 pub mod control;
 pub mod deploy;
 pub mod domains;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod driver;
 pub mod guest_ram;
 pub mod hotplug;
@@ -24,6 +30,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod protocol;
 pub mod server;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod vfio;
 pub mod vfio_user;

@@ -111,6 +111,7 @@ enum CtlQuery {
 }
 
 #[derive(Args, Debug)]
+#[cfg_attr(not(feature = "test-utils"), allow(dead_code))]
 struct BenchArgs {
     /// Translation backend to measure (only soft in this build).
     #[arg(long, value_enum, default_value = "soft")]
@@ -198,6 +199,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// The benchmark kit (a simulated VMM and guest in this process) is test code, left out of the
+/// daemon operators install.
+#[cfg(not(feature = "test-utils"))]
+fn bench(_: BenchArgs) -> Result<(), String> {
+    Err("this build has no benchmark kit: build it with `cargo build --release --features test-utils` (or run `cargo run --release --features test-utils -- bench`)".into())
+}
+
+#[cfg(feature = "test-utils")]
 fn bench(a: BenchArgs) -> Result<(), String> {
     use std::io::IsTerminal;
     use vhost_user_iommu::bench::{self, report};

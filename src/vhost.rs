@@ -7,7 +7,7 @@
 //! the domain model's job, reached through the [`Dispatcher`].
 //!
 //! The device state has one owner, the vring thread: the vhost-user message thread and every
-//! other thread post [`Event`]s to its mailbox (see `mailbox`) and wait for the answer.
+//! other thread post `Event`s to its mailbox (see `mailbox`) and wait for the answer.
 
 use std::io;
 use std::os::fd::AsRawFd;

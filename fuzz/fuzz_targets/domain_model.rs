@@ -1,33 +1,21 @@
-//! The domain model driven by arbitrary request sequences, with the invariants checked after
+//! The domain model, through the dispatcher that runs it (inline), driven by arbitrary request
+//! sequences, with the invariants checked after
 //! every step: statuses agree with the spec model in `testing`; the shadow state equals the
 //! backend's; every mapping lies inside guest RAM, outside reserved regions, without overlap;
 //! an unattached endpoint reaches nothing.
 #![no_main]
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 
 use libfuzzer_sys::fuzz_target;
 use vhost_user_iommu::backend::DmaBackend;
 use vhost_user_iommu::backend::soft::{Fault, SoftBackend};
-use vhost_user_iommu::domains::{
-    DomainKind, DomainTable, Limits, Rejection, Rules, Shards, Topology, status_of,
-};
+use vhost_user_iommu::domains::{Limits, Rules, status_of};
 use vhost_user_iommu::guest_ram::{GuestRam, RamRegion};
 use vhost_user_iommu::ids::{DomainId, EndpointId, IovaRange};
+use vhost_user_iommu::pipeline::{Dispatcher, Mode, Submitted};
 use vhost_user_iommu::protocol::Request;
 use vhost_user_iommu::testing::{ENDPOINTS, Model, PAGE, RAM};
-
-struct One<'a>(&'a mut DomainTable);
-
-impl Shards for One<'_> {
-    fn create(&mut self, d: DomainId, k: DomainKind) -> Result<Option<u32>, Rejection> {
-        self.0.create(d, k)
-    }
-    fn destroy(&mut self, d: DomainId) {
-        self.0.destroy(d)
-    }
-}
 
 fn le64(b: &[u8]) -> u64 {
     let mut v = [0u8; 8];
@@ -91,39 +79,32 @@ fuzz_target!(|data: &[u8]| {
     soft.set_ram(&ram).unwrap();
     let backend: Arc<dyn DmaBackend> = soft.clone();
     let c = backend.constraints();
-    let rules = Arc::new(Rules {
+    let rules = Rules {
         granule_mask: PAGE - 1,
         input_range: c.input_range,
         domain_range: (0, u32::MAX),
         resv_mem: c.reserved.clone(),
         limits: Limits::default(),
         probe_size: 512,
-    });
-    let mut table = DomainTable::new(rules.clone(), backend.clone(), Arc::new(ram), Arc::new(AtomicUsize::new(0)));
-    let mut topo = Topology::new(rules, backend, &eps, false);
+    };
+    let mut d = Dispatcher::new(Mode::Inline, rules, backend, &eps, false, Arc::new(ram)).unwrap();
     let mut model = Model::default();
     let mut probe = [0u8; 512];
-    for chunk in data.chunks_exact(16) {
+    for (token, chunk) in data.chunks_exact(16).enumerate() {
         let req = request(chunk);
-        let got = status_of(&match req {
-            Request::Attach { domain, endpoint, flags, reserved } => {
-                topo.attach(&mut One(&mut table), domain, endpoint, flags, reserved)
-            }
-            Request::Detach { domain, endpoint } => topo.detach(&mut One(&mut table), domain, endpoint),
-            Request::Map { domain, virt_start, virt_end, phys_start, flags } => {
-                table.map(domain, virt_start, virt_end, phys_start, flags)
-            }
-            Request::Unmap { domain, virt_start, virt_end, .. } => table.unmap(domain, virt_start, virt_end),
-            Request::Probe { endpoint } => topo.probe(endpoint, &mut probe),
-        });
+        let outcome = match d.submit(req.clone(), token as u64, &mut probe) {
+            Submitted::Done(o) => o,
+            Submitted::Queued => unreachable!("inline mode finishes every request"),
+        };
+        assert_eq!(d.completed().count(), 0, "inline mode completes nothing later");
+        let got = status_of(&outcome);
         assert_eq!(got, model.apply(&req), "{req:?}");
+        let (domains, endpoints) = d.snapshot();
         // Shadow == backend, mapping by mapping.
-        let mut shadow: Vec<(u64, u64, u64)> = table
-            .snapshot()
+        let mut shadow: Vec<(u64, u64, u64)> = domains
             .iter()
             .flat_map(|d| d.mappings.iter().map(|m| (m.start, m.end, m.gpa)))
-            .collect();
-        let mut host: Vec<(u64, u64, u64)> = soft
+            .collect();        let mut host: Vec<(u64, u64, u64)> = soft
             .domain_sizes()
             .iter()
             .flat_map(|&(id, _)| soft.mappings(id))
@@ -132,7 +113,7 @@ fuzz_target!(|data: &[u8]| {
         shadow.sort_unstable();
         host.sort_unstable();
         assert_eq!(shadow, host);
-        for d in table.snapshot() {
+        for d in &domains {
             for m in &d.mappings {
                 assert!(m.gpa + (m.end - m.start) < RAM, "mapping outside guest RAM");
                 assert!(m.end < 0xfee0_0000 || m.start > 0xfeef_ffff, "mapping over the MSI window");
@@ -141,7 +122,7 @@ fuzz_target!(|data: &[u8]| {
                 assert!(w[0].end < w[1].start, "overlapping mappings");
             }
         }
-        for e in topo.endpoints() {
+        for e in &endpoints {
             if e.domain.is_none() {
                 assert_eq!(soft.translate(EndpointId(e.id), 0x1000, false), Err(Fault::Blocked));
             }

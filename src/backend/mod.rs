@@ -6,6 +6,7 @@
 //! [`HwDomain`] owned by exactly one executor, so map/unmap need no lock in the daemon; topology
 //! operations (attach, unattached state, RAM changes) go through the shared [`DmaBackend`].
 
+#[cfg(any(test, feature = "test-utils"))]
 pub mod fault;
 pub mod iommufd;
 pub mod soft;
