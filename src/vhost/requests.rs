@@ -335,17 +335,15 @@ impl IommuDevice {
                 };
                 let kind = req.kind();
                 debug!("chain {head}: {req:?}");
-                // The tail follows the properties in a PROBE; a buffer too small for them gets
-                // INVAL in its last four bytes and no property (§5.13.6.6.1).
-                let (tail_offset, short_probe) = if kind == RequestType::Probe {
-                    if writable.total >= probe_size + TAIL_SIZE as u64 {
-                        (probe_size, false)
-                    } else {
-                        (writable.total - TAIL_SIZE as u64, true)
-                    }
+                // A PROBE's properties fill the device-writable part up to probe_size, and the
+                // tail follows them: in the last four bytes of a buffer with less room (the
+                // domain model answers such a PROBE with INVAL and no property, §5.13.6.6.1).
+                let room = if kind == RequestType::Probe {
+                    (writable.total - TAIL_SIZE as u64).min(probe_size)
                 } else {
-                    (0, false)
+                    0
                 };
+                let tail_offset = room;
                 let p = Pending {
                     head,
                     kind,
@@ -358,17 +356,8 @@ impl IommuDevice {
                     a.used(head, 0);
                     continue;
                 };
-                if short_probe {
-                    a.complete((
-                        token,
-                        Err(crate::domains::Rejection {
-                            status: Status::Inval,
-                            reason: crate::domains::Reason::ProbeTooSmall,
-                        }),
-                    ));
-                    continue;
-                }
-                let submitted = dispatcher.submit(req, token, probe_buf);
+                let probe_out = &mut probe_buf[..room as usize];
+                let submitted = dispatcher.submit(req, token, probe_out);
                 // Earlier requests a barrier (ATTACH, DETACH) waited for are answered first.
                 dispatcher.completed().for_each(|c| a.complete(c));
                 match submitted {
@@ -376,7 +365,7 @@ impl IommuDevice {
                     Submitted::Done(outcome) => {
                         if kind == RequestType::Probe
                             && outcome.is_ok()
-                            && !writable.write(&mem, 0, probe_buf)
+                            && !writable.write(&mem, 0, probe_out)
                         {
                             a.complete((token, Err(unwritable())));
                             continue;
