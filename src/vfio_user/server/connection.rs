@@ -1,0 +1,480 @@
+//! One client connection: each command handled in order and answered (or refused with an
+//! errno), and what the connection leaves behind undone when it ends.
+
+use super::*;
+
+/// What handling a command produced.
+pub(super) struct Reply<'d> {
+    pub(super) payload: Vec<u8>,
+    pub(super) fd: Option<BorrowedFd<'d>>,
+}
+
+impl Reply<'_> {
+    pub(super) fn empty() -> Self {
+        Reply {
+            payload: Vec::new(),
+            fd: None,
+        }
+    }
+    pub(super) fn data(payload: Vec<u8>) -> Self {
+        Reply { payload, fd: None }
+    }
+}
+
+pub(super) fn err(errno: i32, context: impl Into<std::borrow::Cow<'static, str>>) -> Errno {
+    Errno::new(errno, context)
+}
+
+pub(super) struct Connection<'a> {
+    pub(super) dev: &'a dyn AssignedDevice,
+    pub(super) dma_check: &'a DmaCheck,
+    pub(super) name: &'a str,
+    pub(super) negotiated: bool,
+    pub(super) maps: &'a DmaMaps,
+    pub(super) on_maps: Option<MapsHook>,
+    /// IRQ indexes (bit per index) the client set, to disable after it.
+    pub(super) irqs_set: u32,
+}
+
+impl<'a> Connection<'a> {
+    pub(super) fn new(
+        dev: &'a dyn AssignedDevice,
+        dma_check: &'a DmaCheck,
+        name: &'a str,
+        maps: &'a DmaMaps,
+    ) -> Self {
+        Connection {
+            dev,
+            dma_check,
+            name,
+            negotiated: false,
+            maps,
+            on_maps: None,
+            irqs_set: 0,
+        }
+    }
+
+    pub(super) fn maps_changed(&self) {
+        if let Some(f) = &self.on_maps {
+            f();
+        }
+    }
+
+    pub(super) fn run(&mut self, stream: &UnixStream, stop: &StopSignal) -> io::Result<()> {
+        stream.set_nonblocking(false)?;
+        stream.set_write_timeout(Some(SEND_TIMEOUT))?;
+        let sock = stream.as_fd();
+        loop {
+            match receive(sock, stop)? {
+                Received::Eof | Received::Stopped => return Ok(()),
+                Received::Undersized(h) => {
+                    warn!(
+                        "vfio-user {}: message {} claims size {} (< header)",
+                        self.name, h.msg_id, h.message_size
+                    );
+                    scm::send_all(sock, &error_reply(h.msg_id, h.command, libc::EINVAL), None)?;
+                }
+                Received::Oversized(h) => {
+                    scm::send_all(sock, &error_reply(h.msg_id, h.command, libc::E2BIG), None)?;
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "message {} claims size {} (> {MAX_MSG_SIZE}); closing",
+                            h.msg_id, h.message_size
+                        ),
+                    ));
+                }
+                Received::Msg(m) => {
+                    let close = self.handle(sock, m)?;
+                    if close {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one message and sends its reply; returns whether to close the connection.
+    pub(super) fn handle(&mut self, sock: BorrowedFd<'_>, m: Msg) -> io::Result<bool> {
+        let h = m.hdr;
+        match h.msg_type() {
+            FLAG_TYPE_COMMAND => {}
+            FLAG_TYPE_REPLY => {
+                // We send no commands, so there is nothing this could answer.
+                warn!(
+                    "vfio-user {}: unexpected reply (id {}, command {}) ignored",
+                    self.name, h.msg_id, h.command
+                );
+                return Ok(false);
+            }
+            t => {
+                warn!("vfio-user {}: message type {t} refused", self.name);
+                scm::send_all(sock, &error_reply(h.msg_id, h.command, libc::EINVAL), None)?;
+                return Ok(false);
+            }
+        }
+        let version_refused = h.command == CMD_VERSION && !self.negotiated;
+        let result = self.dispatch(&m);
+        // The reply's fd (if any) borrows the device; send before anything else happens.
+        match result {
+            Ok(r) => {
+                if !h.no_reply() {
+                    scm::send_all(sock, &reply(&h, &r.payload), r.fd)?;
+                }
+                Ok(false)
+            }
+            Err(e) => {
+                debug!(
+                    "vfio-user {}: command {} (id {}) failed: {e}",
+                    self.name, h.command, h.msg_id
+                );
+                if h.no_reply() {
+                    warn!(
+                        "vfio-user {}: command {} (no reply requested) failed: {e}",
+                        self.name, h.command
+                    );
+                } else {
+                    scm::send_all(sock, &error_reply(h.msg_id, h.command, e.errno), None)?;
+                }
+                // A client whose version we cannot speak gets its error, then the door.
+                Ok(version_refused)
+            }
+        }
+    }
+
+    pub(super) fn dispatch(&mut self, m: &Msg) -> Result<Reply<'a>, Errno> {
+        let h = &m.hdr;
+        let p = &m.payload[..];
+        if m.fds_truncated {
+            return Err(err(
+                libc::EINVAL,
+                format!("more than {MAX_MSG_FDS} file descriptors"),
+            ));
+        }
+        let takes_fds = match h.command {
+            CMD_DMA_MAP => 1,
+            CMD_DEVICE_SET_IRQS => MAX_MSG_FDS,
+            _ => 0,
+        };
+        if m.fds.len() > takes_fds {
+            return Err(err(
+                libc::EINVAL,
+                format!(
+                    "command {} came with {} file descriptors",
+                    h.command,
+                    m.fds.len()
+                ),
+            ));
+        }
+        if !self.negotiated && h.command != CMD_VERSION {
+            return Err(err(libc::EINVAL, "VERSION must come first"));
+        }
+        match h.command {
+            CMD_VERSION => self.version(p),
+            CMD_DMA_MAP => self.dma_map(p, m.fds.first()),
+            CMD_DMA_UNMAP => self.dma_unmap(p),
+            CMD_DEVICE_GET_INFO => {
+                decode_device_info_req(p)?;
+                Ok(Reply::data(encode_device_info(&self.dev.info())))
+            }
+            CMD_DEVICE_GET_REGION_INFO => self.region_info(p),
+            CMD_DEVICE_GET_REGION_IO_FDS => {
+                Err(err(libc::ENOTSUP, "GET_REGION_IO_FDS is not supported"))
+            }
+            CMD_DEVICE_GET_IRQ_INFO => {
+                let index = decode_irq_info_req(p)?;
+                self.check_irq_index(index)?;
+                let info = self.dev.irq_info(index)?;
+                Ok(Reply::data(encode_irq_info(index, &info)))
+            }
+            CMD_DEVICE_SET_IRQS => self.set_irqs(p, &m.fds),
+            CMD_REGION_READ => {
+                let a = decode_region_read(p)?;
+                self.check_region_index(a.region)?;
+                let mut data = vec![0u8; a.count as usize];
+                self.dev.read(a.region, a.offset, &mut data)?;
+                Ok(Reply::data(encode_region_access(&a, &data)))
+            }
+            CMD_REGION_WRITE => {
+                let (a, data) = decode_region_write(p)?;
+                self.check_region_index(a.region)?;
+                self.dev.write(a.region, a.offset, data)?;
+                Ok(Reply::data(encode_region_access(&a, &[])))
+            }
+            CMD_REGION_WRITE_MULTI => {
+                let writes = decode_write_multi(p)?;
+                for w in &writes {
+                    self.check_region_index(w.region)?;
+                    self.dev.write(w.region, w.offset, w.bytes())?;
+                }
+                Ok(Reply::data((writes.len() as u64).to_ne_bytes().to_vec()))
+            }
+            CMD_DEVICE_RESET => {
+                self.dev.reset()?;
+                Ok(Reply::empty())
+            }
+            CMD_DMA_READ | CMD_DMA_WRITE => Err(err(
+                libc::EINVAL,
+                "DMA_READ/DMA_WRITE are server-to-client commands",
+            )),
+            // What the kernel answers for a feature it does not have.
+            CMD_DEVICE_FEATURE => Err(err(libc::ENOTTY, "device features are not supported")),
+            CMD_MIG_DATA_READ | CMD_MIG_DATA_WRITE => {
+                Err(err(libc::ENOTSUP, "migration is not supported"))
+            }
+            c => Err(err(libc::ENOSYS, format!("unknown command {c}"))),
+        }
+    }
+
+    pub(super) fn version(&mut self, p: &[u8]) -> Result<Reply<'a>, Errno> {
+        if self.negotiated {
+            return Err(err(libc::EINVAL, "VERSION already negotiated"));
+        }
+        let v = decode_version(p)?;
+        if v.major != 0 {
+            return Err(err(
+                libc::ENOTSUP,
+                format!("protocol version {}.{} (we speak 0.0)", v.major, v.minor),
+            ));
+        }
+        self.negotiated = true;
+        debug!(
+            "vfio-user {}: client version {}.{} capabilities {:?}",
+            self.name, v.major, v.minor, v.capabilities
+        );
+        // QEMU receives the reply into its request's buffer: ours (about 120 bytes of JSON)
+        // must stay smaller than what it offers (about 200).
+        Ok(Reply::data(encode_version_reply(
+            client_offers_write_multiple(&v),
+        )))
+    }
+
+    pub(super) fn dma_map(&mut self, p: &[u8], fd: Option<&OwnedFd>) -> Result<Reply<'a>, Errno> {
+        let m = decode_dma_map(p)?;
+        let end = m.address + m.size;
+        if self.maps.len() >= MAX_DMA_MAPS {
+            return Err(err(
+                libc::ENOSPC,
+                format!("more than {MAX_DMA_MAPS} DMA maps"),
+            ));
+        }
+        if let Some((_, prev)) = self.maps.lock().range(..end).next_back()
+            && prev.address + prev.size > m.address
+        {
+            return Err(err(
+                libc::EEXIST,
+                format!(
+                    "DMA map {:#x}+{:#x} overlaps {:#x}+{:#x}",
+                    m.address, m.size, prev.address, prev.size
+                ),
+            ));
+        }
+        // Only this thread changes the maps, so nothing new can overlap meanwhile; the check
+        // runs without the lock held.
+        let (file_id, file) = match fd {
+            Some(fd) => {
+                if !(self.dma_check)(m.address, m.size) {
+                    return Err(err(
+                        libc::EFAULT,
+                        format!(
+                            "DMA map {:#x}+{:#x} is not inside guest RAM",
+                            m.address, m.size
+                        ),
+                    ));
+                }
+                let f = std::fs::File::from(
+                    fd.try_clone()
+                        .map_err(|e| Errno::from_io(&e, "dup of the DMA map fd"))?,
+                );
+                let md = f
+                    .metadata()
+                    .map_err(|e| Errno::from_io(&e, "fstat of the DMA map fd"))?;
+                (Some((md.dev(), md.ino())), Some(Arc::new(f)))
+            }
+            None => (None, None),
+        };
+        debug!(
+            "vfio-user {}: DMA map {:#x}+{:#x} flags {:#x} offset {:#x} fd {}",
+            self.name,
+            m.address,
+            m.size,
+            m.flags,
+            m.offset,
+            fd.is_some()
+        );
+        self.maps.lock().insert(
+            m.address,
+            DmaRegion {
+                address: m.address,
+                size: m.size,
+                flags: m.flags,
+                offset: m.offset,
+                file_id,
+                file,
+            },
+        );
+        self.maps_changed();
+        Ok(Reply::empty())
+    }
+
+    pub(super) fn dma_unmap(&mut self, p: &[u8]) -> Result<Reply<'a>, Errno> {
+        let u = decode_dma_unmap(p)?;
+        {
+            let mut maps = self.maps.lock();
+            if u.flags & DMA_UNMAP_FLAG_ALL != 0 {
+                maps.clear();
+            } else {
+                match maps.get(&u.address) {
+                    Some(r) if r.size == u.size => {
+                        maps.remove(&u.address);
+                    }
+                    _ => {
+                        return Err(err(
+                            libc::ENOENT,
+                            format!("no DMA map is exactly {:#x}+{:#x}", u.address, u.size),
+                        ));
+                    }
+                }
+            }
+        }
+        self.maps_changed();
+        Ok(Reply::data(encode_dma_unmap_reply(&u)))
+    }
+
+    pub(super) fn check_region_index(&self, index: u32) -> Result<(), Errno> {
+        if index >= self.dev.info().num_regions {
+            return Err(err(libc::EINVAL, format!("no region {index}")));
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_irq_index(&self, index: u32) -> Result<(), Errno> {
+        if index == VFIO_PCI_REQ_IRQ_INDEX {
+            return Err(err(
+                libc::EPERM,
+                format!("IRQ index {index} (REQ) is the daemon's hot-unplug watcher's"),
+            ));
+        }
+        if !CLIENT_IRQ_INDEXES.contains(&index) || index >= self.dev.info().num_irqs {
+            return Err(err(libc::EINVAL, format!("no IRQ index {index}")));
+        }
+        Ok(())
+    }
+
+    pub(super) fn region_info(&mut self, p: &[u8]) -> Result<Reply<'a>, Errno> {
+        let req = decode_region_info_req(p)?;
+        self.check_region_index(req.index)?;
+        let mut info = self.dev.region_info(req.index)?;
+        // Without MSIX_MAPPABLE the VMM keeps the MSI-X table out of its mmap and emulates it.
+        info.caps
+            .retain(|c| c.id != VFIO_REGION_INFO_CAP_MSIX_MAPPABLE);
+        let fd = self.dev.region_fd();
+        let mmap = info.flags & VFIO_REGION_INFO_FLAG_MMAP != 0 && fd.is_some() && info.size > 0;
+        if mmap {
+            if info.cap(VFIO_REGION_INFO_CAP_SPARSE_MMAP).is_none() {
+                info.caps.push(RegionCap::sparse_mmap(&[SparseArea {
+                    offset: 0,
+                    size: info.size,
+                }]));
+            }
+        } else {
+            info.flags &= !VFIO_REGION_INFO_FLAG_MMAP;
+            info.caps
+                .retain(|c| c.id != VFIO_REGION_INFO_CAP_SPARSE_MMAP);
+        }
+        let argsz = req.argsz.min(MAX_REGION_INFO_SIZE as u32);
+        let (payload, full) = encode_region_info(req.index, &info, argsz);
+        Ok(Reply {
+            payload,
+            fd: if full && mmap { fd } else { None },
+        })
+    }
+
+    pub(super) fn set_irqs(&mut self, p: &[u8], fds: &[OwnedFd]) -> Result<Reply<'a>, Errno> {
+        let s = decode_irq_set(p)?;
+        self.check_irq_index(s.index)?;
+        let raw: Vec<RawFd> = if s.data_type() == VFIO_IRQ_SET_DATA_EVENTFD {
+            if fds.is_empty() {
+                // Vectors without an eventfd (de-assign): -1 for each.
+                vec![-1; s.count as usize]
+            } else if fds.len() == s.count as usize {
+                fds.iter().map(|f| f.as_raw_fd()).collect()
+            } else {
+                return Err(err(
+                    libc::EINVAL,
+                    format!("{} eventfds for {} vectors", fds.len(), s.count),
+                ));
+            }
+        } else {
+            if !fds.is_empty() {
+                return Err(err(libc::EINVAL, "file descriptors without DATA_EVENTFD"));
+            }
+            Vec::new()
+        };
+        self.dev
+            .set_irqs(s.index, s.flags, s.start, s.count, &raw, s.data)?;
+        self.irqs_set |= 1 << s.index;
+        // Our copies of the eventfds close when the message drops; the device holds its own.
+        Ok(Reply::empty())
+    }
+
+    /// After a client: no IRQ may fire into its eventfds, the device starts afresh, and its
+    /// DMA maps are forgotten. Only the indexes it set are disabled: the others hold nothing of
+    /// its, and the request index holds the daemon's own eventfd.
+    pub(super) fn cleanup(&mut self) {
+        let info = self.dev.info();
+        let set = std::mem::take(&mut self.irqs_set);
+        for index in CLIENT_IRQ_INDEXES.filter(|i| set & (1 << i) != 0) {
+            if let Err(e) = self.dev.set_irqs(
+                index,
+                VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+                0,
+                0,
+                &[],
+                &[],
+            ) {
+                debug!("vfio-user {}: disabling IRQ index {index}: {e}", self.name);
+            }
+        }
+        if info.flags & VFIO_DEVICE_FLAGS_RESET != 0 {
+            if let Err(e) = self.dev.reset() {
+                warn!("vfio-user {}: reset after disconnect: {e}", self.name);
+            }
+        } else {
+            // No reset method (no FLR or PM reset, not alone on its bus): the IOMMU already
+            // blocks its DMA; also stop it from initiating any.
+            match self.clear_bus_master() {
+                Ok(()) => debug!(
+                    "vfio-user {}: no reset method, bus mastering cleared",
+                    self.name
+                ),
+                Err(e) => warn!(
+                    "vfio-user {}: clearing bus mastering after disconnect: {e}",
+                    self.name
+                ),
+            }
+        }
+        let had_maps = !self.maps.is_empty();
+        self.maps.lock().clear();
+        if had_maps {
+            self.maps_changed();
+        }
+        self.negotiated = false;
+    }
+
+    pub(super) fn clear_bus_master(&self) -> Result<(), Errno> {
+        let mut cmd = [0u8; 2];
+        self.dev
+            .read(VFIO_PCI_CONFIG_REGION_INDEX, PCI_COMMAND, &mut cmd)?;
+        let cmd = u16::from_le_bytes(cmd) & !PCI_COMMAND_MASTER;
+        self.dev.write(
+            VFIO_PCI_CONFIG_REGION_INDEX,
+            PCI_COMMAND,
+            &cmd.to_le_bytes(),
+        )
+    }
+}
+
+/// The PCI command register and its bus-master enable bit.
+pub(super) const PCI_COMMAND: u64 = 0x04;
+pub(super) const PCI_COMMAND_MASTER: u16 = 1 << 2;

@@ -1,0 +1,87 @@
+//! Reading whole messages (header, payload and passed fds) off the socket, with the stop
+//! signal watched while waiting.
+
+use super::*;
+
+/// One received message.
+pub(super) struct Msg {
+    pub(super) hdr: Header,
+    pub(super) payload: Vec<u8>,
+    pub(super) fds: Vec<OwnedFd>,
+    pub(super) fds_truncated: bool,
+}
+
+pub(super) enum Received {
+    Msg(Msg),
+    /// A header whose size is below the header's own: answered, nothing else to read.
+    Undersized(Header),
+    /// A header whose size is beyond any message we accept: answered, then the stream is
+    /// abandoned (its remainder cannot be trusted or skipped).
+    Oversized(Header),
+    Eof,
+    Stopped,
+}
+
+/// Reads exactly `buf.len()` bytes (collecting fds); false if the stream ended first with
+/// nothing read (`at_start`) — an end mid-message is an error.
+pub(super) fn read_full(
+    sock: BorrowedFd<'_>,
+    stop: &StopSignal,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    truncated: &mut bool,
+    at_start: bool,
+) -> io::Result<Option<bool>> {
+    let mut got = 0;
+    while got < buf.len() {
+        if !scm::wait_readable(sock, stop.fd())? {
+            return Ok(None);
+        }
+        let (n, t) = scm::recv_some(sock, &mut buf[got..], fds)?;
+        *truncated |= t;
+        if fds.len() > MAX_MSG_FDS {
+            *truncated = true;
+            fds.truncate(MAX_MSG_FDS);
+        }
+        if n == 0 {
+            if at_start && got == 0 {
+                return Ok(Some(false));
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the client closed the socket mid-message",
+            ));
+        }
+        got += n;
+    }
+    Ok(Some(true))
+}
+
+pub(super) fn receive(sock: BorrowedFd<'_>, stop: &StopSignal) -> io::Result<Received> {
+    let mut fds = Vec::new();
+    let mut truncated = false;
+    let mut hb = [0u8; HEADER_SIZE];
+    match read_full(sock, stop, &mut hb, &mut fds, &mut truncated, true)? {
+        None => return Ok(Received::Stopped),
+        Some(false) => return Ok(Received::Eof),
+        Some(true) => {}
+    }
+    let hdr = Header::decode(&hb);
+    let size = hdr.message_size as usize;
+    if size < HEADER_SIZE {
+        return Ok(Received::Undersized(hdr));
+    }
+    if size > MAX_MSG_SIZE {
+        return Ok(Received::Oversized(hdr));
+    }
+    let mut payload = vec![0u8; size - HEADER_SIZE];
+    if read_full(sock, stop, &mut payload, &mut fds, &mut truncated, false)?.is_none() {
+        return Ok(Received::Stopped);
+    }
+    Ok(Received::Msg(Msg {
+        hdr,
+        payload,
+        fds,
+        fds_truncated: truncated,
+    }))
+}
