@@ -4,7 +4,7 @@
 //! config against the host (`vhost-user-iommu check`), answering udev's "which VMs use this
 //! device?" (`vhost-user-iommu udev-lookup`, which names `vhost-user-iommu@VM.service` units),
 //! and telling systemd the socket listens ([`notify_ready`], the sd_notify protocol without
-//! libsystemd). It reads configs, sysfs (through [`SysfsRoot`]) and process limits; it must
+//! libsystemd). It reads configs, sysfs (through [`crate::vfio::SysfsRoot`]) and process limits; it must
 //! never change host state (no binding, no chmod, no writes outside the notify datagram), and
 //! a broken config file must never stop the lookup for other VMs.
 

@@ -11,6 +11,7 @@
 //! `bench` (the in-process daemon and the `bench` command), `backend::fault` (fault
 //! injection) and `testing`.
 
+pub mod assembly;
 pub mod backend;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod bench;

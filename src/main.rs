@@ -1,27 +1,24 @@
-//! The `vhost-user-iommu` command line: parses arguments and wires the library together.
+//! The `vhost-user-iommu` command line: parses arguments and runs the subcommands; the daemon
+//! itself is assembled by the library's `assembly` module.
 
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use log::{error, info, warn};
 use vhost::vhost_user::Listener;
 
-use vhost_user_iommu::backend::DmaBackend;
-use vhost_user_iommu::backend::iommufd::IommufdBackend;
-use vhost_user_iommu::backend::soft::SoftBackend;
+use vhost_user_iommu::assembly::{follow_boot_ram, open_backend, start_vfio_user};
 use vhost_user_iommu::boot_ram::BootRam;
 use vhost_user_iommu::config::{BackendKind, VmConfig};
 use vhost_user_iommu::control::{self, CurrentDevice};
 use vhost_user_iommu::domains::Rules;
 use vhost_user_iommu::ids::EndpointId;
-use vhost_user_iommu::log_limit::EveryNth;
 use vhost_user_iommu::metrics::Metrics;
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::server::{OnConnect, Stopper, handle_signals, serve};
-use vhost_user_iommu::vfio::{self, PciAddress, SysfsRoot};
 use vhost_user_iommu::vfio_user;
 use vhost_user_iommu::vhost::DeviceSettings;
 use vhost_user_iommu::viot::{Viot, parse_pci_address};
@@ -319,227 +316,6 @@ fn write_viot(a: ViotArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     std::fs::write(&a.output, bytes)
         .map_err(|e| format!("cannot write {}: {e}", a.output.display()))
-}
-
-/// How long the daemon waits at start for its devices to be bound to vfio-pci (they appear in
-/// any order; the unit is started by the first).
-const DEVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// The backend in use, and the iommufd backend itself when that is the one (the vfio-user
-/// fronts need its device files).
-struct Backend {
-    dyn_backend: Arc<dyn DmaBackend>,
-    iommufd: Option<Arc<IommufdBackend>>,
-}
-
-/// Serves each configured endpoint's VFIO device to the VMM over vfio-user. DMA_MAPs from the
-/// VMM are checked against the vhost-user memory table once it is known (QEMU sends them right
-/// after connecting, before the guest starts the IOMMU device); they are recorded, never mapped
-/// for the device. With `boot` (boot bypass), the guest RAM they describe is what identity
-/// translation covers until the memory table arrives (see `boot_ram`).
-fn start_vfio_user(
-    cfg: &VmConfig,
-    backend: &Backend,
-    current: &CurrentDevice,
-    stop: &vfio_user::StopSignal,
-    boot: Option<&Arc<BootRam>>,
-) -> Result<VfioUserFronts, String> {
-    let mut threads = Vec::new();
-    let mut slots = std::collections::BTreeMap::new();
-    let all_maps: Arc<Mutex<Vec<vfio_user::DmaMaps>>> = Arc::default();
-    for e in &cfg.endpoints {
-        let Some(path) = &e.vfio_user_socket else {
-            continue;
-        };
-        let Some(iommufd) = &backend.iommufd else {
-            return Err(format!(
-                "endpoint {}: vfio_user_socket needs the iommufd backend (a host device to serve)",
-                e.id
-            ));
-        };
-        let file = iommufd
-            .device_file(EndpointId(e.id))
-            .ok_or_else(|| format!("endpoint {}: no VFIO device is open for it", e.id))?;
-        let name = format!("endpoint {}", e.id);
-        let dev = vfio_user::VfioCdevDevice::new(file, name.clone())
-            .map_err(|err| format!("{name}: {err}"))?;
-        let ram_of = current.clone();
-        let dma_check: vfio_user::DmaCheck = Arc::new(move |gpa, len| {
-            let dev = ram_of.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let Some(ram) = dev.and_then(|d| d.guest_ram()) else {
-                return true;
-            };
-            vhost_user_iommu::ids::IovaRange::with_len(gpa, len)
-                .is_some_and(|r| ram.locate(&r).is_some())
-        });
-        let listener = vfio_user::bind_socket(path).map_err(|err| {
-            format!(
-                "{name}: cannot serve vfio-user on {}: {err}",
-                path.display()
-            )
-        })?;
-        let (connected, ep) = (current.clone(), EndpointId(e.id));
-        // A closed device connection leaves the device blocked until the guest re-attaches it
-        // (DESIGN §3.4); the domain model is told so that it stays equal to the host.
-        let on_disconnect = move || {
-            if let Some(d) = connected.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-                d.endpoint_disconnected(ep);
-            }
-        };
-        let mut server = vfio_user::DeviceServer::new(Box::new(dev), dma_check, stop.clone())
-            .name(name.clone())
-            .on_disconnect(on_disconnect);
-        if let Some(boot) = boot {
-            all_maps
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(server.dma_maps());
-            let (boot, all_maps, current) = (boot.clone(), all_maps.clone(), current.clone());
-            let own = server.dma_maps();
-            server = server.on_dma_change(move || {
-                // Each client describes all of guest RAM, and QEMU updates them one after the
-                // other: the one that changed last is the current view, or, when it just left,
-                // any client still connected.
-                let mut maps = own.snapshot();
-                if maps.is_empty() {
-                    maps = all_maps
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .iter()
-                        .map(|m| m.snapshot())
-                        .find(|m| !m.is_empty())
-                        .unwrap_or_default();
-                }
-                let (changed, skipped) = boot.update(&maps);
-                for why in skipped {
-                    if BOOT_RAM_LOG.allow() {
-                        warn!("boot bypass: a DMA map left out of guest RAM: {why}");
-                    }
-                }
-                if changed {
-                    follow_boot_ram(&boot, &current);
-                }
-            });
-        }
-        slots.insert(ep, server.slot());
-        let t = server
-            .spawn(listener)
-            .map_err(|err| format!("{name}: cannot start the vfio-user thread: {err}"))?;
-        info!("{name}: serving vfio-user on {}", path.display());
-        threads.push(t);
-    }
-    Ok((threads, slots))
-}
-
-/// Boot-RAM log lines: the VMM decides how often its DMA maps change.
-static BOOT_RAM_LOG: EveryNth = EveryNth::new();
-
-/// Hands the guest RAM the vfio-user clients' DMA maps describe to the current vhost-user
-/// device, which covers it with identity translation until its memory table arrives.
-fn follow_boot_ram(boot: &BootRam, current: &CurrentDevice) {
-    let Some(d) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
-        return;
-    };
-    let ram = match boot.ram() {
-        Ok(ram) => ram,
-        Err(e) => {
-            if BOOT_RAM_LOG.allow() {
-                warn!("boot bypass: the DMA maps describe no usable guest RAM: {e}");
-            }
-            return;
-        }
-    };
-    match d.set_boot_ram(&ram) {
-        Ok(false) => {}
-        Ok(true) if BOOT_RAM_LOG.allow() => info!(
-            "boot bypass: identity translation over the {} RAM regions the VMM's DMA maps describe (no memory table yet)",
-            ram.regions().len()
-        ),
-        Ok(true) => {}
-        Err(e) => {
-            if BOOT_RAM_LOG.allow() {
-                warn!("boot bypass: cannot follow the VMM's DMA maps in the identity domain: {e}");
-            }
-        }
-    }
-}
-
-/// The vfio-user server threads and their device slots (taken away on host unplug).
-type VfioUserFronts = (
-    Vec<std::thread::JoinHandle<std::io::Result<()>>>,
-    std::collections::BTreeMap<EndpointId, vfio_user::DeviceSlot>,
-);
-
-/// Picks and opens the translation backend: iommufd when asked, or with `auto` when every
-/// endpoint names a host device and /dev/iommu exists; else the software table.
-fn open_backend(
-    kind: BackendKind,
-    cfg: &VmConfig,
-    cli_endpoints: &[u32],
-    endpoints: &[EndpointId],
-    boot_bypass: bool,
-) -> Result<Backend, String> {
-    let all_have_devices =
-        !cfg.endpoints.is_empty() && cfg.endpoints.iter().all(|e| e.pci.is_some());
-    let iommufd = match kind {
-        BackendKind::Iommufd => true,
-        BackendKind::Soft => false,
-        BackendKind::Auto => {
-            let node =
-                std::path::Path::new(vhost_user_iommu::backend::iommufd::IOMMUFD_NODE).exists();
-            if !(all_have_devices && node) {
-                info!(
-                    "backend auto: using the software table ({})",
-                    if node {
-                        "no endpoint names a host device"
-                    } else {
-                        "no /dev/iommu on this host"
-                    }
-                );
-            }
-            all_have_devices && node
-        }
-    };
-    if !iommufd {
-        warn!("using the software translation backend: no host device DMA is translated");
-        return Ok(Backend {
-            dyn_backend: Arc::new(SoftBackend::new(endpoints, boot_bypass)),
-            iommufd: None,
-        });
-    }
-    if !cli_endpoints.is_empty() {
-        return Err("--endpoint cannot be used with the iommufd backend: list the endpoints with their pci address in the config".into());
-    }
-    if !all_have_devices {
-        return Err("the iommufd backend needs a config whose every [[endpoint]] has pci = \"DDDD:BB:DD.F\"".into());
-    }
-    let root = SysfsRoot::default();
-    let mut pairs = Vec::new();
-    for e in &cfg.endpoints {
-        let pci = e.pci.as_deref().unwrap_or_default();
-        let addr: PciAddress = pci
-            .parse()
-            .map_err(|err| format!("endpoint {}: {err}", e.id))?;
-        pairs.push((EndpointId(e.id), addr));
-    }
-    let addrs: Vec<PciAddress> = pairs.iter().map(|p| p.1).collect();
-    info!(
-        "waiting up to {DEVICE_WAIT:?} for {} device(s) to be ready for VFIO",
-        addrs.len()
-    );
-    let cdevs = vfio::wait_for_devices(&root, &addrs, DEVICE_WAIT).map_err(|e| e.to_string())?;
-    let devices: Vec<(EndpointId, PathBuf)> = pairs
-        .iter()
-        .zip(cdevs)
-        .map(|((id, _), c)| (*id, c.node))
-        .collect();
-    let b = IommufdBackend::open(&devices, boot_bypass).map_err(|e| e.to_string())?;
-    info!("iommufd backend: {} device(s) bound", devices.len());
-    let b = Arc::new(b);
-    Ok(Backend {
-        dyn_backend: b.clone(),
-        iommufd: Some(b),
-    })
 }
 
 fn run(a: ServeArgs) -> Result<(), String> {
