@@ -131,7 +131,9 @@ impl Measurement {
     }
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
+/// The `p` quantile (0.0..=1.0) of sorted samples, nearest rank; 0 for no samples. The one
+/// percentile of the benchmarks (the bench command and the VM tier's bench-iommufd).
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }

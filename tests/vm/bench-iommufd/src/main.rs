@@ -37,6 +37,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+use vhost_user_iommu::bench::percentile;
 
 // The VM tier's guest kit: edu discovery, the backend over both edus, the daemon's rules.
 #[allow(dead_code)]
@@ -104,10 +105,7 @@ impl Row {
     fn pct_by(&self, f: impl Fn(&(u64, u64)) -> u64, p: f64) -> u64 {
         let mut v: Vec<u64> = self.samples.iter().map(f).collect();
         v.sort_unstable();
-        if v.is_empty() {
-            return 0;
-        }
-        v[((v.len() - 1) as f64 * p).round() as usize]
+        percentile(&v, p)
     }
 }
 
@@ -255,10 +253,7 @@ impl BatchRow {
     fn pct(&self, p: f64) -> u64 {
         let mut v = self.samples.clone();
         v.sort_unstable();
-        if v.is_empty() {
-            return 0;
-        }
-        v[((v.len() - 1) as f64 * p).round() as usize]
+        percentile(&v, p)
     }
     /// The strict pattern, from a row of the per-size table: a cycle is one pair (two kicks).
     fn strict(r: &Row) -> BatchRow {
