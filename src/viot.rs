@@ -285,52 +285,26 @@ impl FromStr for Bdf {
     }
 }
 
-/// Parses `BB:DD.F` (segment 0) or `SSSS:BB:DD.F`, all hex: segment 1-4
-/// digits, bus 1-2, device 1-2 (< 0x20), function 1 (< 8). Signs, spaces and
-/// `0x` prefixes are rejected so a typo cannot name a different device.
+/// Parses `BB:DD.F` (segment 0) or `SSSS:BB:DD.F`, all hex, with the daemon's one PCI-address
+/// parser (`vfio::PciAddress`: bus 1-2 digits, device 1-2 (< 0x20), function 1 (< 8)); the
+/// segment must fit the VIOT's 16 bits. Signs, spaces and `0x` prefixes are rejected so a typo
+/// cannot name a different device.
 pub fn parse_pci_address(s: &str) -> Result<(u16, Bdf), ViotError> {
     let invalid = |reason: String| ViotError::InvalidPciAddress {
         input: s.to_string(),
         reason,
     };
-    let parts: Vec<&str> = s.split(':').collect();
-    let (segment_text, bus_text, devfn_text) = match parts.as_slice() {
-        [bus, devfn] => (None, *bus, *devfn),
-        [segment, bus, devfn] => (Some(*segment), *bus, *devfn),
-        _ => {
-            return Err(invalid("expected BB:DD.F or SSSS:BB:DD.F".to_string()));
-        }
-    };
-    let Some((device_text, function_text)) = devfn_text.split_once('.') else {
-        return Err(invalid(
-            "missing '.' between device and function".to_string(),
-        ));
-    };
-    let field = |text: &str, max_digits: usize, name: &str| -> Result<u16, ViotError> {
-        if text.is_empty()
-            || text.len() > max_digits
-            || !text.bytes().all(|b| b.is_ascii_hexdigit())
-        {
-            return Err(invalid(format!(
-                "{name} {text:?} is not 1 to {max_digits} hex digits"
-            )));
-        }
-        u16::from_str_radix(text, 16).map_err(|e| invalid(format!("{name} {text:?}: {e}")))
-    };
-    let segment = match segment_text {
-        Some(text) => field(text, 4, "segment")?,
-        None => 0,
-    };
-    let bus = field(bus_text, 2, "bus")?;
-    let device = field(device_text, 2, "device")?;
-    let function = field(function_text, 1, "function")?;
-    if device >= 32 {
-        return Err(invalid(format!("device {device:#x} must be below 0x20")));
-    }
-    if function >= 8 {
-        return Err(invalid(format!("function {function} must be below 8")));
-    }
-    Ok((segment, Bdf((bus << 8) | (device << 3) | function)))
+    // One parser of PCI addresses for the whole daemon (`vfio::PciAddress`); the VIOT narrows
+    // the domain to its 16-bit PCI segment.
+    let addr: crate::vfio::PciAddress = s.parse().map_err(|e: crate::vfio::VfioError| {
+        invalid(match e {
+            crate::vfio::VfioError::BadAddress { reason, .. } => reason,
+            other => other.to_string(),
+        })
+    })?;
+    let segment = u16::try_from(addr.domain)
+        .map_err(|_| invalid(format!("segment {:x} does not fit 16 bits", addr.domain)))?;
+    Ok((segment, Bdf::new(addr.bus, addr.device, addr.function)?))
 }
 
 /// Devices `bdf_start..=bdf_end` on `segment` are endpoints
