@@ -107,3 +107,23 @@ pub trait DmaBackend: Send + Sync {
     /// The guest's RAM changed: identity translation must follow it.
     fn set_ram(&self, ram: &GuestRam) -> Result<()>;
 }
+
+/// A shared backend is a backend: tests and the vfio-user fronts keep a handle on the one the
+/// daemon owns.
+impl<B: DmaBackend + ?Sized> DmaBackend for std::sync::Arc<B> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn constraints(&self) -> HostConstraints {
+        (**self).constraints()
+    }
+    fn create_domain(&self) -> Result<Box<dyn HwDomain>> {
+        (**self).create_domain()
+    }
+    fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()> {
+        (**self).attach(endpoint, to)
+    }
+    fn set_ram(&self, ram: &GuestRam) -> Result<()> {
+        (**self).set_ram(ram)
+    }
+}

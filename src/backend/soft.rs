@@ -281,25 +281,6 @@ impl DmaBackend for SoftBackend {
     }
 }
 
-/// Lets tests keep a handle on the backend while the daemon owns it.
-impl DmaBackend for Arc<SoftBackend> {
-    fn name(&self) -> &'static str {
-        (**self).name()
-    }
-    fn constraints(&self) -> HostConstraints {
-        (**self).constraints()
-    }
-    fn create_domain(&self) -> Result<Box<dyn HwDomain>> {
-        (**self).create_domain()
-    }
-    fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()> {
-        (**self).attach(endpoint, to)
-    }
-    fn set_ram(&self, ram: &GuestRam) -> Result<()> {
-        (**self).set_ram(ram)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
