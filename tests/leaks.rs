@@ -15,6 +15,48 @@ fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
+/// Fds, threads and RSS of this process once the daemon is idle again: the last connection torn
+/// down and the serve loop waiting for the next VMM with the next connection's device (and its
+/// threads) made. Counting any earlier races the serve loop, which makes those threads right
+/// after the teardown.
+fn idle(d: &Daemon) -> (usize, usize, u64) {
+    d.wait_until("teardown", |d| d.backend_mappings() == 0);
+    // Thread creation and exit are asynchronous, and slow on a loaded machine: the count is
+    // taken once it held still for 200 ms.
+    let deadline = std::time::Instant::now() + 3 * common::TIMEOUT;
+    let mut last = (count("/proc/self/task"), std::time::Instant::now());
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let now = count("/proc/self/task");
+        if now != last.0 {
+            last = (now, std::time::Instant::now());
+        } else if last.1.elapsed() >= std::time::Duration::from_millis(200) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the thread count never settled: {:?}",
+            thread_names()
+        );
+    }
+    (count("/proc/self/fd"), count("/proc/self/task"), rss_kib())
+}
+
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .map(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     s.split_whitespace()
@@ -60,19 +102,16 @@ fn connect_disconnect_cycles_leak_no_fds_threads_or_memory() {
         for i in 0..20 {
             cycle(&d, i);
         }
-        d.wait_until("teardown", |d| d.backend_mappings() == 0);
-        let (fds, threads, rss) = (count("/proc/self/fd"), count("/proc/self/task"), rss_kib());
+        let (fds, threads, rss) = idle(&d);
         for i in 0..cycles {
             cycle(&d, i);
         }
-        d.wait_until("teardown", |d| d.backend_mappings() == 0);
-        // Thread exit is asynchronous: give the last connection's threads a moment.
-        d.wait_until("threads gone", |_| count("/proc/self/task") <= threads);
-        let (fds2, threads2, rss2) = (count("/proc/self/fd"), count("/proc/self/task"), rss_kib());
+        let (fds2, threads2, rss2) = idle(&d);
         println!(
             "{mode:?}: {cycles} cycles: fds {fds} -> {fds2}, threads {threads} -> {threads2}, RSS {rss} KiB -> {rss2} KiB"
         );
-        if fds2 > fds {
+        if fds2 > fds || threads2 > threads {
+            println!("threads: {:?}", thread_names());
             for e in std::fs::read_dir("/proc/self/fd")
                 .unwrap()
                 .flatten()
