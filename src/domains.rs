@@ -84,6 +84,8 @@ pub enum Reason {
     Unwritable,
     #[error("the executor owning {0} is gone")]
     ExecutorGone(DomainId),
+    #[error("{} is not a request a domain shard executes", .0.name())]
+    NotForShard(crate::protocol::RequestType),
     #[error("backend: {0}")]
     Backend(BackendError),
 }

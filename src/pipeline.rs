@@ -19,6 +19,7 @@
 //! traffic. The Linux driver sends them synchronously anyway. In `Inline` mode the single shard
 //! lives in the vring thread and everything runs there (QEMU's and Cloud Hypervisor's model).
 
+use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::thread::JoinHandle;
@@ -50,54 +51,27 @@ pub enum Mode {
 pub type Completion = (u64, Outcome);
 
 enum Work {
-    Map {
-        token: u64,
-        domain: DomainId,
-        virt_start: u64,
-        virt_end: u64,
-        phys_start: u64,
-        flags: u32,
-    },
-    Unmap {
-        token: u64,
-        domain: DomainId,
-        virt_start: u64,
-        virt_end: u64,
-    },
+    /// A MAP or UNMAP for the shard that owns its domain.
+    Request(u64, Request),
     Create(DomainId, DomainKind),
     Destroy(DomainId),
     SetRam(Arc<GuestRam>),
     Clear,
-    Snapshot,
-    Summary,
+    /// A read-only look at the shard's domains (state dumps, gauges).
+    Query(Query),
 }
+
+type Query = Box<dyn FnOnce(&DomainTable) -> Box<dyn Any + Send> + Send>;
 
 enum Reply {
     Created(Result<Option<u32>, Rejection>),
     Done,
-    Snapshot(Vec<DomainView>),
-    Summary(Vec<DomainSummary>),
+    Query(Box<dyn Any + Send>),
 }
 
 fn execute(table: &mut DomainTable, w: Work) -> Result<Completion, Reply> {
     match w {
-        Work::Map {
-            token,
-            domain,
-            virt_start,
-            virt_end,
-            phys_start,
-            flags,
-        } => Ok((
-            token,
-            table.map(domain, virt_start, virt_end, phys_start, flags),
-        )),
-        Work::Unmap {
-            token,
-            domain,
-            virt_start,
-            virt_end,
-        } => Ok((token, table.unmap(domain, virt_start, virt_end))),
+        Work::Request(token, req) => Ok((token, table.execute(&req))),
         Work::Create(d, k) => Err(Reply::Created(table.create(d, k))),
         Work::Destroy(d) => {
             table.destroy(d);
@@ -111,8 +85,7 @@ fn execute(table: &mut DomainTable, w: Work) -> Result<Completion, Reply> {
             table.clear();
             Err(Reply::Done)
         }
-        Work::Snapshot => Err(Reply::Snapshot(table.snapshot())),
-        Work::Summary => Err(Reply::Summary(table.summary())),
+        Work::Query(q) => Err(Reply::Query(q(table))),
     }
 }
 
@@ -347,37 +320,9 @@ impl Dispatcher {
     /// that complete while a barrier waits for them are kept for [`Dispatcher::completed`].
     pub fn submit(&mut self, req: Request, token: u64, probe_out: &mut [u8]) -> Submitted {
         match req {
-            Request::Map {
-                domain,
-                virt_start,
-                virt_end,
-                phys_start,
-                flags,
-            } => self.route(
-                domain,
-                Work::Map {
-                    token,
-                    domain,
-                    virt_start,
-                    virt_end,
-                    phys_start,
-                    flags,
-                },
-            ),
-            Request::Unmap {
-                domain,
-                virt_start,
-                virt_end,
-                ..
-            } => self.route(
-                domain,
-                Work::Unmap {
-                    token,
-                    domain,
-                    virt_start,
-                    virt_end,
-                },
-            ),
+            Request::Map { domain, .. } | Request::Unmap { domain, .. } => {
+                self.route(domain, Work::Request(token, req))
+            }
             Request::Attach {
                 domain,
                 endpoint,
@@ -559,35 +504,30 @@ impl Dispatcher {
 
     /// Domains with their counts (no mapping copied), and endpoints with their attachments.
     pub fn summary(&mut self) -> (Vec<DomainSummary>, Vec<EndpointView>) {
-        let mut domains = match &mut self.exec {
-            Executors::Inline(t) => t.summary(),
-            Executors::Threads(th) => th
-                .call_all(|| Work::Summary)
-                .into_iter()
-                .flat_map(|r| match r {
-                    Reply::Summary(v) => v,
-                    _ => Vec::new(),
-                })
-                .collect(),
-        };
+        let mut domains = self.on_every_shard(DomainTable::summary);
         domains.sort_by_key(|d| d.id);
         (domains, self.topology.endpoints())
     }
 
     /// Domains with their mappings, and endpoints with their attachments.
     pub fn snapshot(&mut self) -> (Vec<DomainView>, Vec<EndpointView>) {
-        let mut domains = match &mut self.exec {
-            Executors::Inline(t) => t.snapshot(),
+        let mut domains = self.on_every_shard(DomainTable::snapshot);
+        domains.sort_by_key(|d| d.id);
+        (domains, self.topology.endpoints())
+    }
+
+    /// Runs the read-only `f` on every shard's table and gathers what it returns.
+    fn on_every_shard<T: Send + 'static>(&mut self, f: fn(&DomainTable) -> Vec<T>) -> Vec<T> {
+        match &mut self.exec {
+            Executors::Inline(t) => f(t),
             Executors::Threads(th) => th
-                .call_all(|| Work::Snapshot)
+                .call_all(|| Work::Query(Box::new(move |t| Box::new(f(t)))))
                 .into_iter()
                 .flat_map(|r| match r {
-                    Reply::Snapshot(v) => v,
+                    Reply::Query(v) => v.downcast::<Vec<T>>().map(|v| *v).unwrap_or_default(),
                     _ => Vec::new(),
                 })
                 .collect(),
-        };
-        domains.sort_by_key(|d| d.id);
-        (domains, self.topology.endpoints())
+        }
     }
 }

@@ -11,7 +11,7 @@ use super::*;
 use crate::backend::{DmaBackend, HwDomain, MapOp};
 use crate::guest_ram::{GuestRam, HostLocation};
 use crate::ids::Perms;
-use crate::protocol::{MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
+use crate::protocol::{MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, Request};
 
 #[derive(Debug)]
 struct Mapping {
@@ -137,6 +137,30 @@ impl DomainTable {
                 Err(Rejection::new(Status::Inval, Reason::BypassDomain(domain)))
             }
             Some(ShardDomain::Paging { hw, maps }) => Ok((hw, maps)),
+        }
+    }
+
+    /// Executes the shard's requests, MAP and UNMAP; any other request is not the table's (the
+    /// dispatcher never sends one) and gets DEVERR.
+    pub fn execute(&mut self, req: &Request) -> Outcome {
+        match *req {
+            Request::Map {
+                domain,
+                virt_start,
+                virt_end,
+                phys_start,
+                flags,
+            } => self.map(domain, virt_start, virt_end, phys_start, flags),
+            Request::Unmap {
+                domain,
+                virt_start,
+                virt_end,
+                ..
+            } => self.unmap(domain, virt_start, virt_end),
+            other => Err(Rejection::new(
+                Status::DevErr,
+                Reason::NotForShard(other.kind()),
+            )),
         }
     }
 

@@ -10,7 +10,9 @@ use crate::backend::fault::{FaultyBackend, Injector, Op};
 use crate::backend::soft::{Fault, SoftBackend};
 use crate::guest_ram::GuestRam;
 use crate::guest_ram::RamRegion;
-use crate::protocol::{ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, ResvMem};
+use crate::protocol::{
+    ATTACH_F_BYPASS, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, Request, RequestType, ResvMem,
+};
 use crate::protocol::{ResvKind, decode_probe_properties};
 
 const RAM: u64 = 16 << 20;
@@ -859,4 +861,20 @@ fn a_bypass_write_the_backend_refuses_midway_is_rolled_back_on_every_endpoint() 
             "endpoint {e} in identity"
         );
     }
+}
+
+#[test]
+fn a_shard_executes_map_and_unmap_and_refuses_other_requests() {
+    let mut f = attached();
+    let map = Request::map(1, 0x1000, 0x1fff, 0x1000, RW);
+    assert_eq!(status_of(&f.table.execute(&map)), Status::Ok);
+    f.check();
+    assert_eq!(
+        status_of(&f.table.execute(&Request::unmap(1, 0x1000, 0x1fff))),
+        Status::Ok
+    );
+    f.check();
+    let r = f.table.execute(&Request::attach(1, 2)).unwrap_err();
+    assert_eq!(r.status, Status::DevErr);
+    assert!(matches!(r.reason, Reason::NotForShard(RequestType::Attach)));
 }
