@@ -1,8 +1,7 @@
 //! The real daemon in the guest program's own process, for the VM tier's programs that drive it
 //! with the crate's `TestVm` (daemon-dma, memlock, unplug): its serve loop on a unix socket over
 //! an iommufd backend, a recorder of its log, and the virtio-iommu requests and edu round trips
-//! the checks are made of. Included with `#[path]` next to edu.rs (as `mod edu`), like it; needs
-//! the main crate, vhost and log.
+//! the checks are made of.
 
 use std::fs;
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
-//! Shared by the VM tier's guest programs (included with `#[path]`, so no extra crate or lock
-//! file): PASS/FAIL reporting (report.rs), edu discovery and BAR/DMA access through a VFIO device
-//! fd, the iommufd backend over two edus, and the rules the in-process daemon uses. edu's
-//! registers and the BAR mapping are in mmio.rs; the in-process daemon itself is in daemon.rs.
+//! edu discovery and BAR/DMA access through a VFIO device fd, the iommufd backend over two edus,
+//! and the rules the in-process daemon uses. edu's registers and the BAR mapping are in
+//! `mmio`, the reporting in `report` (both re-exported here); the in-process daemon itself is in
+//! `daemon`.
 
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -13,16 +13,8 @@ use vhost_user_iommu::backend::iommufd::{IommufdBackend, sys};
 use vhost_user_iommu::domains::{Limits, Rules};
 use vhost_user_iommu::ids::EndpointId;
 
-// Shared with tests/e2e/l2-dma and vfio-user-edu (libc only); not every program uses every item.
-#[allow(dead_code)]
-#[path = "mmio.rs"]
-mod mmio;
-pub use mmio::*;
-
-#[path = "report.rs"]
-mod report;
-#[allow(unused_imports)] // not every program reports through the kit
-pub use report::*;
+pub use crate::mmio::*;
+pub use crate::report::*;
 
 /// An edu device driven through the VFIO cdev the backend holds.
 pub struct Edu {

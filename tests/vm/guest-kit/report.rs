@@ -1,5 +1,4 @@
-//! PASS/FAIL reporting of the VM tier's guest programs (std only; included with `#[path]`, by
-//! edu.rs and by programs that need nothing else of the kit). tests/vm/run.sh counts the
+//! PASS/FAIL reporting of the VM tier's guest programs (std only). tests/vm/run.sh counts the
 //! `PASS: ` and `FAIL: ` lines this prints; `INFO: ` (figures) and `SKIP: ` (a check this run
 //! cannot make) lines are not checks and are not counted.
 

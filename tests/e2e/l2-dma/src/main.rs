@@ -23,10 +23,7 @@
 //! (`reboot` or `poweroff`), so that L1 can check the daemon's state first.
 
 // edu's registers and BAR access, shared with the VM tier's guest programs.
-#[allow(dead_code)]
-#[path = "../../../vm/guest-kit/mmio.rs"]
-mod mmio;
-// The iommufd/VFIO uAPI structs, shared with guest-smoke and guest-traffic.
+use guest_kit::mmio;
 mod bench;
 mod msix;
 mod nic;

@@ -40,10 +40,7 @@ use std::time::{Duration, Instant};
 use vhost_user_iommu::bench::percentile;
 
 // The VM tier's guest kit: edu discovery, the backend over both edus, the daemon's rules.
-#[allow(dead_code)]
-#[path = "../../guest-kit/edu.rs"]
-mod edu;
-use edu::{backend_over_two_edus, rules_from};
+use guest_kit::edu::{backend_over_two_edus, rules_from};
 
 use vhost::vhost_user::Listener;
 use vhost_user_iommu::backend::iommufd::{IommufdBackend, MapStrategy, sys};

@@ -26,15 +26,8 @@ use vhost_user_iommu::protocol::{
     ATTACH_F_BYPASS, MAP_F_READ, Request, ResvKind, Status, decode_probe_properties,
 };
 
-// The VM tier's guest kit; not every program uses every item.
-#[allow(dead_code)]
-#[path = "../../guest-kit/daemon.rs"]
-mod daemon;
-#[allow(dead_code)]
-#[path = "../../guest-kit/edu.rs"]
-mod edu;
-use daemon::*;
-use edu::*;
+use guest_kit::daemon::*;
+use guest_kit::edu::*;
 
 /// DMA buffers in the TestVm's guest RAM (64 MiB at GPA 0).
 const GPA_A: u64 = 0x10_0000;

@@ -30,15 +30,8 @@ use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::Status;
 
-// The VM tier's guest kit; not every program uses every item.
-#[allow(dead_code)]
-#[path = "../../guest-kit/daemon.rs"]
-mod daemon;
-#[allow(dead_code)]
-#[path = "../../guest-kit/edu.rs"]
-mod edu;
-use daemon::*;
-use edu::*;
+use guest_kit::daemon::*;
+use guest_kit::edu::*;
 
 const MIB: u64 = 1 << 20;
 /// Each endpoint's mapping: 64 KiB of guest RAM, at an IOVA above guest RAM (an identity leak

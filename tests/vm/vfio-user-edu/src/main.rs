@@ -35,14 +35,8 @@ use client::{
 };
 
 // The VM tier's guest kit: edu's registers, discovery and BAR mapping (libc only) and the
-// PASS/FAIL report; not every program uses every item.
-#[allow(dead_code)]
-#[path = "../../guest-kit/mmio.rs"]
-mod mmio;
-#[path = "../../guest-kit/report.rs"]
-mod report;
-use mmio::*;
-use report::Report;
+use guest_kit::mmio::*;
+use guest_kit::report::Report;
 
 /// The static daemon binary (build.rs; empty when built without VFIO_USER_EDU_DAEMON).
 static DAEMON: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/daemon.bin"));

@@ -1,0 +1,12 @@
+//! The VM tiers' guest kit, shared by their guest programs: edu's registers and BAR access
+//! ([`mmio`], std and libc only), PASS/FAIL/INFO/SKIP reporting ([`report`]), and with the
+//! `daemon` feature edu discovery and DMA through the iommufd backend (`edu`) and the
+//! real daemon in the program's own process (`daemon`).
+
+pub mod mmio;
+pub mod report;
+
+#[cfg(feature = "daemon")]
+pub mod daemon;
+#[cfg(feature = "daemon")]
+pub mod edu;
