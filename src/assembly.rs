@@ -82,7 +82,18 @@ pub fn start_vfio_user(
                 d.endpoint_disconnected(ep);
             }
         };
+        let peers = crate::peer::PeerPolicy {
+            uid: cfg.vmm_uid,
+            gid: cfg.vmm_gid,
+        };
+        if peers.is_open() {
+            warn!(
+                "{name}: no vmm_uid or vmm_gid in the config: any process that can reach {} may use the device",
+                path.display()
+            );
+        }
         let mut server = vfio_user::DeviceServer::new(Box::new(dev), dma_check, stop.clone())
+            .peers(peers)
             .name(name.clone())
             .on_disconnect(on_disconnect);
         if let Some(boot) = boot {

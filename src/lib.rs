@@ -28,6 +28,7 @@ pub mod ids;
 pub mod listen;
 pub mod log_limit;
 pub mod metrics;
+pub mod peer;
 pub mod pipeline;
 pub mod protocol;
 pub mod server;

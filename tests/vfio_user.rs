@@ -1377,3 +1377,78 @@ fn a_removed_device_is_dropped_clients_are_refused_until_it_is_put_back() {
     thread.join().unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_client_that_is_not_the_configured_vmm_is_refused_before_anything_is_read() {
+    use vhost_user_iommu::peer::PeerPolicy;
+    use vhost_user_iommu::vfio_user::{DeviceServer, bind_socket};
+    // SAFETY: geteuid/getegid cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let dir = std::env::temp_dir().join(format!("vfio-user-peer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (policy, admitted) in [
+        (
+            PeerPolicy {
+                uid: Some(uid.wrapping_add(1)),
+                gid: None,
+            },
+            false,
+        ),
+        (
+            PeerPolicy {
+                uid: None,
+                gid: Some(gid.wrapping_add(1)),
+            },
+            false,
+        ),
+        (
+            PeerPolicy {
+                uid: Some(uid),
+                gid: Some(gid),
+            },
+            true,
+        ),
+    ] {
+        let path = dir.join("dev.sock");
+        let (fake, state) = Fake::new();
+        let stop = StopSignal::new().unwrap();
+        let connected = Arc::new(Mutex::new(0));
+        let c2 = connected.clone();
+        let server = DeviceServer::new(Box::new(fake), Arc::new(|_, _| true), stop.clone())
+            .name("peer")
+            .peers(policy)
+            .on_connect(move || *c2.lock().unwrap() += 1);
+        let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
+        let sock = UnixStream::connect(&path).unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        if admitted {
+            let mut c = Client { sock, next_id: 1 };
+            c.version("{}").unwrap();
+        } else {
+            // The server closes the connection without reading or answering anything (the
+            // VERSION sent may even fail), and never serves it.
+            use std::io::{Read, Write};
+            let _ = (&sock).write_all(&hdr_bytes(1, 1, 16, 0));
+            let mut b = [0u8; 1];
+            match (&sock).read(&mut b) {
+                Ok(0) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {}
+                other => panic!("{policy:?}: expected the connection closed, got {other:?}"),
+            }
+            assert_eq!(
+                *connected.lock().unwrap(),
+                0,
+                "{policy:?}: no connection hook"
+            );
+            assert_eq!(
+                state.lock().unwrap().resets,
+                0,
+                "{policy:?}: device untouched"
+            );
+        }
+        stop.stop();
+        thread.join().unwrap().unwrap();
+        let _ = std::fs::remove_file(&path);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

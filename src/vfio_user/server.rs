@@ -27,6 +27,7 @@ use log::{debug, info, warn};
 use super::device::{AssignedDevice, Errno};
 use super::protocol::*;
 use super::scm;
+use crate::peer::PeerPolicy;
 
 mod connection;
 mod framing;
@@ -60,7 +61,11 @@ pub struct DeviceServer {
     on_dma_change: Option<MapsHook>,
     name: String,
     maps: DmaMaps,
+    peers: PeerPolicy,
 }
+
+/// Refused clients (another VM's VMM, a stray process): their number decides how often.
+static REFUSED_LOG: crate::log_limit::EveryNth = crate::log_limit::EveryNth::new();
 
 impl DeviceServer {
     pub fn new(dev: Box<dyn AssignedDevice>, dma_check: DmaCheck, stop: StopSignal) -> Self {
@@ -73,7 +78,14 @@ impl DeviceServer {
             on_dma_change: None,
             name: "device".to_string(),
             maps: DmaMaps::default(),
+            peers: PeerPolicy::default(),
         }
+    }
+
+    /// Admits only clients with these credentials (the VMM's; see [`crate::peer`]).
+    pub fn peers(mut self, peers: PeerPolicy) -> Self {
+        self.peers = peers;
+        self
     }
 
     /// A handle on the DMA maps of whichever client is connected.
@@ -128,6 +140,17 @@ impl DeviceServer {
                     continue;
                 }
             };
+            if let Err(e) = self.peers.check(&stream) {
+                // Closed before anything is read: the device and its maps are never shown.
+                if REFUSED_LOG.allow() {
+                    warn!(
+                        "vfio-user {}: refused a client ({} refused so far): {e}",
+                        self.name,
+                        REFUSED_LOG.seen()
+                    );
+                }
+                continue;
+            }
             let taken = {
                 let mut st = self.slot.lock();
                 let generation = st.generation;
