@@ -23,6 +23,16 @@
 //! boot bypass ([`crate::boot_ram`]). DMA_READ/DMA_WRITE
 //! (server → client) are never sent.
 //!
+//! **What the device fd gives the VMM.** The fd handed over for BAR mmap is the daemon's own
+//! VFIO device file, bound to the daemon's iommufd. Its holder can issue the device's ioctls,
+//! among them `VFIO_DEVICE_ATTACH_IOMMUFD_PT` to any IOAS or HWPT id of that iommufd (the
+//! identity IOAS included), and reset the device: so a VMM can make the device reach what the
+//! guest did not map. It cannot reach beyond this VM: the iommufd is this daemon's, one per
+//! VM, and its IOASes map only this VM's guest RAM (which the VMM maps itself anyway); it holds
+//! no iommufd fd, so it cannot map anything new. The guest's IOMMU protects the guest against
+//! its devices, not against its own VMM. The daemon re-points every attached endpoint on each
+//! change the guest makes, and blocks the device when the VMM disconnects.
+//!
 //! Layout: [`protocol`] (pure encode/decode with size checks), [`device`] (the
 //! [`AssignedDevice`] trait and [`VfioCdevDevice`] over the VFIO cdev), [`server`] (the
 //! socket loop; [`spawn_device_server`] starts one thread per endpoint).
