@@ -30,8 +30,8 @@
 //! guest did not map. It cannot reach beyond this VM: the iommufd is this daemon's, one per
 //! VM, and its IOASes map only this VM's guest RAM (which the VMM maps itself anyway); it holds
 //! no iommufd fd, so it cannot map anything new. The guest's IOMMU protects the guest against
-//! its devices, not against its own VMM. The daemon re-points every attached endpoint on each
-//! change the guest makes, and blocks the device when the VMM disconnects.
+//! its devices, not against its own VMM. A re-pointed device stays so until the guest next
+//! attaches or detaches it, or the VMM disconnects (the device is then blocked).
 //!
 //! Layout: [`protocol`] (pure encode/decode with size checks), [`device`] (the
 //! [`AssignedDevice`] trait and [`VfioCdevDevice`] over the VFIO cdev), [`server`] (the
