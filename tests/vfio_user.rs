@@ -1452,3 +1452,47 @@ fn a_client_that_is_not_the_configured_vmm_is_refused_before_anything_is_read() 
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_silent_or_stalled_client_gives_the_slot_back_after_the_message_timeout() {
+    use vhost_user_iommu::vfio_user::{DeviceServer, bind_socket};
+    let dir = std::env::temp_dir().join(format!("vfio-user-silent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dev.sock");
+    let (fake, _state) = Fake::new();
+    let stop = StopSignal::new().unwrap();
+    let limit = Duration::from_millis(300);
+    let server = DeviceServer::new(Box::new(fake), Arc::new(|_, _| true), stop.clone())
+        .name("silent")
+        .message_timeout(limit);
+    let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
+    // A client that never sends anything, then one that stalls in the middle of a header.
+    for stall in [&[][..], &hdr_bytes(1, 1, 16, 0)[..7]] {
+        let hog = UnixStream::connect(&path).unwrap();
+        use std::io::{Read, Write};
+        (&hog).write_all(stall).unwrap();
+        let t = Instant::now();
+        hog.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut b = [0u8; 1];
+        match (&hog).read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {}
+            other => panic!("stall {stall:?}: expected the connection closed, got {other:?}"),
+        }
+        let took = t.elapsed();
+        assert!(
+            took >= limit - Duration::from_millis(50) && took < TIMEOUT,
+            "stall {stall:?}: closed after {took:?}"
+        );
+        // The slot is free again: the next client is served at once.
+        let sock = UnixStream::connect(&path).unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut c = Client { sock, next_id: 1 };
+        c.version("{}").unwrap();
+        drop(c);
+        drop(hog);
+    }
+    stop.stop();
+    thread.join().unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -120,8 +120,21 @@ pub fn send_all(sock: BorrowedFd<'_>, data: &[u8], pass: Option<BorrowedFd<'_>>)
     Ok(())
 }
 
-/// Waits until `fd` is readable (true) or `stop` is (false).
-pub fn wait_readable(fd: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> io::Result<bool> {
+/// What a wait for a readable fd ended with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    Readable,
+    Stopped,
+    TimedOut,
+}
+
+/// Waits until `fd` is readable (or hung up), `stop` fires, or `deadline` passes (None: no
+/// deadline).
+pub fn wait_readable_until(
+    fd: BorrowedFd<'_>,
+    stop: BorrowedFd<'_>,
+    deadline: Option<std::time::Instant>,
+) -> io::Result<Wait> {
     let mut p = [
         libc::pollfd {
             fd: fd.as_raw_fd(),
@@ -135,10 +148,24 @@ pub fn wait_readable(fd: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> io::Result<boo
         },
     ];
     loop {
+        let timeout = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                // Round up: poll's unit is the millisecond.
+                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            }
+        };
         // SAFETY: `p` is a valid array of two pollfds for the duration of the call.
-        let rc = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, -1) };
-        if rc >= 0 {
+        let rc = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout) };
+        if rc > 0 {
             break;
+        }
+        if rc == 0 {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(Wait::TimedOut);
+            }
+            continue;
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
@@ -146,8 +173,13 @@ pub fn wait_readable(fd: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> io::Result<boo
         }
     }
     if p[1].revents != 0 {
-        return Ok(false);
+        return Ok(Wait::Stopped);
     }
     // POLLHUP/POLLERR count as readable: the next read reports them.
-    Ok(p[0].revents != 0)
+    Ok(Wait::Readable)
+}
+
+/// Waits until `fd` is readable (or hung up) or `stop` fires; false if `stop` fired.
+pub fn wait_readable(fd: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(wait_readable_until(fd, stop, None)? == Wait::Readable)
 }

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
@@ -45,6 +45,10 @@ pub type DmaCheck = Arc<dyn Fn(u64, u64) -> bool + Send + Sync>;
 /// connection is given up.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a client has for its first message after connecting, and for each message once its
+/// first byte came: a silent or stalled client gives the device's one slot back after this.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
 type Hook = Box<dyn FnMut() + Send>;
 /// Called on the server thread after the client's DMA maps changed (with no lock held).
 type MapsHook = Arc<dyn Fn() + Send + Sync>;
@@ -62,6 +66,7 @@ pub struct DeviceServer {
     name: String,
     maps: DmaMaps,
     peers: PeerPolicy,
+    message_timeout: Duration,
 }
 
 /// Refused clients (another VM's VMM, a stray process): their number decides how often.
@@ -79,7 +84,15 @@ impl DeviceServer {
             name: "device".to_string(),
             maps: DmaMaps::default(),
             peers: PeerPolicy::default(),
+            message_timeout: MESSAGE_TIMEOUT,
         }
+    }
+
+    /// The time a client has for its first message and for each whole message
+    /// ([`MESSAGE_TIMEOUT`] by default).
+    pub fn message_timeout(mut self, limit: Duration) -> Self {
+        self.message_timeout = limit;
+        self
     }
 
     /// Admits only clients with these credentials (the VMM's; see [`crate::peer`]).
@@ -170,7 +183,7 @@ impl DeviceServer {
             }
             let mut conn = Connection::new(&*dev, &self.dma_check, &self.name, &self.maps);
             conn.on_maps = self.on_dma_change.clone();
-            match conn.run(&stream, &self.stop) {
+            match conn.run(&stream, &self.stop, self.message_timeout) {
                 Ok(()) => info!("vfio-user {}: client disconnected", self.name),
                 Err(e) => warn!("vfio-user {}: connection ended: {e}", self.name),
             }

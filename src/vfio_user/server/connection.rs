@@ -60,13 +60,30 @@ impl<'a> Connection<'a> {
         }
     }
 
-    pub(super) fn run(&mut self, stream: &UnixStream, stop: &StopSignal) -> io::Result<()> {
+    /// Serves the client until it leaves or `stop` fires. Its first message must come within
+    /// `limit` of the connect, and every message must arrive whole within `limit` of its first
+    /// byte; between messages it may stay quiet as long as it likes (an idle VMM).
+    pub(super) fn run(
+        &mut self,
+        stream: &UnixStream,
+        stop: &StopSignal,
+        limit: Duration,
+    ) -> io::Result<()> {
         stream.set_nonblocking(false)?;
         stream.set_write_timeout(Some(SEND_TIMEOUT))?;
         let sock = stream.as_fd();
+        let mut first_by = Some(Instant::now() + limit);
         loop {
-            match receive(sock, stop)? {
+            let received = receive(sock, stop, first_by, limit)?;
+            first_by = None;
+            match received {
                 Received::Eof | Received::Stopped => return Ok(()),
+                Received::Silent => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no message within {limit:?} of connecting"),
+                    ));
+                }
                 Received::Undersized(h) => {
                     warn!(
                         "vfio-user {}: message {} claims size {} (< header)",

@@ -1,5 +1,7 @@
 //! Reading whole messages (header, payload and passed fds) off the socket, with the stop
-//! signal watched while waiting.
+//! signal watched while waiting. A message must arrive whole within a time limit of its first
+//! byte, and the first message of a connection within a time limit of the connect: a client
+//! that stalls mid-message or never says anything does not hold the device's one slot.
 
 use super::*;
 
@@ -20,10 +22,13 @@ pub(super) enum Received {
     Oversized(Header),
     Eof,
     Stopped,
+    /// Nothing arrived by the time the first byte was due.
+    Silent,
 }
 
-/// Reads exactly `buf.len()` bytes (collecting fds); false if the stream ended first with
-/// nothing read (`at_start`) — an end mid-message is an error.
+/// Reads exactly `buf.len()` bytes (collecting fds) by `deadline`; false if the stream ended
+/// first with nothing read (`at_start`) — an end mid-message is an error, and so is the
+/// deadline.
 pub(super) fn read_full(
     sock: BorrowedFd<'_>,
     stop: &StopSignal,
@@ -31,11 +36,19 @@ pub(super) fn read_full(
     fds: &mut Vec<OwnedFd>,
     truncated: &mut bool,
     at_start: bool,
+    deadline: Instant,
 ) -> io::Result<Option<bool>> {
     let mut got = 0;
     while got < buf.len() {
-        if !scm::wait_readable(sock, stop.fd())? {
-            return Ok(None);
+        match scm::wait_readable_until(sock, stop.fd(), Some(deadline))? {
+            scm::Wait::Readable => {}
+            scm::Wait::Stopped => return Ok(None),
+            scm::Wait::TimedOut => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the client sent {got} of {} bytes and stalled", buf.len()),
+                ));
+            }
         }
         let (n, t) = scm::recv_some(sock, &mut buf[got..], fds)?;
         *truncated |= t;
@@ -57,11 +70,32 @@ pub(super) fn read_full(
     Ok(Some(true))
 }
 
-pub(super) fn receive(sock: BorrowedFd<'_>, stop: &StopSignal) -> io::Result<Received> {
+/// Receives the next message: its first byte by `first_by` (None: no limit, an idle client),
+/// the whole of it within `limit` of that.
+pub(super) fn receive(
+    sock: BorrowedFd<'_>,
+    stop: &StopSignal,
+    first_by: Option<Instant>,
+    limit: Duration,
+) -> io::Result<Received> {
+    match scm::wait_readable_until(sock, stop.fd(), first_by)? {
+        scm::Wait::Readable => {}
+        scm::Wait::Stopped => return Ok(Received::Stopped),
+        scm::Wait::TimedOut => return Ok(Received::Silent),
+    }
+    let deadline = Instant::now() + limit;
     let mut fds = Vec::new();
     let mut truncated = false;
     let mut hb = [0u8; HEADER_SIZE];
-    match read_full(sock, stop, &mut hb, &mut fds, &mut truncated, true)? {
+    match read_full(
+        sock,
+        stop,
+        &mut hb,
+        &mut fds,
+        &mut truncated,
+        true,
+        deadline,
+    )? {
         None => return Ok(Received::Stopped),
         Some(false) => return Ok(Received::Eof),
         Some(true) => {}
@@ -75,7 +109,17 @@ pub(super) fn receive(sock: BorrowedFd<'_>, stop: &StopSignal) -> io::Result<Rec
         return Ok(Received::Oversized(hdr));
     }
     let mut payload = vec![0u8; size - HEADER_SIZE];
-    if read_full(sock, stop, &mut payload, &mut fds, &mut truncated, false)?.is_none() {
+    if read_full(
+        sock,
+        stop,
+        &mut payload,
+        &mut fds,
+        &mut truncated,
+        false,
+        deadline,
+    )?
+    .is_none()
+    {
         return Ok(Received::Stopped);
     }
     Ok(Received::Msg(Msg {
