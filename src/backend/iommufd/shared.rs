@@ -1,0 +1,226 @@
+//! What the backend's handles share: the iommufd, the devices, the attachments and the
+//! identity IOAS's RAM, the map strategy and counters; and how a mapping goes into an IOAS.
+
+use super::*;
+
+/// The error text for an ENOMEM from a map: which limit, how much is needed.
+pub(super) fn memlock_hint(pinned: u64, len: u64) -> String {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    let limit = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rl) } == 0 {
+        if rl.rlim_cur == libc::RLIM_INFINITY {
+            "unlimited".to_string()
+        } else {
+            format!("{} bytes", rl.rlim_cur)
+        }
+    } else {
+        "unknown".to_string()
+    };
+    format!(
+        "ENOMEM pinning {len:#x} bytes: RLIMIT_MEMLOCK (now {limit}) must be at least {} bytes \
+         ({pinned:#x} already pinned by this backend + this mapping; every IOAS pins guest RAM \
+         separately): raise it (ulimit -l, systemd LimitMEMLOCK=) or grant CAP_IPC_LOCK",
+        pinned.saturating_add(len)
+    )
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its state consistent before anything that can panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(super) const UNPLUGGED_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// `(file id and offset, host VA)`: what makes two RAM regions the same memory.
+pub(super) type MemoryKey = (Option<((u64, u64), u64)>, u64);
+
+/// One region of guest RAM in the identity IOAS: the same pages keep their mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct IdentityEntry {
+    pub(super) gpa: IovaRange,
+    pub(super) key: MemoryKey,
+}
+
+pub(super) struct Topo {
+    pub(super) attachments: HashMap<EndpointId, Attachment>,
+    pub(super) identity: Vec<IdentityEntry>,
+}
+
+pub(super) struct Shared {
+    pub(super) iommufd: File,
+    /// Locked after `topo` when both are held.
+    pub(super) devices: Mutex<BTreeMap<EndpointId, Device>>,
+    pub(super) identity_id: u32,
+    pub(super) topo: Mutex<Topo>,
+    pub(super) ram: Mutex<Arc<GuestRam>>,
+    pub(super) ram_gen: AtomicU64,
+    pub(super) map_file_supported: bool,
+    pub(super) use_map_file: AtomicBool,
+    /// `MapStrategy::code` of the override (0: automatic).
+    pub(super) strategy_override: AtomicU8,
+    /// The unattached HWPT on the identity IOAS that keeps the staged guest RAM pinned (and
+    /// answers PFN lookups for copies); `None` if `IOMMU_HWPT_ALLOC` failed.
+    pub(super) staging_hwpt: Option<u32>,
+    /// The `ram_gen` whose RAM the identity (staging) IOAS holds completely; `u64::MAX` while
+    /// `set_ram` is changing it or after it failed.
+    pub(super) staged_gen: AtomicU64,
+    /// Whether `IOMMU_IOAS_COPY` of a sub-range of a staged region works (probed at the first
+    /// staging): 0 unknown, 1 yes, 2 no.
+    pub(super) copy_works: AtomicU8,
+    /// Live paging IOASes (ids), for tests and leak checks.
+    pub(super) domains: Mutex<BTreeMap<u32, ()>>,
+    pub(super) pinned: AtomicU64,
+    pub(super) maps_file: AtomicU64,
+    pub(super) maps_va: AtomicU64,
+    pub(super) maps_copy: AtomicU64,
+}
+
+pub(super) fn map_flags(perms: Perms) -> u32 {
+    let mut flags = 0;
+    if perms.read {
+        flags |= sys::IOMMU_IOAS_MAP_READABLE;
+    }
+    if perms.write {
+        flags |= sys::IOMMU_IOAS_MAP_WRITEABLE;
+    }
+    flags
+}
+
+impl Shared {
+    pub(super) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.iommufd.as_fd()
+    }
+
+    /// The automatic choice (by measurement, see BENCHMARKS-iommufd.md): staging + COPY when
+    /// the staging HWPT exists and a sub-range COPY worked, else MAP_FILE when the kernel has
+    /// it, else MAP.
+    pub(super) fn auto_strategy(&self) -> MapStrategy {
+        if self.staging_hwpt.is_some() && self.copy_works.load(Ordering::Relaxed) != 2 {
+            MapStrategy::Copy
+        } else if self.map_file_supported {
+            MapStrategy::MapFile
+        } else {
+            MapStrategy::Map
+        }
+    }
+
+    pub(super) fn strategy(&self) -> MapStrategy {
+        MapStrategy::from_code(self.strategy_override.load(Ordering::Relaxed))
+            .unwrap_or_else(|| self.auto_strategy())
+    }
+
+    pub(super) fn path(&self, from_file: bool) -> MapPath {
+        let file_wanted =
+            match MapStrategy::from_code(self.strategy_override.load(Ordering::Relaxed)) {
+                Some(MapStrategy::Map) => false,
+                Some(MapStrategy::MapFile) => true,
+                _ => self.use_map_file.load(Ordering::Relaxed),
+            };
+        if from_file && self.map_file_supported && file_wanted {
+            MapPath::File
+        } else {
+            MapPath::UserVa
+        }
+    }
+
+    /// Maps `len` bytes at `iova` from RAM table `ram`: by file when possible, else by VA.
+    pub(super) fn map(
+        &self,
+        ram: &GuestRam,
+        ioas: u32,
+        iova: u64,
+        len: u64,
+        host: &crate::guest_ram::HostLocation,
+        perms: Perms,
+    ) -> std::result::Result<MapPath, sys::Errno> {
+        let flags = map_flags(perms);
+        let file = host.file.and_then(|(id, off)| {
+            ram.regions()
+                .iter()
+                .filter_map(|r| r.backing.as_ref())
+                .find(|b| b.file_id == id)
+                .map(|b| (b.file.clone(), off))
+        });
+        let path = self.path(file.is_some());
+        match (path, file) {
+            (MapPath::File, Some((f, off))) => {
+                sys::ioas_map_file(self.fd(), ioas, iova, f.as_fd(), off, len, flags)?;
+                self.maps_file.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                sys::ioas_map(self.fd(), ioas, iova, host.host_addr, len, flags)?;
+                self.maps_va.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.pinned.fetch_add(len, Ordering::Relaxed);
+        Ok(path)
+    }
+
+    pub(super) fn unmap(
+        &self,
+        ioas: u32,
+        iova: u64,
+        len: u64,
+    ) -> std::result::Result<(), sys::Errno> {
+        let done = sys::ioas_unmap(self.fd(), ioas, iova, len)?;
+        self.pinned.fetch_sub(done.min(len), Ordering::Relaxed);
+        if done != len {
+            // Cannot happen for a range that is exactly earlier maps; say so loudly if it does.
+            error!("IOAS {ioas}: unmap of {len:#x} bytes at {iova:#x} removed {done:#x}");
+        }
+        Ok(())
+    }
+
+    /// Points one device somewhere. Caller holds the topology lock.
+    pub(super) fn point(
+        &self,
+        topo: &mut Topo,
+        endpoint: EndpointId,
+        to: Attachment,
+    ) -> Result<()> {
+        let mut devices = lock(&self.devices);
+        let dev = devices.get_mut(&endpoint).ok_or_else(|| {
+            BackendError::new("attach", libc::ENODEV, format!("{endpoint}: no device"))
+        })?;
+        if dev.file.is_none() {
+            // Unplugged: no DMA at all, which satisfies blocked and identity; a paging domain
+            // is refused (ENODEV: S_DEVERR) until the device is back.
+            if let Attachment::Domain(_) = to {
+                if dev
+                    .last_warn
+                    .is_none_or(|t| t.elapsed() >= UNPLUGGED_WARN_EVERY)
+                {
+                    dev.last_warn = Some(Instant::now());
+                    warn!(
+                        "{endpoint}: ATTACH refused (S_DEVERR): {} is unplugged from vfio-pci",
+                        dev.path.display()
+                    );
+                }
+                return Err(dev.file(endpoint).unwrap_err());
+            }
+            topo.attachments.insert(endpoint, to);
+            return Ok(());
+        }
+        let file = dev.file(endpoint)?;
+        let what = |op: &str| format!("{endpoint} ({}) {op}", dev.path.display());
+        let r = match to {
+            Attachment::Blocked => sys::detach_pt(file.as_fd()),
+            Attachment::Identity => sys::attach_pt(file.as_fd(), self.identity_id),
+            Attachment::Domain(id) => sys::attach_pt(file.as_fd(), id),
+        };
+        r.map_err(|e| {
+            let target = match to {
+                Attachment::Blocked => "detach".to_string(),
+                Attachment::Identity => format!("to identity IOAS {}", self.identity_id),
+                Attachment::Domain(id) => format!("to IOAS {id}"),
+            };
+            BackendError::new(e.name, e.errno, what(&target))
+        })?;
+        topo.attachments.insert(endpoint, to);
+        debug!("{endpoint}: {to:?}");
+        Ok(())
+    }
+}
