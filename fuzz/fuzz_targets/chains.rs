@@ -21,7 +21,10 @@ fn world() -> &'static Mutex<World> {
     W.get_or_init(|| {
         let daemon = LocalDaemon::start(LocalOptions::default()).expect("daemon");
         let vm = TestVm::connect(daemon.socket(), VmOptions::default()).expect("connect");
-        Mutex::new(World { _daemon: daemon, vm })
+        Mutex::new(World {
+            _daemon: daemon,
+            vm,
+        })
     })
 }
 
@@ -30,7 +33,9 @@ fuzz_target!(|data: &[u8]| {
     let vm = &mut w.vm;
     let scratch = vm.usable_ram_end() - 0x10000;
     let ram = vm.ram().size();
-    let Some((&flags, rest)) = data.split_first() else { return };
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
     // The first bytes of the input become request bytes in guest RAM.
     let n = rest.len().min(96);
     vm.ram().write(scratch, &rest[..n]).unwrap();
@@ -49,18 +54,36 @@ fuzz_target!(|data: &[u8]| {
             2 => u32::MAX - u32::from(c[3]),
             _ => u32::from(c[3]) * 16,
         };
-        descs.push(Desc { addr, len, write: c[2] & 0x80 != 0 });
+        descs.push(Desc {
+            addr,
+            len,
+            write: c[2] & 0x80 != 0,
+        });
     }
     if descs.is_empty() {
         return;
     }
-    let Ok(head) = vm.push_chain(&descs, flags & 1 != 0) else { return };
+    let Ok(head) = vm.push_chain(&descs, flags & 1 != 0) else {
+        return;
+    };
     vm.kick().unwrap();
-    let used = vm.wait_used(1, Duration::from_secs(5)).expect("the daemon answers every chain");
+    let used = vm
+        .wait_used(1, Duration::from_secs(5))
+        .expect("the daemon answers every chain");
     assert_eq!(used[0].0, head);
-    let writable: u64 = descs.iter().filter(|d| d.write).map(|d| u64::from(d.len)).sum();
-    assert!(u64::from(used[0].1) <= writable, "used length beyond the writable part");
+    let writable: u64 = descs
+        .iter()
+        .filter(|d| d.write)
+        .map(|d| u64::from(d.len))
+        .sum();
+    assert!(
+        u64::from(used[0].1) <= writable,
+        "used length beyond the writable part"
+    );
     // Still serving.
-    let probe = Request::Detach { domain: DomainId(1), endpoint: EndpointId(99) };
+    let probe = Request::Detach {
+        domain: DomainId(1),
+        endpoint: EndpointId(99),
+    };
     assert_eq!(vm.request(&probe).unwrap(), Status::NoEnt);
 });

@@ -28,7 +28,11 @@ fn request(c: &[u8]) -> Request {
     let domain = DomainId(u32::from(c[1] % 6));
     let endpoint = EndpointId(u32::from(c[2] % 6));
     let page = |b: u8| u64::from(b % 64) * PAGE;
-    let fine = if c[3] & 0x80 != 0 { u64::from(c[3] & 0x7f) } else { 0 };
+    let fine = if c[3] & 0x80 != 0 {
+        u64::from(c[3] & 0x7f)
+    } else {
+        0
+    };
     match c[0] % 5 {
         0 => Request::Attach {
             domain,
@@ -55,7 +59,11 @@ fn request(c: &[u8]) -> Request {
         }
         3 => {
             let s = page(c[4]);
-            let e = if c[5] == 0xff { u64::MAX } else { s + u64::from(c[5] % 16) * PAGE + PAGE - 1 };
+            let e = if c[5] == 0xff {
+                u64::MAX
+            } else {
+                s + u64::from(c[5] % 16) * PAGE + PAGE - 1
+            };
             Request::Unmap {
                 domain,
                 virt_start: s,
@@ -96,7 +104,11 @@ fuzz_target!(|data: &[u8]| {
             Submitted::Done(o) => o,
             Submitted::Queued => unreachable!("inline mode finishes every request"),
         };
-        assert_eq!(d.completed().count(), 0, "inline mode completes nothing later");
+        assert_eq!(
+            d.completed().count(),
+            0,
+            "inline mode completes nothing later"
+        );
         let got = status_of(&outcome);
         assert_eq!(got, model.apply(&req), "{req:?}");
         let (domains, endpoints) = d.snapshot();
@@ -104,7 +116,8 @@ fuzz_target!(|data: &[u8]| {
         let mut shadow: Vec<(u64, u64, u64)> = domains
             .iter()
             .flat_map(|d| d.mappings.iter().map(|m| (m.start, m.end, m.gpa)))
-            .collect();        let mut host: Vec<(u64, u64, u64)> = soft
+            .collect();
+        let mut host: Vec<(u64, u64, u64)> = soft
             .domain_sizes()
             .iter()
             .flat_map(|&(id, _)| soft.mappings(id))
@@ -116,7 +129,10 @@ fuzz_target!(|data: &[u8]| {
         for d in &domains {
             for m in &d.mappings {
                 assert!(m.gpa + (m.end - m.start) < RAM, "mapping outside guest RAM");
-                assert!(m.end < 0xfee0_0000 || m.start > 0xfeef_ffff, "mapping over the MSI window");
+                assert!(
+                    m.end < 0xfee0_0000 || m.start > 0xfeef_ffff,
+                    "mapping over the MSI window"
+                );
             }
             for w in d.mappings.windows(2) {
                 assert!(w[0].end < w[1].start, "overlapping mappings");
@@ -124,7 +140,10 @@ fuzz_target!(|data: &[u8]| {
         }
         for e in &endpoints {
             if e.domain.is_none() {
-                assert_eq!(soft.translate(EndpointId(e.id), 0x1000, false), Err(Fault::Blocked));
+                assert_eq!(
+                    soft.translate(EndpointId(e.id), 0x1000, false),
+                    Err(Fault::Blocked)
+                );
             }
         }
     }

@@ -38,6 +38,8 @@
 //! socket loop; [`spawn_device_server`] starts one thread per endpoint).
 
 pub mod device;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fake;
 pub mod protocol;
 mod scm;
 pub mod server;
