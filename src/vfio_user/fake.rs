@@ -84,7 +84,11 @@ impl AssignedDevice for FakeDevice {
             Ok((size, config)) => RegionInfo {
                 flags: VFIO_REGION_INFO_FLAG_READ
                     | VFIO_REGION_INFO_FLAG_WRITE
-                    | if config { 0 } else { VFIO_REGION_INFO_FLAG_MMAP },
+                    | if config {
+                        0
+                    } else {
+                        VFIO_REGION_INFO_FLAG_MMAP
+                    },
                 size,
                 offset: u64::from(index) << 40,
                 caps: Vec::new(),
