@@ -50,6 +50,8 @@ pub struct LimitsConfig {
 pub struct VmConfig {
     /// The vhost-user socket the VMM connects to.
     pub socket: Option<PathBuf>,
+    /// The read-only control socket (state and metrics) for operators and scrapers.
+    pub control_socket: Option<PathBuf>,
     #[serde(default)]
     pub backend: BackendKind,
     /// Initial value of the config-space `bypass` field.

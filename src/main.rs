@@ -69,7 +69,8 @@ struct ServeArgs {
     /// Unattached endpoints start in bypass (identity) mode.
     #[arg(long)]
     boot_bypass: bool,
-    /// Serve a read-only control socket here (`state` as JSON, `metrics` in Prometheus format).
+    /// Serve a read-only control socket here (`state` as JSON, `metrics` in Prometheus format);
+    /// overrides `control_socket` in the config.
     #[arg(long)]
     control_socket: Option<PathBuf>,
     /// Print the backend capabilities as JSON (vhost-user backend conventions) and exit.
@@ -194,6 +195,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Endpoint ids as ranges: `0..=15`, `1, 3, 5..=7`.
+fn endpoint_list(eps: &[EndpointId]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < eps.len() {
+        let mut j = i;
+        while j + 1 < eps.len() && eps[j + 1].0 == eps[j].0 + 1 {
+            j += 1;
+        }
+        out.push(if j > i + 1 {
+            format!("{}..={}", eps[i].0, eps[j].0)
+        } else if j == i + 1 {
+            format!("{}, {}", eps[i].0, eps[j].0)
+        } else {
+            eps[i].0.to_string()
+        });
+        i = j + 1;
+    }
+    out.join(", ")
 }
 
 /// The benchmark kit (a simulated VMM and guest in this process) is test code, left out of the
@@ -341,6 +363,12 @@ fn run(a: ServeArgs) -> Result<(), String> {
     endpoints.dedup();
     // Removes the vhost-user socket file at exit, as long as it is still ours.
     let mut _socket_file = None;
+    // Where a VMM connects, for the start-up line.
+    let listening = match (a.fd, a.socket_path.as_ref().or(cfg.socket.as_ref())) {
+        (Some(fd), _) => format!("the socket passed as fd {fd}"),
+        (None, Some(p)) => p.display().to_string(),
+        (None, None) => String::new(),
+    };
     let listener = match (a.fd, a.socket_path.as_ref().or(cfg.socket.as_ref())) {
         (Some(fd), _) => {
             // SAFETY: fstat on an arbitrary integer is harmless; it tells whether `fd` is open.
@@ -398,7 +426,7 @@ fn run(a: ServeArgs) -> Result<(), String> {
     handle_signals(stopper.clone()).map_err(|e| format!("cannot install signal handling: {e}"))?;
     let metrics = Arc::new(Metrics::default());
     let current: CurrentDevice = Arc::default();
-    if let Some(p) = &a.control_socket {
+    if let Some(p) = a.control_socket.as_ref().or(cfg.control_socket.as_ref()) {
         let iommufd = backend.iommufd.clone();
         let pinned: control::PinnedBytes =
             Box::new(move || iommufd.as_ref().map_or(0, |b| b.pinned_bytes()));
@@ -421,7 +449,13 @@ fn run(a: ServeArgs) -> Result<(), String> {
     if let Err(e) = vhost_user_iommu::deploy::notify_ready() {
         warn!("cannot notify systemd: {e}");
     }
-    info!("serving virtio-iommu ({mode:?})");
+    info!(
+        "serving virtio-iommu on {listening} ({} backend, endpoints {}, {mode:?}); a VMM connects \
+         with -chardev socket,id=viommu,path=... -device vhost-user-test-device-pci,chardev=viommu,\
+         virtio-id=23,num_vqs=2,vq_size=256,config_size=40 (README: Using it with QEMU)",
+        backend.dyn_backend.name(),
+        endpoint_list(&settings.endpoints)
+    );
     let hook: OnConnect = Box::new(move |d| {
         *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.clone());
         if let Some(boot) = &boot {
@@ -452,4 +486,20 @@ fn run(a: ServeArgs) -> Result<(), String> {
     })?;
     info!("stopped; {} requests failed in this run", metrics.failed());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_lists_collapse_runs_into_ranges() {
+        let eps = |v: &[u32]| v.iter().map(|&e| EndpointId(e)).collect::<Vec<_>>();
+        assert_eq!(endpoint_list(&eps(&(0..=15).collect::<Vec<_>>())), "0..=15");
+        assert_eq!(
+            endpoint_list(&eps(&[1, 3, 5, 6, 7, 9, 10])),
+            "1, 3, 5..=7, 9, 10"
+        );
+        assert_eq!(endpoint_list(&[]), "");
+    }
 }

@@ -223,7 +223,8 @@ fn control_socket_reports_state_and_prometheus_metrics() {
         "viommu_domain_mappings{domain=\"1\"} 1",
         "viommu_domain_mapped_bytes{domain=\"1\"} 4096",
         "viommu_endpoints_attached 1",
-        "viommu_request_latency_seconds_count 3",
+        "viommu_request_latency_seconds_count{type=\"map\"} 1",
+        "viommu_request_latency_seconds_count{type=\"attach\"} 2",
     ] {
         assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
     }

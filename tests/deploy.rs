@@ -875,7 +875,9 @@ fn the_service_template_has_the_contract_settings() {
     assert_eq!(one("Service", "Type"), "notify");
     assert_eq!(
         one("Service", "ExecStart"),
-        "/usr/bin/vhost-user-iommu --config /etc/vhost-user-iommu/%i.toml"
+        "/usr/bin/vhost-user-iommu --config /etc/vhost-user-iommu/%i.toml \
+         --control-socket /run/vhost-user-iommu/%i.ctl",
+        "the control socket is on for every VM, in the runtime directory"
     );
     assert_eq!(one("Service", "RuntimeDirectory"), "vhost-user-iommu");
     assert_eq!(one("Service", "RuntimeDirectoryPreserve"), "yes");
