@@ -37,8 +37,23 @@ pub struct Rejection {
     pub reason: Reason,
 }
 
+/// Why a request failed: the guest broke a rule, the host refused, or the daemon failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Reason {
+    /// The request breaks a rule of the spec (§5.13.6) or a resource cap: the guest's doing.
+    #[error("{0}")]
+    Rule(Rule),
+    /// The host refused what a valid request asked (the backend's errno).
+    #[error("backend: {0}")]
+    Backend(BackendError),
+    /// The daemon itself failed: not the guest's doing, nor the host's.
+    #[error("internal: {0}")]
+    Internal(Internal),
+}
+
+/// A rule of the spec (§5.13.6) or a cap a request breaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rule {
     #[error("reserved field is not zero")]
     ReservedNotZero,
     #[error("unknown flags {0:#x}")]
@@ -80,19 +95,32 @@ pub enum Reason {
     TooManyMappings,
     #[error("properties do not fit in the probe buffer")]
     ProbeTooSmall,
+}
+
+/// A failure of the daemon itself (the guest sees DEVERR).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Internal {
     #[error("the reply buffer is not writable guest memory")]
     Unwritable,
     #[error("the executor owning {0} is gone")]
     ExecutorGone(DomainId),
     #[error("{} is not a request a domain shard executes", .0.name())]
     NotForShard(crate::protocol::RequestType),
-    #[error("backend: {0}")]
-    Backend(BackendError),
 }
 
 impl Rejection {
     fn new(status: Status, reason: Reason) -> Self {
         Rejection { status, reason }
+    }
+
+    /// The guest broke `rule`: answered with `status`.
+    fn rule(status: Status, rule: Rule) -> Self {
+        Rejection::new(status, Reason::Rule(rule))
+    }
+
+    /// The daemon failed: the guest sees DEVERR.
+    pub fn internal(why: Internal) -> Self {
+        Rejection::new(Status::DevErr, Reason::Internal(why))
     }
 
     fn backend(e: BackendError) -> Self {

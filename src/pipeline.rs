@@ -31,8 +31,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::backend::DmaBackend;
 use crate::domains::{
-    AttachTarget, DomainKind, DomainSummary, DomainTable, DomainView, EndpointView, Outcome,
-    Rejection, Rules, Topology,
+    AttachTarget, DomainKind, DomainSummary, DomainTable, DomainView, EndpointView, Internal,
+    Outcome, Rejection, Rules, Topology,
 };
 use crate::guest_ram::GuestRam;
 use crate::ids::{DomainId, EndpointId};
@@ -250,10 +250,7 @@ impl Executors {
             Executors::Inline(t) => t.create(domain, kind),
             Executors::Threads(th) => match th.call(th.owner(domain), Work::Create(domain, kind)) {
                 Reply::Created(r) => r,
-                _ => Err(Rejection {
-                    status: crate::protocol::Status::DevErr,
-                    reason: crate::domains::Reason::ExecutorGone(domain),
-                }),
+                _ => Err(Rejection::internal(Internal::ExecutorGone(domain))),
             },
         }
     }
@@ -390,19 +387,15 @@ impl Dispatcher {
             Executors::Inline(t) => match execute(t, w) {
                 Ok((_, o)) => Submitted::Done(o),
                 // `route` only carries MAP and UNMAP, which always complete.
-                Err(_) => Submitted::Done(Err(Rejection {
-                    status: crate::protocol::Status::DevErr,
-                    reason: crate::domains::Reason::ExecutorGone(domain),
-                })),
+                Err(_) => Submitted::Done(Err(Rejection::internal(Internal::ExecutorGone(domain)))),
             },
             Executors::Threads(th) => {
                 let i = th.owner(domain);
                 if th.workers[i].work.send(w).is_err() {
                     error!("executor {i} is gone");
-                    return Submitted::Done(Err(Rejection {
-                        status: crate::protocol::Status::DevErr,
-                        reason: crate::domains::Reason::ExecutorGone(domain),
-                    }));
+                    return Submitted::Done(Err(Rejection::internal(Internal::ExecutorGone(
+                        domain,
+                    ))));
                 }
                 th.in_flight += 1;
                 Submitted::Queued

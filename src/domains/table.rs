@@ -126,15 +126,15 @@ impl DomainTable {
 
     fn paging(&mut self, domain: DomainId) -> Result<PagingParts<'_>, Rejection> {
         if !self.rules.domain_in_range(domain) {
-            return Err(Rejection::new(
+            return Err(Rejection::rule(
                 Status::Range,
-                Reason::DomainOutOfRange(domain),
+                Rule::DomainOutOfRange(domain),
             ));
         }
         match self.domains.get_mut(&domain) {
-            None => Err(Rejection::new(Status::NoEnt, Reason::NoDomain(domain))),
+            None => Err(Rejection::rule(Status::NoEnt, Rule::NoDomain(domain))),
             Some(ShardDomain::Bypass) => {
-                Err(Rejection::new(Status::Inval, Reason::BypassDomain(domain)))
+                Err(Rejection::rule(Status::Inval, Rule::BypassDomain(domain)))
             }
             Some(ShardDomain::Paging { hw, maps }) => Ok((hw, maps)),
         }
@@ -157,10 +157,7 @@ impl DomainTable {
                 virt_end,
                 ..
             } => self.unmap(domain, virt_start, virt_end),
-            other => Err(Rejection::new(
-                Status::DevErr,
-                Reason::NotForShard(other.kind()),
-            )),
+            other => Err(Rejection::internal(Internal::NotForShard(other.kind()))),
         }
     }
 
@@ -175,9 +172,9 @@ impl DomainTable {
     ) -> Outcome {
         let known = MAP_F_READ | MAP_F_WRITE | MAP_F_MMIO;
         if flags & !known != 0 {
-            return Err(Rejection::new(
+            return Err(Rejection::rule(
                 Status::Inval,
-                Reason::UnknownFlags(flags & !known),
+                Rule::UnknownFlags(flags & !known),
             ));
         }
         let rules = self.rules.clone();
@@ -185,12 +182,12 @@ impl DomainTable {
         let total = self.total_mappings.clone();
         let (hw, maps) = self.paging(domain)?;
         if flags & MAP_F_MMIO != 0 {
-            return Err(Rejection::new(Status::Unsupp, Reason::Mmio));
+            return Err(Rejection::rule(Status::Unsupp, Rule::Mmio));
         }
         let bad_range = || {
-            Rejection::new(
+            Rejection::rule(
                 Status::Range,
-                Reason::BadRange {
+                Rule::BadRange {
                     start: virt_start,
                     end: virt_end,
                 },
@@ -199,36 +196,36 @@ impl DomainTable {
         let iova = IovaRange::new(virt_start, virt_end).ok_or_else(bad_range)?;
         for a in [virt_start, phys_start, virt_end.wrapping_add(1)] {
             if a & rules.granule_mask != 0 {
-                return Err(Rejection::new(Status::Range, Reason::Misaligned(a)));
+                return Err(Rejection::rule(Status::Range, Rule::Misaligned(a)));
             }
         }
         if !rules.input_range.contains(&iova) {
-            return Err(Rejection::new(
+            return Err(Rejection::rule(
                 Status::Range,
-                Reason::OutsideInputRange(iova),
+                Rule::OutsideInputRange(iova),
             ));
         }
         if let Some((_, m)) = maps.range(..=virt_end).next_back()
             && m.end >= virt_start
         {
-            return Err(Rejection::new(Status::Inval, Reason::Overlap(iova)));
+            return Err(Rejection::rule(Status::Inval, Rule::Overlap(iova)));
         }
         if rules.overlaps_reserved(&iova) {
-            return Err(Rejection::new(Status::Inval, Reason::Reserved(iova)));
+            return Err(Rejection::rule(Status::Inval, Rule::Reserved(iova)));
         }
         // The whole 64-bit space cannot be RAM, so a length that does not fit is simply not RAM.
-        let not_ram = || Rejection::new(Status::Fault, Reason::NotGuestRam(phys_start));
+        let not_ram = || Rejection::rule(Status::Fault, Rule::NotGuestRam(phys_start));
         let gpa = iova
             .len()
             .and_then(|len| IovaRange::with_len(phys_start, len))
             .ok_or_else(not_ram)?;
         let host = ram.locate(&gpa).ok_or_else(not_ram)?;
         if maps.len() >= rules.limits.max_mappings_per_domain {
-            return Err(Rejection::new(Status::NoMem, Reason::TooManyMappings));
+            return Err(Rejection::rule(Status::NoMem, Rule::TooManyMappings));
         }
         if total.fetch_add(1, Ordering::Relaxed) >= rules.limits.max_mappings_total {
             total.fetch_sub(1, Ordering::Relaxed);
-            return Err(Rejection::new(Status::NoMem, Reason::TooManyMappings));
+            return Err(Rejection::rule(Status::NoMem, Rule::TooManyMappings));
         }
         let perms = Perms {
             read: flags & MAP_F_READ != 0,
@@ -260,9 +257,9 @@ impl DomainTable {
     pub fn unmap(&mut self, domain: DomainId, virt_start: u64, virt_end: u64) -> Outcome {
         let total = self.total_mappings.clone();
         let (hw, maps) = self.paging(domain)?;
-        let range = IovaRange::new(virt_start, virt_end).ok_or(Rejection::new(
+        let range = IovaRange::new(virt_start, virt_end).ok_or(Rejection::rule(
             Status::Range,
-            Reason::BadRange {
+            Rule::BadRange {
                 start: virt_start,
                 end: virt_end,
             },
@@ -272,13 +269,13 @@ impl DomainTable {
             && m.end >= virt_start
         {
             let _ = s;
-            return Err(Rejection::new(Status::Range, Reason::Split(range)));
+            return Err(Rejection::rule(Status::Range, Rule::Split(range)));
         }
         // So would the last mapping starting inside the range if it ends past it.
         if let Some((_, m)) = maps.range(virt_start..=virt_end).next_back()
             && m.end > virt_end
         {
-            return Err(Rejection::new(Status::Range, Reason::Split(range)));
+            return Err(Rejection::rule(Status::Range, Rule::Split(range)));
         }
         // Remove covered mappings one by one: if the host fails on one, the ones before it are
         // gone in both places and the rest stay in both, so shadow and host still agree.

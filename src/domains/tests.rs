@@ -876,5 +876,15 @@ fn a_shard_executes_map_and_unmap_and_refuses_other_requests() {
     f.check();
     let r = f.table.execute(&Request::attach(1, 2)).unwrap_err();
     assert_eq!(r.status, Status::DevErr);
-    assert!(matches!(r.reason, Reason::NotForShard(RequestType::Attach)));
+    assert_eq!(
+        r.reason,
+        Reason::Internal(Internal::NotForShard(RequestType::Attach)),
+        "not the guest's doing"
+    );
+    // A rule the guest broke is told apart from the daemon's own failure.
+    let r = f
+        .table
+        .execute(&Request::map(1, 0x1001, 0x1fff, 0, RW))
+        .unwrap_err();
+    assert_eq!(r.reason, Reason::Rule(Rule::Misaligned(0x1001)));
 }

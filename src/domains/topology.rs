@@ -98,7 +98,7 @@ impl Topology {
         self.endpoints
             .get(&e)
             .copied()
-            .ok_or(Rejection::new(Status::NoEnt, Reason::NoEndpoint(e)))
+            .ok_or(Rejection::rule(Status::NoEnt, Rule::NoEndpoint(e)))
     }
 
     /// ATTACH (§5.13.6.2), validation: the request against the spec's rules and the caps.
@@ -112,18 +112,18 @@ impl Topology {
         reserved: [u8; 4],
     ) -> Result<Option<AttachPlan>, Rejection> {
         if reserved != [0; 4] {
-            return Err(Rejection::new(Status::Inval, Reason::ReservedNotZero));
+            return Err(Rejection::rule(Status::Inval, Rule::ReservedNotZero));
         }
         if flags & !ATTACH_F_BYPASS != 0 {
-            return Err(Rejection::new(
+            return Err(Rejection::rule(
                 Status::Inval,
-                Reason::UnknownFlags(flags & !ATTACH_F_BYPASS),
+                Rule::UnknownFlags(flags & !ATTACH_F_BYPASS),
             ));
         }
         if !self.rules.domain_in_range(domain) {
-            return Err(Rejection::new(
+            return Err(Rejection::rule(
                 Status::Range,
-                Reason::DomainOutOfRange(domain),
+                Rule::DomainOutOfRange(domain),
             ));
         }
         let old = self.endpoint(endpoint)?;
@@ -136,16 +136,13 @@ impl Topology {
         if let Some(d) = existing
             && d.kind != kind
         {
-            return Err(Rejection::new(
-                Status::Inval,
-                Reason::BypassMismatch(domain),
-            ));
+            return Err(Rejection::rule(Status::Inval, Rule::BypassMismatch(domain)));
         }
         if old == Some(domain) {
             return Ok(None);
         }
         if existing.is_none() && self.domains.len() >= self.rules.limits.max_domains {
-            return Err(Rejection::new(Status::NoMem, Reason::TooManyDomains));
+            return Err(Rejection::rule(Status::NoMem, Rule::TooManyDomains));
         }
         Ok(Some(AttachPlan {
             domain,
@@ -198,18 +195,18 @@ impl Topology {
     ) -> Result<Option<DomainId>, Rejection> {
         let current = self.endpoint(endpoint)?;
         if !self.rules.domain_in_range(domain) {
-            return Err(Rejection::new(
+            return Err(Rejection::rule(
                 Status::Range,
-                Reason::DomainOutOfRange(domain),
+                Rule::DomainOutOfRange(domain),
             ));
         }
         if current != Some(domain) {
             let reason = if self.domains.contains_key(&domain) {
-                Reason::NotAttached { endpoint, domain }
+                Rule::NotAttached { endpoint, domain }
             } else {
-                Reason::NoDomain(domain)
+                Rule::NoDomain(domain)
             };
-            return Err(Rejection::new(Status::Inval, reason));
+            return Err(Rejection::rule(Status::Inval, reason));
         }
         self.backend
             .attach(endpoint, self.unattached())
@@ -246,10 +243,10 @@ impl Topology {
     pub fn probe(&self, endpoint: EndpointId, out: &mut [u8]) -> Outcome {
         self.endpoint(endpoint)?;
         if out.len() < self.rules.probe_size as usize {
-            return Err(Rejection::new(Status::Inval, Reason::ProbeTooSmall));
+            return Err(Rejection::rule(Status::Inval, Rule::ProbeTooSmall));
         }
         encode_probe_properties(&self.rules.resv_mem, out)
-            .map_err(|s| Rejection::new(s, Reason::ProbeTooSmall))
+            .map_err(|s| Rejection::rule(s, Rule::ProbeTooSmall))
     }
 
     /// The driver wrote `bypass`: unattached endpoints follow it at once.

@@ -108,10 +108,7 @@ impl Answerer<'_> {
 }
 
 pub(super) fn unwritable() -> crate::domains::Rejection {
-    crate::domains::Rejection {
-        status: Status::DevErr,
-        reason: crate::domains::Reason::Unwritable,
-    }
+    crate::domains::Rejection::internal(crate::domains::Internal::Unwritable)
 }
 
 /// Completes everything in flight (ring stop, reset).
