@@ -116,7 +116,7 @@ impl IommuDevice {
                         "{endpoint}: cannot block after its device connection closed: {e}"
                     ),
                 }
-                let _ = r.send(());
+                self.answer(s, r, ());
             }
             Event::BootRam(ram, r) => {
                 let res = if s.ram.is_some() {
@@ -124,17 +124,19 @@ impl IommuDevice {
                 } else {
                     self.0.backend.set_ram(&ram).map(|()| true)
                 };
-                let _ = r.send(res);
+                self.answer(s, r, res);
             }
             Event::MemoryTable(mem, ram, r) => {
-                let _ = r.send(self.switch_memory(s, mem, ram));
+                let res = self.switch_memory(s, mem, ram);
+                self.answer(s, r, res);
             }
             Event::Bypass(bypass, r) => {
-                let _ = r.send(s.dispatcher.set_bypass(bypass));
+                let res = s.dispatcher.set_bypass(bypass);
+                self.answer(s, r, res);
             }
             Event::Reset(r) => {
                 self.reset(s);
-                let _ = r.send(());
+                self.answer(s, r, ());
             }
             Event::StopRing(r) => {
                 if let Some(v) = s.request_vring.clone() {
@@ -142,16 +144,24 @@ impl IommuDevice {
                     drain(s, mem.as_deref(), &v, &self.0.metrics);
                     s.stopped = Some(RingMark::of(&v, mem.as_deref()));
                 }
-                let _ = r.send(());
+                self.answer(s, r, ());
             }
             Event::Snapshot(r) => {
-                let _ = r.send(s.dispatcher.snapshot());
+                let v = s.dispatcher.snapshot();
+                self.answer(s, r, v);
             }
             Event::Summary(r) => {
-                let _ = r.send(s.dispatcher.summary());
+                let v = s.dispatcher.summary();
+                self.answer(s, r, v);
             }
         }
+    }
+
+    /// Answers an event once what it changed is published: the poster may act on the answer
+    /// at once (the VMM reads the config space right after writing `bypass`).
+    fn answer<T>(&self, s: &Session, r: Reply<T>, value: T) {
         self.publish(s);
+        let _ = r.send(value);
     }
 
     /// Makes what other threads read without the owner (config space, DMA checks) current.
