@@ -89,6 +89,20 @@ fn drain(s: &UnixStream) {
     s.set_nonblocking(false).unwrap();
 }
 
+/// A VERSION message (id 1) offering protocol 0.2 with `json`.
+fn version_msg(json: &[u8]) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&1u16.to_ne_bytes());
+    m.extend_from_slice(&1u16.to_ne_bytes());
+    m.extend_from_slice(&(16 + 4 + json.len() as u32).to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&0u16.to_ne_bytes());
+    m.extend_from_slice(&2u16.to_ne_bytes());
+    m.extend_from_slice(json);
+    m
+}
+
 /// DMA_MAP: argsz, flags (read/write), offset, address (a page in the first 16 MiB), size.
 fn dma_map_payload(p: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
@@ -132,16 +146,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some((&first, r)) = rest.split_first() {
         rest = r;
         if first & 1 == 0 {
-            let v = b"{\"capabilities\":{\"max_msg_fds\":8}}\0";
-            let mut m = Vec::new();
-            m.extend_from_slice(&1u16.to_ne_bytes());
-            m.extend_from_slice(&1u16.to_ne_bytes());
-            m.extend_from_slice(&(16 + 4 + v.len() as u32).to_ne_bytes());
-            m.extend_from_slice(&0u32.to_ne_bytes());
-            m.extend_from_slice(&0u32.to_ne_bytes());
-            m.extend_from_slice(&0u16.to_ne_bytes());
-            m.extend_from_slice(&2u16.to_ne_bytes());
-            m.extend_from_slice(v);
+            let m = version_msg(b"{\"capabilities\":{\"max_msg_fds\":8}}\0");
             let _ = sock.send_with_fds(&[&m[..]], &[]);
         }
     }
@@ -212,16 +217,7 @@ fuzz_target!(|data: &[u8]| {
     probe
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let v = b"{}\0";
-    let mut m = Vec::new();
-    m.extend_from_slice(&1u16.to_ne_bytes());
-    m.extend_from_slice(&1u16.to_ne_bytes());
-    m.extend_from_slice(&(16 + 4 + v.len() as u32).to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&0u16.to_ne_bytes());
-    m.extend_from_slice(&2u16.to_ne_bytes());
-    m.extend_from_slice(v);
+    let m = version_msg(b"{}\0");
     probe.send_with_fds(&[&m[..]], &[]).unwrap();
     let mut reply = [0u8; 16];
     (&probe)
