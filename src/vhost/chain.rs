@@ -11,7 +11,6 @@ use log::warn;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::MemGuard;
 use crate::protocol::{MAX_REQUEST_SIZE, RequestType, TAIL_SIZE};
 
 /// Most device-writable descriptors a request may use; more is descriptor abuse.
@@ -66,7 +65,10 @@ pub(super) enum Chain {
 
 /// Reads a chain: device-readable descriptors first (copied, at most MAX_REQUEST_SIZE bytes),
 /// then device-writable ones (recorded, checked to be guest RAM).
-pub(super) fn read_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<MemGuard>) -> Chain {
+pub(super) fn read_chain<M>(mem: &GuestMemoryMmap, chain: DescriptorChain<M>) -> Chain
+where
+    M: std::ops::Deref<Target = GuestMemoryMmap>,
+{
     let mut bytes = [0u8; MAX_REQUEST_SIZE];
     let mut len = 0usize;
     let mut writable = Segments {
@@ -173,5 +175,137 @@ impl LogLimiter {
             self.suppressed += 1;
         }
         self.count <= Self::PER_SECOND
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    use super::*;
+
+    const RAM: u64 = 0x20_0000;
+    const REQ: u64 = 0x10_0000;
+    const REPLY: u64 = 0x11_0000;
+
+    fn ram() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap()
+    }
+
+    fn readable(addr: u64, len: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
+    }
+
+    fn writable(addr: u64, len: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            len,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        ))
+    }
+
+    /// Builds `descs` as one chain in a mock queue and reads it.
+    fn read(mem: &GuestMemoryMmap, descs: &[RawDescriptor]) -> Chain {
+        let q = MockSplitQueue::new(mem, 32);
+        let chain = q.build_desc_chain(descs).unwrap();
+        read_chain(mem, chain)
+    }
+
+    fn unusable(c: Chain) -> &'static str {
+        match c {
+            Chain::Unusable(why) => why,
+            Chain::Request { .. } => panic!("the chain was taken as a request"),
+        }
+    }
+
+    #[test]
+    fn a_request_is_copied_out_once_and_its_writable_segments_recorded_in_order() {
+        let mem = ram();
+        mem.write_slice(&[1, 2, 3, 4, 5, 6, 7, 8], GuestAddress(REQ))
+            .unwrap();
+        let c = read(
+            &mem,
+            &[
+                readable(REQ, 4),
+                readable(REQ + 4, 4),
+                writable(REPLY, 2),
+                writable(REPLY + 0x100, 6),
+            ],
+        );
+        let Chain::Request {
+            bytes,
+            len,
+            writable,
+        } = c
+        else {
+            panic!("not a request");
+        };
+        assert_eq!(&bytes[..len], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        // A later change of guest memory does not change what was read (no double fetch).
+        mem.write_slice(&[9; 8], GuestAddress(REQ)).unwrap();
+        assert_eq!(&bytes[..len], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(writable.total, 8);
+        assert_eq!(
+            &writable.seg[..writable.n],
+            &[(REPLY, 2), (REPLY + 0x100, 6)]
+        );
+        // A tail written across the two segments lands in both.
+        assert!(writable.write(&mem, 1, &[0xaa, 0xbb, 0xcc]));
+        let mut out = [0u8; 2];
+        mem.read_slice(&mut out, GuestAddress(REPLY)).unwrap();
+        assert_eq!(out, [0, 0xaa]);
+        mem.read_slice(&mut out, GuestAddress(REPLY + 0x100))
+            .unwrap();
+        assert_eq!(out, [0xbb, 0xcc]);
+        assert!(!writable.write(&mem, 7, &[1, 2]), "past the writable part");
+    }
+
+    #[test]
+    fn at_most_max_request_size_bytes_are_copied() {
+        let mem = ram();
+        let c = read(&mem, &[readable(REQ, 4096), writable(REPLY, 4)]);
+        let Chain::Request { len, .. } = c else {
+            panic!("not a request");
+        };
+        assert_eq!(len, MAX_REQUEST_SIZE);
+    }
+
+    #[test]
+    fn abusive_chains_are_unusable() {
+        let mem = ram();
+        assert_eq!(
+            unusable(read(&mem, &[readable(REQ, 8), writable(REPLY, 3)])),
+            "no room for the tail"
+        );
+        assert_eq!(
+            unusable(read(&mem, &[writable(REPLY, 4), readable(REQ, 8)])),
+            "readable descriptor after a writable one"
+        );
+        assert_eq!(
+            unusable(read(&mem, &[readable(RAM - 4, 8), writable(REPLY, 4)])),
+            "descriptor outside guest RAM"
+        );
+        assert_eq!(
+            unusable(read(&mem, &[readable(REQ, 8), writable(u64::MAX - 1, 4)])),
+            "descriptor outside guest RAM"
+        );
+        let mut many = vec![readable(REQ, 8)];
+        many.extend((0..=MAX_WRITABLE_SEGMENTS as u64).map(|i| writable(REPLY + i * 16, 4)));
+        assert_eq!(unusable(read(&mem, &many)), "too many writable descriptors");
+    }
+
+    #[test]
+    fn zero_length_writable_descriptors_take_no_segment() {
+        let mem = ram();
+        let mut descs = vec![readable(REQ, 8)];
+        descs.extend((0..20).map(|_| writable(REPLY, 0)));
+        descs.push(writable(REPLY, 4));
+        let Chain::Request { writable, .. } = read(&mem, &descs) else {
+            panic!("not a request");
+        };
+        assert_eq!((writable.n, writable.total), (1, 4));
     }
 }
