@@ -135,6 +135,10 @@ struct BenchArgs {
     /// Draw the latency distributions into this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Instead of the workloads: MAP/UNMAP latency against the number of live mappings in the
+    /// domain (comma-separated sizes, e.g. 1,1000,100000,1000000), `--rounds` pairs at each.
+    #[arg(long, value_delimiter = ',')]
+    state_sweep: Vec<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -234,6 +238,18 @@ fn bench(a: BenchArgs) -> Result<(), String> {
     }
     if a.rounds == 0 || a.threads == 0 {
         return Err("--rounds and --threads must be at least 1".into());
+    }
+    if !a.state_sweep.is_empty() {
+        let points =
+            bench::state::run_state_sweep(&a.state_sweep, a.rounds).map_err(|e| e.to_string())?;
+        if a.json {
+            for p in &points {
+                println!("{}", serde_json::to_string(p).map_err(|e| e.to_string())?);
+            }
+        } else {
+            print!("{}", bench::state::state_table(&points));
+        }
+        return Ok(());
     }
     let mut modes = Vec::new();
     if a.mode != BenchMode::Pipeline {

@@ -8,6 +8,7 @@
 
 pub mod daemon;
 pub mod report;
+pub mod state;
 
 use std::time::{Duration, Instant};
 

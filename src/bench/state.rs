@@ -1,0 +1,173 @@
+//! How the per-request cost grows with the state the daemon holds (issue 19): MAP and UNMAP
+//! latency with N live mappings in the domain, and one UNMAP covering all of them, through the
+//! real daemon (soft backend, inline) over its socket. `bench --state-sweep` prints the curve.
+
+use std::time::Instant;
+
+use super::daemon::{LocalDaemon, LocalOptions};
+use super::{BenchError, percentile};
+use crate::domains::Limits;
+use crate::driver::{TestVm, VmOptions};
+use crate::pipeline::Mode;
+use crate::protocol::{Request, Status};
+
+/// IOVAs of the live mappings start here (above 4 GiB, clear of the MSI window).
+const IOVA_BASE: u64 = 1 << 32;
+const PAGE: u64 = 0x1000;
+/// MAPs per kick while filling.
+const FILL_BATCH: usize = 256;
+
+/// One point of the curve.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StatePoint {
+    pub live: usize,
+    pub fill_ns: u64,
+    pub map_p50_ns: u64,
+    pub map_p99_ns: u64,
+    pub unmap_p50_ns: u64,
+    pub unmap_p99_ns: u64,
+    /// One UNMAP request covering every live mapping.
+    pub unmap_all_ns: u64,
+    /// This process's RSS (daemon and simulated guest) with the mappings live, KiB.
+    pub rss_kib: u64,
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4)
+}
+
+fn check(what: &'static str, st: &[Status]) -> Result<(), BenchError> {
+    match st.iter().find(|&&s| s != Status::Ok) {
+        Some(&status) => Err(BenchError::Failed {
+            workload: what,
+            status,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Measures each of `sizes` live mappings with `rounds` MAP+UNMAP pairs (one request per kick,
+/// like the Linux driver in strict mode) on top of them.
+pub fn run_state_sweep(sizes: &[usize], rounds: usize) -> Result<Vec<StatePoint>, BenchError> {
+    let most = sizes.iter().copied().max().unwrap_or(0) + rounds + 1;
+    let d = LocalDaemon::start(LocalOptions {
+        mode: Mode::Inline,
+        limits: Limits {
+            max_domains: 4,
+            max_mappings_per_domain: most,
+            max_mappings_total: most,
+        },
+        ..LocalOptions::default()
+    })
+    .map_err(BenchError::Daemon)?;
+    let ram_size = 64u64 << 20;
+    let mut vm = TestVm::connect(
+        d.socket(),
+        VmOptions {
+            queue_size: 1024,
+            ram_size,
+            ..VmOptions::default()
+        },
+    )?;
+    let pages = vm.usable_ram_end() / PAGE;
+    let map = |i: u64| {
+        Request::map(
+            1,
+            IOVA_BASE + i * PAGE,
+            IOVA_BASE + i * PAGE + PAGE - 1,
+            (i % pages) * PAGE,
+            3,
+        )
+    };
+    let mut points = Vec::new();
+    for &live in sizes {
+        check("attach", &[vm.request(&Request::attach(1, 1))?])?;
+        let t = Instant::now();
+        let all: Vec<Request> = (0..live as u64).map(map).collect();
+        for chunk in all.chunks(FILL_BATCH) {
+            check("fill", &vm.batch(chunk)?)?;
+        }
+        let fill_ns = t.elapsed().as_nanos() as u64;
+        let (mut maps, mut unmaps) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+        for r in 0..rounds as u64 {
+            let i = live as u64 + 1 + r % 1024;
+            let t = Instant::now();
+            check("map", &[vm.request(&map(i))?])?;
+            maps.push(t.elapsed().as_nanos() as u64);
+            let t = Instant::now();
+            let iova = IOVA_BASE + i * PAGE;
+            check(
+                "unmap",
+                &[vm.request(&Request::unmap(1, iova, iova + PAGE - 1))?],
+            )?;
+            unmaps.push(t.elapsed().as_nanos() as u64);
+        }
+        let rss = rss_kib();
+        let t = Instant::now();
+        let end = IOVA_BASE + (live as u64).max(1) * PAGE - 1;
+        check(
+            "unmap all",
+            &[vm.request(&Request::unmap(1, IOVA_BASE, end))?],
+        )?;
+        let unmap_all_ns = t.elapsed().as_nanos() as u64;
+        check("detach", &[vm.request(&Request::detach(1, 1))?])?;
+        maps.sort_unstable();
+        unmaps.sort_unstable();
+        points.push(StatePoint {
+            live,
+            fill_ns,
+            map_p50_ns: percentile(&maps, 0.5),
+            map_p99_ns: percentile(&maps, 0.99),
+            unmap_p50_ns: percentile(&unmaps, 0.5),
+            unmap_p99_ns: percentile(&unmaps, 0.99),
+            unmap_all_ns,
+            rss_kib: rss,
+        });
+    }
+    vm.disconnect();
+    Ok(points)
+}
+
+/// The curve as a Markdown table.
+pub fn state_table(points: &[StatePoint]) -> String {
+    let mut out = String::from(
+        "| live mappings | fill, s | MAP p50 µs | MAP p99 µs | UNMAP p50 µs | UNMAP p99 µs | one UNMAP of all, ms | RSS MiB |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for p in points {
+        out.push_str(&format!(
+            "| {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |\n",
+            p.live,
+            p.fill_ns as f64 / 1e9,
+            p.map_p50_ns as f64 / 1e3,
+            p.map_p99_ns as f64 / 1e3,
+            p.unmap_p50_ns as f64 / 1e3,
+            p.unmap_p99_ns as f64 / 1e3,
+            p.unmap_all_ns as f64 / 1e6,
+            p.rss_kib as f64 / 1024.0,
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_sweep_measures_every_size_and_leaves_the_domain_empty() {
+        let points = run_state_sweep(&[1, 300], 20).unwrap();
+        assert_eq!(points.iter().map(|p| p.live).collect::<Vec<_>>(), [1, 300]);
+        for p in &points {
+            assert!(p.map_p50_ns > 0 && p.map_p50_ns <= p.map_p99_ns, "{p:?}");
+            assert!(
+                p.unmap_p50_ns > 0 && p.unmap_p50_ns <= p.unmap_p99_ns,
+                "{p:?}"
+            );
+            assert!(p.unmap_all_ns > 0, "{p:?}");
+        }
+        assert!(state_table(&points).lines().count() == 4);
+    }
+}
