@@ -154,7 +154,11 @@ impl VmConfig {
             let p = e.vfio_user_socket.as_deref()?;
             Some((format!("endpoint {}: vfio-user socket", e.id), norm(p)))
         });
-        vhost.chain(vfio).collect()
+        let control = self
+            .control_socket
+            .iter()
+            .map(|p| ("control socket".to_string(), norm(p)));
+        vhost.chain(vfio).chain(control).collect()
     }
 
     pub fn limits(&self) -> Limits {

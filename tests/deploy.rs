@@ -161,6 +161,7 @@ impl FakeHost {
 const VM1: &str = r#"
 socket = "/run/vhost-user-iommu/vm1.sock"
 backend = "auto"
+vmm_uid = 64055
 [[endpoint]]
 id = 32
 guest_pci = "00:04.0"
@@ -923,4 +924,17 @@ fn the_service_template_has_the_contract_settings() {
             .any(|l| l.split_whitespace().take(2).eq(["u", "vhost-user-iommu"])),
         "{sysusers}"
     );
+}
+
+#[test]
+fn a_config_serving_devices_without_naming_its_vmm_gets_a_warning() {
+    let (h, _nic) = FakeHost::healthy();
+    let anyone = VM1.replace("vmm_uid = 64055\n", "");
+    let r = deploy::check(&h.config("vm1", &anyone), &opts(&h));
+    assert!(r.passed(), "a warning, not a failure: {r}");
+    let w = lines(&r, Status::Warn).join("\n");
+    assert!(w.contains("no `vmm_uid` or `vmm_gid`"), "{r}");
+    let gid = VM1.replace("vmm_uid = 64055", "vmm_gid = 64055");
+    let r = deploy::check(&h.config("vm1", &gid), &opts(&h));
+    assert!(lines(&r, Status::Warn).is_empty(), "a gid is enough: {r}");
 }
