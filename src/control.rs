@@ -2,6 +2,7 @@
 //!
 //! A client connects to the unix socket, writes one command line and reads the answer until
 //! the daemon closes the connection:
+//! - `summary`: a few lines for people (domains, mappings, endpoints, requests by type);
 //! - `state`: JSON with the live domains (and their mappings), the endpoints and the counters;
 //! - `metrics`: the counters in Prometheus text format.
 //!
@@ -100,8 +101,67 @@ fn answer(
                 pinned()
             )
         }
-        other => writeln!(conn, "unknown command {other:?}; try state or metrics"),
+        "summary" => {
+            let dev = device.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let (domains, endpoints) = dev.map(|d| d.summary()).unwrap_or_default();
+            conn.write_all(summary(&domains, &endpoints, metrics, pinned()).as_bytes())
+        }
+        other => writeln!(
+            conn,
+            "unknown command {other:?}; try summary, state or metrics"
+        ),
     }
+}
+
+/// The state in a few lines for people.
+fn summary(
+    domains: &[DomainSummary],
+    endpoints: &[EndpointView],
+    metrics: &Metrics,
+    pinned: u64,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mappings: usize = domains.iter().map(|d| d.mappings).sum();
+    let bytes: u128 = domains.iter().map(|d| d.mapped_bytes).sum();
+    let _ = writeln!(
+        out,
+        "domains:   {} ({mappings} mappings, {bytes} bytes mapped; {pinned} bytes of guest RAM pinned)",
+        domains.len()
+    );
+    let attached: Vec<String> = endpoints
+        .iter()
+        .filter_map(|e| Some(format!("{} in domain {}", e.id, e.domain?)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "endpoints: {} ({} attached{}{})",
+        endpoints.len(),
+        attached.len(),
+        if attached.is_empty() { "" } else { ": " },
+        attached.join(", ")
+    );
+    let mut req = Vec::new();
+    for k in crate::protocol::RequestType::ALL {
+        let ok = metrics.count(k, crate::protocol::Status::Ok);
+        let failed: u64 = crate::protocol::Status::ALL[1..]
+            .iter()
+            .map(|&s| metrics.count(k, s))
+            .sum();
+        if ok + failed > 0 {
+            req.push(format!("{} {ok} ok, {failed} failed", k.name()));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "requests:  {}",
+        if req.is_empty() {
+            "none yet".to_string()
+        } else {
+            req.join("; ")
+        }
+    );
+    out
 }
 
 /// Gauges of the current state: live domains, mappings and mapped bytes per domain, attached

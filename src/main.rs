@@ -97,13 +97,14 @@ struct CtlArgs {
     /// The daemon's --control-socket.
     #[arg(long)]
     control_socket: PathBuf,
-    /// What to ask for.
-    #[arg(value_enum, default_value = "state")]
+    /// What to ask for: a summary for people, the whole state as JSON, or Prometheus metrics.
+    #[arg(value_enum, default_value = "summary")]
     what: CtlQuery,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum CtlQuery {
+    Summary,
     State,
     Metrics,
 }
@@ -166,6 +167,7 @@ struct ViotArgs {
 
 fn ctl(a: CtlArgs) -> Result<(), String> {
     let command = match a.what {
+        CtlQuery::Summary => "summary",
         CtlQuery::State => "state",
         CtlQuery::Metrics => "metrics",
     };

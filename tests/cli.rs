@@ -234,6 +234,23 @@ fn control_socket_reports_state_and_prometheus_metrics() {
     );
     assert_eq!(state["pinned_bytes"], 0);
     assert!(ask(&ctl, "bogus").contains("unknown command"));
+    // The summary for people, also what `ctl` prints by default.
+    let summary = ask(&ctl, "summary");
+    for want in [
+        "domains:   1 (1 mappings, 4096 bytes mapped; 0 bytes of guest RAM pinned)",
+        "3 in domain 1",
+        "map 1 ok, 0 failed",
+        "attach 1 ok, 1 failed",
+    ] {
+        assert!(summary.contains(want), "missing {want:?} in\n{summary}");
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-user-iommu"))
+        .args(["ctl", "--control-socket"])
+        .arg(&ctl)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout), ask(&ctl, "summary"));
     // The `ctl` subcommand is the same client, for operators and scripts.
     let out = Command::new(BIN)
         .args(["ctl", "--control-socket"])
