@@ -140,6 +140,10 @@ struct BenchArgs {
     /// domain (comma-separated sizes, e.g. 1,1000,100000,1000000), `--rounds` pairs at each.
     #[arg(long, value_delimiter = ',')]
     state_sweep: Vec<usize>,
+    /// Instead of the workloads: CPU and memory of N idle daemons (each after a burst of
+    /// requests), measured over 10 s.
+    #[arg(long)]
+    idle_daemons: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -240,6 +244,23 @@ fn bench(a: BenchArgs) -> Result<(), String> {
     }
     if a.rounds == 0 || a.threads == 0 {
         return Err("--rounds and --threads must be at least 1".into());
+    }
+    if let Some(n) = a.idle_daemons {
+        let p = bench::state::run_idle(n.max(1), std::time::Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        if a.json {
+            println!("{}", serde_json::to_string(&p).map_err(|e| e.to_string())?);
+        } else {
+            println!(
+                "{} idle daemons over {:.0} s: {:.3} CPU s in total ({:.2} % of one core per daemon), {} KiB RSS per daemon",
+                p.daemons,
+                p.idle_secs,
+                p.cpu_secs,
+                p.cpu_secs / p.idle_secs / p.daemons as f64 * 100.0,
+                p.rss_kib_per_daemon
+            );
+        }
+        return Ok(());
     }
     if !a.state_sweep.is_empty() {
         let points =

@@ -157,6 +157,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cpu_time_counts_this_process_spinning() {
+        let c0 = cpu_secs();
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_millis(300) {
+            std::hint::spin_loop();
+        }
+        let used = cpu_secs() - c0;
+        assert!(used >= 0.1, "300 ms of spinning counted as {used} s");
+    }
+
+    #[test]
     fn a_small_sweep_measures_every_size_and_leaves_the_domain_empty() {
         let points = run_state_sweep(&[1, 300], 20).unwrap();
         assert_eq!(points.iter().map(|p| p.live).collect::<Vec<_>>(), [1, 300]);
@@ -170,4 +181,63 @@ mod tests {
         }
         assert!(state_table(&points).lines().count() == 4);
     }
+}
+
+/// What `n` idle daemons cost: each served a burst of requests, then its guest went quiet.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct IdlePoint {
+    pub daemons: usize,
+    pub idle_secs: f64,
+    /// CPU seconds this process (every daemon and simulated guest) used while all were idle.
+    pub cpu_secs: f64,
+    /// RSS growth per daemon over the process before they started, KiB.
+    pub rss_kib_per_daemon: u64,
+}
+
+fn cpu_secs() -> f64 {
+    // After the command name: state, ppid, pgrp, session, tty_nr, tpgid, flags, minflt,
+    // cminflt, majflt, cmajflt, utime, stime (proc(5)), the times in clock ticks.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) as f64 / hz
+}
+
+/// Starts `n` daemons (in this process, default polling window), has each one's guest send a
+/// burst of MAP/UNMAP pairs back to back (so the polling window is at its widest), then leaves
+/// them all idle for `idle` and measures the CPU they used meanwhile.
+pub fn run_idle(n: usize, idle: std::time::Duration) -> Result<IdlePoint, BenchError> {
+    let rss0 = rss_kib();
+    let mut fleet = Vec::with_capacity(n);
+    for _ in 0..n {
+        let d = LocalDaemon::start(LocalOptions::default()).map_err(BenchError::Daemon)?;
+        let mut vm = TestVm::connect(d.socket(), VmOptions::default())?;
+        check("attach", &[vm.request(&Request::attach(1, 1))?])?;
+        for i in 0..200u64 {
+            let iova = i * PAGE;
+            check(
+                "map",
+                &[vm.request(&Request::map(1, iova, iova + PAGE - 1, iova, 3))?],
+            )?;
+            check(
+                "unmap",
+                &[vm.request(&Request::unmap(1, iova, iova + PAGE - 1))?],
+            )?;
+        }
+        fleet.push((d, vm));
+    }
+    let rss = rss_kib();
+    let c0 = cpu_secs();
+    std::thread::sleep(idle);
+    let cpu = cpu_secs() - c0;
+    drop(fleet);
+    Ok(IdlePoint {
+        daemons: n,
+        idle_secs: idle.as_secs_f64(),
+        cpu_secs: cpu,
+        rss_kib_per_daemon: rss.saturating_sub(rss0) / n.max(1) as u64,
+    })
 }
