@@ -214,12 +214,6 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(v)
 }
 
-fn bytes4(b: &[u8], at: usize) -> [u8; 4] {
-    let mut v = [0u8; 4];
-    v.copy_from_slice(&b[at..at + 4]);
-    v
-}
-
 impl Request {
     /// ATTACH of `endpoint` to paging domain `domain` (no flags).
     pub fn attach(domain: u32, endpoint: u32) -> Request {
@@ -294,34 +288,49 @@ impl Request {
                 got: readable.len(),
             });
         }
-        let b = &readable[HEAD_SIZE..need];
+        let b = &readable[..need];
         Ok(match kind {
-            RequestType::Attach => Request::Attach {
-                domain: DomainId(le32(b, 0)),
-                endpoint: EndpointId(le32(b, 4)),
-                flags: le32(b, 8),
-                reserved: bytes4(b, 12),
-            },
-            RequestType::Detach => Request::Detach {
-                domain: DomainId(le32(b, 0)),
-                endpoint: EndpointId(le32(b, 4)),
-            },
-            RequestType::Map => Request::Map {
-                domain: DomainId(le32(b, 0)),
-                virt_start: le64(b, 4),
-                virt_end: le64(b, 12),
-                phys_start: le64(b, 20),
-                flags: le32(b, 28),
-            },
-            RequestType::Unmap => Request::Unmap {
-                domain: DomainId(le32(b, 0)),
-                virt_start: le64(b, 4),
-                virt_end: le64(b, 12),
-                reserved: bytes4(b, 20),
-            },
-            RequestType::Probe => Request::Probe {
-                endpoint: EndpointId(le32(b, 0)),
-            },
+            RequestType::Attach => {
+                let w: wire::Attach = wire::read(b);
+                Request::Attach {
+                    domain: DomainId(w.domain.into()),
+                    endpoint: EndpointId(w.endpoint.into()),
+                    flags: w.flags.into(),
+                    reserved: w.reserved,
+                }
+            }
+            RequestType::Detach => {
+                let w: wire::Detach = wire::read(b);
+                Request::Detach {
+                    domain: DomainId(w.domain.into()),
+                    endpoint: EndpointId(w.endpoint.into()),
+                }
+            }
+            RequestType::Map => {
+                let w: wire::Map = wire::read(b);
+                Request::Map {
+                    domain: DomainId(w.domain.into()),
+                    virt_start: w.virt_start.into(),
+                    virt_end: w.virt_end.into(),
+                    phys_start: w.phys_start.into(),
+                    flags: w.flags.into(),
+                }
+            }
+            RequestType::Unmap => {
+                let w: wire::Unmap = wire::read(b);
+                Request::Unmap {
+                    domain: DomainId(w.domain.into()),
+                    virt_start: w.virt_start.into(),
+                    virt_end: w.virt_end.into(),
+                    reserved: w.reserved,
+                }
+            }
+            RequestType::Probe => {
+                let w: wire::Probe = wire::read(b);
+                Request::Probe {
+                    endpoint: EndpointId(w.endpoint.into()),
+                }
+            }
         })
     }
 
@@ -338,55 +347,69 @@ impl Request {
     /// Encodes the device-readable part (the driver's side; used by the test driver and benches).
     /// Returns the buffer and the number of bytes used.
     pub fn encode(&self) -> ([u8; MAX_REQUEST_SIZE], usize) {
-        let mut out = [0u8; MAX_REQUEST_SIZE];
+        use vm_memory::ByteValued;
         let kind = self.kind();
-        out[0] = kind as u8;
-        let b = &mut out[HEAD_SIZE..];
-        let put32 =
-            |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-        let put64 =
-            |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        let head = wire::Head {
+            kind: kind as u8,
+            reserved: [0; 3],
+        };
+        let mut out = [0u8; MAX_REQUEST_SIZE];
+        let mut put = |bytes: &[u8]| out[..bytes.len()].copy_from_slice(bytes);
         match *self {
             Request::Attach {
                 domain,
                 endpoint,
                 flags,
                 reserved,
-            } => {
-                put32(b, 0, domain.0);
-                put32(b, 4, endpoint.0);
-                put32(b, 8, flags);
-                b[12..16].copy_from_slice(&reserved);
+            } => put(wire::Attach {
+                head,
+                domain: domain.0.into(),
+                endpoint: endpoint.0.into(),
+                flags: flags.into(),
+                reserved,
             }
-            Request::Detach { domain, endpoint } => {
-                put32(b, 0, domain.0);
-                put32(b, 4, endpoint.0);
+            .as_slice()),
+            Request::Detach { domain, endpoint } => put(wire::Detach {
+                head,
+                domain: domain.0.into(),
+                endpoint: endpoint.0.into(),
+                reserved: [0; 8],
             }
+            .as_slice()),
             Request::Map {
                 domain,
                 virt_start,
                 virt_end,
                 phys_start,
                 flags,
-            } => {
-                put32(b, 0, domain.0);
-                put64(b, 4, virt_start);
-                put64(b, 12, virt_end);
-                put64(b, 20, phys_start);
-                put32(b, 28, flags);
+            } => put(wire::Map {
+                head,
+                domain: domain.0.into(),
+                virt_start: virt_start.into(),
+                virt_end: virt_end.into(),
+                phys_start: phys_start.into(),
+                flags: flags.into(),
             }
+            .as_slice()),
             Request::Unmap {
                 domain,
                 virt_start,
                 virt_end,
                 reserved,
-            } => {
-                put32(b, 0, domain.0);
-                put64(b, 4, virt_start);
-                put64(b, 12, virt_end);
-                b[20..24].copy_from_slice(&reserved);
+            } => put(wire::Unmap {
+                head,
+                domain: domain.0.into(),
+                virt_start: virt_start.into(),
+                virt_end: virt_end.into(),
+                reserved,
             }
-            Request::Probe { endpoint } => put32(b, 0, endpoint.0),
+            .as_slice()),
+            Request::Probe { endpoint } => put(wire::Probe {
+                head,
+                endpoint: endpoint.0.into(),
+                ..Default::default()
+            }
+            .as_slice()),
         }
         (out, kind.readable_size())
     }
@@ -411,14 +434,19 @@ pub struct Config {
 
 impl Config {
     pub fn to_bytes(&self) -> [u8; CONFIG_SIZE] {
+        use vm_memory::ByteValued;
+        let w = wire::Config {
+            page_size_mask: self.page_size_mask.into(),
+            input_start: self.input_start.into(),
+            input_end: self.input_end.into(),
+            domain_start: self.domain_start.into(),
+            domain_end: self.domain_end.into(),
+            probe_size: self.probe_size.into(),
+            bypass: self.bypass,
+            reserved: [0; 3],
+        };
         let mut b = [0u8; CONFIG_SIZE];
-        b[0..8].copy_from_slice(&self.page_size_mask.to_le_bytes());
-        b[8..16].copy_from_slice(&self.input_start.to_le_bytes());
-        b[16..24].copy_from_slice(&self.input_end.to_le_bytes());
-        b[24..28].copy_from_slice(&self.domain_start.to_le_bytes());
-        b[28..32].copy_from_slice(&self.domain_end.to_le_bytes());
-        b[32..36].copy_from_slice(&self.probe_size.to_le_bytes());
-        b[36] = self.bypass;
+        b.copy_from_slice(w.as_slice());
         b
     }
 
@@ -427,19 +455,20 @@ impl Config {
         if b.len() != CONFIG_SIZE {
             return None;
         }
+        let w: wire::Config = wire::read(b);
         Some(Config {
-            page_size_mask: le64(b, 0),
-            input_start: le64(b, 8),
-            input_end: le64(b, 16),
-            domain_start: le32(b, 24),
-            domain_end: le32(b, 28),
-            probe_size: le32(b, 32),
-            bypass: b[36],
+            page_size_mask: w.page_size_mask.into(),
+            input_start: w.input_start.into(),
+            input_end: w.input_end.into(),
+            domain_start: w.domain_start.into(),
+            domain_end: w.domain_end.into(),
+            probe_size: w.probe_size.into(),
+            bypass: w.bypass,
         })
     }
 
     /// Byte offset of the `bypass` field: the only driver-writable byte.
-    pub const BYPASS_OFFSET: usize = 36;
+    pub const BYPASS_OFFSET: usize = std::mem::offset_of!(wire::Config, bypass);
 }
 
 /// RESV_MEM subtypes (§5.13.6.6.2).
@@ -572,3 +601,4 @@ impl FaultEvent {
 
 #[cfg(test)]
 mod tests;
+mod wire;
