@@ -202,18 +202,6 @@ pub enum DecodeError {
     },
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    v.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(v)
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
-}
-
 impl Request {
     /// ATTACH of `endpoint` to paging domain `domain` (no flags).
     pub fn attach(domain: u32, endpoint: u32) -> Request {
@@ -499,11 +487,16 @@ pub fn encode_probe_properties(props: &[ResvMem], out: &mut [u8]) -> Result<(), 
         .iter()
         .zip(out.chunks_exact_mut(RESV_MEM_PROPERTY_SIZE))
     {
-        chunk[0..2].copy_from_slice(&PROBE_T_RESV_MEM.to_le_bytes());
-        chunk[2..4].copy_from_slice(&20u16.to_le_bytes());
-        chunk[4] = p.kind as u8;
-        chunk[8..16].copy_from_slice(&p.start.to_le_bytes());
-        chunk[16..24].copy_from_slice(&p.end.to_le_bytes());
+        use vm_memory::ByteValued;
+        let w = wire::ResvMemProperty {
+            kind: PROBE_T_RESV_MEM.into(),
+            length: ((RESV_MEM_PROPERTY_SIZE - 4) as u16).into(),
+            subtype: p.kind as u8,
+            reserved: [0; 3],
+            start: p.start.into(),
+            end: p.end.into(),
+        };
+        chunk.copy_from_slice(w.as_slice());
     }
     Ok(())
 }
@@ -532,10 +525,11 @@ pub fn decode_probe_properties(b: &[u8]) -> Result<Vec<ResvMem>, String> {
                 1 => ResvKind::Msi,
                 k => return Err(format!("RESV_MEM subtype {k} at {at}")),
             };
+            let w: wire::ResvMemProperty = wire::read(&b[at..]);
             out.push(ResvMem {
                 kind,
-                start: le64(b, body + 4),
-                end: le64(b, body + 12),
+                start: w.start.into(),
+                end: w.end.into(),
             });
         }
         at = body + len;
@@ -567,17 +561,22 @@ pub struct FaultEvent {
 
 impl FaultEvent {
     pub fn to_bytes(&self) -> [u8; FAULT_SIZE] {
-        let mut b = [0u8; FAULT_SIZE];
-        b[0] = self.reason as u8;
+        use vm_memory::ByteValued;
         let flags = (self.flags & (FAULT_F_READ | FAULT_F_WRITE))
             | if self.address.is_some() {
                 FAULT_F_ADDRESS
             } else {
                 0
             };
-        b[4..8].copy_from_slice(&flags.to_le_bytes());
-        b[8..12].copy_from_slice(&self.endpoint.0.to_le_bytes());
-        b[16..24].copy_from_slice(&self.address.unwrap_or(0).to_le_bytes());
+        let w = wire::Fault {
+            reason: self.reason as u8,
+            flags: flags.into(),
+            endpoint: self.endpoint.0.into(),
+            address: self.address.unwrap_or(0).into(),
+            ..Default::default()
+        };
+        let mut b = [0u8; FAULT_SIZE];
+        b.copy_from_slice(w.as_slice());
         b
     }
 
@@ -585,16 +584,17 @@ impl FaultEvent {
         if b.len() < FAULT_SIZE {
             return None;
         }
-        let flags = le32(b, 4);
+        let w: wire::Fault = wire::read(b);
+        let flags = u32::from(w.flags);
         Some(FaultEvent {
-            reason: match b[0] {
+            reason: match w.reason {
                 1 => FaultReason::Domain,
                 2 => FaultReason::Mapping,
                 _ => FaultReason::Unknown,
             },
             flags: flags & (FAULT_F_READ | FAULT_F_WRITE),
-            endpoint: EndpointId(le32(b, 8)),
-            address: (flags & FAULT_F_ADDRESS != 0).then(|| le64(b, 16)),
+            endpoint: EndpointId(w.endpoint.into()),
+            address: (flags & FAULT_F_ADDRESS != 0).then(|| w.address.into()),
         })
     }
 }
