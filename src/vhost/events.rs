@@ -4,7 +4,7 @@
 use super::*;
 
 /// The answer to an [`Event`], sent back by the owner.
-pub(super) type Reply<T> = SyncSender<T>;
+type Reply<T> = SyncSender<T>;
 
 /// What another thread asks of the device state's owner (see `mailbox`): everything that changes
 /// the state, and the queries that must see it whole.
@@ -106,7 +106,7 @@ impl IommuDevice {
     }
 
     /// Applies one event to the state (the owner only).
-    pub(super) fn apply(&self, s: &mut Session, event: Event) {
+    fn apply(&self, s: &mut Session, event: Event) {
         match event {
             Event::EndpointGone(endpoint, r) => {
                 self.drain_ring(s);
@@ -202,7 +202,7 @@ impl IommuDevice {
     /// A new memory table: requests in flight were checked against the old one and run with it,
     /// so they are answered first (the pipeline's contract), their tails written through the
     /// old table they were read from; then the backend and the executors switch.
-    pub(super) fn switch_memory(
+    fn switch_memory(
         &self,
         s: &mut Session,
         mem: Mem,

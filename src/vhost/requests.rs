@@ -4,7 +4,7 @@
 use super::*;
 
 /// How long the vring thread serves requests in one go before it lets control messages in.
-pub(super) const BATCH_BUDGET: std::time::Duration = std::time::Duration::from_millis(2);
+const BATCH_BUDGET: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Where the request ring stood when the VMM stopped it, to tell a resume from a reset.
 ///
@@ -50,7 +50,7 @@ impl RingMark {
 }
 
 /// Everything `complete` needs besides the dispatcher, so both can be borrowed at once.
-pub(super) struct Answerer<'a> {
+struct Answerer<'a> {
     mem: &'a GuestMemoryMmap,
     pending: &'a mut PendingTable,
     vring: &'a VringRwLock,
@@ -60,14 +60,14 @@ pub(super) struct Answerer<'a> {
 }
 
 impl Answerer<'_> {
-    pub(super) fn used(&mut self, head: u16, len: u32) {
+    fn used(&mut self, head: u16, len: u32) {
         if let Err(e) = self.vring.add_used(head, len) {
             warn!("cannot add used descriptor {head}: {e}");
         }
         self.used = true;
     }
 
-    pub(super) fn complete(&mut self, (token, outcome): Completion) {
+    fn complete(&mut self, (token, outcome): Completion) {
         let Some(p) = self.pending.take(token) else {
             warn!("completion for unknown token {token}");
             return;
@@ -107,7 +107,7 @@ impl Answerer<'_> {
     }
 }
 
-pub(super) fn unwritable() -> crate::domains::Rejection {
+fn unwritable() -> crate::domains::Rejection {
     crate::domains::Rejection::internal(crate::domains::Internal::Unwritable)
 }
 
@@ -141,7 +141,7 @@ pub(super) fn drain(
 
 /// Spins for up to `window` until the guest adds a request or an executor completes one;
 /// true if there is new work on the ring.
-pub(super) fn poll_for_work(
+fn poll_for_work(
     window: std::time::Duration,
     vring: &VringRwLock,
     mem: &MemGuard,
@@ -181,9 +181,9 @@ pub(super) fn poll_for_work(
 }
 
 /// Failed guest notifications (the VMM's call fd decides how often).
-pub(super) static SIGNAL_FAILURES: crate::log_limit::EveryNth = crate::log_limit::EveryNth::new();
+static SIGNAL_FAILURES: crate::log_limit::EveryNth = crate::log_limit::EveryNth::new();
 
-pub(super) fn signal(vring: &VringRwLock) {
+fn signal(vring: &VringRwLock) {
     if let Ok(false) = vring.needs_notification() {
         return;
     }
@@ -205,7 +205,7 @@ pub(super) fn signal(vring: &VringRwLock) {
 }
 
 /// Sets O_NONBLOCK on `fd` if it is not set yet (the VMM's eventfds usually have it already).
-pub(super) fn make_nonblocking(fd: i32) {
+fn make_nonblocking(fd: i32) {
     // SAFETY: F_GETFL only reads the status flags of an fd we hold; a bad fd returns -1.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if flags >= 0 && flags & libc::O_NONBLOCK == 0 {

@@ -4,36 +4,36 @@
 use super::*;
 
 /// What handling a command produced.
-pub(super) struct Reply<'d> {
-    pub(super) payload: Vec<u8>,
-    pub(super) fd: Option<BorrowedFd<'d>>,
+struct Reply<'d> {
+    payload: Vec<u8>,
+    fd: Option<BorrowedFd<'d>>,
 }
 
 impl Reply<'_> {
-    pub(super) fn empty() -> Self {
+    fn empty() -> Self {
         Reply {
             payload: Vec::new(),
             fd: None,
         }
     }
-    pub(super) fn data(payload: Vec<u8>) -> Self {
+    fn data(payload: Vec<u8>) -> Self {
         Reply { payload, fd: None }
     }
 }
 
-pub(super) fn err(errno: i32, context: impl Into<std::borrow::Cow<'static, str>>) -> Errno {
+fn err(errno: i32, context: impl Into<std::borrow::Cow<'static, str>>) -> Errno {
     Errno::new(errno, context)
 }
 
 pub(super) struct Connection<'a> {
-    pub(super) dev: &'a dyn AssignedDevice,
-    pub(super) dma_check: &'a DmaCheck,
-    pub(super) name: &'a str,
-    pub(super) negotiated: bool,
-    pub(super) maps: &'a DmaMaps,
+    dev: &'a dyn AssignedDevice,
+    dma_check: &'a DmaCheck,
+    name: &'a str,
+    negotiated: bool,
+    maps: &'a DmaMaps,
     pub(super) on_maps: Option<MapsHook>,
     /// IRQ indexes (bit per index) the client set, to disable after it.
-    pub(super) irqs_set: u32,
+    irqs_set: u32,
 }
 
 impl<'a> Connection<'a> {
@@ -54,7 +54,7 @@ impl<'a> Connection<'a> {
         }
     }
 
-    pub(super) fn maps_changed(&self) {
+    fn maps_changed(&self) {
         if let Some(f) = &self.on_maps {
             f();
         }
@@ -112,7 +112,7 @@ impl<'a> Connection<'a> {
     }
 
     /// Handles one message and sends its reply; returns whether to close the connection.
-    pub(super) fn handle(&mut self, sock: BorrowedFd<'_>, m: Msg) -> io::Result<bool> {
+    fn handle(&mut self, sock: BorrowedFd<'_>, m: Msg) -> io::Result<bool> {
         let h = m.hdr;
         match h.msg_type() {
             FLAG_TYPE_COMMAND => {}
@@ -159,7 +159,7 @@ impl<'a> Connection<'a> {
         }
     }
 
-    pub(super) fn dispatch(&mut self, m: &Msg) -> Result<Reply<'a>, Errno> {
+    fn dispatch(&mut self, m: &Msg) -> Result<Reply<'a>, Errno> {
         let h = &m.hdr;
         let p = &m.payload[..];
         if m.fds_truncated {
@@ -243,7 +243,7 @@ impl<'a> Connection<'a> {
         }
     }
 
-    pub(super) fn version(&mut self, p: &[u8]) -> Result<Reply<'a>, Errno> {
+    fn version(&mut self, p: &[u8]) -> Result<Reply<'a>, Errno> {
         if self.negotiated {
             return Err(err(libc::EINVAL, "VERSION already negotiated"));
         }
@@ -266,7 +266,7 @@ impl<'a> Connection<'a> {
         )))
     }
 
-    pub(super) fn dma_map(&mut self, p: &[u8], fd: Option<&OwnedFd>) -> Result<Reply<'a>, Errno> {
+    fn dma_map(&mut self, p: &[u8], fd: Option<&OwnedFd>) -> Result<Reply<'a>, Errno> {
         let m = decode_dma_map(p)?;
         let end = m.address + m.size;
         if self.maps.len() >= MAX_DMA_MAPS {
@@ -334,7 +334,7 @@ impl<'a> Connection<'a> {
         Ok(Reply::empty())
     }
 
-    pub(super) fn dma_unmap(&mut self, p: &[u8]) -> Result<Reply<'a>, Errno> {
+    fn dma_unmap(&mut self, p: &[u8]) -> Result<Reply<'a>, Errno> {
         let u = decode_dma_unmap(p)?;
         {
             let mut maps = self.maps.lock();
@@ -358,14 +358,14 @@ impl<'a> Connection<'a> {
         Ok(Reply::data(encode_dma_unmap_reply(&u)))
     }
 
-    pub(super) fn check_region_index(&self, index: u32) -> Result<(), Errno> {
+    fn check_region_index(&self, index: u32) -> Result<(), Errno> {
         if index >= self.dev.info().num_regions {
             return Err(err(libc::EINVAL, format!("no region {index}")));
         }
         Ok(())
     }
 
-    pub(super) fn check_irq_index(&self, index: u32) -> Result<(), Errno> {
+    fn check_irq_index(&self, index: u32) -> Result<(), Errno> {
         if index == VFIO_PCI_REQ_IRQ_INDEX {
             return Err(err(
                 libc::EPERM,
@@ -378,7 +378,7 @@ impl<'a> Connection<'a> {
         Ok(())
     }
 
-    pub(super) fn region_info(&mut self, p: &[u8]) -> Result<Reply<'a>, Errno> {
+    fn region_info(&mut self, p: &[u8]) -> Result<Reply<'a>, Errno> {
         let req = decode_region_info_req(p)?;
         self.check_region_index(req.index)?;
         let mut info = self.dev.region_info(req.index)?;
@@ -407,7 +407,7 @@ impl<'a> Connection<'a> {
         })
     }
 
-    pub(super) fn set_irqs(&mut self, p: &[u8], fds: &[OwnedFd]) -> Result<Reply<'a>, Errno> {
+    fn set_irqs(&mut self, p: &[u8], fds: &[OwnedFd]) -> Result<Reply<'a>, Errno> {
         let s = decode_irq_set(p)?;
         self.check_irq_index(s.index)?;
         let raw: Vec<RawFd> = if s.data_type() == VFIO_IRQ_SET_DATA_EVENTFD {
@@ -479,7 +479,7 @@ impl<'a> Connection<'a> {
         self.negotiated = false;
     }
 
-    pub(super) fn clear_bus_master(&self) -> Result<(), Errno> {
+    fn clear_bus_master(&self) -> Result<(), Errno> {
         let mut cmd = [0u8; 2];
         self.dev
             .read(VFIO_PCI_CONFIG_REGION_INDEX, PCI_COMMAND, &mut cmd)?;
@@ -493,5 +493,5 @@ impl<'a> Connection<'a> {
 }
 
 /// The PCI command register and its bus-master enable bit.
-pub(super) const PCI_COMMAND: u64 = 0x04;
-pub(super) const PCI_COMMAND_MASTER: u16 = 1 << 2;
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MASTER: u16 = 1 << 2;

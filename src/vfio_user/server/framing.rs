@@ -29,7 +29,7 @@ pub(super) enum Received {
 /// Reads exactly `buf.len()` bytes (collecting fds) by `deadline`; false if the stream ended
 /// first with nothing read (`at_start`) — an end mid-message is an error, and so is the
 /// deadline.
-pub(super) fn read_full(
+fn read_full(
     sock: BorrowedFd<'_>,
     stop: &StopSignal,
     buf: &mut [u8],

@@ -7,11 +7,11 @@ use super::*;
 #[derive(Clone)]
 pub struct StopSignal(Arc<StopInner>);
 
-pub(super) struct StopInner {
-    pub(super) stopped: AtomicBool,
+struct StopInner {
+    stopped: AtomicBool,
     /// Readable once stopped: one byte is written and never read.
-    pub(super) rx: std::io::PipeReader,
-    pub(super) tx: std::io::PipeWriter,
+    rx: std::io::PipeReader,
+    tx: std::io::PipeWriter,
 }
 
 impl StopSignal {
