@@ -402,13 +402,8 @@ fn run(a: ServeArgs) -> Result<(), String> {
     endpoints.dedup();
     // Removes the vhost-user socket file at exit, as long as it is still ours.
     let mut _socket_file = None;
-    // Where a VMM connects, for the start-up line.
-    let listening = match (a.fd, a.socket_path.as_ref().or(cfg.socket.as_ref())) {
-        (Some(fd), _) => format!("the socket passed as fd {fd}"),
-        (None, Some(p)) => p.display().to_string(),
-        (None, None) => String::new(),
-    };
-    let listener = match (a.fd, a.socket_path.as_ref().or(cfg.socket.as_ref())) {
+    // The listener, and where a VMM connects (for the start-up line).
+    let (listener, listening) = match (a.fd, a.socket_path.as_ref().or(cfg.socket.as_ref())) {
         (Some(fd), _) => {
             // SAFETY: fstat on an arbitrary integer is harmless; it tells whether `fd` is open.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -421,13 +416,14 @@ fn run(a: ServeArgs) -> Result<(), String> {
             }
             // SAFETY: the fd was checked to be an open socket and is handed to us by the caller
             // for our exclusive use (socket activation).
-            unsafe { Listener::from_raw_fd(fd) }
+            let l = unsafe { Listener::from_raw_fd(fd) };
+            (l, format!("the socket passed as fd {fd}"))
         }
         (None, Some(p)) => {
             let l = vhost_user_iommu::listen::bind(p)
                 .map_err(|e| format!("cannot listen on {}: {e}", p.display()))?;
             _socket_file = Some(vhost_user_iommu::listen::SocketFile::new(p));
-            Listener::from(l)
+            (Listener::from(l), p.display().to_string())
         }
         (None, None) => {
             return Err("give --socket-path PATH, --fd N, or socket in the config".into());

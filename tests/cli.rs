@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::TempDir;
 use vhost_user_iommu::driver::{TestVm, VmOptions};
-use vhost_user_iommu::ids::{DomainId, EndpointId};
+use vhost_user_iommu::ids::DomainId;
 use vhost_user_iommu::protocol::{Request, Status};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
@@ -27,27 +27,11 @@ fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
 }
 
 fn exercise(vm: &mut TestVm) {
-    let attach = Request::Attach {
-        domain: DomainId(1),
-        endpoint: EndpointId(3),
-        flags: 0,
-        reserved: [0; 4],
-    };
+    let attach = Request::attach(1, 3);
     assert_eq!(vm.request(&attach).unwrap(), Status::Ok);
-    let map = Request::Map {
-        domain: DomainId(1),
-        virt_start: 0x1000,
-        virt_end: 0x1fff,
-        phys_start: 0x1000,
-        flags: 3,
-    };
+    let map = Request::map(1, 0x1000, 0x1fff, 0x1000, 3);
     assert_eq!(vm.request(&map).unwrap(), Status::Ok);
-    let unknown = Request::Attach {
-        domain: DomainId(1),
-        endpoint: EndpointId(16),
-        flags: 0,
-        reserved: [0; 4],
-    };
+    let unknown = Request::attach(1, 16);
     assert_eq!(
         vm.request(&unknown).unwrap(),
         Status::NoEnt,

@@ -29,7 +29,7 @@ fn world() -> &'static World {
         let dir = std::env::temp_dir().join(format!("vfio-user-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("dev.sock");
-        let (dev, counters) = FakeDevice::new().unwrap();
+        let (dev, counters) = FakeDevice::new();
         let disconnects = Arc::new(AtomicUsize::new(0));
         let d = disconnects.clone();
         let server = DeviceServer::new(

@@ -16,7 +16,7 @@ use crate::backend::soft::SoftBackend;
 use crate::backend::{DmaBackend, HwDomain, MapOp};
 use crate::driver::{DriverError, TestVm, VmOptions};
 use crate::guest_ram::HostLocation;
-use crate::ids::{DomainId, EndpointId, IovaRange, Perms};
+use crate::ids::{DomainId, IovaRange, Perms};
 use crate::pipeline::Mode;
 use crate::protocol::{Request, Status};
 use daemon::{LocalDaemon, LocalOptions};
@@ -174,6 +174,14 @@ pub enum BenchError {
         workload: &'static str,
         status: Status,
     },
+}
+
+/// Every status `S_OK`, or the first that is not, as a failure of `workload`.
+fn all_ok(workload: &'static str, statuses: &[Status]) -> Result<(), BenchError> {
+    match statuses.iter().find(|&&s| s != Status::Ok) {
+        Some(&status) => Err(BenchError::Failed { workload, status }),
+        None => Ok(()),
+    }
 }
 
 /// The request groups (one per kick) of `rounds` rounds of a workload.
@@ -338,21 +346,9 @@ pub fn run_socket(
         },
     )?;
     let setup: Vec<Request> = (1..=domains_of(w))
-        .map(|dom| Request::Attach {
-            domain: DomainId(dom),
-            endpoint: EndpointId(dom),
-            flags: 0,
-            reserved: [0; 4],
-        })
+        .map(|dom| Request::attach(dom, dom))
         .collect();
-    for s in vm.batch(&setup)? {
-        if s != Status::Ok {
-            return Err(BenchError::Failed {
-                workload: w.name,
-                status: s,
-            });
-        }
-    }
+    all_ok(w.name, &vm.batch(&setup)?)?;
     let plan = kicks(w, rounds);
     let (mut requests, mut pairs) = (0u64, 0u64);
     let mut lat = Vec::with_capacity(plan.len());
@@ -361,12 +357,7 @@ pub fn run_socket(
         let t = Instant::now();
         let st = vm.batch(kick)?;
         lat.push(t.elapsed().as_nanos() as u64);
-        if let Some(&bad) = st.iter().find(|&&s| s != Status::Ok) {
-            return Err(BenchError::Failed {
-                workload: w.name,
-                status: bad,
-            });
-        }
+        all_ok(w.name, &st)?;
         requests += kick.len() as u64;
         pairs += kick
             .iter()

@@ -5,17 +5,18 @@
 use std::time::Instant;
 
 use super::daemon::{LocalDaemon, LocalOptions};
-use super::{BenchError, percentile};
+use super::{BenchError, all_ok, percentile};
 use crate::domains::Limits;
 use crate::driver::{TestVm, VmOptions};
 use crate::pipeline::Mode;
-use crate::protocol::{Request, Status};
+use crate::protocol::{MAP_F_READ, MAP_F_WRITE, Request};
 
 /// IOVAs of the live mappings start here (above 4 GiB, clear of the MSI window).
 const IOVA_BASE: u64 = 1 << 32;
 const PAGE: u64 = 0x1000;
 /// MAPs per kick while filling.
 const FILL_BATCH: usize = 256;
+const RW: u32 = MAP_F_READ | MAP_F_WRITE;
 
 /// One point of the curve.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -37,16 +38,6 @@ fn rss_kib() -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * 4)
-}
-
-fn check(what: &'static str, st: &[Status]) -> Result<(), BenchError> {
-    match st.iter().find(|&&s| s != Status::Ok) {
-        Some(&status) => Err(BenchError::Failed {
-            workload: what,
-            status,
-        }),
-        None => Ok(()),
-    }
 }
 
 /// Measures each of `sizes` live mappings with `rounds` MAP+UNMAP pairs (one request per kick,
@@ -84,22 +75,22 @@ pub fn run_state_sweep(sizes: &[usize], rounds: usize) -> Result<Vec<StatePoint>
     };
     let mut points = Vec::new();
     for &live in sizes {
-        check("attach", &[vm.request(&Request::attach(1, 1))?])?;
+        all_ok("attach", &[vm.request(&Request::attach(1, 1))?])?;
         let t = Instant::now();
         let all: Vec<Request> = (0..live as u64).map(map).collect();
         for chunk in all.chunks(FILL_BATCH) {
-            check("fill", &vm.batch(chunk)?)?;
+            all_ok("fill", &vm.batch(chunk)?)?;
         }
         let fill_ns = t.elapsed().as_nanos() as u64;
         let (mut maps, mut unmaps) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
         for r in 0..rounds as u64 {
             let i = live as u64 + 1 + r % 1024;
             let t = Instant::now();
-            check("map", &[vm.request(&map(i))?])?;
+            all_ok("map", &[vm.request(&map(i))?])?;
             maps.push(t.elapsed().as_nanos() as u64);
             let t = Instant::now();
             let iova = IOVA_BASE + i * PAGE;
-            check(
+            all_ok(
                 "unmap",
                 &[vm.request(&Request::unmap(1, iova, iova + PAGE - 1))?],
             )?;
@@ -108,12 +99,12 @@ pub fn run_state_sweep(sizes: &[usize], rounds: usize) -> Result<Vec<StatePoint>
         let rss = rss_kib();
         let t = Instant::now();
         let end = IOVA_BASE + (live as u64).max(1) * PAGE - 1;
-        check(
+        all_ok(
             "unmap all",
             &[vm.request(&Request::unmap(1, IOVA_BASE, end))?],
         )?;
         let unmap_all_ns = t.elapsed().as_nanos() as u64;
-        check("detach", &[vm.request(&Request::detach(1, 1))?])?;
+        all_ok("detach", &[vm.request(&Request::detach(1, 1))?])?;
         maps.sort_unstable();
         unmaps.sort_unstable();
         points.push(StatePoint {
@@ -215,14 +206,14 @@ pub fn run_idle(n: usize, idle: std::time::Duration) -> Result<IdlePoint, BenchE
     for _ in 0..n {
         let d = LocalDaemon::start(LocalOptions::default()).map_err(BenchError::Daemon)?;
         let mut vm = TestVm::connect(d.socket(), VmOptions::default())?;
-        check("attach", &[vm.request(&Request::attach(1, 1))?])?;
+        all_ok("attach", &[vm.request(&Request::attach(1, 1))?])?;
         for i in 0..200u64 {
             let iova = i * PAGE;
-            check(
+            all_ok(
                 "map",
-                &[vm.request(&Request::map(1, iova, iova + PAGE - 1, iova, 3))?],
+                &[vm.request(&Request::map(1, iova, iova + PAGE - 1, iova, RW))?],
             )?;
-            check(
+            all_ok(
                 "unmap",
                 &[vm.request(&Request::unmap(1, iova, iova + PAGE - 1))?],
             )?;

@@ -35,19 +35,17 @@ pub struct FakeDevice {
 }
 
 impl FakeDevice {
-    pub fn new() -> std::io::Result<(FakeDevice, Arc<FakeCounters>)> {
+    pub fn new() -> (FakeDevice, Arc<FakeCounters>) {
         let bar0 = crate::testing::unlinked_file(BAR0_SIZE);
         let counters = Arc::new(FakeCounters::default());
         let mut config = [0u8; CONFIG_SIZE as usize];
         config[..4].copy_from_slice(&0x11e8_1234u32.to_le_bytes());
-        Ok((
-            FakeDevice {
-                bar0,
-                config: Mutex::new(config),
-                counters: counters.clone(),
-            },
-            counters,
-        ))
+        let dev = FakeDevice {
+            bar0,
+            config: Mutex::new(config),
+            counters: counters.clone(),
+        };
+        (dev, counters)
     }
 
     fn region(&self, index: u32) -> Result<(u64, bool), Errno> {
@@ -156,7 +154,7 @@ impl AssignedDevice for FakeDevice {
             .unwrap_or_else(|p| p.into_inner());
         if count > 0 && fds.iter().any(|&fd| fd >= 0) {
             *armed |= 1 << index;
-        } else if count == 0 || fds.iter().all(|&fd| fd < 0) {
+        } else {
             *armed &= !(1 << index);
         }
         Ok(())

@@ -20,7 +20,6 @@ fn layout_reserves_the_top_of_ram() {
 #[test]
 #[ignore = "needs a running daemon"]
 fn smoke_against_a_running_daemon() {
-    use crate::ids::{DomainId, EndpointId};
     let path = std::env::var("VHOST_USER_IOMMU_SOCKET").unwrap_or("/tmp/x.sock".into());
     for event_idx in [false, true] {
         let mut vm = TestVm::connect(
@@ -37,27 +36,11 @@ fn smoke_against_a_running_daemon() {
         assert_eq!(s, Status::Ok);
         assert_eq!(props.len(), c.probe_size as usize);
         crate::protocol::decode_probe_properties(&props).unwrap();
-        let attach = Request::Attach {
-            domain: DomainId(1),
-            endpoint: EndpointId(1),
-            flags: 0,
-            reserved: [0; 4],
-        };
+        let attach = Request::attach(1, 1);
         assert_eq!(vm.request(&attach).unwrap(), Status::Ok);
-        let map = Request::Map {
-            domain: DomainId(1),
-            virt_start: 0x1000,
-            virt_end: 0x1fff,
-            phys_start: 0x1000,
-            flags: 3,
-        };
+        let map = Request::map(1, 0x1000, 0x1fff, 0x1000, 3);
         assert_eq!(vm.request(&map).unwrap(), Status::Ok);
-        let unmap = Request::Unmap {
-            domain: DomainId(1),
-            virt_start: 0x1000,
-            virt_end: 0x1fff,
-            reserved: [0; 4],
-        };
+        let unmap = Request::unmap(1, 0x1000, 0x1fff);
         assert_eq!(vm.request(&unmap).unwrap(), Status::Ok);
         vm.disconnect();
     }
