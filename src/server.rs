@@ -4,28 +4,27 @@
 //! A connection's end (VMM exit, crash, reconnect) returns every endpoint to its boot state
 //! before the next connection is accepted; nothing of one connection survives into the next.
 
+use std::net::Shutdown;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{error, info, warn};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
+use vhost::vhost_user::{BackendReqHandler, Error as ProtocolError, Listener};
 
 use crate::backend::DmaBackend;
 use crate::metrics::Metrics;
-use crate::vhost::{DeviceSettings, IommuDevice};
+use crate::vhost::{Connection, DeviceSettings, IommuDevice};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot create the device: {0}")]
     Device(std::io::Error),
-    #[error("vhost-user daemon: {0}")]
-    Daemon(vhost_user_backend::Error),
-    #[error("cannot register the completion event: {0}")]
-    Register(std::io::Error),
+    #[error("cannot accept a VMM on the vhost-user socket: {0}")]
+    Accept(ProtocolError),
+    #[error("cannot start serving the connection: {0}")]
+    Connection(std::io::Error),
 }
 
 /// Lets another thread (the signal handler) stop the serve loop.
@@ -33,7 +32,8 @@ pub enum ServeError {
 pub struct Stopper {
     stop: AtomicBool,
     listener_fd: Mutex<Option<i32>>,
-    connection: Mutex<Option<ShutdownHandle>>,
+    /// The connection being served (a clone of its socket, to shut it down).
+    connection: Mutex<Option<UnixStream>>,
 }
 
 impl Stopper {
@@ -45,7 +45,7 @@ impl Stopper {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
         {
-            c.shutdown();
+            let _ = c.shutdown(Shutdown::Both);
         }
         if let Some(fd) = *self.listener_fd.lock().unwrap_or_else(|p| p.into_inner()) {
             // SAFETY: shutting a listening socket down only makes a blocked accept() return; the
@@ -64,7 +64,7 @@ pub type OnConnect = Box<dyn Fn(&IommuDevice) + Send>;
 
 /// Serves connections on `listener` until `stopper` says stop or `max_connections` were served.
 pub fn serve(
-    mut listener: Listener,
+    listener: Listener,
     settings: DeviceSettings,
     backend: Arc<dyn DmaBackend>,
     metrics: Arc<Metrics>,
@@ -78,54 +78,34 @@ pub fn serve(
         .unwrap_or_else(|p| p.into_inner()) = Some(listener.as_raw_fd());
     let mut served = 0usize;
     while !stopper.stopped() && max_connections.is_none_or(|m| served < m) {
+        let stream = match accept(&listener) {
+            Ok(s) => s,
+            Err(_) if stopper.stopped() => {
+                info!("stopping while waiting for a VMM");
+                break;
+            }
+            Err(e) => return Err(ServeError::Accept(e)),
+        };
+        served += 1;
         let dev = IommuDevice::new(settings.clone(), backend.clone(), metrics.clone())
             .map_err(ServeError::Device)?;
         if let Some(f) = &on_connect {
             f(&dev);
         }
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new("vhost-user-iommu".into(), dev.clone(), mem)
-            .map_err(ServeError::Daemon)?;
-        for (fd, token) in dev.event_fds() {
-            daemon.get_epoll_handlers()[0]
-                .register_listener(fd, EventSet::IN, u64::from(token))
-                .map_err(ServeError::Register)?;
-        }
-        // The vring thread runs (the library starts it with the daemon) and has the device's
-        // events in its epoll set: it owns the device state until it is gone.
-        dev.owner_started();
-        match daemon.start(&mut listener) {
-            Ok(()) => {}
-            Err(e) => {
-                drop(daemon);
-                dev.owner_stopped();
-                if stopper.stopped() {
-                    info!("stopping while waiting for a VMM");
-                    break;
-                }
-                return Err(ServeError::Daemon(e));
-            }
-        }
-        served += 1;
         info!("VMM connected");
-        *stopper.connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
-        if stopper.stopped() {
-            daemon.request_shutdown();
-        }
-        match daemon.wait() {
+        let result = serve_connection(stream, &dev, &stopper);
+        match result {
             Ok(()) => info!("VMM disconnected"),
             Err(e) if stopper.stopped() => info!("connection closed for shutdown: {e}"),
-            Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            Err(ConnectionEnd::Protocol(
+                ProtocolError::Disconnected | ProtocolError::PartialMessage,
             )) => info!("VMM disconnected"),
+            Err(ConnectionEnd::Setup(e)) => {
+                dev.disconnect();
+                return Err(ServeError::Connection(e));
+            }
             Err(e) => warn!("connection ended with an error: {e}"),
         }
-        *stopper.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
-        drop(daemon);
-        dev.release_exit_events();
         dev.disconnect();
     }
     *stopper
@@ -133,6 +113,55 @@ pub fn serve(
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = None;
     Ok(())
+}
+
+/// Waits for the next VMM.
+fn accept(listener: &Listener) -> Result<UnixStream, ProtocolError> {
+    loop {
+        if let Some(stream) = listener.accept()? {
+            return Ok(stream);
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionEnd {
+    #[error("{0}")]
+    Protocol(ProtocolError),
+    #[error("{0}")]
+    Setup(std::io::Error),
+}
+
+/// Answers the VMM's messages on `stream` until it disconnects, a message fails, or `stopper`
+/// shuts the socket down. The connection's vring thread has ended when this returns.
+fn serve_connection(
+    stream: UnixStream,
+    dev: &IommuDevice,
+    stopper: &Stopper,
+) -> Result<(), ConnectionEnd> {
+    let clone = stream.try_clone().map_err(ConnectionEnd::Setup)?;
+    let conn = Arc::new(Mutex::new(
+        Connection::new(dev.clone()).map_err(ConnectionEnd::Setup)?,
+    ));
+    let mut handler = BackendReqHandler::from_stream(stream, conn.clone());
+    *stopper.connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
+    let result = if stopper.stopped() {
+        Ok(())
+    } else {
+        loop {
+            if let Err(e) = handler.handle_request() {
+                break Err(ConnectionEnd::Protocol(e));
+            }
+        }
+    };
+    *stopper.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    drop(handler);
+    match Arc::try_unwrap(conn) {
+        Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()).close(),
+        Err(_) => error!("the connection's state is still shared at its end"),
+    }
+    result
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in every thread; stops `stopper` on SIGTERM or SIGINT and

@@ -18,16 +18,12 @@ use std::time::Instant;
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{
     Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
-};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -43,16 +39,20 @@ use crate::protocol::{
 };
 
 mod chain;
+mod connection;
 mod events;
 mod mailbox;
 mod memory;
 mod poll_window;
 mod requests;
+mod vring_thread;
+
+pub use connection::Connection;
 
 use chain::{Chain, LogLimiter, Pending, PendingTable, read_chain};
 use events::{Event, OwnerWatch, owner_gone};
 use mailbox::Mailbox;
-use memory::{check_backing, file_identity, guest_ram};
+use memory::{check_backing, guest_ram};
 use poll_window::PollWindow;
 use requests::{RingMark, drain};
 
@@ -108,8 +108,9 @@ struct Session {
 struct Inner {
     /// Written when request processing yields after its budget; brings the vring thread back.
     rewake: EventFd,
-    /// Exit-event fds handed to the vring library, which leaks them (see `exit_event`).
-    exit_fds: Mutex<Vec<(i32, (u64, u64))>>,
+    /// Guest memory as the rings and requests see it: the memory table in force (empty before
+    /// the first); only the owner replaces it.
+    mem: Mem,
     settings: DeviceSettings,
     backend: Arc<dyn DmaBackend>,
     metrics: Arc<Metrics>,
@@ -124,9 +125,6 @@ struct Inner {
     bypass: AtomicBool,
     /// The memory table's guest RAM as last published by the owner (vfio-user DMA checks).
     ram: Mutex<Option<Arc<GuestRam>>>,
-    /// The last memory table `update_memory` accepted (empty before the first). Outside the
-    /// session lock: a refusal must put it back without waiting for the vring thread.
-    accepted: Mutex<Arc<GuestMemoryMmap>>,
 }
 
 /// The virtio-iommu vhost-user device for one connection.
@@ -183,7 +181,7 @@ impl IommuDevice {
         let settings_bypass = settings.boot_bypass;
         Ok(IommuDevice(Arc::new(Inner {
             rewake: EventFd::new(EFD_NONBLOCK)?,
-            exit_fds: Mutex::new(Vec::new()),
+            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             settings,
             backend,
             metrics,
@@ -192,7 +190,6 @@ impl IommuDevice {
             acked_features: AtomicU64::new(0),
             bypass: AtomicBool::new(settings_bypass),
             ram: Mutex::new(None),
-            accepted: Mutex::new(Arc::new(GuestMemoryMmap::new())),
         })))
     }
 
@@ -229,24 +226,17 @@ impl IommuDevice {
         s.request_vring = None;
         s.mem = None;
         s.ram = None;
-        *self.0.accepted.lock().unwrap_or_else(|p| p.into_inner()) =
-            Arc::new(GuestMemoryMmap::new());
+        self.0
+            .mem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(GuestMemoryMmap::new());
         self.publish(&s);
     }
 
-    /// Closes the exit-event fds the vring library took and never closed. Call only after the
-    /// connection's `VhostUserDaemon` (and with it its epoll threads) is gone.
-    pub fn release_exit_events(&self) {
-        let fds = std::mem::take(&mut *self.0.exit_fds.lock().unwrap_or_else(|p| p.into_inner()));
-        for (fd, id) in fds {
-            // Only if the number still names the very eventfd we created: if the library had
-            // closed it, the number may now belong to someone else.
-            if file_identity(fd) == Some(id) {
-                // SAFETY: `fd` is the eventfd created in `exit_event`, whose ownership the vring
-                // library dropped with `into_raw_fd()`; nothing else refers to it any more.
-                unsafe { libc::close(fd) };
-            }
-        }
+    /// Guest memory as the connection's rings see it (the memory table in force).
+    pub fn memory(&self) -> Mem {
+        self.0.mem.clone()
     }
 
     fn config(&self, bypass: bool) -> Config {
@@ -260,17 +250,6 @@ impl IommuDevice {
             probe_size: r.probe_size,
             bypass: u8::from(bypass),
         }
-    }
-
-    /// The vhost-user library installs a table in the memory every vring uses before it asks
-    /// `update_memory`; a refused one is swapped back for the last accepted one at once, so that
-    /// nothing reads or writes guest memory through it until the connection closes.
-    fn restore_accepted_table(&self, mem: &Mem) {
-        let accepted =
-            GuestMemoryMmap::clone(&self.0.accepted.lock().unwrap_or_else(|p| p.into_inner()));
-        mem.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(accepted);
     }
 
     /// Device reset: nothing attached, no domain left; `bypass` keeps its value.
@@ -295,19 +274,10 @@ pub(crate) fn describe_ram(mem: &GuestMemoryMmap) -> Result<GuestRam, String> {
     guest_ram(mem)
 }
 
-impl VhostUserBackend for IommuDevice {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
-    fn num_queues(&self) -> usize {
-        2
-    }
-
-    fn max_queue_size(&self) -> usize {
-        MAX_QUEUE_SIZE
-    }
-
-    fn features(&self) -> u64 {
+/// What the VMM's vhost-user messages ask of the device (see `Connection`).
+impl IommuDevice {
+    /// The virtio and vhost-user features the device offers.
+    pub fn features() -> u64 {
         (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
@@ -319,11 +289,8 @@ impl VhostUserBackend for IommuDevice {
             | features::BYPASS_CONFIG
     }
 
-    fn acked_features(&self, features: u64) {
-        self.0.acked_features.store(features, Ordering::Release);
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+    /// The vhost-user protocol features the device offers.
+    pub fn protocol_features() -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::MQ
@@ -331,13 +298,12 @@ impl VhostUserBackend for IommuDevice {
             | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
-    fn reset_device(&self) {
-        self.call(Event::Reset);
+    fn acked_features(&self, features: u64) {
+        self.0.acked_features.store(features, Ordering::Release);
     }
 
-    fn set_event_idx(&self, _enabled: bool) {
-        // The vring library applies EVENT_IDX to the queues itself; notification suppression in
-        // `process_requests` works either way.
+    fn reset_device(&self) {
+        self.call(Event::Reset);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -374,77 +340,34 @@ impl VhostUserBackend for IommuDevice {
         }
     }
 
-    fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        let table = mem.memory();
-        let ram = match check_backing(&table).and_then(|()| guest_ram(&table)) {
+    /// A new memory table from the VMM: checked against its files, then handed to the owner,
+    /// which answers what is in flight through the old one and then switches. A refused table
+    /// changes nothing.
+    pub fn set_memory_table(&self, table: GuestMemoryMmap) -> io::Result<()> {
+        let ram = match describe_ram(&table) {
             Ok(ram) => Arc::new(ram),
             Err(e) => {
                 warn!("memory table refused: {e}");
-                self.restore_accepted_table(&mem);
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
             }
         };
         debug!("memory table: {} regions", ram.regions().len());
-        match self.call(|r| Event::MemoryTable(mem.clone(), ram, r)) {
+        match self.call(|r| Event::MemoryTable(table, ram, r)) {
             Some(Ok(())) => Ok(()),
             // Keep the backend's text (e.g. which RLIMIT_MEMLOCK pinning this table needs): the
             // refused table ends the connection, and this error is what the daemon then logs.
-            Some(Err(e)) => {
-                self.restore_accepted_table(&mem);
-                Err(memory_table_error(e))
-            }
-            None => {
-                self.restore_accepted_table(&mem);
-                Err(owner_gone())
-            }
+            Some(Err(e)) => Err(memory_table_error(e)),
+            None => Err(owner_gone()),
         }
     }
 
-    fn queues_per_thread(&self) -> Vec<u64> {
-        vec![0b11]
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
-        // vhost-user-backend 0.24 registers the consumer with `into_raw_fd()` and never closes
-        // it: remember it so `release_exit_events` can, once the connection's threads are gone.
-        if let Some(id) = file_identity(consumer.as_raw_fd()) {
-            self.0
-                .exit_fds
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((consumer.as_raw_fd(), id));
-        }
-        Some((consumer, notifier))
-    }
-
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if queue_index as usize != REQUEST_QUEUE {
-            return Ok(());
-        }
+    /// GET_VRING_BASE of the request queue: what is in flight is answered, and the ring's
+    /// position kept to tell a resume from a reset.
+    fn stop_ring(&self) -> io::Result<()> {
         self.call(Event::StopRing).ok_or_else(owner_gone)
     }
 
-    fn handle_event(
-        &self,
-        device_event: u16,
-        _evset: EventSet,
-        vrings: &[VringRwLock],
-        _thread_id: usize,
-    ) -> io::Result<()> {
-        // This thread owns the device state: if it fails or panics, posters must not wait for
-        // it any longer (the vring library ends the thread on an error).
-        let watch = OwnerWatch(self);
-        let r = self.handle(device_event, vrings);
-        if r.is_err() {
-            self.owner_stopped();
-        }
-        drop(watch);
-        r
-    }
-}
-
-impl IommuDevice {
+    /// One event of the vring thread's epoll set.
     fn handle(&self, device_event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
         match device_event as usize {
             REQUEST_QUEUE => self.process_requests(&vrings[REQUEST_QUEUE]),

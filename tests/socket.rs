@@ -899,7 +899,7 @@ fn the_vring_thread_alone_changes_the_device_whatever_thread_the_event_comes_fro
         let elsewhere: Vec<_> = calls
             .iter()
             .filter(|(op, t)| {
-                t != "vring_worker" && !(mode != Mode::Inline && matches!(op, Op::CreateDomain))
+                t != "vring" && !(mode != Mode::Inline && matches!(op, Op::CreateDomain))
             })
             .collect();
         assert!(

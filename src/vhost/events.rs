@@ -14,7 +14,11 @@ pub(super) enum Event {
     /// Guest RAM as the vfio-user DMA maps describe it (boot bypass, before the memory table).
     BootRam(GuestRam, Reply<Result<bool, BackendError>>),
     /// A checked memory table, with the domain model's view of it.
-    MemoryTable(Mem, Arc<GuestRam>, Reply<Result<(), BackendError>>),
+    MemoryTable(
+        GuestMemoryMmap,
+        Arc<GuestRam>,
+        Reply<Result<(), BackendError>>,
+    ),
     /// The driver wrote `bypass`.
     Bypass(bool, Reply<Result<(), BackendError>>),
     /// RESET_DEVICE.
@@ -126,8 +130,8 @@ impl IommuDevice {
                 };
                 self.answer(s, r, res);
             }
-            Event::MemoryTable(mem, ram, r) => {
-                let res = self.switch_memory(s, mem, ram);
+            Event::MemoryTable(table, ram, r) => {
+                let res = self.switch_memory(s, table, ram);
                 self.answer(s, r, res);
             }
             Event::Bypass(bypass, r) => {
@@ -201,27 +205,23 @@ impl IommuDevice {
 
     /// A new memory table: requests in flight were checked against the old one and run with it,
     /// so they are answered first (the pipeline's contract), their tails written through the
-    /// old table they were read from; then the backend and the executors switch.
+    /// old table they were read from; then the backend, the executors and the rings switch.
     fn switch_memory(
         &self,
         s: &mut Session,
-        mem: Mem,
+        table: GuestMemoryMmap,
         ram: Arc<GuestRam>,
     ) -> Result<(), BackendError> {
-        if let Some(v) = s.request_vring.clone() {
-            let old = self
-                .0
-                .accepted
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            drain(s, Some(&old), &v, &self.0.metrics);
-        }
+        self.drain_ring(s);
         self.0.backend.set_ram(&ram)?;
         s.dispatcher.set_ram(ram.clone());
         s.ram = Some(ram);
-        *self.0.accepted.lock().unwrap_or_else(|p| p.into_inner()) = mem.memory().into_inner();
-        s.mem = Some(mem);
+        self.0
+            .mem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(table);
+        s.mem = Some(self.0.mem.clone());
         Ok(())
     }
 }

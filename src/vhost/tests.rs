@@ -31,26 +31,24 @@ fn file_table(regions: &[(u64, u64, u64)]) -> GuestMemoryMmap {
 }
 
 #[test]
-fn a_table_past_the_end_of_a_file_is_refused_and_the_last_accepted_one_put_back() {
+fn a_table_past_the_end_of_a_file_is_refused_and_the_accepted_one_stays() {
     let settings = inline_settings();
     let backend = Arc::new(SoftBackend::new(&[EndpointId(1)], false));
     let dev = IommuDevice::new(settings, backend, Arc::new(Metrics::default())).unwrap();
-    let mem = GuestMemoryAtomic::new(file_table(&[(0, 0x10_0000, 0x10_0000)]));
-    dev.update_memory(mem.clone()).unwrap();
-    // What the vhost-user library does with the next table: install it, then ask.
-    mem.lock()
-        .unwrap()
-        .replace(file_table(&[(0, 0x10_0000, 0x20_0000)]));
-    let err = dev.update_memory(mem.clone()).unwrap_err();
+    dev.set_memory_table(file_table(&[(0, 0x10_0000, 0x10_0000)]))
+        .unwrap();
+    let err = dev
+        .set_memory_table(file_table(&[(0, 0x10_0000, 0x20_0000)]))
+        .unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     assert!(err.to_string().contains("past the end"), "{err}");
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    let now = mem.memory();
+    let now = dev.memory().memory();
     assert_eq!(now.num_regions(), 1);
     assert_eq!(
         now.iter().next().unwrap().len(),
         0x10_0000,
-        "the accepted table is back"
+        "the rings still see the accepted table"
     );
     assert_eq!(dev.guest_ram().unwrap().regions()[0].gpa.end(), 0xf_ffff);
 }
@@ -65,9 +63,7 @@ fn a_refused_memory_table_keeps_the_backends_message() {
     let settings = inline_settings();
     let dev = IommuDevice::new(settings, backend, Arc::new(Metrics::default())).unwrap();
     injector.fail(Op::SetRam, 0, 1, libc::ENOMEM);
-    let err = dev
-        .update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new()))
-        .unwrap_err();
+    let err = dev.set_memory_table(GuestMemoryMmap::new()).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::OutOfMemory);
     let text = err.to_string();
     assert!(
@@ -77,7 +73,6 @@ fn a_refused_memory_table_keeps_the_backends_message() {
     assert!(text.contains("Cannot allocate memory"), "{text}");
     // Not applied: the next table goes through.
     assert!(dev.guest_ram().is_none());
-    dev.update_memory(GuestMemoryAtomic::new(GuestMemoryMmap::new()))
-        .unwrap();
+    dev.set_memory_table(GuestMemoryMmap::new()).unwrap();
     assert!(dev.guest_ram().is_some());
 }
