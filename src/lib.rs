@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod peer;
 pub mod pipeline;
 pub mod protocol;
+mod scm;
 pub mod server;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

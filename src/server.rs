@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{error, info, warn};
-use vhost::vhost_user::{BackendReqHandler, Error as ProtocolError, Listener};
+use vhost::vhost_user::{Error as ProtocolError, Listener};
 
 use crate::backend::DmaBackend;
 use crate::metrics::Metrics;
@@ -97,9 +97,14 @@ pub fn serve(
         match result {
             Ok(()) => info!("VMM disconnected"),
             Err(e) if stopper.stopped() => info!("connection closed for shutdown: {e}"),
-            Err(ConnectionEnd::Protocol(
-                ProtocolError::Disconnected | ProtocolError::PartialMessage,
-            )) => info!("VMM disconnected"),
+            Err(ConnectionEnd::Protocol(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                info!("VMM disconnected: {e}")
+            }
             Err(ConnectionEnd::Setup(e)) => {
                 dev.disconnect();
                 return Err(ServeError::Connection(e));
@@ -128,7 +133,7 @@ fn accept(listener: &Listener) -> Result<UnixStream, ProtocolError> {
 #[derive(Debug, thiserror::Error)]
 enum ConnectionEnd {
     #[error("{0}")]
-    Protocol(ProtocolError),
+    Protocol(std::io::Error),
     #[error("{0}")]
     Setup(std::io::Error),
 }
@@ -141,26 +146,15 @@ fn serve_connection(
     stopper: &Stopper,
 ) -> Result<(), ConnectionEnd> {
     let clone = stream.try_clone().map_err(ConnectionEnd::Setup)?;
-    let conn = Arc::new(Mutex::new(
-        Connection::new(dev.clone()).map_err(ConnectionEnd::Setup)?,
-    ));
-    let mut handler = BackendReqHandler::from_stream(stream, conn.clone());
+    let mut conn = Connection::new(dev.clone()).map_err(ConnectionEnd::Setup)?;
     *stopper.connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
     let result = if stopper.stopped() {
         Ok(())
     } else {
-        loop {
-            if let Err(e) = handler.handle_request() {
-                break Err(ConnectionEnd::Protocol(e));
-            }
-        }
+        conn.serve(&stream).map_err(ConnectionEnd::Protocol)
     };
     *stopper.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    drop(handler);
-    match Arc::try_unwrap(conn) {
-        Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()).close(),
-        Err(_) => error!("the connection's state is still shared at its end"),
-    }
+    conn.close();
     result
 }
 

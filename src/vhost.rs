@@ -46,6 +46,7 @@ mod memory;
 mod poll_window;
 mod requests;
 mod vring_thread;
+mod wire;
 
 pub use connection::Connection;
 

@@ -41,7 +41,6 @@ pub mod device;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
 pub mod protocol;
-mod scm;
 pub mod server;
 
 pub use device::{AssignedDevice, Errno, VfioCdevDevice};

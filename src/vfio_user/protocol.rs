@@ -72,7 +72,7 @@ pub const DMA_UNMAP_FLAG_GET_DIRTY_BITMAP: u32 = 1 << 0;
 pub const DMA_UNMAP_FLAG_ALL: u32 = 1 << 1;
 
 /// Limits this server advertises and enforces.
-pub const MAX_MSG_FDS: usize = 16;
+pub const MAX_MSG_FDS: usize = crate::scm::MAX_FDS;
 pub const MAX_DATA_XFER_SIZE: usize = 1 << 20;
 pub const PGSIZES: u64 = 4096;
 pub const MAX_DMA_MAPS: usize = 65535;

@@ -26,8 +26,8 @@ use log::{debug, info, warn};
 
 use super::device::{AssignedDevice, Errno};
 use super::protocol::*;
-use super::scm;
 use crate::peer::PeerPolicy;
+use crate::scm;
 
 mod connection;
 mod framing;

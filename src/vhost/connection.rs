@@ -8,23 +8,18 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
-use vhost::VhostUserMemoryRegionBase;
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
-    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
-    VhostUserVringAddrFlags, VhostUserVringState,
+    VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion, VhostUserProtocolFeatures,
+    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddr, VhostUserVringState,
 };
-use vhost::vhost_user::{
-    Backend, Error as ProtocolError, GpuBackend, Result as ProtocolResult,
-    VhostUserBackendReqHandlerMut,
-};
-use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
+use vm_memory::{ByteValued, FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
 
 use super::vring_thread::VringThread;
+use super::wire::{self, Message, code, invalid};
 use super::*;
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS (QEMU uses a few; the kernel's vhost has 509).
@@ -53,8 +48,22 @@ pub struct Connection {
     acked_protocol_features: u64,
 }
 
-fn internal(e: impl std::fmt::Display) -> ProtocolError {
-    ProtocolError::ReqHandlerError(io::Error::other(e.to_string()))
+/// The most regions SET_MEM_TABLE carries (VHOST_MEMORY_BASELINE_NREGIONS).
+const MAX_TABLE_REGIONS: usize = 8;
+/// The largest config-space access a message carries.
+const MAX_CONFIG_ACCESS: usize = 256;
+/// SET_VRING_KICK/CALL/ERR: bits 0-7 are the ring, this bit says no fd is passed.
+const VRING_NOFD: u64 = 0x100;
+
+/// What answering a message produced: a reply with a body, or the outcome of a request that
+/// has none (acknowledged when the VMM asked for it, REPLY_ACK).
+enum Answer {
+    Reply(Vec<u8>),
+    Done(io::Result<()>),
+}
+
+fn reply_u64(v: u64) -> Answer {
+    Answer::Reply(v.to_le_bytes().to_vec())
 }
 
 impl Connection {
@@ -87,27 +96,26 @@ impl Connection {
         thread.stop();
     }
 
-    fn vring(&self, index: u32) -> ProtocolResult<&VringRwLock> {
+    fn vring(&self, index: u32) -> io::Result<VringRwLock> {
         self.vrings
             .get(index as usize)
-            .ok_or(ProtocolError::InvalidParam)
+            .cloned()
+            .ok_or_else(|| invalid(format!("no ring {index}")))
     }
 
     /// Serves the ring's kicks only while it is started (kick fd and ready) and enabled.
-    fn update_watch(&self, index: usize) -> ProtocolResult<()> {
+    fn update_watch(&self, index: usize) -> io::Result<()> {
         let vring = &self.vrings[index];
         let g = vring.get_ref();
         let Some(kick) = g.get_kick() else {
             return Ok(());
         };
         let on = g.get_queue().ready() && g.is_enabled();
-        self.thread
-            .watch_kick(kick.as_raw_fd(), index, on)
-            .map_err(ProtocolError::ReqHandlerError)
+        self.thread.watch_kick(kick.as_raw_fd(), index, on)
     }
 
     /// A ring starts once it has its kick fd (vhost-user: "started" rings).
-    fn start_if_ready(&self, index: usize) -> ProtocolResult<()> {
+    fn start_if_ready(&self, index: usize) -> io::Result<()> {
         let vring = &self.vrings[index];
         let starts = {
             let g = vring.get_ref();
@@ -119,12 +127,12 @@ impl Connection {
         self.update_watch(index)
     }
 
-    fn to_gpa(&self, vmm_addr: u64) -> ProtocolResult<u64> {
+    fn to_gpa(&self, vmm_addr: u64) -> io::Result<u64> {
         self.regions
             .iter()
             .find(|r| vmm_addr >= r.user_addr && vmm_addr - r.user_addr < r.size)
             .map(|r| vmm_addr - r.user_addr + r.gpa)
-            .ok_or(ProtocolError::InvalidParam)
+            .ok_or_else(|| invalid(format!("ring address {vmm_addr:#x} is in no memory region")))
     }
 
     /// Hands a new table to the device; kept only if the device accepted it.
@@ -132,11 +140,10 @@ impl Connection {
         &mut self,
         regions: Vec<VmmRegion>,
         table: Vec<Arc<GuestRegionMmap>>,
-    ) -> ProtocolResult<()> {
-        let mem = GuestMemoryMmap::from_arc_regions(table.clone()).map_err(internal)?;
-        self.device
-            .set_memory_table(mem)
-            .map_err(ProtocolError::ReqHandlerError)?;
+    ) -> io::Result<()> {
+        let mem = GuestMemoryMmap::from_arc_regions(table.clone())
+            .map_err(|e| invalid(format!("memory table: {e}")))?;
+        self.device.set_memory_table(mem)?;
         self.regions = regions;
         self.table = table;
         Ok(())
@@ -144,47 +151,250 @@ impl Connection {
 }
 
 fn map_region(
-    gpa: u64,
-    size: u64,
-    user_addr: u64,
-    offset: u64,
-    file: File,
-) -> ProtocolResult<(VmmRegion, Arc<GuestRegionMmap>)> {
-    let size_usize = usize::try_from(size).map_err(|_| ProtocolError::InvalidParam)?;
-    let mapping = MmapRegion::from_file(FileOffset::new(file, offset), size_usize)
-        .map_err(|e| internal(format!("cannot map a memory region: {e}")))?;
+    r: &VhostUserMemoryRegion,
+    fd: OwnedFd,
+) -> io::Result<(VmmRegion, Arc<GuestRegionMmap>)> {
+    let (gpa, size) = (r.guest_phys_addr, r.memory_size);
+    let len = usize::try_from(size).map_err(|_| invalid(format!("region of {size:#x} bytes")))?;
+    let mapping = MmapRegion::from_file(FileOffset::new(File::from(fd), r.mmap_offset), len)
+        .map_err(|e| invalid(format!("cannot map the memory region at {gpa:#x}: {e}")))?;
     let region = GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or_else(|| {
-        internal(format!(
+        invalid(format!(
             "memory region at {gpa:#x} of {size:#x} bytes wraps around"
         ))
     })?;
-    Ok((
-        VmmRegion {
-            user_addr,
-            gpa,
-            size,
-        },
-        Arc::new(region),
-    ))
+    let vmm = VmmRegion {
+        user_addr: r.user_addr,
+        gpa,
+        size,
+    };
+    Ok((vmm, Arc::new(region)))
 }
 
-impl VhostUserBackendReqHandlerMut for Connection {
-    fn set_owner(&mut self) -> ProtocolResult<()> {
-        if self.owned {
-            return Err(ProtocolError::InvalidOperation("already claimed"));
+impl Connection {
+    /// Answers the VMM's messages on `sock` until it closes the connection (Ok) or a message
+    /// fails (Err: the connection is over either way).
+    pub fn serve(&mut self, sock: &UnixStream) -> io::Result<()> {
+        while let Some(msg) = wire::receive(sock)? {
+            self.handle_message(sock, msg)?;
         }
-        self.owned = true;
         Ok(())
     }
 
-    fn reset_owner(&mut self) -> ProtocolResult<()> {
-        self.owned = false;
-        self.acked_features = 0;
-        self.acked_protocol_features = 0;
+    /// Answers one message from the VMM (and acknowledges it when asked to). An error ends the
+    /// connection: the VMM broke the protocol, or the device refused what it asked.
+    fn handle_message(&mut self, sock: &UnixStream, msg: Message) -> io::Result<()> {
+        let header = msg.header;
+        let request = header.request;
+        let wants_reply = msg.wants_reply();
+        let answer = self.answer(msg);
+        match answer {
+            Ok(Answer::Reply(body)) => wire::reply(sock, &header, &body),
+            Ok(Answer::Done(result)) => {
+                if self.reply_ack() && wants_reply {
+                    let status = u64::from(result.is_err());
+                    wire::reply(sock, &header, &status.to_le_bytes())?;
+                }
+                result.map_err(|e| io::Error::new(e.kind(), format!("request {request}: {e}")))
+            }
+            Err(e) => Err(io::Error::new(e.kind(), format!("request {request}: {e}"))),
+        }
+    }
+
+    /// REPLY_ACK was negotiated: every request that asks for it is acknowledged.
+    fn reply_ack(&self) -> bool {
+        self.acked_protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
+    fn require(&self, feature: VhostUserProtocolFeatures) -> io::Result<()> {
+        if self.acked_protocol_features & feature.bits() == 0 {
+            return Err(invalid(format!("{feature:?} was not negotiated")));
+        }
         Ok(())
     }
 
-    fn reset_device(&mut self) -> ProtocolResult<()> {
+    /// Decodes and applies one message. Err: it is malformed (nothing was applied).
+    fn answer(&mut self, mut msg: Message) -> io::Result<Answer> {
+        use code::*;
+        let request = msg.header.request;
+        let carries_fds = matches!(
+            request,
+            SET_MEM_TABLE | SET_VRING_KICK | SET_VRING_CALL | SET_VRING_ERR | ADD_MEM_REG
+        );
+        if !carries_fds && !msg.fds.is_empty() {
+            return Err(invalid(format!(
+                "{} unexpected file descriptors",
+                msg.fds.len()
+            )));
+        }
+        let no_body = |m: &Message| {
+            if m.payload.is_empty() {
+                Ok(())
+            } else {
+                Err(invalid(format!(
+                    "unexpected payload of {} bytes",
+                    m.payload.len()
+                )))
+            }
+        };
+        Ok(match request {
+            GET_FEATURES => {
+                no_body(&msg)?;
+                reply_u64(IommuDevice::features())
+            }
+            SET_FEATURES => Answer::Done(self.set_features(msg.body::<u64>()?)),
+            SET_OWNER => {
+                no_body(&msg)?;
+                Answer::Done(if self.owned {
+                    Err(invalid("the connection already has its owner".into()))
+                } else {
+                    self.owned = true;
+                    Ok(())
+                })
+            }
+            RESET_OWNER => {
+                no_body(&msg)?;
+                self.owned = false;
+                self.acked_features = 0;
+                self.acked_protocol_features = 0;
+                Answer::Done(Ok(()))
+            }
+            GET_PROTOCOL_FEATURES => {
+                no_body(&msg)?;
+                reply_u64(IommuDevice::protocol_features().bits())
+            }
+            SET_PROTOCOL_FEATURES => {
+                let f = msg.body::<u64>()?;
+                self.acked_protocol_features = f & IommuDevice::protocol_features().bits();
+                Answer::Done(Ok(()))
+            }
+            GET_QUEUE_NUM => {
+                self.require(VhostUserProtocolFeatures::MQ)?;
+                no_body(&msg)?;
+                reply_u64(self.vrings.len() as u64)
+            }
+            GET_MAX_MEM_SLOTS => {
+                self.require(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)?;
+                no_body(&msg)?;
+                reply_u64(MAX_MEM_SLOTS)
+            }
+            SET_MEM_TABLE => {
+                let head = std::mem::size_of::<VhostUserMemory>();
+                let each = std::mem::size_of::<VhostUserMemoryRegion>();
+                let table = VhostUserMemory::from_slice(msg.payload.get(..head).unwrap_or(&[]))
+                    .copied()
+                    .ok_or_else(|| invalid("short memory table".into()))?;
+                let n = table.num_regions as usize;
+                if n > MAX_TABLE_REGIONS
+                    || msg.payload.len() != head + n * each
+                    || msg.fds.len() != n
+                {
+                    return Err(invalid(format!(
+                        "memory table of {n} regions in {} bytes with {} fds",
+                        msg.payload.len(),
+                        msg.fds.len()
+                    )));
+                }
+                let regions = msg.payload[head..]
+                    .chunks_exact(each)
+                    .map(|b| VhostUserMemoryRegion::from_slice(b).copied())
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| invalid("memory region".into()))?;
+                Answer::Done(self.set_mem_table(&regions, std::mem::take(&mut msg.fds)))
+            }
+            ADD_MEM_REG => {
+                self.require(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)?;
+                let r = msg.body::<VhostUserSingleMemoryRegion>()?;
+                let fd = match (msg.fds.pop(), msg.fds.is_empty()) {
+                    (Some(fd), true) => fd,
+                    _ => return Err(invalid("a region needs exactly one fd".into())),
+                };
+                Answer::Done(self.add_mem_region(&r, fd))
+            }
+            REM_MEM_REG => {
+                self.require(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)?;
+                let r = msg.body::<VhostUserSingleMemoryRegion>()?;
+                Answer::Done(self.remove_mem_region(&r))
+            }
+            SET_VRING_NUM => {
+                let s = msg.body::<VhostUserVringState>()?;
+                Answer::Done(self.set_vring_num(s.index, s.num))
+            }
+            SET_VRING_ADDR => {
+                let a = msg.body::<VhostUserVringAddr>()?;
+                Answer::Done(self.set_vring_addr(&a))
+            }
+            SET_VRING_BASE => {
+                let s = msg.body::<VhostUserVringState>()?;
+                Answer::Done(
+                    self.vring(s.index)
+                        .map(|v| v.set_queue_next_avail(s.num as u16)),
+                )
+            }
+            GET_VRING_BASE => {
+                let s = msg.body::<VhostUserVringState>()?;
+                let state = self.get_vring_base(s.index)?;
+                Answer::Reply(state.as_slice().to_vec())
+            }
+            SET_VRING_KICK | SET_VRING_CALL | SET_VRING_ERR => {
+                let v = msg.body::<u64>()?;
+                let fd = match (v & VRING_NOFD != 0, msg.fds.pop(), msg.fds.is_empty()) {
+                    (true, None, _) => None,
+                    (false, Some(fd), true) => Some(File::from(fd)),
+                    _ => return Err(invalid("ring fd flag and passed fds disagree".into())),
+                };
+                let index = (v & 0xff) as usize;
+                if index >= self.vrings.len() || v & !(0xff | VRING_NOFD) != 0 {
+                    return Err(invalid(format!("ring fd request {v:#x}")));
+                }
+                Answer::Done(match request {
+                    SET_VRING_KICK => self.set_vring_kick(index, fd),
+                    SET_VRING_CALL => {
+                        self.vrings[index].set_call(fd);
+                        self.start_if_ready(index)
+                    }
+                    _ => {
+                        self.vrings[index].set_err(fd);
+                        Ok(())
+                    }
+                })
+            }
+            SET_VRING_ENABLE => {
+                let s = msg.body::<VhostUserVringState>()?;
+                Answer::Done(self.set_vring_enable(s.index, s.num != 0))
+            }
+            GET_CONFIG | SET_CONFIG => {
+                self.require(VhostUserProtocolFeatures::CONFIG)?;
+                let head = std::mem::size_of::<VhostUserConfig>();
+                let c = VhostUserConfig::from_slice(msg.payload.get(..head).unwrap_or(&[]))
+                    .copied()
+                    .ok_or_else(|| invalid("short config message".into()))?;
+                let size = c.size as usize;
+                if size > MAX_CONFIG_ACCESS || msg.payload.len() != head + size {
+                    return Err(invalid(format!(
+                        "config access of {size} bytes in {} bytes",
+                        msg.payload.len()
+                    )));
+                }
+                if request == GET_CONFIG {
+                    let data = self.device.get_config(c.offset, c.size);
+                    let mut body = c.as_slice().to_vec();
+                    body.extend_from_slice(&data);
+                    Answer::Reply(body)
+                } else {
+                    Answer::Done(self.device.set_config(c.offset, &msg.payload[head..]))
+                }
+            }
+            RESET_DEVICE => {
+                self.require(VhostUserProtocolFeatures::RESET_DEVICE)?;
+                no_body(&msg)?;
+                Answer::Done(self.reset_device())
+            }
+            other => return Err(invalid(format!("request {other} is not supported"))),
+        })
+    }
+
+    fn reset_device(&mut self) -> io::Result<()> {
         for (i, v) in self.vrings.iter().enumerate() {
             v.set_enabled(false);
             self.update_watch(i)?;
@@ -194,13 +404,9 @@ impl VhostUserBackendReqHandlerMut for Connection {
         Ok(())
     }
 
-    fn get_features(&mut self) -> ProtocolResult<u64> {
-        Ok(IommuDevice::features())
-    }
-
-    fn set_features(&mut self, features: u64) -> ProtocolResult<()> {
+    fn set_features(&mut self, features: u64) -> io::Result<()> {
         if features & !IommuDevice::features() != 0 {
-            return Err(ProtocolError::InvalidParam);
+            return Err(invalid(format!("features {features:#x} were not offered")));
         }
         self.acked_features = features;
         // Without VHOST_USER_F_PROTOCOL_FEATURES the rings are enabled at once; with it they
@@ -222,219 +428,43 @@ impl VhostUserBackendReqHandlerMut for Connection {
     fn set_mem_table(
         &mut self,
         ctx: &[VhostUserMemoryRegion],
-        files: Vec<File>,
-        postcopy_listening: Option<bool>,
-    ) -> ProtocolResult<Option<Vec<VhostUserMemoryRegionBase>>> {
-        if postcopy_listening.is_some() {
-            return Err(ProtocolError::InvalidOperation("postcopy is not supported"));
-        }
+        fds: Vec<OwnedFd>,
+    ) -> io::Result<()> {
         let mut regions = Vec::with_capacity(ctx.len());
         let mut table = Vec::with_capacity(ctx.len());
-        for (r, file) in ctx.iter().zip(files) {
-            let (vmm, mapped) = map_region(
-                r.guest_phys_addr,
-                r.memory_size,
-                r.user_addr,
-                r.mmap_offset,
-                file,
-            )?;
+        for (r, fd) in ctx.iter().zip(fds) {
+            let (vmm, mapped) = map_region(r, fd)?;
             regions.push(vmm);
             table.push(mapped);
         }
-        self.install(regions, table)?;
-        Ok(None)
+        self.install(regions, table)
     }
 
-    fn set_vring_num(&mut self, index: u32, num: u32) -> ProtocolResult<()> {
-        let vring = self.vring(index)?;
-        if num == 0 || num as usize > MAX_QUEUE_SIZE {
-            return Err(ProtocolError::InvalidParam);
-        }
-        vring.set_queue_size(num as u16);
-        Ok(())
-    }
-
-    fn set_vring_addr(
-        &mut self,
-        index: u32,
-        _flags: VhostUserVringAddrFlags,
-        descriptor: u64,
-        used: u64,
-        available: u64,
-        _log: u64,
-    ) -> ProtocolResult<()> {
-        let vring = self.vring(index)?;
-        let (desc, avail, used) = (
-            self.to_gpa(descriptor)?,
-            self.to_gpa(available)?,
-            self.to_gpa(used)?,
-        );
-        vring
-            .set_queue_info(desc, avail, used)
-            .map_err(|_| ProtocolError::InvalidParam)?;
-        // The used index continues from what the ring holds (SET_VRING_BASE carries only the
-        // avail index for split rings): 0 after a driver reset, where it stopped on a resume.
-        let next_used = vring
-            .queue_used_idx()
-            .map_err(|_| ProtocolError::InvalidParam)?;
-        vring.set_queue_next_used(next_used);
-        Ok(())
-    }
-
-    fn set_vring_base(&mut self, index: u32, base: u32) -> ProtocolResult<()> {
-        self.vring(index)?.set_queue_next_avail(base as u16);
-        Ok(())
-    }
-
-    fn get_vring_base(&mut self, index: u32) -> ProtocolResult<VhostUserVringState> {
-        let vring = self.vring(index)?.clone();
-        // The ring stops here (vhost-user: GET_VRING_BASE stops a started ring).
-        vring.set_queue_ready(false);
-        self.update_watch(index as usize)?;
-        if index as usize == REQUEST_QUEUE {
-            self.device
-                .stop_ring()
-                .map_err(ProtocolError::ReqHandlerError)?;
-        }
-        let next_avail = vring.queue_next_avail();
-        vring.set_kick(None);
-        vring.set_call(None);
-        Ok(VhostUserVringState::new(index, u32::from(next_avail)))
-    }
-
-    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> ProtocolResult<()> {
-        let vring = self.vring(u32::from(index))?.clone();
-        // The old kick stops being watched before it is closed.
-        if let Some(old) = vring.get_ref().get_kick() {
-            self.thread
-                .watch_kick(old.as_raw_fd(), usize::from(index), false)
-                .map_err(ProtocolError::ReqHandlerError)?;
-        }
-        vring.set_kick(fd);
-        self.start_if_ready(usize::from(index))
-    }
-
-    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> ProtocolResult<()> {
-        self.vring(u32::from(index))?.set_call(fd);
-        self.start_if_ready(usize::from(index))
-    }
-
-    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> ProtocolResult<()> {
-        self.vring(u32::from(index))?.set_err(fd);
-        Ok(())
-    }
-
-    fn get_protocol_features(&mut self) -> ProtocolResult<VhostUserProtocolFeatures> {
-        Ok(IommuDevice::protocol_features())
-    }
-
-    fn set_protocol_features(&mut self, features: u64) -> ProtocolResult<()> {
-        self.acked_protocol_features = features;
-        Ok(())
-    }
-
-    fn get_queue_num(&mut self) -> ProtocolResult<u64> {
-        Ok(self.vrings.len() as u64)
-    }
-
-    fn set_vring_enable(&mut self, index: u32, enable: bool) -> ProtocolResult<()> {
-        if self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-            return Err(ProtocolError::InactiveFeature(
-                VhostUserVirtioFeatures::PROTOCOL_FEATURES,
-            ));
-        }
-        self.vring(index)?.set_enabled(enable);
-        self.update_watch(index as usize)
-    }
-
-    fn get_config(
-        &mut self,
-        offset: u32,
-        size: u32,
-        _flags: VhostUserConfigFlags,
-    ) -> ProtocolResult<Vec<u8>> {
-        Ok(self.device.get_config(offset, size))
-    }
-
-    fn set_config(
-        &mut self,
-        offset: u32,
-        buf: &[u8],
-        _flags: VhostUserConfigFlags,
-    ) -> ProtocolResult<()> {
-        self.device
-            .set_config(offset, buf)
-            .map_err(ProtocolError::ReqHandlerError)
-    }
-
-    fn set_backend_req_fd(&mut self, _backend: Backend) {
-        // The device never sends the VMM a request (no BACKEND_REQ feature is offered).
-    }
-
-    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> ProtocolResult<()> {
-        Err(ProtocolError::InvalidOperation("not a GPU device"))
-    }
-
-    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> ProtocolResult<File> {
-        Err(ProtocolError::InvalidOperation("no shared objects"))
-    }
-
-    fn get_inflight_fd(
-        &mut self,
-        _inflight: &VhostUserInflight,
-    ) -> ProtocolResult<(VhostUserInflight, File)> {
-        Err(ProtocolError::InvalidOperation(
-            "INFLIGHT_SHMFD is not offered",
-        ))
-    }
-
-    fn set_inflight_fd(
-        &mut self,
-        _inflight: &VhostUserInflight,
-        _file: File,
-    ) -> ProtocolResult<()> {
-        Err(ProtocolError::InvalidOperation(
-            "INFLIGHT_SHMFD is not offered",
-        ))
-    }
-
-    fn get_max_mem_slots(&mut self) -> ProtocolResult<u64> {
-        Ok(MAX_MEM_SLOTS)
-    }
-
-    fn add_mem_region(
-        &mut self,
-        region: &VhostUserSingleMemoryRegion,
-        fd: File,
-        postcopy_listening: Option<bool>,
-    ) -> ProtocolResult<Option<VhostUserMemoryRegionBase>> {
-        if postcopy_listening.is_some() {
-            return Err(ProtocolError::InvalidOperation("postcopy is not supported"));
-        }
+    fn add_mem_region(&mut self, r: &VhostUserSingleMemoryRegion, fd: OwnedFd) -> io::Result<()> {
         if self.table.len() as u64 >= MAX_MEM_SLOTS {
-            return Err(ProtocolError::InvalidParam);
+            return Err(invalid("every memory slot is taken".into()));
         }
-        let (vmm, mapped) = map_region(
-            region.guest_phys_addr,
-            region.memory_size,
-            region.user_addr,
-            region.mmap_offset,
-            fd,
-        )?;
+        let region = VhostUserMemoryRegion::new(
+            r.guest_phys_addr,
+            r.memory_size,
+            r.user_addr,
+            r.mmap_offset,
+        );
+        let (vmm, mapped) = map_region(&region, fd)?;
         let mut regions = self.regions.clone();
         let mut table = self.table.clone();
         regions.push(vmm);
         table.push(mapped);
-        self.install(regions, table)?;
-        Ok(None)
+        self.install(regions, table)
     }
 
-    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> ProtocolResult<()> {
+    fn remove_mem_region(&mut self, r: &VhostUserSingleMemoryRegion) -> io::Result<()> {
+        let (gpa, size) = (r.guest_phys_addr, r.memory_size);
         let at = self
             .regions
             .iter()
-            .position(|r| r.gpa == region.guest_phys_addr && r.size == region.memory_size)
-            .ok_or(ProtocolError::InvalidParam)?;
+            .position(|v| v.gpa == gpa && v.size == size)
+            .ok_or_else(|| invalid(format!("no memory region at {gpa:#x} of {size:#x} bytes")))?;
         let mut regions = self.regions.clone();
         let mut table = self.table.clone();
         regions.remove(at);
@@ -442,28 +472,63 @@ impl VhostUserBackendReqHandlerMut for Connection {
         self.install(regions, table)
     }
 
-    fn set_device_state_fd(
-        &mut self,
-        _direction: VhostTransferStateDirection,
-        _phase: VhostTransferStatePhase,
-        _fd: File,
-    ) -> ProtocolResult<Option<File>> {
-        Err(ProtocolError::InvalidOperation(
-            "DEVICE_STATE is not offered",
-        ))
+    fn set_vring_num(&mut self, index: u32, num: u32) -> io::Result<()> {
+        let vring = self.vring(index)?;
+        if num == 0 || num as usize > MAX_QUEUE_SIZE || !num.is_power_of_two() {
+            return Err(invalid(format!("ring size {num}")));
+        }
+        vring.set_queue_size(num as u16);
+        Ok(())
     }
 
-    fn check_device_state(&mut self) -> ProtocolResult<()> {
-        Err(ProtocolError::InvalidOperation(
-            "DEVICE_STATE is not offered",
-        ))
+    fn set_vring_addr(&mut self, a: &VhostUserVringAddr) -> io::Result<()> {
+        let vring = self.vring(a.index)?;
+        let (desc, avail, used) = (
+            self.to_gpa(a.descriptor)?,
+            self.to_gpa(a.available)?,
+            self.to_gpa(a.used)?,
+        );
+        vring
+            .set_queue_info(desc, avail, used)
+            .map_err(|e| invalid(format!("ring addresses: {e}")))?;
+        // The used index continues from what the ring holds (SET_VRING_BASE carries only the
+        // avail index for split rings): 0 after a driver reset, where it stopped on a resume.
+        let next_used = vring
+            .queue_used_idx()
+            .map_err(|e| invalid(format!("used ring: {e}")))?;
+        vring.set_queue_next_used(next_used);
+        Ok(())
     }
 
-    fn get_shmem_config(&mut self) -> ProtocolResult<VhostUserShMemConfig> {
-        Err(ProtocolError::InvalidOperation("no shared memory regions"))
+    fn get_vring_base(&mut self, index: u32) -> io::Result<VhostUserVringState> {
+        let vring = self.vring(index)?;
+        // The ring stops here (vhost-user: GET_VRING_BASE stops a started ring).
+        vring.set_queue_ready(false);
+        self.update_watch(index as usize)?;
+        if index as usize == REQUEST_QUEUE {
+            self.device.stop_ring()?;
+        }
+        let next_avail = vring.queue_next_avail();
+        vring.set_kick(None);
+        vring.set_call(None);
+        Ok(VhostUserVringState::new(index, u32::from(next_avail)))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> ProtocolResult<()> {
-        Err(ProtocolError::InvalidOperation("LOG_SHMFD is not offered"))
+    fn set_vring_kick(&mut self, index: usize, fd: Option<File>) -> io::Result<()> {
+        let vring = self.vrings[index].clone();
+        // The old kick stops being watched before it is closed.
+        if let Some(old) = vring.get_ref().get_kick() {
+            self.thread.watch_kick(old.as_raw_fd(), index, false)?;
+        }
+        vring.set_kick(fd);
+        self.start_if_ready(index)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> io::Result<()> {
+        if self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            return Err(invalid("SET_VRING_ENABLE without PROTOCOL_FEATURES".into()));
+        }
+        self.vring(index)?.set_enabled(enable);
+        self.update_watch(index as usize)
     }
 }

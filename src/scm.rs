@@ -1,15 +1,18 @@
 //! `recvmsg`/`sendmsg` on a unix stream socket with file descriptors as SCM_RIGHTS, and a
-//! poll that also watches the stop event. The only unsafe code of the server.
+//! poll that also watches a stop event: the socket I/O of the vhost-user and vfio-user
+//! connections.
 
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use super::protocol::MAX_MSG_FDS;
+/// The most file descriptors one `recv_some` takes (vfio-user's limit; vhost-user messages
+/// carry at most 8).
+pub const MAX_FDS: usize = 16;
 
-/// Control buffer: room for one SCM_RIGHTS message of `MAX_MSG_FDS` fds (cmsghdr 16 bytes +
-/// 4 per fd), 8-byte aligned as cmsghdr requires. More fds than fit set MSG_CTRUNC.
-type CmsgBuf = [u64; 2 + MAX_MSG_FDS.div_ceil(2)];
+/// Control buffer: room for one SCM_RIGHTS message of `MAX_FDS` fds (cmsghdr 16 bytes + 4 per
+/// fd), 8-byte aligned as cmsghdr requires. More fds than fit set MSG_CTRUNC.
+type CmsgBuf = [u64; 2 + MAX_FDS.div_ceil(2)];
 
 /// Receives up to `buf.len()` bytes; fds that came with them are appended to `fds` (owned,
 /// close-on-exec). Returns the byte count (0 = end of stream) and whether the kernel had to
@@ -19,7 +22,7 @@ pub fn recv_some(
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<(usize, bool)> {
-    let mut cbuf: CmsgBuf = [0; 2 + MAX_MSG_FDS.div_ceil(2)];
+    let mut cbuf: CmsgBuf = [0; 2 + MAX_FDS.div_ceil(2)];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
