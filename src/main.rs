@@ -457,7 +457,7 @@ fn run(a: ServeArgs) -> Result<(), String> {
             .map(std::time::Duration::from_micros)
             .unwrap_or(vhost_user_iommu::vhost::DEFAULT_POLL),
     };
-    let stopper = Arc::new(Stopper::default());
+    let stopper = Arc::new(Stopper::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
     handle_signals(stopper.clone()).map_err(|e| format!("cannot install signal handling: {e}"))?;
     let metrics = Arc::new(Metrics::default());
     let current: CurrentDevice = Arc::default();

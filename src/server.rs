@@ -5,17 +5,18 @@
 //! before the next connection is accepted; nothing of one connection survives into the next.
 
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{error, info, warn};
 use vhost::vhost_user::{Error as ProtocolError, Listener};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::backend::DmaBackend;
 use crate::metrics::Metrics;
-use crate::vhost::{Connection, DeviceSettings, IommuDevice};
+use crate::vhost::{Connection, ConnectionState, DeviceSettings, HandedOver, IommuDevice, Served};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -27,16 +28,48 @@ pub enum ServeError {
     Connection(std::io::Error),
 }
 
-/// Lets another thread (the signal handler) stop the serve loop.
-#[derive(Default)]
+/// Lets another thread (the signal handler) stop the serve loop, or ask the connection being
+/// served to be handed over.
 pub struct Stopper {
     stop: AtomicBool,
     listener_fd: Mutex<Option<i32>>,
     /// The connection being served (a clone of its socket, to shut it down).
     connection: Mutex<Option<UnixStream>>,
+    /// Readable while a handover of the connection is asked for.
+    handover: EventFd,
+    /// Handovers done, and the longest time the VMM's messages waited for one.
+    handovers: AtomicU64,
+    longest_handover_ns: AtomicU64,
 }
 
 impl Stopper {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Stopper {
+            stop: AtomicBool::new(false),
+            listener_fd: Mutex::new(None),
+            connection: Mutex::new(None),
+            handover: EventFd::new(EFD_NONBLOCK)?,
+            handovers: AtomicU64::new(0),
+            longest_handover_ns: AtomicU64::new(0),
+        })
+    }
+
+    /// Asks the serve loop to hand the live connection over between two of the VMM's messages:
+    /// its state goes through the versioned handover format (`vhost::ConnectionState`) and the
+    /// fds it names, and a new `Connection` resumes it, today in the same process. The VMM and
+    /// the guest notice nothing; the device state stays.
+    pub fn hand_over_connection(&self) -> std::io::Result<()> {
+        self.handover.write(1)
+    }
+
+    /// Handovers done so far, and the longest pause one caused (ns).
+    pub fn handovers(&self) -> (u64, u64) {
+        (
+            self.handovers.load(Ordering::Relaxed),
+            self.longest_handover_ns.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(c) = self
@@ -78,6 +111,13 @@ pub fn serve(
         .unwrap_or_else(|p| p.into_inner()) = Some(listener.as_raw_fd());
     let mut served = 0usize;
     while !stopper.stopped() && max_connections.is_none_or(|m| served < m) {
+        // The next connection's device exists before it connects (hooks see a fresh device as
+        // soon as the previous connection is torn down).
+        let dev = IommuDevice::new(settings.clone(), backend.clone(), metrics.clone())
+            .map_err(ServeError::Device)?;
+        if let Some(f) = &on_connect {
+            f(&dev);
+        }
         let stream = match accept(&listener) {
             Ok(s) => s,
             Err(_) if stopper.stopped() => {
@@ -87,11 +127,6 @@ pub fn serve(
             Err(e) => return Err(ServeError::Accept(e)),
         };
         served += 1;
-        let dev = IommuDevice::new(settings.clone(), backend.clone(), metrics.clone())
-            .map_err(ServeError::Device)?;
-        if let Some(f) = &on_connect {
-            f(&dev);
-        }
         info!("VMM connected");
         let result = serve_connection(stream, &dev, &stopper);
         match result {
@@ -148,14 +183,46 @@ fn serve_connection(
     let clone = stream.try_clone().map_err(ConnectionEnd::Setup)?;
     let mut conn = Connection::new(dev.clone()).map_err(ConnectionEnd::Setup)?;
     *stopper.connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
-    let result = if stopper.stopped() {
-        Ok(())
-    } else {
-        conn.serve(&stream).map_err(ConnectionEnd::Protocol)
+    let result = loop {
+        if stopper.stopped() {
+            break Ok(());
+        }
+        // SAFETY: the eventfd is owned by `stopper`, which outlives this borrow.
+        let handover = unsafe { BorrowedFd::borrow_raw(stopper.handover.as_raw_fd()) };
+        match conn.serve(&stream, handover) {
+            Ok(Served::Closed) => break Ok(()),
+            Err(e) => break Err(ConnectionEnd::Protocol(e)),
+            Ok(Served::HandOver) => {
+                let _ = stopper.handover.read();
+                let started = std::time::Instant::now();
+                conn = hand_over(conn, dev).map_err(ConnectionEnd::Setup)?;
+                let pause = started.elapsed();
+                stopper.handovers.fetch_add(1, Ordering::Relaxed);
+                stopper
+                    .longest_handover_ns
+                    .fetch_max(pause.as_nanos() as u64, Ordering::Relaxed);
+                info!("connection handed over in {pause:?}");
+            }
+        }
     };
     *stopper.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
     conn.close();
     result
+}
+
+/// Hands `conn` over: its state goes through the handover format (bytes and fds) and a new
+/// connection resumes it for the same device.
+fn hand_over(conn: Connection, dev: &IommuDevice) -> std::io::Result<Connection> {
+    let handed = conn.hand_over()?;
+    let bytes = handed.state.to_bytes();
+    let state = ConnectionState::from_bytes(&bytes)?;
+    Connection::resume(
+        dev.clone(),
+        HandedOver {
+            state,
+            fds: handed.fds,
+        },
+    )
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in every thread; stops `stopper` on SIGTERM or SIGINT and

@@ -41,6 +41,7 @@ use crate::protocol::{
 mod chain;
 mod connection;
 mod events;
+mod handover;
 mod mailbox;
 mod memory;
 mod poll_window;
@@ -48,7 +49,8 @@ mod requests;
 mod vring_thread;
 mod wire;
 
-pub use connection::Connection;
+pub use connection::{Connection, Served};
+pub use handover::{ConnectionState, HandedOver, RegionState, RingState, STATE_VERSION};
 
 use chain::{Chain, LogLimiter, Pending, PendingTable, read_chain};
 use events::{Event, OwnerWatch, owner_gone};

@@ -11,8 +11,8 @@ use vhost_user_iommu::driver::{Desc, VmOptions};
 use vhost_user_iommu::ids::{DomainId, EndpointId};
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{
-    MAP_F_MMIO, MAP_F_READ, REQUEST_QUEUE, Request, ResvKind, Status, decode_probe_properties,
-    features,
+    MAP_F_MMIO, MAP_F_READ, REQUEST_QUEUE, Request, RequestType, ResvKind, Status,
+    decode_probe_properties, features,
 };
 
 use Request as R;
@@ -906,5 +906,74 @@ fn the_vring_thread_alone_changes_the_device_whatever_thread_the_event_comes_fro
             elsewhere.is_empty(),
             "{mode:?}: backend calls from other threads: {elsewhere:?}"
         );
+    }
+}
+
+#[test]
+fn a_connection_handed_over_while_requests_flow_goes_on_without_the_vmm_noticing() {
+    for mode in [Mode::Inline, Mode::Pipeline(2)] {
+        let d = Daemon::start(Options {
+            mode,
+            ..Options::default()
+        });
+        let mut vm = d.connect();
+        assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
+        vm.write_bypass(1).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        const BATCHES: u64 = 200;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    d.hand_over_connection().unwrap();
+                    std::thread::sleep(std::time::Duration::from_micros(500));
+                }
+            });
+            // Stops the handovers whether the batches pass or fail.
+            struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let _done = Done(&done);
+            // 200 batches of 16 MAPs: every one answered once, with OK (a lost answer times
+            // out; a second one would be a used entry nobody waits for, failing the next batch).
+            for b in 0..BATCHES {
+                let reqs: Vec<_> = (0..16)
+                    .map(|i| {
+                        let iova = (b * 16 + i) << 12;
+                        R::map(1, iova, iova + 0xfff, 0x10_0000, RW)
+                    })
+                    .collect();
+                let st = vm.batch(&reqs).unwrap();
+                assert!(
+                    st.iter().all(|s| *s == Status::Ok),
+                    "{mode:?}: batch {b}: {st:?}"
+                );
+            }
+        });
+        let (handovers, longest_ns) = d.handovers();
+        assert!(handovers >= 10, "{mode:?}: only {handovers} handovers");
+        assert_eq!(d.backend_mappings(), (BATCHES * 16) as usize, "{mode:?}");
+        let served = d.metrics.count(RequestType::Map, Status::Ok);
+        assert_eq!(
+            served,
+            BATCHES * 16,
+            "{mode:?}: each MAP served exactly once"
+        );
+        // The resumed connection still negotiates: config space, a ring stop and restart, a
+        // device reset.
+        assert_eq!(vm.config().unwrap().bypass, 1, "{mode:?}");
+        vm.pause_and_resume().unwrap();
+        assert_eq!(
+            vm.request(&R::unmap(1, 0, u64::MAX)).unwrap(),
+            Status::Ok,
+            "{mode:?}"
+        );
+        assert_eq!(d.backend_mappings(), 0, "{mode:?}");
+        vm.reset_device().unwrap();
+        vm.reset_rings().unwrap();
+        assert_eq!(vm.request(&R::attach(2, 2)).unwrap(), Status::Ok);
+        eprintln!("{mode:?}: {handovers} handovers, longest pause {longest_ns} ns");
     }
 }

@@ -78,7 +78,7 @@ impl LocalDaemon {
             poll: opts.poll,
         };
         let metrics = Arc::new(Metrics::default());
-        let stopper = Arc::new(Stopper::default());
+        let stopper = Arc::new(Stopper::new()?);
         let device = Arc::new(Mutex::new(None));
         let listener = Listener::new(&socket, true).map_err(std::io::Error::other)?;
         let (m, s, d) = (metrics.clone(), stopper.clone(), device.clone());
@@ -125,6 +125,16 @@ impl LocalDaemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Asks the daemon to hand its live connection over (see `Stopper::hand_over_connection`).
+    pub fn hand_over_connection(&self) -> std::io::Result<()> {
+        self.stopper.hand_over_connection()
+    }
+
+    /// Handovers done, and the longest pause one caused (ns).
+    pub fn handovers(&self) -> (u64, u64) {
+        self.stopper.handovers()
     }
 
     /// Mappings the backend holds, over all domains.

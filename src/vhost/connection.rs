@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
@@ -28,24 +28,26 @@ const MAX_MEM_SLOTS: u64 = 509;
 /// Where one memory region lies in the VMM's address space (ring addresses arrive as VMM
 /// virtual addresses).
 #[derive(Clone, Copy, Debug)]
-struct VmmRegion {
-    user_addr: u64,
-    gpa: u64,
-    size: u64,
+pub(super) struct VmmRegion {
+    pub(super) user_addr: u64,
+    pub(super) gpa: u64,
+    pub(super) size: u64,
 }
 
-/// The vhost-user state of one connection.
+/// The vhost-user state of one connection (see `handover` for it as data).
 pub struct Connection {
-    device: IommuDevice,
+    pub(super) device: IommuDevice,
     /// The regions of the memory table in force, in the VMM's address space.
-    regions: Vec<VmmRegion>,
+    pub(super) regions: Vec<VmmRegion>,
     /// The mapped regions of that table (each holds its file).
-    table: Vec<Arc<GuestRegionMmap>>,
-    vrings: [VringRwLock; 2],
-    thread: VringThread,
-    owned: bool,
-    acked_features: u64,
-    acked_protocol_features: u64,
+    pub(super) table: Vec<Arc<GuestRegionMmap>>,
+    pub(super) vrings: [VringRwLock; 2],
+    /// The rings' error eventfds (kept for a handover; the device never signals them).
+    pub(super) errs: [Option<File>; 2],
+    pub(super) thread: VringThread,
+    pub(super) owned: bool,
+    pub(super) acked_features: u64,
+    pub(super) acked_protocol_features: u64,
 }
 
 /// The most regions SET_MEM_TABLE carries (VHOST_MEMORY_BASELINE_NREGIONS).
@@ -54,6 +56,45 @@ const MAX_TABLE_REGIONS: usize = 8;
 const MAX_CONFIG_ACCESS: usize = 256;
 /// SET_VRING_KICK/CALL/ERR: bits 0-7 are the ring, this bit says no fd is passed.
 const VRING_NOFD: u64 = 0x100;
+
+/// A ring as a handover recorded it, with its eventfds.
+pub(super) struct RestoredRing {
+    pub(super) state: super::handover::RingState,
+    pub(super) kick: Option<File>,
+    pub(super) call: Option<File>,
+    pub(super) err: Option<File>,
+}
+
+impl RestoredRing {
+    /// Sets `vring` up as recorded (before any thread serves it); returns the error eventfd.
+    fn restore(self, index: usize, vring: &VringRwLock) -> io::Result<Option<File>> {
+        let r = &self.state;
+        if r.size == 0 || usize::from(r.size) > MAX_QUEUE_SIZE || !r.size.is_power_of_two() {
+            return Err(invalid(format!("ring {index}: size {}", r.size)));
+        }
+        vring.set_queue_size(r.size);
+        vring
+            .set_queue_info(r.desc, r.avail, r.used)
+            .map_err(|e| invalid(format!("ring {index} addresses: {e}")))?;
+        vring.set_queue_next_avail(r.next_avail);
+        vring.set_queue_next_used(r.next_used);
+        vring.set_queue_event_idx(r.event_idx);
+        vring.set_enabled(r.enabled);
+        vring.set_kick(self.kick);
+        vring.set_call(self.call);
+        vring.set_queue_ready(r.ready);
+        Ok(self.err)
+    }
+}
+
+/// Why [`Connection::serve`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// The VMM closed the connection.
+    Closed,
+    /// A handover was asked for; the connection is intact.
+    HandOver,
+}
 
 /// What answering a message produced: a reply with a body, or the outcome of a request that
 /// has none (acknowledged when the VMM asked for it, REPLY_ACK).
@@ -70,23 +111,46 @@ impl Connection {
     /// A new connection for `device` (fresh for each connection): creates its rings and starts
     /// its vring thread.
     pub fn new(device: IommuDevice) -> io::Result<Self> {
+        Self::with_parts(device, Vec::new(), Vec::new(), false, 0, 0, Vec::new())
+    }
+
+    /// A connection with this protocol state and rings (set up as `rings` records, the rest
+    /// fresh), its vring thread started once the rings are in place.
+    pub(super) fn with_parts(
+        device: IommuDevice,
+        regions: Vec<VmmRegion>,
+        table: Vec<Arc<GuestRegionMmap>>,
+        owned: bool,
+        acked_features: u64,
+        acked_protocol_features: u64,
+        rings: Vec<RestoredRing>,
+    ) -> io::Result<Self> {
         let mem = device.memory();
         let ring = || {
             VringRwLock::new(mem.clone(), MAX_QUEUE_SIZE as u16)
                 .map_err(|e| io::Error::other(format!("cannot create a vring: {e}")))
         };
         let vrings = [ring()?, ring()?];
+        let mut errs = [None, None];
+        for (i, r) in rings.into_iter().enumerate().take(vrings.len()) {
+            errs[i] = r.restore(i, &vrings[i])?;
+        }
         let thread = VringThread::start(device.clone(), vrings.clone())?;
-        Ok(Connection {
+        let conn = Connection {
             device,
-            regions: Vec::new(),
-            table: Vec::new(),
+            regions,
+            table,
             vrings,
+            errs,
             thread,
-            owned: false,
-            acked_features: 0,
-            acked_protocol_features: 0,
-        })
+            owned,
+            acked_features,
+            acked_protocol_features,
+        };
+        for i in 0..conn.vrings.len() {
+            conn.update_watch(i)?;
+        }
+        Ok(conn)
     }
 
     /// The connection is over: the vring thread ends (the device state has no owner thread
@@ -150,7 +214,7 @@ impl Connection {
     }
 }
 
-fn map_region(
+pub(super) fn map_region(
     r: &VhostUserMemoryRegion,
     fd: OwnedFd,
 ) -> io::Result<(VmmRegion, Arc<GuestRegionMmap>)> {
@@ -172,13 +236,19 @@ fn map_region(
 }
 
 impl Connection {
-    /// Answers the VMM's messages on `sock` until it closes the connection (Ok) or a message
-    /// fails (Err: the connection is over either way).
-    pub fn serve(&mut self, sock: &UnixStream) -> io::Result<()> {
-        while let Some(msg) = wire::receive(sock)? {
+    /// Answers the VMM's messages on `sock` until it closes the connection (`Closed`), `handover`
+    /// becomes readable between two messages (`HandOver`: nothing is consumed from it), or a
+    /// message fails (Err: the connection is over).
+    pub fn serve(&mut self, sock: &UnixStream, handover: BorrowedFd<'_>) -> io::Result<Served> {
+        loop {
+            if !crate::scm::wait_readable(sock.as_fd(), handover)? {
+                return Ok(Served::HandOver);
+            }
+            let Some(msg) = wire::receive(sock)? else {
+                return Ok(Served::Closed);
+            };
             self.handle_message(sock, msg)?;
         }
-        Ok(())
     }
 
     /// Answers one message from the VMM (and acknowledges it when asked to). An error ends the
@@ -354,7 +424,7 @@ impl Connection {
                         self.start_if_ready(index)
                     }
                     _ => {
-                        self.vrings[index].set_err(fd);
+                        self.errs[index] = fd;
                         Ok(())
                     }
                 })

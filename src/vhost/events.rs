@@ -25,6 +25,11 @@ pub(super) enum Event {
     Reset(Reply<()>),
     /// GET_VRING_BASE of the request queue.
     StopRing(Reply<()>),
+    /// The connection's rings pass to a new connection (handover): what is in flight is
+    /// answered and the device forgets the ring objects, keeping everything else.
+    ReleaseRings(Reply<()>),
+    /// A memory table the backend already serves (handover): installed without a backend call.
+    AdoptTable(GuestMemoryMmap, Arc<GuestRam>, Reply<()>),
     /// Domains with every mapping (the control socket's `state`).
     Snapshot(Reply<(Vec<DomainView>, Vec<EndpointView>)>),
     /// Domains with their counts only (gauges).
@@ -104,6 +109,27 @@ impl IommuDevice {
             .unwrap_or(Ok(false))
     }
 
+    /// Hands the rings to a new connection (see `handover`): returns once nothing is in flight
+    /// and the device no longer refers to the old ring objects.
+    pub fn release_rings(&self) -> io::Result<()> {
+        self.call(Event::ReleaseRings).ok_or_else(owner_gone)
+    }
+
+    /// Installs a memory table the backend already serves (a handed-over connection's).
+    pub fn adopt_memory_table(&self, table: GuestMemoryMmap) -> io::Result<()> {
+        let ram =
+            describe_ram(&table).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        self.call(|r| Event::AdoptTable(table, Arc::new(ram), r))
+            .ok_or_else(owner_gone)
+    }
+
+    /// Makes the vring thread look at the request ring once (kicks may have been missed).
+    pub fn rewake(&self) {
+        if let Err(e) = self.0.rewake.write(1) {
+            warn!("cannot wake the vring thread: {e}");
+        }
+    }
+
     /// The guest RAM of the current connection's memory table, once the VMM has sent one.
     pub fn guest_ram(&self) -> Option<Arc<GuestRam>> {
         self.0.ram.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -148,6 +174,23 @@ impl IommuDevice {
                     drain(s, mem.as_deref(), &v, &self.0.metrics);
                     s.stopped = Some(RingMark::of(&v, mem.as_deref()));
                 }
+                self.answer(s, r, ());
+            }
+            Event::ReleaseRings(r) => {
+                self.drain_ring(s);
+                s.request_vring = None;
+                s.stopped = None;
+                self.answer(s, r, ());
+            }
+            Event::AdoptTable(table, ram, r) => {
+                s.dispatcher.set_ram(ram.clone());
+                s.ram = Some(ram);
+                self.0
+                    .mem
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(table);
+                s.mem = Some(self.0.mem.clone());
                 self.answer(s, r, ());
             }
             Event::Snapshot(r) => {

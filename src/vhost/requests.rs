@@ -216,6 +216,11 @@ fn make_nonblocking(fd: i32) {
 
 impl IommuDevice {
     pub(super) fn process_requests(&self, vring: &VringRwLock) -> io::Result<()> {
+        // A ring that is not started (not set up yet, or stopped) is not served: its addresses
+        // mean nothing, and nothing may be read or written through them.
+        if !vring.get_ref().get_queue().ready() {
+            return Ok(());
+        }
         let mut guard = lock(&self.0.session);
         let s = &mut *guard;
         if s.request_vring.is_none() {

@@ -59,7 +59,7 @@ impl Daemon {
             poll: DEFAULT_POLL,
         };
         let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
-        let stopper = Arc::new(Stopper::default());
+        let stopper = Arc::new(Stopper::new().map_err(|e| format!("eventfd: {e}"))?);
         let devices = Arc::new(AtomicUsize::new(0));
         let current: CurrentDevice = Arc::default();
         if hotplug {

@@ -1097,7 +1097,7 @@ fn daemon_rows(
         poll,
     };
     let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
-    let stopper = Arc::new(Stopper::default());
+    let stopper = Arc::new(Stopper::new().map_err(|e| format!("eventfd: {e}"))?);
     let (s2, b2) = (stopper.clone(), b.clone());
     let daemon = thread::Builder::new()
         .name("daemon".into())
