@@ -24,7 +24,7 @@ pub use table::{DomainSummary, DomainTable, DomainView, MappingView};
 pub use topology::{AttachPlan, AttachTarget, EndpointView, Topology};
 
 /// Paging domains translate through mappings; bypass domains are the identity.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DomainKind {
     Paging,
     Bypass,

@@ -18,7 +18,10 @@ use vhost_user_iommu::domains::Rules;
 use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::metrics::Metrics;
 use vhost_user_iommu::pipeline::Mode;
-use vhost_user_iommu::server::{OnConnect, Stopper, handle_signals, serve};
+use vhost_user_iommu::server::{
+    OnConnect, Outcome, Resume, Stopper, Upgrade, handle_signals, serve_until,
+};
+use vhost_user_iommu::upgrade::{self, UPGRADE_VERSION, UpgradeState};
 use vhost_user_iommu::vfio_user;
 use vhost_user_iommu::vhost::DeviceSettings;
 use vhost_user_iommu::viot::{Viot, parse_pci_address};
@@ -76,6 +79,10 @@ struct ServeArgs {
     /// Print the backend capabilities as JSON (vhost-user backend conventions) and exit.
     #[arg(long)]
     print_capabilities: bool,
+    /// Resume from the state a previous daemon handed over in this fd (set by the daemon itself
+    /// when it upgrades on SIGUSR2; not for people).
+    #[arg(long = "resume-state-fd", hide = true)]
+    resume_state_fd: Option<i32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -379,6 +386,41 @@ fn write_viot(a: ViotArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", a.output.display()))
 }
 
+/// Hands the live state to a new copy of the binary at `exe` (which replaces this process);
+/// if that fails, returns what this process needs to go on serving.
+fn upgrade_to(
+    exe: &std::path::Path,
+    args: &[std::ffi::OsString],
+    u: Upgrade,
+) -> (Listener, Option<Resume>) {
+    use std::os::fd::AsRawFd;
+    let mut keep = vec![u.listener.as_raw_fd()];
+    let connection = u.connection.as_ref().map(|c| {
+        let fds: Vec<i32> = c.handed.fds.iter().map(|f| f.as_raw_fd()).collect();
+        keep.push(c.stream.as_raw_fd());
+        keep.extend(&fds);
+        upgrade::LiveConnection {
+            socket_fd: c.stream.as_raw_fd(),
+            state: c.handed.state.clone(),
+            fds,
+            device: c.device.clone(),
+        }
+    });
+    let state = UpgradeState {
+        version: UPGRADE_VERSION,
+        listener_fd: u.listener.as_raw_fd(),
+        connection,
+    };
+    let e = upgrade::exec(exe, args, &state, &keep);
+    error!("upgrade failed: {e}; this daemon goes on serving");
+    let resume = u.connection.map(|c| Resume::Device {
+        dev: c.dev,
+        stream: c.stream,
+        handed: c.handed,
+    });
+    (u.listener, resume)
+}
+
 fn run(a: ServeArgs) -> Result<(), String> {
     if a.print_capabilities {
         println!("{{\n  \"type\": \"iommu\",\n  \"features\": []\n}}");
@@ -400,10 +442,26 @@ fn run(a: ServeArgs) -> Result<(), String> {
     };
     endpoints.sort_unstable();
     endpoints.dedup();
+    // A previous daemon's state, when this one is its upgrade.
+    let resumed = a
+        .resume_state_fd
+        .map(upgrade::read_state)
+        .transpose()
+        .map_err(|e| format!("cannot resume: {e}"))?;
     // Removes the vhost-user socket file at exit, as long as it is still ours.
     let mut _socket_file = None;
     // The listener, and where a VMM connects (for the start-up line).
     let (listener, listening) = match (a.fd, a.socket_path.as_ref().or(cfg.socket.as_ref())) {
+        _ if resumed.is_some() => {
+            let fd = resumed.as_ref().map_or(-1, |r| r.listener_fd);
+            if let Some(p) = a.socket_path.as_ref().or(cfg.socket.as_ref()) {
+                _socket_file = Some(vhost_user_iommu::listen::SocketFile::new(p));
+            }
+            // SAFETY: the previous daemon handed this listening socket over to this process
+            // alone (the upgrade state names it).
+            let l = unsafe { Listener::from_raw_fd(fd) };
+            (l, format!("the socket handed over as fd {fd}"))
+        }
         (Some(fd), _) => {
             // SAFETY: fstat on an arbitrary integer is harmless; it tells whether `fd` is open.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -458,6 +516,17 @@ fn run(a: ServeArgs) -> Result<(), String> {
             .unwrap_or(vhost_user_iommu::vhost::DEFAULT_POLL),
     };
     let stopper = Arc::new(Stopper::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
+    // Where the next binary is (the path, which a package upgrade points at the new file).
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if backend.iommufd.is_some() {
+        stopper.refuse_upgrades(
+            "an upgrade in place is not available with the iommufd backend yet (its kernel \
+             objects and vfio-user connections do not pass to the new binary); restart with the \
+             VM stopped"
+                .into(),
+        );
+    }
     handle_signals(stopper.clone()).map_err(|e| format!("cannot install signal handling: {e}"))?;
     let metrics = Arc::new(Metrics::default());
     let current: CurrentDevice = Arc::default();
@@ -497,15 +566,48 @@ fn run(a: ServeArgs) -> Result<(), String> {
             follow_boot_ram(boot, &current);
         }
     });
-    let served = serve(
-        listener,
-        settings,
-        backend.dyn_backend.clone(),
-        metrics.clone(),
-        stopper,
-        None,
-        Some(hook),
-    );
+    let mut listener = listener;
+    let mut resume = resumed.and_then(|r| r.connection).map(|c| {
+        // SAFETY: the previous daemon handed these fds over to this process alone (the upgrade
+        // state names them); each is taken once.
+        let (stream, fds) = unsafe {
+            (
+                std::os::unix::net::UnixStream::from_raw_fd(c.socket_fd),
+                c.fds
+                    .iter()
+                    .map(|&fd| std::os::fd::OwnedFd::from_raw_fd(fd))
+                    .collect(),
+            )
+        };
+        Resume::State {
+            stream,
+            handed: vhost_user_iommu::vhost::HandedOver {
+                state: c.state,
+                fds,
+            },
+            device: c.device,
+        }
+    });
+    let served = loop {
+        let outcome = serve_until(
+            listener,
+            &settings,
+            &backend.dyn_backend,
+            &metrics,
+            &stopper,
+            None,
+            Some(&hook),
+            resume.take(),
+        );
+        match outcome {
+            Ok(Outcome::Upgrade(u)) => {
+                let (l, r) = upgrade_to(&exe, &args, u);
+                listener = l;
+                resume = r;
+            }
+            other => break other.map(drop),
+        }
+    };
     // The vfio-user fronts reset their devices and disable their IRQs as they stop.
     vfio_stop.stop();
     for t in vfio_threads {

@@ -16,7 +16,10 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::backend::DmaBackend;
 use crate::metrics::Metrics;
-use crate::vhost::{Connection, ConnectionState, DeviceSettings, HandedOver, IommuDevice, Served};
+use crate::vhost::{
+    Connection, ConnectionState, DeviceSettings, DeviceState, HandedOver, IommuDevice, Served,
+    memory_table,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -37,6 +40,10 @@ pub struct Stopper {
     connection: Mutex<Option<UnixStream>>,
     /// Readable while a handover of the connection is asked for.
     handover: EventFd,
+    /// The handover asked for is an upgrade (to a new binary, by the caller of `serve_until`).
+    upgrade: AtomicBool,
+    /// Why this daemon cannot be upgraded in place, if it cannot.
+    no_upgrade: Mutex<Option<String>>,
     /// Handovers done, and the longest time the VMM's messages waited for one.
     handovers: AtomicU64,
     longest_handover_ns: AtomicU64,
@@ -49,6 +56,8 @@ impl Stopper {
             listener_fd: Mutex::new(None),
             connection: Mutex::new(None),
             handover: EventFd::new(EFD_NONBLOCK)?,
+            upgrade: AtomicBool::new(false),
+            no_upgrade: Mutex::new(None),
             handovers: AtomicU64::new(0),
             longest_handover_ns: AtomicU64::new(0),
         })
@@ -60,6 +69,22 @@ impl Stopper {
     /// the guest notice nothing; the device state stays.
     pub fn hand_over_connection(&self) -> std::io::Result<()> {
         self.handover.write(1)
+    }
+
+    /// Asks for a planned upgrade: at the next point between two of the VMM's messages (or
+    /// while no VMM is connected) `serve_until` returns the live connection and the device
+    /// state for the caller to hand to a new binary (see `upgrade`).
+    pub fn request_upgrade(&self) -> Result<(), String> {
+        if let Some(why) = &*self.no_upgrade.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(why.clone());
+        }
+        self.upgrade.store(true, Ordering::SeqCst);
+        self.handover.write(1).map_err(|e| e.to_string())
+    }
+
+    /// Refuses later upgrade requests, saying why.
+    pub fn refuse_upgrades(&self, why: String) {
+        *self.no_upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 
     /// Handovers done so far, and the longest pause one caused (ns).
@@ -95,7 +120,46 @@ impl Stopper {
 /// Hook called with each connection's device (tests read its state).
 pub type OnConnect = Box<dyn Fn(&IommuDevice) + Send>;
 
+/// How to go on with a connection handed over (see `serve_until`).
+pub enum Resume {
+    /// In the same process, after an upgrade failed: the device kept its state.
+    Device {
+        dev: IommuDevice,
+        stream: UnixStream,
+        handed: HandedOver,
+    },
+    /// In a new process: the device state is rebuilt first.
+    State {
+        stream: UnixStream,
+        handed: HandedOver,
+        device: DeviceState,
+    },
+}
+
+/// Why `serve_until` returned.
+pub enum Outcome {
+    /// Stopped (or `max_connections` served).
+    Stopped,
+    /// An upgrade was asked for: what to hand to the new binary.
+    Upgrade(Upgrade),
+}
+
+/// The daemon's live parts at an upgrade, nothing torn down.
+pub struct Upgrade {
+    pub listener: Listener,
+    pub connection: Option<LiveConnection>,
+}
+
+/// A connection at an upgrade.
+pub struct LiveConnection {
+    pub dev: IommuDevice,
+    pub stream: UnixStream,
+    pub handed: HandedOver,
+    pub device: DeviceState,
+}
+
 /// Serves connections on `listener` until `stopper` says stop or `max_connections` were served.
+/// An upgrade asked for meanwhile is done as a handover in this process.
 pub fn serve(
     listener: Listener,
     settings: DeviceSettings,
@@ -105,32 +169,123 @@ pub fn serve(
     max_connections: Option<usize>,
     on_connect: Option<OnConnect>,
 ) -> Result<(), ServeError> {
+    let mut listener = listener;
+    let mut resume = None;
+    loop {
+        let outcome = serve_until(
+            listener,
+            &settings,
+            &backend,
+            &metrics,
+            &stopper,
+            max_connections,
+            on_connect.as_ref(),
+            resume.take(),
+        )?;
+        match outcome {
+            Outcome::Stopped => return Ok(()),
+            Outcome::Upgrade(u) => {
+                info!("no new binary to hand over to here: the connection goes on in this process");
+                listener = u.listener;
+                resume = u.connection.map(|c| Resume::Device {
+                    dev: c.dev,
+                    stream: c.stream,
+                    handed: c.handed,
+                });
+            }
+        }
+    }
+}
+
+/// Serves connections on `listener` (first going on with `resume`, if given) until `stopper`
+/// says stop, `max_connections` were served, or an upgrade is asked for.
+#[allow(clippy::too_many_arguments)]
+pub fn serve_until(
+    listener: Listener,
+    settings: &DeviceSettings,
+    backend: &Arc<dyn DmaBackend>,
+    metrics: &Arc<Metrics>,
+    stopper: &Stopper,
+    max_connections: Option<usize>,
+    on_connect: Option<&OnConnect>,
+    mut resume: Option<Resume>,
+) -> Result<Outcome, ServeError> {
     *stopper
         .listener_fd
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = Some(listener.as_raw_fd());
     let mut served = 0usize;
-    while !stopper.stopped() && max_connections.is_none_or(|m| served < m) {
-        // The next connection's device exists before it connects (hooks see a fresh device as
-        // soon as the previous connection is torn down).
+    let new_device = || {
         let dev = IommuDevice::new(settings.clone(), backend.clone(), metrics.clone())
             .map_err(ServeError::Device)?;
-        if let Some(f) = &on_connect {
+        if let Some(f) = on_connect {
             f(&dev);
         }
-        let stream = match accept(&listener) {
-            Ok(s) => s,
-            Err(_) if stopper.stopped() => {
-                info!("stopping while waiting for a VMM");
-                break;
+        Ok::<_, ServeError>(dev)
+    };
+    let outcome = loop {
+        if stopper.stopped() || max_connections.is_some_and(|m| served >= m) {
+            break Outcome::Stopped;
+        }
+        let (dev, stream, handed) = match resume.take() {
+            Some(Resume::Device {
+                dev,
+                stream,
+                handed,
+            }) => {
+                if let Some(f) = on_connect {
+                    f(&dev);
+                }
+                (dev, stream, Some(handed))
             }
-            Err(e) => return Err(ServeError::Accept(e)),
+            Some(Resume::State {
+                stream,
+                handed,
+                device,
+            }) => {
+                let dev = new_device()?;
+                rebuild(&dev, &handed, device).map_err(ServeError::Connection)?;
+                (dev, stream, Some(handed))
+            }
+            None => {
+                // The next connection's device exists before it connects (hooks see a fresh
+                // device as soon as the previous connection is torn down).
+                let dev = new_device()?;
+                match accept(&listener, stopper) {
+                    Ok(Some(s)) => (dev, s, None),
+                    Ok(None) => {
+                        break Outcome::Upgrade(Upgrade {
+                            listener,
+                            connection: None,
+                        });
+                    }
+                    Err(_) if stopper.stopped() => {
+                        info!("stopping while waiting for a VMM");
+                        break Outcome::Stopped;
+                    }
+                    Err(e) => return Err(ServeError::Accept(e)),
+                }
+            }
         };
         served += 1;
-        info!("VMM connected");
-        let result = serve_connection(stream, &dev, &stopper);
+        if handed.is_none() {
+            info!("VMM connected");
+        }
+        let result = serve_connection(stream, &dev, stopper, handed);
         match result {
-            Ok(()) => info!("VMM disconnected"),
+            Ok(Ended::Closed) => info!("VMM disconnected"),
+            Ok(Ended::Upgrade(stream, handed)) => {
+                let device = dev.device_state();
+                break Outcome::Upgrade(Upgrade {
+                    listener,
+                    connection: Some(LiveConnection {
+                        dev,
+                        stream,
+                        handed,
+                        device,
+                    }),
+                });
+            }
             Err(e) if stopper.stopped() => info!("connection closed for shutdown: {e}"),
             Err(ConnectionEnd::Protocol(e))
                 if matches!(
@@ -147,21 +302,53 @@ pub fn serve(
             Err(e) => warn!("connection ended with an error: {e}"),
         }
         dev.disconnect();
-    }
+    };
     *stopper
         .listener_fd
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = None;
-    Ok(())
+    Ok(outcome)
 }
 
-/// Waits for the next VMM.
-fn accept(listener: &Listener) -> Result<UnixStream, ProtocolError> {
+/// Puts a handed-over device state into a fresh device: the memory table (through the backend),
+/// then the domains, attachments and mappings.
+fn rebuild(dev: &IommuDevice, handed: &HandedOver, device: DeviceState) -> std::io::Result<()> {
+    let table = memory_table(&handed.state, &handed.fds)?;
+    if !handed.state.regions.is_empty() {
+        dev.set_memory_table(table)?;
+    }
+    dev.restore(device).map_err(std::io::Error::other)
+}
+
+/// Waits for the next VMM; None when an upgrade is asked for first.
+fn accept(listener: &Listener, stopper: &Stopper) -> Result<Option<UnixStream>, ProtocolError> {
     loop {
+        // SAFETY: both fds are owned by `listener` and `stopper`, which outlive the borrows.
+        let (l, h) = unsafe {
+            (
+                BorrowedFd::borrow_raw(listener.as_raw_fd()),
+                BorrowedFd::borrow_raw(stopper.handover.as_raw_fd()),
+            )
+        };
+        if !crate::scm::wait_readable(l, h).map_err(ProtocolError::SocketError)? {
+            let _ = stopper.handover.read();
+            if stopper.upgrade.swap(false, Ordering::SeqCst) {
+                return Ok(None);
+            }
+            continue;
+        }
         if let Some(stream) = listener.accept()? {
-            return Ok(stream);
+            return Ok(Some(stream));
         }
     }
+}
+
+/// How a connection's service ended without an error.
+enum Ended {
+    /// The VMM closed it.
+    Closed,
+    /// An upgrade was asked for: the connection, handed over.
+    Upgrade(UnixStream, HandedOver),
 }
 
 /// Why a connection ended.
@@ -179,21 +366,31 @@ fn serve_connection(
     stream: UnixStream,
     dev: &IommuDevice,
     stopper: &Stopper,
-) -> Result<(), ConnectionEnd> {
+    handed: Option<HandedOver>,
+) -> Result<Ended, ConnectionEnd> {
     let clone = stream.try_clone().map_err(ConnectionEnd::Setup)?;
-    let mut conn = Connection::new(dev.clone()).map_err(ConnectionEnd::Setup)?;
+    let mut conn = match handed {
+        Some(h) => Connection::resume(dev.clone(), h),
+        None => Connection::new(dev.clone()),
+    }
+    .map_err(ConnectionEnd::Setup)?;
     *stopper.connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
     let result = loop {
         if stopper.stopped() {
-            break Ok(());
+            break Ok(Ended::Closed);
         }
         // SAFETY: the eventfd is owned by `stopper`, which outlives this borrow.
         let handover = unsafe { BorrowedFd::borrow_raw(stopper.handover.as_raw_fd()) };
         match conn.serve(&stream, handover) {
-            Ok(Served::Closed) => break Ok(()),
+            Ok(Served::Closed) => break Ok(Ended::Closed),
             Err(e) => break Err(ConnectionEnd::Protocol(e)),
             Ok(Served::HandOver) => {
                 let _ = stopper.handover.read();
+                if stopper.upgrade.swap(false, Ordering::SeqCst) {
+                    *stopper.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    let handed = conn.hand_over().map_err(ConnectionEnd::Setup)?;
+                    return Ok(Ended::Upgrade(stream, handed));
+                }
                 let started = std::time::Instant::now();
                 conn = hand_over(conn, dev).map_err(ConnectionEnd::Setup)?;
                 let pause = started.elapsed();
@@ -225,8 +422,8 @@ fn hand_over(conn: Connection, dev: &IommuDevice) -> std::io::Result<Connection>
     )
 }
 
-/// Blocks SIGTERM, SIGINT and SIGHUP in every thread; stops `stopper` on SIGTERM or SIGINT and
-/// logs and ignores SIGHUP. Call before
+/// Blocks SIGTERM, SIGINT, SIGHUP and SIGUSR2 in every thread; stops `stopper` on SIGTERM or
+/// SIGINT, asks it for an upgrade on SIGUSR2 (see `upgrade`) and logs and ignores SIGHUP. Call before
 /// any other thread is spawned so that they all inherit the mask.
 pub fn handle_signals(stopper: Arc<Stopper>) -> std::io::Result<()> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
@@ -237,6 +434,7 @@ pub fn handle_signals(stopper: Arc<Stopper>) -> std::io::Result<()> {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
     };
     if rc != 0 {
@@ -249,6 +447,13 @@ pub fn handle_signals(stopper: Arc<Stopper>) -> std::io::Result<()> {
                 let mut sig = 0;
                 // SAFETY: `set` is initialised and `sig` is a valid out pointer.
                 if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    if sig == libc::SIGUSR2 {
+                        match stopper.request_upgrade() {
+                            Ok(()) => info!("SIGUSR2: upgrading to the binary on disk"),
+                            Err(why) => warn!("SIGUSR2: no upgrade: {why}"),
+                        }
+                        continue;
+                    }
                     if sig == libc::SIGHUP {
                         // A running VM's IOMMU must not change under it: configuration is read
                         // once, at start. Restart the unit (with the VM stopped) to apply it.

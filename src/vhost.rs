@@ -50,7 +50,9 @@ mod vring_thread;
 mod wire;
 
 pub use connection::{Connection, Served};
-pub use handover::{ConnectionState, HandedOver, RegionState, RingState, STATE_VERSION};
+pub use handover::{
+    ConnectionState, DeviceState, HandedOver, RegionState, RingState, STATE_VERSION, memory_table,
+};
 
 use chain::{Chain, LogLimiter, Pending, PendingTable, read_chain};
 use events::{Event, OwnerWatch, owner_gone};

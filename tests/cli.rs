@@ -539,3 +539,94 @@ fn the_daemons_sockets_are_created_mode_0660_whatever_the_umask() {
         assert!(wait_exit(&mut child.0).success());
     }
 }
+
+/// Waits until the daemon's log file holds `n` lines containing `what`.
+fn wait_log(log: &std::path::Path, what: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches(what).count() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {n}× '{what}' in the log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
+    let dir = TempDir::new();
+    let sock = dir.0.join("u.sock");
+    let ctl = dir.0.join("u.ctl");
+    let log = dir.0.join("daemon.log");
+    // The daemon runs from a copy that is replaced on disk, as a package upgrade does.
+    let exe = dir.0.join("vhost-user-iommu");
+    std::fs::copy(BIN, &exe).unwrap();
+    let mut child = Command::new(&exe)
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--control-socket")
+        .arg(&ctl)
+        .args(["--threads", "2", "-v"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn");
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
+    assert_eq!(vm.request(&Request::attach(1, 3)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&Request::attach(2, 4)).unwrap(), Status::Ok);
+    vm.write_bypass(1).unwrap();
+    let map = |i: u64| Request::map(1, i << 12, (i << 12) + 0xfff, 0x10_0000, 3);
+    for i in 0..64 {
+        assert_eq!(vm.request(&map(i)).unwrap(), Status::Ok);
+    }
+    let next = std::env::temp_dir().join(format!("viommu-next-{}", std::process::id()));
+    for round in 1..=2u64 {
+        std::fs::copy(BIN, &next).unwrap();
+        std::fs::rename(&next, &exe).unwrap();
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGUSR2) };
+        // Requests keep coming while the daemon replaces itself: each is answered once. The
+        // slowest of them is the service pause the upgrade caused (reported, not asserted).
+        let mut slowest = Duration::ZERO;
+        for i in 0..100 {
+            let i = round * 1000 + i;
+            let t = Instant::now();
+            assert_eq!(vm.request(&map(i)).unwrap(), Status::Ok, "round {round}");
+            slowest = slowest.max(t.elapsed());
+        }
+        eprintln!("upgrade {round}: slowest request {slowest:?}");
+        wait_log(&log, "device state rebuilt", round as usize);
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the same process serves"
+        );
+    }
+    // The state survived both upgrades: 264 mappings in domain 1, domain 2 attached, bypass.
+    let out = Command::new(BIN)
+        .args(["ctl", "--control-socket"])
+        .arg(&ctl)
+        .arg("state")
+        .output()
+        .unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).expect("state JSON");
+    let domains = state["domains"].as_array().unwrap();
+    let d1 = domains.iter().find(|d| d["id"] == 1).unwrap();
+    assert_eq!(d1["mappings"].as_array().unwrap().len(), 264);
+    assert!(domains.iter().any(|d| d["id"] == 2));
+    assert_eq!(vm.config().unwrap().bypass, 1);
+    // The resumed connection still negotiates and serves.
+    vm.pause_and_resume().unwrap();
+    assert_eq!(
+        vm.request(&Request::unmap(1, 0, u64::MAX)).unwrap(),
+        Status::Ok
+    );
+    assert_eq!(vm.request(&Request::detach(2, 4)).unwrap(), Status::Ok);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child).success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("upgrading: executing").count(), 2, "{text}");
+}

@@ -69,7 +69,7 @@ impl Shadow {
 }
 
 /// One mapping, for state dumps and tests.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MappingView {
     pub start: u64,
     pub end: u64,
@@ -88,7 +88,7 @@ pub struct DomainSummary {
 }
 
 /// One domain as a shard holds it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DomainView {
     pub id: u32,
     pub kind: DomainKind,

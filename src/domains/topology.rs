@@ -45,7 +45,7 @@ struct TopoDomain {
 }
 
 /// One endpoint, for state dumps and tests.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EndpointView {
     pub id: u32,
     pub domain: Option<u32>,

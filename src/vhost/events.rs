@@ -30,6 +30,8 @@ pub(super) enum Event {
     ReleaseRings(Reply<()>),
     /// A memory table the backend already serves (handover): installed without a backend call.
     AdoptTable(GuestMemoryMmap, Arc<GuestRam>, Reply<()>),
+    /// Rebuild the domains, attachments and mappings a previous daemon handed over.
+    Restore(DeviceState, Reply<Result<(), String>>),
     /// Domains with every mapping (the control socket's `state`).
     Snapshot(Reply<(Vec<DomainView>, Vec<EndpointView>)>),
     /// Domains with their counts only (gauges).
@@ -130,6 +132,25 @@ impl IommuDevice {
         }
     }
 
+    /// The device state as a handover carries it: `bypass`, every domain with its mappings, and
+    /// where each endpoint is attached.
+    pub fn device_state(&self) -> DeviceState {
+        let (domains, endpoints) = self.snapshot();
+        DeviceState {
+            bypass: self.0.bypass.load(Ordering::Acquire),
+            domains,
+            endpoints,
+        }
+    }
+
+    /// Rebuilds a handed-over device state in this (fresh) device, whose memory table is in
+    /// place: `bypass`, then per domain an ATTACH of its first endpoint, its MAPs and the ATTACH
+    /// of the others, through the domain model and the backend like the guest's own requests.
+    pub fn restore(&self, state: DeviceState) -> Result<(), String> {
+        self.call(|r| Event::Restore(state, r))
+            .unwrap_or_else(|| Err(owner_gone().to_string()))
+    }
+
     /// The guest RAM of the current connection's memory table, once the VMM has sent one.
     pub fn guest_ram(&self) -> Option<Arc<GuestRam>> {
         self.0.ram.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -193,6 +214,10 @@ impl IommuDevice {
                 s.mem = Some(self.0.mem.clone());
                 self.answer(s, r, ());
             }
+            Event::Restore(state, r) => {
+                let res = self.restore_state(s, &state);
+                self.answer(s, r, res);
+            }
             Event::Snapshot(r) => {
                 let v = s.dispatcher.snapshot();
                 self.answer(s, r, v);
@@ -202,6 +227,76 @@ impl IommuDevice {
                 self.answer(s, r, v);
             }
         }
+    }
+
+    fn restore_state(&self, s: &mut Session, state: &DeviceState) -> Result<(), String> {
+        use crate::domains::DomainKind;
+        use crate::protocol::{MAP_F_READ, MAP_F_WRITE};
+        if s.dispatcher.has_state() {
+            return Err("the device already has domains".into());
+        }
+        s.dispatcher
+            .set_bypass(state.bypass)
+            .map_err(|e| format!("bypass: {e}"))?;
+        let mut requests = Vec::new();
+        for d in &state.domains {
+            let attached: Vec<u32> = state
+                .endpoints
+                .iter()
+                .filter(|e| e.domain == Some(d.id))
+                .map(|e| e.id)
+                .collect();
+            let attach = |ep: u32| match d.kind {
+                DomainKind::Bypass => Request::attach_bypass(d.id, ep),
+                DomainKind::Paging => Request::attach(d.id, ep),
+            };
+            let Some((first, rest)) = attached.split_first() else {
+                // No endpoint: the domain was going away with its last detach.
+                continue;
+            };
+            requests.push(attach(*first));
+            for m in &d.mappings {
+                let flags =
+                    if m.read { MAP_F_READ } else { 0 } | if m.write { MAP_F_WRITE } else { 0 };
+                requests.push(Request::map(d.id, m.start, m.end, m.gpa, flags));
+            }
+            requests.extend(rest.iter().map(|&ep| attach(ep)));
+        }
+        let n = requests.len();
+        let mut failed = Vec::new();
+        for (token, req) in requests.into_iter().enumerate() {
+            let what = format!("{req:?}");
+            match s.dispatcher.submit(req, token as u64, &mut []) {
+                crate::pipeline::Submitted::Done(Err(r)) => {
+                    failed.push(format!("{what}: {}", r.reason))
+                }
+                crate::pipeline::Submitted::Done(Ok(_)) | crate::pipeline::Submitted::Queued => {}
+            }
+            failed.extend(
+                s.dispatcher
+                    .completed()
+                    .filter_map(|(t, o)| o.err().map(|r| format!("request {t}: {}", r.reason))),
+            );
+        }
+        s.dispatcher.wait_idle();
+        failed.extend(
+            s.dispatcher
+                .completed()
+                .filter_map(|(t, o)| o.err().map(|r| format!("request {t}: {}", r.reason))),
+        );
+        if !failed.is_empty() {
+            return Err(format!(
+                "{} of {n} requests rebuilding the device state failed: {}",
+                failed.len(),
+                failed.join("; ")
+            ));
+        }
+        info!(
+            "device state rebuilt: {} domains, {n} requests, bypass {}",
+            state.domains.len(),
+            state.bypass
+        );
+        Ok(())
     }
 
     /// Answers an event once what it changed is published: the poster may act on the answer

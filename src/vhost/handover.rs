@@ -87,6 +87,29 @@ fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     fd.try_clone_to_owned()
 }
 
+/// The device state a handover carries (see `IommuDevice::device_state`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub bypass: bool,
+    pub domains: Vec<crate::domains::DomainView>,
+    pub endpoints: Vec<crate::domains::EndpointView>,
+}
+
+/// The memory table a handed-over connection's state describes, mapped from copies of its fds
+/// (the fds stay for [`Connection::resume`]).
+pub fn memory_table(state: &ConnectionState, fds: &[OwnedFd]) -> io::Result<GuestMemoryMmap> {
+    let mut table = Vec::new();
+    for r in &state.regions {
+        let fd = fds
+            .get(r.fd)
+            .ok_or_else(|| wire::invalid(format!("connection state: fd {} missing", r.fd)))?;
+        let region = VhostUserMemoryRegion::new(r.gpa, r.size, r.user_addr, r.mmap_offset);
+        table.push(map_region(&region, fd.try_clone()?)?.1);
+    }
+    GuestMemoryMmap::from_arc_regions(table)
+        .map_err(|e| wire::invalid(format!("memory table: {e}")))
+}
+
 /// A handed-over connection's state and the fds it refers to.
 pub struct HandedOver {
     pub state: ConnectionState,

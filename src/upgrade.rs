@@ -1,0 +1,205 @@
+//! Planned upgrade: the daemon hands its listening socket, its live VMM connection and its
+//! device state to a new binary of itself, which it executes in its own place (same PID, so
+//! systemd and the VMM see the same process), and which resumes the connection where it
+//! stopped: the VMM and the guest notice nothing.
+//!
+//! What passes: the fds stay open across `execve` (their close-on-exec flag is cleared), and a
+//! versioned description of them and of the state goes in a memfd whose number the new process
+//! gets as `--resume-state-fd N`. A new binary that cannot read the state refuses to start
+//! serving; the old one, if `execve` itself fails, keeps serving.
+
+use std::ffi::{CString, OsString};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::vhost::{ConnectionState, DeviceState};
+
+/// The version of [`UpgradeState`] this binary writes and reads.
+pub const UPGRADE_VERSION: u32 = 1;
+
+/// The argument that tells a new process to resume from a handed-over state.
+pub const RESUME_ARG: &str = "--resume-state-fd";
+
+/// What one daemon hands the next.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UpgradeState {
+    pub version: u32,
+    /// The vhost-user listening socket.
+    pub listener_fd: RawFd,
+    /// The VMM connection being served, if any.
+    pub connection: Option<LiveConnection>,
+}
+
+/// A live VMM connection and the device state it set up.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LiveConnection {
+    pub socket_fd: RawFd,
+    pub state: ConnectionState,
+    /// The fds `state` refers to by index, by their numbers (the same in both processes).
+    pub fds: Vec<RawFd>,
+    pub device: DeviceState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("cannot write the upgrade state: {0}")]
+    Write(std::io::Error),
+    #[error("cannot read the upgrade state from fd {fd}: {source}")]
+    Read { fd: RawFd, source: std::io::Error },
+    #[error("the upgrade state is not valid: {0}")]
+    Parse(serde_json::Error),
+    #[error("upgrade state version {found} (this binary reads version {UPGRADE_VERSION})")]
+    Version { found: u32 },
+    #[error("cannot keep fd {fd} open across exec: {source}")]
+    Keep { fd: RawFd, source: std::io::Error },
+    #[error("cannot execute {exe}: {source}")]
+    Exec { exe: String, source: std::io::Error },
+}
+
+fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD only read and change the descriptor flags of `fd`.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let flags = if on {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn state_memfd(state: &UpgradeState) -> Result<OwnedFd, UpgradeError> {
+    let name = c"vhost-user-iommu-upgrade";
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(UpgradeError::Write(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let bytes = serde_json::to_vec(state).map_err(|e| UpgradeError::Write(e.into()))?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(&bytes).map_err(UpgradeError::Write)?;
+    Ok(OwnedFd::from(f))
+}
+
+/// Executes `exe` with `args` (the daemon's own, without a previous [`RESUME_ARG`]) in place
+/// of this process, handing it `state` and keeping `keep` (every fd `state` names) open.
+/// Returns only if that failed; the fds are then as they were and this process goes on.
+pub fn exec(exe: &Path, args: &[OsString], state: &UpgradeState, keep: &[RawFd]) -> UpgradeError {
+    match try_exec(exe, args, state, keep) {
+        Ok(never) => match never {},
+        Err(e) => {
+            for &fd in keep {
+                let _ = set_cloexec(fd, true);
+            }
+            e
+        }
+    }
+}
+
+fn try_exec(
+    exe: &Path,
+    args: &[OsString],
+    state: &UpgradeState,
+    keep: &[RawFd],
+) -> Result<std::convert::Infallible, UpgradeError> {
+    let memfd = state_memfd(state)?;
+    for &fd in keep.iter().chain([&memfd.as_raw_fd()]) {
+        set_cloexec(fd, false).map_err(|source| UpgradeError::Keep { fd, source })?;
+    }
+    let exec_error = |source| UpgradeError::Exec {
+        exe: exe.display().to_string(),
+        source,
+    };
+    let c =
+        |s: &[u8]| CString::new(s).map_err(|_| exec_error(std::io::ErrorKind::InvalidInput.into()));
+    let path = c(exe.as_os_str().as_bytes())?;
+    let mut argv = vec![path.clone()];
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a.as_bytes() == RESUME_ARG.as_bytes() {
+            skip = true;
+            continue;
+        }
+        argv.push(c(a.as_bytes())?);
+    }
+    argv.push(c(RESUME_ARG.as_bytes())?);
+    argv.push(c(memfd.as_raw_fd().to_string().as_bytes())?);
+    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    log::info!(
+        "upgrading: executing {} with the live connection's state in fd {}",
+        exe.display(),
+        memfd.as_raw_fd()
+    );
+    // SAFETY: `path` and every argv entry are NUL-terminated strings that outlive the call,
+    // and `ptrs` ends with a null pointer; the environment is this process's own.
+    unsafe { libc::execv(path.as_ptr(), ptrs.as_ptr()) };
+    let e = std::io::Error::last_os_error();
+    let _ = set_cloexec(memfd.as_raw_fd(), true);
+    Err(exec_error(e))
+}
+
+/// Reads (and closes) the state a previous daemon handed over in memfd `fd`.
+pub fn read_state(fd: RawFd) -> Result<UpgradeState, UpgradeError> {
+    let read_error = |source| UpgradeError::Read { fd, source };
+    // SAFETY: fstat only tells whether `fd` is open; `st` is a valid out pointer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if fd < 0 || unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(read_error(std::io::Error::last_os_error()));
+    }
+    // SAFETY: the fd is open and was handed to this process for it alone (RESUME_ARG).
+    let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut bytes = Vec::new();
+    std::io::Seek::rewind(&mut f).map_err(read_error)?;
+    f.read_to_end(&mut bytes).map_err(read_error)?;
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    let v: Versioned = serde_json::from_slice(&bytes).map_err(UpgradeError::Parse)?;
+    if v.version != UPGRADE_VERSION {
+        return Err(UpgradeError::Version { found: v.version });
+    }
+    serde_json::from_slice(&bytes).map_err(UpgradeError::Parse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_comes_back_from_its_memfd_and_a_newer_version_is_refused() {
+        let state = UpgradeState {
+            version: UPGRADE_VERSION,
+            listener_fd: 7,
+            connection: None,
+        };
+        let fd = state_memfd(&state).unwrap();
+        let back = read_state(std::os::fd::IntoRawFd::into_raw_fd(fd)).unwrap();
+        assert_eq!(back.listener_fd, 7);
+        let newer = UpgradeState {
+            version: UPGRADE_VERSION + 1,
+            ..state
+        };
+        let fd = state_memfd(&newer).unwrap();
+        let e = read_state(std::os::fd::IntoRawFd::into_raw_fd(fd)).unwrap_err();
+        assert!(e.to_string().contains("this binary reads version 1"), "{e}");
+    }
+}
