@@ -67,9 +67,10 @@ pub struct VmConfig {
     pub limits: Option<LimitsConfig>,
     /// The virtio-iommu device's PCI address in the guest, e.g. "00:03.0" (for the VIOT table).
     pub iommu_guest_pci: Option<String>,
-    /// The uid the VMM runs as: vfio-user clients with another uid are refused (`SO_PEERCRED`).
+    /// The uid the VMM runs as: vhost-user and vfio-user clients with another uid are refused
+    /// (`SO_PEERCRED`).
     pub vmm_uid: Option<u32>,
-    /// The gid the VMM runs as: vfio-user clients with another gid are refused.
+    /// The gid the VMM runs as: vhost-user and vfio-user clients with another gid are refused.
     pub vmm_gid: Option<u32>,
     #[serde(default, rename = "endpoint")]
     pub endpoints: Vec<EndpointConfig>,

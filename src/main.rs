@@ -514,6 +514,10 @@ fn run(a: ServeArgs) -> Result<(), String> {
             .or(cfg.poll_us)
             .map(std::time::Duration::from_micros)
             .unwrap_or(vhost_user_iommu::vhost::DEFAULT_POLL),
+        vmm: vhost_user_iommu::peer::PeerPolicy {
+            uid: cfg.vmm_uid,
+            gid: cfg.vmm_gid,
+        },
     };
     let stopper = Arc::new(Stopper::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
     // Where the next binary is (the path, which a package upgrade points at the new file).

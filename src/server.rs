@@ -251,7 +251,7 @@ pub fn serve_until(
                 // The next connection's device exists before it connects (hooks see a fresh
                 // device as soon as the previous connection is torn down).
                 let dev = new_device()?;
-                match accept(&listener, stopper) {
+                match accept(&listener, stopper, &settings.vmm) {
                     Ok(Some(s)) => (dev, s, None),
                     Ok(None) => {
                         break Outcome::Upgrade(Upgrade {
@@ -320,8 +320,15 @@ fn rebuild(dev: &IommuDevice, handed: &HandedOver, device: DeviceState) -> std::
     dev.restore(device).map_err(std::io::Error::other)
 }
 
-/// Waits for the next VMM; None when an upgrade is asked for first.
-fn accept(listener: &Listener, stopper: &Stopper) -> Result<Option<UnixStream>, ProtocolError> {
+/// Refused vhost-user clients (logged once per ten seconds at most, with the running count).
+static REFUSED_LOG: crate::log_limit::EveryNth = crate::log_limit::EveryNth::new();
+
+/// Waits for the next VMM that `vmm` admits; None when an upgrade is asked for first.
+fn accept(
+    listener: &Listener,
+    stopper: &Stopper,
+    vmm: &crate::peer::PeerPolicy,
+) -> Result<Option<UnixStream>, ProtocolError> {
     loop {
         // SAFETY: both fds are owned by `listener` and `stopper`, which outlive the borrows.
         let (l, h) = unsafe {
@@ -338,7 +345,18 @@ fn accept(listener: &Listener, stopper: &Stopper) -> Result<Option<UnixStream>, 
             continue;
         }
         if let Some(stream) = listener.accept()? {
-            return Ok(Some(stream));
+            match vmm.check(&stream) {
+                Ok(_) => return Ok(Some(stream)),
+                // Closed before anything is read: nothing of this VM is shown or taken.
+                Err(e) => {
+                    if REFUSED_LOG.allow() {
+                        warn!(
+                            "vhost-user: refused a client ({} refused so far): {e}",
+                            REFUSED_LOG.seen()
+                        );
+                    }
+                }
+            }
         }
     }
 }

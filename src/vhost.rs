@@ -88,6 +88,9 @@ pub struct DeviceSettings {
     /// between 50 µs and this cap (or 128 times the recent per-request service time, if lower)
     /// to the gaps the guest leaves (see `vhost::poll_window`).
     pub poll: std::time::Duration,
+    /// Who may connect on the vhost-user socket (`vmm_uid`, `vmm_gid`; unset: anyone who can
+    /// reach the socket file). Checked on every accepted connection before a byte is read.
+    pub vmm: crate::peer::PeerPolicy,
 }
 
 /// Per-connection device state. One owner changes it (see `mailbox`): the vring thread while it

@@ -977,3 +977,28 @@ fn a_connection_handed_over_while_requests_flow_goes_on_without_the_vmm_noticing
         eprintln!("{mode:?}: {handovers} handovers, longest pause {longest_ns} ns");
     }
 }
+
+#[test]
+fn a_vmm_with_other_credentials_is_refused_before_a_byte_is_read() {
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    let d = Daemon::start(Options {
+        vmm: vhost_user_iommu::peer::PeerPolicy {
+            uid: Some(me.wrapping_add(1)),
+            gid: None,
+        },
+        ..Options::default()
+    });
+    let refused = vhost_user_iommu::driver::TestVm::connect(d.socket(), VmOptions::default());
+    assert!(refused.is_err(), "another uid got a connection");
+    assert!(d.device().is_none_or(|dev| dev.guest_ram().is_none()));
+    let d = Daemon::start(Options {
+        vmm: vhost_user_iommu::peer::PeerPolicy {
+            uid: Some(me),
+            gid: None,
+        },
+        ..Options::default()
+    });
+    let mut vm = d.connect();
+    assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
+}

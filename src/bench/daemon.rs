@@ -26,6 +26,8 @@ pub struct LocalOptions {
     pub endpoints: Vec<u32>,
     /// The vring thread's polling window after each answer.
     pub poll: std::time::Duration,
+    /// Who may connect (default: anyone who can reach the socket).
+    pub vmm: crate::peer::PeerPolicy,
 }
 
 impl Default for LocalOptions {
@@ -36,6 +38,7 @@ impl Default for LocalOptions {
             limits: Limits::default(),
             endpoints: vec![1, 2, 3, 4],
             poll: crate::vhost::DEFAULT_POLL,
+            vmm: crate::peer::PeerPolicy::default(),
         }
     }
 }
@@ -76,6 +79,7 @@ impl LocalDaemon {
             rules: soft_rules(opts.limits),
             mode: opts.mode,
             poll: opts.poll,
+            vmm: opts.vmm,
         };
         let metrics = Arc::new(Metrics::default());
         let stopper = Arc::new(Stopper::new()?);

@@ -231,11 +231,10 @@ fn check_socket(r: &mut Report, cfg: &VmConfig, vm: &str) {
             ),
         );
     }
-    let serves_devices = cfg.endpoints.iter().any(|e| e.vfio_user_socket.is_some());
-    if serves_devices && cfg.vmm_uid.is_none() && cfg.vmm_gid.is_none() {
+    if cfg.vmm_uid.is_none() && cfg.vmm_gid.is_none() {
         r.push(
             Status::Warn,
-            "no `vmm_uid` or `vmm_gid`: any process that can reach the vfio-user sockets may use the devices (another VM's QEMU in the same group too); set the uid QEMU runs as for this VM".to_string(),
+            "no `vmm_uid` or `vmm_gid`: any process that can reach the vhost-user and vfio-user sockets may drive this VM's IOMMU and use its devices (another VM's QEMU in the same group too); set the uid QEMU runs as for this VM".to_string(),
         );
     }
     for (what, s) in cfg.socket_paths() {

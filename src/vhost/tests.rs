@@ -10,6 +10,7 @@ fn inline_settings() -> DeviceSettings {
         rules: crate::bench::daemon::soft_rules(crate::domains::Limits::default()),
         mode: Mode::Inline,
         poll: std::time::Duration::ZERO,
+        vmm: Default::default(),
     }
 }
 

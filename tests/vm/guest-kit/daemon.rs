@@ -57,6 +57,7 @@ impl Daemon {
             rules: rules_from(&backend.constraints()),
             mode,
             poll: DEFAULT_POLL,
+            vmm: Default::default(),
         };
         let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
         let stopper = Arc::new(Stopper::new().map_err(|e| format!("eventfd: {e}"))?);

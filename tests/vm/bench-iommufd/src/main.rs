@@ -1095,6 +1095,7 @@ fn daemon_rows(
         rules: rules_from(&b.constraints()),
         mode: Mode::Inline,
         poll,
+        vmm: Default::default(),
     };
     let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
     let stopper = Arc::new(Stopper::new().map_err(|e| format!("eventfd: {e}"))?);
