@@ -391,6 +391,7 @@ fn write_viot(a: ViotArgs) -> Result<(), String> {
 fn upgrade_to(
     exe: &std::path::Path,
     args: &[std::ffi::OsString],
+    metrics: &Metrics,
     u: Upgrade,
 ) -> (Listener, Option<Resume>) {
     use std::os::fd::AsRawFd;
@@ -410,6 +411,7 @@ fn upgrade_to(
         version: UPGRADE_VERSION,
         listener_fd: u.listener.as_raw_fd(),
         connection,
+        counters: metrics.export(),
     };
     let e = upgrade::exec(exe, args, &state, &keep);
     error!("upgrade failed: {e}; this daemon goes on serving");
@@ -533,6 +535,11 @@ fn run(a: ServeArgs) -> Result<(), String> {
     }
     handle_signals(stopper.clone()).map_err(|e| format!("cannot install signal handling: {e}"))?;
     let metrics = Arc::new(Metrics::default());
+    if let Some(r) = &resumed
+        && let Err(e) = metrics.import(&r.counters)
+    {
+        warn!("the previous daemon's counters are lost: {e}");
+    }
     let current: CurrentDevice = Arc::default();
     if let Some(p) = a.control_socket.as_ref().or(cfg.control_socket.as_ref()) {
         let iommufd = backend.iommufd.clone();
@@ -605,7 +612,7 @@ fn run(a: ServeArgs) -> Result<(), String> {
         );
         match outcome {
             Ok(Outcome::Upgrade(u)) => {
-                let (l, r) = upgrade_to(&exe, &args, u);
+                let (l, r) = upgrade_to(&exe, &args, &metrics, u);
                 listener = l;
                 resume = r;
             }

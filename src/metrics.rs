@@ -39,6 +39,42 @@ impl Metrics {
         self.latency_sum_ns[k].fetch_add(latency_ns, Ordering::Relaxed);
     }
 
+    /// Every counter, in one fixed order (for handing them to the next binary at an upgrade).
+    fn all(&self) -> impl Iterator<Item = &AtomicU64> {
+        self.requests
+            .iter()
+            .flatten()
+            .chain([
+                &self.malformed,
+                &self.unknown_type,
+                &self.backend_errors,
+                &self.poll_hits,
+                &self.wakeups,
+            ])
+            .chain(self.latency.iter().flatten())
+            .chain(self.latency_sum_ns.iter())
+    }
+
+    /// The counters' values, for [`Metrics::import`] in the next binary.
+    pub fn export(&self) -> Vec<u64> {
+        self.all().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Adds what a previous binary counted; refuses values of another layout.
+    pub fn import(&self, values: &[u64]) -> Result<(), String> {
+        let n = self.all().count();
+        if values.len() != n {
+            return Err(format!(
+                "{} counters handed over, this binary keeps {n}",
+                values.len()
+            ));
+        }
+        for (c, v) in self.all().zip(values) {
+            c.fetch_add(*v, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     pub fn count(&self, kind: RequestType, status: Status) -> u64 {
         self.requests[kind as usize - 1][status as usize].load(Ordering::Relaxed)
     }
@@ -112,6 +148,25 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_pass_to_the_next_binary_whole() {
+        let a = Metrics::default();
+        a.record(RequestType::Map, Status::Ok, 1000);
+        a.record(RequestType::Unmap, Status::Range, 5_000_000);
+        a.poll_hits.fetch_add(7, Ordering::Relaxed);
+        let b = Metrics::default();
+        b.record(RequestType::Map, Status::Ok, 10);
+        b.import(&a.export()).unwrap();
+        assert_eq!(b.count(RequestType::Map, Status::Ok), 2);
+        assert_eq!(b.count(RequestType::Unmap, Status::Range), 1);
+        assert_eq!(b.poll_hits.load(Ordering::Relaxed), 7);
+        assert!(
+            b.render()
+                .contains("viommu_request_latency_seconds_sum{type=\"unmap\"} 0.005")
+        );
+        assert!(b.import(&[1, 2, 3]).is_err());
+    }
 
     #[test]
     fn failed_counts_every_non_ok_status() {

@@ -32,6 +32,9 @@ pub struct UpgradeState {
     pub listener_fd: RawFd,
     /// The VMM connection being served, if any.
     pub connection: Option<LiveConnection>,
+    /// The metrics' counters (`Metrics::export`), so that they continue.
+    #[serde(default)]
+    pub counters: Vec<u64>,
 }
 
 /// A live VMM connection and the device state it set up.
@@ -190,6 +193,7 @@ mod tests {
             version: UPGRADE_VERSION,
             listener_fd: 7,
             connection: None,
+            counters: vec![1, 2],
         };
         let fd = state_memfd(&state).unwrap();
         let back = read_state(std::os::fd::IntoRawFd::into_raw_fd(fd)).unwrap();

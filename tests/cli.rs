@@ -617,6 +617,18 @@ fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
     assert_eq!(d1["mappings"].as_array().unwrap().len(), 264);
     assert!(domains.iter().any(|d| d["id"] == 2));
     assert_eq!(vm.config().unwrap().bypass, 1);
+    // The counters continued: every MAP of the three processes is counted once.
+    let out = Command::new(BIN)
+        .args(["ctl", "--control-socket"])
+        .arg(&ctl)
+        .arg("metrics")
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        metrics.contains("viommu_requests_total{type=\"map\",status=\"ok\"} 264\n"),
+        "{metrics}"
+    );
     // The resumed connection still negotiates and serves.
     vm.pause_and_resume().unwrap();
     assert_eq!(
