@@ -114,7 +114,7 @@ pub const QUEUE_CAPACITY: usize = 1024;
 impl Threads {
     fn spawn(n: usize, mut make: impl FnMut() -> DomainTable) -> std::io::Result<Self> {
         let spin = spin_window(n);
-        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
         let (done_tx, completions) = bounded::<Completion>(QUEUE_CAPACITY);
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {

@@ -55,7 +55,7 @@ impl Stopper {
             stop: AtomicBool::new(false),
             listener_fd: Mutex::new(None),
             connection: Mutex::new(None),
-            handover: EventFd::new(EFD_NONBLOCK)?,
+            handover: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             upgrade: AtomicBool::new(false),
             no_upgrade: Mutex::new(None),
             handovers: AtomicU64::new(0),

@@ -180,7 +180,17 @@ pub fn read_state(fd: RawFd) -> Result<UpgradeState, UpgradeError> {
     if v.version != UPGRADE_VERSION {
         return Err(UpgradeError::Version { found: v.version });
     }
-    serde_json::from_slice(&bytes).map_err(UpgradeError::Parse)
+    let state: UpgradeState = serde_json::from_slice(&bytes).map_err(UpgradeError::Parse)?;
+    // The fds came without close-on-exec: put it back, or each later upgrade would pass them on
+    // beside the copies it hands over.
+    let named = state
+        .connection
+        .iter()
+        .flat_map(|c| std::iter::once(c.socket_fd).chain(c.fds.iter().copied()));
+    for fd in std::iter::once(state.listener_fd).chain(named) {
+        set_cloexec(fd, true).map_err(|source| UpgradeError::Keep { fd, source })?;
+    }
+    Ok(state)
 }
 
 #[cfg(test)]
@@ -189,15 +199,18 @@ mod tests {
 
     #[test]
     fn the_state_comes_back_from_its_memfd_and_a_newer_version_is_refused() {
+        let path = std::env::temp_dir().join(format!("viommu-upgrade-test-{}", std::process::id()));
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
         let state = UpgradeState {
             version: UPGRADE_VERSION,
-            listener_fd: 7,
+            listener_fd: listener.as_raw_fd(),
             connection: None,
             counters: vec![1, 2],
         };
         let fd = state_memfd(&state).unwrap();
         let back = read_state(std::os::fd::IntoRawFd::into_raw_fd(fd)).unwrap();
-        assert_eq!(back.listener_fd, 7);
+        assert_eq!(back.listener_fd, listener.as_raw_fd());
         let newer = UpgradeState {
             version: UPGRADE_VERSION + 1,
             ..state

@@ -188,7 +188,7 @@ impl IommuDevice {
         };
         let settings_bypass = settings.boot_bypass;
         Ok(IommuDevice(Arc::new(Inner {
-            rewake: EventFd::new(EFD_NONBLOCK)?,
+            rewake: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             settings,
             backend,

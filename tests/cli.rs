@@ -15,6 +15,18 @@ use vhost_user_iommu::protocol::{Request, Status};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
 
+/// Kills the child when dropped (an assertion failed before it was waited for), so that no
+/// daemon outlives its test; forget it once the child has been waited for.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: sending a signal to our own child process; the guard is forgotten once the
+        // child has been waited for, so until then its pid is still ours.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
+}
+
 fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -268,14 +280,6 @@ fn a_control_client_that_never_reads_does_not_block_the_control_socket() {
     let (sock, ctl) = (dir.0.join("v.sock"), dir.0.join("ctl.sock"));
     let mut child = spawn_with_control(&sock, &ctl);
     // Killed if an assertion below fails, so that no daemon outlives the test.
-    struct KillOnDrop(u32);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            // SAFETY: sending a signal to our own child process; the guard is forgotten once
-            // the child has been waited for, so until then its pid is still ours.
-            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
-        }
-    }
     let guard = KillOnDrop(child.id());
     let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
     exercise(&mut vm);
@@ -556,6 +560,21 @@ fn wait_log(log: &std::path::Path, what: &str, n: usize) {
     }
 }
 
+/// The fds a process holds, by what they are (sockets, eventfds, memfds, files).
+fn open_fds(pid: u32) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|t| {
+            let t = t.to_string_lossy().to_string();
+            // socket:[inode] and the like: the kind, not the instance.
+            t.split(":[").next().unwrap_or(&t).to_string()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 #[test]
 fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
     let dir = TempDir::new();
@@ -574,6 +593,7 @@ fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("spawn");
+    let guard = KillOnDrop(child.id());
     let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
     assert_eq!(vm.request(&Request::attach(1, 3)).unwrap(), Status::Ok);
     assert_eq!(vm.request(&Request::attach(2, 4)).unwrap(), Status::Ok);
@@ -583,6 +603,7 @@ fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
         assert_eq!(vm.request(&map(i)).unwrap(), Status::Ok);
     }
     let next = std::env::temp_dir().join(format!("viommu-next-{}", std::process::id()));
+    let mut fds = Vec::new();
     for round in 1..=2u64 {
         std::fs::copy(BIN, &next).unwrap();
         std::fs::rename(&next, &exe).unwrap();
@@ -603,7 +624,12 @@ fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
             child.try_wait().unwrap().is_none(),
             "the same process serves"
         );
+        fds.push(open_fds(child.id()));
     }
+    assert_eq!(
+        fds[0], fds[1],
+        "an upgrade leaks no fd into the next binary"
+    );
     // The state survived both upgrades: 264 mappings in domain 1, domain 2 attached, bypass.
     let out = Command::new(BIN)
         .args(["ctl", "--control-socket"])
@@ -639,6 +665,7 @@ fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(wait_exit(&mut child).success());
+    std::mem::forget(guard);
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.matches("upgrading: executing").count(), 2, "{text}");
 }

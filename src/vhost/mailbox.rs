@@ -40,7 +40,7 @@ impl<E> Mailbox<E> {
                 running: false,
                 events: VecDeque::new(),
             }),
-            wake: EventFd::new(EFD_NONBLOCK)?,
+            wake: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             mail: AtomicBool::new(false),
         })
     }

@@ -26,7 +26,7 @@ impl VringThread {
     /// its epoll set; from now on it owns the device state.
     pub(super) fn start(device: IommuDevice, vrings: [VringRwLock; 2]) -> io::Result<Self> {
         let epoll = Arc::new(Epoll::new()?);
-        let exit = EventFd::new(EFD_NONBLOCK)?;
+        let exit = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let add = |fd: RawFd, token: u64| {
             epoll.ctl(
                 ControlOperation::Add,
