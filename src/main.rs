@@ -79,6 +79,10 @@ struct ServeArgs {
     /// Print the backend capabilities as JSON (vhost-user backend conventions) and exit.
     #[arg(long)]
     print_capabilities: bool,
+    /// Print the handover state versions this binary reads and exit (asked by a running daemon
+    /// before it upgrades to this binary; not for people).
+    #[arg(long = "upgrade-state-versions", hide = true)]
+    upgrade_state_versions: bool,
     /// Resume from the state a previous daemon handed over in this fd (set by the daemon itself
     /// when it upgrades on SIGUSR2; not for people).
     #[arg(long = "resume-state-fd", hide = true)]
@@ -424,6 +428,10 @@ fn upgrade_to(
 }
 
 fn run(a: ServeArgs) -> Result<(), String> {
+    if a.upgrade_state_versions {
+        println!("{}", upgrade::versions_line());
+        return Ok(());
+    }
     if a.print_capabilities {
         println!("{{\n  \"type\": \"iommu\",\n  \"features\": []\n}}");
         return Ok(());

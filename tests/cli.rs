@@ -669,3 +669,49 @@ fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.matches("upgrading: executing").count(), 2, "{text}");
 }
+
+#[test]
+fn an_upgrade_to_a_binary_that_cannot_read_the_state_is_refused_and_the_daemon_goes_on() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new();
+    let sock = dir.0.join("r.sock");
+    let log = dir.0.join("daemon.log");
+    let exe = dir.0.join("vhost-user-iommu");
+    std::fs::copy(BIN, &exe).unwrap();
+    let mut child = Command::new(&exe)
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("-v")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn");
+    let guard = KillOnDrop(child.id());
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
+    exercise(&mut vm);
+    // A "newer" binary whose state version this daemon does not write.
+    let next = dir.0.join("next");
+    std::fs::write(&next, "#!/bin/sh\necho 'upgrade 99 connection 1'\n").unwrap();
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&next, &exe).unwrap();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR2) };
+    wait_log(&log, "upgrade failed", 1);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("it reads: upgrade 99 connection 1"), "{text}");
+    assert!(!text.contains("upgrading: executing"), "{text}");
+    // The same daemon, the same connection and its state: the mapping made before is there (a
+    // MAP over it is refused as overlapping until it is unmapped).
+    let map = Request::map(1, 0x1000, 0x1fff, 0x1000, 3);
+    assert_eq!(
+        vm.request(&map).unwrap(),
+        Status::Inval,
+        "the mapping is kept"
+    );
+    let unmap = Request::unmap(1, 0x1000, 0x1fff);
+    assert_eq!(vm.request(&unmap).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&map).unwrap(), Status::Ok);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child).success());
+    std::mem::forget(guard);
+}
