@@ -679,7 +679,7 @@ impl TestVm {
         let mut bases = [0u32; 2];
         for q in [REQUEST_QUEUE, EVENT_QUEUE] {
             // No SET_VRING_ENABLE 0 first: after RESET_DEVICE the features are un-acked and a
-            // vhost-user-backend daemon refuses it (and drops the connection).
+            // daemon refuses it (and drops the connection).
             bases[q] = self
                 .frontend
                 .get_vring_base(q)

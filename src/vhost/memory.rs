@@ -1,6 +1,6 @@
 //! The vhost-user memory table as the domain model sees it.
 //!
-//! Converts the regions the VMM sent (already mmapped by the vhost-user library) into
+//! Converts the regions the VMM sent (already mmapped by `Connection`) into
 //! [`GuestRam`]: guest-physical ranges, the daemon's host addresses and the backing memfd with
 //! its identity, so a changed table can be compared with the old one page for page.
 //!
