@@ -101,6 +101,17 @@ enum Command {
     UdevLookup(vhost_user_iommu::deploy::UdevLookupArgs),
     /// Ask a running daemon's control socket for its state (JSON) or metrics (Prometheus text).
     Ctl(CtlArgs),
+    /// Write the man page and shell completions generated from this command line into a
+    /// directory (for packaging).
+    #[command(hide = true)]
+    Assets(AssetsArgs),
+}
+
+#[derive(Args, Debug)]
+struct AssetsArgs {
+    /// Directory to write `vhost-user-iommu.1` and the bash, zsh and fish completions into.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -180,6 +191,28 @@ struct ViotArgs {
     config: Option<PathBuf>,
 }
 
+/// The man page (clap_mangen) and completions (clap_complete), from the same clap definition
+/// the binary parses with.
+fn write_assets(a: AssetsArgs) -> Result<(), String> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let err = |what: &str, e: std::io::Error| format!("{what}: {e}");
+    std::fs::create_dir_all(&a.out).map_err(|e| err(&a.out.display().to_string(), e))?;
+    let cmd = Cli::command();
+    let mut man = Vec::new();
+    clap_mangen::Man::new(cmd.clone())
+        .render(&mut man)
+        .map_err(|e| err("man page", e))?;
+    let page = a.out.join("vhost-user-iommu.1");
+    std::fs::write(&page, man).map_err(|e| err(&page.display().to_string(), e))?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        let mut c = cmd.clone();
+        clap_complete::generate_to(shell, &mut c, "vhost-user-iommu", &a.out)
+            .map_err(|e| err(&format!("{shell} completion"), e))?;
+    }
+    Ok(())
+}
+
 fn ctl(a: CtlArgs) -> Result<(), String> {
     let command = match a.what {
         CtlQuery::Summary => "summary",
@@ -207,6 +240,7 @@ fn main() -> ExitCode {
         Some(Command::Viot(a)) => write_viot(a),
         Some(Command::Bench(a)) => bench(a),
         Some(Command::Ctl(a)) => ctl(a),
+        Some(Command::Assets(a)) => write_assets(a),
         None => run(cli.serve),
     };
     match result {

@@ -52,5 +52,7 @@ fi
 
 step "deployment files: systemd-analyze verify, udev rules"
 tests/deploy-verify.sh
+step "Debian package: built, installed into an empty root, verified there, purged"
+tests/package-verify.sh
 echo
 echo "all tiers passed in $(( $(date +%s) - t0 )) s"
