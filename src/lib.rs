@@ -35,6 +35,7 @@ mod scm;
 pub mod server;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod trace;
 pub mod upgrade;
 pub mod vfio;
 pub mod vfio_user;

@@ -79,6 +79,13 @@ struct ServeArgs {
     /// Print the backend capabilities as JSON (vhost-user backend conventions) and exit.
     #[arg(long)]
     print_capabilities: bool,
+    /// Write a request trace here: one JSON line per guest request and per vhost-user message
+    /// (see `trace` in the docs); the file is rotated to FILE.1 at --trace-max-mb.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// The size at which the trace file is rotated (MiB).
+    #[arg(long, default_value_t = 64)]
+    trace_max_mb: u64,
     /// Print the handover state versions this binary reads and exit (asked by a running daemon
     /// before it upgrades to this binary; not for people).
     #[arg(long = "upgrade-state-versions", hide = true)]
@@ -166,6 +173,10 @@ struct BenchArgs {
     /// requests), measured over 10 s.
     #[arg(long)]
     idle_daemons: Option<usize>,
+    /// Instead of the workloads: the cost of `--trace`, the first selected workload with the
+    /// trace off and on, alternating, three times each, in each selected mode.
+    #[arg(long)]
+    trace_cost: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -280,6 +291,84 @@ fn bench(_: BenchArgs) -> Result<(), String> {
     Err("this build has no benchmark kit: build it with `cargo build --release --features test-utils` (or run `cargo run --release --features test-utils -- bench`)".into())
 }
 
+/// `bench --trace-cost`: p50 and p99 kick-to-answer latency and requests/s without and with
+/// the request trace, same workload, same run, interleaved.
+#[cfg(feature = "test-utils")]
+fn trace_cost(a: &BenchArgs) -> Result<(), String> {
+    use vhost_user_iommu::bench;
+    let w = bench::workloads()
+        .into_iter()
+        .find(|w| {
+            a.filter
+                .as_ref()
+                .is_none_or(|f| w.name.contains(f.as_str()))
+        })
+        .ok_or("no workload matches --filter")?;
+    let poll = a
+        .poll_us
+        .map(std::time::Duration::from_micros)
+        .unwrap_or(vhost_user_iommu::vhost::DEFAULT_POLL);
+    let dir = std::env::temp_dir().join(format!("viommu-trace-cost-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut modes = vec![Mode::Inline];
+    if a.mode != BenchMode::Inline {
+        modes = vec![Mode::Pipeline(a.threads)];
+        if a.mode == BenchMode::Both {
+            modes.insert(0, Mode::Inline);
+        }
+    }
+    println!("workload {}, {} rounds per run", w.name, a.rounds);
+    println!("mode | trace | p50 µs | p99 µs | requests/s");
+    for mode in modes {
+        let mut rows: [Vec<bench::Measurement>; 2] = [Vec::new(), Vec::new()];
+        for _ in 0..3 {
+            for (i, on) in [false, true].into_iter().enumerate() {
+                let trace = if on {
+                    let path = dir.join("trace.jsonl");
+                    let _ = std::fs::remove_file(&path);
+                    Some(Arc::new(
+                        vhost_user_iommu::trace::Tracer::open(&path, 1 << 30)
+                            .map_err(|e| e.to_string())?,
+                    ))
+                } else {
+                    None
+                };
+                let m = bench::run_socket_traced(&w, mode, poll, a.rounds, trace)
+                    .map_err(|e| e.to_string())?;
+                rows[i].push(m);
+            }
+        }
+        let med = |v: &mut Vec<u64>| {
+            v.sort_unstable();
+            v[v.len() / 2]
+        };
+        let mut p50 = [0u64; 2];
+        let mut rps = [0f64; 2];
+        for (i, r) in rows.iter().enumerate() {
+            let p50s: &mut Vec<u64> = &mut r.iter().map(|m| m.p50_ns).collect();
+            let p99s: &mut Vec<u64> = &mut r.iter().map(|m| m.p99_ns).collect();
+            let mut rates: Vec<f64> = r.iter().map(|m| m.requests_per_sec()).collect();
+            rates.sort_by(f64::total_cmp);
+            p50[i] = med(p50s);
+            rps[i] = rates[rates.len() / 2];
+            println!(
+                "{mode:?} | {} | {:.1} | {:.1} | {:.0}",
+                if i == 0 { "off" } else { "on" },
+                p50[i] as f64 / 1e3,
+                med(p99s) as f64 / 1e3,
+                rps[i]
+            );
+        }
+        println!(
+            "{mode:?}: with the trace, p50 × {:.2}, requests/s × {:.2} (medians of 3 runs each)",
+            p50[1] as f64 / p50[0].max(1) as f64,
+            rps[1] / rps[0].max(1.0)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 #[cfg(feature = "test-utils")]
 fn bench(a: BenchArgs) -> Result<(), String> {
     use std::io::IsTerminal;
@@ -318,6 +407,9 @@ fn bench(a: BenchArgs) -> Result<(), String> {
             print!("{}", bench::state::state_table(&points));
         }
         return Ok(());
+    }
+    if a.trace_cost {
+        return trace_cost(&a);
     }
     let mut modes = Vec::new();
     if a.mode != BenchMode::Pipeline {
@@ -562,6 +654,15 @@ fn run(a: ServeArgs) -> Result<(), String> {
             uid: cfg.vmm_uid,
             gid: cfg.vmm_gid,
         },
+        trace: a
+            .trace
+            .as_ref()
+            .map(|p| {
+                vhost_user_iommu::trace::Tracer::open(p, a.trace_max_mb << 20)
+                    .map(Arc::new)
+                    .map_err(|e| format!("cannot write the trace {}: {e}", p.display()))
+            })
+            .transpose()?,
     };
     let stopper = Arc::new(Stopper::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
     // Where the next binary is (the path, which a package upgrade points at the new file).

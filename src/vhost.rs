@@ -91,6 +91,8 @@ pub struct DeviceSettings {
     /// Who may connect on the vhost-user socket (`vmm_uid`, `vmm_gid`; unset: anyone who can
     /// reach the socket file). Checked on every accepted connection before a byte is read.
     pub vmm: crate::peer::PeerPolicy,
+    /// The request trace (`--trace`), if on.
+    pub trace: Option<Arc<crate::trace::Tracer>>,
 }
 
 /// Per-connection device state. One owner changes it (see `mailbox`): the vring thread while it
@@ -240,6 +242,11 @@ impl IommuDevice {
             .unwrap_or_else(|p| p.into_inner())
             .replace(GuestMemoryMmap::new());
         self.publish(&s);
+    }
+
+    /// The request trace, if on.
+    pub fn trace(&self) -> Option<&crate::trace::Tracer> {
+        self.0.settings.trace.as_deref()
     }
 
     /// Guest memory as the connection's rings see it (the memory table in force).

@@ -719,3 +719,49 @@ fn an_upgrade_to_a_binary_that_cannot_read_the_state_is_refused_and_the_daemon_g
     assert!(wait_exit(&mut child).success());
     std::mem::forget(guard);
 }
+
+#[test]
+fn trace_writes_one_json_line_per_request_and_per_vhost_user_message() {
+    let dir = TempDir::new();
+    let sock = dir.0.join("t.sock");
+    let trace = dir.0.join("trace.jsonl");
+    let mut child = Command::new(BIN)
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--trace")
+        .arg(&trace)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let guard = KillOnDrop(child.id());
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
+    exercise(&mut vm);
+    vm.disconnect();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child).success());
+    std::mem::forget(guard);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let requests: Vec<_> = lines.iter().filter(|l| l["kind"] == "request").collect();
+    assert_eq!(requests.len(), 3, "{lines:?}");
+    assert_eq!(requests[0]["type"], "attach");
+    assert_eq!(requests[1]["type"], "map");
+    assert_eq!(requests[1]["start"], "0x1000");
+    assert_eq!(requests[1]["status"], "ok");
+    assert_eq!(requests[2]["status"], "noent");
+    assert!(
+        requests[2]["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty())
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["kind"] == "vhost-user" && l["name"] == "SET_MEM_TABLE" && l["ok"] == true),
+        "{lines:?}"
+    );
+}

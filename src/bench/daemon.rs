@@ -28,6 +28,8 @@ pub struct LocalOptions {
     pub poll: std::time::Duration,
     /// Who may connect (default: anyone who can reach the socket).
     pub vmm: crate::peer::PeerPolicy,
+    /// The request trace, if on.
+    pub trace: Option<Arc<crate::trace::Tracer>>,
 }
 
 impl Default for LocalOptions {
@@ -39,6 +41,7 @@ impl Default for LocalOptions {
             endpoints: vec![1, 2, 3, 4],
             poll: crate::vhost::DEFAULT_POLL,
             vmm: crate::peer::PeerPolicy::default(),
+            trace: None,
         }
     }
 }
@@ -80,6 +83,7 @@ impl LocalDaemon {
             mode: opts.mode,
             poll: opts.poll,
             vmm: opts.vmm,
+            trace: opts.trace.clone(),
         };
         let metrics = Arc::new(Metrics::default());
         let stopper = Arc::new(Stopper::new()?);

@@ -331,9 +331,21 @@ pub fn run_socket(
     poll: Duration,
     rounds: usize,
 ) -> Result<Measurement, BenchError> {
+    run_socket_traced(w, mode, poll, rounds, None)
+}
+
+/// [`run_socket`] with the daemon writing its request trace to `trace`.
+pub fn run_socket_traced(
+    w: &Workload,
+    mode: Mode,
+    poll: Duration,
+    rounds: usize,
+    trace: Option<std::sync::Arc<crate::trace::Tracer>>,
+) -> Result<Measurement, BenchError> {
     let d = LocalDaemon::start(LocalOptions {
         mode,
         poll,
+        trace,
         ..LocalOptions::default()
     })
     .map_err(BenchError::Daemon)?;

@@ -115,6 +115,8 @@ where
 pub(super) struct Pending {
     pub(super) head: u16,
     pub(super) kind: RequestType,
+    /// The request as decoded (for the trace).
+    pub(super) req: crate::protocol::Request,
     pub(super) writable: Segments,
     pub(super) tail_offset: u64,
     pub(super) started: Instant,

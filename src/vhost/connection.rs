@@ -258,6 +258,10 @@ impl Connection {
         let request = header.request;
         let wants_reply = msg.wants_reply();
         let answer = self.answer(msg);
+        if let Some(t) = self.device.trace() {
+            let ok = matches!(answer, Ok(Answer::Reply(_)) | Ok(Answer::Done(Ok(()))));
+            t.message("vhost-user", request, wire::name(request), ok);
+        }
         match answer {
             Ok(Answer::Reply(body)) => wire::reply(sock, &header, &body),
             Ok(Answer::Done(result)) => {

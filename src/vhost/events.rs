@@ -192,7 +192,13 @@ impl IommuDevice {
             Event::StopRing(r) => {
                 if let Some(v) = s.request_vring.clone() {
                     let mem = s.mem.as_ref().map(|m| m.memory());
-                    drain(s, mem.as_deref(), &v, &self.0.metrics);
+                    drain(
+                        s,
+                        mem.as_deref(),
+                        &v,
+                        &self.0.metrics,
+                        self.0.settings.trace.as_deref(),
+                    );
                     s.stopped = Some(RingMark::of(&v, mem.as_deref()));
                 }
                 self.answer(s, r, ());
@@ -337,7 +343,13 @@ impl IommuDevice {
     pub(super) fn drain_ring(&self, s: &mut Session) {
         if let Some(v) = s.request_vring.clone() {
             let mem = s.mem.as_ref().map(|m| m.memory());
-            drain(s, mem.as_deref(), &v, &self.0.metrics);
+            drain(
+                s,
+                mem.as_deref(),
+                &v,
+                &self.0.metrics,
+                self.0.settings.trace.as_deref(),
+            );
         }
     }
 

@@ -56,6 +56,7 @@ struct Answerer<'a> {
     vring: &'a VringRwLock,
     metrics: &'a Metrics,
     limiter: &'a mut LogLimiter,
+    trace: Option<&'a crate::trace::Tracer>,
     used: bool,
 }
 
@@ -96,8 +97,12 @@ impl Answerer<'_> {
         let ok = p
             .writable
             .write(self.mem, p.tail_offset, &encode_tail(status));
-        self.metrics
-            .record(p.kind, status, p.started.elapsed().as_nanos() as u64);
+        let latency_ns = p.started.elapsed().as_nanos() as u64;
+        self.metrics.record(p.kind, status, latency_ns);
+        if let Some(t) = self.trace {
+            let reason = outcome.as_ref().err().map(|r| r.reason.to_string());
+            t.request(p.head, &p.req, status, reason.as_deref(), latency_ns);
+        }
         let len = if ok {
             p.tail_offset as u32 + TAIL_SIZE as u32
         } else {
@@ -117,6 +122,7 @@ pub(super) fn drain(
     mem: Option<&GuestMemoryMmap>,
     vring: &VringRwLock,
     metrics: &Metrics,
+    trace: Option<&crate::trace::Tracer>,
 ) {
     let Some(mem) = mem else {
         // Nowhere to write their tails: the requests are dropped with the ring.
@@ -130,6 +136,7 @@ pub(super) fn drain(
         vring,
         metrics,
         limiter: &mut s.limiter,
+        trace,
         used: false,
     };
     s.dispatcher.wait_idle();
@@ -254,12 +261,14 @@ impl IommuDevice {
             quiet_since,
             ..
         } = s;
+        let trace = self.0.settings.trace.as_deref();
         let mut a = Answerer {
             mem: &mem,
             pending,
             vring,
             metrics,
             limiter,
+            trace,
             used: false,
         };
         let started = Instant::now();
@@ -349,6 +358,7 @@ impl IommuDevice {
                 let p = Pending {
                     head,
                     kind,
+                    req,
                     writable,
                     tail_offset,
                     started,
@@ -410,6 +420,9 @@ impl IommuDevice {
         if a.used {
             signal(vring);
         }
+        if let Some(t) = trace {
+            t.flush();
+        }
         Ok(())
     }
 
@@ -426,12 +439,16 @@ impl IommuDevice {
             vring: &v,
             metrics: &self.0.metrics,
             limiter: &mut s.limiter,
+            trace: self.0.settings.trace.as_deref(),
             used: false,
         };
         s.dispatcher.poll();
         s.dispatcher.completed().for_each(|c| a.complete(c));
         if a.used {
             signal(&v);
+        }
+        if let Some(t) = &self.0.settings.trace {
+            t.flush();
         }
     }
 }

@@ -11,6 +11,7 @@ fn inline_settings() -> DeviceSettings {
         mode: Mode::Inline,
         poll: std::time::Duration::ZERO,
         vmm: Default::default(),
+        trace: None,
     }
 }
 

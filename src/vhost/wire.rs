@@ -38,6 +38,36 @@ pub(super) mod code {
     pub const REM_MEM_REG: u32 = 38;
 }
 
+/// The name of a request code (for the trace).
+pub(super) fn name(request: u32) -> &'static str {
+    use code::*;
+    match request {
+        GET_FEATURES => "GET_FEATURES",
+        SET_FEATURES => "SET_FEATURES",
+        SET_OWNER => "SET_OWNER",
+        RESET_OWNER => "RESET_OWNER",
+        SET_MEM_TABLE => "SET_MEM_TABLE",
+        SET_VRING_NUM => "SET_VRING_NUM",
+        SET_VRING_ADDR => "SET_VRING_ADDR",
+        SET_VRING_BASE => "SET_VRING_BASE",
+        GET_VRING_BASE => "GET_VRING_BASE",
+        SET_VRING_KICK => "SET_VRING_KICK",
+        SET_VRING_CALL => "SET_VRING_CALL",
+        SET_VRING_ERR => "SET_VRING_ERR",
+        GET_PROTOCOL_FEATURES => "GET_PROTOCOL_FEATURES",
+        SET_PROTOCOL_FEATURES => "SET_PROTOCOL_FEATURES",
+        GET_QUEUE_NUM => "GET_QUEUE_NUM",
+        SET_VRING_ENABLE => "SET_VRING_ENABLE",
+        GET_CONFIG => "GET_CONFIG",
+        SET_CONFIG => "SET_CONFIG",
+        RESET_DEVICE => "RESET_DEVICE",
+        GET_MAX_MEM_SLOTS => "GET_MAX_MEM_SLOTS",
+        ADD_MEM_REG => "ADD_MEM_REG",
+        REM_MEM_REG => "REM_MEM_REG",
+        _ => "unsupported",
+    }
+}
+
 /// Header flags: protocol version 1, reply, reply wanted (REPLY_ACK).
 const VERSION: u32 = 0x1;
 const VERSION_MASK: u32 = 0x3;

@@ -1096,6 +1096,7 @@ fn daemon_rows(
         mode: Mode::Inline,
         poll,
         vmm: Default::default(),
+        trace: None,
     };
     let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
     let stopper = Arc::new(Stopper::new().map_err(|e| format!("eventfd: {e}"))?);
