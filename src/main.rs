@@ -86,6 +86,10 @@ struct ServeArgs {
     /// The size at which the trace file is rotated (MiB).
     #[arg(long, default_value_t = 64)]
     trace_max_mb: u64,
+    /// Also run the test kit's simulated VMM and guest against this daemon, with a line a
+    /// second of what it served (a first run without a VM; builds with `--features test-utils`).
+    #[arg(long)]
+    demo: bool,
     /// Print the handover state versions this binary reads and exit (asked by a running daemon
     /// before it upgrades to this binary; not for people).
     #[arg(long = "upgrade-state-versions", hide = true)]
@@ -516,6 +520,25 @@ fn write_viot(a: ViotArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", a.output.display()))
 }
 
+/// `--demo`: the test kit's guest drives the daemon through its socket path.
+#[cfg(feature = "test-utils")]
+fn start_demo(listening: &str) -> Result<(), String> {
+    let path = PathBuf::from(listening);
+    if !path.is_absolute() {
+        return Err("--demo needs --socket-path (or socket in the config)".into());
+    }
+    std::thread::Builder::new()
+        .name("demo-guest".into())
+        .spawn(move || vhost_user_iommu::bench::demo::run(&path))
+        .map(drop)
+        .map_err(|e| format!("cannot start the demo guest: {e}"))
+}
+
+#[cfg(not(feature = "test-utils"))]
+fn start_demo(_: &str) -> Result<(), String> {
+    Err("this build has no demo guest (it is part of the test kit): run `cargo run --release --features test-utils -- --socket-path /tmp/viommu.sock --demo`".into())
+}
+
 /// Hands the live state to a new copy of the binary at `exe` (which replaces this process);
 /// if that fails, returns what this process needs to go on serving.
 fn upgrade_to(
@@ -714,6 +737,9 @@ fn run(a: ServeArgs) -> Result<(), String> {
         backend.dyn_backend.name(),
         endpoint_list(&settings.endpoints)
     );
+    if a.demo {
+        start_demo(&listening)?;
+    }
     let hook: OnConnect = Box::new(move |d| {
         *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.clone());
         if let Some(boot) = &boot {

@@ -765,3 +765,35 @@ fn trace_writes_one_json_line_per_request_and_per_vhost_user_message() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn the_readmes_first_command_shows_the_daemon_serving_within_seconds() {
+    let dir = TempDir::new();
+    let sock = dir.0.join("demo.sock");
+    let log = dir.0.join("demo.log");
+    let mut child = Command::new(BIN)
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--demo")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn");
+    let guard = KillOnDrop(child.id());
+    wait_log(&log, "requests/s answered, ok ", 1);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child).success());
+    std::mem::forget(guard);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("requests/s answered"))
+        .unwrap();
+    let ok: u64 = line
+        .split("ok ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(ok > 0, "{line}");
+}

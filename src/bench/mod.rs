@@ -7,6 +7,7 @@
 //! threads. Ratios are the results; absolute numbers are context. Nothing here asserts a time.
 
 pub mod daemon;
+pub mod demo;
 pub mod report;
 pub mod state;
 
