@@ -610,10 +610,11 @@ fn run(a: ServeArgs) -> Result<(), String> {
     // Removes the vhost-user socket file at exit, as long as it is still ours.
     let mut _socket_file = None;
     // The listener, and where a VMM connects (for the start-up line).
-    let (listener, listening) = match (a.fd, a.socket_path.as_ref().or(cfg.socket.as_ref())) {
-        _ if resumed.is_some() => {
-            let fd = resumed.as_ref().map_or(-1, |r| r.listener_fd);
-            if let Some(p) = a.socket_path.as_ref().or(cfg.socket.as_ref()) {
+    let socket_path = a.socket_path.as_ref().or(cfg.socket.as_ref());
+    let (listener, listening) = match (resumed.as_ref(), a.fd, socket_path) {
+        (Some(r), _, path) => {
+            let fd = r.listener_fd;
+            if let Some(p) = path {
                 _socket_file = Some(vhost_user_iommu::listen::SocketFile::new(p));
             }
             // SAFETY: the previous daemon handed this listening socket over to this process
@@ -621,7 +622,7 @@ fn run(a: ServeArgs) -> Result<(), String> {
             let l = unsafe { Listener::from_raw_fd(fd) };
             (l, format!("the socket handed over as fd {fd}"))
         }
-        (Some(fd), _) => {
+        (None, Some(fd), _) => {
             // SAFETY: fstat on an arbitrary integer is harmless; it tells whether `fd` is open.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
             // SAFETY: `st` is a valid out pointer.
@@ -636,13 +637,13 @@ fn run(a: ServeArgs) -> Result<(), String> {
             let l = unsafe { Listener::from_raw_fd(fd) };
             (l, format!("the socket passed as fd {fd}"))
         }
-        (None, Some(p)) => {
+        (None, None, Some(p)) => {
             let l = vhost_user_iommu::listen::bind(p)
                 .map_err(|e| format!("cannot listen on {}: {e}", p.display()))?;
             _socket_file = Some(vhost_user_iommu::listen::SocketFile::new(p));
             (Listener::from(l), p.display().to_string())
         }
-        (None, None) => {
+        (None, None, None) => {
             return Err("give --socket-path PATH, --fd N, or socket in the config".into());
         }
     };

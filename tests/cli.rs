@@ -27,6 +27,44 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A daemon run from `exe` on `sock` with `extra` arguments, its stderr in `log`; killed if the
+/// test fails before [`LoggedDaemon::stop`].
+struct LoggedDaemon {
+    child: std::process::Child,
+    guard: KillOnDrop,
+}
+
+impl LoggedDaemon {
+    fn spawn(
+        exe: &std::path::Path,
+        sock: &std::path::Path,
+        extra: &[&std::ffi::OsStr],
+        log: &std::path::Path,
+    ) -> LoggedDaemon {
+        let child = Command::new(exe)
+            .arg("--socket-path")
+            .arg(sock)
+            .args(extra)
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("spawn");
+        let guard = KillOnDrop(child.id());
+        LoggedDaemon { child, guard }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process, not yet waited for.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// SIGTERM, and the daemon must exit 0.
+    fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        assert!(wait_exit(&mut self.child).success());
+        std::mem::forget(self.guard);
+    }
+}
+
 fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -584,16 +622,18 @@ fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
     // The daemon runs from a copy that is replaced on disk, as a package upgrade does.
     let exe = dir.0.join("vhost-user-iommu");
     std::fs::copy(BIN, &exe).unwrap();
-    let mut child = Command::new(&exe)
-        .arg("--socket-path")
-        .arg(&sock)
-        .arg("--control-socket")
-        .arg(&ctl)
-        .args(["--threads", "2", "-v"])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn");
-    let guard = KillOnDrop(child.id());
+    let mut d = LoggedDaemon::spawn(
+        &exe,
+        &sock,
+        &[
+            "--control-socket".as_ref(),
+            ctl.as_os_str(),
+            "--threads".as_ref(),
+            "2".as_ref(),
+            "-v".as_ref(),
+        ],
+        &log,
+    );
     let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
     assert_eq!(vm.request(&Request::attach(1, 3)).unwrap(), Status::Ok);
     assert_eq!(vm.request(&Request::attach(2, 4)).unwrap(), Status::Ok);
@@ -607,8 +647,7 @@ fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
     for round in 1..=2u64 {
         std::fs::copy(BIN, &next).unwrap();
         std::fs::rename(&next, &exe).unwrap();
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(child.id() as i32, libc::SIGUSR2) };
+        d.signal(libc::SIGUSR2);
         // Requests keep coming while the daemon replaces itself: each is answered once. The
         // slowest of them is the service pause the upgrade caused (reported, not asserted).
         let mut took = Vec::new();
@@ -625,10 +664,10 @@ fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
         );
         wait_log(&log, "device state rebuilt", round as usize);
         assert!(
-            child.try_wait().unwrap().is_none(),
+            d.child.try_wait().unwrap().is_none(),
             "the same process serves"
         );
-        fds.push(open_fds(child.id()));
+        fds.push(open_fds(d.child.id()));
     }
     assert_eq!(
         fds[0], fds[1],
@@ -666,10 +705,7 @@ fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
         Status::Ok
     );
     assert_eq!(vm.request(&Request::detach(2, 4)).unwrap(), Status::Ok);
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(wait_exit(&mut child).success());
-    std::mem::forget(guard);
+    d.stop();
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.matches("upgrading: executing").count(), 2, "{text}");
 }
@@ -682,14 +718,7 @@ fn an_upgrade_to_a_binary_that_cannot_read_the_state_is_refused_and_the_daemon_g
     let log = dir.0.join("daemon.log");
     let exe = dir.0.join("vhost-user-iommu");
     std::fs::copy(BIN, &exe).unwrap();
-    let mut child = Command::new(&exe)
-        .arg("--socket-path")
-        .arg(&sock)
-        .arg("-v")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn");
-    let guard = KillOnDrop(child.id());
+    let d = LoggedDaemon::spawn(&exe, &sock, &["-v".as_ref()], &log);
     let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
     exercise(&mut vm);
     // A "newer" binary whose state version this daemon does not write.
@@ -697,8 +726,7 @@ fn an_upgrade_to_a_binary_that_cannot_read_the_state_is_refused_and_the_daemon_g
     std::fs::write(&next, "#!/bin/sh\necho 'upgrade 99 connection 1'\n").unwrap();
     std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::rename(&next, &exe).unwrap();
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGUSR2) };
+    d.signal(libc::SIGUSR2);
     wait_log(&log, "upgrade failed", 1);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("it reads: upgrade 99 connection 1"), "{text}");
@@ -714,10 +742,7 @@ fn an_upgrade_to_a_binary_that_cannot_read_the_state_is_refused_and_the_daemon_g
     let unmap = Request::unmap(1, 0x1000, 0x1fff);
     assert_eq!(vm.request(&unmap).unwrap(), Status::Ok);
     assert_eq!(vm.request(&map).unwrap(), Status::Ok);
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(wait_exit(&mut child).success());
-    std::mem::forget(guard);
+    d.stop();
 }
 
 #[test]
@@ -725,22 +750,17 @@ fn trace_writes_one_json_line_per_request_and_per_vhost_user_message() {
     let dir = TempDir::new();
     let sock = dir.0.join("t.sock");
     let trace = dir.0.join("trace.jsonl");
-    let mut child = Command::new(BIN)
-        .arg("--socket-path")
-        .arg(&sock)
-        .arg("--trace")
-        .arg(&trace)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let guard = KillOnDrop(child.id());
+    let log = dir.0.join("daemon.log");
+    let d = LoggedDaemon::spawn(
+        BIN.as_ref(),
+        &sock,
+        &["--trace".as_ref(), trace.as_os_str()],
+        &log,
+    );
     let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
     exercise(&mut vm);
     vm.disconnect();
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(wait_exit(&mut child).success());
-    std::mem::forget(guard);
+    d.stop();
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&trace)
         .unwrap()
         .lines()
@@ -771,19 +791,9 @@ fn the_readmes_first_command_shows_the_daemon_serving_within_seconds() {
     let dir = TempDir::new();
     let sock = dir.0.join("demo.sock");
     let log = dir.0.join("demo.log");
-    let mut child = Command::new(BIN)
-        .arg("--socket-path")
-        .arg(&sock)
-        .arg("--demo")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn");
-    let guard = KillOnDrop(child.id());
+    let d = LoggedDaemon::spawn(BIN.as_ref(), &sock, &["--demo".as_ref()], &log);
     wait_log(&log, "requests/s answered, ok ", 1);
-    // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(wait_exit(&mut child).success());
-    std::mem::forget(guard);
+    d.stop();
     let text = std::fs::read_to_string(&log).unwrap();
     let line = text
         .lines()

@@ -205,13 +205,17 @@ impl Connection {
         regions: Vec<VmmRegion>,
         table: Vec<Arc<GuestRegionMmap>>,
     ) -> io::Result<()> {
-        let mem = GuestMemoryMmap::from_arc_regions(table.clone())
-            .map_err(|e| invalid(format!("memory table: {e}")))?;
-        self.device.set_memory_table(mem)?;
+        self.device.set_memory_table(guest_memory(&table)?)?;
         self.regions = regions;
         self.table = table;
         Ok(())
     }
+}
+
+/// The guest memory of a table's mapped regions (refused if they overlap).
+pub(super) fn guest_memory(table: &[Arc<GuestRegionMmap>]) -> io::Result<GuestMemoryMmap> {
+    GuestMemoryMmap::from_arc_regions(table.to_vec())
+        .map_err(|e| invalid(format!("memory table: {e}")))
 }
 
 pub(super) fn map_region(

@@ -210,14 +210,7 @@ impl IommuDevice {
                 self.answer(s, r, ());
             }
             Event::AdoptTable(table, ram, r) => {
-                s.dispatcher.set_ram(ram.clone());
-                s.ram = Some(ram);
-                self.0
-                    .mem
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .replace(table);
-                s.mem = Some(self.0.mem.clone());
+                self.install_table(s, table, ram);
                 self.answer(s, r, ());
             }
             Event::Restore(state, r) => {
@@ -364,6 +357,13 @@ impl IommuDevice {
     ) -> Result<(), BackendError> {
         self.drain_ring(s);
         self.0.backend.set_ram(&ram)?;
+        self.install_table(s, table, ram);
+        Ok(())
+    }
+
+    /// The domain model, the rings and the requests use `table` (whose RAM is `ram`) from now
+    /// on; the backend already serves it.
+    fn install_table(&self, s: &mut Session, table: GuestMemoryMmap, ram: Arc<GuestRam>) {
         s.dispatcher.set_ram(ram.clone());
         s.ram = Some(ram);
         self.0
@@ -372,6 +372,5 @@ impl IommuDevice {
             .unwrap_or_else(|p| p.into_inner())
             .replace(table);
         s.mem = Some(self.0.mem.clone());
-        Ok(())
     }
 }

@@ -12,8 +12,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 use vhost::vhost_user::message::VhostUserMemoryRegion;
+use vm_memory::GuestRegionMmap;
 
-use super::connection::{Connection, RestoredRing, map_region};
+use super::connection::{Connection, RestoredRing, VmmRegion, guest_memory, map_region};
 use super::*;
 
 /// The version of [`ConnectionState`] this binary writes and reads.
@@ -98,16 +99,28 @@ pub struct DeviceState {
 /// The memory table a handed-over connection's state describes, mapped from copies of its fds
 /// (the fds stay for [`Connection::resume`]).
 pub fn memory_table(state: &ConnectionState, fds: &[OwnedFd]) -> io::Result<GuestMemoryMmap> {
+    let (_, table) = map_regions(state, |i| {
+        fds.get(i)
+            .ok_or_else(|| wire::invalid(format!("connection state: fd {i} missing")))?
+            .try_clone()
+    })?;
+    guest_memory(&table)
+}
+
+/// Maps the state's memory regions, each from the fd `fd_of` gives for its index.
+fn map_regions(
+    state: &ConnectionState,
+    mut fd_of: impl FnMut(usize) -> io::Result<OwnedFd>,
+) -> io::Result<(Vec<VmmRegion>, Vec<Arc<GuestRegionMmap>>)> {
+    let mut regions = Vec::new();
     let mut table = Vec::new();
     for r in &state.regions {
-        let fd = fds
-            .get(r.fd)
-            .ok_or_else(|| wire::invalid(format!("connection state: fd {} missing", r.fd)))?;
         let region = VhostUserMemoryRegion::new(r.gpa, r.size, r.user_addr, r.mmap_offset);
-        table.push(map_region(&region, fd.try_clone()?)?.1);
+        let (vmm, mapped) = map_region(&region, fd_of(r.fd)?)?;
+        regions.push(vmm);
+        table.push(mapped);
     }
-    GuestMemoryMmap::from_arc_regions(table)
-        .map_err(|e| wire::invalid(format!("memory table: {e}")))
+    Ok((regions, table))
 }
 
 /// A handed-over connection's state and the fds it refers to.
@@ -212,17 +225,8 @@ impl Connection {
                 .and_then(Option::take)
                 .ok_or_else(|| wire::invalid(format!("connection state: fd {i} missing or reused")))
         };
-        let mut regions = Vec::new();
-        let mut table = Vec::new();
-        for r in &state.regions {
-            let region = VhostUserMemoryRegion::new(r.gpa, r.size, r.user_addr, r.mmap_offset);
-            let (vmm, mapped) = map_region(&region, take(r.fd)?)?;
-            regions.push(vmm);
-            table.push(mapped);
-        }
-        let mem = GuestMemoryMmap::from_arc_regions(table.clone())
-            .map_err(|e| wire::invalid(format!("memory table: {e}")))?;
-        device.adopt_memory_table(mem)?;
+        let (regions, table) = map_regions(&state, &mut take)?;
+        device.adopt_memory_table(guest_memory(&table)?)?;
         let mut rings = Vec::new();
         for r in &state.rings {
             rings.push(RestoredRing {
