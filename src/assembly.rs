@@ -2,6 +2,7 @@
 //! fronts of the assigned devices, boot bypass's view of guest RAM before the memory table. The
 //! binary (`main.rs`) parses the command line and calls these.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -15,6 +16,7 @@ use crate::config::{BackendKind, VmConfig};
 use crate::control::CurrentDevice;
 use crate::ids::EndpointId;
 use crate::log_limit::EveryNth;
+use crate::upgrade::ResumedServer;
 use crate::vfio::{self, PciAddress, SysfsRoot};
 use crate::vfio_user;
 
@@ -40,9 +42,10 @@ pub fn start_vfio_user(
     current: &CurrentDevice,
     stop: &vfio_user::StopSignal,
     boot: Option<&Arc<BootRam>>,
+    mut resumed: BTreeMap<EndpointId, ResumedServer>,
 ) -> Result<VfioUserFronts, String> {
-    let mut threads = Vec::new();
-    let mut slots = std::collections::BTreeMap::new();
+    let mut threads = BTreeMap::new();
+    let mut slots = BTreeMap::new();
     let all_maps: Arc<Mutex<Vec<vfio_user::DmaMaps>>> = Arc::default();
     for e in &cfg.endpoints {
         let Some(path) = &e.vfio_user_socket else {
@@ -68,12 +71,16 @@ pub fn start_vfio_user(
             };
             crate::ids::IovaRange::with_len(gpa, len).is_some_and(|r| ram.locate(&r).is_some())
         });
-        let listener = vfio_user::bind_socket(path).map_err(|err| {
-            format!(
-                "{name}: cannot serve vfio-user on {}: {err}",
-                path.display()
-            )
-        })?;
+        let handed = resumed.remove(&EndpointId(e.id));
+        let listener = match &handed {
+            Some(_) => None,
+            None => Some(vfio_user::bind_socket(path).map_err(|err| {
+                format!(
+                    "{name}: cannot serve vfio-user on {}: {err}",
+                    path.display()
+                )
+            })?),
+        };
         let (connected, ep) = (current.clone(), EndpointId(e.id));
         // A closed device connection leaves the device blocked until the guest re-attaches it
         // (DESIGN §3.4); the domain model is told so that it stays equal to the host.
@@ -129,13 +136,85 @@ pub fn start_vfio_user(
             });
         }
         slots.insert(ep, server.slot());
-        let t = server
-            .spawn(listener)
-            .map_err(|err| format!("{name}: cannot start the vfio-user thread: {err}"))?;
-        info!("{name}: serving vfio-user on {}", path.display());
-        threads.push(t);
+        let t = match (handed, listener) {
+            (Some(h), _) => {
+                server.dma_maps().restore(h.maps);
+                info!(
+                    "{name}: serving vfio-user on {} (handed over{})",
+                    path.display(),
+                    if h.connection.is_some() {
+                        ", with its client"
+                    } else {
+                        ""
+                    }
+                );
+                server.spawn_resumed(h.listener, h.connection)
+            }
+            (None, Some(l)) => {
+                info!("{name}: serving vfio-user on {}", path.display());
+                server.spawn(l)
+            }
+            (None, None) => unreachable!("a listener is bound for every server not handed over"),
+        }
+        .map_err(|err| format!("{name}: cannot start the vfio-user thread: {err}"))?;
+        threads.insert(ep, t);
     }
-    Ok((threads, slots))
+    if let Some(ep) = resumed.keys().next() {
+        return Err(format!(
+            "endpoint {}: a vfio-user server was handed over for it, but the config has no \
+             vfio_user_socket for it",
+            ep.0
+        ));
+    }
+    Ok(VfioUserFronts { threads, slots })
+}
+
+/// Asks every vfio-user server to hand over (see [`vfio_user::StopSignal::hand_over`]) and
+/// collects them. A server that ended otherwise (it failed) is reported in the error, and the
+/// others are resumed: a partial handover is no handover.
+pub fn hand_over_vfio_user(
+    stop: &vfio_user::StopSignal,
+    fronts: &mut VfioUserFronts,
+) -> Result<BTreeMap<EndpointId, vfio_user::HandedOverServer>, String> {
+    stop.hand_over();
+    let mut handed = BTreeMap::new();
+    let mut failed = Vec::new();
+    for (ep, t) in std::mem::take(&mut fronts.threads) {
+        match t.join() {
+            Ok(Ok(vfio_user::ServerEnd::HandedOver(h))) => {
+                handed.insert(ep, h);
+            }
+            Ok(Ok(vfio_user::ServerEnd::Stopped)) => failed.push(format!("{ep}: stopped")),
+            Ok(Err(e)) => failed.push(format!("{ep}: {e}")),
+            Err(_) => failed.push(format!("{ep}: its thread panicked")),
+        }
+    }
+    if failed.is_empty() {
+        return Ok(handed);
+    }
+    resume_vfio_user(stop, fronts, handed);
+    Err(format!(
+        "vfio-user servers that cannot be handed over: {}",
+        failed.join("; ")
+    ))
+}
+
+/// Serves again, in this process, what [`hand_over_vfio_user`] collected (the upgrade did not
+/// happen).
+pub fn resume_vfio_user(
+    stop: &vfio_user::StopSignal,
+    fronts: &mut VfioUserFronts,
+    handed: BTreeMap<EndpointId, vfio_user::HandedOverServer>,
+) {
+    stop.rearm();
+    for (ep, h) in handed {
+        match h.server.spawn_resumed(h.listener, h.connection) {
+            Ok(t) => {
+                fronts.threads.insert(ep, t);
+            }
+            Err(e) => log::error!("{ep}: cannot restart the vfio-user thread: {e}"),
+        }
+    }
 }
 
 /// Boot-RAM log lines: the VMM decides how often its DMA maps change.
@@ -172,10 +251,28 @@ pub fn follow_boot_ram(boot: &BootRam, current: &CurrentDevice) {
 }
 
 /// The vfio-user server threads and their device slots (taken away on host unplug).
-pub type VfioUserFronts = (
-    Vec<std::thread::JoinHandle<std::io::Result<()>>>,
-    std::collections::BTreeMap<EndpointId, vfio_user::DeviceSlot>,
-);
+pub struct VfioUserFronts {
+    pub threads:
+        BTreeMap<EndpointId, std::thread::JoinHandle<std::io::Result<vfio_user::ServerEnd>>>,
+    pub slots: BTreeMap<EndpointId, vfio_user::DeviceSlot>,
+}
+
+/// The iommufd backend a previous daemon handed over (a planned upgrade).
+///
+/// # Safety
+/// Every fd `h` names must be open and owned by nobody else in this process.
+pub unsafe fn adopt_backend(
+    h: crate::backend::iommufd::IommufdHandover,
+) -> Result<Backend, String> {
+    // SAFETY: passed on from the caller.
+    let b = unsafe { IommufdBackend::adopt(h) }
+        .map_err(|e| format!("cannot take over the iommufd backend: {e}"))?;
+    let b = Arc::new(b);
+    Ok(Backend {
+        dyn_backend: b.clone(),
+        iommufd: Some(b),
+    })
+}
 
 /// Picks and opens the translation backend: iommufd when asked, or with `auto` when every
 /// endpoint names a host device and /dev/iommu exists; else the software table.

@@ -10,7 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use log::{error, info, warn};
 use vhost::vhost_user::Listener;
 
-use vhost_user_iommu::assembly::{follow_boot_ram, open_backend, start_vfio_user};
+use vhost_user_iommu::assembly::{
+    Backend, VfioUserFronts, adopt_backend, follow_boot_ram, hand_over_vfio_user, open_backend,
+    resume_vfio_user, start_vfio_user,
+};
 use vhost_user_iommu::boot_ram::BootRam;
 use vhost_user_iommu::config::{BackendKind, VmConfig};
 use vhost_user_iommu::control::{self, CurrentDevice};
@@ -21,7 +24,7 @@ use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::server::{
     OnConnect, Outcome, Resume, Stopper, Upgrade, handle_signals, serve_until,
 };
-use vhost_user_iommu::upgrade::{self, UPGRADE_VERSION, UpgradeState};
+use vhost_user_iommu::upgrade::{self, UpgradeState};
 use vhost_user_iommu::vfio_user;
 use vhost_user_iommu::vhost::DeviceSettings;
 use vhost_user_iommu::viot::{Viot, parse_pci_address};
@@ -539,41 +542,54 @@ fn start_demo(_: &str) -> Result<(), String> {
     Err("this build has no demo guest (it is part of the test kit): run `cargo run --release --features test-utils -- --socket-path /tmp/viommu.sock --demo`".into())
 }
 
-/// Hands the live state to a new copy of the binary at `exe` (which replaces this process);
-/// if that fails, returns what this process needs to go on serving.
+/// Hands the live state to a new copy of the binary at `exe` (which replaces this process):
+/// the vhost-user connection `u`, every vfio-user server and the iommufd backend's kernel
+/// objects. If that fails, everything goes on serving here, and what the vhost-user side needs
+/// to go on comes back.
 fn upgrade_to(
     exe: &std::path::Path,
     args: &[std::ffi::OsString],
     metrics: &Metrics,
     u: Upgrade,
+    backend: &Backend,
+    vfio_stop: &vfio_user::StopSignal,
+    fronts: &mut VfioUserFronts,
 ) -> (Listener, Option<Resume>) {
     use std::os::fd::AsRawFd;
-    let mut keep = vec![u.listener.as_raw_fd()];
-    let connection = u.connection.as_ref().map(|c| {
-        let fds: Vec<i32> = c.handed.fds.iter().map(|f| f.as_raw_fd()).collect();
-        keep.push(c.stream.as_raw_fd());
-        keep.extend(&fds);
-        upgrade::LiveConnection {
-            socket_fd: c.stream.as_raw_fd(),
-            state: c.handed.state.clone(),
-            fds,
-            device: c.device.clone(),
-        }
-    });
-    let state = UpgradeState {
-        version: UPGRADE_VERSION,
-        listener_fd: u.listener.as_raw_fd(),
-        connection,
-        counters: metrics.export(),
+    let resume_here = |c: Option<vhost_user_iommu::server::LiveConnection>| {
+        c.map(|c| Resume::Device {
+            dev: c.dev,
+            stream: c.stream,
+            handed: c.handed,
+        })
     };
-    let e = upgrade::exec(exe, args, &state, &keep);
-    error!("upgrade failed: {e}; this daemon goes on serving");
-    let resume = u.connection.map(|c| Resume::Device {
-        dev: c.dev,
-        stream: c.stream,
-        handed: c.handed,
+    let handed = match hand_over_vfio_user(vfio_stop, fronts) {
+        Ok(h) => h,
+        Err(e) => {
+            error!("upgrade refused: {e}; this daemon goes on serving");
+            return (u.listener, resume_here(u.connection));
+        }
+    };
+    let connection = u.connection.as_ref().map(|c| upgrade::LiveConnection {
+        socket_fd: c.stream.as_raw_fd(),
+        state: c.handed.state.clone(),
+        fds: c.handed.fds.iter().map(|f| f.as_raw_fd()).collect(),
+        device: c.device.clone(),
     });
-    (u.listener, resume)
+    let state = UpgradeState::new(
+        u.listener.as_raw_fd(),
+        connection,
+        metrics.export(),
+        backend.iommufd.as_ref().map(|b| b.hand_over()),
+        handed
+            .iter()
+            .map(|(ep, h)| upgrade::VfioUserServer::describe(ep.0, h))
+            .collect(),
+    );
+    let e = upgrade::exec(exe, args, &state);
+    error!("upgrade failed: {e}; this daemon goes on serving");
+    resume_vfio_user(vfio_stop, fronts, handed);
+    (u.listener, resume_here(u.connection))
 }
 
 fn run(a: ServeArgs) -> Result<(), String> {
@@ -648,13 +664,27 @@ fn run(a: ServeArgs) -> Result<(), String> {
         }
     };
     let boot_bypass = a.boot_bypass || cfg.boot_bypass;
-    let backend = open_backend(
-        a.backend.unwrap_or(cfg.backend),
-        &cfg,
-        &a.endpoints,
-        &endpoints,
-        boot_bypass,
-    )?;
+    let mut resumed = resumed;
+    let backend = match resumed.as_mut().and_then(|r| r.iommufd.take()) {
+        // SAFETY: the previous daemon handed these fds over to this process alone (the upgrade
+        // state names them), and nothing else here takes them.
+        Some(h) => unsafe { adopt_backend(h) }?,
+        None => open_backend(
+            a.backend.unwrap_or(cfg.backend),
+            &cfg,
+            &a.endpoints,
+            &endpoints,
+            boot_bypass,
+        )?,
+    };
+    let handed_servers: std::collections::BTreeMap<EndpointId, _> = resumed
+        .as_mut()
+        .map(|r| std::mem::take(&mut r.vfio_user))
+        .unwrap_or_default()
+        .into_iter()
+        // SAFETY: as above: the upgrade state names these fds for this process alone.
+        .map(|v| (EndpointId(v.endpoint), unsafe { v.into_resumed() }))
+        .collect();
     let c = backend.dyn_backend.constraints();
     let [d0, d1] = cfg.domain_range.unwrap_or([0, u32::MAX]);
     let rules = Rules::for_host(&c, (d0, d1), cfg.limits(), cfg.probe_size.unwrap_or(512));
@@ -692,14 +722,6 @@ fn run(a: ServeArgs) -> Result<(), String> {
     // Where the next binary is (the path, which a package upgrade points at the new file).
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    if backend.iommufd.is_some() {
-        stopper.refuse_upgrades(
-            "an upgrade in place is not available with the iommufd backend yet (its kernel \
-             objects and vfio-user connections do not pass to the new binary); restart with the \
-             VM stopped"
-                .into(),
-        );
-    }
     handle_signals(stopper.clone()).map_err(|e| format!("cannot install signal handling: {e}"))?;
     let metrics = Arc::new(Metrics::default());
     if let Some(r) = &resumed
@@ -720,11 +742,17 @@ fn run(a: ServeArgs) -> Result<(), String> {
     // With boot bypass, firmware DMA needs guest RAM before the memory table: the vfio-user
     // clients' DMA maps describe it (see `boot_ram`).
     let boot = boot_bypass.then(|| Arc::new(BootRam::default()));
-    let (vfio_threads, slots) =
-        start_vfio_user(&cfg, &backend, &current, &vfio_stop, boot.as_ref())?;
+    let mut fronts = start_vfio_user(
+        &cfg,
+        &backend,
+        &current,
+        &vfio_stop,
+        boot.as_ref(),
+        handed_servers,
+    )?;
     if let Some(b) = &backend.iommufd {
         // Host unbind of a device → detach, close, serve the rest; rebind → serve it again.
-        vhost_user_iommu::hotplug::watch(b, current.clone(), slots)
+        vhost_user_iommu::hotplug::watch(b, current.clone(), fronts.slots.clone())
             .map_err(|e| format!("cannot start the hot-plug watcher: {e}"))?;
     }
     // Every socket listens: systemd (Type=notify) may start the VM now.
@@ -782,7 +810,8 @@ fn run(a: ServeArgs) -> Result<(), String> {
         );
         match outcome {
             Ok(Outcome::Upgrade(u)) => {
-                let (l, r) = upgrade_to(&exe, &args, &metrics, u);
+                let (l, r) =
+                    upgrade_to(&exe, &args, &metrics, u, &backend, &vfio_stop, &mut fronts);
                 listener = l;
                 resume = r;
             }
@@ -791,11 +820,11 @@ fn run(a: ServeArgs) -> Result<(), String> {
     };
     // The vfio-user fronts reset their devices and disable their IRQs as they stop.
     vfio_stop.stop();
-    for t in vfio_threads {
+    for (ep, t) in fronts.threads {
         match t.join() {
-            Ok(Err(e)) => warn!("vfio-user server: {e}"),
-            Err(_) => error!("a vfio-user server thread panicked"),
-            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("vfio-user server of {ep}: {e}"),
+            Err(_) => error!("the vfio-user server thread of {ep} panicked"),
+            Ok(Ok(_)) => {}
         }
     }
     served.map_err(|e| {

@@ -138,6 +138,22 @@ pub fn wait_readable_until(
     stop: BorrowedFd<'_>,
     deadline: Option<std::time::Instant>,
 ) -> io::Result<Wait> {
+    wait_until(fd, Some(stop), deadline)
+}
+
+/// Waits until `fd` is readable (or hung up) or `deadline` passes, whatever else happens.
+pub fn wait_readable_only_until(
+    fd: BorrowedFd<'_>,
+    deadline: Option<std::time::Instant>,
+) -> io::Result<Wait> {
+    wait_until(fd, None, deadline)
+}
+
+fn wait_until(
+    fd: BorrowedFd<'_>,
+    stop: Option<BorrowedFd<'_>>,
+    deadline: Option<std::time::Instant>,
+) -> io::Result<Wait> {
     let mut p = [
         libc::pollfd {
             fd: fd.as_raw_fd(),
@@ -145,7 +161,8 @@ pub fn wait_readable_until(
             revents: 0,
         },
         libc::pollfd {
-            fd: stop.as_raw_fd(),
+            // poll(2) skips a negative fd.
+            fd: stop.map_or(-1, |s| s.as_raw_fd()),
             events: libc::POLLIN,
             revents: 0,
         },

@@ -42,8 +42,6 @@ pub struct Stopper {
     handover: EventFd,
     /// The handover asked for is an upgrade (to a new binary, by the caller of `serve_until`).
     upgrade: AtomicBool,
-    /// Why this daemon cannot be upgraded in place, if it cannot.
-    no_upgrade: Mutex<Option<String>>,
     /// Handovers done, and the longest time the VMM's messages waited for one.
     handovers: AtomicU64,
     longest_handover_ns: AtomicU64,
@@ -57,7 +55,6 @@ impl Stopper {
             connection: Mutex::new(None),
             handover: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             upgrade: AtomicBool::new(false),
-            no_upgrade: Mutex::new(None),
             handovers: AtomicU64::new(0),
             longest_handover_ns: AtomicU64::new(0),
         })
@@ -74,17 +71,9 @@ impl Stopper {
     /// Asks for a planned upgrade: at the next point between two of the VMM's messages (or
     /// while no VMM is connected) `serve_until` returns the live connection and the device
     /// state for the caller to hand to a new binary (see `upgrade`).
-    pub fn request_upgrade(&self) -> Result<(), String> {
-        if let Some(why) = &*self.no_upgrade.lock().unwrap_or_else(|p| p.into_inner()) {
-            return Err(why.clone());
-        }
+    pub fn request_upgrade(&self) -> std::io::Result<()> {
         self.upgrade.store(true, Ordering::SeqCst);
-        self.handover.write(1).map_err(|e| e.to_string())
-    }
-
-    /// Refuses later upgrade requests, saying why.
-    pub fn refuse_upgrades(&self, why: String) {
-        *self.no_upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.handover.write(1)
     }
 
     /// Handovers done so far, and the longest pause one caused (ns).

@@ -18,10 +18,17 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::iommufd::IommufdHandover;
+use crate::vfio_user;
 use crate::vhost::{ConnectionState, DeviceState};
 
-/// The version of [`UpgradeState`] this binary writes and reads.
-pub const UPGRADE_VERSION: u32 = 1;
+/// The newest version of [`UpgradeState`] this binary writes: 2 adds the iommufd backend's
+/// kernel objects and the vfio-user servers. A state without them is written as version 1,
+/// which the previous release reads too.
+pub const UPGRADE_VERSION: u32 = 2;
+
+/// The versions of [`UpgradeState`] this binary reads.
+pub const READS: [u32; 2] = [1, 2];
 
 /// The argument that tells a new process to resume from a handed-over state.
 pub const RESUME_ARG: &str = "--resume-state-fd";
@@ -37,6 +44,156 @@ pub struct UpgradeState {
     /// The metrics' counters (`Metrics::export`), so that they continue.
     #[serde(default)]
     pub counters: Vec<u64>,
+    /// The iommufd backend's kernel objects (version 2).
+    #[serde(default)]
+    pub iommufd: Option<IommufdHandover>,
+    /// Each vfio-user server (version 2).
+    #[serde(default)]
+    pub vfio_user: Vec<VfioUserServer>,
+}
+
+impl UpgradeState {
+    /// A state of the oldest version that can carry what it holds.
+    pub fn new(
+        listener_fd: RawFd,
+        connection: Option<LiveConnection>,
+        counters: Vec<u64>,
+        iommufd: Option<IommufdHandover>,
+        vfio_user: Vec<VfioUserServer>,
+    ) -> Self {
+        let version = if iommufd.is_some() || !vfio_user.is_empty() {
+            2
+        } else {
+            1
+        };
+        UpgradeState {
+            version,
+            listener_fd,
+            connection,
+            counters,
+            iommufd,
+            vfio_user,
+        }
+    }
+
+    /// Every fd the state names.
+    pub fn fds(&self) -> Vec<RawFd> {
+        let mut v = vec![self.listener_fd];
+        if let Some(c) = &self.connection {
+            v.push(c.socket_fd);
+            v.extend(&c.fds);
+        }
+        if let Some(i) = &self.iommufd {
+            v.extend(i.fds());
+        }
+        for s in &self.vfio_user {
+            v.push(s.listener_fd);
+            if let Some(c) = &s.connection {
+                v.push(c.socket_fd);
+                v.extend(c.maps.iter().filter_map(|m| m.fd));
+            }
+        }
+        v
+    }
+}
+
+/// One vfio-user server: its listening socket and the client it was serving.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VfioUserServer {
+    pub endpoint: u32,
+    pub listener_fd: RawFd,
+    pub connection: Option<VfioUserConnection>,
+}
+
+/// A vfio-user client connection as its server left it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VfioUserConnection {
+    pub socket_fd: RawFd,
+    pub state: vfio_user::ConnectionState,
+    pub maps: Vec<DmaMap>,
+}
+
+/// One DMA map the client had recorded.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DmaMap {
+    pub address: u64,
+    pub size: u64,
+    pub flags: u32,
+    pub offset: u64,
+    pub file_id: Option<(u64, u64)>,
+    pub fd: Option<RawFd>,
+}
+
+/// A vfio-user server's listener and connection, owned again.
+pub struct ResumedServer {
+    pub listener: std::os::unix::net::UnixListener,
+    pub connection: Option<(std::os::unix::net::UnixStream, vfio_user::ConnectionState)>,
+    pub maps: Vec<vfio_user::DmaRegion>,
+}
+
+impl VfioUserServer {
+    /// Describes a handed-over server (its fds stay owned by `h`, kept open across `execve`).
+    pub fn describe(endpoint: u32, h: &vfio_user::HandedOverServer) -> Self {
+        VfioUserServer {
+            endpoint,
+            listener_fd: h.listener.as_raw_fd(),
+            connection: h
+                .connection
+                .as_ref()
+                .map(|(stream, state)| VfioUserConnection {
+                    socket_fd: stream.as_raw_fd(),
+                    state: state.clone(),
+                    maps: h
+                        .server
+                        .dma_maps()
+                        .snapshot()
+                        .into_iter()
+                        .map(|r| DmaMap {
+                            address: r.address,
+                            size: r.size,
+                            flags: r.flags,
+                            offset: r.offset,
+                            file_id: r.file_id,
+                            fd: r.file.as_ref().map(|f| f.as_raw_fd()),
+                        })
+                        .collect(),
+                }),
+        }
+    }
+
+    /// Owns the fds the description names.
+    ///
+    /// # Safety
+    /// Every fd the description names must be open and owned by nobody else in this process.
+    pub unsafe fn into_resumed(self) -> ResumedServer {
+        // SAFETY: the caller hands these fds over (see above); each is taken once.
+        unsafe {
+            ResumedServer {
+                listener: std::os::unix::net::UnixListener::from_raw_fd(self.listener_fd),
+                connection: self.connection.as_ref().map(|c| {
+                    (
+                        std::os::unix::net::UnixStream::from_raw_fd(c.socket_fd),
+                        c.state.clone(),
+                    )
+                }),
+                maps: self
+                    .connection
+                    .into_iter()
+                    .flat_map(|c| c.maps)
+                    .map(|m| vfio_user::DmaRegion {
+                        address: m.address,
+                        size: m.size,
+                        flags: m.flags,
+                        offset: m.offset,
+                        file_id: m.file_id,
+                        file: m
+                            .fd
+                            .map(|fd| std::sync::Arc::new(std::fs::File::from_raw_fd(fd))),
+                    })
+                    .collect(),
+            }
+        }
+    }
 }
 
 /// A live VMM connection and the device state it set up.
@@ -57,30 +214,61 @@ pub enum UpgradeError {
     Read { fd: RawFd, source: std::io::Error },
     #[error("the upgrade state is not valid: {0}")]
     Parse(serde_json::Error),
-    #[error("upgrade state version {found} (this binary reads version {UPGRADE_VERSION})")]
+    #[error("upgrade state version {found} (this binary reads versions {READS:?})")]
     Version { found: u32 },
     #[error("cannot keep fd {fd} open across exec: {source}")]
     Keep { fd: RawFd, source: std::io::Error },
     #[error(
-        "{exe} does not read this daemon's state (it reads: {said}; this daemon writes: {})",
-        versions_line()
+        "{exe} does not read this daemon's state (it reads: {said}; this daemon writes upgrade \
+         state version {version}, connection state version {})",
+        crate::vhost::STATE_VERSION
     )]
-    Refused { exe: String, said: String },
+    Refused {
+        exe: String,
+        said: String,
+        version: u32,
+    },
     #[error("cannot execute {exe}: {source}")]
     Exec { exe: String, source: std::io::Error },
 }
 
-/// What `--upgrade-state-versions` prints: the state versions this binary reads.
+/// What `--upgrade-state-versions` prints: the state versions this binary reads, e.g.
+/// `upgrade 1 2 connection 1`.
 pub fn versions_line() -> String {
+    let reads: Vec<String> = READS.iter().map(|v| v.to_string()).collect();
     format!(
-        "upgrade {UPGRADE_VERSION} connection {}",
+        "upgrade {} connection {}",
+        reads.join(" "),
         crate::vhost::STATE_VERSION
     )
 }
 
-/// Asks the binary at `exe` which state versions it reads; Err unless they are this binary's
-/// (an older binary without the question fails it too).
-fn preflight(exe: &Path) -> Result<(), UpgradeError> {
+/// Whether a binary that answered `said` to `--upgrade-state-versions` reads an upgrade state
+/// of version `version` (with this binary's connection state).
+fn reads(said: &str, version: u32) -> bool {
+    let mut words = said.split_whitespace();
+    if words.next() != Some("upgrade") {
+        return false;
+    }
+    let mut upgrade = Vec::new();
+    for w in words.by_ref() {
+        if w == "connection" {
+            break;
+        }
+        match w.parse::<u32>() {
+            Ok(v) => upgrade.push(v),
+            Err(_) => return false,
+        }
+    }
+    let connection = words.next().and_then(|w| w.parse::<u32>().ok());
+    words.next().is_none()
+        && upgrade.contains(&version)
+        && connection == Some(crate::vhost::STATE_VERSION)
+}
+
+/// Asks the binary at `exe` which state versions it reads; Err unless it reads `version` (an
+/// older binary without the question fails it too).
+fn preflight(exe: &Path, version: u32) -> Result<(), UpgradeError> {
     let out = std::process::Command::new(exe)
         .arg("--upgrade-state-versions")
         .stdin(std::process::Stdio::null())
@@ -91,7 +279,7 @@ fn preflight(exe: &Path) -> Result<(), UpgradeError> {
             source,
         })?;
     let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if !out.status.success() || said != versions_line() {
+    if !out.status.success() || !reads(&said, version) {
         return Err(UpgradeError::Refused {
             exe: exe.display().to_string(),
             said: if said.is_empty() {
@@ -99,6 +287,7 @@ fn preflight(exe: &Path) -> Result<(), UpgradeError> {
             } else {
                 said
             },
+            version,
         });
     }
     Ok(())
@@ -138,13 +327,14 @@ fn state_memfd(state: &UpgradeState) -> Result<OwnedFd, UpgradeError> {
 }
 
 /// Executes `exe` with `args` (the daemon's own, without a previous [`RESUME_ARG`]) in place
-/// of this process, handing it `state` and keeping `keep` (every fd `state` names) open.
+/// of this process, handing it `state` and keeping every fd `state` names open.
 /// Returns only if that failed; the fds are then as they were and this process goes on.
-pub fn exec(exe: &Path, args: &[OsString], state: &UpgradeState, keep: &[RawFd]) -> UpgradeError {
-    match try_exec(exe, args, state, keep) {
+pub fn exec(exe: &Path, args: &[OsString], state: &UpgradeState) -> UpgradeError {
+    let keep = state.fds();
+    match try_exec(exe, args, state, &keep) {
         Ok(never) => match never {},
         Err(e) => {
-            for &fd in keep {
+            for &fd in &keep {
                 let _ = set_cloexec(fd, true);
             }
             e
@@ -158,7 +348,7 @@ fn try_exec(
     state: &UpgradeState,
     keep: &[RawFd],
 ) -> Result<std::convert::Infallible, UpgradeError> {
-    preflight(exe)?;
+    preflight(exe, state.version)?;
     let memfd = state_memfd(state)?;
     for &fd in keep.iter().chain([&memfd.as_raw_fd()]) {
         set_cloexec(fd, false).map_err(|source| UpgradeError::Keep { fd, source })?;
@@ -219,17 +409,13 @@ pub fn read_state(fd: RawFd) -> Result<UpgradeState, UpgradeError> {
         version: u32,
     }
     let v: Versioned = serde_json::from_slice(&bytes).map_err(UpgradeError::Parse)?;
-    if v.version != UPGRADE_VERSION {
+    if !READS.contains(&v.version) {
         return Err(UpgradeError::Version { found: v.version });
     }
     let state: UpgradeState = serde_json::from_slice(&bytes).map_err(UpgradeError::Parse)?;
     // The fds came without close-on-exec: put it back, or each later upgrade would pass them on
     // beside the copies it hands over.
-    let named = state
-        .connection
-        .iter()
-        .flat_map(|c| std::iter::once(c.socket_fd).chain(c.fds.iter().copied()));
-    for fd in std::iter::once(state.listener_fd).chain(named) {
+    for fd in state.fds() {
         set_cloexec(fd, true).map_err(|source| UpgradeError::Keep { fd, source })?;
     }
     Ok(state)
@@ -244,12 +430,8 @@ mod tests {
         let path = std::env::temp_dir().join(format!("viommu-upgrade-test-{}", std::process::id()));
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
-        let state = UpgradeState {
-            version: UPGRADE_VERSION,
-            listener_fd: listener.as_raw_fd(),
-            connection: None,
-            counters: vec![1, 2],
-        };
+        let state = UpgradeState::new(listener.as_raw_fd(), None, vec![1, 2], None, Vec::new());
+        assert_eq!(state.version, 1, "nothing of version 2 in it");
         let fd = state_memfd(&state).unwrap();
         let back = read_state(std::os::fd::IntoRawFd::into_raw_fd(fd)).unwrap();
         assert_eq!(back.listener_fd, listener.as_raw_fd());
@@ -259,6 +441,25 @@ mod tests {
         };
         let fd = state_memfd(&newer).unwrap();
         let e = read_state(std::os::fd::IntoRawFd::into_raw_fd(fd)).unwrap_err();
-        assert!(e.to_string().contains("this binary reads version 1"), "{e}");
+        assert!(
+            e.to_string().contains("this binary reads versions [1, 2]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_binary_is_asked_for_the_version_the_state_has() {
+        let conn = crate::vhost::STATE_VERSION;
+        assert!(reads(&versions_line(), 1));
+        assert!(reads(&versions_line(), 2));
+        assert!(!reads(&versions_line(), 3));
+        // The previous release reads version 1 only: a version-2 state is not handed to it.
+        let previous = format!("upgrade 1 connection {conn}");
+        assert!(reads(&previous, 1));
+        assert!(!reads(&previous, 2));
+        assert!(!reads(&format!("upgrade 1 2 connection {}", conn + 1), 1));
+        assert!(!reads("", 1));
+        assert!(!reads("upgrade x connection 1", 1));
+        assert!(!reads(&format!("upgrade 1 connection {conn} more"), 1));
     }
 }

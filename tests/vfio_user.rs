@@ -1496,3 +1496,130 @@ fn a_silent_or_stalled_client_gives_the_slot_back_after_the_message_timeout() {
     thread.join().unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Disabling calls (DATA_NONE | ACTION_TRIGGER, no vectors) made since `from`, by IRQ index.
+fn disabled_since(state: &Mutex<FakeState>, from: usize) -> Vec<u32> {
+    state.lock().unwrap().irq_calls[from..]
+        .iter()
+        .filter(|k| k.flags == SET_DATA_NONE | SET_ACTION_TRIGGER && k.count == 0)
+        .map(|k| k.index)
+        .collect()
+}
+
+#[test]
+fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_undone() {
+    use vhost_user_iommu::vfio_user::{DeviceServer, ServerEnd, bind_socket};
+    let dir = std::env::temp_dir().join(format!("vfio-user-handover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dev.sock");
+    let (fake, state) = Fake::new();
+    let stop = StopSignal::new().unwrap();
+    let server = DeviceServer::new(Box::new(fake), Arc::new(|_, _| true), stop.clone());
+    let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
+    let sock = UnixStream::connect(&path).unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut c = Client { sock, next_id: 1 };
+    c.version("{}").unwrap();
+    let ram = memfd("guest-ram", 0x2000);
+    c.dma_map(3, 0, 0x10_0000, 0x2000, Some(ram.as_raw_fd()))
+        .unwrap();
+    let e = EventFd::new(0).unwrap();
+    c.set_irqs(
+        SET_DATA_EVENTFD | SET_ACTION_TRIGGER,
+        MSIX,
+        0,
+        1,
+        &[e.as_raw_fd()],
+        &[],
+    )
+    .unwrap();
+    let calls_before = state.lock().unwrap().irq_calls.len();
+
+    // The handover is asked for while half a message is in the socket: the server waits for
+    // the rest and answers it before it hands over (its bytes are never split between two
+    // servers).
+    let whole = {
+        let mut m = hdr_bytes(c.next_id, GET_INFO, 16 + 16, 0);
+        m.extend_from_slice(&P::default().u32(16).u32(0).u32(0).u32(0).0);
+        m
+    };
+    c.next_id += 1;
+    c.send_raw(&whole[..10], &[]);
+    std::thread::sleep(Duration::from_millis(50));
+    stop.hand_over();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!thread.is_finished(), "handed over mid-message");
+    c.send_raw(&whole[10..], &[]);
+    let (h, body, _) = c.recv();
+    assert_eq!((h.cmd, h.flags & F_ERROR, body.len()), (GET_INFO, 0, 16));
+    let ServerEnd::HandedOver(handed) = thread.join().unwrap().unwrap() else {
+        panic!("the server stopped instead of handing over");
+    };
+    let (stream, conn) = handed.connection.expect("its client");
+    assert!(conn.negotiated);
+    assert_eq!(conn.irqs_set, 1 << MSIX);
+    assert_eq!(handed.server.dma_maps().len(), 1, "the DMA maps stay");
+    assert_eq!(state.lock().unwrap().resets, 0, "nothing undone");
+    assert!(
+        disabled_since(&state, calls_before).is_empty(),
+        "no IRQ disabled"
+    );
+
+    // The upgrade failed: the same server resumes in this process; the client goes on without
+    // a new VERSION, and its DMA maps are still there (the same map again overlaps).
+    stop.rearm();
+    let thread = handed
+        .server
+        .spawn_resumed(handed.listener, Some((stream, conn)))
+        .unwrap();
+    assert_eq!(c.info().unwrap().2, 9);
+    assert!(
+        c.dma_map(3, 0, 0x10_0000, 0x1000, Some(ram.as_raw_fd()))
+            .is_err(),
+        "a map over the handed-over one is refused"
+    );
+
+    // The next daemon: a new server over the same device takes the listener, the connection
+    // and the DMA maps as the upgrade state describes them.
+    stop.hand_over();
+    let ServerEnd::HandedOver(handed) = thread.join().unwrap().unwrap() else {
+        panic!("the server stopped instead of handing over");
+    };
+    let maps = handed.server.dma_maps().snapshot();
+    let (fake2, state2) = Fake::new();
+    stop.rearm();
+    let next = DeviceServer::new(Box::new(fake2), Arc::new(|_, _| true), stop.clone());
+    next.dma_maps().restore(maps);
+    let thread = next
+        .spawn_resumed(handed.listener, handed.connection)
+        .unwrap();
+    drop(handed.server);
+    assert_eq!(c.info().unwrap().2, 9);
+    assert!(
+        c.dma_map(3, 0, 0x10_1000, 0x1000, Some(ram.as_raw_fd()))
+            .is_err(),
+        "the next server knows the handed-over DMA maps"
+    );
+    // When the client leaves, the next server undoes what it set before the handover.
+    drop(c);
+    let t = Instant::now();
+    while state2.lock().unwrap().resets == 0 {
+        assert!(t.elapsed() < TIMEOUT, "no cleanup after the disconnect");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(disabled_since(&state2, 0), vec![MSIX]);
+    // And a new client is served from the handed-over listener.
+    let sock = UnixStream::connect(&path).unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut c = Client { sock, next_id: 1 };
+    c.version("{}").unwrap();
+    c.dma_map(3, 0, 0x10_0000, 0x2000, Some(ram.as_raw_fd()))
+        .unwrap();
+    drop(c);
+    stop.stop();
+    assert!(matches!(
+        thread.join().unwrap().unwrap(),
+        ServerEnd::Stopped
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -65,9 +65,11 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
-use super::{Attachment, BackendError, DmaBackend, HostConstraints, HwDomain, MapOp, Result};
+use super::{
+    Attachment, BackendError, DmaBackend, HostConstraints, HwDomain, HwDomainState, MapOp, Result,
+};
 use crate::guest_ram::GuestRam;
-use crate::ids::{EndpointId, IovaRange, Perms};
+use crate::ids::{DomainId, EndpointId, IovaRange, Perms};
 use crate::protocol::{ResvKind, ResvMem};
 use crate::vfio::{self, PciAddress, SysfsRoot};
 
@@ -181,6 +183,7 @@ mod constraints;
 mod device;
 mod diagnostics;
 mod domain;
+mod handover;
 mod hotplug;
 mod identity;
 mod probe;
@@ -189,6 +192,7 @@ mod shared;
 pub use constraints::constraints_from_ranges;
 use device::{Device, dev_fd};
 use domain::IommufdDomain;
+pub use handover::{DeviceHandover, IommufdHandover};
 use hotplug::request_eventfd;
 pub use hotplug::{HotplugEvent, HotplugHook};
 use probe::{probe_copy, probe_map_file};
@@ -354,6 +358,8 @@ impl IommufdBackend {
                 copy_works: AtomicU8::new(0),
                 domains: Mutex::new(BTreeMap::new()),
                 pinned: AtomicU64::new(0),
+                adopted: Mutex::new(HashMap::new()),
+                replaying: AtomicBool::new(false),
                 maps_file: AtomicU64::new(0),
                 maps_va: AtomicU64::new(0),
                 maps_copy: AtomicU64::new(0),
@@ -447,6 +453,21 @@ impl DmaBackend for IommufdBackend {
 
     fn create_domain(&self) -> Result<Box<dyn HwDomain>> {
         Ok(Box::new(IommufdDomain::alloc(&self.shared)?))
+    }
+
+    fn create_domain_for(&self, guest: DomainId) -> Result<Box<dyn HwDomain>> {
+        match lock(&self.shared.adopted).remove(&guest) {
+            Some(state) => Ok(Box::new(IommufdDomain::adopt(&self.shared, state))),
+            None => self.create_domain(),
+        }
+    }
+
+    fn adopt_domains(&self, domains: Vec<(DomainId, HwDomainState)>) -> Result<()> {
+        self.adopt_ioases(domains)
+    }
+
+    fn adoption_done(&self) {
+        self.end_adoption();
     }
 
     fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()> {

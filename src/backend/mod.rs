@@ -12,7 +12,7 @@ pub mod iommufd;
 pub mod soft;
 
 use crate::guest_ram::{GuestRam, HostLocation};
-use crate::ids::{EndpointId, IovaRange, Perms};
+use crate::ids::{DomainId, EndpointId, IovaRange, Perms};
 use crate::protocol::{ResvMem, Status};
 
 /// A backend failure: which operation, the errno, and what it was applied to.
@@ -57,7 +57,7 @@ pub type Result<T> = std::result::Result<T, BackendError>;
 pub const X86_MSI_WINDOW: (u64, u64) = (0xfee0_0000, 0xfeef_ffff);
 
 /// Where an endpoint's DMA goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Attachment {
     /// No DMA reaches memory.
     Blocked,
@@ -87,6 +87,19 @@ pub struct MapOp {
     pub perms: Perms,
 }
 
+/// A paging domain's host object as a planned upgrade hands it to the next daemon (see
+/// `upgrade`): the kernel keeps it, and the next daemon takes it over with
+/// [`DmaBackend::adopt_domains`] instead of creating it again.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HwDomainState {
+    /// The backend's id (the IOAS id).
+    pub id: u32,
+    /// Bytes this domain pins of its own.
+    pub pinned: u64,
+    /// Starts of the mappings that share another IOAS's pages (pin nothing of their own).
+    pub copied: Vec<u64>,
+}
+
 /// A paging domain in the host (an IOAS, or a software table).
 pub trait HwDomain: Send {
     /// The backend's id of this domain, used by [`Attachment::Domain`].
@@ -94,6 +107,11 @@ pub trait HwDomain: Send {
     fn map(&mut self, op: &MapOp) -> Result<()>;
     /// Unmaps exactly one earlier mapping.
     fn unmap(&mut self, iova: IovaRange) -> Result<()>;
+    /// What the next daemon needs to take this domain over, for a backend whose domains outlive
+    /// the process (kernel objects); `None` (the default) where the next daemon rebuilds it.
+    fn handover_state(&self) -> Option<HwDomainState> {
+        None
+    }
 }
 
 /// The host translation machinery for one VM.
@@ -102,6 +120,29 @@ pub trait DmaBackend: Send + Sync {
     fn constraints(&self) -> HostConstraints;
     /// Creates an empty paging domain. Dropping it destroys it.
     fn create_domain(&self) -> Result<Box<dyn HwDomain>>;
+    /// The paging domain for the guest's domain `guest`: the one handed over for it by the
+    /// previous daemon ([`DmaBackend::adopt_domains`]), else a new one.
+    fn create_domain_for(&self, guest: DomainId) -> Result<Box<dyn HwDomain>> {
+        let _ = guest;
+        self.create_domain()
+    }
+    /// Domains a previous daemon left in the host, by the guest domain each serves: until
+    /// [`DmaBackend::adoption_done`], `create_domain_for` returns them with the mappings they
+    /// already hold (a MAP of one of those is taken as done) and attaching an endpoint where it
+    /// already is costs nothing. A backend without host objects that outlive it refuses.
+    fn adopt_domains(&self, domains: Vec<(DomainId, HwDomainState)>) -> Result<()> {
+        if domains.is_empty() {
+            return Ok(());
+        }
+        Err(BackendError::new(
+            "adopt",
+            libc::EOPNOTSUPP,
+            format!("{} backend: no host domains to take over", self.name()),
+        ))
+    }
+    /// The device state is rebuilt: domains handed over but not claimed are destroyed, and
+    /// every later MAP and ATTACH goes to the host again.
+    fn adoption_done(&self) {}
     /// Points an endpoint's DMA somewhere; replaces its previous attachment atomically.
     fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()>;
     /// The guest's RAM changed: identity translation must follow it.
@@ -119,6 +160,15 @@ impl<B: DmaBackend + ?Sized> DmaBackend for std::sync::Arc<B> {
     }
     fn create_domain(&self) -> Result<Box<dyn HwDomain>> {
         (**self).create_domain()
+    }
+    fn create_domain_for(&self, guest: DomainId) -> Result<Box<dyn HwDomain>> {
+        (**self).create_domain_for(guest)
+    }
+    fn adopt_domains(&self, domains: Vec<(DomainId, HwDomainState)>) -> Result<()> {
+        (**self).adopt_domains(domains)
+    }
+    fn adoption_done(&self) {
+        (**self).adoption_done()
     }
     fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()> {
         (**self).attach(endpoint, to)

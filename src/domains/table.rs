@@ -93,6 +93,9 @@ pub struct DomainView {
     pub id: u32,
     pub kind: DomainKind,
     pub mappings: Vec<MappingView>,
+    /// The host object, where the backend's outlive the process (a handover adopts them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hw: Option<crate::backend::HwDomainState>,
 }
 
 /// A paging domain's backend handle and shadow tree, borrowed together.
@@ -297,7 +300,10 @@ impl DomainTable {
         let (entry, id) = match kind {
             DomainKind::Bypass => (ShardDomain::Bypass, None),
             DomainKind::Paging => {
-                let hw = self.backend.create_domain().map_err(Rejection::backend)?;
+                let hw = self
+                    .backend
+                    .create_domain_for(domain)
+                    .map_err(Rejection::backend)?;
                 let id = hw.id();
                 (
                     ShardDomain::Paging {
@@ -401,8 +407,9 @@ impl DomainTable {
                     id: id.0,
                     kind: DomainKind::Bypass,
                     mappings: Vec::new(),
+                    hw: None,
                 },
-                ShardDomain::Paging { maps, .. } => DomainView {
+                ShardDomain::Paging { hw, maps } => DomainView {
                     id: id.0,
                     kind: DomainKind::Paging,
                     mappings: maps
@@ -415,6 +422,7 @@ impl DomainTable {
                             write: m.perms.write,
                         })
                         .collect(),
+                    hw: hw.handover_state(),
                 },
             })
             .collect();

@@ -46,6 +46,6 @@ pub mod server;
 pub use device::{AssignedDevice, Errno, VfioCdevDevice};
 pub use protocol::{DeviceInfo, IrqInfo, RegionCap, RegionInfo, SparseArea};
 pub use server::{
-    DeviceServer, DeviceSlot, DmaCheck, DmaMaps, DmaRegion, StopSignal, bind_socket, serve_device,
-    spawn_device_server,
+    ConnectionState, DeviceServer, DeviceSlot, DmaCheck, DmaMaps, DmaRegion, HandedOverServer,
+    ServerEnd, StopSignal, bind_socket, serve_device, spawn_device_server,
 };

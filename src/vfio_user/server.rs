@@ -134,36 +134,49 @@ impl DeviceServer {
         self
     }
 
-    /// Serves clients on `listener`, one at a time, until the stop signal fires.
-    pub fn serve(mut self, listener: UnixListener) -> io::Result<()> {
+    /// Serves clients on `listener`, one at a time, until the stop signal fires (or a
+    /// handover is asked for: see [`StopSignal::hand_over`]).
+    pub fn serve(self, listener: UnixListener) -> io::Result<ServerEnd> {
+        self.serve_from(listener, None)
+    }
+
+    /// Goes on serving what a handover returned (in this process after a failed upgrade, or
+    /// in the next daemon): the listener, and the connection where it stopped. The DMA maps of
+    /// that connection must be in [`dma_maps`](Self::dma_maps) already.
+    pub fn resume(
+        self,
+        listener: UnixListener,
+        connection: Option<(UnixStream, ConnectionState)>,
+    ) -> io::Result<ServerEnd> {
+        self.serve_from(listener, connection)
+    }
+
+    fn serve_from(
+        mut self,
+        listener: UnixListener,
+        mut resumed: Option<(UnixStream, ConnectionState)>,
+    ) -> io::Result<ServerEnd> {
         listener.set_nonblocking(true)?;
         loop {
-            if self.stop.is_stopped() || !scm::wait_readable(listener.as_fd(), self.stop.fd())? {
-                info!("vfio-user {}: stopped", self.name);
-                return Ok(());
-            }
-            let stream = match listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // Out of fds or memory: keep the listener, try again shortly.
-                    warn!("vfio-user {}: accept failed: {e}", self.name);
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                }
+            let (stream, state) = match resumed.take() {
+                Some(r) => r,
+                None => match self.accept(&listener)? {
+                    Some(stream) => (stream, ConnectionState::default()),
+                    None if self.stop.is_stopped() => {
+                        info!("vfio-user {}: stopped", self.name);
+                        return Ok(ServerEnd::Stopped);
+                    }
+                    None => {
+                        info!("vfio-user {}: handed over (no client)", self.name);
+                        return Ok(ServerEnd::HandedOver(HandedOverServer {
+                            server: self,
+                            listener,
+                            connection: None,
+                        }));
+                    }
+                },
             };
-            if let Err(e) = self.peers.check(&stream) {
-                // Closed before anything is read: the device and its maps are never shown.
-                if REFUSED_LOG.allow() {
-                    warn!(
-                        "vfio-user {}: refused a client ({} refused so far): {e}",
-                        self.name,
-                        REFUSED_LOG.seen()
-                    );
-                }
-                continue;
-            }
+            let fresh = !state.negotiated;
             let taken = {
                 let mut st = self.slot.lock();
                 let generation = st.generation;
@@ -177,13 +190,36 @@ impl DeviceServer {
                 refuse_unplugged(&stream, &self.name);
                 continue;
             };
-            info!("vfio-user {}: client connected", self.name);
-            if let Some(f) = self.on_connect.as_mut() {
-                f();
+            if fresh {
+                info!("vfio-user {}: client connected", self.name);
+                if let Some(f) = self.on_connect.as_mut() {
+                    f();
+                }
+            } else {
+                info!("vfio-user {}: serving the handed-over client", self.name);
             }
-            let mut conn = Connection::new(&*dev, &self.dma_check, &self.name, &self.maps);
+            let mut conn =
+                Connection::new(&*dev, &self.dma_check, &self.name, &self.maps).resumed(&state);
             conn.on_maps = self.on_dma_change.clone();
-            match conn.run(&stream, &self.stop, self.message_timeout) {
+            let ended = conn.run(&stream, &self.stop, self.message_timeout);
+            if ended.is_ok() && self.stop.handing_over() && !self.stop.is_stopped() {
+                // Between two messages: the connection passes on as it is.
+                let state = conn.state();
+                drop(conn);
+                let mut st = self.slot.lock();
+                st.client = None;
+                if st.generation == generation && st.dev.is_none() {
+                    st.dev = Some(dev);
+                }
+                drop(st);
+                info!("vfio-user {}: handed over with its client", self.name);
+                return Ok(ServerEnd::HandedOver(HandedOverServer {
+                    server: self,
+                    listener,
+                    connection: Some((stream, state)),
+                }));
+            }
+            match ended {
                 Ok(()) => info!("vfio-user {}: client disconnected", self.name),
                 Err(e) => warn!("vfio-user {}: connection ended: {e}", self.name),
             }
@@ -208,13 +244,85 @@ impl DeviceServer {
         }
     }
 
+    /// The next admitted client; None once the stop signal fires or a handover is asked for.
+    fn accept(&self, listener: &UnixListener) -> io::Result<Option<UnixStream>> {
+        loop {
+            if self.stop.is_stopped()
+                || self.stop.handing_over()
+                || !scm::wait_readable(listener.as_fd(), self.stop.fd())?
+            {
+                if self.stop.is_stopped() || self.stop.handing_over() {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of fds or memory: keep the listener, try again shortly.
+                    warn!("vfio-user {}: accept failed: {e}", self.name);
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            if let Err(e) = self.peers.check(&stream) {
+                // Closed before anything is read: the device and its maps are never shown.
+                if REFUSED_LOG.allow() {
+                    warn!(
+                        "vfio-user {}: refused a client ({} refused so far): {e}",
+                        self.name,
+                        REFUSED_LOG.seen()
+                    );
+                }
+                continue;
+            }
+            return Ok(Some(stream));
+        }
+    }
+
     /// Serves on a thread named after the server.
-    pub fn spawn(self, listener: UnixListener) -> io::Result<JoinHandle<io::Result<()>>> {
+    pub fn spawn(self, listener: UnixListener) -> io::Result<JoinHandle<io::Result<ServerEnd>>> {
+        self.spawn_resumed(listener, None)
+    }
+
+    /// [`resume`](Self::resume) on a thread named after the server.
+    pub fn spawn_resumed(
+        self,
+        listener: UnixListener,
+        connection: Option<(UnixStream, ConnectionState)>,
+    ) -> io::Result<JoinHandle<io::Result<ServerEnd>>> {
         let thread = format!("vfio-user-{}", self.name);
         std::thread::Builder::new()
             .name(thread)
-            .spawn(move || self.serve(listener))
+            .spawn(move || self.resume(listener, connection))
     }
+}
+
+/// What a connection negotiated that a handover carries (its DMA maps travel apart, in
+/// [`DmaMaps`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConnectionState {
+    pub negotiated: bool,
+    /// IRQ indexes (bit per index) the client set: disabled when it leaves.
+    pub irqs_set: u32,
+}
+
+/// How a server's service ended.
+pub enum ServerEnd {
+    /// The stop signal fired: the last connection was cleaned up.
+    Stopped,
+    /// A handover was asked for: nothing was undone.
+    HandedOver(HandedOverServer),
+}
+
+/// A server handed over between two messages: itself (to resume in this process), its
+/// listener, and its connection with what it negotiated.
+pub struct HandedOverServer {
+    pub server: DeviceServer,
+    pub listener: UnixListener,
+    pub connection: Option<(UnixStream, ConnectionState)>,
 }
 
 /// Answers a client's first message with ENODEV and closes the connection: the device is
@@ -242,7 +350,9 @@ pub fn serve_device(
     dma_check: DmaCheck,
     stop: StopSignal,
 ) -> io::Result<()> {
-    DeviceServer::new(dev, dma_check, stop).serve(listener)
+    DeviceServer::new(dev, dma_check, stop)
+        .serve(listener)
+        .map(drop)
 }
 
 /// Binds a listening socket at `path` with [`crate::listen::bind`]: a stale socket is replaced,
@@ -261,7 +371,9 @@ pub fn spawn_device_server(
     stop: StopSignal,
 ) -> io::Result<JoinHandle<io::Result<()>>> {
     let listener = bind_socket(socket_path)?;
-    DeviceServer::new(dev, dma_check, stop)
-        .name(name)
-        .spawn(listener)
+    let server = DeviceServer::new(dev, dma_check, stop).name(name);
+    let thread = format!("vfio-user-{name}");
+    std::thread::Builder::new()
+        .name(thread)
+        .spawn(move || server.serve(listener).map(drop))
 }

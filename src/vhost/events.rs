@@ -229,11 +229,38 @@ impl IommuDevice {
     }
 
     fn restore_state(&self, s: &mut Session, state: &DeviceState) -> Result<(), String> {
-        use crate::domains::DomainKind;
-        use crate::protocol::{MAP_F_READ, MAP_F_WRITE};
         if s.dispatcher.has_state() {
             return Err("the device already has domains".into());
         }
+        // Host domains that outlived the previous daemon are taken over, not made again; the
+        // replay below then only rebuilds the domain model around them.
+        let adopted: Vec<(crate::ids::DomainId, crate::backend::HwDomainState)> = state
+            .domains
+            .iter()
+            .filter_map(|d| Some((crate::ids::DomainId(d.id), d.hw.clone()?)))
+            .collect();
+        let n_adopted = adopted.len();
+        self.0
+            .backend
+            .adopt_domains(adopted)
+            .map_err(|e| format!("taking over the host domains: {e}"))?;
+        let replayed = self.replay_state(s, state);
+        self.0.backend.adoption_done();
+        let n = replayed?;
+        info!(
+            "device state rebuilt: {} domains ({n_adopted} taken over from the host), {n} \
+             requests, bypass {}",
+            state.domains.len(),
+            state.bypass
+        );
+        Ok(())
+    }
+
+    /// `restore_state`'s replay: bypass, then per domain the ATTACH of its first endpoint, its
+    /// MAPs and the ATTACH of the others; the number of requests.
+    fn replay_state(&self, s: &mut Session, state: &DeviceState) -> Result<usize, String> {
+        use crate::domains::DomainKind;
+        use crate::protocol::{MAP_F_READ, MAP_F_WRITE};
         s.dispatcher
             .set_bypass(state.bypass)
             .map_err(|e| format!("bypass: {e}"))?;
@@ -290,12 +317,7 @@ impl IommuDevice {
                 failed.join("; ")
             ));
         }
-        info!(
-            "device state rebuilt: {} domains, {n} requests, bypass {}",
-            state.domains.len(),
-            state.bypass
-        );
-        Ok(())
+        Ok(n)
     }
 
     /// Answers an event once what it changed is published: the poster may act on the answer

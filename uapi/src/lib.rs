@@ -58,6 +58,7 @@ pub type IommuIoasUnmap = iommu::iommu_ioas_unmap;
 pub type IommuIoasMapFile = iommu::iommu_ioas_map_file;
 pub type IommuIoasCopy = iommu::iommu_ioas_copy;
 pub type IommuHwptAlloc = iommu::iommu_hwpt_alloc;
+pub type IommuIoasChangeProcess = iommu::iommu_ioas_change_process;
 pub type VfioRegionInfo = vfio::vfio_region_info;
 pub type VfioDeviceBindIommufd = vfio::vfio_device_bind_iommufd;
 pub type VfioDeviceAttachIommufdPt = vfio::vfio_device_attach_iommufd_pt;
@@ -138,6 +139,11 @@ ioctl_io_nr!(
     iommu::IOMMUFD_CMD_IOAS_UNMAP
 );
 ioctl_io_nr!(
+    IOMMU_IOAS_CHANGE_PROCESS,
+    iommu::IOMMUFD_TYPE.into(),
+    iommu::IOMMUFD_CMD_IOAS_CHANGE_PROCESS
+);
+ioctl_io_nr!(
     IOMMU_HWPT_ALLOC,
     iommu::IOMMUFD_TYPE.into(),
     iommu::IOMMUFD_CMD_HWPT_ALLOC
@@ -208,6 +214,7 @@ arg!(IommuIoasUnmap, IOMMU_IOAS_UNMAP);
 arg!(IommuIoasMapFile, IOMMU_IOAS_MAP_FILE);
 arg!(IommuIoasCopy, IOMMU_IOAS_COPY);
 arg!(IommuHwptAlloc, IOMMU_HWPT_ALLOC);
+arg!(IommuIoasChangeProcess, IOMMU_IOAS_CHANGE_PROCESS);
 arg!(VfioRegionInfo, VFIO_DEVICE_GET_REGION_INFO);
 arg!(VfioDeviceBindIommufd, VFIO_DEVICE_BIND_IOMMUFD);
 arg!(VfioDeviceAttachIommufdPt, VFIO_DEVICE_ATTACH_IOMMUFD_PT);
@@ -383,6 +390,17 @@ pub fn ioas_unmap(
     };
     ioctl(iommufd, &mut a)?;
     Ok(a.length)
+}
+
+/// `IOMMU_IOAS_CHANGE_PROCESS`: the pinned-page accounting of every map in every IOAS of the
+/// context moves to the calling process (after an exec hands the context over). The kernel
+/// refuses (EINVAL, nothing changed) while a map that is not `IOMMU_IOAS_MAP_FILE` exists.
+pub fn ioas_change_process(iommufd: BorrowedFd<'_>) -> Result<(), Errno> {
+    let mut a = IommuIoasChangeProcess {
+        size: size32::<IommuIoasChangeProcess>(),
+        ..Default::default()
+    };
+    ioctl(iommufd, &mut a)
 }
 
 /// Binds a VFIO cdev to an iommufd; returns the device id.

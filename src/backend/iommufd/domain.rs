@@ -14,6 +14,9 @@ pub(super) struct IommufdDomain {
     pinned: u64,
     /// Starts of the mappings made by `IOMMU_IOAS_COPY` (they pin nothing of their own).
     copied: HashSet<u64>,
+    /// Handed over by the previous daemon: while the backend replays, its MAPs are in the
+    /// kernel already.
+    adopted: bool,
 }
 
 impl IommufdDomain {
@@ -33,7 +36,25 @@ impl IommufdDomain {
             phantom: BTreeMap::new(),
             pinned: 0,
             copied: HashSet::new(),
+            adopted: false,
         })
+    }
+
+    /// An IOAS the previous daemon handed over (`IommufdBackend::adopt_ioases` checked that it
+    /// exists), with its mappings in the kernel.
+    pub(super) fn adopt(shared: &Arc<Shared>, state: HwDomainState) -> Self {
+        lock(&shared.domains).insert(state.id, ());
+        debug!("IOAS {} taken over", state.id);
+        IommufdDomain {
+            id: state.id,
+            shared: shared.clone(),
+            ram: lock(&shared.ram).clone(),
+            ram_gen: shared.ram_gen.load(Ordering::Acquire),
+            phantom: BTreeMap::new(),
+            pinned: state.pinned,
+            copied: state.copied.into_iter().collect(),
+            adopted: true,
+        }
     }
 
     /// The backend's current RAM table; locks only when `set_ram` ran since the last call.
@@ -52,12 +73,30 @@ impl HwDomain for IommufdDomain {
         self.id
     }
 
+    fn handover_state(&self) -> Option<HwDomainState> {
+        let mut copied: Vec<u64> = self.copied.iter().copied().collect();
+        copied.sort_unstable();
+        Some(HwDomainState {
+            id: self.id,
+            pinned: self.pinned,
+            copied,
+        })
+    }
+
     fn map(&mut self, op: &MapOp) -> Result<()> {
         let iova = op.iova;
         let ctx = |s: &Self| format!("IOAS {} at {iova} (GPA {:#x})", s.id, op.gpa);
         let len = iova
             .len()
             .ok_or_else(|| BackendError::new("map", libc::EOVERFLOW, ctx(self)))?;
+        if self.adopted && self.shared.replaying.load(Ordering::Acquire) {
+            // The previous daemon's mapping, replayed into the domain model: the kernel has it
+            // (or, without permissions, it was never given to the kernel).
+            if !op.perms.read && !op.perms.write {
+                self.phantom.insert(iova.start(), iova.end());
+            }
+            return Ok(());
+        }
         if !op.perms.read && !op.perms.write {
             if let Some((_, &e)) = self.phantom.range(..=iova.end()).next_back()
                 && e >= iova.start()

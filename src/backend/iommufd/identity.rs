@@ -30,8 +30,8 @@ impl IommufdBackend {
         // Unmap what is gone (or changed) first: a new region may reuse its GPAs.
         let mut kept = Vec::new();
         for e in std::mem::take(&mut topo.identity) {
-            if wanted.contains(&e) {
-                kept.push(e);
+            if let Some(w) = wanted.iter().find(|w| w.same_memory(&e)) {
+                kept.push(w.clone());
                 continue;
             }
             let len = e.gpa.len().unwrap_or(u64::MAX);
@@ -50,7 +50,7 @@ impl IommufdBackend {
         }
         topo.identity = kept;
         for (e, r) in wanted.iter().zip(ram.regions()) {
-            if topo.identity.contains(e) {
+            if topo.identity.iter().any(|k| k.same_memory(e)) {
                 continue;
             }
             let len = e.gpa.len().unwrap_or(u64::MAX);

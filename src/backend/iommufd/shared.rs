@@ -44,6 +44,19 @@ pub(super) struct IdentityEntry {
     pub(super) key: MemoryKey,
 }
 
+impl IdentityEntry {
+    /// The same guest range over the same pages: the same file and offset when file-backed
+    /// (wherever the daemon maps it, e.g. after an upgrade), else the same host address.
+    pub(super) fn same_memory(&self, other: &IdentityEntry) -> bool {
+        self.gpa == other.gpa
+            && match (self.key.0, other.key.0) {
+                (Some(a), Some(b)) => a == b,
+                (None, None) => self.key.1 == other.key.1,
+                _ => false,
+            }
+    }
+}
+
 pub(super) struct Topo {
     pub(super) attachments: HashMap<EndpointId, Attachment>,
     pub(super) identity: Vec<IdentityEntry>,
@@ -73,6 +86,12 @@ pub(super) struct Shared {
     /// Live paging IOASes (ids), for tests and leak checks.
     pub(super) domains: Mutex<BTreeMap<u32, ()>>,
     pub(super) pinned: AtomicU64,
+    /// Paging IOASes a previous daemon handed over, by the guest domain each serves, until the
+    /// domain model claims them (`create_domain_for`).
+    pub(super) adopted: Mutex<HashMap<DomainId, HwDomainState>>,
+    /// While the handed-over device state is replayed: MAPs into adopted IOASes and ATTACHes
+    /// to where an endpoint already is are already done in the kernel.
+    pub(super) replaying: AtomicBool,
     pub(super) maps_file: AtomicU64,
     pub(super) maps_va: AtomicU64,
     pub(super) maps_copy: AtomicU64,
@@ -202,6 +221,10 @@ impl Shared {
                 return Err(dev.file(endpoint).unwrap_err());
             }
             topo.attachments.insert(endpoint, to);
+            return Ok(());
+        }
+        if self.replaying.load(Ordering::Acquire) && topo.attachments.get(&endpoint) == Some(&to) {
+            // Handed over attached there: the kernel already points it where it should.
             return Ok(());
         }
         let file = dev.file(endpoint)?;

@@ -54,6 +54,22 @@ impl<'a> Connection<'a> {
         }
     }
 
+    /// Goes on where a connection handed over in `state` stopped (its DMA maps are in `maps`
+    /// already).
+    pub(super) fn resumed(mut self, state: &ConnectionState) -> Self {
+        self.negotiated = state.negotiated;
+        self.irqs_set = state.irqs_set;
+        self
+    }
+
+    /// What the next server needs to go on with this connection (beside its DMA maps).
+    pub(super) fn state(&self) -> ConnectionState {
+        ConnectionState {
+            negotiated: self.negotiated,
+            irqs_set: self.irqs_set,
+        }
+    }
+
     fn maps_changed(&self) {
         if let Some(f) = &self.on_maps {
             f();

@@ -40,8 +40,20 @@ fn read_full(
 ) -> io::Result<Option<bool>> {
     let mut got = 0;
     while got < buf.len() {
-        match scm::wait_readable_until(sock, stop.fd(), Some(deadline))? {
+        // A handover waits for the message under way: its bytes would be lost to the next
+        // daemon. A stop does not.
+        let mid_message = !(at_start && got == 0);
+        let wait = if mid_message && stop.handing_over() && !stop.is_stopped() {
+            scm::wait_readable_only_until(sock, Some(deadline))?
+        } else {
+            scm::wait_readable_until(sock, stop.fd(), Some(deadline))?
+        };
+        match wait {
             scm::Wait::Readable => {}
+            // The handover came while waiting: wait again, for the socket alone.
+            scm::Wait::Stopped if mid_message && stop.handing_over() && !stop.is_stopped() => {
+                continue;
+            }
             scm::Wait::Stopped => return Ok(None),
             scm::Wait::TimedOut => {
                 return Err(io::Error::new(

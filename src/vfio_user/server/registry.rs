@@ -9,6 +9,9 @@ pub struct StopSignal(Arc<StopInner>);
 
 struct StopInner {
     stopped: AtomicBool,
+    /// A handover (planned upgrade) was asked for: servers return what they serve instead of
+    /// cleaning up; cleared by [`StopSignal::rearm`].
+    handover: AtomicBool,
     /// Readable once stopped: one byte is written and never read.
     rx: std::io::PipeReader,
     tx: std::io::PipeWriter,
@@ -19,6 +22,7 @@ impl StopSignal {
         let (rx, tx) = std::io::pipe()?;
         Ok(StopSignal(Arc::new(StopInner {
             stopped: AtomicBool::new(false),
+            handover: AtomicBool::new(false),
             rx,
             tx,
         })))
@@ -36,6 +40,32 @@ impl StopSignal {
 
     pub fn is_stopped(&self) -> bool {
         self.0.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Makes every server using this signal return its listener and its connection as they
+    /// are, between two messages, with nothing undone (see [`ServerEnd::HandedOver`]).
+    pub fn hand_over(&self) {
+        if !self.0.handover.swap(true, Ordering::SeqCst)
+            && !self.is_stopped()
+            && let Err(e) = (&self.0.tx).write_all(&[1])
+        {
+            warn!("vfio-user: cannot signal the handover: {e}");
+        }
+    }
+
+    pub fn handing_over(&self) -> bool {
+        self.0.handover.load(Ordering::SeqCst)
+    }
+
+    /// After a handover that did not happen (the upgrade failed), before the servers resume:
+    /// the signal is quiet again unless a stop came meanwhile.
+    pub fn rearm(&self) {
+        if self.0.handover.swap(false, Ordering::SeqCst) && !self.is_stopped() {
+            let mut b = [0u8; 1];
+            if let Err(e) = std::io::Read::read_exact(&mut &self.0.rx, &mut b) {
+                warn!("vfio-user: cannot rearm the stop signal: {e}");
+            }
+        }
     }
 
     pub(super) fn fd(&self) -> BorrowedFd<'_> {
@@ -76,6 +106,14 @@ impl DmaMaps {
 
     pub fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Puts back the maps a handed-over connection had recorded (the next daemon's server,
+    /// before it resumes the connection).
+    pub fn restore(&self, maps: Vec<DmaRegion>) {
+        let mut m = self.lock();
+        m.clear();
+        m.extend(maps.into_iter().map(|r| (r.address, r)));
     }
 
     pub fn is_empty(&self) -> bool {
