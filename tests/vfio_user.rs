@@ -1514,7 +1514,11 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
     let path = dir.join("dev.sock");
     let (fake, state) = Fake::new();
     let stop = StopSignal::new().unwrap();
-    let server = DeviceServer::new(Box::new(fake), Arc::new(|_, _| true), stop.clone());
+    // A short message timeout: a handed-over client that stays quiet longer is still served
+    // (the timeout is for a new client's first message, not for an idle VMM).
+    let quiet = Duration::from_millis(300);
+    let server = DeviceServer::new(Box::new(fake), Arc::new(|_, _| true), stop.clone())
+        .message_timeout(quiet);
     let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
     let sock = UnixStream::connect(&path).unwrap();
     sock.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -1572,6 +1576,7 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
         .server
         .spawn_resumed(handed.listener, Some((stream, conn)))
         .unwrap();
+    std::thread::sleep(quiet * 2);
     assert_eq!(c.info().unwrap().2, 9);
     assert!(
         c.dma_map(3, 0, 0x10_0000, 0x1000, Some(ram.as_raw_fd()))
@@ -1588,12 +1593,14 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
     let maps = handed.server.dma_maps().snapshot();
     let (fake2, state2) = Fake::new();
     stop.rearm();
-    let next = DeviceServer::new(Box::new(fake2), Arc::new(|_, _| true), stop.clone());
+    let next = DeviceServer::new(Box::new(fake2), Arc::new(|_, _| true), stop.clone())
+        .message_timeout(quiet);
     next.dma_maps().restore(maps);
     let thread = next
         .spawn_resumed(handed.listener, handed.connection)
         .unwrap();
     drop(handed.server);
+    std::thread::sleep(quiet * 2);
     assert_eq!(c.info().unwrap().2, 9);
     assert!(
         c.dma_map(3, 0, 0x10_1000, 0x1000, Some(ram.as_raw_fd()))

@@ -8,7 +8,8 @@
 # the daemon as its virtio-iommu and the four devices over vfio-user. L2's /init
 # (tests/e2e/l2-dma) does the DMA checks; this script checks the daemon's and the host kernel's
 # side at each point, reboots L2 once, powers it off, restarts the daemon, boots a second VM with
-# iommu.passthrough=1, and stops the daemon.
+# iommu.passthrough=1, and stops the daemon. While L2's first boot runs, the daemon upgrades itself
+# in place (SIGUSR2).
 #
 # Every check prints `PASS: L1: <name>` or `FAIL: L1: <name>: <why>`; L2's lines reach this
 # console prefixed with `L2| `. The last line is `E2E-L1: PASS` or `E2E-L1: FAIL`.
@@ -270,6 +271,28 @@ if wait_end 1; then
         pass "NIC: L1's peer pings L2's igb ($(grep -a 'packets' /run/e2e/ping.log))"
     else
         fail "NIC: ping L2 from the peer" "$(tail -n 3 /run/e2e/ping.log)"
+    fi
+    # An upgrade in place (SIGUSR2) while L2 runs and its NIC answers pings: the same daemon
+    # process goes on as the new binary, takes over the kernel objects and the vfio-user
+    # connections, and the guest loses nothing: no ping lost, the same state, and everything
+    # after this (the reboot with its device resets, boot 2's checks) runs on the upgraded one.
+    before=$(snapshot)
+    ping -c 30 -i 0.1 -W 5 192.0.2.2 >/run/e2e/ping-upgrade.log 2>&1 &
+    pinger=$!
+    sleep 0.5
+    kill -USR2 $daemon
+    i=0
+    until grep -aq 'device state rebuilt' "$dlog" || [ $i -gt 300 ]; do i=$((i + 1)); sleep 0.1; done
+    wait $pinger
+    prc=$?
+    rebuilt=$(grep -a 'device state rebuilt' "$dlog" | head -n 1 | sed 's/.*\] //')
+    took=$(grep -a 'iommufd: took over' "$dlog" | head -n 1 | sed 's/.*\] //')
+    after=$(snapshot)
+    if [ -n "$rebuilt" ] && [ -n "$took" ] && kill -0 $daemon 2>/dev/null && [ "$prc" = 0 ] &&
+        grep -aq ' 0% packet loss' /run/e2e/ping-upgrade.log && [ "$before" = "$after" ]; then
+        pass "upgrade in place while L2 runs: same PID, $took; $rebuilt; 30 pings through L2's igb across it, none lost ($(grep -a 'packets' /run/e2e/ping-upgrade.log)); daemon state unchanged ($after)"
+    else
+        fail "upgrade in place while L2 runs" "rebuilt='$rebuilt' took='$took' ping rc $prc: $(grep -a 'packets' /run/e2e/ping-upgrade.log); state before '$before' after '$after'; $(grep -a 'upgrad' "$dlog" | tail -n 3)"
     fi
     echo "E2E-L1: peer $peer statistics: $(cd /sys/class/net/$peer/statistics && for f in rx_packets tx_packets rx_errors rx_dropped rx_crc_errors tx_errors; do printf '%s=%s ' $f "$(cat $f)"; done)"
     resets() { dmesg | grep -ac "vfio-pci $1: reset done"; }

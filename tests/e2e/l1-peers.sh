@@ -16,11 +16,13 @@ echo "PEERS-L1: kernel $(uname -r), cmdline: $(cat /proc/cmdline)"
 rounds=2
 secs=3
 configs="a b c d"
+busy=0
 for w in $(cat /proc/cmdline); do
     case $w in
         PEERS_ROUNDS=*) rounds=${w#*=} ;;
         PEERS_SECS=*) secs=${w#*=} ;;
         PEERS_CONFIGS=*) configs=$(echo "${w#*=}" | tr , ' ') ;;
+        PEERS_BUSY=*) busy=${w#*=} ;;
     esac
 done
 cfg=/etc/vhost-user-iommu/vm1.toml
@@ -88,6 +90,19 @@ one() {
     started=$(t)
     echo "PEERS-L1: round $2 config $c starts at $started s"
     common="-accel tcg,tb-size=64 -cpu max -smp 1 -nodefaults -display none -serial file:$log -chardev pipe,id=ctl,path=$d/ctl -serial chardev:ctl -kernel /e2e/bzImage -initrd /e2e/l2-initrd.cpio.gz"
+    # --busy-main-loop: L2's QEMU main loop also serves a monitor that is asked for the flattened
+    # memory map (`info mtree -f`) without pause, from before L2 starts until it powers off:
+    # work that runs in the main loop, as other devices' handlers, block jobs and management
+    # queries do. QEMU's own virtio-iommu (b) answers in that loop; intel-iommu (c) in the vCPU
+    # thread, the daemon (d) in its own process.
+    hammer=
+    if [ "$busy" = 1 ]; then
+        mkfifo "$d/mon.in" "$d/mon.out"
+        cat "$d/mon.out" >/dev/null &
+        common="$common -chardev pipe,id=mon,path=$d/mon -mon chardev=mon,mode=readline"
+        (while :; do echo 'info mtree -f'; done >"$d/mon.in") 2>/dev/null &
+        hammer=$!
+    fi
     append="console=ttyS0 panic=-1 iommu.strict=1 nvme.write_queues=1 iommufd.allow_unsafe_interrupts=1 vfio_iommu_type1.allow_unsafe_interrupts=1 e2e.bench=$c e2e.secs=$secs"
     case $c in
         a) (start_peer "" $common -append "$append") </dev/null >"$d/qemu.log" 2>&1 & ;;
@@ -117,6 +132,7 @@ one() {
                  $1 ~ /^viommu_request_latency_seconds_count[{]/ { n += $2 }
                  END { printf "viommu_request_latency_seconds_sum=%s viommu_request_latency_seconds_count=%s ", sum, n }')"
     fi
+    [ -n "$hammer" ] && kill $hammer 2>/dev/null
     echo poweroff >"$d/ctl.in"
     i=0
     while kill -0 $qemu 2>/dev/null && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.1; done

@@ -10,10 +10,13 @@
 # L2 userspace IOAS_MAP+UNMAP). A benchmark, not a CI gate.
 #
 # Usage: tests/e2e/peers.sh [--rounds N] [--secs S] [--configs a,b,c,d] [--l1-append ARGS]
-#                           [--out PREFIX]
+#                           [--busy-main-loop] [--out PREFIX]
 #   --configs also takes dN: the daemon as in d with a polling window of N µs (`poll_us`).
 #   --l1-append adds ARGS to L1's kernel command line, e.g. `idle=poll` (L1's idle vCPUs spin
 #   instead of halting, as KVM's halt polling makes hosts behave).
+#   --busy-main-loop keeps L2's QEMU main loop busy throughout every configuration (a monitor
+#   asked for `info mtree -f` without pause): the case an in-process vIOMMU that answers in that
+#   loop is worst at.
 #   writes PREFIX.md (the table) and PREFIX.svg (the plot); default PREFIX:
 #   $VM_CACHE/run/peers/peers. The whole L1 console is $VM_CACHE/run/peers/console.log.
 # Environment: VM_CACHE, PEERS_TIMEOUT (the L0 run, default 5400 s).
@@ -26,6 +29,7 @@ secs=3
 configs=a,b,c,d
 l1_append=
 prefix=
+busy=0
 while (($#)); do
     case $1 in
         --rounds) rounds=$2; shift 2 ;;
@@ -33,7 +37,8 @@ while (($#)); do
         --configs) configs=$2; shift 2 ;;
         --l1-append) l1_append=$2; shift 2 ;;
         --out) prefix=$2; shift 2 ;;
-        *) echo "usage: $0 [--rounds N] [--secs S] [--configs a,b,c,d] [--l1-append ARGS] [--out PREFIX]" >&2; exit 2 ;;
+        --busy-main-loop) busy=1; shift ;;
+        *) echo "usage: $0 [--rounds N] [--secs S] [--configs a,b,c,d] [--l1-append ARGS] [--busy-main-loop] [--out PREFIX]" >&2; exit 2 ;;
     esac
 done
 export E2E_RUN_NAME=peers
@@ -43,8 +48,8 @@ prefix=${prefix:-$out/peers}
 e2e_pack "$here/l1-peers.sh"
 phase_end initramfs
 
-e2e_l0_cmd "PEERS_ROUNDS=$rounds PEERS_SECS=$secs PEERS_CONFIGS=$configs $l1_append"
-log "peer comparison: configurations $configs, $rounds rounds, $secs s per workload, L1 append '$l1_append'; console $console"
+e2e_l0_cmd "PEERS_ROUNDS=$rounds PEERS_SECS=$secs PEERS_CONFIGS=$configs PEERS_BUSY=$busy $l1_append"
+log "peer comparison: configurations $configs, $rounds rounds, $secs s per workload, L1 append '$l1_append', busy main loop $busy; console $console"
 set +e
 timeout -k 5 "${PEERS_TIMEOUT:-5400}" "${cmd[@]}" </dev/null 2>"$out/qemu-l0.stderr" |
     tee "$console" | grep -a --line-buffered -E 'PEERS-L1|BENCH'

@@ -77,7 +77,7 @@ impl<'a> Connection<'a> {
     }
 
     /// Serves the client until it leaves or `stop` fires. Its first message must come within
-    /// `limit` of the connect, and every message must arrive whole within `limit` of its first
+    /// `limit` of the connect (unless it was handed over negotiated), and every message must arrive whole within `limit` of its first
     /// byte; between messages it may stay quiet as long as it likes (an idle VMM).
     pub(super) fn run(
         &mut self,
@@ -88,7 +88,9 @@ impl<'a> Connection<'a> {
         stream.set_nonblocking(false)?;
         stream.set_write_timeout(Some(SEND_TIMEOUT))?;
         let sock = stream.as_fd();
-        let mut first_by = Some(Instant::now() + limit);
+        // A new client owes its first message; one handed over mid-life (negotiated) is an idle
+        // VMM, which may stay quiet as long as it likes.
+        let mut first_by = (!self.negotiated).then(|| Instant::now() + limit);
         loop {
             let received = receive(sock, stop, first_by, limit)?;
             first_by = None;
