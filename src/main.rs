@@ -1,9 +1,11 @@
 //! The `vhost-user-iommu` command line: parses arguments and runs the subcommands; the daemon
 //! itself is assembled by the library's `assembly` module.
 
+use std::cell::RefCell;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
@@ -546,9 +548,11 @@ fn start_demo(_: &str) -> Result<(), String> {
 /// the vhost-user connection `u`, every vfio-user server and the iommufd backend's kernel
 /// objects. If that fails, everything goes on serving here, and what the vhost-user side needs
 /// to go on comes back.
+#[allow(clippy::too_many_arguments)]
 fn upgrade_to(
     exe: &std::path::Path,
     args: &[std::ffi::OsString],
+    config: Option<&str>,
     metrics: &Metrics,
     u: Upgrade,
     backend: &Backend,
@@ -576,7 +580,7 @@ fn upgrade_to(
         fds: c.handed.fds.iter().map(|f| f.as_raw_fd()).collect(),
         device: c.device.clone(),
     });
-    let state = UpgradeState::new(
+    let mut state = UpgradeState::new(
         u.listener.as_raw_fd(),
         connection,
         metrics.export(),
@@ -586,7 +590,14 @@ fn upgrade_to(
             .map(|(ep, h)| upgrade::VfioUserServer::describe(ep.0, h))
             .collect(),
     );
+    state.config = config.map(str::to_owned);
+    // The way back, should the new binary fail to rebuild the state.
+    let own = upgrade::own_executable()
+        .map_err(|e| warn!("upgrade: no way back to this binary: cannot open it: {e}"))
+        .ok();
+    state.rollback_exe_fd = own.as_ref().map(|f| f.as_raw_fd());
     let e = upgrade::exec(exe, args, &state);
+    drop(own);
     error!("upgrade failed: {e}; this daemon goes on serving");
     resume_vfio_user(vfio_stop, fronts, handed);
     (u.listener, resume_here(u.connection))
@@ -601,9 +612,63 @@ fn run(a: ServeArgs) -> Result<(), String> {
         println!("{{\n  \"type\": \"iommu\",\n  \"features\": []\n}}");
         return Ok(());
     }
-    let cfg = match &a.config {
-        Some(p) => VmConfig::load(p).map_err(|e| e.to_string())?,
-        None => {
+    // A previous daemon's state, when this one is its upgrade, and the way back to it.
+    let (resumed, rollback) = match a.resume_state_fd {
+        Some(fd) => {
+            let (state, bytes) =
+                upgrade::read_state(fd).map_err(|e| format!("cannot resume: {e}"))?;
+            let rollback = upgrade::Rollback::prepare(&state, bytes)
+                .map_err(|e| format!("cannot resume: {e}"))?;
+            (Some(state), rollback)
+        }
+        None => (None, None),
+    };
+    let rollback = Rc::new(RefCell::new(rollback));
+    // From here until the handed-over connection is rebuilt, a failure goes back to the
+    // previous binary where it left a way back.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let go_back = {
+        let (rollback, args) = (rollback.clone(), args.clone());
+        move |why: String| -> String {
+            match rollback.borrow_mut().take() {
+                Some(r) => {
+                    error!(
+                        "cannot resume the handed-over state ({why}): going back to the previous binary"
+                    );
+                    let e = r.exec(&args);
+                    format!("{why}; going back to the previous binary failed: {e}")
+                }
+                None => why,
+            }
+        }
+    };
+    run_resumed(a, resumed, rollback, args).map_err(go_back)
+}
+
+/// `run` once it knows whether it resumes a previous daemon's state.
+fn run_resumed(
+    a: ServeArgs,
+    resumed: Option<UpgradeState>,
+    rollback: Rc<RefCell<Option<upgrade::Rollback>>>,
+    args: Vec<std::ffi::OsString>,
+) -> Result<(), String> {
+    // The configuration: the file's; when resuming, the one the running daemon read at its start
+    // (a changed file takes effect at the next start, as with SIGHUP).
+    let config_text = match (resumed.as_ref().and_then(|r| r.config.clone()), &a.config) {
+        (Some(text), _) => Some(text),
+        (None, Some(p)) => Some(
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+        ),
+        (None, None) => None,
+    };
+    let cfg = match (&config_text, &a.config) {
+        (Some(text), p) => VmConfig::parse(
+            text,
+            p.as_deref()
+                .unwrap_or(std::path::Path::new("<handed over>")),
+        )
+        .map_err(|e| e.to_string())?,
+        (None, _) => {
             VmConfig::parse("", std::path::Path::new("<defaults>")).map_err(|e| e.to_string())?
         }
     };
@@ -617,12 +682,6 @@ fn run(a: ServeArgs) -> Result<(), String> {
     };
     endpoints.sort_unstable();
     endpoints.dedup();
-    // A previous daemon's state, when this one is its upgrade.
-    let resumed = a
-        .resume_state_fd
-        .map(upgrade::read_state)
-        .transpose()
-        .map_err(|e| format!("cannot resume: {e}"))?;
     // Removes the vhost-user socket file at exit, as long as it is still ours.
     let mut _socket_file = None;
     // The listener, and where a VMM connects (for the start-up line).
@@ -720,8 +779,7 @@ fn run(a: ServeArgs) -> Result<(), String> {
     };
     let stopper = Arc::new(Stopper::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
     // Where the next binary is (the path, which a package upgrade points at the new file).
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
-    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let exe = upgrade::binary_path().map_err(|e| format!("cannot find this binary: {e}"))?;
     handle_signals(stopper.clone()).map_err(|e| format!("cannot install signal handling: {e}"))?;
     let metrics = Arc::new(Metrics::default());
     if let Some(r) = &resumed
@@ -795,8 +853,28 @@ fn run(a: ServeArgs) -> Result<(), String> {
                 fds,
             },
             device: c.device,
+            on_rebuilt: {
+                let (rollback, args) = (rollback.clone(), args.clone());
+                Box::new(move |outcome: Result<(), &str>| {
+                    let Some(r) = rollback.borrow_mut().take() else {
+                        return;
+                    };
+                    if let Err(why) = outcome {
+                        error!(
+                            "cannot rebuild the handed-over state ({why}): going back to the \
+                             previous binary"
+                        );
+                        let e = r.exec(&args);
+                        error!("going back to the previous binary failed: {e}");
+                    }
+                })
+            },
         }
     });
+    if resume.is_none() {
+        // Nothing left to rebuild: this binary serves from here on.
+        rollback.borrow_mut().take();
+    }
     let served = loop {
         let outcome = serve_until(
             listener,
@@ -810,8 +888,16 @@ fn run(a: ServeArgs) -> Result<(), String> {
         );
         match outcome {
             Ok(Outcome::Upgrade(u)) => {
-                let (l, r) =
-                    upgrade_to(&exe, &args, &metrics, u, &backend, &vfio_stop, &mut fronts);
+                let (l, r) = upgrade_to(
+                    &exe,
+                    &args,
+                    config_text.as_deref(),
+                    &metrics,
+                    u,
+                    &backend,
+                    &vfio_stop,
+                    &mut fronts,
+                );
                 listener = l;
                 resume = r;
             }

@@ -110,6 +110,9 @@ impl Stopper {
 pub type OnConnect = Box<dyn Fn(&IommuDevice) + Send>;
 
 /// How to go on with a connection handed over (see `serve_until`).
+/// Told whether a handed-over state was rebuilt (`Err`: why not), before anything is torn down.
+pub type OnRebuilt = Box<dyn FnOnce(Result<(), &str>)>;
+
 pub enum Resume {
     /// In the same process, after an upgrade failed: the device kept its state.
     Device {
@@ -117,11 +120,14 @@ pub enum Resume {
         stream: UnixStream,
         handed: HandedOver,
     },
-    /// In a new process: the device state is rebuilt first.
+    /// In a new process: the device state is rebuilt first; then `on_rebuilt` runs with the
+    /// outcome, before anything is torn down after a failure (it may go back to the previous
+    /// binary, see `upgrade::Rollback`, and then does not return).
     State {
         stream: UnixStream,
         handed: HandedOver,
         device: DeviceState,
+        on_rebuilt: OnRebuilt,
     },
 }
 
@@ -231,9 +237,16 @@ pub fn serve_until(
                 stream,
                 handed,
                 device,
+                on_rebuilt,
             }) => {
                 let dev = new_device()?;
-                rebuild(&dev, &handed, device).map_err(ServeError::Connection)?;
+                if let Err(e) = rebuild(&dev, &handed, device) {
+                    // Nothing is dropped before this: the kernel objects taken over and the
+                    // handed-over fds are as the previous binary left them.
+                    on_rebuilt(Err(&e.to_string()));
+                    return Err(ServeError::Connection(e));
+                }
+                on_rebuilt(Ok(()));
                 (dev, stream, Some(handed))
             }
             None => {
@@ -306,7 +319,17 @@ fn rebuild(dev: &IommuDevice, handed: &HandedOver, device: DeviceState) -> std::
     if !handed.state.regions.is_empty() {
         dev.set_memory_table(table)?;
     }
-    dev.restore(device).map_err(std::io::Error::other)
+    dev.restore(device).map_err(std::io::Error::other)?;
+    #[cfg(feature = "test-utils")]
+    if std::env::var_os(crate::upgrade::TEST_FAIL_REBUILD).is_some()
+        && std::env::var_os(crate::upgrade::ROLLED_BACK).is_none()
+    {
+        return Err(std::io::Error::other(format!(
+            "{} is set: failing after the rebuild, as a test asked",
+            crate::upgrade::TEST_FAIL_REBUILD
+        )));
+    }
+    Ok(())
 }
 
 /// Refused vhost-user clients (logged once per ten seconds at most, with the running count).

@@ -33,6 +33,14 @@ pub const READS: [u32; 2] = [1, 2];
 /// The argument that tells a new process to resume from a handed-over state.
 pub const RESUME_ARG: &str = "--resume-state-fd";
 
+/// Set in the environment of a previous binary that a failed upgrade went back to: it does not
+/// go back again.
+pub const ROLLED_BACK: &str = "VHOST_USER_IOMMU_ROLLED_BACK";
+
+/// Test builds (`test-utils`) only: a resumed daemon fails right after rebuilding the state (to
+/// test [`Rollback`]).
+pub const TEST_FAIL_REBUILD: &str = "VHOST_USER_IOMMU_TEST_FAIL_REBUILD";
+
 /// What one daemon hands the next.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct UpgradeState {
@@ -50,6 +58,13 @@ pub struct UpgradeState {
     /// Each vfio-user server (version 2).
     #[serde(default)]
     pub vfio_user: Vec<VfioUserServer>,
+    /// The configuration the running daemon read at its start: the resumed one serves the same
+    /// VM the same way (a changed file takes effect at the next start, as with SIGHUP).
+    #[serde(default)]
+    pub config: Option<String>,
+    /// The previous binary, opened: a new binary that cannot rebuild the state goes back to it.
+    #[serde(default)]
+    pub rollback_exe_fd: Option<RawFd>,
 }
 
 impl UpgradeState {
@@ -73,12 +88,15 @@ impl UpgradeState {
             counters,
             iommufd,
             vfio_user,
+            config: None,
+            rollback_exe_fd: None,
         }
     }
 
     /// Every fd the state names.
     pub fn fds(&self) -> Vec<RawFd> {
         let mut v = vec![self.listener_fd];
+        v.extend(self.rollback_exe_fd);
         if let Some(c) = &self.connection {
             v.push(c.socket_fd);
             v.extend(&c.fds);
@@ -312,6 +330,11 @@ fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
 }
 
 fn state_memfd(state: &UpgradeState) -> Result<OwnedFd, UpgradeError> {
+    let bytes = serde_json::to_vec(state).map_err(|e| UpgradeError::Write(e.into()))?;
+    write_memfd(&bytes)
+}
+
+fn write_memfd(bytes: &[u8]) -> Result<OwnedFd, UpgradeError> {
     let name = c"vhost-user-iommu-upgrade";
     // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -320,9 +343,8 @@ fn state_memfd(state: &UpgradeState) -> Result<OwnedFd, UpgradeError> {
     }
     // SAFETY: `fd` was just created and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let bytes = serde_json::to_vec(state).map_err(|e| UpgradeError::Write(e.into()))?;
     let mut f = std::fs::File::from(fd);
-    f.write_all(&bytes).map_err(UpgradeError::Write)?;
+    f.write_all(bytes).map_err(UpgradeError::Write)?;
     Ok(OwnedFd::from(f))
 }
 
@@ -357,10 +379,32 @@ fn try_exec(
         exe: exe.display().to_string(),
         source,
     };
-    let c =
-        |s: &[u8]| CString::new(s).map_err(|_| exec_error(std::io::ErrorKind::InvalidInput.into()));
-    let path = c(exe.as_os_str().as_bytes())?;
-    let mut argv = vec![path.clone()];
+    let argv = resume_argv(exe, args, memfd.as_raw_fd()).map_err(exec_error)?;
+    let path = argv[0].clone();
+    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    let env = environment();
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    log::info!(
+        "upgrading: executing {} with the live connection's state in fd {}",
+        exe.display(),
+        memfd.as_raw_fd()
+    );
+    // SAFETY: `path` and every argv and envp entry are NUL-terminated strings that outlive the
+    // call, and `ptrs` and `envp` end with a null pointer.
+    unsafe { libc::execve(path.as_ptr(), ptrs.as_ptr(), envp.as_ptr()) };
+    let e = std::io::Error::last_os_error();
+    let _ = set_cloexec(memfd.as_raw_fd(), true);
+    Err(exec_error(e))
+}
+
+/// `exe` with `args` (less a previous [`RESUME_ARG`]) and `RESUME_ARG memfd`.
+fn resume_argv(exe: &Path, args: &[OsString], memfd: RawFd) -> std::io::Result<Vec<CString>> {
+    let c = |s: &[u8]| {
+        CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let mut argv: Vec<CString> = vec![c(exe.as_os_str().as_bytes())?];
     let mut skip = false;
     for a in args {
         if skip {
@@ -374,24 +418,143 @@ fn try_exec(
         argv.push(c(a.as_bytes())?);
     }
     argv.push(c(RESUME_ARG.as_bytes())?);
-    argv.push(c(memfd.as_raw_fd().to_string().as_bytes())?);
-    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    ptrs.push(std::ptr::null());
-    log::info!(
-        "upgrading: executing {} with the live connection's state in fd {}",
-        exe.display(),
-        memfd.as_raw_fd()
-    );
-    // SAFETY: `path` and every argv entry are NUL-terminated strings that outlive the call,
-    // and `ptrs` ends with a null pointer; the environment is this process's own.
-    unsafe { libc::execv(path.as_ptr(), ptrs.as_ptr()) };
-    let e = std::io::Error::last_os_error();
-    let _ = set_cloexec(memfd.as_raw_fd(), true);
-    Err(exec_error(e))
+    argv.push(c(memfd.to_string().as_bytes())?);
+    Ok(argv)
 }
 
-/// Reads (and closes) the state a previous daemon handed over in memfd `fd`.
-pub fn read_state(fd: RawFd) -> Result<UpgradeState, UpgradeError> {
+/// This process's environment for the next binary, less [`ROLLED_BACK`] (a daemon that went
+/// back is an ordinary one for its next upgrade).
+fn environment() -> Vec<CString> {
+    std::env::vars_os()
+        .filter(|(k, _)| k.as_bytes() != ROLLED_BACK.as_bytes())
+        .filter_map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect()
+}
+
+/// Where this daemon's binary is on disk: the path it was started from, which an upgrade
+/// executes (a package replaces the file there). Linux names a replaced file
+/// `PATH (deleted)` in `/proc/self/exe`: that is still the path the next binary is at.
+pub fn binary_path() -> std::io::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bytes = exe.as_os_str().as_bytes();
+    Ok(match bytes.strip_suffix(b" (deleted)") {
+        Some(path) => std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path)),
+        None => exe,
+    })
+}
+
+/// This process's executable, opened (close-on-exec), to hand to the next binary as its way
+/// back ([`UpgradeState::rollback_exe_fd`]).
+pub fn own_executable() -> std::io::Result<OwnedFd> {
+    Ok(OwnedFd::from(std::fs::File::open("/proc/self/exe")?))
+}
+
+/// The way back to the previous binary, for a new binary that accepted a handed-over state and
+/// then cannot rebuild it: copies of every fd the state names (taken before anything could
+/// close them) and the state itself. [`Rollback::exec`] puts the fds back at their numbers and
+/// executes the previous binary (opened by it before the upgrade, so a package that replaced
+/// the file on disk does not matter) with the same state, which it reads as its own.
+pub struct Rollback {
+    exe: OwnedFd,
+    state: Vec<u8>,
+    reserves: Vec<(RawFd, OwnedFd)>,
+    /// The executable's fd at the number the state names: closed with the rollback once the
+    /// new binary serves (it would keep the previous binary's file alive).
+    _named_exe: OwnedFd,
+}
+
+impl Rollback {
+    /// `None` when the previous binary left no way back, or when this process is itself the
+    /// previous binary gone back to (it does not go back again). Takes the executable's fd.
+    pub fn prepare(state: &UpgradeState, bytes: Vec<u8>) -> Result<Option<Rollback>, UpgradeError> {
+        let Some(exe) = state.rollback_exe_fd else {
+            return Ok(None);
+        };
+        // SAFETY: the state names this fd for this process alone, and nothing else takes it.
+        let named_exe = unsafe { OwnedFd::from_raw_fd(exe) };
+        if std::env::var_os(ROLLED_BACK).is_some() {
+            return Ok(None);
+        }
+        let reserve = |fd: RawFd| {
+            // SAFETY: F_DUPFD_CLOEXEC only duplicates `fd` (named by the state, open) onto a
+            // new number; the result is checked.
+            let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+            if r < 0 {
+                return Err(UpgradeError::Keep {
+                    fd,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            // SAFETY: `r` was just created and is owned by nobody else.
+            Ok(unsafe { OwnedFd::from_raw_fd(r) })
+        };
+        // Every fd the state names goes back to its number, the executable's included (the
+        // previous binary reads the same state).
+        let mut reserves = Vec::new();
+        for fd in state.fds() {
+            reserves.push((fd, reserve(fd)?));
+        }
+        Ok(Some(Rollback {
+            exe: reserve(exe)?,
+            state: bytes,
+            reserves,
+            _named_exe: named_exe,
+        }))
+    }
+
+    /// Goes back to the previous binary with the state it handed over; returns only if that
+    /// failed.
+    pub fn exec(self, args: &[OsString]) -> UpgradeError {
+        let exec_error = |source| UpgradeError::Exec {
+            exe: "the previous binary".into(),
+            source,
+        };
+        for (fd, r) in &self.reserves {
+            // SAFETY: dup2 puts the reserved copy back at the number the state names (closing
+            // whatever this process has there now); the new fd has no close-on-exec flag.
+            if unsafe { libc::dup2(r.as_raw_fd(), *fd) } < 0 {
+                return UpgradeError::Keep {
+                    fd: *fd,
+                    source: std::io::Error::last_os_error(),
+                };
+            }
+        }
+        let memfd = match write_memfd(&self.state) {
+            Ok(m) => m,
+            Err(e) => return e,
+        };
+        if let Err(source) = set_cloexec(memfd.as_raw_fd(), false) {
+            return UpgradeError::Keep {
+                fd: memfd.as_raw_fd(),
+                source,
+            };
+        }
+        let exe = binary_path().unwrap_or_else(|_| "vhost-user-iommu".into());
+        let argv = match resume_argv(&exe, args, memfd.as_raw_fd()) {
+            Ok(a) => a,
+            Err(e) => return exec_error(e),
+        };
+        let mut env = environment();
+        env.push(CString::new(format!("{ROLLED_BACK}=1")).expect("no NUL"));
+        let mut argp: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argp.push(std::ptr::null());
+        let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        // SAFETY: `exe` is an open executable; argv and envp are NUL-terminated strings that
+        // outlive the call, each array ends with a null pointer.
+        unsafe { libc::fexecve(self.exe.as_raw_fd(), argp.as_ptr(), envp.as_ptr()) };
+        exec_error(std::io::Error::last_os_error())
+    }
+}
+
+/// Reads (and closes) the state a previous daemon handed over in memfd `fd`; also returns its
+/// bytes (for [`Rollback`]).
+pub fn read_state(fd: RawFd) -> Result<(UpgradeState, Vec<u8>), UpgradeError> {
     let read_error = |source| UpgradeError::Read { fd, source };
     // SAFETY: fstat only tells whether `fd` is open; `st` is a valid out pointer.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -418,7 +581,7 @@ pub fn read_state(fd: RawFd) -> Result<UpgradeState, UpgradeError> {
     for fd in state.fds() {
         set_cloexec(fd, true).map_err(|source| UpgradeError::Keep { fd, source })?;
     }
-    Ok(state)
+    Ok((state, bytes))
 }
 
 #[cfg(test)]
@@ -433,7 +596,7 @@ mod tests {
         let state = UpgradeState::new(listener.as_raw_fd(), None, vec![1, 2], None, Vec::new());
         assert_eq!(state.version, 1, "nothing of version 2 in it");
         let fd = state_memfd(&state).unwrap();
-        let back = read_state(std::os::fd::IntoRawFd::into_raw_fd(fd)).unwrap();
+        let (back, _) = read_state(std::os::fd::IntoRawFd::into_raw_fd(fd)).unwrap();
         assert_eq!(back.listener_fd, listener.as_raw_fd());
         let newer = UpgradeState {
             version: UPGRADE_VERSION + 1,

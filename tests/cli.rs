@@ -746,6 +746,75 @@ fn an_upgrade_to_a_binary_that_cannot_read_the_state_is_refused_and_the_daemon_g
 }
 
 #[test]
+fn a_new_binary_that_cannot_rebuild_the_state_goes_back_to_the_previous_one() {
+    let dir = TempDir::new();
+    let sock = dir.0.join("b.sock");
+    let log = dir.0.join("daemon.log");
+    let cfg = dir.0.join("vm.toml");
+    std::fs::write(&cfg, "domain_range = [1, 8]\n").unwrap();
+    let exe = dir.0.join("vhost-user-iommu");
+    std::fs::copy(BIN, &exe).unwrap();
+    // Test builds only: every resumed process fails right after rebuilding the state, except
+    // one that is itself the way back.
+    let child = Command::new(&exe)
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("-v")
+        .env("VHOST_USER_IOMMU_TEST_FAIL_REBUILD", "1")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn");
+    let guard = KillOnDrop(child.id());
+    let mut d = LoggedDaemon { child, guard };
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
+    exercise(&mut vm);
+    // The file on disk is replaced (a package upgrade), and the configuration file changed: the
+    // resumed daemons serve with the configuration the running one read at its start.
+    let next = dir.0.join("next");
+    std::fs::copy(BIN, &next).unwrap();
+    std::fs::rename(&next, &exe).unwrap();
+    std::fs::write(&cfg, "domain_range = [5, 8]\n").unwrap();
+    d.signal(libc::SIGUSR2);
+    wait_log(&log, "going back to the previous binary", 1);
+    wait_log(&log, "device state rebuilt", 2);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("VHOST_USER_IOMMU_TEST_FAIL_REBUILD is set"),
+        "{text}"
+    );
+    // The same daemon process, the same VMM connection, the same state: the mapping made before
+    // is there (a MAP over it is refused as overlapping until it is unmapped), in domain 1,
+    // which the changed file's domain range would refuse.
+    let map = Request::map(1, 0x1000, 0x1fff, 0x1000, 3);
+    assert_eq!(
+        vm.request(&map).unwrap(),
+        Status::Inval,
+        "the mapping is kept"
+    );
+    let unmap = Request::unmap(1, 0x1000, 0x1fff);
+    assert_eq!(vm.request(&unmap).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&map).unwrap(), Status::Ok);
+    assert_eq!(
+        vm.request(&Request::attach(2, 4)).unwrap(),
+        Status::Ok,
+        "domain 2 is in the range the daemon started with"
+    );
+    // The daemon that went back is an ordinary one again: its next upgrade has a way back too
+    // (the new binary still fails here, and goes back again).
+    d.signal(libc::SIGUSR2);
+    wait_log(&log, "going back to the previous binary", 2);
+    wait_log(&log, "device state rebuilt", 4);
+    assert_eq!(
+        vm.request(&Request::unmap(1, 0x1000, 0x1fff)).unwrap(),
+        Status::Ok
+    );
+    assert!(d.child.try_wait().unwrap().is_none(), "the same process");
+    d.stop();
+}
+
+#[test]
 fn trace_writes_one_json_line_per_request_and_per_vhost_user_message() {
     let dir = TempDir::new();
     let sock = dir.0.join("t.sock");

@@ -466,8 +466,8 @@ impl DmaBackend for IommufdBackend {
         self.adopt_ioases(domains)
     }
 
-    fn adoption_done(&self) {
-        self.end_adoption();
+    fn adoption_done(&self, rebuilt: bool) {
+        self.end_adoption(rebuilt);
     }
 
     fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()> {

@@ -140,9 +140,12 @@ pub trait DmaBackend: Send + Sync {
             format!("{} backend: no host domains to take over", self.name()),
         ))
     }
-    /// The device state is rebuilt: domains handed over but not claimed are destroyed, and
-    /// every later MAP and ATTACH goes to the host again.
-    fn adoption_done(&self) {}
+    /// The device state is rebuilt (`rebuilt`: completely): every later MAP and ATTACH goes to
+    /// the host again, and domains handed over but not claimed are destroyed, unless the
+    /// rebuild failed (the previous binary may take them back, see `upgrade::Rollback`).
+    fn adoption_done(&self, rebuilt: bool) {
+        let _ = rebuilt;
+    }
     /// Points an endpoint's DMA somewhere; replaces its previous attachment atomically.
     fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()>;
     /// The guest's RAM changed: identity translation must follow it.
@@ -167,8 +170,8 @@ impl<B: DmaBackend + ?Sized> DmaBackend for std::sync::Arc<B> {
     fn adopt_domains(&self, domains: Vec<(DomainId, HwDomainState)>) -> Result<()> {
         (**self).adopt_domains(domains)
     }
-    fn adoption_done(&self) {
-        (**self).adoption_done()
+    fn adoption_done(&self, rebuilt: bool) {
+        (**self).adoption_done(rebuilt)
     }
     fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()> {
         (**self).attach(endpoint, to)

@@ -245,7 +245,7 @@ impl IommuDevice {
             .adopt_domains(adopted)
             .map_err(|e| format!("taking over the host domains: {e}"))?;
         let replayed = self.replay_state(s, state);
-        self.0.backend.adoption_done();
+        self.0.backend.adoption_done(replayed.is_ok());
         let n = replayed?;
         info!(
             "device state rebuilt: {} domains ({n_adopted} taken over from the host), {n} \

@@ -285,10 +285,14 @@ impl IommufdBackend {
     }
 
     /// `DmaBackend::adoption_done`: later MAPs and ATTACHes go to the kernel; IOASes nobody
-    /// claimed (a domain the replay did not rebuild) are destroyed.
-    pub(super) fn end_adoption(&self) {
+    /// claimed (a domain the replay did not rebuild) are destroyed after a complete rebuild and
+    /// left alone after a failed one.
+    pub(super) fn end_adoption(&self, rebuilt: bool) {
         self.shared.replaying.store(false, Ordering::Release);
         let left: Vec<(DomainId, HwDomainState)> = lock(&self.shared.adopted).drain().collect();
+        if !rebuilt {
+            return;
+        }
         for (guest, state) in left {
             warn!(
                 "IOAS {} of domain {} was handed over but not rebuilt: destroying it",
