@@ -15,8 +15,8 @@
 #   --l1-append adds ARGS to L1's kernel command line, e.g. `idle=poll` (L1's idle vCPUs spin
 #   instead of halting, as KVM's halt polling makes hosts behave).
 #   --busy-main-loop keeps L2's QEMU main loop busy throughout every configuration (a monitor
-#   asked for `info mtree -f` without pause): the case an in-process vIOMMU that answers in that
-#   loop is worst at.
+#   asked for `info mtree -f` ten times a second): the case an in-process vIOMMU that answers in
+#   that loop is worst at.
 #   writes PREFIX.md (the table) and PREFIX.svg (the plot); default PREFIX:
 #   $VM_CACHE/run/peers/peers. The whole L1 console is $VM_CACHE/run/peers/console.log.
 # Environment: VM_CACHE, PEERS_TIMEOUT (the L0 run, default 5400 s).
