@@ -107,6 +107,18 @@ pub trait HwDomain: Send {
     fn map(&mut self, op: &MapOp) -> Result<()>;
     /// Unmaps exactly one earlier mapping.
     fn unmap(&mut self, iova: IovaRange) -> Result<()>;
+    /// Unmaps earlier mappings, `mappings` sorted and disjoint, and every mapping of the domain
+    /// between the first and the last of them among them (a guest UNMAP's range). Returns how
+    /// many of them, from the first, are gone, and the failure that stopped it: the domain
+    /// model forgets exactly those. One at a time unless the backend can do better.
+    fn unmap_all(&mut self, mappings: &[IovaRange]) -> (usize, Option<BackendError>) {
+        for (i, m) in mappings.iter().enumerate() {
+            if let Err(e) = self.unmap(*m) {
+                return (i, Some(e));
+            }
+        }
+        (mappings.len(), None)
+    }
     /// What the next daemon needs to take this domain over, for a backend whose domains outlive
     /// the process (kernel objects); `None` (the default) where the next daemon rebuilds it.
     fn handover_state(&self) -> Option<HwDomainState> {

@@ -280,18 +280,24 @@ impl DomainTable {
         {
             return Err(Rejection::rule(Status::Range, Rule::Split(range)));
         }
-        // Remove covered mappings one by one: if the host fails on one, the ones before it are
-        // gone in both places and the rest stay in both, so shadow and host still agree.
-        loop {
-            let Some((&s, m)) = maps.range(virt_start..=virt_end).next() else {
-                return Ok(());
-            };
-            let one = IovaRange::new(s, m.end).expect("stored mappings are valid");
-            if let Err(e) = hw.unmap(one) {
-                return Err(Rejection::backend(e));
-            }
-            maps.remove(s);
+        // The backend removes the covered mappings (in one go where it can) and says how many,
+        // from the first, are gone: if it fails on one, the ones before it are gone in both
+        // places and the rest stay in both, so shadow and host still agree.
+        let covered: Vec<IovaRange> = maps
+            .range(virt_start..=virt_end)
+            .map(|(&s, m)| IovaRange::new(s, m.end).expect("stored mappings are valid"))
+            .collect();
+        if covered.is_empty() {
+            return Ok(());
+        }
+        let (gone, failed) = hw.unmap_all(&covered);
+        for r in &covered[..gone] {
+            maps.remove(r.start());
             total.fetch_sub(1, Ordering::Relaxed);
+        }
+        match failed {
+            Some(e) => Err(Rejection::backend(e)),
+            None => Ok(()),
         }
     }
 

@@ -70,6 +70,11 @@ impl IommufdBackend {
     }
 
     /// Maps done so far: `(by MAP_FILE, by user VA)`, identity IOAS included.
+    /// `IOMMU_IOAS_UNMAP` ioctls issued so far.
+    pub fn unmap_ioctls(&self) -> u64 {
+        self.shared.unmaps.load(Ordering::Relaxed)
+    }
+
     pub fn map_counts(&self) -> (u64, u64) {
         (
             self.shared.maps_file.load(Ordering::Relaxed),

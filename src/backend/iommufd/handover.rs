@@ -260,6 +260,7 @@ impl IommufdBackend {
                 maps_file: AtomicU64::new(0),
                 maps_va: AtomicU64::new(0),
                 maps_copy: AtomicU64::new(0),
+                unmaps: AtomicU64::new(0),
             }),
             constraints,
         })

@@ -95,6 +95,8 @@ pub(super) struct Shared {
     pub(super) maps_file: AtomicU64,
     pub(super) maps_va: AtomicU64,
     pub(super) maps_copy: AtomicU64,
+    /// `IOMMU_IOAS_UNMAP` ioctls issued.
+    pub(super) unmaps: AtomicU64,
 }
 
 pub(super) fn map_flags(perms: Perms) -> u32 {
@@ -178,13 +180,24 @@ impl Shared {
         Ok(path)
     }
 
+    /// `IOMMU_IOAS_UNMAP` (counted); the bytes unmapped.
+    pub(super) fn ioas_unmap(
+        &self,
+        ioas: u32,
+        iova: u64,
+        len: u64,
+    ) -> std::result::Result<u64, sys::Errno> {
+        self.unmaps.fetch_add(1, Ordering::Relaxed);
+        sys::ioas_unmap(self.fd(), ioas, iova, len)
+    }
+
     pub(super) fn unmap(
         &self,
         ioas: u32,
         iova: u64,
         len: u64,
     ) -> std::result::Result<(), sys::Errno> {
-        let done = sys::ioas_unmap(self.fd(), ioas, iova, len)?;
+        let done = self.ioas_unmap(ioas, iova, len)?;
         self.pinned.fetch_sub(done.min(len), Ordering::Relaxed);
         if done != len {
             // Cannot happen for a range that is exactly earlier maps; say so loudly if it does.

@@ -367,6 +367,39 @@ fn first_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
     );
 
     rep.check(
+        "UNMAP of a range over several mappings, a hole and a mapping without permissions: one request removes them all (one ioctl), nothing lands after it, the pinned bytes come back",
+        timed(|| {
+            let before = b.pinned_bytes();
+            let at = |k: u64| IOVA_W + k * PAGE;
+            for k in [0, 2, 4] {
+                map(&mut vm, 1, at(k), GPA_B, PAGE, MAP_F_READ | MAP_F_WRITE)?;
+            }
+            map(&mut vm, 1, at(3), GPA_B, PAGE, 0)?;
+            for k in [0, 2, 4] {
+                ram.fill(GPA_B, SENTINEL)?;
+                e1.store(at(k))?;
+                ram.expect(GPA_B, &p3, &format!("GPA B through IOVA W+{k} pages before the UNMAP"))?;
+            }
+            let unmaps = b.unmap_ioctls();
+            unmap(&mut vm, 1, IOVA_W, 5 * PAGE)?;
+            let ioctls = b.unmap_ioctls() - unmaps;
+            for k in [0, 2, 3, 4] {
+                ram.fill(GPA_B, SENTINEL)?;
+                e1.store(at(k))?;
+                ram.expect_sentinel(GPA_B, &format!("GPA B after a DMA to IOVA W+{k} pages, unmapped"))?;
+            }
+            if ioctls != 1 {
+                return Err(format!("{ioctls} IOMMU_IOAS_UNMAP ioctls for one UNMAP of 3 kernel mappings"));
+            }
+            let after = b.pinned_bytes();
+            if after != before {
+                return Err(format!("pinned bytes {before:#x} before the MAPs, {after:#x} after the UNMAP"));
+            }
+            Ok(format!("1 IOMMU_IOAS_UNMAP; pinned bytes {after:#x} as before"))
+        }),
+    );
+
+    rep.check(
         "DETACH: DMA blocked, domain destroyed",
         timed(|| {
             detach(&mut vm, 1, 1)?;
