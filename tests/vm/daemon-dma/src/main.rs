@@ -372,7 +372,7 @@ fn first_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
             let before = b.pinned_bytes();
             let at = |k: u64| IOVA_W + k * PAGE;
             for k in [0, 2, 4] {
-                map(&mut vm, 1, at(k), GPA_B, PAGE, MAP_F_READ | MAP_F_WRITE)?;
+                map(&mut vm, 1, at(k), GPA_B, PAGE, RW)?;
             }
             map(&mut vm, 1, at(3), GPA_B, PAGE, 0)?;
             for k in [0, 2, 4] {
