@@ -31,7 +31,9 @@ pub struct Backend {
     pub iommufd: Option<Arc<IommufdBackend>>,
 }
 
-/// Serves each configured endpoint's VFIO device to the VMM over vfio-user. DMA_MAPs from the
+/// Serves each configured endpoint's VFIO device to the VMM over vfio-user; a server handed over
+/// by a previous daemon (`resumed`) waits for a message on its sender in `gates` before it
+/// serves. DMA_MAPs from the
 /// VMM are checked against the vhost-user memory table once it is known (QEMU sends them right
 /// after connecting, before the guest starts the IOMMU device); they are recorded, never mapped
 /// for the device. With `boot` (boot bypass), the guest RAM they describe is what identity
@@ -43,6 +45,7 @@ pub fn start_vfio_user(
     stop: &vfio_user::StopSignal,
     boot: Option<&Arc<BootRam>>,
     mut resumed: BTreeMap<EndpointId, ResumedServer>,
+    mut gates: Option<&mut Vec<std::sync::mpsc::Sender<()>>>,
 ) -> Result<VfioUserFronts, String> {
     let mut threads = BTreeMap::new();
     let mut slots = BTreeMap::new();
@@ -148,7 +151,13 @@ pub fn start_vfio_user(
                         ""
                     }
                 );
-                server.spawn_resumed(h.listener, h.connection)
+                // Served once the rest of the state is rebuilt (`gates`).
+                let go = gates.as_deref_mut().map(|g| {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    g.push(tx);
+                    rx
+                });
+                server.spawn_resumed_after(h.listener, h.connection, go)
             }
             (None, Some(l)) => {
                 info!("{name}: serving vfio-user on {}", path.display());

@@ -800,6 +800,8 @@ fn run_resumed(
     // With boot bypass, firmware DMA needs guest RAM before the memory table: the vfio-user
     // clients' DMA maps describe it (see `boot_ram`).
     let boot = boot_bypass.then(|| Arc::new(BootRam::default()));
+    // The vfio-user servers handed over serve once the vhost-user side is rebuilt.
+    let mut gates = Vec::new();
     let mut fronts = start_vfio_user(
         &cfg,
         &backend,
@@ -807,7 +809,20 @@ fn run_resumed(
         &vfio_stop,
         boot.as_ref(),
         handed_servers,
+        Some(&mut gates),
     )?;
+    let gates = Rc::new(RefCell::new(gates));
+    // `true`: serve; `false`: end without serving (the state was not rebuilt).
+    let open_gates = {
+        let gates = gates.clone();
+        move |serve: bool| {
+            for g in gates.borrow_mut().drain(..) {
+                if serve {
+                    let _ = g.send(());
+                }
+            }
+        }
+    };
     if let Some(b) = &backend.iommufd {
         // Host unbind of a device → detach, close, serve the rest; rebind → serve it again.
         vhost_user_iommu::hotplug::watch(b, current.clone(), fronts.slots.clone())
@@ -854,12 +869,15 @@ fn run_resumed(
             },
             device: c.device,
             on_rebuilt: {
-                let (rollback, args) = (rollback.clone(), args.clone());
+                let (rollback, args, open_gates) =
+                    (rollback.clone(), args.clone(), open_gates.clone());
                 Box::new(move |outcome: Result<(), &str>| {
-                    let Some(r) = rollback.borrow_mut().take() else {
-                        return;
-                    };
-                    if let Err(why) = outcome {
+                    if outcome.is_ok() {
+                        open_gates(true);
+                    }
+                    if let Some(r) = rollback.borrow_mut().take()
+                        && let Err(why) = outcome
+                    {
                         error!(
                             "cannot rebuild the handed-over state ({why}): going back to the \
                              previous binary"
@@ -867,6 +885,8 @@ fn run_resumed(
                         let e = r.exec(&args);
                         error!("going back to the previous binary failed: {e}");
                     }
+                    // Not rebuilt and not gone back: the vfio-user servers end unserved.
+                    open_gates(false);
                 })
             },
         }
@@ -874,6 +894,7 @@ fn run_resumed(
     if resume.is_none() {
         // Nothing left to rebuild: this binary serves from here on.
         rollback.borrow_mut().take();
+        open_gates(true);
     }
     let served = loop {
         let outcome = serve_until(

@@ -293,10 +293,32 @@ impl DeviceServer {
         listener: UnixListener,
         connection: Option<(UnixStream, ConnectionState)>,
     ) -> io::Result<JoinHandle<io::Result<ServerEnd>>> {
+        self.spawn_resumed_after(listener, connection, None)
+    }
+
+    /// [`spawn_resumed`](Self::spawn_resumed), serving only once `go` says so: in a daemon
+    /// that took the server over, not before the rest of the state is rebuilt (a message answered
+    /// earlier would be unknown to the previous binary it may go back to). A `go` whose sender
+    /// goes away unsent ends the server with nothing read.
+    pub fn spawn_resumed_after(
+        self,
+        listener: UnixListener,
+        connection: Option<(UnixStream, ConnectionState)>,
+        go: Option<std::sync::mpsc::Receiver<()>>,
+    ) -> io::Result<JoinHandle<io::Result<ServerEnd>>> {
         let thread = format!("vfio-user-{}", self.name);
-        std::thread::Builder::new()
-            .name(thread)
-            .spawn(move || self.resume(listener, connection))
+        std::thread::Builder::new().name(thread).spawn(move || {
+            if let Some(go) = go
+                && go.recv().is_err()
+            {
+                info!(
+                    "vfio-user {}: the handed-over state was not rebuilt",
+                    self.name
+                );
+                return Ok(ServerEnd::Stopped);
+            }
+            self.resume(listener, connection)
+        })
     }
 }
 
