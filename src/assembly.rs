@@ -45,7 +45,7 @@ pub fn start_vfio_user(
     stop: &vfio_user::StopSignal,
     boot: Option<&Arc<BootRam>>,
     mut resumed: BTreeMap<EndpointId, ResumedServer>,
-    mut gates: Option<&mut Vec<std::sync::mpsc::Sender<()>>>,
+    gates: &mut Vec<std::sync::mpsc::Sender<()>>,
 ) -> Result<VfioUserFronts, String> {
     let mut threads = BTreeMap::new();
     let mut slots = BTreeMap::new();
@@ -152,12 +152,9 @@ pub fn start_vfio_user(
                     }
                 );
                 // Served once the rest of the state is rebuilt (`gates`).
-                let go = gates.as_deref_mut().map(|g| {
-                    let (tx, rx) = std::sync::mpsc::channel();
-                    g.push(tx);
-                    rx
-                });
-                server.spawn_resumed_after(h.listener, h.connection, go)
+                let (go, wait) = std::sync::mpsc::channel();
+                gates.push(go);
+                server.spawn_resumed_after(h.listener, h.connection, Some(wait))
             }
             (None, Some(l)) => {
                 info!("{name}: serving vfio-user on {}", path.display());

@@ -809,7 +809,7 @@ fn run_resumed(
         &vfio_stop,
         boot.as_ref(),
         handed_servers,
-        Some(&mut gates),
+        &mut gates,
     )?;
     let gates = Rc::new(RefCell::new(gates));
     // `true`: serve; `false`: end without serving (the state was not rebuilt).
@@ -872,12 +872,13 @@ fn run_resumed(
                 let (rollback, args, open_gates) =
                     (rollback.clone(), args.clone(), open_gates.clone());
                 Box::new(move |outcome: Result<(), &str>| {
-                    if outcome.is_ok() {
+                    // Rebuilt: this binary serves from here on, no way back any more.
+                    let way_back = rollback.borrow_mut().take();
+                    let Err(why) = outcome else {
                         open_gates(true);
-                    }
-                    if let Some(r) = rollback.borrow_mut().take()
-                        && let Err(why) = outcome
-                    {
+                        return;
+                    };
+                    if let Some(r) = way_back {
                         error!(
                             "cannot rebuild the handed-over state ({why}): going back to the \
                              previous binary"

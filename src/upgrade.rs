@@ -77,7 +77,7 @@ impl UpgradeState {
         vfio_user: Vec<VfioUserServer>,
     ) -> Self {
         let version = if iommufd.is_some() || !vfio_user.is_empty() {
-            2
+            UPGRADE_VERSION
         } else {
             1
         };
@@ -380,20 +380,16 @@ fn try_exec(
         source,
     };
     let argv = resume_argv(exe, args, memfd.as_raw_fd()).map_err(exec_error)?;
-    let path = argv[0].clone();
-    let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    ptrs.push(std::ptr::null());
     let env = environment();
-    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-    envp.push(std::ptr::null());
+    let (ptrs, envp) = (null_terminated(&argv), null_terminated(&env));
     log::info!(
         "upgrading: executing {} with the live connection's state in fd {}",
         exe.display(),
         memfd.as_raw_fd()
     );
-    // SAFETY: `path` and every argv and envp entry are NUL-terminated strings that outlive the
-    // call, and `ptrs` and `envp` end with a null pointer.
-    unsafe { libc::execve(path.as_ptr(), ptrs.as_ptr(), envp.as_ptr()) };
+    // SAFETY: the path (`argv[0]`) and every argv and envp entry are NUL-terminated strings
+    // that outlive the call, and `ptrs` and `envp` end with a null pointer.
+    unsafe { libc::execve(argv[0].as_ptr(), ptrs.as_ptr(), envp.as_ptr()) };
     let e = std::io::Error::last_os_error();
     let _ = set_cloexec(memfd.as_raw_fd(), true);
     Err(exec_error(e))
@@ -420,6 +416,15 @@ fn resume_argv(exe: &Path, args: &[OsString], memfd: RawFd) -> std::io::Result<V
     argv.push(c(RESUME_ARG.as_bytes())?);
     argv.push(c(memfd.to_string().as_bytes())?);
     Ok(argv)
+}
+
+/// The pointer array `execve` takes for `strings`: valid while `strings` lives.
+fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain([std::ptr::null()])
+        .collect()
 }
 
 /// This process's environment for the next binary, less [`ROLLED_BACK`] (a daemon that went
@@ -460,12 +465,12 @@ pub fn own_executable() -> std::io::Result<OwnedFd> {
 /// executes the previous binary (opened by it before the upgrade, so a package that replaced
 /// the file on disk does not matter) with the same state, which it reads as its own.
 pub struct Rollback {
-    exe: OwnedFd,
     state: Vec<u8>,
     reserves: Vec<(RawFd, OwnedFd)>,
-    /// The executable's fd at the number the state names: closed with the rollback once the
-    /// new binary serves (it would keep the previous binary's file alive).
-    _named_exe: OwnedFd,
+    /// The executable's fd at the number the state names (executed from there once the fds are
+    /// back); closed with the rollback once the new binary serves (it would keep the previous
+    /// binary's file alive).
+    exe: OwnedFd,
 }
 
 impl Rollback {
@@ -476,7 +481,7 @@ impl Rollback {
             return Ok(None);
         };
         // SAFETY: the state names this fd for this process alone, and nothing else takes it.
-        let named_exe = unsafe { OwnedFd::from_raw_fd(exe) };
+        let exe = unsafe { OwnedFd::from_raw_fd(exe) };
         if std::env::var_os(ROLLED_BACK).is_some() {
             return Ok(None);
         }
@@ -500,10 +505,9 @@ impl Rollback {
             reserves.push((fd, reserve(fd)?));
         }
         Ok(Some(Rollback {
-            exe: reserve(exe)?,
             state: bytes,
             reserves,
-            _named_exe: named_exe,
+            exe,
         }))
     }
 
@@ -541,12 +545,10 @@ impl Rollback {
         };
         let mut env = environment();
         env.push(CString::new(format!("{ROLLED_BACK}=1")).expect("no NUL"));
-        let mut argp: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-        argp.push(std::ptr::null());
-        let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-        envp.push(std::ptr::null());
-        // SAFETY: `exe` is an open executable; argv and envp are NUL-terminated strings that
-        // outlive the call, each array ends with a null pointer.
+        let (argp, envp) = (null_terminated(&argv), null_terminated(&env));
+        // SAFETY: `exe` is the previous binary, open at the number the state names (put back
+        // above); argv and envp are NUL-terminated strings that outlive the call, each array
+        // ends with a null pointer.
         unsafe { libc::fexecve(self.exe.as_raw_fd(), argp.as_ptr(), envp.as_ptr()) };
         exec_error(std::io::Error::last_os_error())
     }

@@ -41,10 +41,21 @@ impl LoggedDaemon {
         extra: &[&std::ffi::OsStr],
         log: &std::path::Path,
     ) -> LoggedDaemon {
+        Self::spawn_with_env(exe, sock, extra, log, &[])
+    }
+
+    fn spawn_with_env(
+        exe: &std::path::Path,
+        sock: &std::path::Path,
+        extra: &[&std::ffi::OsStr],
+        log: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> LoggedDaemon {
         let child = Command::new(exe)
             .arg("--socket-path")
             .arg(sock)
             .args(extra)
+            .envs(env.iter().copied())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .expect("spawn");
@@ -756,18 +767,13 @@ fn a_new_binary_that_cannot_rebuild_the_state_goes_back_to_the_previous_one() {
     std::fs::copy(BIN, &exe).unwrap();
     // Test builds only: every resumed process fails right after rebuilding the state, except
     // one that is itself the way back.
-    let child = Command::new(&exe)
-        .arg("--socket-path")
-        .arg(&sock)
-        .arg("--config")
-        .arg(&cfg)
-        .arg("-v")
-        .env("VHOST_USER_IOMMU_TEST_FAIL_REBUILD", "1")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn");
-    let guard = KillOnDrop(child.id());
-    let mut d = LoggedDaemon { child, guard };
+    let mut d = LoggedDaemon::spawn_with_env(
+        &exe,
+        &sock,
+        &["--config".as_ref(), cfg.as_os_str(), "-v".as_ref()],
+        &log,
+        &[("VHOST_USER_IOMMU_TEST_FAIL_REBUILD", "1")],
+    );
     let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
     exercise(&mut vm);
     // The file on disk is replaced (a package upgrade), and the configuration file changed: the

@@ -335,9 +335,7 @@ impl Server {
     }
 
     fn connect(&self) -> Client {
-        let sock = UnixStream::connect(&self.path).unwrap();
-        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-        Client { sock, next_id: 1 }
+        Client::connect_to(&self.path)
     }
 
     /// A connected client past VERSION.
@@ -422,6 +420,13 @@ struct Client {
 type Res = Result<(Vec<u8>, Vec<OwnedFd>), u32>;
 
 impl Client {
+    /// A client connected to the socket at `path` (not yet past VERSION).
+    fn connect_to(path: &std::path::Path) -> Client {
+        let sock = UnixStream::connect(path).unwrap();
+        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+        Client { sock, next_id: 1 }
+    }
+
     fn send_raw(&mut self, bytes: &[u8], fds: &[RawFd]) {
         let n = self.sock.send_with_fds(&[bytes], fds).unwrap();
         assert_eq!(n, bytes.len());
@@ -1278,9 +1283,7 @@ fn device_server_hooks_and_recorded_dma_maps() {
     let maps = server.dma_maps();
     let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
 
-    let sock = UnixStream::connect(&path).unwrap();
-    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut c = Client { sock, next_id: 1 };
+    let mut c = Client::connect_to(&path);
     c.version("{}").unwrap();
     let ram = memfd("guest-ram", 0x2000);
     c.dma_map(3, 0x1000, 0x10_0000, 0x1000, Some(ram.as_raw_fd()))
@@ -1326,11 +1329,7 @@ fn a_removed_device_is_dropped_clients_are_refused_until_it_is_put_back() {
         DeviceServer::new(Box::new(fake), Arc::new(|_, _| true), stop.clone()).name("slot");
     let slot = server.slot();
     let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
-    let connect = || {
-        let sock = UnixStream::connect(&path).unwrap();
-        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-        Client { sock, next_id: 1 }
-    };
+    let connect = || Client::connect_to(&path);
     let wait = |what: &str, cond: &dyn Fn() -> bool| {
         let t = Instant::now();
         while !cond() {
@@ -1485,9 +1484,7 @@ fn a_silent_or_stalled_client_gives_the_slot_back_after_the_message_timeout() {
             "stall {stall:?}: closed after {took:?}"
         );
         // The slot is free again: the next client is served at once.
-        let sock = UnixStream::connect(&path).unwrap();
-        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let mut c = Client { sock, next_id: 1 };
+        let mut c = Client::connect_to(&path);
         c.version("{}").unwrap();
         drop(c);
         drop(hog);
@@ -1520,9 +1517,7 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
     let server = DeviceServer::new(Box::new(fake), Arc::new(|_, _| true), stop.clone())
         .message_timeout(quiet);
     let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
-    let sock = UnixStream::connect(&path).unwrap();
-    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut c = Client { sock, next_id: 1 };
+    let mut c = Client::connect_to(&path);
     c.version("{}").unwrap();
     let ram = memfd("guest-ram", 0x2000);
     c.dma_map(3, 0, 0x10_0000, 0x2000, Some(ram.as_raw_fd()))
@@ -1616,9 +1611,7 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
     }
     assert_eq!(disabled_since(&state2, 0), vec![MSIX]);
     // And a new client is served from the handed-over listener.
-    let sock = UnixStream::connect(&path).unwrap();
-    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut c = Client { sock, next_id: 1 };
+    let mut c = Client::connect_to(&path);
     c.version("{}").unwrap();
     c.dma_map(3, 0, 0x10_0000, 0x2000, Some(ram.as_raw_fd()))
         .unwrap();

@@ -340,31 +340,17 @@ impl IommufdBackend {
             }
         );
         Ok(IommufdBackend {
-            shared: Arc::new(Shared {
+            shared: Arc::new(Shared::new(
                 iommufd,
-                devices: Mutex::new(devices),
+                devices,
                 identity_id,
-                topo: Mutex::new(Topo {
+                Topo {
                     attachments,
                     identity: Vec::new(),
-                }),
-                ram: Mutex::new(Arc::new(GuestRam::default())),
-                ram_gen: AtomicU64::new(0),
+                },
                 map_file_supported,
-                use_map_file: AtomicBool::new(true),
-                strategy_override: AtomicU8::new(0),
                 staging_hwpt,
-                staged_gen: AtomicU64::new(u64::MAX),
-                copy_works: AtomicU8::new(0),
-                domains: Mutex::new(BTreeMap::new()),
-                pinned: AtomicU64::new(0),
-                adopted: Mutex::new(HashMap::new()),
-                replaying: AtomicBool::new(false),
-                maps_file: AtomicU64::new(0),
-                maps_va: AtomicU64::new(0),
-                maps_copy: AtomicU64::new(0),
-                unmaps: AtomicU64::new(0),
-            }),
+            )),
             constraints,
         })
     }

@@ -137,21 +137,13 @@ impl DeviceServer {
     /// Serves clients on `listener`, one at a time, until the stop signal fires (or a
     /// handover is asked for: see [`StopSignal::hand_over`]).
     pub fn serve(self, listener: UnixListener) -> io::Result<ServerEnd> {
-        self.serve_from(listener, None)
+        self.resume(listener, None)
     }
 
     /// Goes on serving what a handover returned (in this process after a failed upgrade, or
     /// in the next daemon): the listener, and the connection where it stopped. The DMA maps of
     /// that connection must be in [`dma_maps`](Self::dma_maps) already.
     pub fn resume(
-        self,
-        listener: UnixListener,
-        connection: Option<(UnixStream, ConnectionState)>,
-    ) -> io::Result<ServerEnd> {
-        self.serve_from(listener, connection)
-    }
-
-    fn serve_from(
         mut self,
         listener: UnixListener,
         mut resumed: Option<(UnixStream, ConnectionState)>,
@@ -206,12 +198,7 @@ impl DeviceServer {
                 // Between two messages: the connection passes on as it is.
                 let state = conn.state();
                 drop(conn);
-                let mut st = self.slot.lock();
-                st.client = None;
-                if st.generation == generation && st.dev.is_none() {
-                    st.dev = Some(dev);
-                }
-                drop(st);
+                self.put_back(dev, generation);
                 info!("vfio-user {}: handed over with its client", self.name);
                 return Ok(ServerEnd::HandedOver(HandedOverServer {
                     server: self,
@@ -225,35 +212,35 @@ impl DeviceServer {
             }
             drop(stream);
             conn.cleanup();
-            {
-                let mut st = self.slot.lock();
-                st.client = None;
-                if st.generation == generation && st.dev.is_none() {
-                    st.dev = Some(dev);
-                } else {
-                    info!(
-                        "vfio-user {}: the device was unplugged: closed it",
-                        self.name
-                    );
-                    drop(dev);
-                }
-            }
+            self.put_back(dev, generation);
             if let Some(f) = self.on_disconnect.as_mut() {
                 f();
             }
         }
     }
 
+    /// The connection is over: the device it used goes back into the slot, unless the host took
+    /// it away meanwhile (then it is closed).
+    fn put_back(&self, dev: Box<dyn AssignedDevice>, generation: u64) {
+        let mut st = self.slot.lock();
+        st.client = None;
+        if st.generation == generation && st.dev.is_none() {
+            st.dev = Some(dev);
+        } else {
+            info!(
+                "vfio-user {}: the device was unplugged: closed it",
+                self.name
+            );
+        }
+    }
+
     /// The next admitted client; None once the stop signal fires or a handover is asked for.
     fn accept(&self, listener: &UnixListener) -> io::Result<Option<UnixStream>> {
         loop {
-            if self.stop.is_stopped()
-                || self.stop.handing_over()
-                || !scm::wait_readable(listener.as_fd(), self.stop.fd())?
-            {
-                if self.stop.is_stopped() || self.stop.handing_over() {
-                    return Ok(None);
-                }
+            if self.stop.is_stopped() || self.stop.handing_over() {
+                return Ok(None);
+            }
+            if !scm::wait_readable(listener.as_fd(), self.stop.fd())? {
                 continue;
             }
             let stream = match listener.accept() {

@@ -236,32 +236,26 @@ impl IommufdBackend {
             h.staging_hwpt.map_or("none".to_string(), |x| x.to_string()),
             h.pinned
         );
+        let shared = Shared::new(
+            iommufd,
+            devices,
+            h.identity_ioas,
+            Topo {
+                attachments,
+                identity,
+            },
+            h.map_file_supported,
+            h.staging_hwpt,
+        );
+        // What the previous daemon had learnt or been told, and pins.
+        shared.use_map_file.store(h.use_map_file, Ordering::Relaxed);
+        shared
+            .strategy_override
+            .store(h.strategy_override, Ordering::Relaxed);
+        shared.copy_works.store(h.copy_works, Ordering::Relaxed);
+        shared.pinned.store(h.pinned, Ordering::Relaxed);
         Ok(IommufdBackend {
-            shared: Arc::new(Shared {
-                iommufd,
-                devices: Mutex::new(devices),
-                identity_id: h.identity_ioas,
-                topo: Mutex::new(Topo {
-                    attachments,
-                    identity,
-                }),
-                ram: Mutex::new(Arc::new(GuestRam::default())),
-                ram_gen: AtomicU64::new(0),
-                map_file_supported: h.map_file_supported,
-                use_map_file: AtomicBool::new(h.use_map_file),
-                strategy_override: AtomicU8::new(h.strategy_override),
-                staging_hwpt: h.staging_hwpt,
-                staged_gen: AtomicU64::new(u64::MAX),
-                copy_works: AtomicU8::new(h.copy_works),
-                domains: Mutex::new(BTreeMap::new()),
-                pinned: AtomicU64::new(h.pinned),
-                adopted: Mutex::new(HashMap::new()),
-                replaying: AtomicBool::new(false),
-                maps_file: AtomicU64::new(0),
-                maps_va: AtomicU64::new(0),
-                maps_copy: AtomicU64::new(0),
-                unmaps: AtomicU64::new(0),
-            }),
+            shared: Arc::new(shared),
             constraints,
         })
     }

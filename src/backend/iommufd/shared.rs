@@ -111,6 +111,40 @@ pub(super) fn map_flags(perms: Perms) -> u32 {
 }
 
 impl Shared {
+    /// A backend's shared state with nothing mapped through it yet: the automatic map strategy,
+    /// no RAM table, all counters at zero.
+    pub(super) fn new(
+        iommufd: File,
+        devices: BTreeMap<EndpointId, Device>,
+        identity_id: u32,
+        topo: Topo,
+        map_file_supported: bool,
+        staging_hwpt: Option<u32>,
+    ) -> Self {
+        Shared {
+            iommufd,
+            devices: Mutex::new(devices),
+            identity_id,
+            topo: Mutex::new(topo),
+            ram: Mutex::new(Arc::new(GuestRam::default())),
+            ram_gen: AtomicU64::new(0),
+            map_file_supported,
+            use_map_file: AtomicBool::new(true),
+            strategy_override: AtomicU8::new(0),
+            staging_hwpt,
+            staged_gen: AtomicU64::new(u64::MAX),
+            copy_works: AtomicU8::new(0),
+            domains: Mutex::new(BTreeMap::new()),
+            pinned: AtomicU64::new(0),
+            adopted: Mutex::new(HashMap::new()),
+            replaying: AtomicBool::new(false),
+            maps_file: AtomicU64::new(0),
+            maps_va: AtomicU64::new(0),
+            maps_copy: AtomicU64::new(0),
+            unmaps: AtomicU64::new(0),
+        }
+    }
+
     pub(super) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.iommufd.as_fd()
     }
