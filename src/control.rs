@@ -39,7 +39,7 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     pinned: PinnedBytes,
 ) -> std::io::Result<()> {
-    let listener = crate::listen::bind(path)?;
+    let listener = crate::listen::bind_with_mode(path, crate::listen::PRIVATE_SOCKET_MODE)?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {

@@ -6,8 +6,13 @@
 //! [`bind`] refuses a path that holds anything but a socket, refuses a socket some process
 //! still accepts connections on, and replaces only a stale one (a connect() is refused: its
 //! daemon is gone, e.g. killed with SIGKILL). The socket file then gets [`SOCKET_MODE`]
-//! whatever the process umask: the VMM's group may connect, nobody else. This module never
-//! removes a socket it did not bind, except a stale one.
+//! whatever the process umask: the VMM's group may connect, nobody else (the control socket:
+//! [`PRIVATE_SOCKET_MODE`], the daemon's user and root only). This module never removes a
+//! socket it did not bind, except a stale one.
+//!
+//! A socket is only as safe as its directory: whoever may write the directory may remove the
+//! socket and listen in its place (and receive the guest's memory from the VMM). [`bind`] warns
+//! when the directory is writable by anyone but its owner and has no sticky bit.
 //!
 //! The probe is a real connection: the live daemon sees a client that leaves at once (before
 //! any message) and handles it like any client that disconnects.
@@ -20,6 +25,10 @@ use std::path::{Path, PathBuf};
 /// Mode of every socket file the daemon creates: read/write (= may connect) for the daemon's
 /// user and group, nothing for others; the unit's `UMask=0007` intends the same.
 pub const SOCKET_MODE: u32 = 0o660;
+
+/// Mode of the control socket: it shows every mapping of the VM, which is the operator's to
+/// read, not any VMM's (root connects anyway).
+pub const PRIVATE_SOCKET_MODE: u32 = 0o600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -55,6 +64,14 @@ fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> BindErro
 /// Binds a listening unix socket at `path` (see the module documentation) with mode
 /// [`SOCKET_MODE`].
 pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    bind_with_mode(path, SOCKET_MODE)
+}
+
+/// [`bind`] with another mode for the socket file.
+pub fn bind_with_mode(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
+    if let Some(why) = path.parent().and_then(unsafe_directory) {
+        log::warn!("{}: {why}", path.display());
+    }
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(path, "cannot inspect")(e)),
@@ -75,9 +92,30 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
         },
     }
     let listener = UnixListener::bind(path).map_err(io_err(path, "cannot bind"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io_err(path, "cannot set the socket's mode"))?;
     Ok(listener)
+}
+
+/// Why a socket in `dir` could be replaced by someone else, if it could: the directory is
+/// writable by its group or others without the sticky bit.
+pub fn unsafe_directory(dir: &Path) -> Option<String> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let m = std::fs::metadata(dir).ok()?;
+    let mode = m.permissions().mode();
+    let writable = mode & 0o022 != 0;
+    let sticky = mode & 0o1000 != 0;
+    (writable && !sticky).then(|| {
+        format!(
+            "directory {} (mode {:04o}) is writable by its group or others: any of them can remove this socket and listen in its place; make it 0750 or 0755 (the shipped unit and tmpfiles entry do)",
+            dir.display(),
+            mode & 0o7777
+        )
+    })
 }
 
 /// Removes the socket file at `path` when dropped, if it is still the one that was there
@@ -179,6 +217,22 @@ mod tests {
         let _l = bind(&p).unwrap();
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, SOCKET_MODE);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_directory_others_may_write_without_the_sticky_bit_is_named() {
+        let d = dir("unsafe");
+        for (mode, flagged) in [
+            (0o770, true),
+            (0o757, true),
+            (0o1777, false),
+            (0o750, false),
+            (0o755, false),
+        ] {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(unsafe_directory(&d).is_some(), flagged, "{mode:o}");
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 

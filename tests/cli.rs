@@ -562,7 +562,7 @@ fn socket_path_never_replaces_a_file_that_is_not_a_socket() {
 }
 
 #[test]
-fn the_daemons_sockets_are_created_mode_0660_whatever_the_umask() {
+fn the_daemons_sockets_are_created_0660_and_the_control_socket_0600_whatever_the_umask() {
     let dir = TempDir::new();
     let (sock, ctl) = (dir.0.join("v.sock"), dir.0.join("ctl.sock"));
     for umask in [0o022, 0o000, 0o077] {
@@ -586,7 +586,7 @@ fn the_daemons_sockets_are_created_mode_0660_whatever_the_umask() {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(mode_of(&sock), 0o660, "umask {umask:03o}");
-        assert_eq!(mode_of(&ctl), 0o660, "umask {umask:03o}");
+        assert_eq!(mode_of(&ctl), 0o600, "umask {umask:03o}");
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
         assert!(wait_exit(&mut child.0).success());

@@ -585,6 +585,48 @@ fn a_socket_path_another_vm_uses_fails_the_check() {
 }
 
 #[test]
+fn vms_whose_daemons_admit_the_same_vmm_are_warned() {
+    let (h, _) = FakeHost::healthy();
+    let vm2 = |uid: u32| {
+        format!(
+            "socket = \"/run/vhost-user-iommu/vm2.sock\"\nbackend = \"soft\"\nvmm_uid = {uid}\n"
+        )
+    };
+    h.config("vm2", &vm2(64055));
+    let r = deploy::check(&h.config("vm1", VM1), &opts(&h));
+    let w = lines(&r, Status::Warn).join("\n");
+    assert!(
+        w.contains("VM(s) vm2") && w.contains("same VMM credentials"),
+        "{r}"
+    );
+    h.config("vm2", &vm2(64056));
+    let r = deploy::check(&h.config("vm1", VM1), &opts(&h));
+    assert!(lines(&r, Status::Warn).is_empty(), "{r}");
+}
+
+#[test]
+fn a_socket_directory_others_can_write_fails_the_check() {
+    use std::os::unix::fs::PermissionsExt;
+    let (h, _) = FakeHost::healthy();
+    let run = h.path("run-vm1");
+    std::fs::create_dir_all(&run).unwrap();
+    let text = VM1.replace(
+        "/run/vhost-user-iommu/vm1.sock",
+        run.join("vm1.sock").to_str().unwrap(),
+    );
+    for (mode, fails) in [(0o770, true), (0o750, false), (0o1777, false)] {
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(mode)).unwrap();
+        let r = deploy::check(&h.config("vm1", &text), &opts(&h));
+        let f = lines(&r, Status::Fail).join("\n");
+        assert_eq!(
+            f.contains("writable by its group or others"),
+            fails,
+            "{mode:o}: {r}"
+        );
+    }
+}
+
+#[test]
 fn the_check_command_prints_a_report_and_fails_on_problems() {
     let (h, nic) = FakeHost::healthy();
     let cfg = h.config("vm1", VM1);

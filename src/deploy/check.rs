@@ -257,11 +257,15 @@ fn check_socket(r: &mut Report, cfg: &VmConfig, vm: &str) {
         } else if cfg.socket.is_some() && what == "vhost-user socket" {
             r.push(Status::Ok, format!("vhost-user socket {}", s.display()));
         }
+        if let Some(why) = s.parent().and_then(crate::listen::unsafe_directory) {
+            r.push(Status::Fail, format!("{what} {}: {why}", s.display()));
+        }
     }
 }
 
 /// Two daemons cannot listen on one path: the second is refused at start. Fails for each
-/// socket of this VM that another config in the same directory also names.
+/// socket of this VM that another config in the same directory also names; warns when another
+/// config admits the same VMM credentials (the peer check cannot separate those VMs).
 fn check_socket_owners(r: &mut Report, cfg: &VmConfig, path: &Path, vm: &str) {
     let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
         return;
@@ -274,6 +278,24 @@ fn check_socket_owners(r: &mut Report, cfg: &VmConfig, path: &Path, vm: &str) {
         .filter(|(other, _)| other != vm)
         .filter_map(|(other, p)| Some((other, VmConfig::load(&p).ok()?)))
         .collect();
+    let same_vmm: Vec<&str> = others
+        .iter()
+        .filter(|(_, c)| {
+            (cfg.vmm_uid.is_some() || cfg.vmm_gid.is_some())
+                && (c.vmm_uid, c.vmm_gid) == (cfg.vmm_uid, cfg.vmm_gid)
+        })
+        .map(|(v, _)| v.as_str())
+        .collect();
+    if !same_vmm.is_empty() {
+        r.push(
+            Status::Warn,
+            format!(
+                "VM(s) {} in {} admit the same VMM credentials (vmm_uid/vmm_gid): their daemons cannot tell the VMMs apart, so one VM's QEMU may connect to the other's daemon first; run each VM's QEMU as its own uid (libvirt: <seclabel type='static' model='dac'>) and name it in vmm_uid",
+                same_vmm.join(", "),
+                dir.display()
+            ),
+        );
+    }
     for (what, s) in cfg.socket_paths() {
         let users: Vec<&str> = others
             .iter()
