@@ -31,6 +31,17 @@ pub struct Backend {
     pub iommufd: Option<Arc<IommufdBackend>>,
 }
 
+/// What every vfio-user front of the daemon shares.
+#[derive(Clone, Copy)]
+pub struct FrontShared<'a> {
+    /// Stops (or hands over) every server.
+    pub stop: &'a vfio_user::StopSignal,
+    /// Boot bypass's view of guest RAM, if configured.
+    pub boot: Option<&'a Arc<BootRam>>,
+    /// The daemon's request trace (a line per vfio-user message while it is on).
+    pub trace: &'a Arc<crate::trace::Tracer>,
+}
+
 /// Serves each configured endpoint's VFIO device to the VMM over vfio-user; a server handed over
 /// by a previous daemon (`resumed`) waits for a message on its sender in `gates` before it
 /// serves. DMA_MAPs from the
@@ -42,11 +53,11 @@ pub fn start_vfio_user(
     cfg: &VmConfig,
     backend: &Backend,
     current: &CurrentDevice,
-    stop: &vfio_user::StopSignal,
-    boot: Option<&Arc<BootRam>>,
+    shared: FrontShared<'_>,
     mut resumed: BTreeMap<EndpointId, ResumedServer>,
     gates: &mut Vec<std::sync::mpsc::Sender<()>>,
 ) -> Result<VfioUserFronts, String> {
+    let FrontShared { stop, boot, trace } = shared;
     let mut threads = BTreeMap::new();
     let mut slots = BTreeMap::new();
     let all_maps: Arc<Mutex<Vec<vfio_user::DmaMaps>>> = Arc::default();
@@ -104,6 +115,7 @@ pub fn start_vfio_user(
         }
         let mut server = vfio_user::DeviceServer::new(Box::new(dev), dma_check, stop.clone())
             .peers(peers)
+            .trace(trace.clone())
             .name(name.clone())
             .on_disconnect(on_disconnect);
         if let Some(boot) = boot {

@@ -1,14 +1,18 @@
-//! The control socket: a local, read-only view of the daemon for operators and tests.
+//! The control socket: a local view of the daemon for operators and tests.
 //!
 //! A client connects to the unix socket, writes one command line and reads the answer until
 //! the daemon closes the connection:
 //! - `summary`: a few lines for people (domains, mappings, endpoints, requests by type);
 //! - `state`: JSON with the live domains (and their mappings), the endpoints and the counters;
-//! - `metrics`: the counters in Prometheus text format.
+//! - `metrics`: the counters in Prometheus text format;
+//! - `trace`, `trace start MAX_MB FILE`, `trace stop`: where the request trace goes, start it
+//!   (or move it to another file), stop it, on the running daemon.
 //!
-//! `vhost-user-iommu ctl --control-socket PATH state|metrics` is such a client.
+//! `vhost-user-iommu ctl --control-socket PATH [summary|state|metrics|trace ...]` is such a
+//! client.
 //!
-//! It never changes anything; who may connect is decided by the socket file's permissions.
+//! It changes nothing the guest or the VMM sees; only the trace can be switched. Who may
+//! connect is decided by the socket file's permissions (0600: the daemon's user and root).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -20,6 +24,7 @@ use log::warn;
 
 use crate::domains::{DomainSummary, EndpointView};
 use crate::metrics::Metrics;
+use crate::trace::Tracer;
 use crate::vhost::IommuDevice;
 
 /// How long an answer may wait for a client to read it before the connection is dropped.
@@ -38,6 +43,7 @@ pub fn spawn(
     device: CurrentDevice,
     metrics: Arc<Metrics>,
     pinned: PinnedBytes,
+    trace: Arc<Tracer>,
 ) -> std::io::Result<()> {
     let listener = crate::listen::bind_with_mode(path, crate::listen::PRIVATE_SOCKET_MODE)?;
     std::thread::Builder::new()
@@ -46,7 +52,7 @@ pub fn spawn(
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) = answer(c, &device, &metrics, &pinned) {
+                        if let Err(e) = answer(c, &device, &metrics, &pinned, &trace) {
                             warn!("control socket: {e}");
                         }
                     }
@@ -62,6 +68,7 @@ fn answer(
     device: &CurrentDevice,
     metrics: &Metrics,
     pinned: &PinnedBytes,
+    trace: &Tracer,
 ) -> std::io::Result<()> {
     // One thread answers every client in turn: one that sends a command and then reads slowly
     // or not at all may hold it this long per answer, not forever.
@@ -69,7 +76,7 @@ fn answer(
     conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new(conn.try_clone()?)
-        .take(64)
+        .take(4096 + 64)
         .read_line(&mut line)?;
     let mut conn = conn;
     match line.trim() {
@@ -106,10 +113,61 @@ fn answer(
             let (domains, endpoints) = dev.map(|d| d.summary()).unwrap_or_default();
             conn.write_all(summary(&domains, &endpoints, metrics, pinned()).as_bytes())
         }
+        t if t == "trace" || t.starts_with("trace ") => {
+            conn.write_all(trace_command(trace, t["trace".len()..].trim()).as_bytes())
+        }
         other => writeln!(
             conn,
-            "unknown command {other:?}; try summary, state or metrics"
+            "error: unknown command {other:?}; try summary, state, metrics, trace, trace start MAX_MB FILE or trace stop"
         ),
+    }
+}
+
+/// `trace` (where it goes), `trace start MAX_MB FILE`, `trace stop`: the answer, one line
+/// (`error: …` when refused).
+fn trace_command(trace: &Tracer, args: &str) -> String {
+    let status = |t: &Tracer| match t.status() {
+        Some((p, cap)) => format!(
+            "tracing to {} (rotated at {} MiB)\n",
+            p.display(),
+            cap >> 20
+        ),
+        None => "trace off\n".to_string(),
+    };
+    let mut words = args.splitn(3, ' ');
+    match (words.next(), words.next(), words.next()) {
+        (Some("") | None, None, None) => status(trace),
+        (Some("stop"), None, None) => match trace.stop() {
+            Some(p) => {
+                log::info!("request trace to {} stopped (control socket)", p.display());
+                format!("trace to {} stopped\n", p.display())
+            }
+            None => "trace off\n".to_string(),
+        },
+        (Some("start"), Some(mb), Some(file)) => {
+            let Some(mb) = mb
+                .parse::<u64>()
+                .ok()
+                .filter(|&m| (1..=1 << 20).contains(&m))
+            else {
+                return format!("error: {mb:?} is not a size in MiB (1..=1048576)\n");
+            };
+            let path = Path::new(file);
+            if !path.is_absolute() {
+                return format!("error: {file:?} is not an absolute path\n");
+            }
+            match trace.start(path, mb << 20) {
+                Ok(()) => {
+                    log::info!(
+                        "request trace to {} started (control socket)",
+                        path.display()
+                    );
+                    status(trace)
+                }
+                Err(e) => format!("error: cannot write the trace {file}: {e}\n"),
+            }
+        }
+        _ => format!("error: {args:?}: try trace, trace start MAX_MB FILE or trace stop\n"),
     }
 }
 

@@ -135,9 +135,16 @@ struct CtlArgs {
     /// The daemon's --control-socket.
     #[arg(long)]
     control_socket: PathBuf,
-    /// What to ask for: a summary for people, the whole state as JSON, or Prometheus metrics.
+    /// What to ask for: a summary for people, the whole state as JSON, Prometheus metrics,
+    /// where the request trace goes (`trace`), or start or stop it on the running daemon.
     #[arg(value_enum, default_value = "summary")]
     what: CtlQuery,
+    /// trace-start: the file to write the trace to (absolute; appended to).
+    #[arg(required_if_eq("what", "trace-start"))]
+    file: Option<PathBuf>,
+    /// trace-start: the size at which the trace file is rotated (MiB).
+    #[arg(long, default_value_t = 64)]
+    max_mb: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -145,6 +152,9 @@ enum CtlQuery {
     Summary,
     State,
     Metrics,
+    Trace,
+    TraceStart,
+    TraceStop,
 }
 
 #[derive(Args, Debug)]
@@ -234,15 +244,30 @@ fn write_assets(a: AssetsArgs) -> Result<(), String> {
 }
 
 fn ctl(a: CtlArgs) -> Result<(), String> {
-    let command = match a.what {
-        CtlQuery::Summary => "summary",
-        CtlQuery::State => "state",
-        CtlQuery::Metrics => "metrics",
+    let command = match (a.what, &a.file) {
+        (CtlQuery::TraceStart, Some(f)) => {
+            // The daemon runs elsewhere: a relative path would be relative to its directory.
+            let f = std::path::absolute(f).map_err(|e| format!("{}: {e}", f.display()))?;
+            let f = f.to_str().ok_or("the trace file's path is not UTF-8")?;
+            format!("trace start {} {f}", a.max_mb)
+        }
+        (CtlQuery::TraceStart, None) => return Err("trace-start needs a FILE".into()),
+        (_, Some(f)) => return Err(format!("{}: only trace-start takes a file", f.display())),
+        (CtlQuery::Summary, None) => "summary".into(),
+        (CtlQuery::State, None) => "state".into(),
+        (CtlQuery::Metrics, None) => "metrics".into(),
+        (CtlQuery::Trace, None) => "trace".into(),
+        (CtlQuery::TraceStop, None) => "trace stop".into(),
     };
-    let answer = control::query(&a.control_socket, command)
+    let answer = control::query(&a.control_socket, &command)
         .map_err(|e| format!("control socket {}: {e}", a.control_socket.display()))?;
-    print!("{answer}");
-    Ok(())
+    match answer.strip_prefix("error: ") {
+        Some(e) => Err(e.trim_end().to_string()),
+        None => {
+            print!("{answer}");
+            Ok(())
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -767,15 +792,12 @@ fn run_resumed(
             uid: cfg.vmm_uid,
             gid: cfg.vmm_gid,
         },
-        trace: a
-            .trace
-            .as_ref()
-            .map(|p| {
-                vhost_user_iommu::trace::Tracer::open(p, a.trace_max_mb << 20)
-                    .map(Arc::new)
-                    .map_err(|e| format!("cannot write the trace {}: {e}", p.display()))
-            })
-            .transpose()?,
+        // Off unless --trace: the control socket may start it later.
+        trace: Some(Arc::new(match &a.trace {
+            Some(p) => vhost_user_iommu::trace::Tracer::open(p, a.trace_max_mb << 20)
+                .map_err(|e| format!("cannot write the trace {}: {e}", p.display()))?,
+            None => vhost_user_iommu::trace::Tracer::off(),
+        })),
     };
     let stopper = Arc::new(Stopper::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
     // Where the next binary is (the path, which a package upgrade points at the new file).
@@ -792,7 +814,11 @@ fn run_resumed(
         let iommufd = backend.iommufd.clone();
         let pinned: control::PinnedBytes =
             Box::new(move || iommufd.as_ref().map_or(0, |b| b.pinned_bytes()));
-        control::spawn(p, current.clone(), metrics.clone(), pinned)
+        let trace = settings
+            .trace
+            .clone()
+            .expect("the daemon always has a tracer");
+        control::spawn(p, current.clone(), metrics.clone(), pinned, trace)
             .map_err(|e| format!("cannot serve the control socket {}: {e}", p.display()))?;
     }
     let vfio_stop =
@@ -802,12 +828,19 @@ fn run_resumed(
     let boot = boot_bypass.then(|| Arc::new(BootRam::default()));
     // The vfio-user servers handed over serve once the vhost-user side is rebuilt.
     let mut gates = Vec::new();
+    let trace = settings
+        .trace
+        .clone()
+        .expect("the daemon always has a tracer");
     let mut fronts = start_vfio_user(
         &cfg,
         &backend,
         &current,
-        &vfio_stop,
-        boot.as_ref(),
+        vhost_user_iommu::assembly::FrontShared {
+            stop: &vfio_stop,
+            boot: boot.as_ref(),
+            trace: &trace,
+        },
         handed_servers,
         &mut gates,
     )?;

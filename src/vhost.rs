@@ -91,8 +91,15 @@ pub struct DeviceSettings {
     /// Who may connect on the vhost-user socket (`vmm_uid`, `vmm_gid`; unset: anyone who can
     /// reach the socket file). Checked on every accepted connection before a byte is read.
     pub vmm: crate::peer::PeerPolicy,
-    /// The request trace (`--trace`), if on.
+    /// The request trace (`--trace`, or started on the control socket), if the daemon has one.
     pub trace: Option<Arc<crate::trace::Tracer>>,
+}
+
+impl DeviceSettings {
+    /// The request trace, while it is on.
+    pub fn tracer(&self) -> Option<&crate::trace::Tracer> {
+        self.trace.as_deref().filter(|t| t.is_on())
+    }
 }
 
 /// Per-connection device state. One owner changes it (see `mailbox`): the vring thread while it
@@ -244,9 +251,9 @@ impl IommuDevice {
         self.publish(&s);
     }
 
-    /// The request trace, if on.
+    /// The request trace, while it is on.
     pub fn trace(&self) -> Option<&crate::trace::Tracer> {
-        self.0.settings.trace.as_deref()
+        self.0.settings.tracer()
     }
 
     /// Guest memory as the connection's rings see it (the memory table in force).

@@ -862,6 +862,82 @@ fn trace_writes_one_json_line_per_request_and_per_vhost_user_message() {
 }
 
 #[test]
+fn ctl_starts_and_stops_the_trace_of_a_running_daemon() {
+    let dir = TempDir::new();
+    let sock = dir.0.join("t.sock");
+    let ctl_sock = dir.0.join("t.ctl");
+    let trace = dir.0.join("live.jsonl");
+    let log = dir.0.join("daemon.log");
+    let d = LoggedDaemon::spawn(
+        BIN.as_ref(),
+        &sock,
+        &["--control-socket".as_ref(), ctl_sock.as_os_str()],
+        &log,
+    );
+    let ctl = |args: &[&std::ffi::OsStr]| {
+        let o = Command::new(BIN)
+            .arg("ctl")
+            .arg("--control-socket")
+            .arg(&ctl_sock)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
+    while !ctl_sock.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(ctl(&["trace".as_ref()]), (true, "trace off\n".into()));
+    // Before the trace: not written anywhere.
+    assert_eq!(vm.request(&Request::attach(1, 1)).unwrap(), Status::Ok);
+    let (ok, out) = ctl(&[
+        "trace-start".as_ref(),
+        trace.as_os_str(),
+        "--max-mb".as_ref(),
+        "8".as_ref(),
+    ]);
+    assert!(
+        ok && out.contains("tracing to") && out.contains("8 MiB"),
+        "{out}"
+    );
+    assert_eq!(
+        vm.request(&Request::map(1, 0x1000, 0x1fff, 0x1000, 3))
+            .unwrap(),
+        Status::Ok
+    );
+    assert!(ctl(&["trace-stop".as_ref()]).0);
+    // After it: not written either.
+    assert_eq!(
+        vm.request(&Request::unmap(1, 0x1000, 0x1fff)).unwrap(),
+        Status::Ok
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let types: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["kind"] == "request")
+        .map(|l| l["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["map"], "{lines:?}");
+    // Refusals are errors with a reason, and the daemon goes on.
+    let (ok, out) = ctl(&["trace-start".as_ref(), dir.0.as_os_str()]);
+    assert!(!ok && out.contains("cannot write the trace"), "{out}");
+    let (ok, out) = ctl(&["trace-start".as_ref()]);
+    assert!(!ok, "{out}");
+    assert_eq!(ctl(&["trace".as_ref()]), (true, "trace off\n".into()));
+    assert_eq!(vm.request(&Request::attach(2, 2)).unwrap(), Status::Ok);
+    vm.disconnect();
+    d.stop();
+}
+
+#[test]
 fn the_readmes_first_command_shows_the_daemon_serving_within_seconds() {
     let dir = TempDir::new();
     let sock = dir.0.join("demo.sock");

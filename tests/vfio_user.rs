@@ -1623,3 +1623,63 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
     ));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_trace_has_a_line_per_vfio_user_message_with_its_fields_and_errno() {
+    use vhost_user_iommu::vfio_user::{DeviceServer, bind_socket};
+    let dir = std::env::temp_dir().join(format!("vfio-user-trace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (path, trace_path) = (dir.join("dev.sock"), dir.join("trace.jsonl"));
+    let trace = Arc::new(vhost_user_iommu::trace::Tracer::off());
+    let (fake, _state) = Fake::new();
+    let stop = StopSignal::new().unwrap();
+    let dma_check: DmaCheck =
+        Arc::new(|gpa, len| gpa.checked_add(len).is_some_and(|e| e <= GUEST_RAM_END));
+    let server = DeviceServer::new(Box::new(fake), dma_check, stop.clone())
+        .name("nic0")
+        .trace(trace.clone());
+    let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
+    let mut c = Client::connect_to(&path);
+    // Off: nothing is written.
+    c.version("{}").unwrap();
+    trace.start(&trace_path, 1 << 20).unwrap();
+    let ram = memfd("guest-ram", 0x10_0000);
+    c.dma_map(3, 0, 0x10_0000, 0x10_0000, Some(ram.as_raw_fd()))
+        .unwrap();
+    let e = c
+        .dma_map(3, 0, GUEST_RAM_END, 0x1000, Some(ram.as_raw_fd()))
+        .unwrap_err();
+    assert_eq!(e, libc::EFAULT as u32);
+    c.read(CONFIG, 0, 4).unwrap();
+    c.dma_unmap(0, 0x10_0000, 0x10_0000).unwrap();
+    trace.stop();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&trace_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let names: Vec<&str> = lines.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["DMA_MAP", "DMA_MAP", "REGION_READ", "DMA_UNMAP"],
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["kind"] == "vfio-user" && l["device"] == "nic0")
+    );
+    assert!(lines.iter().all(|l| l["latency_ns"].as_u64().is_some()));
+    assert_eq!(lines[0]["iova"], "0x100000");
+    assert_eq!(lines[0]["size"], "0x100000");
+    assert_eq!(lines[0]["ok"], true);
+    assert_eq!(lines[1]["ok"], false);
+    assert_eq!(lines[1]["errno"], libc::EFAULT);
+    assert_eq!(lines[2]["region"], CONFIG);
+    assert_eq!(lines[2]["count"], 4);
+    assert_eq!(lines[3]["iova"], "0x100000");
+    stop.stop();
+    thread.join().unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

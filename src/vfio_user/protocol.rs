@@ -32,6 +32,30 @@ pub const CMD_DEVICE_FEATURE: u16 = 16;
 pub const CMD_MIG_DATA_READ: u16 = 17;
 pub const CMD_MIG_DATA_WRITE: u16 = 18;
 
+/// The command's name as the protocol specification writes it (for logs and the trace).
+pub fn command_name(command: u16) -> &'static str {
+    match command {
+        CMD_VERSION => "VERSION",
+        CMD_DMA_MAP => "DMA_MAP",
+        CMD_DMA_UNMAP => "DMA_UNMAP",
+        CMD_DEVICE_GET_INFO => "DEVICE_GET_INFO",
+        CMD_DEVICE_GET_REGION_INFO => "DEVICE_GET_REGION_INFO",
+        CMD_DEVICE_GET_REGION_IO_FDS => "DEVICE_GET_REGION_IO_FDS",
+        CMD_DEVICE_GET_IRQ_INFO => "DEVICE_GET_IRQ_INFO",
+        CMD_DEVICE_SET_IRQS => "DEVICE_SET_IRQS",
+        CMD_REGION_READ => "REGION_READ",
+        CMD_REGION_WRITE => "REGION_WRITE",
+        CMD_DMA_READ => "DMA_READ",
+        CMD_DMA_WRITE => "DMA_WRITE",
+        CMD_DEVICE_RESET => "DEVICE_RESET",
+        CMD_REGION_WRITE_MULTI => "REGION_WRITE_MULTI",
+        CMD_DEVICE_FEATURE => "DEVICE_FEATURE",
+        CMD_MIG_DATA_READ => "MIG_DATA_READ",
+        CMD_MIG_DATA_WRITE => "MIG_DATA_WRITE",
+        _ => "UNKNOWN",
+    }
+}
+
 // Header flags.
 pub const FLAG_TYPE_MASK: u32 = 0xf;
 pub const FLAG_TYPE_COMMAND: u32 = 0;

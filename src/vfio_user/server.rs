@@ -67,6 +67,7 @@ pub struct DeviceServer {
     maps: DmaMaps,
     peers: PeerPolicy,
     message_timeout: Duration,
+    trace: Option<Arc<crate::trace::Tracer>>,
 }
 
 /// Refused clients (another VM's VMM, a stray process): their number decides how often.
@@ -85,7 +86,14 @@ impl DeviceServer {
             maps: DmaMaps::default(),
             peers: PeerPolicy::default(),
             message_timeout: MESSAGE_TIMEOUT,
+            trace: None,
         }
+    }
+
+    /// Writes a line per message into the daemon's request trace while it is on.
+    pub fn trace(mut self, trace: Arc<crate::trace::Tracer>) -> Self {
+        self.trace = Some(trace);
+        self
     }
 
     /// The time a client has for its first message and for each whole message
@@ -193,6 +201,7 @@ impl DeviceServer {
             let mut conn =
                 Connection::new(&*dev, &self.dma_check, &self.name, &self.maps).resumed(&state);
             conn.on_maps = self.on_dma_change.clone();
+            conn.trace = self.trace.as_deref();
             let ended = conn.run(&stream, &self.stop, self.message_timeout);
             if ended.is_ok() && self.stop.handing_over() && !self.stop.is_stopped() {
                 // Between two messages: the connection passes on as it is.

@@ -261,10 +261,12 @@ impl Connection {
         let header = msg.header;
         let request = header.request;
         let wants_reply = msg.wants_reply();
+        let started = std::time::Instant::now();
         let answer = self.answer(msg);
         if let Some(t) = self.device.trace() {
             let ok = matches!(answer, Ok(Answer::Reply(_)) | Ok(Answer::Done(Ok(()))));
-            t.message("vhost-user", request, wire::name(request), ok);
+            let latency_ns = started.elapsed().as_nanos() as u64;
+            t.message("vhost-user", request, wire::name(request), ok, latency_ns);
         }
         match answer {
             Ok(Answer::Reply(body)) => wire::reply(sock, &header, &body),

@@ -197,7 +197,7 @@ impl IommuDevice {
                         mem.as_deref(),
                         &v,
                         &self.0.metrics,
-                        self.0.settings.trace.as_deref(),
+                        self.0.settings.tracer(),
                     );
                     s.stopped = Some(RingMark::of(&v, mem.as_deref()));
                 }
@@ -363,7 +363,7 @@ impl IommuDevice {
                 mem.as_deref(),
                 &v,
                 &self.0.metrics,
-                self.0.settings.trace.as_deref(),
+                self.0.settings.tracer(),
             );
         }
     }

@@ -261,7 +261,7 @@ impl IommuDevice {
             quiet_since,
             ..
         } = s;
-        let trace = self.0.settings.trace.as_deref();
+        let trace = self.0.settings.tracer();
         let mut a = Answerer {
             mem: &mem,
             pending,
@@ -439,7 +439,7 @@ impl IommuDevice {
             vring: &v,
             metrics: &self.0.metrics,
             limiter: &mut s.limiter,
-            trace: self.0.settings.trace.as_deref(),
+            trace: self.0.settings.tracer(),
             used: false,
         };
         s.dispatcher.poll();
@@ -447,7 +447,7 @@ impl IommuDevice {
         if a.used {
             signal(&v);
         }
-        if let Some(t) = &self.0.settings.trace {
+        if let Some(t) = self.0.settings.tracer() {
             t.flush();
         }
     }

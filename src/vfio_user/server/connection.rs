@@ -34,6 +34,8 @@ pub(super) struct Connection<'a> {
     pub(super) on_maps: Option<MapsHook>,
     /// IRQ indexes (bit per index) the client set, to disable after it.
     irqs_set: u32,
+    /// The daemon's request trace: one line per message while it is on.
+    pub(super) trace: Option<&'a crate::trace::Tracer>,
 }
 
 impl<'a> Connection<'a> {
@@ -51,6 +53,7 @@ impl<'a> Connection<'a> {
             maps,
             on_maps: None,
             irqs_set: 0,
+            trace: None,
         }
     }
 
@@ -149,7 +152,19 @@ impl<'a> Connection<'a> {
             }
         }
         let version_refused = h.command == CMD_VERSION && !self.negotiated;
+        let started = Instant::now();
         let result = self.dispatch(&m);
+        if let Some(t) = self.trace.filter(|t| t.is_on()) {
+            let fields = trace_fields(h.command, &m.payload);
+            let msg = crate::trace::VfioUserMessage {
+                command: h.command,
+                name: command_name(h.command),
+                id: h.msg_id,
+                fields: &fields,
+            };
+            let errno = result.as_ref().err().map(|e| e.errno);
+            t.vfio_user(self.name, msg, errno, started.elapsed().as_nanos() as u64);
+        }
         // The reply's fd (if any) borrows the device; send before anything else happens.
         match result {
             Ok(r) => {
@@ -513,3 +528,44 @@ impl<'a> Connection<'a> {
 /// The PCI command register and its bus-master enable bit.
 const PCI_COMMAND: u64 = 0x04;
 const PCI_COMMAND_MASTER: u16 = 1 << 2;
+
+/// The members of a vfio-user message's trace line that say what it asked (addresses in hex),
+/// from its payload; empty for messages without such fields or that do not decode.
+fn trace_fields(command: u16, p: &[u8]) -> String {
+    match command {
+        CMD_DMA_MAP => decode_dma_map(p).map(|m| {
+            format!(
+                "\"iova\":\"{:#x}\",\"size\":\"{:#x}\",\"offset\":\"{:#x}\",\"flags\":{}",
+                m.address, m.size, m.offset, m.flags
+            )
+        }),
+        CMD_DMA_UNMAP => decode_dma_unmap(p).map(|u| {
+            format!(
+                "\"iova\":\"{:#x}\",\"size\":\"{:#x}\",\"flags\":{}",
+                u.address, u.size, u.flags
+            )
+        }),
+        CMD_REGION_READ => decode_region_read(p).map(|a| region_fields(&a)),
+        CMD_REGION_WRITE => decode_region_write(p).map(|(a, _)| region_fields(&a)),
+        CMD_DEVICE_SET_IRQS => decode_irq_set(p).map(|s| {
+            format!(
+                "\"index\":{},\"start\":{},\"count\":{},\"flags\":{}",
+                s.index, s.start, s.count, s.flags
+            )
+        }),
+        // `struct vfio_region_info` / `vfio_irq_info`: argsz, flags, index.
+        CMD_DEVICE_GET_REGION_INFO | CMD_DEVICE_GET_IRQ_INFO if p.len() >= 12 => Ok(format!(
+            "\"index\":{}",
+            u32::from_ne_bytes([p[8], p[9], p[10], p[11]])
+        )),
+        _ => Ok(String::new()),
+    }
+    .unwrap_or_default()
+}
+
+fn region_fields(a: &RegionAccess) -> String {
+    format!(
+        "\"region\":{},\"offset\":\"{:#x}\",\"count\":{}",
+        a.region, a.offset, a.count
+    )
+}
