@@ -33,16 +33,22 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The device of the current connection, if any.
 pub type CurrentDevice = Arc<Mutex<Option<IommuDevice>>>;
 
-/// Reads how many bytes of guest RAM the backend holds pinned right now (0 for the software
-/// backend, which pins nothing).
-pub type PinnedBytes = Box<dyn Fn() -> u64 + Send>;
+/// What the control socket reads of the host backend.
+pub struct BackendView {
+    /// How many bytes of guest RAM the backend holds pinned right now (0 for the software
+    /// backend, which pins nothing).
+    pub pinned: Box<dyn Fn() -> u64 + Send>,
+    /// The backend's own metrics in Prometheus text (ioctl latencies; empty for the software
+    /// backend).
+    pub metrics: Box<dyn Fn() -> String + Send>,
+}
 
 /// Starts the control socket's thread.
 pub fn spawn(
     path: &Path,
     device: CurrentDevice,
     metrics: Arc<Metrics>,
-    pinned: PinnedBytes,
+    backend: BackendView,
     trace: Arc<Tracer>,
 ) -> std::io::Result<()> {
     let listener = crate::listen::bind_with_mode(path, crate::listen::PRIVATE_SOCKET_MODE)?;
@@ -52,7 +58,7 @@ pub fn spawn(
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) = answer(c, &device, &metrics, &pinned, &trace) {
+                        if let Err(e) = answer(c, &device, &metrics, &backend, &trace) {
                             warn!("control socket: {e}");
                         }
                     }
@@ -67,7 +73,7 @@ fn answer(
     conn: UnixStream,
     device: &CurrentDevice,
     metrics: &Metrics,
-    pinned: &PinnedBytes,
+    backend: &BackendView,
     trace: &Tracer,
 ) -> std::io::Result<()> {
     // One thread answers every client in turn: one that sends a command and then reads slowly
@@ -88,7 +94,7 @@ fn answer(
                 "endpoints": endpoints,
                 "failed_requests": metrics.failed(),
                 "mappings": domains.iter().map(|d| d.mappings.len()).sum::<usize>(),
-                "pinned_bytes": pinned(),
+                "pinned_bytes": (backend.pinned)(),
             });
             // One buffer, one write: formatting straight into the socket cost a sendto(2) per
             // JSON token.
@@ -105,13 +111,14 @@ fn answer(
             writeln!(
                 conn,
                 "# TYPE viommu_pinned_bytes gauge\nviommu_pinned_bytes {}",
-                pinned()
-            )
+                (backend.pinned)()
+            )?;
+            conn.write_all((backend.metrics)().as_bytes())
         }
         "summary" => {
             let dev = device.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let (domains, endpoints) = dev.map(|d| d.summary()).unwrap_or_default();
-            conn.write_all(summary(&domains, &endpoints, metrics, pinned()).as_bytes())
+            conn.write_all(summary(&domains, &endpoints, metrics, (backend.pinned)()).as_bytes())
         }
         t if t == "trace" || t.starts_with("trace ") => {
             conn.write_all(trace_command(trace, t["trace".len()..].trim()).as_bytes())

@@ -22,6 +22,7 @@ pub mod deploy;
 pub mod domains;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod driver;
+pub mod exporter;
 pub mod guest_ram;
 pub mod hotplug;
 pub mod ids;

@@ -117,6 +117,9 @@ enum Command {
     UdevLookup(vhost_user_iommu::deploy::UdevLookupArgs),
     /// Ask a running daemon's control socket for its state (JSON) or metrics (Prometheus text).
     Ctl(CtlArgs),
+    /// Serve every VM's metrics (the control sockets in the runtime directory) over HTTP for
+    /// Prometheus, on loopback by default.
+    Exporter(vhost_user_iommu::exporter::ExporterArgs),
     /// Write the man page and shell completions generated from this command line into a
     /// directory (for packaging).
     #[command(hide = true)]
@@ -285,6 +288,7 @@ fn main() -> ExitCode {
         Some(Command::Viot(a)) => write_viot(a),
         Some(Command::Bench(a)) => bench(a),
         Some(Command::Ctl(a)) => ctl(a),
+        Some(Command::Exporter(a)) => vhost_user_iommu::exporter::run(&a),
         Some(Command::Assets(a)) => write_assets(a),
         None => run(cli.serve),
     };
@@ -811,14 +815,21 @@ fn run_resumed(
     }
     let current: CurrentDevice = Arc::default();
     if let Some(p) = a.control_socket.as_ref().or(cfg.control_socket.as_ref()) {
-        let iommufd = backend.iommufd.clone();
-        let pinned: control::PinnedBytes =
-            Box::new(move || iommufd.as_ref().map_or(0, |b| b.pinned_bytes()));
+        let (iommufd, iommufd2) = (backend.iommufd.clone(), backend.iommufd.clone());
+        let view = control::BackendView {
+            pinned: Box::new(move || iommufd.as_ref().map_or(0, |b| b.pinned_bytes())),
+            metrics: Box::new(move || {
+                iommufd2
+                    .as_ref()
+                    .map(|b| b.render_metrics())
+                    .unwrap_or_default()
+            }),
+        };
         let trace = settings
             .trace
             .clone()
             .expect("the daemon always has a tracer");
-        control::spawn(p, current.clone(), metrics.clone(), pinned, trace)
+        control::spawn(p, current.clone(), metrics.clone(), view, trace)
             .map_err(|e| format!("cannot serve the control socket {}: {e}", p.display()))?;
     }
     let vfio_stop =

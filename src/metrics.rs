@@ -34,8 +34,10 @@ impl Metrics {
     pub fn record(&self, kind: RequestType, status: Status, latency_ns: u64) {
         let k = kind as usize - 1;
         self.requests[k][status as usize].fetch_add(1, Ordering::Relaxed);
-        let bucket = (64 - latency_ns.leading_zeros()).saturating_sub(8) as usize;
-        self.latency[k][bucket.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        // Past the last bucket: counted in +Inf only (the request count).
+        if let Some(b) = bucket_of(latency_ns) {
+            self.latency[k][b].fetch_add(1, Ordering::Relaxed);
+        }
         self.latency_sum_ns[k].fetch_add(latency_ns, Ordering::Relaxed);
     }
 
@@ -122,26 +124,84 @@ impl Metrics {
         out.push_str("# TYPE viommu_request_latency_seconds histogram\n");
         for k in RequestType::ALL {
             let i = k as usize - 1;
-            let mut cum = 0;
-            for (b, n) in self.latency[i].iter().enumerate() {
-                cum += n.load(Ordering::Relaxed);
-                let le = (256u64 << b) as f64 / 1e9;
-                let _ = writeln!(
-                    out,
-                    "viommu_request_latency_seconds_bucket{{type=\"{}\",le=\"{le:e}\"}} {cum}",
-                    k.name()
-                );
-            }
-            let sum = self.latency_sum_ns[i].load(Ordering::Relaxed) as f64 / 1e9;
-            let _ = writeln!(
-                out,
-                "viommu_request_latency_seconds_bucket{{type=\"{0}\",le=\"+Inf\"}} {cum}\n\
-                 viommu_request_latency_seconds_sum{{type=\"{0}\"}} {sum}\n\
-                 viommu_request_latency_seconds_count{{type=\"{0}\"}} {cum}",
-                k.name()
+            let count = Status::ALL.iter().map(|&s| self.count(k, s)).sum();
+            render_histogram(
+                &mut out,
+                "viommu_request_latency_seconds",
+                &format!("type=\"{}\"", k.name()),
+                &self.latency[i],
+                self.latency_sum_ns[i].load(Ordering::Relaxed),
+                count,
             );
         }
         out
+    }
+}
+
+/// The bucket of a latency: bucket `b` holds what took at most 256 << b ns; `None` past the
+/// last one.
+fn bucket_of(ns: u64) -> Option<usize> {
+    let b = (64 - ns.saturating_sub(1).leading_zeros()).saturating_sub(8) as usize;
+    (b < BUCKETS).then_some(b)
+}
+
+/// One Prometheus histogram (`name` with `labels`) from per-bucket counts.
+fn render_histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    buckets: &[AtomicU64; BUCKETS],
+    sum_ns: u64,
+    count: u64,
+) {
+    let mut cum = 0;
+    for (b, n) in buckets.iter().enumerate() {
+        cum += n.load(Ordering::Relaxed);
+        let le = (256u64 << b) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le:e}\"}} {cum}");
+    }
+    let sum = sum_ns as f64 / 1e9;
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{{labels},le=\"+Inf\"}} {count}\n\
+         {name}_sum{{{labels}}} {sum}\n\
+         {name}_count{{{labels}}} {count}"
+    );
+}
+
+/// A latency histogram of one kind of operation (e.g. one backend ioctl), with the same
+/// buckets as the request latencies.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS],
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record(&self, ns: u64) {
+        if let Some(b) = bucket_of(ns) {
+            self.buckets[b].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Times it was recorded.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Appends the histogram in Prometheus text as `name{labels,le=…}` (no `# TYPE` line).
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        render_histogram(
+            out,
+            name,
+            labels,
+            &self.buckets,
+            self.sum_ns.load(Ordering::Relaxed),
+            self.count(),
+        );
     }
 }
 
@@ -169,6 +229,34 @@ mod tests {
     }
 
     #[test]
+    fn a_latency_is_counted_in_the_first_bucket_that_holds_it() {
+        assert_eq!(bucket_of(0), Some(0));
+        assert_eq!(bucket_of(256), Some(0));
+        assert_eq!(bucket_of(257), Some(1));
+        assert_eq!(bucket_of(512), Some(1));
+        assert_eq!(bucket_of(256 << (BUCKETS - 1)), Some(BUCKETS - 1));
+        assert_eq!(bucket_of((256 << (BUCKETS - 1)) + 1), None);
+        let h = Histogram::default();
+        h.record(300);
+        h.record(1 << 40);
+        let mut text = String::new();
+        h.render(&mut text, "x_seconds", "op=\"map\"");
+        assert!(
+            text.contains("x_seconds_bucket{op=\"map\",le=\"2.56e-7\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_seconds_bucket{op=\"map\",le=\"5.12e-7\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_seconds_bucket{op=\"map\",le=\"+Inf\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("x_seconds_count{op=\"map\"} 2"), "{text}");
+    }
+
+    #[test]
     fn failed_counts_every_non_ok_status() {
         let m = Metrics::default();
         m.record(RequestType::Map, Status::Ok, 1000);
@@ -185,5 +273,13 @@ mod tests {
             text.contains("viommu_request_latency_seconds_bucket{type=\"attach\",le=\"+Inf\"} 1")
         );
         assert!(text.contains("viommu_request_latency_seconds_sum{type=\"map\"} 0.000002"));
+        // ... and in no finite bucket.
+        let last = format!("le=\"{:e}\"", (256u64 << (BUCKETS - 1)) as f64 / 1e9);
+        assert!(
+            text.contains(&format!(
+                "viommu_request_latency_seconds_bucket{{type=\"attach\",{last}}} 0"
+            )),
+            "{text}"
+        );
     }
 }

@@ -938,6 +938,68 @@ fn ctl_starts_and_stops_the_trace_of_a_running_daemon() {
 }
 
 #[test]
+fn the_exporter_serves_every_vms_metrics_over_http_with_a_vm_label() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new();
+    let (sock, ctl) = (dir.0.join("vm1.sock"), dir.0.join("vm1.ctl"));
+    let log = dir.0.join("daemon.log");
+    let d = LoggedDaemon::spawn(
+        BIN.as_ref(),
+        &sock,
+        &["--control-socket".as_ref(), ctl.as_os_str()],
+        &log,
+    );
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
+    assert_eq!(vm.request(&Request::attach(1, 1)).unwrap(), Status::Ok);
+    // A control socket nobody serves: the exporter says so (viommu_up 0) and goes on.
+    drop(std::os::unix::net::UnixListener::bind(dir.0.join("gone.ctl")).unwrap());
+    let xlog = dir.0.join("exporter.log");
+    let mut exporter = Running(
+        Command::new(BIN)
+            .args(["-v", "exporter", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(&dir.0)
+            .stderr(std::fs::File::create(&xlog).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_log(&xlog, "/metrics", 1);
+    let text = std::fs::read_to_string(&xlog).unwrap();
+    let addr = text
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .expect("the address in the log")
+        .to_string();
+    let get = |path: &str| {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let answer = get("/metrics");
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap();
+    assert!(body.contains("viommu_up{vm=\"vm1\"} 1\n"), "{body}");
+    assert!(body.contains("viommu_up{vm=\"gone\"} 0\n"), "{body}");
+    assert!(
+        body.contains("viommu_requests_total{vm=\"vm1\",type=\"attach\",status=\"ok\"} 1\n"),
+        "{body}"
+    );
+    assert_eq!(
+        body.matches("# TYPE viommu_domains gauge").count(),
+        1,
+        "{body}"
+    );
+    assert!(get("/nothing").starts_with("HTTP/1.1 404"));
+    vm.disconnect();
+    d.stop();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(exporter.0.id() as i32, libc::SIGTERM) };
+    let _ = exporter.0.wait();
+}
+
+#[test]
 fn the_readmes_first_command_shows_the_daemon_serving_within_seconds() {
     let dir = TempDir::new();
     let sock = dir.0.join("demo.sock");

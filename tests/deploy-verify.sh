@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Verifies the shipped host-integration files with the host's own tools:
-#   systemd-analyze verify   on systemd/*.service (installed into a temporary root, with a stub
+#   systemd-analyze verify   on systemd/*.service (the per-VM template as vm1, and the exporter;
+#                            installed into a temporary root, with a stub
 #                            /usr/bin/vhost-user-iommu that execs the freshly built binary),
 #   systemd-sysusers --dry-run on systemd/vhost-user-iommu.sysusers,
 #   udevadm verify           on udev/*.rules (systemd >= 253 only; Debian 12 has 252).
@@ -31,8 +32,9 @@ if command -v systemd-analyze >/dev/null; then
     for u in /usr/lib/systemd/system/*.target /usr/lib/systemd/system/*.slice; do
         [ -e "$u" ] && cp -P "$u" "$ROOT/usr/lib/systemd/system/"
     done
-    for f in systemd/*@.service; do
-        unit="$(basename "$f" .service)vm1.service"
+    for f in systemd/*.service; do
+        unit="$(basename "$f")"
+        [[ $unit == *@.service ]] && unit="${unit%@.service}@vm1.service"
         echo "== systemd-analyze verify $unit"
         out="$(systemd-analyze verify --root="$ROOT" "$unit" 2>&1)" || fail "$unit: $out"
         [ -z "$out" ] || fail "$unit: systemd-analyze warned: $out"

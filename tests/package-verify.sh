@@ -33,6 +33,7 @@ echo "== dpkg --root install"
 dpkg_root -i "$deb" >/dev/null 2>"$R.err" || { cat "$R.err" >&2; fail "dpkg -i"; }
 for f in usr/libexec/vhost-user-iommu usr/bin/vhost-user-iommu \
     usr/lib/systemd/system/vhost-user-iommu@.service usr/lib/udev/rules.d/90-vhost-user-iommu.rules \
+    usr/lib/systemd/system/vhost-user-iommu-exporter.service \
     usr/lib/sysusers.d/vhost-user-iommu.conf usr/lib/tmpfiles.d/vhost-user-iommu.conf \
     usr/share/qemu/vhost-user/50-vhost-user-iommu.json usr/share/man/man1/vhost-user-iommu.1.gz \
     usr/share/bash-completion/completions/vhost-user-iommu \
@@ -51,9 +52,10 @@ if command -v systemd-analyze >/dev/null; then
     echo "== systemd-analyze verify (installed unit)"
     mkdir -p "$R/etc/vhost-user-iommu"
     cp "$R/usr/share/doc/vhost-user-iommu/examples/vm.toml" "$R/etc/vhost-user-iommu/vm1.toml"
-    out=$(systemd-analyze verify --root="$R" vhost-user-iommu@vm1.service 2>&1) ||
-        fail "systemd-analyze: $out"
-    [ -z "$out" ] || fail "systemd-analyze warned: $out"
+    for unit in vhost-user-iommu@vm1.service vhost-user-iommu-exporter.service; do
+        out=$(systemd-analyze verify --root="$R" "$unit" 2>&1) || fail "systemd-analyze $unit: $out"
+        [ -z "$out" ] || fail "systemd-analyze warned on $unit: $out"
+    done
     rm "$R/etc/vhost-user-iommu/vm1.toml"
 else
     printf '\n!!!!!!!! SKIPPED: systemd-analyze missing: the installed unit is NOT verified\n\n' >&2

@@ -8,6 +8,7 @@
 #                                                      and the udev rule run it by this path too)
 #   /usr/share/qemu/vhost-user/50-vhost-user-iommu.json  the descriptor, naming /usr/libexec
 #   /usr/lib/systemd/system/vhost-user-iommu@.service  the template unit
+#   /usr/lib/systemd/system/vhost-user-iommu-exporter.service  every VM's metrics over HTTP
 #   /usr/lib/udev/rules.d/90-vhost-user-iommu.rules    device -> VM, VFIO cdev ownership
 #   /usr/lib/sysusers.d/vhost-user-iommu.conf          the system user and group
 #   /usr/lib/tmpfiles.d/vhost-user-iommu.conf          /run/vhost-user-iommu
@@ -41,6 +42,7 @@ sed "s|\"binary\": \"/usr/bin/$name\"|\"binary\": \"/usr/libexec/$name\"|" \
 grep -q "\"/usr/libexec/$name\"" "$p/usr/share/qemu/vhost-user/50-vhost-user-iommu.json" ||
     { echo "the descriptor's binary path was not rewritten" >&2; exit 1; }
 install -D -m 644 "systemd/$name@.service" "$p/usr/lib/systemd/system/$name@.service"
+install -D -m 644 "systemd/$name-exporter.service" "$p/usr/lib/systemd/system/$name-exporter.service"
 install -D -m 644 "udev/90-$name.rules" "$p/usr/lib/udev/rules.d/90-$name.rules"
 install -D -m 644 "systemd/$name.sysusers" "$p/usr/lib/sysusers.d/$name.conf"
 install -D -m 644 "packaging/$name.tmpfiles" "$p/usr/lib/tmpfiles.d/$name.conf"

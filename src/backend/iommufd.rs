@@ -70,6 +70,7 @@ use super::{
 };
 use crate::guest_ram::GuestRam;
 use crate::ids::{DomainId, EndpointId, IovaRange, Perms};
+use crate::metrics::Histogram;
 use crate::protocol::{ResvKind, ResvMem};
 use crate::vfio::{self, PciAddress, SysfsRoot};
 
@@ -196,7 +197,7 @@ pub use handover::{DeviceHandover, IommufdHandover};
 use hotplug::request_eventfd;
 pub use hotplug::{HotplugEvent, HotplugHook};
 use probe::{probe_copy, probe_map_file};
-use shared::{IdentityEntry, Shared, Topo, lock, map_flags, memlock_hint};
+use shared::{IdentityEntry, Shared, Topo, lock, map_flags, memlock_hint, timed};
 
 /// The iommufd backend for one VM's devices.
 pub struct IommufdBackend {

@@ -1,6 +1,8 @@
 //! What benchmarks and the VM tier read and tune: map strategy and path, probe results,
 //! counters. Nothing on the request path calls these.
 
+use std::fmt::Write as _;
+
 use super::*;
 
 impl IommufdBackend {
@@ -73,6 +75,30 @@ impl IommufdBackend {
     /// `IOMMU_IOAS_UNMAP` ioctls issued so far.
     pub fn unmap_ioctls(&self) -> u64 {
         self.shared.unmaps.load(Ordering::Relaxed)
+    }
+
+    /// The backend's metrics in Prometheus text: the latency of each kind of ioctl on the
+    /// request path (`op`: map, map_file, copy, unmap, attach) and the map strategy in force.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::from("# TYPE viommu_backend_ioctl_seconds histogram\n");
+        for (op, h) in self.shared.latency.ops() {
+            h.render(
+                &mut out,
+                "viommu_backend_ioctl_seconds",
+                &format!("op=\"{op}\""),
+            );
+        }
+        out.push_str("# TYPE viommu_backend_map_strategy gauge\n");
+        let now = self.shared.strategy();
+        for s in MapStrategy::ALL {
+            let _ = writeln!(
+                out,
+                "viommu_backend_map_strategy{{strategy=\"{}\"}} {}",
+                s.name(),
+                u8::from(s == now)
+            );
+        }
+        out
     }
 
     pub fn map_counts(&self) -> (u64, u64) {

@@ -162,15 +162,18 @@ impl HwDomain for IommufdDomain {
             && shared.staged_gen.load(Ordering::Acquire) == self.ram_gen
         {
             // The staging (identity) IOAS maps every RAM region at IOVA = GPA, pinned once.
-            match sys::ioas_copy(
-                shared.fd(),
-                id,
-                iova.start(),
-                shared.identity_id,
-                op.gpa,
-                len,
-                map_flags(op.perms),
-            ) {
+            let copied = timed(&shared.latency.copy, || {
+                sys::ioas_copy(
+                    shared.fd(),
+                    id,
+                    iova.start(),
+                    shared.identity_id,
+                    op.gpa,
+                    len,
+                    map_flags(op.perms),
+                )
+            });
+            match copied {
                 Ok(()) => {
                     shared.maps_copy.fetch_add(1, Ordering::Relaxed);
                     self.copied.insert(iova.start());

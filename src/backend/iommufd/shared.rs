@@ -97,6 +97,45 @@ pub(super) struct Shared {
     pub(super) maps_copy: AtomicU64,
     /// `IOMMU_IOAS_UNMAP` ioctls issued.
     pub(super) unmaps: AtomicU64,
+    /// How long the request path's ioctls take.
+    pub(super) latency: IoctlLatency,
+}
+
+/// How long each kind of iommufd/VFIO ioctl on the request path takes (`op` in the metrics):
+/// the three ways a guest MAP becomes a kernel mapping (the map strategies), UNMAP, and
+/// pointing a device somewhere (ATTACH, DETACH, bypass).
+#[derive(Debug, Default)]
+pub(super) struct IoctlLatency {
+    /// `IOMMU_IOAS_MAP` by user VA.
+    pub(super) map: Histogram,
+    /// `IOMMU_IOAS_MAP_FILE`.
+    pub(super) map_file: Histogram,
+    /// `IOMMU_IOAS_COPY` from the staging IOAS.
+    pub(super) copy: Histogram,
+    /// `IOMMU_IOAS_UNMAP`.
+    pub(super) unmap: Histogram,
+    /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT` / `VFIO_DEVICE_DETACH_IOMMUFD_PT`.
+    pub(super) attach: Histogram,
+}
+
+impl IoctlLatency {
+    pub(super) fn ops(&self) -> [(&'static str, &Histogram); 5] {
+        [
+            ("map", &self.map),
+            ("map_file", &self.map_file),
+            ("copy", &self.copy),
+            ("unmap", &self.unmap),
+            ("attach", &self.attach),
+        ]
+    }
+}
+
+/// Runs `f` (one ioctl) and records how long it took in `h`.
+pub(super) fn timed<T>(h: &Histogram, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let r = f();
+    h.record(t.elapsed().as_nanos() as u64);
+    r
 }
 
 pub(super) fn map_flags(perms: Perms) -> u32 {
@@ -142,6 +181,7 @@ impl Shared {
             maps_va: AtomicU64::new(0),
             maps_copy: AtomicU64::new(0),
             unmaps: AtomicU64::new(0),
+            latency: IoctlLatency::default(),
         }
     }
 
@@ -202,11 +242,15 @@ impl Shared {
         let path = self.path(file.is_some());
         match (path, file) {
             (MapPath::File, Some((f, off))) => {
-                sys::ioas_map_file(self.fd(), ioas, iova, f.as_fd(), off, len, flags)?;
+                timed(&self.latency.map_file, || {
+                    sys::ioas_map_file(self.fd(), ioas, iova, f.as_fd(), off, len, flags)
+                })?;
                 self.maps_file.fetch_add(1, Ordering::Relaxed);
             }
             _ => {
-                sys::ioas_map(self.fd(), ioas, iova, host.host_addr, len, flags)?;
+                timed(&self.latency.map, || {
+                    sys::ioas_map(self.fd(), ioas, iova, host.host_addr, len, flags)
+                })?;
                 self.maps_va.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -222,7 +266,9 @@ impl Shared {
         len: u64,
     ) -> std::result::Result<u64, sys::Errno> {
         self.unmaps.fetch_add(1, Ordering::Relaxed);
-        sys::ioas_unmap(self.fd(), ioas, iova, len)
+        timed(&self.latency.unmap, || {
+            sys::ioas_unmap(self.fd(), ioas, iova, len)
+        })
     }
 
     pub(super) fn unmap(
@@ -276,11 +322,11 @@ impl Shared {
         }
         let file = dev.file(endpoint)?;
         let what = |op: &str| format!("{endpoint} ({}) {op}", dev.path.display());
-        let r = match to {
+        let r = timed(&self.latency.attach, || match to {
             Attachment::Blocked => sys::detach_pt(file.as_fd()),
             Attachment::Identity => sys::attach_pt(file.as_fd(), self.identity_id),
             Attachment::Domain(id) => sys::attach_pt(file.as_fd(), id),
-        };
+        });
         r.map_err(|e| {
             let target = match to {
                 Attachment::Blocked => "detach".to_string(),

@@ -419,6 +419,42 @@ fn first_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
         }),
     );
 
+    rep.check(
+        "backend ioctl metrics: a latency histogram per ioctl kind that counts exactly what the request path issued",
+        timed(|| {
+            let text = b.render_metrics();
+            let count = |op: &str| -> Result<u64> {
+                let key = format!("viommu_backend_ioctl_seconds_count{{op=\"{op}\"}} ");
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&key))
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| format!("no {key}in:\n{text}"))
+            };
+            let (file, va) = b.map_counts();
+            let (c_unmap, c_file, c_map, c_copy, c_attach) =
+                (count("unmap")?, count("map_file")?, count("map")?, count("copy")?, count("attach")?);
+            if c_unmap != b.unmap_ioctls() {
+                return Err(format!("unmap histogram counts {c_unmap}, {} IOMMU_IOAS_UNMAPs issued", b.unmap_ioctls()));
+            }
+            // Failed attempts (a COPY that falls back) are timed too: at least the successes.
+            if c_file < file || c_map < va || c_copy < b.copy_count() {
+                return Err(format!(
+                    "map histograms (map_file {c_file}, map {c_map}, copy {c_copy}) below the maps done (file {file}, va {va}, copy {})",
+                    b.copy_count()
+                ));
+            }
+            // ATTACH and DETACH of endpoint 1 so far.
+            if c_attach < 2 {
+                return Err(format!("attach histogram counts {c_attach}"));
+            }
+            let strategy = format!("viommu_backend_map_strategy{{strategy=\"{}\"}} 1", b.map_strategy().name());
+            if !text.contains(&strategy) {
+                return Err(format!("no {strategy} in:\n{text}"));
+            }
+            Ok(format!("unmap {c_unmap}, map_file {c_file}, map {c_map}, copy {c_copy}, attach {c_attach}"))
+        }),
+    );
+
     let p4 = pattern(4);
     rep.check(
         "ATTACH_F_BYPASS domain: IOVA = GPA",
