@@ -63,5 +63,11 @@ step "deployment files: systemd-analyze verify, udev rules"
 tests/deploy-verify.sh
 step "Debian package: built, installed into an empty root, verified there, purged"
 tests/package-verify.sh
+if [ -n "${SKIP_VM:-}" ]; then
+  step "Debian package in a clean Debian root (apt, lintian) skipped (SKIP_VM is set)"
+else
+  step "Debian package: apt-get install into a clean Debian 12 root, checked there, purged; lintian"
+  tests/package-install.sh
+fi
 echo
 echo "all tiers passed in $(( $(date +%s) - t0 )) s"

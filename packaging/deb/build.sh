@@ -33,7 +33,7 @@ trap 'rm -rf "$stage"' EXIT
 p=$stage/$name
 doc=$p/usr/share/doc/$name
 install -D -m 755 "$bin" "$p/usr/libexec/$name"
-strip --strip-unneeded "$p/usr/libexec/$name" 2>/dev/null || true
+strip --strip-unneeded --remove-section=.comment "$p/usr/libexec/$name" 2>/dev/null || true
 install -d "$p/usr/bin" "$p/etc/$name"
 ln -s "../libexec/$name" "$p/usr/bin/$name"
 install -d "$p/usr/share/qemu/vhost-user"
@@ -56,38 +56,80 @@ install -D -m 644 "$assets/$name.fish" "$p/usr/share/fish/vendor_completions.d/$
 install -D -m 644 docs/deploying.md "$doc/deploying.md"
 install -m 644 README.md SECURITY.md "$doc/"
 install -D -m 644 packaging/example-vm.toml "$doc/examples/vm.toml"
-gzip -9nc CHANGELOG.md >"$doc/changelog.gz"
+# The maintainer: DEBFULLNAME/DEBEMAIL (Debian's tools read the same), else a placeholder in
+# the reserved .invalid domain (RFC 2606), which says plainly that nobody answers there.
+maintainer="${DEBFULLNAME:-the $name authors} <${DEBEMAIL:-$name@packages.invalid}>"
+date=$(date -R -d "@$(git log -1 --format=%ct 2>/dev/null || date +%s)")
+# A native package: its changelog.gz is in Debian's format and points to the project's own.
+gzip -9nc CHANGELOG.md >"$doc/CHANGELOG.md.gz"
+gzip -9n >"$doc/changelog.gz" <<CHANGES
+$name ($version) unstable; urgency=medium
+
+  * Built from the $name repository at $(git rev-parse --short HEAD 2>/dev/null || echo unknown);
+    what changed is in /usr/share/doc/$name/CHANGELOG.md.gz.
+
+ -- $maintainer  $date
+CHANGES
 cat >"$doc/copyright" <<COPYRIGHT
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: $name
-License: Apache-2.0 OR BSD-3-Clause
+License: Apache-2.0 or BSD-3-Clause
 
 Files: *
-Copyright: the $name authors
-License: Apache-2.0 OR BSD-3-Clause
- On Debian systems the Apache License 2.0 is in /usr/share/common-licenses/Apache-2.0 and the
- BSD license in /usr/share/common-licenses/BSD.
+Copyright: 2026 the $name authors
+License: Apache-2.0 or BSD-3-Clause
+
+License: Apache-2.0
+ On Debian systems the full text of the Apache License 2.0 is in
+ /usr/share/common-licenses/Apache-2.0.
+
+License: BSD-3-Clause
+ Redistribution and use in source and binary forms, with or without modification, are
+ permitted provided that the following conditions are met:
+ .
+ 1. Redistributions of source code must retain the above copyright notice, this list of
+    conditions and the following disclaimer.
+ .
+ 2. Redistributions in binary form must reproduce the above copyright notice, this list of
+    conditions and the following disclaimer in the documentation and/or other materials
+    provided with the distribution.
+ .
+ 3. Neither the name of the copyright holder nor the names of its contributors may be used to
+    endorse or promote products derived from this software without specific prior written
+    permission.
+ .
+ THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS IS" AND ANY EXPRESS
+ OR IMPLIED WARRANTIES, INCLUDING, BUT NOT LIMITED TO, THE IMPLIED WARRANTIES OF
+ MERCHANTABILITY AND FITNESS FOR A PARTICULAR PURPOSE ARE DISCLAIMED. IN NO EVENT SHALL THE
+ COPYRIGHT HOLDER OR CONTRIBUTORS BE LIABLE FOR ANY DIRECT, INDIRECT, INCIDENTAL, SPECIAL,
+ EXEMPLARY, OR CONSEQUENTIAL DAMAGES (INCLUDING, BUT NOT LIMITED TO, PROCUREMENT OF SUBSTITUTE
+ GOODS OR SERVICES; LOSS OF USE, DATA, OR PROFITS; OR BUSINESS INTERRUPTION) HOWEVER CAUSED AND
+ ON ANY THEORY OF LIABILITY, WHETHER IN CONTRACT, STRICT LIABILITY, OR TORT (INCLUDING
+ NEGLIGENCE OR OTHERWISE) ARISING IN ANY WAY OUT OF THE USE OF THIS SOFTWARE, EVEN IF ADVISED
+ OF THE POSSIBILITY OF SUCH DAMAGE.
 COPYRIGHT
 
 install -d "$p/DEBIAN"
 install -m 755 packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm "$p/DEBIAN/"
+(cd "$p" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z |
+    xargs -0 md5sum >DEBIAN/md5sums)
 size=$(du -sk --exclude=DEBIAN "$p" | cut -f1)
 cat >"$p/DEBIAN/control" <<CONTROL
 Package: $name
 Version: $version
 Architecture: $arch
-Maintainer: the $name authors <$name@localhost>
+Maintainer: $maintainer
 Installed-Size: $size
-Depends: libc6 (>= 2.34)
+Depends: libc6 (>= 2.34), adduser
 Recommends: systemd, udev
 Suggests: qemu-system-x86
 Section: admin
 Priority: optional
-Homepage: file:///usr/share/doc/$name/README.md
 Description: virtio-iommu device over vhost-user, backed by iommufd
- One daemon per VM serves a virtio-iommu device to the VM over vhost-user, turns the guest
- driver's ATTACH/DETACH/MAP/UNMAP/PROBE requests into iommufd operations, and serves each
- passed-through device to the VMM over vfio-user, so stock QEMU runs the VM unpatched.
+ One daemon per VM serves a virtio-iommu device to the VM over
+ vhost-user, turns the guest driver's ATTACH/DETACH/MAP/UNMAP/PROBE
+ requests into iommufd operations, and serves each passed-through
+ device to the VMM over vfio-user, so stock QEMU runs the VM unpatched.
 CONTROL
 mkdir -p "$out"
 deb="$out/${name}_${version}_${arch}.deb"
