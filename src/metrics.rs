@@ -28,7 +28,15 @@ pub struct Metrics {
     /// Latency histogram per request type (ATTACH .. PROBE), and the sum of latencies.
     latency: [[AtomicU64; BUCKETS]; 5],
     latency_sum_ns: [AtomicU64; 5],
+    /// How many requests the vring thread found waiting each time it drained the queue (the
+    /// queue depth the device sees): per power-of-two bucket, their sum and the batches.
+    depth: [AtomicU64; DEPTH_BUCKETS],
+    depth_sum: AtomicU64,
+    batches: AtomicU64,
 }
+
+/// Queue-depth buckets: at most 1, 2, 4, … 1024 requests (the largest queue).
+const DEPTH_BUCKETS: usize = 11;
 
 impl Metrics {
     pub fn record(&self, kind: RequestType, status: Status, latency_ns: u64) {
@@ -41,7 +49,19 @@ impl Metrics {
         self.latency_sum_ns[k].fetch_add(latency_ns, Ordering::Relaxed);
     }
 
+    /// A drain of the request queue that found `n` requests (not counted when 0).
+    pub fn record_batch(&self, n: u32) {
+        if n == 0 {
+            return;
+        }
+        let b = (32 - (n - 1).leading_zeros()) as usize;
+        self.depth[b.min(DEPTH_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        self.depth_sum.fetch_add(u64::from(n), Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Every counter, in one fixed order (for handing them to the next binary at an upgrade).
+    /// New counters go at the end: a newer binary then takes an older one's as a prefix.
     fn all(&self) -> impl Iterator<Item = &AtomicU64> {
         self.requests
             .iter()
@@ -55,6 +75,8 @@ impl Metrics {
             ])
             .chain(self.latency.iter().flatten())
             .chain(self.latency_sum_ns.iter())
+            .chain(self.depth.iter())
+            .chain([&self.depth_sum, &self.batches])
     }
 
     /// The counters' values, for [`Metrics::import`] in the next binary.
@@ -62,10 +84,11 @@ impl Metrics {
         self.all().map(|c| c.load(Ordering::Relaxed)).collect()
     }
 
-    /// Adds what a previous binary counted; refuses values of another layout.
+    /// Adds what a previous binary counted (an older binary's fewer counters are the first
+    /// ones of this layout); refuses more counters than this binary keeps.
     pub fn import(&self, values: &[u64]) -> Result<(), String> {
         let n = self.all().count();
-        if values.len() != n {
+        if values.len() > n {
             return Err(format!(
                 "{} counters handed over, this binary keeps {n}",
                 values.len()
@@ -134,6 +157,23 @@ impl Metrics {
                 count,
             );
         }
+        out.push_str("# TYPE viommu_queue_depth histogram\n");
+        let mut cum = 0;
+        for (b, n) in self.depth.iter().enumerate().take(DEPTH_BUCKETS - 1) {
+            cum += n.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "viommu_queue_depth_bucket{{le=\"{}\"}} {cum}",
+                1u32 << b
+            );
+        }
+        let batches = self.batches.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "viommu_queue_depth_bucket{{le=\"+Inf\"}} {batches}\n\
+             viommu_queue_depth_sum {}\nviommu_queue_depth_count {batches}",
+            self.depth_sum.load(Ordering::Relaxed)
+        );
         out
     }
 }
@@ -225,7 +265,32 @@ mod tests {
             b.render()
                 .contains("viommu_request_latency_seconds_sum{type=\"unmap\"} 0.005")
         );
-        assert!(b.import(&[1, 2, 3]).is_err());
+        assert!(b.import(&vec![0; a.export().len() + 1]).is_err());
+        // An older binary kept fewer counters: they are the first ones of this layout.
+        let c = Metrics::default();
+        c.import(&a.export()[..a.export().len() - 3]).unwrap();
+        assert_eq!(c.count(RequestType::Unmap, Status::Range), 1);
+    }
+
+    #[test]
+    fn the_queue_depth_counts_requests_per_drain() {
+        let m = Metrics::default();
+        for n in [1, 1, 3, 4, 5, 0, 2000] {
+            m.record_batch(n);
+        }
+        let text = m.render();
+        for line in [
+            "viommu_queue_depth_bucket{le=\"1\"} 2",
+            "viommu_queue_depth_bucket{le=\"2\"} 2",
+            "viommu_queue_depth_bucket{le=\"4\"} 4",
+            "viommu_queue_depth_bucket{le=\"8\"} 5",
+            "viommu_queue_depth_bucket{le=\"512\"} 5",
+            "viommu_queue_depth_bucket{le=\"+Inf\"} 6",
+            "viommu_queue_depth_sum 2014",
+            "viommu_queue_depth_count 6",
+        ] {
+            assert!(text.contains(&format!("{line}\n")), "{line}: {text}");
+        }
     }
 
     #[test]

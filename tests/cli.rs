@@ -270,6 +270,9 @@ fn control_socket_reports_state_and_prometheus_metrics() {
         "viommu_endpoints_attached 1",
         "viommu_request_latency_seconds_count{type=\"map\"} 1",
         "viommu_request_latency_seconds_count{type=\"attach\"} 2",
+        // Three requests, one at a time (the test kit waits for each answer).
+        "viommu_queue_depth_sum 3",
+        "viommu_queue_depth_bucket{le=\"1\"} 3",
     ] {
         assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
     }

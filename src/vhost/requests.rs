@@ -396,6 +396,7 @@ impl IommuDevice {
                 a.used = false;
             }
             let answered = Instant::now();
+            metrics.record_batch(served);
             if served > 0 {
                 window.served((answered - batch) / served);
             }
