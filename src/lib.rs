@@ -34,6 +34,7 @@ pub mod pipeline;
 pub mod protocol;
 mod scm;
 pub mod server;
+pub mod sigbus;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod trace;

@@ -641,6 +641,9 @@ fn run(a: ServeArgs) -> Result<(), String> {
         println!("{{\n  \"type\": \"iommu\",\n  \"features\": []\n}}");
         return Ok(());
     }
+    // A VMM that truncates guest RAM under the daemon ends its connection, not the daemon.
+    vhost_user_iommu::sigbus::install()
+        .map_err(|e| format!("cannot install the SIGBUS handler: {e}"))?;
     // A previous daemon's state, when this one is its upgrade, and the way back to it.
     let (resumed, rollback) = match a.resume_state_fd {
         Some(fd) => {

@@ -203,3 +203,26 @@ fn wait_until(
 pub fn wait_readable(fd: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(wait_readable_until(fd, stop, None)? == Wait::Readable)
 }
+
+/// Waits until one of `fds` is readable (or hung up); returns the index of the first that is.
+pub fn wait_any(fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `p` is a valid array of `p.len()` pollfds for the duration of the call.
+        let rc = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, -1) };
+        if rc > 0 {
+            return Ok(p.iter().position(|x| x.revents != 0).unwrap_or(0));
+        }
+        let e = io::Error::last_os_error();
+        if rc < 0 && e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}

@@ -1003,6 +1003,48 @@ fn the_exporter_serves_every_vms_metrics_over_http_with_a_vm_label() {
 }
 
 #[test]
+fn a_vmm_that_truncates_guest_ram_under_the_daemon_loses_its_connection_not_the_daemon() {
+    use vhost_user_iommu::driver::Desc;
+    let dir = TempDir::new();
+    let sock = dir.0.join("t.sock");
+    let log = dir.0.join("daemon.log");
+    let mut d = LoggedDaemon::spawn(BIN.as_ref(), &sock, &["-v".as_ref()], &log);
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
+    assert_eq!(vm.request(&Request::attach(1, 1)).unwrap(), Status::Ok);
+    // A second region the test kit itself never touches after this; a request lies in it.
+    let extra = 1u64 << 32;
+    vm.add_region(extra, 1 << 20).unwrap();
+    let (bytes, len) = Request::attach(2, 2).encode();
+    let req = &bytes[..len];
+    let region = vm.region(extra).unwrap();
+    region.write(extra, req).unwrap();
+    // The VMM shrinks the region's file to nothing: the daemon's mapping of it is gone.
+    // SAFETY: ftruncate on the test kit's own memfd.
+    assert_eq!(unsafe { libc::ftruncate(region.fd(), 0) }, 0);
+    vm.push_chain(
+        &[
+            Desc::readable(extra, req.len() as u32),
+            Desc::writable(extra + 0x1000, 4),
+        ],
+        false,
+    )
+    .unwrap();
+    vm.kick().unwrap();
+    wait_log(&log, "is gone (SIGBUS)", 1);
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the daemon died:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    drop(vm);
+    // It serves the next VMM.
+    let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect after");
+    assert_eq!(vm.request(&Request::attach(1, 1)).unwrap(), Status::Ok);
+    vm.disconnect();
+    d.stop();
+}
+
+#[test]
 fn the_readmes_first_command_shows_the_daemon_serving_within_seconds() {
     let dir = TempDir::new();
     let sock = dir.0.join("demo.sock");

@@ -41,6 +41,8 @@ pub struct Connection {
     pub(super) regions: Vec<VmmRegion>,
     /// The mapped regions of that table (each holds its file).
     pub(super) table: Vec<Arc<GuestRegionMmap>>,
+    /// Those mappings, guarded against a SIGBUS when the VMM truncates a file (see `sigbus`).
+    pub(super) watched: Vec<crate::sigbus::Watched>,
     pub(super) vrings: [VringRwLock; 2],
     /// The rings' error eventfds (kept for a handover; the device never signals them).
     pub(super) errs: [Option<File>; 2],
@@ -139,6 +141,7 @@ impl Connection {
         let conn = Connection {
             device,
             regions,
+            watched: watch(&table),
             table,
             vrings,
             errs,
@@ -207,9 +210,19 @@ impl Connection {
     ) -> io::Result<()> {
         self.device.set_memory_table(guest_memory(&table)?)?;
         self.regions = regions;
+        self.watched = watch(&table);
         self.table = table;
         Ok(())
     }
+}
+
+/// Guards each mapping of `table` against the SIGBUS of a truncated file.
+fn watch(table: &[Arc<GuestRegionMmap>]) -> Vec<crate::sigbus::Watched> {
+    use vm_memory::GuestMemoryRegion;
+    table
+        .iter()
+        .map(|r| crate::sigbus::watch(r.as_ptr() as usize, r.len() as usize))
+        .collect()
 }
 
 /// The guest memory of a table's mapped regions (refused if they overlap).
@@ -245,8 +258,19 @@ impl Connection {
     /// message fails (Err: the connection is over).
     pub fn serve(&mut self, sock: &UnixStream, handover: BorrowedFd<'_>) -> io::Result<Served> {
         loop {
-            if !crate::scm::wait_readable(sock.as_fd(), handover)? {
+            let ready = crate::scm::wait_any(&[handover, crate::sigbus::lost_fd(), sock.as_fd()])?;
+            if ready == 0 {
                 return Ok(Served::HandOver);
+            }
+            if ready == 1 {
+                match crate::sigbus::take_lost() {
+                    Some(addr) => {
+                        return Err(io::Error::other(format!(
+                            "guest RAM mapped at {addr:#x} is gone (SIGBUS): the VMM truncated a memory region's file under the daemon; ending the connection"
+                        )));
+                    }
+                    None => continue,
+                }
             }
             let Some(msg) = wire::receive(sock)? else {
                 return Ok(Served::Closed);

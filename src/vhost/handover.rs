@@ -137,6 +137,8 @@ impl Connection {
         let Connection {
             regions: vmm_regions,
             table,
+            // Guarded until the mappings go with the rest of this connection.
+            watched: _watched,
             vrings,
             errs,
             thread,

@@ -6,13 +6,12 @@
 //!
 //! It also refuses a table the daemon could not safely touch: a region that reaches past the end
 //! of its file. Such a mapping succeeds, but reading or writing one of its pages beyond the end
-//! raises SIGBUS and kills the daemon (DESIGN §6: a VMM must not be able to crash it).
+//! raises SIGBUS (DESIGN §6: a VMM must not be able to crash it). A file truncated after the
+//! check is `sigbus`'s: the fault is absorbed and the connection ends.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use log::warn;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -36,7 +35,7 @@ pub(super) fn file_identity(fd: i32) -> Option<(u64, u64)> {
     stat(fd).ok().map(|st| (st.st_dev, st.st_ino))
 }
 
-/// Whether some region of a table came without F_SEAL_SHRINK (warned about once per process).
+/// Whether some region of a table came without F_SEAL_SHRINK (said once per process).
 static SHRINKABLE_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Checks that every file-backed region lies inside its file: `mmap_offset + memory_size` at most
@@ -66,8 +65,8 @@ pub(super) fn check_backing(mem: &GuestMemoryMmap) -> Result<(), String> {
         if (seals < 0 || seals & libc::F_SEAL_SHRINK == 0)
             && !SHRINKABLE_WARNED.swap(true, Ordering::Relaxed)
         {
-            warn!(
-                "memory region at GPA {gpa:#x}: its file has no F_SEAL_SHRINK seal; if the VMM truncated it later, touching the lost pages would kill the daemon with SIGBUS (logged once)"
+            log::info!(
+                "memory region at GPA {gpa:#x}: its file has no F_SEAL_SHRINK seal; if the VMM truncates it, the connection ends when the daemon touches a lost page (SIGBUS absorbed, see `sigbus`; logged once)"
             );
         }
     }
