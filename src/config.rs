@@ -45,6 +45,13 @@ pub struct LimitsConfig {
     pub max_mappings_total: Option<usize>,
 }
 
+/// The longest polling window a config or the command line may ask for (µs).
+pub const MAX_POLL_US: u64 = 1_000_000;
+/// The most domains `limits.max_domains` may allow.
+pub const MAX_DOMAINS: usize = 1 << 20;
+/// The most mappings `limits.max_mappings_*` may allow (2^26: ~13 GB of daemon memory).
+pub const MAX_MAPPINGS: usize = 1 << 26;
+
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
@@ -139,6 +146,32 @@ impl VmConfig {
             && t > 64
         {
             return Err(format!("threads {t} is more than 64"));
+        }
+        if let Some(us) = self.poll_us
+            && us > MAX_POLL_US
+        {
+            return Err(format!(
+                "poll_us {us} must be between 0 and {MAX_POLL_US} (1 s): a longer window only burns a core"
+            ));
+        }
+        if let Some(l) = &self.limits {
+            for (name, v, max) in [
+                ("max_domains", l.max_domains, MAX_DOMAINS),
+                (
+                    "max_mappings_per_domain",
+                    l.max_mappings_per_domain,
+                    MAX_MAPPINGS,
+                ),
+                ("max_mappings_total", l.max_mappings_total, MAX_MAPPINGS),
+            ] {
+                if let Some(v) = v
+                    && !(1..=max).contains(&v)
+                {
+                    return Err(format!(
+                        "limits.{name} {v} must be between 1 and {max} (0 refuses every request of its kind; beyond, one guest could make the daemon hold more memory than any host has, ~200 bytes per mapping)"
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -247,5 +280,28 @@ vfio_user_socket = "/run/vhost-user-iommu/vm1-01.sock"
         let p = Path::new("a.toml");
         assert!(VmConfig::parse("[[endpoint]]\nid = 1\n[[endpoint]]\nid = 1\n", p).is_err());
         assert!(VmConfig::parse("domain_range = [5, 1]\n", p).is_err());
+    }
+
+    #[test]
+    fn limits_of_zero_or_beyond_reason_and_a_huge_poll_window_are_rejected() {
+        let p = Path::new("a.toml");
+        for bad in [
+            "[limits]\nmax_domains = 0\n",
+            "[limits]\nmax_mappings_per_domain = 0\n",
+            "[limits]\nmax_mappings_total = 0\n",
+            "[limits]\nmax_mappings_total = 1000000000\n",
+            "[limits]\nmax_domains = 10000000\n",
+            "poll_us = 5000000\n",
+        ] {
+            let e = VmConfig::parse(bad, p).expect_err(bad).to_string();
+            assert!(e.contains("between"), "{bad}: {e}");
+        }
+        for good in [
+            "[limits]\nmax_domains = 1\nmax_mappings_total = 67108864\n",
+            "poll_us = 0\n",
+            "poll_us = 1000000\n",
+        ] {
+            assert!(VmConfig::parse(good, p).is_ok(), "{good}");
+        }
     }
 }

@@ -68,8 +68,8 @@ struct ServeArgs {
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
     /// After answering, keep watching the request ring this many microseconds for the next
-    /// request before sleeping until a kick (0 disables polling).
-    #[arg(long)]
+    /// request before sleeping until a kick (0 disables polling; at most 1000000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=vhost_user_iommu::config::MAX_POLL_US))]
     poll_us: Option<u64>,
     /// Serve this endpoint id (repeatable); overrides the config file's endpoint ids.
     #[arg(long = "endpoint")]

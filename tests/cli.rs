@@ -179,6 +179,9 @@ fn bad_arguments_fail_with_a_clear_message() {
     let (ok, err) = run(&["--backend", "bogus"]);
     assert!(!ok);
     assert!(err.contains("bogus"), "{err}");
+    let (ok, err) = run(&["--socket-path", "/tmp/x", "--poll-us", "5000000"]);
+    assert!(!ok);
+    assert!(err.contains("5000000") && err.contains("1000000"), "{err}");
 }
 
 #[test]
