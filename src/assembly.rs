@@ -1,6 +1,6 @@
 //! Assembles one VM's daemon from its configuration: the translation backend, the vfio-user
 //! fronts of the assigned devices, boot bypass's view of guest RAM before the memory table. The
-//! binary (`main.rs`) parses the command line and calls these.
+//! binary (`src/bin/vhost-user-iommu/`) parses the command line and calls these.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -35,11 +35,9 @@ mod check;
 mod notify;
 mod udev;
 
-pub use check::{
-    CheckArgs, CheckLine, CheckOptions, Memlock, Report, Status, check, check_command, parse_size,
-};
+pub use check::{CheckLine, CheckOptions, Memlock, Report, Status, check, parse_size};
 pub use notify::{notify, notify_ready, notify_to};
-pub use udev::{Lookup, UdevLookupArgs, udev_lookup_command, vms_using};
+pub use udev::{Lookup, vms_using};
 
 #[cfg(test)]
 mod tests;

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use log::{info, warn};
@@ -29,25 +29,13 @@ const MAX_REQUEST: usize = 8192;
 /// How long a client has to send its request, and to read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(clap::Args, Debug)]
-pub struct ExporterArgs {
-    /// Address to serve `/metrics` on (a non-loopback address exposes every VM's counters to
-    /// whoever reaches it).
-    #[arg(long, default_value = DEFAULT_LISTEN)]
-    pub listen: SocketAddr,
-    /// The directory of the daemons' control sockets (`VM.ctl`).
-    #[arg(long, default_value = crate::deploy::RUNTIME_DIR)]
-    pub dir: PathBuf,
-}
-
-/// Serves `/metrics` until the process is stopped.
-pub fn run(a: &ExporterArgs) -> Result<(), String> {
+/// Serves `/metrics` on `listen` for the control sockets in `dir` until the process is stopped.
+pub fn run(listen: SocketAddr, dir: &Path) -> Result<(), String> {
     let listener =
-        TcpListener::bind(a.listen).map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
-    if !a.listen.ip().is_loopback() {
+        TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    if !listen.ip().is_loopback() {
         warn!(
-            "listening on {}, not loopback: anyone who reaches it reads every VM's metrics",
-            a.listen
+            "listening on {listen}, not loopback: anyone who reaches it reads every VM's metrics"
         );
     }
     let at = listener
@@ -55,7 +43,7 @@ pub fn run(a: &ExporterArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     info!(
         "serving the metrics of every control socket in {} on http://{at}/metrics",
-        a.dir.display()
+        dir.display()
     );
     if let Err(e) = crate::deploy::notify_ready() {
         warn!("cannot tell systemd the exporter is ready: {e}");
@@ -63,7 +51,7 @@ pub fn run(a: &ExporterArgs) -> Result<(), String> {
     for conn in listener.incoming() {
         match conn {
             Ok(c) => {
-                if let Err(e) = answer(c, &a.dir) {
+                if let Err(e) = answer(c, dir) {
                     warn!("exporter client: {e}");
                 }
             }

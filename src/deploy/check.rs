@@ -2,8 +2,7 @@
 
 use std::fmt;
 use std::io;
-use std::path::{Component, Path, PathBuf};
-use std::process::ExitCode;
+use std::path::{Component, Path};
 
 use super::udev::config_files;
 use super::*;
@@ -466,35 +465,5 @@ fn check_memlock(r: &mut Report, opts: &CheckOptions) {
                 human(ram)
             ),
         ),
-    }
-}
-
-/// `vhost-user-iommu check` arguments.
-#[derive(clap::Args, Debug)]
-pub struct CheckArgs {
-    /// The per-VM configuration file to check.
-    #[arg(long)]
-    pub config: PathBuf,
-    /// The VM's RAM (e.g. 4G), to check that it can be pinned (RLIMIT_MEMLOCK).
-    #[arg(long, value_parser = parse_size)]
-    pub ram_size: Option<u64>,
-    /// Look for sys/ and dev/ under this directory instead of / (for tests).
-    #[arg(long, default_value = "/", hide = true)]
-    pub sysfs_root: PathBuf,
-}
-
-/// Runs `check`: prints the report; exit 0 when nothing failed, 1 otherwise.
-pub fn check_command(a: CheckArgs) -> ExitCode {
-    let opts = CheckOptions {
-        root: SysfsRoot(a.sysfs_root),
-        ram_size: a.ram_size,
-        memlock: None,
-    };
-    let report = check(&a.config, &opts);
-    println!("{report}");
-    if report.passed() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
     }
 }

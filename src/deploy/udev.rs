@@ -3,7 +3,6 @@
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use super::*;
 use crate::config::VmConfig;
@@ -74,55 +73,4 @@ pub fn vms_using(dir: &Path, addr: PciAddress) -> io::Result<Lookup> {
         ));
     }
     Ok(lookup)
-}
-
-/// `vhost-user-iommu udev-lookup` arguments.
-#[derive(clap::Args, Debug)]
-pub struct UdevLookupArgs {
-    /// Directory of per-VM configs (VM.toml).
-    #[arg(long, default_value = CONFIG_DIR)]
-    pub config_dir: PathBuf,
-    /// Print unit names (vhost-user-iommu@VM.service) on one line instead of VM names.
-    #[arg(long)]
-    pub units: bool,
-    /// The device: a PCI address (0000:01:00.0) or a devpath containing one
-    /// (/devices/pci0000:00/0000:00:01.0/0000:01:00.0/vfio-dev/vfio0).
-    pub device: String,
-}
-
-/// Runs `udev-lookup`: exit 0 and print the VMs (or units) using the device, exit 1 and print
-/// nothing when none does (so a udev PROGRAM match fails), exit 2 on a usage or I/O error.
-pub fn udev_lookup_command(a: UdevLookupArgs) -> ExitCode {
-    let addr = match PciAddress::from_devpath(&a.device) {
-        Ok(x) => x,
-        Err(e) => {
-            eprintln!("vhost-user-iommu udev-lookup: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let lookup = match vms_using(&a.config_dir, addr) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "vhost-user-iommu udev-lookup: cannot read {}: {e}",
-                a.config_dir.display()
-            );
-            return ExitCode::from(2);
-        }
-    };
-    for w in &lookup.warnings {
-        eprintln!("vhost-user-iommu udev-lookup: {w}");
-    }
-    if lookup.vms.is_empty() {
-        return ExitCode::from(1);
-    }
-    if a.units {
-        let units: Vec<String> = lookup.vms.iter().map(|v| unit_for(v)).collect();
-        println!("{}", units.join(" "));
-    } else {
-        for vm in &lookup.vms {
-            println!("{vm}");
-        }
-    }
-    ExitCode::SUCCESS
 }
