@@ -1,9 +1,13 @@
 //! vfio-user wire format: message header, command payloads and replies, encoded and decoded
 //! with explicit size checks. Pure: no I/O, no file descriptors (the server attaches those).
 //!
-//! All integers are in host byte order (the protocol's rule for AF_UNIX peers). Payload
-//! structs mirror the VFIO ioctl structs of `<linux/vfio.h>`; the offsets below are the
-//! protocol document's, relative to the end of the 16-byte header.
+//! All integers are in host byte order (the protocol's rule for AF_UNIX peers). The fixed
+//! parts of messages are `#[repr(C)]` structs read and written whole as bytes
+//! ([`vm_memory::ByteValued`], as the rust-vmm devices do), one definition for both directions;
+//! they mirror the VFIO ioctl structs of `<linux/vfio.h>` and the protocol document's layouts
+//! (the size tests below pin them).
+
+use vm_memory::ByteValued;
 
 use super::device::Errno;
 
@@ -121,6 +125,22 @@ fn einval(context: &'static str) -> Errno {
     Errno::new(libc::EINVAL, context)
 }
 
+/// The wire struct at the front of `p` (any alignment); `None` when `p` is shorter.
+pub(crate) fn read<T: ByteValued + Default>(p: &[u8]) -> Option<T> {
+    let mut t = T::default();
+    let n = std::mem::size_of::<T>();
+    t.as_mut_slice().copy_from_slice(p.get(..n)?);
+    Some(t)
+}
+
+/// `t`'s bytes followed by `tail`.
+fn bytes_of<T: ByteValued>(t: &T, tail: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(std::mem::size_of::<T>() + tail.len());
+    out.extend_from_slice(t.as_slice());
+    out.extend_from_slice(tail);
+    out
+}
+
 pub(crate) fn u16_at(b: &[u8], off: usize) -> u16 {
     u16::from_ne_bytes([b[off], b[off + 1]])
 }
@@ -132,6 +152,7 @@ pub(crate) fn u64_at(b: &[u8], off: usize) -> u64 {
 }
 
 /// The 16-byte header every message starts with.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Header {
     pub msg_id: u16,
@@ -144,23 +165,11 @@ pub struct Header {
 
 impl Header {
     pub fn decode(b: &[u8; HEADER_SIZE]) -> Header {
-        Header {
-            msg_id: u16_at(b, 0),
-            command: u16_at(b, 2),
-            message_size: u32_at(b, 4),
-            flags: u32_at(b, 8),
-            error_no: u32_at(b, 12),
-        }
+        read(b).expect("HEADER_SIZE bytes")
     }
 
     pub fn encode(&self) -> [u8; HEADER_SIZE] {
-        let mut b = [0u8; HEADER_SIZE];
-        b[0..2].copy_from_slice(&self.msg_id.to_ne_bytes());
-        b[2..4].copy_from_slice(&self.command.to_ne_bytes());
-        b[4..8].copy_from_slice(&self.message_size.to_ne_bytes());
-        b[8..12].copy_from_slice(&self.flags.to_ne_bytes());
-        b[12..16].copy_from_slice(&self.error_no.to_ne_bytes());
-        b
+        self.as_slice().try_into().expect("HEADER_SIZE bytes")
     }
 
     pub fn msg_type(&self) -> u32 {
@@ -182,10 +191,7 @@ pub fn reply(req: &Header, payload: &[u8]) -> Vec<u8> {
         flags: FLAG_TYPE_REPLY,
         error_no: 0,
     };
-    let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(&h.encode());
-    out.extend_from_slice(payload);
-    out
+    bytes_of(&h, payload)
 }
 
 /// An error reply: header only, the error flag and a non-zero errno (a client such as QEMU
@@ -231,9 +237,10 @@ pub fn decode_version(p: &[u8]) -> Result<Version, Errno> {
         }
         Some(v)
     };
+    let head: VersionHead = read(p).expect("checked: 4 bytes");
     Ok(Version {
-        major: u16_at(p, 0),
-        minor: u16_at(p, 2),
+        major: head.major,
+        minor: head.minor,
         capabilities,
     })
 }
@@ -260,20 +267,25 @@ pub fn encode_version_reply(write_multiple: bool) -> Vec<u8> {
     if write_multiple {
         caps["write_multiple"] = serde_json::Value::Bool(true);
     }
-    let json = serde_json::json!({ "capabilities": caps }).to_string();
-    let mut out = Vec::with_capacity(4 + json.len() + 1);
-    out.extend_from_slice(&0u16.to_ne_bytes());
-    out.extend_from_slice(&0u16.to_ne_bytes());
-    out.extend_from_slice(json.as_bytes());
-    out.push(0);
-    out
+    let mut json = serde_json::json!({ "capabilities": caps }).to_string();
+    json.push('\0');
+    bytes_of(&VersionHead::default(), json.as_bytes())
+}
+
+/// The fixed part of a VERSION message (then the capabilities, a NUL-terminated JSON string).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct VersionHead {
+    major: u16,
+    minor: u16,
 }
 
 // ---------------------------------------------------------------------------------------------
 // DMA_MAP / DMA_UNMAP
 
 /// A DMA_MAP request (`struct vfio_user_dma_map`, 32 bytes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DmaMap {
     pub argsz: u32,
     pub flags: u32,
@@ -285,16 +297,7 @@ pub struct DmaMap {
 }
 
 pub fn decode_dma_map(p: &[u8]) -> Result<DmaMap, Errno> {
-    if p.len() < 32 {
-        return Err(einval("DMA_MAP payload shorter than 32 bytes"));
-    }
-    let m = DmaMap {
-        argsz: u32_at(p, 0),
-        flags: u32_at(p, 4),
-        offset: u64_at(p, 8),
-        address: u64_at(p, 16),
-        size: u64_at(p, 24),
-    };
+    let m: DmaMap = read(p).ok_or(einval("DMA_MAP payload shorter than 32 bytes"))?;
     if m.argsz < 32 {
         return Err(einval("DMA_MAP argsz smaller than the struct"));
     }
@@ -311,7 +314,8 @@ pub fn decode_dma_map(p: &[u8]) -> Result<DmaMap, Errno> {
 }
 
 /// A DMA_UNMAP request (`struct vfio_user_dma_unmap`, 24 bytes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DmaUnmap {
     pub argsz: u32,
     pub flags: u32,
@@ -320,15 +324,7 @@ pub struct DmaUnmap {
 }
 
 pub fn decode_dma_unmap(p: &[u8]) -> Result<DmaUnmap, Errno> {
-    if p.len() < 24 {
-        return Err(einval("DMA_UNMAP payload shorter than 24 bytes"));
-    }
-    let u = DmaUnmap {
-        argsz: u32_at(p, 0),
-        flags: u32_at(p, 4),
-        address: u64_at(p, 8),
-        size: u64_at(p, 16),
-    };
+    let u: DmaUnmap = read(p).ok_or(einval("DMA_UNMAP payload shorter than 24 bytes"))?;
     if u.flags & DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0 {
         return Err(Errno::new(
             libc::ENOTSUP,
@@ -346,12 +342,22 @@ pub fn decode_dma_unmap(p: &[u8]) -> Result<DmaUnmap, Errno> {
 
 /// The DMA_UNMAP reply echoes the request's entry.
 pub fn encode_dma_unmap_reply(u: &DmaUnmap) -> Vec<u8> {
-    let mut out = Vec::with_capacity(24);
-    out.extend_from_slice(&24u32.to_ne_bytes());
-    out.extend_from_slice(&u.flags.to_ne_bytes());
-    out.extend_from_slice(&u.address.to_ne_bytes());
-    out.extend_from_slice(&u.size.to_ne_bytes());
-    out
+    let echo = DmaUnmap {
+        argsz: std::mem::size_of::<DmaUnmap>() as u32,
+        ..*u
+    };
+    bytes_of(&echo, &[])
+}
+
+/// The fixed part of the `VFIO_DEVICE_GET_INFO` / `VFIO_DEVICE_GET_IRQ_INFO` structs: `argsz`,
+/// `flags`, then two fields (regions and IRQs; or index and count).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct InfoWire {
+    argsz: u32,
+    flags: u32,
+    a: u32,
+    b: u32,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,22 +373,21 @@ pub struct DeviceInfo {
 
 /// Checks a DEVICE_GET_INFO request (argsz must leave room for the 16-byte reply).
 pub fn decode_device_info_req(p: &[u8]) -> Result<(), Errno> {
-    if p.len() < 16 {
-        return Err(einval("DEVICE_GET_INFO payload shorter than 16 bytes"));
-    }
-    if u32_at(p, 0) < 16 {
+    let req: InfoWire = read(p).ok_or(einval("DEVICE_GET_INFO payload shorter than 16 bytes"))?;
+    if req.argsz < 16 {
         return Err(einval("DEVICE_GET_INFO argsz smaller than the reply"));
     }
     Ok(())
 }
 
 pub fn encode_device_info(info: &DeviceInfo) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16);
-    out.extend_from_slice(&16u32.to_ne_bytes());
-    out.extend_from_slice(&(info.flags & !VFIO_DEVICE_FLAGS_CAPS).to_ne_bytes());
-    out.extend_from_slice(&info.num_regions.to_ne_bytes());
-    out.extend_from_slice(&info.num_irqs.to_ne_bytes());
-    out
+    let w = InfoWire {
+        argsz: 16,
+        flags: info.flags & !VFIO_DEVICE_FLAGS_CAPS,
+        a: info.num_regions,
+        b: info.num_irqs,
+    };
+    bytes_of(&w, &[])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -397,22 +402,33 @@ pub struct IrqInfo {
 
 /// A DEVICE_GET_IRQ_INFO request; returns the IRQ index.
 pub fn decode_irq_info_req(p: &[u8]) -> Result<u32, Errno> {
-    if p.len() < 16 {
-        return Err(einval("DEVICE_GET_IRQ_INFO payload shorter than 16 bytes"));
-    }
-    if u32_at(p, 0) < 16 {
+    let req: InfoWire =
+        read(p).ok_or(einval("DEVICE_GET_IRQ_INFO payload shorter than 16 bytes"))?;
+    if req.argsz < 16 {
         return Err(einval("DEVICE_GET_IRQ_INFO argsz smaller than the reply"));
     }
-    Ok(u32_at(p, 8))
+    Ok(req.a)
 }
 
 pub fn encode_irq_info(index: u32, info: &IrqInfo) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16);
-    out.extend_from_slice(&16u32.to_ne_bytes());
-    out.extend_from_slice(&info.flags.to_ne_bytes());
-    out.extend_from_slice(&index.to_ne_bytes());
-    out.extend_from_slice(&info.count.to_ne_bytes());
-    out
+    let w = InfoWire {
+        argsz: 16,
+        flags: info.flags,
+        a: index,
+        b: info.count,
+    };
+    bytes_of(&w, &[])
+}
+
+/// The fixed part of `struct vfio_irq_set` (then `data`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct IrqSetHead {
+    argsz: u32,
+    flags: u32,
+    index: u32,
+    start: u32,
+    count: u32,
 }
 
 /// A DEVICE_SET_IRQS request. `data` is the bool array for DATA_BOOL, empty otherwise
@@ -433,15 +449,14 @@ impl IrqSet<'_> {
 }
 
 pub fn decode_irq_set(p: &[u8]) -> Result<IrqSet<'_>, Errno> {
-    if p.len() < IRQ_SET_SIZE {
-        return Err(einval("DEVICE_SET_IRQS payload shorter than 20 bytes"));
-    }
-    let flags = u32_at(p, 4);
+    let head: IrqSetHead =
+        read(p).ok_or(einval("DEVICE_SET_IRQS payload shorter than 20 bytes"))?;
+    let flags = head.flags;
     let s = IrqSet {
         flags,
-        index: u32_at(p, 8),
-        start: u32_at(p, 12),
-        count: u32_at(p, 16),
+        index: head.index,
+        start: head.start,
+        count: head.count,
         data: &[],
     };
     if flags & !(VFIO_IRQ_SET_DATA_TYPE_MASK | VFIO_IRQ_SET_ACTION_TYPE_MASK) != 0 {
@@ -474,7 +489,8 @@ pub fn decode_irq_set(p: &[u8]) -> Result<IrqSet<'_>, Errno> {
 // REGION_READ / REGION_WRITE / REGION_WRITE_MULTI
 
 /// The common head of REGION_READ/REGION_WRITE requests and replies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RegionAccess {
     pub offset: u64,
     pub region: u32,
@@ -482,14 +498,7 @@ pub struct RegionAccess {
 }
 
 fn decode_region_access(p: &[u8], what: &'static str) -> Result<RegionAccess, Errno> {
-    if p.len() < 16 {
-        return Err(einval(what));
-    }
-    let a = RegionAccess {
-        offset: u64_at(p, 0),
-        region: u32_at(p, 8),
-        count: u32_at(p, 12),
-    };
+    let a: RegionAccess = read(p).ok_or(einval(what))?;
     if a.count as usize > MAX_DATA_XFER_SIZE {
         return Err(Errno::new(
             libc::E2BIG,
@@ -517,16 +526,12 @@ pub fn decode_region_write(p: &[u8]) -> Result<(RegionAccess, &[u8]), Errno> {
 }
 
 pub fn encode_region_access(a: &RegionAccess, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + data.len());
-    out.extend_from_slice(&a.offset.to_ne_bytes());
-    out.extend_from_slice(&a.region.to_ne_bytes());
-    out.extend_from_slice(&a.count.to_ne_bytes());
-    out.extend_from_slice(data);
-    out
+    bytes_of(a, data)
 }
 
-/// One write of a REGION_WRITE_MULTI (at most 8 bytes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One write of a REGION_WRITE_MULTI (at most 8 bytes), 24 bytes on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SmallWrite {
     pub offset: u64,
     pub region: u32,
@@ -545,19 +550,15 @@ pub fn decode_write_multi(p: &[u8]) -> Result<Vec<SmallWrite>, Errno> {
     if p.len() < 8 {
         return Err(einval("REGION_WRITE_MULTI payload shorter than 8 bytes"));
     }
-    let n = u64_at(p, 0);
-    if n > MAX_WRITE_MULTI || p.len() != 8 + 24 * n as usize {
+    let n: u64 = read(p).expect("checked: 8 bytes");
+    let size = std::mem::size_of::<SmallWrite>();
+    if n > MAX_WRITE_MULTI || p.len() != 8 + size * n as usize {
         return Err(einval("REGION_WRITE_MULTI size differs from wr_cnt"));
     }
-    (0..n as usize)
-        .map(|i| {
-            let e = &p[8 + 24 * i..8 + 24 * (i + 1)];
-            let w = SmallWrite {
-                offset: u64_at(e, 0),
-                region: u32_at(e, 8),
-                count: u32_at(e, 12),
-                data: e[16..24].try_into().expect("8 bytes"),
-            };
+    p[8..]
+        .chunks_exact(size)
+        .map(|e| {
+            let w: SmallWrite = read(e).expect("a whole chunk");
             if w.count == 0 || w.count > 8 {
                 return Err(einval("REGION_WRITE_MULTI write of 0 or more than 8 bytes"));
             }
@@ -565,6 +566,25 @@ pub fn decode_write_multi(p: &[u8]) -> Result<Vec<SmallWrite>, Errno> {
         })
         .collect()
 }
+
+// SAFETY (each impl below): `#[repr(C)]` structs of plain integers (and a byte array) whose
+// fields leave no padding (the size tests pin every layout): any bit pattern is a valid value
+// and every byte is initialised.
+unsafe impl ByteValued for Header {}
+// SAFETY: see above.
+unsafe impl ByteValued for VersionHead {}
+// SAFETY: see above.
+unsafe impl ByteValued for DmaMap {}
+// SAFETY: see above.
+unsafe impl ByteValued for DmaUnmap {}
+// SAFETY: see above.
+unsafe impl ByteValued for InfoWire {}
+// SAFETY: see above.
+unsafe impl ByteValued for IrqSetHead {}
+// SAFETY: see above.
+unsafe impl ByteValued for RegionAccess {}
+// SAFETY: see above.
+unsafe impl ByteValued for SmallWrite {}
 
 #[cfg(test)]
 mod tests;

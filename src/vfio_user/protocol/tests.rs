@@ -136,3 +136,41 @@ fn version_parsing() {
     assert_eq!(json["capabilities"]["max_msg_fds"], 16);
     assert!(json["capabilities"].get("write_multiple").is_none());
 }
+
+#[test]
+fn the_wire_structs_have_the_protocols_sizes() {
+    use std::mem::size_of;
+    assert_eq!(size_of::<Header>(), HEADER_SIZE);
+    assert_eq!(size_of::<VersionHead>(), 4);
+    assert_eq!(size_of::<DmaMap>(), 32);
+    assert_eq!(size_of::<DmaUnmap>(), 24);
+    assert_eq!(size_of::<InfoWire>(), 16);
+    assert_eq!(size_of::<IrqSetHead>(), IRQ_SET_SIZE);
+    assert_eq!(size_of::<RegionAccess>(), 16);
+    assert_eq!(size_of::<SmallWrite>(), 24);
+    // Field order as the protocol document writes it: a header's bytes, field by field.
+    let h = Header {
+        msg_id: 0x0201,
+        command: 0x0403,
+        message_size: 0x0807_0605,
+        flags: 0x0c0b_0a09,
+        error_no: 0x100f_0e0d,
+    };
+    let b = h.encode();
+    assert_eq!(b, std::array::from_fn::<u8, 16, _>(|i| (i + 1) as u8));
+    assert_eq!(Header::decode(&b), h);
+    // Reads take any alignment and refuse short input.
+    let mut buf = [0u8; 33];
+    buf[1..33].copy_from_slice(
+        DmaMap {
+            argsz: 32,
+            flags: 3,
+            offset: 0,
+            address: 0x1000,
+            size: 0x1000,
+        }
+        .as_slice(),
+    );
+    assert_eq!(read::<DmaMap>(&buf[1..]).unwrap().address, 0x1000);
+    assert!(read::<DmaMap>(&buf[1..32]).is_none());
+}
