@@ -41,3 +41,59 @@ pub use udev::{Lookup, vms_using};
 
 #[cfg(test)]
 mod tests;
+
+/// Where `vhost-user-iommu viot` writes a VM's ACPI table in the documented deployment.
+pub const VIOT_DIR: &str = "/var/lib/vhost-user-iommu";
+
+/// AppArmor rules for the QEMU of VM `vm` alone: its vhost-user and vfio-user sockets (and the
+/// directory, to reach them) and its VIOT table, nothing of another VM (the control socket is
+/// the operator's). For the profile that confines this VM's QEMU and no other; see
+/// docs/deploying.md. Refuses a path AppArmor would read as a pattern or cannot quote.
+pub fn apparmor_rules(cfg: &crate::config::VmConfig, vm: &str) -> Result<String, String> {
+    use std::fmt::Write as _;
+    let mut paths: Vec<(std::path::PathBuf, &str)> = Vec::new();
+    for (what, p) in cfg.socket_paths() {
+        if what != "control socket" {
+            paths.push((p, "rw"));
+        }
+    }
+    if paths.is_empty() {
+        return Err("the config names no vhost-user or vfio-user socket".into());
+    }
+    let mut dirs: Vec<std::path::PathBuf> = paths
+        .iter()
+        .filter_map(|(p, _)| p.parent().map(|d| d.to_path_buf()))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    paths.push((
+        std::path::Path::new(VIOT_DIR).join(format!("{vm}-viot.bin")),
+        "r",
+    ));
+    let quote = |p: &std::path::Path, dir: bool| -> Result<String, String> {
+        let s = p
+            .to_str()
+            .ok_or_else(|| format!("{}: not UTF-8", p.display()))?;
+        if !s.starts_with('/') || s.chars().any(|c| "\"*?[]{}^\\@\n".contains(c)) {
+            return Err(format!(
+                "{s}: AppArmor would read it as a pattern (or it is relative): use a plain absolute path"
+            ));
+        }
+        Ok(if dir && s != "/" {
+            format!("\"{s}/\"")
+        } else {
+            format!("\"{s}\"")
+        })
+    };
+    let mut out = format!(
+        "# AppArmor rules for the QEMU of VM {vm} (vhost-user-iommu apparmor): its sockets and its\n\
+         # VIOT table only. Include them in the profile of this VM's QEMU and in no other.\n"
+    );
+    for d in &dirs {
+        let _ = writeln!(out, "  {} r,", quote(d, true)?);
+    }
+    for (p, mode) in &paths {
+        let _ = writeln!(out, "  {} {mode},", quote(p, false)?);
+    }
+    Ok(out)
+}

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use vhost_user_iommu::config::VmConfig;
 use vhost_user_iommu::deploy::{self, CheckOptions, Memlock, Report, Status};
 use vhost_user_iommu::vfio::{self, PciAddress, SysfsRoot, VfioError};
 
@@ -624,6 +625,41 @@ fn a_socket_directory_others_can_write_fails_the_check() {
             "{mode:o}: {r}"
         );
     }
+}
+
+#[test]
+fn apparmor_rules_name_only_this_vms_sockets_and_table() {
+    let p = std::path::Path::new("vm1.toml");
+    let cfg = VmConfig::parse(
+        "socket = \"/run/vhost-user-iommu/vm1.sock\"\n\
+         control_socket = \"/run/vhost-user-iommu/vm1.ctl\"\n\
+         [[endpoint]]\nid = 32\nvfio_user_socket = \"/run/vhost-user-iommu/vm1-32.sock\"\n",
+        p,
+    )
+    .unwrap();
+    let rules = deploy::apparmor_rules(&cfg, "vm1").unwrap();
+    let lines: Vec<&str> = rules.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        lines,
+        [
+            "  \"/run/vhost-user-iommu/\" r,",
+            "  \"/run/vhost-user-iommu/vm1.sock\" rw,",
+            "  \"/run/vhost-user-iommu/vm1-32.sock\" rw,",
+            "  \"/var/lib/vhost-user-iommu/vm1-viot.bin\" r,",
+        ]
+    );
+    assert!(
+        !rules.contains("vm1.ctl"),
+        "the control socket is the operator's"
+    );
+    let glob = VmConfig::parse("socket = \"/run/vhost-user-iommu/vm*.sock\"\n", p).unwrap();
+    assert!(
+        deploy::apparmor_rules(&glob, "vm1")
+            .unwrap_err()
+            .contains("pattern")
+    );
+    let none = VmConfig::parse("backend = \"soft\"\n", p).unwrap();
+    assert!(deploy::apparmor_rules(&none, "vm1").is_err());
 }
 
 #[test]

@@ -5,7 +5,8 @@
 # root (chroot). Then, inside the root: the system user the postinst made; `check` with the
 # installed binary against the installed example config; `--print-capabilities` through the
 # installed QEMU descriptor's "binary"; `systemd-analyze verify` of both installed units (the
-# host's tool on the root). Then `apt-get purge --autoremove` must leave nothing behind but the
+# host's tool on the root); the per-VM AppArmor rules the installed binary prints, parsed by
+# Debian's apparmor_parser. Then `apt-get purge --autoremove` must leave nothing behind but the
 # system user; and lintian (Debian's package checker) must report no error on the .deb.
 #
 # The clean root is built once and cached ($VM_CACHE/package-root, ~30 s cold); every run
@@ -52,7 +53,7 @@ EOF
 fi
 
 R=$(mktemp -d)
-trap 'rm -rf "$R"' EXIT
+trap 'rm -rf "$R" "$R".*' EXIT
 cp -a "$base/." "$R/"
 rm -f "$R/.done"
 cp "$deb" "$R/tmp/"
@@ -88,6 +89,21 @@ binary=$(sed -n 's/.*"binary": *"\([^"]*\)".*/\1/p' "$R/usr/share/qemu/vhost-use
 caps=$(in_root "$binary --print-capabilities")
 grep -q '"type": "iommu"' <<<"$caps" || fail "capabilities through the descriptor: $caps"
 echo "capabilities through the installed descriptor: $(tr -d '\n ' <<<"$caps")"
+
+echo "== AppArmor rules for one VM (installed binary), parsed by Debian's apparmor_parser"
+cache=$VM_CACHE/apparmor
+if [[ ! -x $cache/x/sbin/apparmor_parser ]]; then
+    mkdir -p "$cache"
+    (cd "$cache" && rm -rf x apparmor_*.deb && apt-get download apparmor >"$cache/download.log" 2>&1 &&
+        dpkg-deb -x apparmor_*.deb x) || { cat "$cache/download.log" >&2; fail "cannot fetch apparmor"; }
+fi
+in_root 'vhost-user-iommu apparmor --config /usr/share/doc/vhost-user-iommu/examples/vm.toml' \
+    >"$R.rules" || fail "apparmor refuses the installed example config"
+grep -q '"/run/vhost-user-iommu/vm1.sock" rw,' "$R.rules" || fail "no socket rule in: $(cat "$R.rules")"
+printf 'profile vhost-user-iommu-test-vm {\n  #include "%s"\n}\n' "$R.rules" >"$R.profile"
+out=$("$cache/x/sbin/apparmor_parser" -Q -K "$R.profile" 2>&1) || fail "apparmor_parser: $out"
+sed 's/^/  /' "$R.rules"
+echo "apparmor_parser accepts them"
 
 if command -v systemd-analyze >/dev/null; then
     echo "== systemd-analyze verify (the installed units, in the root)"

@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vhost_user_iommu::deploy::{CONFIG_DIR, CheckOptions, check, parse_size, unit_for, vms_using};
+use vhost_user_iommu::config::VmConfig;
+use vhost_user_iommu::deploy::{
+    CONFIG_DIR, CheckOptions, apparmor_rules, check, parse_size, unit_for, vms_using,
+};
 use vhost_user_iommu::vfio::{PciAddress, SysfsRoot};
 
 /// `vhost-user-iommu check` arguments.
@@ -87,4 +90,24 @@ pub(crate) fn udev_lookup_command(a: UdevLookupArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `vhost-user-iommu apparmor` arguments.
+#[derive(clap::Args, Debug)]
+pub(crate) struct AppArmorArgs {
+    /// The per-VM configuration file (its name is the VM's).
+    #[arg(long)]
+    config: PathBuf,
+}
+
+/// Prints the AppArmor rules for this VM's QEMU alone (see `deploy::apparmor_rules`).
+pub(crate) fn apparmor(a: AppArmorArgs) -> Result<(), String> {
+    let cfg = VmConfig::load(&a.config).map_err(|e| e.to_string())?;
+    let vm = a
+        .config
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .ok_or_else(|| format!("{}: no VM name in the file name", a.config.display()))?;
+    print!("{}", apparmor_rules(&cfg, vm)?);
+    Ok(())
 }

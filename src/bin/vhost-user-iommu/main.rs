@@ -41,6 +41,8 @@ enum Command {
     Viot(ViotArgs),
     /// Check a per-VM config and the host (iommufd, VFIO devices, IOMMU groups, memlock).
     Check(deploy_cmd::CheckArgs),
+    /// Print the AppArmor rules for one VM's QEMU: that VM's sockets and VIOT table only.
+    Apparmor(deploy_cmd::AppArmorArgs),
     /// Print the VMs whose configs list a device (for the udev rule); exit 1 if none.
     UdevLookup(deploy_cmd::UdevLookupArgs),
     /// Ask a running daemon's control socket for its state (JSON) or metrics (Prometheus text).
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Some(Command::Check(a)) => return deploy_cmd::check_command(a),
         Some(Command::UdevLookup(a)) => return deploy_cmd::udev_lookup_command(a),
         Some(Command::Viot(a)) => write_viot(a),
+        Some(Command::Apparmor(a)) => deploy_cmd::apparmor(a),
         Some(Command::Bench(a)) => bench(a),
         Some(Command::Ctl(a)) => ctl(a),
         Some(Command::Exporter(a)) => tools::exporter(a),
