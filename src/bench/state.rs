@@ -232,3 +232,99 @@ pub fn run_idle(n: usize, idle: std::time::Duration) -> Result<IdlePoint, BenchE
         rss_kib_per_daemon: rss.saturating_sub(rss0) / n.max(1) as u64,
     })
 }
+
+/// N daemons all busy at once (issue 19): each has its own guest sending MAP+UNMAP pairs back
+/// to back, one request per kick, for the same time.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BusyPoint {
+    pub daemons: usize,
+    pub secs: f64,
+    /// Requests answered by all daemons together, per second.
+    pub requests_per_sec: f64,
+    /// Kick-to-answer latency over every request of every daemon.
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    /// The worst daemon's p99 (one daemon starved by the others shows here).
+    pub worst_p99_ns: u64,
+    /// The fewest requests one daemon got answered (fairness).
+    pub fewest_requests: usize,
+}
+
+/// Runs `n` daemons (in this process, inline, default polling window) with one guest thread
+/// each for `secs`, every request checked for `S_OK`.
+pub fn run_busy(n: usize, secs: std::time::Duration) -> Result<BusyPoint, BenchError> {
+    let mut fleet = Vec::with_capacity(n);
+    for _ in 0..n {
+        let d = LocalDaemon::start(LocalOptions::default()).map_err(BenchError::Daemon)?;
+        let mut vm = TestVm::connect(d.socket(), VmOptions::default())?;
+        all_ok("attach", &[vm.request(&Request::attach(1, 1))?])?;
+        fleet.push((d, vm));
+    }
+    let start = std::sync::Barrier::new(n);
+    let per_daemon: Vec<Result<Vec<u64>, BenchError>> = std::thread::scope(|s| {
+        let threads: Vec<_> = fleet
+            .iter_mut()
+            .map(|(_, vm)| {
+                let start = &start;
+                s.spawn(move || -> Result<Vec<u64>, BenchError> {
+                    let mut lat = Vec::new();
+                    start.wait();
+                    let t0 = Instant::now();
+                    let mut i = 0u64;
+                    while t0.elapsed() < secs {
+                        let iova = IOVA_BASE + (i % 1024) * PAGE;
+                        for r in [
+                            Request::map(1, iova, iova + PAGE - 1, 0, RW),
+                            Request::unmap(1, iova, iova + PAGE - 1),
+                        ] {
+                            let t = Instant::now();
+                            all_ok("busy", &[vm.request(&r)?])?;
+                            lat.push(t.elapsed().as_nanos() as u64);
+                        }
+                        i += 1;
+                    }
+                    Ok(lat)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("a guest thread panicked"))
+            .collect()
+    });
+    let mut all = Vec::new();
+    let mut worst_p99 = 0;
+    let mut fewest = usize::MAX;
+    for r in per_daemon {
+        let mut lat = r?;
+        lat.sort_unstable();
+        worst_p99 = worst_p99.max(percentile(&lat, 0.99));
+        fewest = fewest.min(lat.len());
+        all.extend(lat);
+    }
+    all.sort_unstable();
+    drop(fleet);
+    Ok(BusyPoint {
+        daemons: n,
+        secs: secs.as_secs_f64(),
+        requests_per_sec: all.len() as f64 / secs.as_secs_f64(),
+        p50_ns: percentile(&all, 0.5),
+        p99_ns: percentile(&all, 0.99),
+        worst_p99_ns: worst_p99,
+        fewest_requests: fewest,
+    })
+}
+
+#[cfg(test)]
+mod busy_tests {
+    use super::*;
+
+    #[test]
+    fn every_busy_daemon_answers_its_guest() {
+        let p = run_busy(3, std::time::Duration::from_millis(300)).unwrap();
+        assert_eq!(p.daemons, 3);
+        assert!(p.fewest_requests > 0, "{p:?}");
+        assert!(p.p50_ns > 0 && p.p50_ns <= p.p99_ns && p.p99_ns <= p.worst_p99_ns.max(p.p99_ns));
+        assert!(p.requests_per_sec > 0.0);
+    }
+}

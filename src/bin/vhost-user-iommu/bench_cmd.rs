@@ -46,6 +46,11 @@ pub(crate) struct BenchArgs {
     /// requests), measured over 10 s.
     #[arg(long)]
     idle_daemons: Option<usize>,
+    /// Instead of the workloads: N daemons all busy at once (comma-separated counts, e.g.
+    /// 1,8,32), each with its own guest sending MAP+UNMAP pairs for 5 s; latency and
+    /// throughput against the first count, in the same run.
+    #[arg(long, value_delimiter = ',')]
+    busy_daemons: Vec<usize>,
     /// Instead of the workloads: the cost of `--trace`, the first selected workload with the
     /// trace off and on, alternating, three times each, in each selected mode.
     #[arg(long)]
@@ -168,6 +173,42 @@ pub(crate) fn bench(a: BenchArgs) -> Result<(), String> {
                 p.cpu_secs / p.idle_secs / p.daemons as f64 * 100.0,
                 p.rss_kib_per_daemon
             );
+        }
+        return Ok(());
+    }
+    if !a.busy_daemons.is_empty() {
+        let mut points = Vec::new();
+        for &n in &a.busy_daemons {
+            let p = bench::state::run_busy(n.max(1), std::time::Duration::from_secs(5))
+                .map_err(|e| e.to_string())?;
+            eprintln!("{n} busy daemons: {:.0} requests/s", p.requests_per_sec);
+            points.push(p);
+        }
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string(&points).map_err(|e| e.to_string())?
+            );
+        } else {
+            let base = &points[0];
+            let per = |p: &bench::state::BusyPoint| p.requests_per_sec / p.daemons as f64;
+            println!(
+                "daemons | requests/s (all) | per daemon (× first) | p50 µs (× first) | p99 µs | worst daemon p99 µs | fewest requests"
+            );
+            for p in &points {
+                println!(
+                    "{} | {:.0} | {:.0} (× {:.2}) | {:.1} (× {:.2}) | {:.1} | {:.1} | {}",
+                    p.daemons,
+                    p.requests_per_sec,
+                    per(p),
+                    per(p) / per(base),
+                    p.p50_ns as f64 / 1e3,
+                    p.p50_ns as f64 / base.p50_ns.max(1) as f64,
+                    p.p99_ns as f64 / 1e3,
+                    p.worst_p99_ns as f64 / 1e3,
+                    p.fewest_requests
+                );
+            }
         }
         return Ok(());
     }
