@@ -1264,6 +1264,102 @@ fn daemon_rows(
     res
 }
 
+/// One point of the connect-cost curve (issue 19).
+struct ConnectRow {
+    path: &'static str,
+    ram_mib: u64,
+    set_ms: f64,
+    pinned_mib: u64,
+    release_ms: f64,
+}
+
+/// Connect cost against guest RAM (issue 19): the backend's part of SET_MEM_TABLE
+/// (`DmaBackend::set_ram`: the daemon stages all guest RAM in the identity IOAS before it
+/// replies to QEMU), for each map path and RAM size, with the bytes it pins; then the table is
+/// taken away again (what a disconnect costs). Fresh memfds, not faulted in (as QEMU's RAM of a
+/// guest that has not run).
+fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
+    let mut rows = Vec::new();
+    for mib in [16u64, 64, 128, 256] {
+        let size = mib << 20;
+        for s in [MapStrategy::MapFile, MapStrategy::Map] {
+            if s == MapStrategy::MapFile && !b.map_file_supported() {
+                continue;
+            }
+            let ram = MemfdRam::new(size).map_err(|e| format!("memfd of {mib} MiB: {e}"))?;
+            // SAFETY: dup of the valid memfd `ram` owns; the new fd is owned by the File.
+            let file = unsafe { File::from_raw_fd(libc::dup(ram.fd())) };
+            if file.as_raw_fd() < 0 {
+                return Err("dup of the memfd".into());
+            }
+            let st = file.metadata().map_err(|e| e.to_string())?;
+            let table = GuestRam::new(vec![RamRegion {
+                gpa: IovaRange::new(0, size - 1).expect("valid"),
+                host_addr: ram.host_addr(),
+                backing: Some(Backing {
+                    file: Arc::new(file),
+                    offset: 0,
+                    file_id: (st.dev(), st.ino()),
+                }),
+            }])?;
+            b.set_map_strategy(Some(s));
+            let pinned0 = b.pinned_bytes();
+            let t = Instant::now();
+            b.set_ram(&table).map_err(|e| format!("set_ram of {mib} MiB: {e}"))?;
+            let set_ms = t.elapsed().as_secs_f64() * 1e3;
+            let pinned = b.pinned_bytes().saturating_sub(pinned0);
+            let t = Instant::now();
+            b.set_ram(&GuestRam::default())
+                .map_err(|e| format!("set_ram of nothing: {e}"))?;
+            let release_ms = t.elapsed().as_secs_f64() * 1e3;
+            if b.pinned_bytes() != pinned0 {
+                return Err(format!(
+                    "{mib} MiB: {:#x} bytes pinned after the table was taken away, {pinned0:#x} before",
+                    b.pinned_bytes()
+                ));
+            }
+            rows.push(ConnectRow {
+                path: if s == MapStrategy::MapFile { "MAP_FILE" } else { "MAP (user VA)" },
+                ram_mib: mib,
+                set_ms,
+                pinned_mib: pinned >> 20,
+                release_ms,
+            });
+        }
+    }
+    b.set_map_strategy(None);
+    Ok(rows)
+}
+
+fn print_connect(rows: &[ConnectRow], staging_hwpt: bool) {
+    println!(
+        "\nConnect cost against guest RAM: the backend's part of SET_MEM_TABLE (set_ram), staging HWPT {}",
+        if staging_hwpt { "present (all RAM pinned at set_ram)" } else { "absent" }
+    );
+    println!("| map path | guest RAM MiB | set_ram ms | pinned MiB | release ms |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {:.1} | {} | {:.1} |",
+            r.path, r.ram_mib, r.set_ms, r.pinned_mib, r.release_ms
+        );
+    }
+    for path in ["MAP_FILE", "MAP (user VA)"] {
+        let pts: Vec<&ConnectRow> = rows.iter().filter(|r| r.path == path).collect();
+        if let (Some(a), Some(z)) = (pts.first(), pts.last())
+            && z.ram_mib > a.ram_mib
+        {
+            let per_gib = (z.set_ms - a.set_ms) / (z.ram_mib - a.ram_mib) as f64 * 1024.0;
+            println!(
+                "{path}: {per_gib:.0} ms per GiB of guest RAM ({}..{} MiB); at that slope 1 TiB takes {:.0} s before QEMU gets its reply",
+                a.ram_mib,
+                z.ram_mib,
+                per_gib * 1024.0 / 1e3
+            );
+        }
+    }
+}
+
 fn env_n(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -1333,13 +1429,15 @@ fn main() -> ExitCode {
         ] {
             daemon_rows(&b, &sizes, batch_pairs, &spec, &mut rows, &mut batch)?;
         }
-        Ok((rows, batch, auto, copy))
+        let connect = connect_rows(&b)?;
+        Ok((rows, batch, auto, copy, connect, b.staging_hwpt().is_some()))
     })();
     match run {
-        Ok((rows, batch, auto, copy)) => {
+        Ok((rows, batch, auto, copy, connect, hwpt)) => {
             print_table(&rows);
             print_batch(&batch, &rows);
             print_huge(&rows);
+            print_connect(&connect, hwpt);
             println!(
                 "PASS: bench-iommufd sub-range IOMMU_IOAS_COPY from the staging IOAS ({})",
                 match copy {
