@@ -1305,7 +1305,8 @@ fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
             b.set_map_strategy(Some(s));
             let pinned0 = b.pinned_bytes();
             let t = Instant::now();
-            b.set_ram(&table).map_err(|e| format!("set_ram of {mib} MiB: {e}"))?;
+            b.set_ram(&table)
+                .map_err(|e| format!("set_ram of {mib} MiB: {e}"))?;
             let set_ms = t.elapsed().as_secs_f64() * 1e3;
             let pinned = b.pinned_bytes().saturating_sub(pinned0);
             let t = Instant::now();
@@ -1319,7 +1320,11 @@ fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
                 ));
             }
             rows.push(ConnectRow {
-                path: if s == MapStrategy::MapFile { "MAP_FILE" } else { "MAP (user VA)" },
+                path: if s == MapStrategy::MapFile {
+                    "MAP_FILE"
+                } else {
+                    "MAP (user VA)"
+                },
                 ram_mib: mib,
                 set_ms,
                 pinned_mib: pinned >> 20,
@@ -1334,7 +1339,11 @@ fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
 fn print_connect(rows: &[ConnectRow], staging_hwpt: bool) {
     println!(
         "\nConnect cost against guest RAM: the backend's part of SET_MEM_TABLE (set_ram), staging HWPT {}",
-        if staging_hwpt { "present (all RAM pinned at set_ram)" } else { "absent" }
+        if staging_hwpt {
+            "present (all RAM pinned at set_ram)"
+        } else {
+            "absent"
+        }
     );
     println!("| map path | guest RAM MiB | set_ram ms | pinned MiB | release ms |");
     println!("|---|---|---|---|---|");
