@@ -15,8 +15,8 @@ t0=$(date +%s)
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+step "cargo clippy --workspace --all-targets -- -D warnings (the daemon and the guest programs)"
+cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test (unit, socket, model, CLI tiers)"
 cargo test --all-targets

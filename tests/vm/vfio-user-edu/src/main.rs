@@ -916,10 +916,10 @@ fn run(rep: &mut Report) -> Result<()> {
     if !dma_check(rep, &mut cx.vm, &mut c1, &bar1, 1, 1) {
         return Err("endpoint 1: no DMA, cannot go on".into());
     }
-    if let Some((c2, bar2)) = second.as_mut() {
-        if !dma_check(rep, &mut cx.vm, c2, bar2, 2, 2) {
-            second = None;
-        }
+    if let Some((c2, bar2)) = second.as_mut()
+        && !dma_check(rep, &mut cx.vm, c2, bar2, 2, 2)
+    {
+        second = None;
     }
 
     let e1 = msi_checks(rep, &cx.edus[0], &mut c1, &bar1);
