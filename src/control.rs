@@ -33,14 +33,12 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The device of the current connection, if any.
 pub type CurrentDevice = Arc<Mutex<Option<IommuDevice>>>;
 
-/// What the control socket reads of the host backend.
-pub struct BackendView {
-    /// How many bytes of guest RAM the backend holds pinned right now (0 for the software
-    /// backend, which pins nothing).
-    pub pinned: Box<dyn Fn() -> u64 + Send>,
-    /// The backend's own metrics in Prometheus text (ioctl latencies; empty for the software
-    /// backend).
-    pub metrics: Box<dyn Fn() -> String + Send>,
+/// The iommufd backend, when the daemon uses it: what it pins and its own metrics (the software
+/// backend pins nothing and has none).
+pub type Iommufd = Option<Arc<crate::backend::iommufd::IommufdBackend>>;
+
+fn pinned(b: &Iommufd) -> u64 {
+    b.as_ref().map_or(0, |b| b.pinned_bytes())
 }
 
 /// Starts the control socket's thread.
@@ -48,7 +46,7 @@ pub fn spawn(
     path: &Path,
     device: CurrentDevice,
     metrics: Arc<Metrics>,
-    backend: BackendView,
+    backend: Iommufd,
     trace: Arc<Tracer>,
 ) -> std::io::Result<()> {
     let listener = crate::listen::bind_with_mode(path, crate::listen::PRIVATE_SOCKET_MODE)?;
@@ -73,7 +71,7 @@ fn answer(
     conn: UnixStream,
     device: &CurrentDevice,
     metrics: &Metrics,
-    backend: &BackendView,
+    backend: &Iommufd,
     trace: &Tracer,
 ) -> std::io::Result<()> {
     // One thread answers every client in turn: one that sends a command and then reads slowly
@@ -94,7 +92,7 @@ fn answer(
                 "endpoints": endpoints,
                 "failed_requests": metrics.failed(),
                 "mappings": domains.iter().map(|d| d.mappings.len()).sum::<usize>(),
-                "pinned_bytes": (backend.pinned)(),
+                "pinned_bytes": pinned(backend),
             });
             // One buffer, one write: formatting straight into the socket cost a sendto(2) per
             // JSON token.
@@ -111,14 +109,17 @@ fn answer(
             writeln!(
                 conn,
                 "# TYPE viommu_pinned_bytes gauge\nviommu_pinned_bytes {}",
-                (backend.pinned)()
+                pinned(backend)
             )?;
-            conn.write_all((backend.metrics)().as_bytes())
+            match backend {
+                Some(b) => conn.write_all(b.render_metrics().as_bytes()),
+                None => Ok(()),
+            }
         }
         "summary" => {
             let dev = device.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let (domains, endpoints) = dev.map(|d| d.summary()).unwrap_or_default();
-            conn.write_all(summary(&domains, &endpoints, metrics, (backend.pinned)()).as_bytes())
+            conn.write_all(summary(&domains, &endpoints, metrics, pinned(backend)).as_bytes())
         }
         t if t == "trace" || t.starts_with("trace ") => {
             conn.write_all(trace_command(trace, t["trace".len()..].trim()).as_bytes())

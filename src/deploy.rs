@@ -51,12 +51,18 @@ pub const VIOT_DIR: &str = "/var/lib/vhost-user-iommu";
 /// docs/deploying.md. Refuses a path AppArmor would read as a pattern or cannot quote.
 pub fn apparmor_rules(cfg: &crate::config::VmConfig, vm: &str) -> Result<String, String> {
     use std::fmt::Write as _;
-    let mut paths: Vec<(std::path::PathBuf, &str)> = Vec::new();
-    for (what, p) in cfg.socket_paths() {
-        if what != "control socket" {
-            paths.push((p, "rw"));
-        }
-    }
+    // The VMM's sockets: vhost-user and each vfio-user one (not the control socket).
+    let vfio = cfg
+        .endpoints
+        .iter()
+        .filter_map(|e| e.vfio_user_socket.as_deref());
+    let mut paths: Vec<(std::path::PathBuf, &str)> = cfg
+        .socket
+        .as_deref()
+        .into_iter()
+        .chain(vfio)
+        .map(|p| (p.components().collect(), "rw"))
+        .collect();
     if paths.is_empty() {
         return Err("the config names no vhost-user or vfio-user socket".into());
     }

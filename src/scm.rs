@@ -205,15 +205,12 @@ pub fn wait_readable(fd: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> io::Result<boo
 }
 
 /// Waits until one of `fds` is readable (or hung up); returns the index of the first that is.
-pub fn wait_any(fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|f| libc::pollfd {
-            fd: f.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+pub fn wait_any<const N: usize>(fds: [BorrowedFd<'_>; N]) -> io::Result<usize> {
+    let mut p = fds.map(|f| libc::pollfd {
+        fd: f.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    });
     loop {
         // SAFETY: `p` is a valid array of `p.len()` pollfds for the duration of the call.
         let rc = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, -1) };

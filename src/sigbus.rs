@@ -14,7 +14,8 @@
 //! ends itself ("the VMM truncated guest RAM"), with the teardown of any disconnect; the daemon
 //! serves the next connection. A SIGBUS anywhere else keeps its default action.
 //!
-//! The handler only loads atomics and makes two system calls (mmap, write to an eventfd).
+//! The handler only loads atomics and makes two system calls (mmap, write to an eventfd); it
+//! acts only on the kernel's own fault (`BUS_ADRERR`), never on a SIGBUS sent by a process.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::OnceLock;
@@ -155,8 +156,11 @@ fn replace_page(addr: usize, start: usize, len: usize) -> bool {
 
 extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    if let Some((start, len)) = watched_at(addr)
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    // Only the kernel's fault for a page past the end of a file (a SIGBUS sent with kill(2) has
+    // no fault address: its si_addr is other fields).
+    if code == libc::BUS_ADRERR
+        && let Some((start, len)) = watched_at(addr)
         && replace_page(addr, start, len)
     {
         LOST_AT.store(addr, Ordering::Release);

@@ -122,9 +122,12 @@ impl Tracer {
         self.on.load(Ordering::Relaxed)
     }
 
-    /// The file being written and its cap, when on.
+    /// The file being written and its cap, when on (not after a write failed).
     pub fn status(&self) -> Option<(PathBuf, u64)> {
-        self.lock().as_ref().map(|s| (s.path.clone(), s.cap))
+        self.lock()
+            .as_ref()
+            .filter(|s| !s.broken)
+            .map(|s| (s.path.clone(), s.cap))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Sink>> {

@@ -258,7 +258,7 @@ impl Connection {
     /// message fails (Err: the connection is over).
     pub fn serve(&mut self, sock: &UnixStream, handover: BorrowedFd<'_>) -> io::Result<Served> {
         loop {
-            let ready = crate::scm::wait_any(&[handover, crate::sigbus::lost_fd(), sock.as_fd()])?;
+            let ready = crate::scm::wait_any([handover, crate::sigbus::lost_fd(), sock.as_fd()])?;
             if ready == 0 {
                 return Ok(Served::HandOver);
             }

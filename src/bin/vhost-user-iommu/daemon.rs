@@ -338,6 +338,12 @@ fn run_resumed(
     } else {
         Mode::Pipeline(threads)
     };
+    // Off unless --trace: the control socket may start it later.
+    let trace = Arc::new(match &a.trace {
+        Some(p) => vhost_user_iommu::trace::Tracer::open(p, a.trace_max_mb << 20)
+            .map_err(|e| format!("cannot write the trace {}: {e}", p.display()))?,
+        None => vhost_user_iommu::trace::Tracer::off(),
+    });
     let settings = DeviceSettings {
         endpoints,
         boot_bypass,
@@ -352,12 +358,7 @@ fn run_resumed(
             uid: cfg.vmm_uid,
             gid: cfg.vmm_gid,
         },
-        // Off unless --trace: the control socket may start it later.
-        trace: Some(Arc::new(match &a.trace {
-            Some(p) => vhost_user_iommu::trace::Tracer::open(p, a.trace_max_mb << 20)
-                .map_err(|e| format!("cannot write the trace {}: {e}", p.display()))?,
-            None => vhost_user_iommu::trace::Tracer::off(),
-        })),
+        trace: Some(trace.clone()),
     };
     let stopper = Arc::new(Stopper::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
     // Where the next binary is (the path, which a package upgrade points at the new file).
@@ -371,22 +372,14 @@ fn run_resumed(
     }
     let current: CurrentDevice = Arc::default();
     if let Some(p) = a.control_socket.as_ref().or(cfg.control_socket.as_ref()) {
-        let (iommufd, iommufd2) = (backend.iommufd.clone(), backend.iommufd.clone());
-        let view = control::BackendView {
-            pinned: Box::new(move || iommufd.as_ref().map_or(0, |b| b.pinned_bytes())),
-            metrics: Box::new(move || {
-                iommufd2
-                    .as_ref()
-                    .map(|b| b.render_metrics())
-                    .unwrap_or_default()
-            }),
-        };
-        let trace = settings
-            .trace
-            .clone()
-            .expect("the daemon always has a tracer");
-        control::spawn(p, current.clone(), metrics.clone(), view, trace)
-            .map_err(|e| format!("cannot serve the control socket {}: {e}", p.display()))?;
+        control::spawn(
+            p,
+            current.clone(),
+            metrics.clone(),
+            backend.iommufd.clone(),
+            trace.clone(),
+        )
+        .map_err(|e| format!("cannot serve the control socket {}: {e}", p.display()))?;
     }
     let vfio_stop =
         vfio_user::StopSignal::new().map_err(|e| format!("cannot create an eventfd: {e}"))?;
@@ -395,10 +388,6 @@ fn run_resumed(
     let boot = boot_bypass.then(|| Arc::new(BootRam::default()));
     // The vfio-user servers handed over serve once the vhost-user side is rebuilt.
     let mut gates = Vec::new();
-    let trace = settings
-        .trace
-        .clone()
-        .expect("the daemon always has a tracer");
     let mut fronts = start_vfio_user(
         &cfg,
         &backend,

@@ -553,11 +553,10 @@ fn trace_fields(command: u16, p: &[u8]) -> String {
                 s.index, s.start, s.count, s.flags
             )
         }),
-        // `struct vfio_region_info` / `vfio_irq_info`: argsz, flags, index.
-        CMD_DEVICE_GET_REGION_INFO | CMD_DEVICE_GET_IRQ_INFO if p.len() >= 12 => Ok(format!(
-            "\"index\":{}",
-            u32::from_ne_bytes([p[8], p[9], p[10], p[11]])
-        )),
+        CMD_DEVICE_GET_REGION_INFO => {
+            decode_region_info_req(p).map(|r| format!("\"index\":{}", r.index))
+        }
+        CMD_DEVICE_GET_IRQ_INFO => decode_irq_info_req(p).map(|i| format!("\"index\":{i}")),
         _ => Ok(String::new()),
     }
     .unwrap_or_default()
