@@ -11,7 +11,7 @@ use vhost_user_iommu::backend::soft::SoftBackend;
 use vhost_user_iommu::backend::{HostConstraints, MapOp};
 use vhost_user_iommu::domains::{DomainKind, DomainTable, Limits, Rules};
 use vhost_user_iommu::guest_ram::{GuestRam, HostLocation, RamRegion};
-use vhost_user_iommu::ids::{DomainId, IovaRange, Perms};
+use vhost_user_iommu::ids::{DomainId, GpaRange, IovaRange, Perms};
 use vhost_user_iommu::protocol::Request;
 
 fn rules(c: &HostConstraints) -> Rules {
@@ -20,7 +20,7 @@ fn rules(c: &HostConstraints) -> Rules {
 
 fn ram() -> GuestRam {
     GuestRam::new(vec![RamRegion {
-        gpa: IovaRange::with_len(0, 1 << 32).unwrap(),
+        gpa: GpaRange::with_len(0, 1 << 32).unwrap(),
         host_addr: 0x7000_0000_0000,
         backing: None,
     }])
@@ -28,14 +28,7 @@ fn ram() -> GuestRam {
 }
 
 fn decode(c: &mut Criterion) {
-    let (bytes, n) = Request::Map {
-        domain: DomainId(2),
-        virt_start: 0x1000,
-        virt_end: 0x1fff,
-        phys_start: 0x5000,
-        flags: 3,
-    }
-    .encode();
+    let (bytes, n) = Request::map(2, 0x1000, 0x1fff, 0x5000, 3).encode();
     c.bench_function("decode MAP", |b| {
         b.iter(|| Request::decode(black_box(&bytes[..n])))
     });
@@ -53,16 +46,18 @@ fn map_unmap(c: &mut Criterion) {
     // A large tree: 100k live 4 KiB mappings, every other page.
     for i in 0..100_000u64 {
         table
-            .map(DomainId(1), i << 13, (i << 13) + 0xfff, 0, 3)
+            .execute(&Request::map(1, i << 13, (i << 13) + 0xfff, 0, 3))
             .unwrap();
     }
     let iova = 1u64 << 40;
     c.bench_function("domain model MAP+UNMAP 4K (100k-entry tree)", |b| {
         b.iter(|| {
             table
-                .map(DomainId(1), iova, iova + 0xfff, 0x1000, 3)
+                .execute(&Request::map(1, iova, iova + 0xfff, 0x1000, 3))
                 .unwrap();
-            table.unmap(DomainId(1), iova, iova + 0xfff).unwrap();
+            table
+                .execute(&Request::unmap(1, iova, iova + 0xfff))
+                .unwrap();
         })
     });
     let mut raw = soft.create_domain().unwrap();
@@ -87,19 +82,8 @@ fn map_unmap(c: &mut Criterion) {
 /// back, against the same pair executed inline.
 fn handoff(c: &mut Criterion) {
     use vhost_user_iommu::pipeline::{Dispatcher, Mode, Submitted};
-    let map = Request::Map {
-        domain: DomainId(1),
-        virt_start: 1 << 30,
-        virt_end: (1 << 30) + 0xfff,
-        phys_start: 0x1000,
-        flags: 3,
-    };
-    let unmap = Request::Unmap {
-        domain: DomainId(1),
-        virt_start: 1 << 30,
-        virt_end: (1 << 30) + 0xfff,
-        reserved: [0; 4],
-    };
+    let map = Request::map(1, 1 << 30, (1 << 30) + 0xfff, 0x1000, 3);
+    let unmap = Request::unmap(1, 1 << 30, (1 << 30) + 0xfff);
     for (name, mode) in [("inline", Mode::Inline), ("pipeline(1)", Mode::Pipeline(1))] {
         let eps = [vhost_user_iommu::ids::EndpointId(1)];
         let soft: Arc<dyn DmaBackend> = Arc::new(SoftBackend::new(&eps, false));

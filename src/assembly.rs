@@ -83,7 +83,7 @@ pub fn start_vfio_user(
             let Some(ram) = dev.and_then(|d| d.guest_ram()) else {
                 return true;
             };
-            crate::ids::IovaRange::with_len(gpa, len).is_some_and(|r| ram.locate(&r).is_some())
+            crate::ids::GpaRange::with_len(gpa, len).is_some_and(|r| ram.locate(&r).is_some())
         });
         let handed = resumed.remove(&EndpointId(e.id));
         let listener = match &handed {

@@ -16,8 +16,10 @@ use crate::ids::{DomainId, EndpointId, IovaRange};
 use crate::protocol::Status;
 
 mod rules;
+mod shadow;
 mod table;
 mod topology;
+mod validate;
 
 pub use rules::{Limits, Rules};
 pub use table::{DomainSummary, DomainTable, DomainView, MappingView};

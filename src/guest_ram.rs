@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use crate::ids::IovaRange;
+use crate::ids::GpaRange;
 
 /// The file that backs a region: the fd, the offset of the region's first byte in it and the
 /// file's identity (st_dev, st_ino) so two tables can be compared.
@@ -22,7 +22,7 @@ pub struct Backing {
 /// One contiguous region of guest RAM.
 #[derive(Clone, Debug)]
 pub struct RamRegion {
-    pub gpa: IovaRange,
+    pub gpa: GpaRange,
     /// Address of the region's first byte in this process.
     pub host_addr: u64,
     pub backing: Option<Backing>,
@@ -67,7 +67,7 @@ impl GuestRam {
 
     /// The region holding all of `gpa`, if one does. A range that spans two regions is refused
     /// even if they are adjacent: a backend maps from one place.
-    pub fn region_of(&self, gpa: &IovaRange) -> Option<&RamRegion> {
+    pub fn region_of(&self, gpa: &GpaRange) -> Option<&RamRegion> {
         let i = self
             .regions
             .partition_point(|r| r.gpa.start() <= gpa.start())
@@ -77,7 +77,7 @@ impl GuestRam {
     }
 
     /// Where `gpa` lives, if it is entirely inside one region.
-    pub fn locate(&self, gpa: &IovaRange) -> Option<HostLocation> {
+    pub fn locate(&self, gpa: &GpaRange) -> Option<HostLocation> {
         let r = self.region_of(gpa)?;
         let delta = gpa.start() - r.gpa.start();
         Some(HostLocation {
@@ -96,7 +96,7 @@ mod tests {
 
     fn region(start: u64, len: u64) -> RamRegion {
         RamRegion {
-            gpa: IovaRange::with_len(start, len).unwrap(),
+            gpa: GpaRange::with_len(start, len).unwrap(),
             host_addr: 0x7f00_0000_0000 + start,
             backing: None,
         }
@@ -105,7 +105,7 @@ mod tests {
     #[test]
     fn only_ranges_inside_one_region_are_guest_ram() {
         let ram = GuestRam::new(vec![region(0x10_0000, 0x10_0000), region(0, 0x8_0000)]).unwrap();
-        let r = |s, e| IovaRange::new(s, e).unwrap();
+        let r = |s, e| GpaRange::new(s, e).unwrap();
         assert!(ram.locate(&r(0, 0xfff)).is_some());
         assert!(ram.locate(&r(0x7_f000, 0x7_ffff)).is_some());
         assert!(ram.locate(&r(0x7_f000, 0x8_0000)).is_none());

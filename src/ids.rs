@@ -25,23 +25,79 @@ impl fmt::Display for EndpointId {
     }
 }
 
-/// An inclusive, non-empty range of 64-bit addresses `[start, end]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct IovaRange {
-    start: u64,
-    end: u64,
+/// An I/O virtual address: what a device puts on the bus inside a domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Iova(pub u64);
+
+/// A guest-physical address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Gpa(pub u64);
+
+impl fmt::Display for Iova {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IOVA {:#x}", self.0)
+    }
 }
 
-impl IovaRange {
+impl fmt::Display for Gpa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GPA {:#x}", self.0)
+    }
+}
+
+impl fmt::LowerHex for Iova {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+impl fmt::LowerHex for Gpa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+/// Which address space a [`Range`] is in: the type parameter that keeps an IOVA range from
+/// being passed where a guest-physical one belongs.
+pub trait AddressSpace: Copy {}
+
+/// Marks [`IovaRange`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IovaSpace {}
+impl AddressSpace for IovaSpace {}
+
+/// Marks [`GpaRange`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GpaSpace {}
+impl AddressSpace for GpaSpace {}
+
+/// An inclusive, non-empty range of 64-bit addresses `[start, end]` in one address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Range<S: AddressSpace> {
+    start: u64,
+    end: u64,
+    space: std::marker::PhantomData<S>,
+}
+
+/// A range of I/O virtual addresses.
+pub type IovaRange = Range<IovaSpace>;
+/// A range of guest-physical addresses.
+pub type GpaRange = Range<GpaSpace>;
+
+impl<S: AddressSpace> Range<S> {
     /// `None` when `end < start`.
     pub fn new(start: u64, end: u64) -> Option<Self> {
-        (start <= end).then_some(IovaRange { start, end })
+        (start <= end).then_some(Range {
+            start,
+            end,
+            space: std::marker::PhantomData,
+        })
     }
 
     /// `None` when `len` is 0 or the range would pass the end of the address space.
     pub fn with_len(start: u64, len: u64) -> Option<Self> {
         let end = start.checked_add(len.checked_sub(1)?)?;
-        Some(IovaRange { start, end })
+        Self::new(start, end)
     }
 
     pub fn start(&self) -> u64 {
@@ -58,11 +114,11 @@ impl IovaRange {
         (self.end - self.start).checked_add(1)
     }
 
-    pub fn overlaps(&self, other: &IovaRange) -> bool {
+    pub fn overlaps(&self, other: &Self) -> bool {
         self.start <= other.end && other.start <= self.end
     }
 
-    pub fn contains(&self, other: &IovaRange) -> bool {
+    pub fn contains(&self, other: &Self) -> bool {
         self.start <= other.start && other.end <= self.end
     }
 
@@ -71,7 +127,31 @@ impl IovaRange {
     }
 }
 
-impl fmt::Display for IovaRange {
+impl IovaRange {
+    /// The IOVAs `[start, end]` of a request.
+    pub fn of(start: Iova, end: Iova) -> Option<Self> {
+        Self::new(start.0, end.0)
+    }
+}
+
+impl GpaRange {
+    /// `len` bytes of guest-physical memory from `start`.
+    pub fn at(start: Gpa, len: u64) -> Option<Self> {
+        Self::with_len(start.0, len)
+    }
+
+    /// The IOVAs equal to these guest-physical addresses: what an identity (bypass) domain
+    /// maps them at.
+    pub fn identity(self) -> IovaRange {
+        Range {
+            start: self.start,
+            end: self.end,
+            space: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S: AddressSpace> fmt::Display for Range<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:#x}..={:#x}", self.start, self.end)
     }

@@ -6,7 +6,7 @@
 //! read is bounds-checked against the bytes actually supplied. It must never interpret a request
 //! (that is `domains`' job): it only says what the bytes are.
 
-use crate::ids::{DomainId, EndpointId};
+use crate::ids::{DomainId, EndpointId, Gpa, Iova};
 
 /// Virtio device ID of an IOMMU device (§5.13.1).
 pub const DEVICE_ID: u32 = 23;
@@ -34,6 +34,35 @@ pub const ATTACH_F_BYPASS: u32 = 1;
 pub const MAP_F_READ: u32 = 1;
 pub const MAP_F_WRITE: u32 = 2;
 pub const MAP_F_MMIO: u32 = 4;
+
+/// A MAP request's flags, exactly as the guest wrote them (unknown bits included: the domain
+/// model rejects those).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MapFlags(pub u32);
+
+impl MapFlags {
+    pub const READ: MapFlags = MapFlags(MAP_F_READ);
+    pub const WRITE: MapFlags = MapFlags(MAP_F_WRITE);
+    pub const MMIO: MapFlags = MapFlags(MAP_F_MMIO);
+    pub const RW: MapFlags = MapFlags(MAP_F_READ | MAP_F_WRITE);
+
+    pub fn read(self) -> bool {
+        self.0 & MAP_F_READ != 0
+    }
+
+    pub fn write(self) -> bool {
+        self.0 & MAP_F_WRITE != 0
+    }
+
+    pub fn mmio(self) -> bool {
+        self.0 & MAP_F_MMIO != 0
+    }
+
+    /// The bits the spec does not define (§5.13.6.4).
+    pub fn unknown(self) -> u32 {
+        self.0 & !(MAP_F_READ | MAP_F_WRITE | MAP_F_MMIO)
+    }
+}
 
 /// Size of `struct virtio_iommu_req_head` and of `struct virtio_iommu_req_tail`.
 pub const HEAD_SIZE: usize = 4;
@@ -171,15 +200,15 @@ pub enum Request {
     },
     Map {
         domain: DomainId,
-        virt_start: u64,
-        virt_end: u64,
-        phys_start: u64,
-        flags: u32,
+        virt_start: Iova,
+        virt_end: Iova,
+        phys_start: Gpa,
+        flags: MapFlags,
     },
     Unmap {
         domain: DomainId,
-        virt_start: u64,
-        virt_end: u64,
+        virt_start: Iova,
+        virt_end: Iova,
         reserved: [u8; 4],
     },
     Probe {
@@ -234,10 +263,10 @@ impl Request {
     pub fn map(domain: u32, start: u64, end: u64, phys: u64, flags: u32) -> Request {
         Request::Map {
             domain: DomainId(domain),
-            virt_start: start,
-            virt_end: end,
-            phys_start: phys,
-            flags,
+            virt_start: Iova(start),
+            virt_end: Iova(end),
+            phys_start: Gpa(phys),
+            flags: MapFlags(flags),
         }
     }
 
@@ -245,8 +274,8 @@ impl Request {
     pub fn unmap(domain: u32, start: u64, end: u64) -> Request {
         Request::Unmap {
             domain: DomainId(domain),
-            virt_start: start,
-            virt_end: end,
+            virt_start: Iova(start),
+            virt_end: Iova(end),
             reserved: [0; 4],
         }
     }
@@ -298,18 +327,18 @@ impl Request {
                 let w: wire::Map = wire::read(b);
                 Request::Map {
                     domain: DomainId(w.domain.into()),
-                    virt_start: w.virt_start.into(),
-                    virt_end: w.virt_end.into(),
-                    phys_start: w.phys_start.into(),
-                    flags: w.flags.into(),
+                    virt_start: Iova(w.virt_start.into()),
+                    virt_end: Iova(w.virt_end.into()),
+                    phys_start: Gpa(w.phys_start.into()),
+                    flags: MapFlags(w.flags.into()),
                 }
             }
             RequestType::Unmap => {
                 let w: wire::Unmap = wire::read(b);
                 Request::Unmap {
                     domain: DomainId(w.domain.into()),
-                    virt_start: w.virt_start.into(),
-                    virt_end: w.virt_end.into(),
+                    virt_start: Iova(w.virt_start.into()),
+                    virt_end: Iova(w.virt_end.into()),
                     reserved: w.reserved,
                 }
             }
@@ -373,10 +402,10 @@ impl Request {
             } => put(wire::Map {
                 head,
                 domain: domain.0.into(),
-                virt_start: virt_start.into(),
-                virt_end: virt_end.into(),
-                phys_start: phys_start.into(),
-                flags: flags.into(),
+                virt_start: virt_start.0.into(),
+                virt_end: virt_end.0.into(),
+                phys_start: phys_start.0.into(),
+                flags: flags.0.into(),
             }
             .as_slice()),
             Request::Unmap {
@@ -387,8 +416,8 @@ impl Request {
             } => put(wire::Unmap {
                 head,
                 domain: domain.0.into(),
-                virt_start: virt_start.into(),
-                virt_end: virt_end.into(),
+                virt_start: virt_start.0.into(),
+                virt_end: virt_end.0.into(),
                 reserved,
             }
             .as_slice()),

@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 
 use crate::backend::soft::Fault;
-use crate::ids::{DomainId, EndpointId};
-use crate::protocol::{Request, Status};
+use crate::ids::{DomainId, EndpointId, Gpa, Iova};
+use crate::protocol::{MapFlags, Request, Status};
 
 /// Endpoints the model (and the tests' daemon) serve.
 pub const ENDPOINTS: [u32; 4] = [1, 2, 3, 4];
@@ -93,10 +93,10 @@ impl Model {
             }
             Request::Map {
                 domain: DomainId(d),
-                virt_start: s,
-                virt_end: e,
-                phys_start: p,
-                flags,
+                virt_start: Iova(s),
+                virt_end: Iova(e),
+                phys_start: Gpa(p),
+                flags: MapFlags(flags),
             } => {
                 if flags & !7 != 0 {
                     return Status::Inval;
@@ -129,8 +129,8 @@ impl Model {
             }
             Request::Unmap {
                 domain: DomainId(d),
-                virt_start: s,
-                virt_end: e,
+                virt_start: Iova(s),
+                virt_end: Iova(e),
                 ..
             } => {
                 let Some(dom) = self.domains.get_mut(&d) else {
@@ -236,10 +236,10 @@ pub fn random_request(r: &mut Rng) -> Request {
             };
             Request::Map {
                 domain,
-                virt_start: s,
-                virt_end: s + len - 1 - if r.below(30) == 0 { 1 } else { 0 },
-                phys_start: phys,
-                flags: [3, 3, 3, 1, 2, 0, 4, 8][r.below(8) as usize],
+                virt_start: Iova(s),
+                virt_end: Iova(s + len - 1 - if r.below(30) == 0 { 1 } else { 0 }),
+                phys_start: Gpa(phys),
+                flags: MapFlags([3, 3, 3, 1, 2, 0, 4, 8][r.below(8) as usize]),
             }
         }
         _ => {
@@ -252,8 +252,8 @@ pub fn random_request(r: &mut Rng) -> Request {
             };
             Request::Unmap {
                 domain,
-                virt_start: s,
-                virt_end: e,
+                virt_start: Iova(s),
+                virt_end: Iova(e),
                 reserved: [0; 4],
             }
         }

@@ -197,8 +197,8 @@ impl Tracer {
                 } => write!(
                     o,
                     "\"domain\":{},\"start\":\"{virt_start:#x}\",\"end\":\"{virt_end:#x}\",\
-                     \"phys\":\"{phys_start:#x}\",\"flags\":{flags}",
-                    domain.0
+                     \"phys\":\"{phys_start:#x}\",\"flags\":{}",
+                    domain.0, flags.0
                 )?,
                 Request::Unmap {
                     domain,
@@ -380,13 +380,7 @@ mod tests {
         let d = dir();
         let p = d.join("a.jsonl");
         let t = Tracer::open(&p, DEFAULT_CAP).unwrap();
-        let map = Request::Map {
-            domain: DomainId(1),
-            virt_start: 0x1000,
-            virt_end: 0x1fff,
-            phys_start: 0x20000,
-            flags: 3,
-        };
+        let map = Request::map(1, 0x1000, 0x1fff, 0x20000, 3);
         t.request(3, &map, Status::Ok, None, 850);
         let attach = Request::Attach {
             domain: DomainId(2),
@@ -475,12 +469,7 @@ mod tests {
         let d = dir();
         let p = d.join("b.jsonl");
         let t = Tracer::open(&p, 4096).unwrap();
-        let unmap = Request::Unmap {
-            domain: DomainId(1),
-            virt_start: 0,
-            virt_end: 0xfff,
-            reserved: [0; 4],
-        };
+        let unmap = Request::unmap(1, 0, 0xfff);
         for _ in 0..1000 {
             t.request(0, &unmap, Status::Ok, None, 1);
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::TempDir;
 use vhost_user_iommu::driver::{TestVm, VmOptions};
-use vhost_user_iommu::ids::DomainId;
+
 use vhost_user_iommu::protocol::{Request, Status};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
@@ -343,13 +343,7 @@ fn a_control_client_that_never_reads_does_not_block_the_control_socket() {
         let maps: Vec<Request> = (0..100u64)
             .map(|i| {
                 let page = 0x10 + chunk * 100 + i;
-                Request::Map {
-                    domain: DomainId(1),
-                    virt_start: page << 12,
-                    virt_end: (page << 12) + 0xfff,
-                    phys_start: page << 12,
-                    flags: 3,
-                }
+                Request::map(1, page << 12, (page << 12) + 0xfff, page << 12, 3)
             })
             .collect();
         assert!(vm.batch(&maps).unwrap().iter().all(|s| *s == Status::Ok));
@@ -425,19 +419,8 @@ fn sigterm_under_load_exits_zero_promptly() {
         for i in 0.. {
             let iova = 0x10_0000 + (i % 512) * 0x1000;
             let reqs = [
-                Request::Map {
-                    domain: DomainId(1),
-                    virt_start: iova,
-                    virt_end: iova + 0xfff,
-                    phys_start: iova,
-                    flags: 3,
-                },
-                Request::Unmap {
-                    domain: DomainId(1),
-                    virt_start: iova,
-                    virt_end: iova + 0xfff,
-                    reserved: [0; 4],
-                },
+                Request::map(1, iova, iova + 0xfff, iova, 3),
+                Request::unmap(1, iova, iova + 0xfff),
             ];
             match vm.batch(&reqs) {
                 Ok(st) => {

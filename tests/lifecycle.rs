@@ -6,7 +6,7 @@ mod common;
 
 use common::{Daemon, Options, RW};
 use vhost_user_iommu::driver::VmOptions;
-use vhost_user_iommu::ids::DomainId;
+
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{Request, Status};
 
@@ -83,12 +83,11 @@ fn a_domain_flooding_maps_past_its_cap_gets_nomem_while_another_keeps_working() 
     let victim = |vm: &mut vhost_user_iommu::driver::TestVm, i: u64| -> std::time::Duration {
         let t = std::time::Instant::now();
         assert_eq!(vm.request(&map(2, 0x1000 + i % 64)).unwrap(), Status::Ok);
-        let unmap = Request::Unmap {
-            domain: DomainId(2),
-            virt_start: (0x1000 + i % 64) << 12,
-            virt_end: ((0x1000 + i % 64) << 12) + 0xfff,
-            reserved: [0; 4],
-        };
+        let unmap = Request::unmap(
+            2,
+            (0x1000 + i % 64) << 12,
+            ((0x1000 + i % 64) << 12) + 0xfff,
+        );
         assert_eq!(vm.request(&unmap).unwrap(), Status::Ok);
         t.elapsed()
     };
@@ -100,12 +99,14 @@ fn a_domain_flooding_maps_past_its_cap_gets_nomem_while_another_keeps_working() 
     let (mut nomem, mut loaded) = (0, Vec::new());
     for round in 0..300u64 {
         let flood: Vec<Request> = (0..64)
-            .map(|j| Request::Map {
-                domain: DomainId(1),
-                virt_start: (round * 64 + j) << 12,
-                virt_end: ((round * 64 + j) << 12) + 0xfff,
-                phys_start: 0,
-                flags: RW,
+            .map(|j| {
+                Request::map(
+                    1,
+                    (round * 64 + j) << 12,
+                    ((round * 64 + j) << 12) + 0xfff,
+                    0,
+                    RW,
+                )
             })
             .collect();
         nomem += vm

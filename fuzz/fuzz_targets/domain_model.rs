@@ -12,9 +12,9 @@ use vhost_user_iommu::backend::DmaBackend;
 use vhost_user_iommu::backend::soft::{Fault, SoftBackend};
 use vhost_user_iommu::domains::{Limits, Rules, status_of};
 use vhost_user_iommu::guest_ram::{GuestRam, RamRegion};
-use vhost_user_iommu::ids::{DomainId, EndpointId, IovaRange};
+use vhost_user_iommu::ids::{DomainId, EndpointId, Gpa, GpaRange, Iova};
 use vhost_user_iommu::pipeline::{Dispatcher, Mode, Submitted};
-use vhost_user_iommu::protocol::Request;
+use vhost_user_iommu::protocol::{MapFlags, Request};
 use vhost_user_iommu::testing::{ENDPOINTS, Model, PAGE, RAM};
 
 fn le64(b: &[u8]) -> u64 {
@@ -51,10 +51,10 @@ fn request(c: &[u8]) -> Request {
             };
             Request::Map {
                 domain,
-                virt_start: s,
-                virt_end: (s + len - 1).wrapping_sub(u64::from(c[6] >> 7)),
-                phys_start: phys,
-                flags: u32::from(c[7] % 16),
+                virt_start: Iova(s),
+                virt_end: Iova((s + len - 1).wrapping_sub(u64::from(c[6] >> 7))),
+                phys_start: Gpa(phys),
+                flags: MapFlags(u32::from(c[7] % 16)),
             }
         }
         3 => {
@@ -66,8 +66,8 @@ fn request(c: &[u8]) -> Request {
             };
             Request::Unmap {
                 domain,
-                virt_start: s,
-                virt_end: if c[6] == 0xff { s.wrapping_sub(1) } else { e },
+                virt_start: Iova(s),
+                virt_end: Iova(if c[6] == 0xff { s.wrapping_sub(1) } else { e }),
                 reserved: [0; 4],
             }
         }
@@ -79,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
     let eps: Vec<EndpointId> = ENDPOINTS.iter().map(|&e| EndpointId(e)).collect();
     let soft = Arc::new(SoftBackend::new(&eps, false));
     let ram = GuestRam::new(vec![RamRegion {
-        gpa: IovaRange::with_len(0, RAM).unwrap(),
+        gpa: GpaRange::with_len(0, RAM).unwrap(),
         host_addr: 0x7000_0000_0000,
         backing: None,
     }])

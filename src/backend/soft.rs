@@ -109,7 +109,7 @@ impl SoftBackend {
         {
             Attachment::Blocked => Err(Fault::Blocked),
             Attachment::Identity => {
-                let one = IovaRange::new(iova, iova).expect("single byte");
+                let one = crate::ids::GpaRange::new(iova, iova).expect("single byte");
                 st.ram.region_of(&one).map(|_| iova).ok_or(Fault::NotRam)
             }
             Attachment::Domain(id) => {

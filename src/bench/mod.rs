@@ -17,9 +17,9 @@ use crate::backend::soft::SoftBackend;
 use crate::backend::{DmaBackend, HwDomain, MapOp};
 use crate::driver::{DriverError, TestVm, VmOptions};
 use crate::guest_ram::HostLocation;
-use crate::ids::{DomainId, IovaRange, Perms};
+use crate::ids::{IovaRange, Perms};
 use crate::pipeline::Mode;
-use crate::protocol::{Request, Status};
+use crate::protocol::{MAP_F_READ, MAP_F_WRITE, Request, Status};
 use daemon::{LocalDaemon, LocalOptions};
 
 /// The request pattern of one workload.
@@ -187,19 +187,16 @@ fn all_ok(workload: &'static str, statuses: &[Status]) -> Result<(), BenchError>
 
 /// The request groups (one per kick) of `rounds` rounds of a workload.
 pub fn kicks(w: &Workload, rounds: usize) -> Vec<Vec<Request>> {
-    let map = |d: u32, iova: u64, size: u64| Request::Map {
-        domain: DomainId(d),
-        virt_start: iova,
-        virt_end: iova + size - 1,
-        phys_start: iova % (16 << 20),
-        flags: 3,
+    let map = |d: u32, iova: u64, size: u64| {
+        Request::map(
+            d,
+            iova,
+            iova + size - 1,
+            iova % (16 << 20),
+            MAP_F_READ | MAP_F_WRITE,
+        )
     };
-    let unmap = |d: u32, iova: u64, size: u64| Request::Unmap {
-        domain: DomainId(d),
-        virt_start: iova,
-        virt_end: iova + size - 1,
-        reserved: [0; 4],
-    };
+    let unmap = |d: u32, iova: u64, size: u64| Request::unmap(d, iova, iova + size - 1);
     // Each round uses a fresh IOVA window so the tree sees changing addresses.
     let base = |r: usize, span: u64| (r as u64 % 1024) * span + (1 << 32);
     let mut out = Vec::new();
@@ -289,8 +286,8 @@ pub fn run_raw(w: &Workload, rounds: usize) -> Measurement {
                     ..
                 } => {
                     let op = MapOp {
-                        iova: IovaRange::new(virt_start, virt_end).expect("valid"),
-                        gpa: phys_start,
+                        iova: IovaRange::of(virt_start, virt_end).expect("valid"),
+                        gpa: phys_start.0,
                         host: HostLocation {
                             host_addr: 0,
                             file: None,
@@ -310,8 +307,8 @@ pub fn run_raw(w: &Workload, rounds: usize) -> Measurement {
                     // domain model would.
                     let d = &mut doms[domain.0 as usize - 1];
                     let step = w.size;
-                    let mut a = virt_start;
-                    while a < virt_end {
+                    let mut a = virt_start.0;
+                    while a < virt_end.0 {
                         let _ = d.unmap(IovaRange::new(a, a + step - 1).expect("valid"));
                         a += step;
                     }

@@ -1,71 +1,23 @@
 //! MAP and UNMAP (§5.13.6.4, §5.13.6.5): the domains one executor shard owns, with their shadow
 //! mapping trees.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use log::warn;
 
+use super::shadow::{Mapping, Shadow};
+use super::validate::{self, Unmapping};
 use super::*;
-use crate::backend::{DmaBackend, HwDomain, MapOp};
+use crate::backend::{DmaBackend, HwDomain};
 use crate::guest_ram::{GuestRam, HostLocation};
-use crate::ids::Perms;
-use crate::protocol::{MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE, Request};
-
-#[derive(Debug)]
-struct Mapping {
-    end: u64,
-    gpa: u64,
-    perms: Perms,
-    host: HostLocation,
-}
+use crate::ids::{Gpa, GpaRange, Iova};
+use crate::protocol::{MapFlags, Request};
 
 enum ShardDomain {
     Bypass,
     Paging { hw: Box<dyn HwDomain>, maps: Shadow },
-}
-
-/// A paging domain's mappings by IOVA start, with the bytes they cover kept as they change (so
-/// that a gauge never walks the tree).
-#[derive(Default)]
-struct Shadow {
-    tree: BTreeMap<u64, Mapping>,
-    bytes: u128,
-}
-
-impl Shadow {
-    fn size(start: u64, m: &Mapping) -> u128 {
-        u128::from(m.end - start) + 1
-    }
-
-    fn insert(&mut self, start: u64, m: Mapping) {
-        self.bytes += Self::size(start, &m);
-        if let Some(old) = self.tree.insert(start, m) {
-            self.bytes -= Self::size(start, &old);
-        }
-    }
-
-    fn remove(&mut self, start: u64) -> Option<Mapping> {
-        let m = self.tree.remove(&start)?;
-        self.bytes -= Self::size(start, &m);
-        Some(m)
-    }
-
-    fn range<R: std::ops::RangeBounds<u64>>(
-        &self,
-        r: R,
-    ) -> std::collections::btree_map::Range<'_, u64, Mapping> {
-        self.tree.range(r)
-    }
-
-    fn iter(&self) -> std::collections::btree_map::Iter<'_, u64, Mapping> {
-        self.tree.iter()
-    }
-
-    fn len(&self) -> usize {
-        self.tree.len()
-    }
 }
 
 /// One mapping, for state dumps and tests.
@@ -153,7 +105,7 @@ impl DomainTable {
                 virt_end,
                 phys_start,
                 flags,
-            } => self.map(domain, virt_start, virt_end, phys_start, flags),
+            } => self.map(domain, (virt_start, virt_end, phys_start, flags)),
             Request::Unmap {
                 domain,
                 virt_start,
@@ -164,139 +116,52 @@ impl DomainTable {
         }
     }
 
-    /// MAP (§5.13.6.4).
-    pub fn map(
-        &mut self,
-        domain: DomainId,
-        virt_start: u64,
-        virt_end: u64,
-        phys_start: u64,
-        flags: u32,
-    ) -> Outcome {
-        let known = MAP_F_READ | MAP_F_WRITE | MAP_F_MMIO;
-        if flags & !known != 0 {
-            return Err(Rejection::rule(
-                Status::Inval,
-                Rule::UnknownFlags(flags & !known),
-            ));
-        }
+    /// MAP (§5.13.6.4): validated, then done by the backend, then committed to the shadow.
+    pub fn map(&mut self, domain: DomainId, args: (Iova, Iova, Gpa, MapFlags)) -> Outcome {
+        validate::map_flags(args.3)?;
         let rules = self.rules.clone();
         let ram = self.ram.clone();
         let total = self.total_mappings.clone();
         let (hw, maps) = self.paging(domain)?;
-        if flags & MAP_F_MMIO != 0 {
-            return Err(Rejection::rule(Status::Unsupp, Rule::Mmio));
-        }
-        let bad_range = || {
-            Rejection::rule(
-                Status::Range,
-                Rule::BadRange {
-                    start: virt_start,
-                    end: virt_end,
-                },
-            )
-        };
-        let iova = IovaRange::new(virt_start, virt_end).ok_or_else(bad_range)?;
-        for a in [virt_start, phys_start, virt_end.wrapping_add(1)] {
-            if a & rules.granule_mask != 0 {
-                return Err(Rejection::rule(Status::Range, Rule::Misaligned(a)));
-            }
-        }
-        if !rules.input_range.contains(&iova) {
-            return Err(Rejection::rule(
-                Status::Range,
-                Rule::OutsideInputRange(iova),
-            ));
-        }
-        if let Some((_, m)) = maps.range(..=virt_end).next_back()
-            && m.end >= virt_start
-        {
-            return Err(Rejection::rule(Status::Inval, Rule::Overlap(iova)));
-        }
-        if rules.overlaps_reserved(&iova) {
-            return Err(Rejection::rule(Status::Inval, Rule::Reserved(iova)));
-        }
-        // The whole 64-bit space cannot be RAM, so a length that does not fit is simply not RAM.
-        let not_ram = || Rejection::rule(Status::Fault, Rule::NotGuestRam(phys_start));
-        let gpa = iova
-            .len()
-            .and_then(|len| IovaRange::with_len(phys_start, len))
-            .ok_or_else(not_ram)?;
-        let host = ram.locate(&gpa).ok_or_else(not_ram)?;
-        if maps.len() >= rules.limits.max_mappings_per_domain {
-            return Err(Rejection::rule(Status::NoMem, Rule::TooManyMappings));
-        }
+        let op = validate::map(&rules, &ram, maps, total.load(Ordering::Relaxed), args)?;
+        // The total cap is shared with the other shards: reserve a place before the backend
+        // call, give it back if that fails.
         if total.fetch_add(1, Ordering::Relaxed) >= rules.limits.max_mappings_total {
             total.fetch_sub(1, Ordering::Relaxed);
             return Err(Rejection::rule(Status::NoMem, Rule::TooManyMappings));
         }
-        let perms = Perms {
-            read: flags & MAP_F_READ != 0,
-            write: flags & MAP_F_WRITE != 0,
-        };
-        let op = MapOp {
-            iova,
-            gpa: phys_start,
-            host,
-            perms,
-        };
         if let Err(e) = hw.map(&op) {
             total.fetch_sub(1, Ordering::Relaxed);
             return Err(Rejection::backend(e));
         }
         maps.insert(
-            virt_start,
+            op.iova.start(),
             Mapping {
-                end: virt_end,
-                gpa: phys_start,
-                perms,
-                host,
+                end: op.iova.end(),
+                gpa: op.gpa,
+                perms: op.perms,
+                host: op.host,
             },
         );
         Ok(())
     }
 
     /// UNMAP (§5.13.6.5): all-or-nothing against the shadow tree; holes are fine.
-    pub fn unmap(&mut self, domain: DomainId, virt_start: u64, virt_end: u64) -> Outcome {
+    pub fn unmap(&mut self, domain: DomainId, virt_start: Iova, virt_end: Iova) -> Outcome {
         let total = self.total_mappings.clone();
         let (hw, maps) = self.paging(domain)?;
-        let range = IovaRange::new(virt_start, virt_end).ok_or(Rejection::rule(
-            Status::Range,
-            Rule::BadRange {
-                start: virt_start,
-                end: virt_end,
-            },
-        ))?;
-        // A mapping that starts before the range and reaches into it would be split.
-        if let Some((&s, m)) = maps.range(..virt_start).next_back()
-            && m.end >= virt_start
-        {
-            let _ = s;
-            return Err(Rejection::rule(Status::Range, Rule::Split(range)));
-        }
-        // So would the last mapping starting inside the range if it ends past it.
-        if let Some((_, m)) = maps.range(virt_start..=virt_end).next_back()
-            && m.end > virt_end
-        {
-            return Err(Rejection::rule(Status::Range, Rule::Split(range)));
-        }
         // The backend removes the covered mappings (in one go where it can) and says how many,
         // from the first, are gone: if it fails on one, the ones before it are gone in both
         // places and the rest stay in both, so shadow and host still agree.
-        let mut covered = maps
-            .range(virt_start..=virt_end)
-            .map(|(&s, m)| IovaRange::new(s, m.end).expect("stored mappings are valid"));
-        let (first, second) = (covered.next(), covered.next());
-        let covered: Vec<IovaRange> = match (first, second) {
-            (None, _) => return Ok(()),
-            // The common case, one mapping: no list to build on the request path.
-            (Some(one), None) => {
+        let covered = match validate::unmap(maps, virt_start, virt_end)? {
+            Unmapping::Nothing => return Ok(()),
+            Unmapping::One(one) => {
                 hw.unmap(one).map_err(Rejection::backend)?;
                 maps.remove(one.start());
                 total.fetch_sub(1, Ordering::Relaxed);
                 return Ok(());
             }
-            (Some(a), Some(b)) => [a, b].into_iter().chain(covered).collect(),
+            Unmapping::Many(covered) => covered,
         };
         let (gone, failed) = hw.unmap_all(&covered);
         for r in &covered[..gone] {
@@ -359,7 +224,7 @@ impl DomainTable {
             let stale: Vec<u64> = maps
                 .iter()
                 .filter(|(s, m)| {
-                    let gpa = IovaRange::new(m.gpa, m.gpa + (m.end - **s)).expect("valid");
+                    let gpa = GpaRange::new(m.gpa, m.gpa + (m.end - **s)).expect("valid");
                     !ram.locate(&gpa).is_some_and(|h| same_memory(&h, &m.host))
                 })
                 .map(|(&s, _)| s)

@@ -46,7 +46,7 @@ fn rules() -> Rules {
 
 fn ram() -> GuestRam {
     GuestRam::new(vec![RamRegion {
-        gpa: IovaRange::with_len(0, RAM).unwrap(),
+        gpa: crate::ids::GpaRange::with_len(0, RAM).unwrap(),
         host_addr: 0x7000_0000_0000,
         backing: None,
     }])
@@ -127,12 +127,16 @@ impl Fx {
         }
     }
     fn map(&mut self, d: u32, start: u64, end: u64, phys: u64, flags: u32) -> Status {
-        let s = status_of(&self.table.map(DomainId(d), start, end, phys, flags));
+        let s = status_of(
+            &self
+                .table
+                .execute(&Request::map(d, start, end, phys, flags)),
+        );
         self.check();
         s
     }
     fn unmap(&mut self, d: u32, start: u64, end: u64) -> Status {
-        let s = status_of(&self.table.unmap(DomainId(d), start, end));
+        let s = status_of(&self.table.execute(&Request::unmap(d, start, end)));
         self.check();
         s
     }
@@ -791,7 +795,7 @@ fn mappings_outside_a_shrunk_memory_table_are_torn_down() {
     assert_eq!(f.map(1, 0x1000, 0x1fff, 0x1000, RW), Status::Ok);
     assert_eq!(f.map(1, 0x2000, 0x2fff, RAM - 0x1000, RW), Status::Ok);
     let small = GuestRam::new(vec![RamRegion {
-        gpa: IovaRange::with_len(0, RAM / 2).unwrap(),
+        gpa: crate::ids::GpaRange::with_len(0, RAM / 2).unwrap(),
         host_addr: 0x7000_0000_0000,
         backing: None,
     }])
@@ -808,7 +812,7 @@ fn mappings_whose_memory_moved_are_torn_down() {
     let mut f = attached();
     assert_eq!(f.map(1, 0x1000, 0x1fff, 0x1000, RW), Status::Ok);
     let moved = GuestRam::new(vec![RamRegion {
-        gpa: IovaRange::with_len(0, RAM).unwrap(),
+        gpa: crate::ids::GpaRange::with_len(0, RAM).unwrap(),
         host_addr: 0x6000_0000_0000,
         backing: None,
     }])

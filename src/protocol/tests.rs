@@ -1,4 +1,5 @@
 use super::*;
+use crate::ids::Iova;
 
 #[test]
 fn request_sizes_match_the_spec_structs() {
@@ -23,17 +24,11 @@ fn every_request_round_trips_through_encode_and_decode() {
             domain: DomainId(u32::MAX),
             endpoint: EndpointId(3),
         },
-        Request::Map {
-            domain: DomainId(2),
-            virt_start: 0x1000,
-            virt_end: 0x1fff,
-            phys_start: 0xdead_0000,
-            flags: MAP_F_READ | MAP_F_WRITE,
-        },
+        Request::map(2, 0x1000, 0x1fff, 0xdead_0000, MAP_F_READ | MAP_F_WRITE),
         Request::Unmap {
             domain: DomainId(2),
-            virt_start: 0,
-            virt_end: u64::MAX,
+            virt_start: Iova(0),
+            virt_end: Iova(u64::MAX),
             reserved: [9, 0, 0, 0],
         },
         Request::Probe {
@@ -59,13 +54,7 @@ fn map_fields_sit_at_the_spec_offsets() {
     b[32..36].copy_from_slice(&3u32.to_le_bytes());
     assert_eq!(
         Request::decode(&b),
-        Ok(Request::Map {
-            domain: DomainId(5),
-            virt_start: 0x1000,
-            virt_end: 0x2fff,
-            phys_start: 0x8000,
-            flags: 3
-        })
+        Ok(Request::map(5, 0x1000, 0x2fff, 0x8000, 3))
     );
 }
 

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::guest_ram::{Backing, GuestRam, RamRegion};
-use crate::ids::IovaRange;
+use crate::ids::GpaRange;
 
 /// fstat of an open fd.
 fn stat(fd: i32) -> io::Result<libc::stat> {
@@ -77,7 +77,7 @@ pub(super) fn check_backing(mem: &GuestMemoryMmap) -> Result<(), String> {
 pub(super) fn guest_ram(mem: &GuestMemoryMmap) -> Result<GuestRam, String> {
     let mut regions = Vec::new();
     for r in mem.iter() {
-        let gpa = IovaRange::with_len(r.start_addr().0, r.len())
+        let gpa = GpaRange::with_len(r.start_addr().0, r.len())
             .ok_or_else(|| format!("memory region at {:#x} has a bad length", r.start_addr().0))?;
         let host_addr = r
             .get_host_address(vm_memory::MemoryRegionAddress(0))

@@ -19,7 +19,7 @@ impl IommufdBackend {
             .regions()
             .iter()
             .map(|r| IdentityEntry {
-                gpa: r.gpa,
+                gpa: r.gpa.identity(),
                 key: (
                     r.backing.as_ref().map(|b| (b.file_id, b.offset)),
                     r.host_addr,

@@ -68,19 +68,8 @@ fn workout_against_a_running_daemon() {
         flags: 0,
         reserved: [0; 4],
     };
-    let map = |i: u64| Request::Map {
-        domain: DomainId(1),
-        virt_start: i << 12,
-        virt_end: (i << 12) | 0xfff,
-        phys_start: 0x10_0000,
-        flags: 3,
-    };
-    let unmap = |i: u64| Request::Unmap {
-        domain: DomainId(1),
-        virt_start: i << 12,
-        virt_end: (i << 12) | 0xfff,
-        reserved: [0; 4],
-    };
+    let map = |i: u64| Request::map(1, i << 12, (i << 12) | 0xfff, 0x10_0000, 3);
+    let unmap = |i: u64| Request::unmap(1, i << 12, (i << 12) | 0xfff);
     assert_eq!(vm.request(&attach(1, 2)).unwrap(), Status::Ok);
     // 32 maps + 32 unmaps per round, 1100 rounds: 70_400 chains, past 65_535.
     for _ in 0..1100 {
@@ -141,7 +130,7 @@ fn workout_against_a_running_daemon() {
     vm.add_region(1 << 32, 2 << 20).unwrap();
     let mut m = map(0x100);
     if let Request::Map { phys_start, .. } = &mut m {
-        *phys_start = 1 << 32;
+        *phys_start = crate::ids::Gpa(1 << 32);
     }
     assert_eq!(vm.request(&m).unwrap(), Status::Ok);
     vm.remove_region(1 << 32).unwrap();

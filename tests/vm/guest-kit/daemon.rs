@@ -276,14 +276,8 @@ pub fn map_status(
     len: u64,
     flags: u32,
 ) -> Result<Status> {
-    vm.request(&Request::Map {
-        domain: DomainId(d),
-        virt_start: iova,
-        virt_end: iova + len - 1,
-        phys_start: gpa,
-        flags,
-    })
-    .map_err(|e| e.to_string())
+    vm.request(&Request::map(d, iova, iova + len - 1, gpa, flags))
+        .map_err(|e| e.to_string())
 }
 
 pub fn map(vm: &mut TestVm, d: u32, iova: u64, gpa: u64, len: u64, flags: u32) -> Result<()> {
@@ -295,12 +289,7 @@ pub fn map(vm: &mut TestVm, d: u32, iova: u64, gpa: u64, len: u64, flags: u32) -
 
 pub fn unmap(vm: &mut TestVm, d: u32, iova: u64, len: u64) -> Result<()> {
     let s = vm
-        .request(&Request::Unmap {
-            domain: DomainId(d),
-            virt_start: iova,
-            virt_end: iova + len - 1,
-            reserved: [0; 4],
-        })
+        .request(&Request::unmap(d, iova, iova + len - 1))
         .map_err(|e| e.to_string())?;
     ok(s, &format!("UNMAP {iova:#x} in domain {d}"))
 }

@@ -47,7 +47,7 @@ use vhost_user_iommu::backend::iommufd::{IommufdBackend, MapStrategy, sys};
 use vhost_user_iommu::backend::{Attachment, DmaBackend, MapOp};
 use vhost_user_iommu::driver::{GuestRam as MemfdRam, TestVm, VmOptions};
 use vhost_user_iommu::guest_ram::{Backing, GuestRam, HostLocation, RamRegion};
-use vhost_user_iommu::ids::{DomainId, EndpointId, IovaRange, Perms};
+use vhost_user_iommu::ids::{DomainId, EndpointId, GpaRange, IovaRange, Perms};
 use vhost_user_iommu::metrics::Metrics;
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{Request, Status};
@@ -958,7 +958,7 @@ fn raw_rows(
     // The backend-call loop: HwDomain::map/unmap, as the domain model calls them.
     let st = memfd.metadata().map_err(|e| e.to_string())?;
     let table = GuestRam::new(vec![RamRegion {
-        gpa: IovaRange::new(0, RAM_SIZE - 1).expect("valid"),
+        gpa: GpaRange::new(0, RAM_SIZE - 1).expect("valid"),
         host_addr: host,
         backing: Some(Backing {
             file: Arc::new(memfd.try_clone().map_err(|e| e.to_string())?),
@@ -1180,25 +1180,14 @@ fn daemon_rows(
                     |iova, gpa| {
                         let st = vm
                             .borrow_mut()
-                            .request(&Request::Map {
-                                domain: DomainId(1),
-                                virt_start: iova,
-                                virt_end: iova + size - 1,
-                                phys_start: gpa,
-                                flags,
-                            })
+                            .request(&Request::map(1, iova, iova + size - 1, gpa, flags))
                             .map_err(|e| e.to_string())?;
                         ok(st, "MAP")
                     },
                     |iova| {
                         let st = vm
                             .borrow_mut()
-                            .request(&Request::Unmap {
-                                domain: DomainId(1),
-                                virt_start: iova,
-                                virt_end: iova + size - 1,
-                                reserved: [0; 4],
-                            })
+                            .request(&Request::unmap(1, iova, iova + size - 1))
                             .map_err(|e| e.to_string())?;
                         ok(st, "UNMAP")
                     },
@@ -1220,19 +1209,10 @@ fn daemon_rows(
                     let reqs: Vec<Request> = kick
                         .iter()
                         .map(|op| match *op {
-                            Op::Map { iova, gpa } => Request::Map {
-                                domain: DomainId(1),
-                                virt_start: iova,
-                                virt_end: iova + KIB4 - 1,
-                                phys_start: gpa,
-                                flags,
-                            },
-                            Op::Unmap { iova } => Request::Unmap {
-                                domain: DomainId(1),
-                                virt_start: iova,
-                                virt_end: iova + KIB4 - 1,
-                                reserved: [0; 4],
-                            },
+                            Op::Map { iova, gpa } => {
+                                Request::map(1, iova, iova + KIB4 - 1, gpa, flags)
+                            }
+                            Op::Unmap { iova } => Request::unmap(1, iova, iova + KIB4 - 1),
                         })
                         .collect();
                     let sts = vm.batch(&reqs).map_err(|e| e.to_string())?;
@@ -1294,7 +1274,7 @@ fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
             }
             let st = file.metadata().map_err(|e| e.to_string())?;
             let table = GuestRam::new(vec![RamRegion {
-                gpa: IovaRange::new(0, size - 1).expect("valid"),
+                gpa: GpaRange::new(0, size - 1).expect("valid"),
                 host_addr: ram.host_addr(),
                 backing: Some(Backing {
                     file: Arc::new(file),

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use vhost_user_iommu::backend::iommufd::{IommufdBackend, MapPath, MapStrategy, sys};
 use vhost_user_iommu::backend::{Attachment, DmaBackend, HostConstraints};
 use vhost_user_iommu::driver::{GuestRam, TestVm};
-use vhost_user_iommu::ids::{DomainId, EndpointId};
+use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{
     ATTACH_F_BYPASS, MAP_F_READ, Request, ResvKind, Status, decode_probe_properties,
@@ -288,13 +288,7 @@ fn first_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
                     continue;
                 }
                 let s = vm
-                    .request(&Request::Map {
-                        domain: DomainId(5),
-                        virt_start: iova,
-                        virt_end: iova + PAGE - 1,
-                        phys_start: GPA_A,
-                        flags: RW,
-                    })
+                    .request(&Request::map(5, iova, iova + PAGE - 1, GPA_A, RW))
                     .map_err(|e| e.to_string())?;
                 if s != Status::Inval {
                     return Err(format!("MAP at {iova:#x} in {r:?}: status {}", s.name()));
@@ -924,13 +918,7 @@ fn ioas_of(b: &IommufdBackend, ep: u32) -> Result<u32> {
 }
 
 fn map_req(d: u32, iova: u64, gpa: u64, len: u64) -> Request {
-    Request::Map {
-        domain: DomainId(d),
-        virt_start: iova,
-        virt_end: iova + len - 1,
-        phys_start: gpa,
-        flags: RW,
-    }
+    Request::map(d, iova, iova + len - 1, gpa, RW)
 }
 
 /// Pushes MAP chains without kicking.

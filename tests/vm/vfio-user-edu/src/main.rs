@@ -354,13 +354,7 @@ fn attach(vm: &mut TestVm, d: u32, ep: u32) -> Result<()> {
 fn map(vm: &mut TestVm, d: u32, iova: u64, gpa: u64) -> Result<()> {
     vm_req(
         vm,
-        Request::Map {
-            domain: DomainId(d),
-            virt_start: iova,
-            virt_end: iova + PAGE - 1,
-            phys_start: gpa,
-            flags: MAP_F_READ | MAP_F_WRITE,
-        },
+        Request::map(d, iova, iova + PAGE - 1, gpa, MAP_F_READ | MAP_F_WRITE),
         &format!("MAP {iova:#x} -> {gpa:#x} in domain {d}"),
     )
 }
@@ -849,12 +843,7 @@ fn upgrade_check(
             ram_expect(&cx.vm, GPA_C, &pattern(0x5a), "endpoint 1: DMA to a MAP made after the upgrade")?;
             vm_req(
                 &mut cx.vm,
-                Request::Unmap {
-                    domain: DomainId(1),
-                    virt_start: IOVA_Z,
-                    virt_end: IOVA_Z + PAGE - 1,
-                    reserved: [0; 4],
-                },
+                Request::unmap(1, IOVA_Z, IOVA_Z + PAGE - 1),
                 "UNMAP of IOVA Z after the upgrade",
             )?;
             ram_fill(&cx.vm, GPA_C, SENTINEL)?;

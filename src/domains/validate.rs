@@ -1,0 +1,277 @@
+//! The pure half of MAP and UNMAP (§5.13.6.4, §5.13.6.5): a request checked against a paging
+//! domain's shadow becomes the operation the backend is to execute, or the guest's rejection.
+//! No backend handle, no counter, no log: the table commits what these return once the backend
+//! has done it.
+
+use super::shadow::Shadow;
+use super::*;
+use crate::backend::MapOp;
+use crate::guest_ram::GuestRam;
+use crate::ids::{Gpa, GpaRange, Iova, Perms};
+use crate::protocol::MapFlags;
+
+/// The flags alone, checked before the domain is looked up (an unknown bit is INVAL whatever
+/// the domain).
+pub fn map_flags(flags: MapFlags) -> Result<(), Rejection> {
+    match flags.unknown() {
+        0 => Ok(()),
+        unknown => Err(Rejection::rule(Status::Inval, Rule::UnknownFlags(unknown))),
+    }
+}
+
+/// A MAP of `[start, end]` to `gpa` in a paging domain holding `maps`, checked completely:
+/// the operation for the backend. `held` is how many mappings the caps already count.
+pub fn map(
+    rules: &Rules,
+    ram: &GuestRam,
+    maps: &Shadow,
+    held: usize,
+    (start, end, gpa, flags): (Iova, Iova, Gpa, MapFlags),
+) -> Result<MapOp, Rejection> {
+    if flags.mmio() {
+        return Err(Rejection::rule(Status::Unsupp, Rule::Mmio));
+    }
+    let iova = IovaRange::of(start, end).ok_or_else(|| bad_range(start, end))?;
+    for a in [start.0, gpa.0, end.0.wrapping_add(1)] {
+        if a & rules.granule_mask != 0 {
+            return Err(Rejection::rule(Status::Range, Rule::Misaligned(a)));
+        }
+    }
+    if !rules.input_range.contains(&iova) {
+        return Err(Rejection::rule(
+            Status::Range,
+            Rule::OutsideInputRange(iova),
+        ));
+    }
+    if let Some((_, m)) = maps.range(..=end.0).next_back()
+        && m.end >= start.0
+    {
+        return Err(Rejection::rule(Status::Inval, Rule::Overlap(iova)));
+    }
+    if rules.overlaps_reserved(&iova) {
+        return Err(Rejection::rule(Status::Inval, Rule::Reserved(iova)));
+    }
+    // The whole 64-bit space cannot be RAM, so a length that does not fit is simply not RAM.
+    let not_ram = || Rejection::rule(Status::Fault, Rule::NotGuestRam(gpa.0));
+    let gpas = iova
+        .len()
+        .and_then(|len| GpaRange::at(gpa, len))
+        .ok_or_else(not_ram)?;
+    let host = ram.locate(&gpas).ok_or_else(not_ram)?;
+    if maps.len() >= rules.limits.max_mappings_per_domain || held >= rules.limits.max_mappings_total
+    {
+        return Err(Rejection::rule(Status::NoMem, Rule::TooManyMappings));
+    }
+    Ok(MapOp {
+        iova,
+        gpa: gpa.0,
+        host,
+        perms: Perms {
+            read: flags.read(),
+            write: flags.write(),
+        },
+    })
+}
+
+/// What a valid UNMAP removes: the mappings it covers, first to last.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unmapping {
+    /// The range holds no mapping (OK: holes are fine).
+    Nothing,
+    /// One mapping: the common case, with no list to build on the request path.
+    One(IovaRange),
+    Many(Vec<IovaRange>),
+}
+
+/// An UNMAP of `[start, end]` in a paging domain holding `maps`: all or nothing, so a mapping
+/// the range would split is RANGE and nothing is removed.
+pub fn unmap(maps: &Shadow, start: Iova, end: Iova) -> Result<Unmapping, Rejection> {
+    let range = IovaRange::of(start, end).ok_or_else(|| bad_range(start, end))?;
+    let split = || Rejection::rule(Status::Range, Rule::Split(range));
+    // A mapping that starts before the range and reaches into it would be split.
+    if let Some((_, m)) = maps.range(..start.0).next_back()
+        && m.end >= start.0
+    {
+        return Err(split());
+    }
+    // So would the last mapping starting inside the range if it ends past it.
+    if let Some((_, m)) = maps.range(start.0..=end.0).next_back()
+        && m.end > end.0
+    {
+        return Err(split());
+    }
+    let mut covered = maps
+        .range(start.0..=end.0)
+        .map(|(&s, m)| IovaRange::new(s, m.end).expect("stored mappings are valid"));
+    Ok(match (covered.next(), covered.next()) {
+        (None, _) => Unmapping::Nothing,
+        (Some(one), None) => Unmapping::One(one),
+        (Some(a), Some(b)) => Unmapping::Many([a, b].into_iter().chain(covered).collect()),
+    })
+}
+
+fn bad_range(start: Iova, end: Iova) -> Rejection {
+    Rejection::rule(
+        Status::Range,
+        Rule::BadRange {
+            start: start.0,
+            end: end.0,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The validate step alone, against the spec's own examples (§5.13.6.4, §5.13.6.5): no
+    //! backend is involved, so what is checked is the decision and nothing else.
+
+    use super::super::shadow::Mapping;
+    use super::*;
+    use crate::guest_ram::{HostLocation, RamRegion};
+    use crate::protocol::{ResvKind, ResvMem};
+
+    const PAGE: u64 = 0x1000;
+
+    fn rules() -> Rules {
+        Rules {
+            granule_mask: PAGE - 1,
+            input_range: IovaRange::new(0, (1 << 48) - 1).unwrap(),
+            domain_range: (1, 1000),
+            resv_mem: vec![ResvMem {
+                kind: ResvKind::Msi,
+                start: 0xfee0_0000,
+                end: 0xfeef_ffff,
+            }],
+            limits: Limits {
+                max_mappings_per_domain: 4,
+                max_mappings_total: 6,
+                max_domains: 8,
+            },
+            probe_size: 512,
+        }
+    }
+
+    fn ram() -> GuestRam {
+        GuestRam::new(vec![RamRegion {
+            gpa: GpaRange::with_len(0, 64 << 20).unwrap(),
+            host_addr: 0x7f00_0000_0000,
+            backing: None,
+        }])
+        .unwrap()
+    }
+
+    /// A shadow holding `[start, end]` pairs (page numbers) mapped 1:1.
+    fn shadow(pages: &[(u64, u64)]) -> Shadow {
+        let mut s = Shadow::default();
+        for &(a, b) in pages {
+            s.insert(
+                a * PAGE,
+                Mapping {
+                    end: (b + 1) * PAGE - 1,
+                    gpa: a * PAGE,
+                    perms: Perms::RW,
+                    host: HostLocation {
+                        host_addr: 0,
+                        file: None,
+                    },
+                },
+            );
+        }
+        s
+    }
+
+    /// `[a, b]` in pages, as an UNMAP or MAP names it.
+    fn pages(a: u64, b: u64) -> (Iova, Iova) {
+        (Iova(a * PAGE), Iova((b + 1) * PAGE - 1))
+    }
+
+    fn range(a: u64, b: u64) -> IovaRange {
+        IovaRange::new(a * PAGE, (b + 1) * PAGE - 1).unwrap()
+    }
+
+    fn status<T>(r: Result<T, Rejection>) -> Status {
+        r.err().map_or(Status::Ok, |r| r.status)
+    }
+
+    #[test]
+    fn unmap_follows_the_specs_examples() {
+        // MAP [0,9], MAP [10,19]; UNMAP [0,9] removes the first only.
+        let (a, b) = pages(0, 9);
+        assert_eq!(
+            unmap(&shadow(&[(0, 9), (10, 19)]), a, b),
+            Ok(Unmapping::One(range(0, 9)))
+        );
+        // MAP [0,4], MAP [5,9]; UNMAP [0,9] removes both.
+        assert_eq!(
+            unmap(&shadow(&[(0, 4), (5, 9)]), a, b),
+            Ok(Unmapping::Many(vec![range(0, 4), range(5, 9)]))
+        );
+        // MAP [0,9]; UNMAP [0,4] would split it: RANGE, nothing removed.
+        let (c, d) = pages(0, 4);
+        assert_eq!(status(unmap(&shadow(&[(0, 9)]), c, d)), Status::Range);
+        // ... and so would UNMAP [5,14] from its other side.
+        let (e, f) = pages(5, 14);
+        assert_eq!(status(unmap(&shadow(&[(0, 9)]), e, f)), Status::Range);
+        // MAP [0,4], MAP [10,14]; UNMAP [0,14] removes both, the hole between is fine.
+        let (g, h) = pages(0, 14);
+        assert_eq!(
+            unmap(&shadow(&[(0, 4), (10, 14)]), g, h),
+            Ok(Unmapping::Many(vec![range(0, 4), range(10, 14)]))
+        );
+        // UNMAP over nothing is OK and removes nothing.
+        assert_eq!(unmap(&shadow(&[]), a, b), Ok(Unmapping::Nothing));
+        // A reversed range is RANGE.
+        assert_eq!(status(unmap(&shadow(&[]), b, a)), Status::Range);
+    }
+
+    #[test]
+    fn map_decides_every_status_without_a_backend() {
+        let (rules, ram) = (rules(), ram());
+        let rw = MapFlags::RW;
+        let m = |maps: &Shadow, held, (s, e): (Iova, Iova), gpa, flags| {
+            status(map(&rules, &ram, maps, held, (s, e, Gpa(gpa), flags)))
+        };
+        let empty = shadow(&[]);
+        assert_eq!(m(&empty, 0, pages(0, 0), 0, rw), Status::Ok);
+        assert_eq!(m(&empty, 0, pages(0, 0), 0, MapFlags::MMIO), Status::Unsupp);
+        assert_eq!(m(&empty, 0, (Iova(1), Iova(PAGE)), 0, rw), Status::Range);
+        assert_eq!(m(&empty, 0, pages(1, 0), 0, rw), Status::Range);
+        assert_eq!(m(&empty, 0, pages(0, 0), 1, rw), Status::Range);
+        assert_eq!(m(&empty, 0, pages(1 << 36, 1 << 36), 0, rw), Status::Range);
+        assert_eq!(m(&shadow(&[(3, 5)]), 1, pages(5, 6), 0, rw), Status::Inval);
+        assert_eq!(m(&shadow(&[(3, 5)]), 1, pages(6, 6), 0, rw), Status::Ok);
+        let msi = 0xfee0_0000 / PAGE;
+        assert_eq!(m(&empty, 0, pages(msi, msi), 0, rw), Status::Inval);
+        assert_eq!(m(&empty, 0, pages(0, 0), 64 << 20, rw), Status::Fault);
+        assert_eq!(
+            m(&empty, 0, pages(0, 0), !(PAGE - 1), rw),
+            Status::Fault
+        );
+        let full = shadow(&[(0, 0), (1, 1), (2, 2), (3, 3)]);
+        assert_eq!(m(&full, 4, pages(9, 9), 0, rw), Status::NoMem);
+        assert_eq!(m(&shadow(&[(0, 0)]), 6, pages(9, 9), 0, rw), Status::NoMem);
+        assert_eq!(status(map_flags(MapFlags(8))), Status::Inval);
+        assert_eq!(status(map_flags(MapFlags::RW)), Status::Ok);
+    }
+
+    #[test]
+    fn a_valid_map_carries_the_permissions_and_the_host_location() {
+        let op = map(
+            &rules(),
+            &ram(),
+            &shadow(&[]),
+            0,
+            (
+                Iova(PAGE),
+                Iova(2 * PAGE - 1),
+                Gpa(3 * PAGE),
+                MapFlags::READ,
+            ),
+        )
+        .unwrap();
+        assert_eq!(op.iova, range(1, 1));
+        assert_eq!(op.gpa, 3 * PAGE);
+        assert_eq!(op.perms, Perms::RO);
+        assert_eq!(op.host.host_addr, 0x7f00_0000_0000 + 3 * PAGE);
+    }
+}
