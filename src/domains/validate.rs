@@ -243,10 +243,7 @@ mod tests {
         let msi = 0xfee0_0000 / PAGE;
         assert_eq!(m(&empty, 0, pages(msi, msi), 0, rw), Status::Inval);
         assert_eq!(m(&empty, 0, pages(0, 0), 64 << 20, rw), Status::Fault);
-        assert_eq!(
-            m(&empty, 0, pages(0, 0), !(PAGE - 1), rw),
-            Status::Fault
-        );
+        assert_eq!(m(&empty, 0, pages(0, 0), !(PAGE - 1), rw), Status::Fault);
         let full = shadow(&[(0, 0), (1, 1), (2, 2), (3, 3)]);
         assert_eq!(m(&full, 4, pages(9, 9), 0, rw), Status::NoMem);
         assert_eq!(m(&shadow(&[(0, 0)]), 6, pages(9, 9), 0, rw), Status::NoMem);
