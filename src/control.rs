@@ -245,21 +245,16 @@ fn state_metrics(domains: &[DomainSummary], endpoints: &[EndpointView]) -> Strin
         out,
         "# TYPE viommu_endpoints_attached gauge\nviommu_endpoints_attached {attached}"
     );
-    out.push_str("# TYPE viommu_domain_mappings gauge\n");
-    for d in domains {
-        let _ = writeln!(
-            out,
-            "viommu_domain_mappings{{domain=\"{}\"}} {}",
-            d.id, d.mappings
-        );
-    }
-    out.push_str("# TYPE viommu_domain_mapped_bytes gauge\n");
-    for d in domains {
-        let _ = writeln!(
-            out,
-            "viommu_domain_mapped_bytes{{domain=\"{}\"}} {}",
-            d.id, d.mapped_bytes
-        );
+    type Gauge = (&'static str, fn(&DomainSummary) -> u128);
+    let per_domain: [Gauge; 2] = [
+        ("viommu_domain_mappings", |d| d.mappings as u128),
+        ("viommu_domain_mapped_bytes", |d| d.mapped_bytes),
+    ];
+    for (name, value) in per_domain {
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for d in domains {
+            let _ = writeln!(out, "{name}{{domain=\"{}\"}} {}", d.id, value(d));
+        }
     }
     out
 }

@@ -5,14 +5,25 @@
 mod common;
 
 use common::{Daemon, Options, RW};
-use vhost_user_iommu::driver::VmOptions;
-
+use vhost_user_iommu::driver::{TestVm, VmOptions};
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{Request, Status};
 
 /// MAP of page `i` at IOVA = GPA.
 fn map(d: u32, i: u64) -> Request {
     Request::map(d, i << 12, (i << 12) + 0xfff, i << 12, RW)
+}
+
+/// A VM that attached endpoint 1 to domain 1 and has just kicked 100 MAPs into it, unanswered.
+fn mappings_in_flight(d: &Daemon) -> TestVm {
+    let mut vm = d.connect();
+    assert_eq!(vm.request(&Request::attach(1, 1)).unwrap(), Status::Ok);
+    for i in 0..100 {
+        let (b, n) = map(1, i).encode();
+        vm.push(&b[..n], 4).unwrap();
+    }
+    vm.kick().unwrap();
+    vm
 }
 
 #[test]
@@ -22,14 +33,7 @@ fn disconnect_in_the_middle_of_a_batch_leaves_nothing_mapped() {
             mode,
             ..Options::default()
         });
-        let mut vm = d.connect();
-        assert_eq!(vm.request(&Request::attach(1, 1)).unwrap(), Status::Ok);
-        for i in 0..100 {
-            let (b, n) = map(1, i).encode();
-            vm.push(&b[..n], 4).unwrap();
-        }
-        vm.kick().unwrap();
-        vm.disconnect();
+        mappings_in_flight(&d).disconnect();
         d.wait_until("teardown", |d| {
             d.backend_mappings() == 0 && d.soft.domain_sizes().is_empty()
         });
@@ -48,13 +52,7 @@ fn reset_with_requests_in_flight_completes_or_drops_them_and_clears_state() {
         mode: Mode::Pipeline(2),
         ..Options::default()
     });
-    let mut vm = d.connect();
-    assert_eq!(vm.request(&Request::attach(1, 1)).unwrap(), Status::Ok);
-    for i in 0..100 {
-        let (b, n) = map(1, i).encode();
-        vm.push(&b[..n], 4).unwrap();
-    }
-    vm.kick().unwrap();
+    let mut vm = mappings_in_flight(&d);
     vm.reset_device().unwrap();
     assert!(d.state().0.is_empty());
     assert_eq!(d.backend_mappings(), 0);

@@ -270,12 +270,7 @@ pub fn run_raw(w: &Workload, rounds: usize) -> Measurement {
     let mut doms: Vec<Box<dyn HwDomain>> = (0..domains_of(w))
         .filter_map(|_| soft.create_domain().ok())
         .collect();
-    let plan = kicks(w, rounds);
-    let (mut requests, mut pairs) = (0u64, 0u64);
-    let mut lat = Vec::with_capacity(plan.len());
-    let start = Instant::now();
-    for kick in &plan {
-        let t = Instant::now();
+    let timed = time_kicks(&kicks(w, rounds), |kick| {
         for r in kick {
             match *r {
                 Request::Map {
@@ -295,7 +290,6 @@ pub fn run_raw(w: &Workload, rounds: usize) -> Measurement {
                         perms: Perms::RW,
                     };
                     let _ = doms[domain.0 as usize - 1].map(&op);
-                    pairs += 1;
                 }
                 Request::Unmap {
                     domain,
@@ -315,11 +309,34 @@ pub fn run_raw(w: &Workload, rounds: usize) -> Measurement {
                 }
                 _ => {}
             }
-            requests += 1;
         }
+        Ok::<(), BenchError>(())
+    });
+    let (requests, pairs, elapsed, lat) = timed.expect("the raw path cannot fail");
+    finish(*w, Path::Raw, requests, pairs, elapsed, lat)
+}
+
+/// Runs `each` on every kick of `plan`, timing each: the requests and MAP/UNMAP pairs of the
+/// plan, the time it all took and each kick's latency (ns).
+fn time_kicks(
+    plan: &[Vec<Request>],
+    mut each: impl FnMut(&[Request]) -> Result<(), BenchError>,
+) -> Result<(u64, u64, Duration, Vec<u64>), BenchError> {
+    let mut lat = Vec::with_capacity(plan.len());
+    let start = Instant::now();
+    for kick in plan {
+        let t = Instant::now();
+        each(kick)?;
         lat.push(t.elapsed().as_nanos() as u64);
     }
-    finish(*w, Path::Raw, requests, pairs, start.elapsed(), lat)
+    let elapsed = start.elapsed();
+    let requests = plan.iter().map(|k| k.len() as u64).sum();
+    let pairs = plan
+        .iter()
+        .flatten()
+        .filter(|r| matches!(r, Request::Map { .. }))
+        .count() as u64;
+    Ok((requests, pairs, elapsed, lat))
 }
 
 /// The full path: daemon over its socket in `mode`, one kick per request group.
@@ -359,22 +376,8 @@ pub fn run_socket_traced(
         .map(|dom| Request::attach(dom, dom))
         .collect();
     all_ok(w.name, &vm.batch(&setup)?)?;
-    let plan = kicks(w, rounds);
-    let (mut requests, mut pairs) = (0u64, 0u64);
-    let mut lat = Vec::with_capacity(plan.len());
-    let start = Instant::now();
-    for kick in &plan {
-        let t = Instant::now();
-        let st = vm.batch(kick)?;
-        lat.push(t.elapsed().as_nanos() as u64);
-        all_ok(w.name, &st)?;
-        requests += kick.len() as u64;
-        pairs += kick
-            .iter()
-            .filter(|r| matches!(r, Request::Map { .. }))
-            .count() as u64;
-    }
-    let elapsed = start.elapsed();
+    let (requests, pairs, elapsed, lat) =
+        time_kicks(&kicks(w, rounds), |kick| all_ok(w.name, &vm.batch(kick)?))?;
     vm.disconnect();
     Ok(finish(
         *w,

@@ -15,7 +15,7 @@ use crate::protocol::{
 };
 use crate::protocol::{ResvKind, decode_probe_properties};
 
-const RAM: u64 = 16 << 20;
+pub(super) const RAM: u64 = 16 << 20;
 const RW: u32 = MAP_F_READ | MAP_F_WRITE;
 
 struct Fx {
@@ -25,7 +25,7 @@ struct Fx {
     faults: Arc<Injector>,
 }
 
-fn rules() -> Rules {
+pub(super) fn rules() -> Rules {
     Rules {
         granule_mask: 0xfff,
         input_range: IovaRange::new(0, 0xffff_ffff_ffff).unwrap(),
@@ -44,7 +44,7 @@ fn rules() -> Rules {
     }
 }
 
-fn ram() -> GuestRam {
+pub(super) fn ram() -> GuestRam {
     GuestRam::new(vec![RamRegion {
         gpa: crate::ids::GpaRange::with_len(0, RAM).unwrap(),
         host_addr: 0x7000_0000_0000,

@@ -126,39 +126,11 @@ mod tests {
     //! backend is involved, so what is checked is the decision and nothing else.
 
     use super::super::shadow::Mapping;
+    use super::super::tests::{RAM, ram, rules};
     use super::*;
-    use crate::guest_ram::{HostLocation, RamRegion};
-    use crate::protocol::{ResvKind, ResvMem};
+    use crate::guest_ram::HostLocation;
 
     const PAGE: u64 = 0x1000;
-
-    fn rules() -> Rules {
-        Rules {
-            granule_mask: PAGE - 1,
-            input_range: IovaRange::new(0, (1 << 48) - 1).unwrap(),
-            domain_range: (1, 1000),
-            resv_mem: vec![ResvMem {
-                kind: ResvKind::Msi,
-                start: 0xfee0_0000,
-                end: 0xfeef_ffff,
-            }],
-            limits: Limits {
-                max_mappings_per_domain: 4,
-                max_mappings_total: 6,
-                max_domains: 8,
-            },
-            probe_size: 512,
-        }
-    }
-
-    fn ram() -> GuestRam {
-        GuestRam::new(vec![RamRegion {
-            gpa: GpaRange::with_len(0, 64 << 20).unwrap(),
-            host_addr: 0x7f00_0000_0000,
-            backing: None,
-        }])
-        .unwrap()
-    }
 
     /// A shadow holding `[start, end]` pairs (page numbers) mapped 1:1.
     fn shadow(pages: &[(u64, u64)]) -> Shadow {
@@ -242,11 +214,13 @@ mod tests {
         assert_eq!(m(&shadow(&[(3, 5)]), 1, pages(6, 6), 0, rw), Status::Ok);
         let msi = 0xfee0_0000 / PAGE;
         assert_eq!(m(&empty, 0, pages(msi, msi), 0, rw), Status::Inval);
-        assert_eq!(m(&empty, 0, pages(0, 0), 64 << 20, rw), Status::Fault);
+        assert_eq!(m(&empty, 0, pages(0, 0), RAM, rw), Status::Fault);
         assert_eq!(m(&empty, 0, pages(0, 0), !(PAGE - 1), rw), Status::Fault);
-        let full = shadow(&[(0, 0), (1, 1), (2, 2), (3, 3)]);
-        assert_eq!(m(&full, 4, pages(9, 9), 0, rw), Status::NoMem);
-        assert_eq!(m(&shadow(&[(0, 0)]), 6, pages(9, 9), 0, rw), Status::NoMem);
+        // The caps of `rules()`: 8 mappings a domain, 12 in all.
+        let full: Vec<(u64, u64)> = (0..8).map(|p| (p, p)).collect();
+        assert_eq!(m(&shadow(&full), 8, pages(9, 9), 0, rw), Status::NoMem);
+        assert_eq!(m(&shadow(&[(0, 0)]), 12, pages(9, 9), 0, rw), Status::NoMem);
+        assert_eq!(m(&shadow(&[(0, 0)]), 11, pages(9, 9), 0, rw), Status::Ok);
         assert_eq!(status(map_flags(MapFlags(8))), Status::Inval);
         assert_eq!(status(map_flags(MapFlags::RW)), Status::Ok);
     }
@@ -269,6 +243,6 @@ mod tests {
         assert_eq!(op.iova, range(1, 1));
         assert_eq!(op.gpa, 3 * PAGE);
         assert_eq!(op.perms, Perms::RO);
-        assert_eq!(op.host.host_addr, 0x7f00_0000_0000 + 3 * PAGE);
+        assert_eq!(op.host.host_addr, 0x7000_0000_0000 + 3 * PAGE);
     }
 }

@@ -190,15 +190,9 @@ impl IommuDevice {
                 self.answer(s, r, ());
             }
             Event::StopRing(r) => {
+                self.drain_ring(s);
                 if let Some(v) = s.request_vring.clone() {
                     let mem = s.mem.as_ref().map(|m| m.memory());
-                    drain(
-                        s,
-                        mem.as_deref(),
-                        &v,
-                        &self.0.metrics,
-                        self.0.settings.tracer(),
-                    );
                     s.stopped = Some(RingMark::of(&v, mem.as_deref()));
                 }
                 self.answer(s, r, ());
