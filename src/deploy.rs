@@ -32,6 +32,7 @@ pub fn valid_vm_name(name: &str) -> bool {
 }
 
 mod check;
+pub mod fdstore;
 mod notify;
 mod udev;
 

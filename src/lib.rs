@@ -26,6 +26,7 @@ pub mod exporter;
 pub mod guest_ram;
 pub mod hotplug;
 pub mod ids;
+pub mod journal;
 pub mod listen;
 pub mod log_limit;
 pub mod metrics;

@@ -322,15 +322,7 @@ fn state_memfd(state: &UpgradeState) -> Result<OwnedFd, UpgradeError> {
 }
 
 fn write_memfd(bytes: &[u8]) -> Result<OwnedFd, UpgradeError> {
-    let name = c"vhost-user-iommu-upgrade";
-    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(UpgradeError::Write(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut f = std::fs::File::from(fd);
+    let mut f = crate::journal::memfd(c"vhost-user-iommu-upgrade").map_err(UpgradeError::Write)?;
     f.write_all(bytes).map_err(UpgradeError::Write)?;
     Ok(OwnedFd::from(f))
 }
