@@ -299,6 +299,15 @@ impl Journal {
         self.next < RECORDS
     }
 
+    /// How many more records fit before the next checkpoint (0 before the first one).
+    pub fn room(&self) -> usize {
+        if self.active == 0 {
+            0
+        } else {
+            RECORDS - self.next
+        }
+    }
+
     /// Appends a record; false (and nothing written) when the record area is full or no
     /// checkpoint was written yet.
     pub fn append(&mut self, r: &Record) -> bool {

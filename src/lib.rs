@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod peer;
 pub mod pipeline;
 pub mod protocol;
+pub mod recovery;
 mod scm;
 pub mod server;
 pub mod sigbus;

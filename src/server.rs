@@ -5,7 +5,7 @@
 //! before the next connection is accepted; nothing of one connection survives into the next.
 
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -128,6 +128,8 @@ pub enum Resume {
         handed: HandedOver,
         device: DeviceState,
         on_rebuilt: OnRebuilt,
+        /// After a crash: what the journal recorded since its checkpoint (see `recovery`).
+        recovery: Option<crate::recovery::Recovery>,
     },
 }
 
@@ -136,7 +138,7 @@ pub enum Outcome {
     /// Stopped (or `max_connections` served).
     Stopped,
     /// An upgrade was asked for: what to hand to the new binary.
-    Upgrade(Upgrade),
+    Upgrade(Box<Upgrade>),
 }
 
 /// The daemon's live parts at an upgrade, nothing torn down.
@@ -235,12 +237,13 @@ pub fn serve_until(
             }
             Some(Resume::State {
                 stream,
-                handed,
+                mut handed,
                 device,
                 on_rebuilt,
+                recovery,
             }) => {
                 let dev = new_device()?;
-                if let Err(e) = rebuild(&dev, &handed, device) {
+                if let Err(e) = rebuild(&dev, &mut handed, device, recovery) {
                     // Nothing is dropped before this: the kernel objects taken over and the
                     // handed-over fds are as the previous binary left them.
                     on_rebuilt(Err(&e.to_string()));
@@ -256,10 +259,10 @@ pub fn serve_until(
                 match accept(&listener, stopper, &settings.vmm) {
                     Ok(Some(s)) => (dev, s, None),
                     Ok(None) => {
-                        break Outcome::Upgrade(Upgrade {
+                        break Outcome::Upgrade(Box::new(Upgrade {
                             listener,
                             connection: None,
-                        });
+                        }));
                     }
                     Err(_) if stopper.stopped() => {
                         info!("stopping while waiting for a VMM");
@@ -278,7 +281,7 @@ pub fn serve_until(
             Ok(Ended::Closed) => info!("VMM disconnected"),
             Ok(Ended::Upgrade(stream, handed)) => {
                 let device = dev.device_state();
-                break Outcome::Upgrade(Upgrade {
+                break Outcome::Upgrade(Box::new(Upgrade {
                     listener,
                     connection: Some(LiveConnection {
                         dev,
@@ -286,7 +289,7 @@ pub fn serve_until(
                         handed,
                         device,
                     }),
-                });
+                }));
             }
             Err(e) if stopper.stopped() => info!("connection closed for shutdown: {e}"),
             Err(ConnectionEnd::Protocol(e))
@@ -313,9 +316,44 @@ pub fn serve_until(
 }
 
 /// Puts a handed-over device state into a fresh device: the memory table (through the backend),
-/// then the domains, attachments and mappings.
-fn rebuild(dev: &IommuDevice, handed: &HandedOver, device: DeviceState) -> std::io::Result<()> {
+/// then the domains, attachments and mappings; after a crash also the changes recorded since,
+/// with the rings set to go on where the guest can tell the dead daemon stopped.
+fn rebuild(
+    dev: &IommuDevice,
+    handed: &mut HandedOver,
+    device: DeviceState,
+    recovery: Option<crate::recovery::Recovery>,
+) -> std::io::Result<()> {
     let table = memory_table(&handed.state, &handed.fds)?;
+    if let Some(r) = recovery {
+        let answers = crate::vhost::resume_rings(&mut handed.state, &table, &r);
+        if !handed.state.regions.is_empty() {
+            dev.set_memory_table(table)?;
+        }
+        dev.restore(device).map_err(std::io::Error::other)?;
+        let request_ring = handed
+            .state
+            .rings
+            .get(crate::protocol::REQUEST_QUEUE)
+            .map(|q| (q.next_avail, q.next_used));
+        let kept = handed
+            .kept
+            .clone()
+            .map(|fds| crate::recovery::KeptConnection {
+                state: handed.state.clone(),
+                fds,
+            });
+        let n = dev
+            .recovered(crate::vhost::Recovered {
+                effects: r.effects,
+                answers,
+                kept,
+                request_ring,
+            })
+            .map_err(std::io::Error::other)?;
+        info!("crash restart: {n} recorded change(s) replayed");
+        return Ok(());
+    }
     if !handed.state.regions.is_empty() {
         dev.set_memory_table(table)?;
     }
@@ -399,6 +437,14 @@ fn serve_connection(
     handed: Option<HandedOver>,
 ) -> Result<Ended, ConnectionEnd> {
     let clone = stream.try_clone().map_err(ConnectionEnd::Setup)?;
+    // The VMM's socket outlives a crash in the fd store (kept already if this is a restart).
+    let keeper = dev.keeper().cloned();
+    if let Some(k) = &keeper
+        && handed.as_ref().is_none_or(|h| h.kept.is_none())
+        && let Err(e) = k.store(crate::recovery::VMM, stream.as_fd())
+    {
+        warn!("cannot keep the VMM's socket for a restart: {e}");
+    }
     let mut conn = match handed {
         Some(h) => Connection::resume(dev.clone(), h),
         None => Connection::new(dev.clone()),
@@ -434,6 +480,9 @@ fn serve_connection(
     };
     *stopper.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
     conn.close();
+    if let Some(k) = &keeper {
+        k.forget(&[crate::recovery::VMM.to_string()]);
+    }
     result
 }
 
@@ -448,6 +497,7 @@ fn hand_over(conn: Connection, dev: &IommuDevice) -> std::io::Result<Connection>
         HandedOver {
             state,
             fds: handed.fds,
+            kept: handed.kept,
         },
     )
 }

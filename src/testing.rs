@@ -26,6 +26,9 @@ struct MDomain {
     maps: Vec<(u64, u64, u64, u32)>,
 }
 
+/// Mappings `(start, end, gpa, read, write)` by domain id.
+pub type MappingsByDomain = BTreeMap<u32, Vec<(u64, u64, u64, bool, bool)>>;
+
 /// The device state the spec implies.
 #[derive(Default)]
 pub struct Model {
@@ -160,6 +163,25 @@ impl Model {
                 }
             }
         }
+    }
+
+    /// Every domain with its mappings `(start, end, gpa, read, write)` by start, and where
+    /// each attached endpoint is: the state a daemon's `state` dump must show.
+    pub fn view(&self) -> (MappingsByDomain, BTreeMap<u32, u32>) {
+        let domains = self
+            .domains
+            .iter()
+            .map(|(&id, d)| {
+                let mut maps: Vec<_> = d
+                    .maps
+                    .iter()
+                    .map(|&(s, e, p, f)| (s, e, p, f & 1 != 0, f & 2 != 0))
+                    .collect();
+                maps.sort_unstable();
+                (id, maps)
+            })
+            .collect();
+        (domains, self.attached.clone())
     }
 
     /// Ids of the domains that exist, ascending.

@@ -70,6 +70,10 @@ pub struct UpgradeState {
     /// The previous binary, opened: a new binary that cannot rebuild the state goes back to it.
     #[serde(default)]
     pub rollback_exe_fd: Option<RawFd>,
+    /// The crash journal and what the fd store holds (see `recovery`): the new binary keeps on
+    /// with them instead of storing everything again.
+    #[serde(default)]
+    pub keeper: Option<crate::recovery::KeeperHandover>,
 }
 
 impl UpgradeState {
@@ -95,6 +99,7 @@ impl UpgradeState {
             vfio_user,
             config: None,
             rollback_exe_fd: None,
+            keeper: None,
         }
     }
 
@@ -102,6 +107,7 @@ impl UpgradeState {
     pub fn fds(&self) -> Vec<RawFd> {
         let mut v = vec![self.listener_fd];
         v.extend(self.rollback_exe_fd);
+        v.extend(self.keeper.as_ref().map(|k| k.journal_fd));
         if let Some(c) = &self.connection {
             v.push(c.socket_fd);
             v.extend(&c.fds);
@@ -227,6 +233,9 @@ pub struct LiveConnection {
     /// The fds `state` refers to by index, by their numbers (the same in both processes).
     pub fds: Vec<RawFd>,
     pub device: DeviceState,
+    /// The names `fds` are kept under in the fd store, when they are (see `recovery`).
+    #[serde(default)]
+    pub kept: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]

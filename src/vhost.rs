@@ -50,8 +50,10 @@ mod vring_thread;
 mod wire;
 
 pub use connection::{Connection, Served};
+pub use events::Recovered;
 pub use handover::{
     ConnectionState, DeviceState, HandedOver, RegionState, RingState, STATE_VERSION, memory_table,
+    resume_rings,
 };
 
 use chain::{Chain, LogLimiter, Pending, PendingTable, read_chain};
@@ -93,6 +95,9 @@ pub struct DeviceSettings {
     pub vmm: crate::peer::PeerPolicy,
     /// The request trace (`--trace`, or started on the control socket), if the daemon has one.
     pub trace: Option<Arc<crate::trace::Tracer>>,
+    /// Where the state is kept for a daemon restarted after a crash (see `recovery`), if the
+    /// service manager keeps fds for it.
+    pub keeper: Option<Arc<crate::recovery::Keeper>>,
 }
 
 impl DeviceSettings {
@@ -120,6 +125,13 @@ struct Session {
     /// When the last answer went out with nothing more to do and the window ran out: the next
     /// kick tells how long the guest's gap really was.
     quiet_since: Option<Instant>,
+    /// The connection as last kept for a restarted daemon (see `recovery`).
+    kept: Option<crate::recovery::KeptConnection>,
+    /// After a restart: the requests to answer (or skip) as the previous daemon recorded them
+    /// when they are popped again, by avail position.
+    answers: std::collections::BTreeMap<u16, crate::recovery::Answer>,
+    /// After a restart, until the request ring is served: where it goes on.
+    ring_at: Option<(u16, u16)>,
 }
 
 struct Inner {
@@ -194,6 +206,9 @@ impl IommuDevice {
             },
             window: PollWindow::new(poll),
             quiet_since: None,
+            kept: None,
+            answers: Default::default(),
+            ring_at: None,
         };
         let settings_bypass = settings.boot_bypass;
         Ok(IommuDevice(Arc::new(Inner {

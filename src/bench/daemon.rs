@@ -84,6 +84,7 @@ impl LocalDaemon {
             poll: opts.poll,
             vmm: opts.vmm,
             trace: opts.trace.clone(),
+            keeper: None,
         };
         let metrics = Arc::new(Metrics::default());
         let stopper = Arc::new(Stopper::new()?);

@@ -42,6 +42,13 @@ impl FdStore {
         Ok(FdStore { sock })
     }
 
+    /// Another handle on the same store.
+    pub fn try_clone(&self) -> io::Result<FdStore> {
+        Ok(FdStore {
+            sock: self.sock.try_clone()?,
+        })
+    }
+
     /// Stores `fds` under `name` (letters, digits, `_`, `-`, `.`; at most 255 bytes). Another
     /// store under the same name adds to it.
     pub fn store(&self, name: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {

@@ -113,6 +113,8 @@ where
 
 /// A request in flight: where to answer it.
 pub(super) struct Pending {
+    /// Its position in the avail ring.
+    pub(super) avail: u16,
     pub(super) head: u16,
     pub(super) kind: RequestType,
     /// The request as decoded (for the trace).

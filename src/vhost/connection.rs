@@ -52,6 +52,8 @@ pub struct Connection {
     pub(super) owned: bool,
     pub(super) acked_features: u64,
     pub(super) acked_protocol_features: u64,
+    /// The state last kept for a restarted daemon, with its fds' names (see `recovery`).
+    pub(super) kept: Option<crate::recovery::KeptConnection>,
 }
 
 /// The most regions SET_MEM_TABLE carries (VHOST_MEMORY_BASELINE_NREGIONS).
@@ -151,6 +153,7 @@ impl Connection {
             owned,
             acked_features,
             acked_protocol_features,
+            kept: None,
         };
         for i in 0..conn.vrings.len() {
             conn.update_watch(i)?;
@@ -161,8 +164,18 @@ impl Connection {
     /// The connection is over: the vring thread ends (the device state has no owner thread
     /// afterwards; the caller tears it down).
     pub fn close(self) {
-        let Connection { thread, .. } = self;
+        let Connection {
+            thread,
+            device,
+            kept,
+            ..
+        } = self;
         thread.stop();
+        if let (Some(k), Some(kept)) = (device.keeper(), kept) {
+            // A restarted daemon finds no connection to go on with.
+            device.keep(None);
+            k.forget(&kept.fds);
+        }
     }
 
     fn vring(&self, index: u32) -> io::Result<VringRwLock> {
@@ -232,6 +245,8 @@ impl Connection {
         let wants_reply = msg.wants_reply();
         let started = std::time::Instant::now();
         let answer = self.answer(msg);
+        // What the VMM set up is kept before it hears about it.
+        self.keep(request);
         if let Some(t) = self.device.trace() {
             let ok = matches!(answer, Ok(Answer::Reply(_)) | Ok(Answer::Done(Ok(()))));
             let latency_ns = started.elapsed().as_nanos() as u64;
@@ -248,6 +263,82 @@ impl Connection {
             }
             Err(e) => Err(io::Error::new(e.kind(), format!("request {request}: {e}"))),
         }
+    }
+
+    /// Keeps the connection for a restarted daemon if message `request` changed it (see
+    /// `recovery`): its fds again under fresh names if the message may have changed them.
+    fn keep(&mut self, request: u32) {
+        let Some(k) = self.device.keeper().cloned() else {
+            return;
+        };
+        let old = self.kept.take();
+        let mut new_fds = old.is_none()
+            || matches!(
+                request,
+                code::SET_MEM_TABLE
+                    | code::ADD_MEM_REG
+                    | code::REM_MEM_REG
+                    | code::SET_VRING_KICK
+                    | code::SET_VRING_CALL
+                    | code::SET_VRING_ERR
+            );
+        let mut names: Vec<String> = Vec::new();
+        if !new_fds {
+            // The same fds as kept (same count, same order): the same names.
+            let mut n = 0;
+            let same = self.describe(|_| {
+                n += 1;
+                Ok(n - 1)
+            });
+            match (same, &old) {
+                (Ok(_), Some(o)) if o.fds.len() == n => names = o.fds.clone(),
+                _ => new_fds = true,
+            }
+        }
+        let described = if new_fds {
+            self.describe(|fd| {
+                names.extend(k.store_fresh(&[fd])?);
+                Ok(names.len() - 1)
+            })
+        } else {
+            let mut n = 0;
+            self.describe(|_| {
+                n += 1;
+                Ok(n - 1)
+            })
+        };
+        let state = match described {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot keep the connection for a restart: {e}");
+                if new_fds {
+                    k.forget(&names);
+                }
+                self.kept = old;
+                return;
+            }
+        };
+        // The rings' positions are the owner's to keep (in its checkpoint), not a change here.
+        let positions = |s: &ConnectionState| {
+            let mut s = s.clone();
+            s.rings
+                .iter_mut()
+                .for_each(|r| (r.next_avail, r.next_used) = (0, 0));
+            s
+        };
+        if !new_fds
+            && let Some(o) = &old
+            && positions(&o.state) == positions(&state)
+        {
+            self.kept = old;
+            return;
+        }
+        let kept = crate::recovery::KeptConnection { state, fds: names };
+        self.device.keep(Some(kept.clone()));
+        if new_fds && let Some(o) = old {
+            k.forget(&o.fds);
+        }
+        self.kept = Some(kept);
     }
 
     /// REPLY_ACK was negotiated: every request that asks for it is acknowledged.

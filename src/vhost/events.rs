@@ -32,10 +32,25 @@ pub(super) enum Event {
     AdoptTable(GuestMemoryMmap, Arc<GuestRam>, Reply<()>),
     /// Rebuild the domains, attachments and mappings a previous daemon handed over.
     Restore(DeviceState, Reply<Result<(), String>>),
+    /// The connection as a restarted daemon is to find it (None: it ended); a checkpoint
+    /// follows (see `recovery`).
+    Keep(Option<crate::recovery::KeptConnection>, Reply<()>),
+    /// After a restart, once the checkpoint's state is rebuilt: the changes recorded since, to
+    /// replay, and the answers to give when their requests are popped again.
+    Recovered(Box<Recovered>, Reply<Result<usize, String>>),
     /// Domains with every mapping (the control socket's `state`).
     Snapshot(Reply<(Vec<DomainView>, Vec<EndpointView>)>),
     /// Domains with their counts only (gauges).
     Summary(Reply<(Vec<DomainSummary>, Vec<EndpointView>)>),
+}
+
+/// A restarted daemon's first look at its state (see [`IommuDevice::recovered`]).
+pub struct Recovered {
+    pub effects: Vec<Request>,
+    pub answers: std::collections::BTreeMap<u16, crate::recovery::Answer>,
+    /// The connection as kept, and where its request ring goes on (next avail, next used).
+    pub kept: Option<crate::recovery::KeptConnection>,
+    pub request_ring: Option<(u16, u16)>,
 }
 
 /// The device state's owner dropped an event without answering it (it failed while applying it).
@@ -125,6 +140,25 @@ impl IommuDevice {
             .ok_or_else(owner_gone)
     }
 
+    /// Where the state is kept for a restarted daemon, if anywhere (see `recovery`).
+    pub fn keeper(&self) -> Option<&Arc<crate::recovery::Keeper>> {
+        self.0.settings.keeper.as_ref()
+    }
+
+    /// Makes `kept` (None: no connection any more) the connection a restarted daemon finds,
+    /// with the device state as it is now; returns once that is written.
+    pub fn keep(&self, kept: Option<crate::recovery::KeptConnection>) {
+        self.call(|r| Event::Keep(kept, r));
+    }
+
+    /// After a restart, with the kept state rebuilt: replays the changes recorded since and
+    /// installs the answers to give when their requests are popped again (before the rings are
+    /// served); how many changes.
+    pub fn recovered(&self, r: Recovered) -> Result<usize, String> {
+        self.call(|reply| Event::Recovered(Box::new(r), reply))
+            .unwrap_or_else(|| Err(owner_gone().to_string()))
+    }
+
     /// Makes the vring thread look at the request ring once (kicks may have been missed).
     pub fn rewake(&self) {
         if let Err(e) = self.0.rewake.write(1) {
@@ -167,6 +201,7 @@ impl IommuDevice {
                         "{endpoint}: cannot block after its device connection closed: {e}"
                     ),
                 }
+                self.checkpoint(s);
                 self.answer(s, r, ());
             }
             Event::BootRam(ram, r) => {
@@ -182,11 +217,15 @@ impl IommuDevice {
                 self.answer(s, r, res);
             }
             Event::Bypass(bypass, r) => {
+                self.drain_ring(s);
                 let res = s.dispatcher.set_bypass(bypass);
+                self.checkpoint(s);
                 self.answer(s, r, res);
             }
             Event::Reset(r) => {
                 self.reset(s);
+                s.answers.clear();
+                self.checkpoint(s);
                 self.answer(s, r, ());
             }
             Event::StopRing(r) => {
@@ -209,6 +248,20 @@ impl IommuDevice {
             }
             Event::Restore(state, r) => {
                 let res = self.restore_state(s, &state);
+                self.answer(s, r, res);
+            }
+            Event::Keep(kept, r) => {
+                s.kept = kept;
+                self.checkpoint(s);
+                self.answer(s, r, ());
+            }
+            Event::Recovered(rec, r) => {
+                let rec = *rec;
+                let res = self.replay(s, rec.effects);
+                s.answers = rec.answers;
+                s.kept = rec.kept;
+                s.ring_at = rec.request_ring;
+                self.checkpoint(s);
                 self.answer(s, r, res);
             }
             Event::Snapshot(r) => {
@@ -282,15 +335,61 @@ impl IommuDevice {
             }
             requests.extend(rest.iter().map(|&ep| attach(ep)));
         }
-        let n = requests.len();
+        self.replay(s, requests)
+            .map_err(|e| format!("rebuilding the device state: {e}"))
+    }
+
+    /// Makes the device state as it is now, with the connection last kept, what a restarted
+    /// daemon starts from (see `recovery`); nothing is in flight afterwards.
+    pub(super) fn checkpoint(&self, s: &mut Session) {
+        let Some(k) = self.0.settings.keeper.as_deref() else {
+            return;
+        };
+        self.drain_ring(s);
+        let (domains, endpoints) = s.dispatcher.snapshot();
+        let request_ring = match &s.request_vring {
+            Some(v) => {
+                let g = v.get_ref();
+                let q = g.get_queue();
+                Some((q.next_avail(), q.next_used()))
+            }
+            // Not served yet after a restart: where it will go on.
+            None => s.ring_at,
+        };
+        let c = crate::recovery::Checkpoint {
+            version: crate::recovery::CHECKPOINT_VERSION,
+            connection: s.kept.clone(),
+            device: DeviceState {
+                bypass: s.dispatcher.bypass(),
+                domains,
+                endpoints,
+            },
+            request_ring,
+            answers: s.answers.values().copied().collect(),
+            counters: self.0.metrics.export(),
+        };
+        log::debug!(
+            "checkpoint: ring {:?}, {} answers, connection {}",
+            c.request_ring,
+            c.answers.len(),
+            c.connection.is_some()
+        );
+        if let Err(e) = k.checkpoint(&c) {
+            log::error!("{e}: a crash now would lose the VM's IOMMU state");
+        }
+    }
+
+    /// Executes requests that succeeded before (a handed-over state's, or the changes a
+    /// previous daemon recorded), in order, through the domain model and the backend; how many.
+    fn replay(&self, s: &mut Session, effects: Vec<Request>) -> Result<usize, String> {
+        let n = effects.len();
         let mut failed = Vec::new();
-        for (token, req) in requests.into_iter().enumerate() {
+        for (token, req) in effects.into_iter().enumerate() {
             let what = format!("{req:?}");
-            match s.dispatcher.submit(req, token as u64, &mut []) {
-                crate::pipeline::Submitted::Done(Err(r)) => {
-                    failed.push(format!("{what}: {}", r.reason))
-                }
-                crate::pipeline::Submitted::Done(Ok(_)) | crate::pipeline::Submitted::Queued => {}
+            if let crate::pipeline::Submitted::Done(Err(r)) =
+                s.dispatcher.submit(req, token as u64, &mut [])
+            {
+                failed.push(format!("{what}: {}", r.reason));
             }
             failed.extend(
                 s.dispatcher
@@ -304,14 +403,15 @@ impl IommuDevice {
                 .completed()
                 .filter_map(|(t, o)| o.err().map(|r| format!("request {t}: {}", r.reason))),
         );
-        if !failed.is_empty() {
-            return Err(format!(
-                "{} of {n} requests rebuilding the device state failed: {}",
+        if failed.is_empty() {
+            Ok(n)
+        } else {
+            Err(format!(
+                "{} of {n} requests failed: {}",
                 failed.len(),
                 failed.join("; ")
-            ));
+            ))
         }
-        Ok(n)
     }
 
     /// Answers an event once what it changed is published: the poster may act on the answer
@@ -358,6 +458,7 @@ impl IommuDevice {
                 &v,
                 &self.0.metrics,
                 self.0.settings.tracer(),
+                self.0.settings.keeper.as_deref(),
             );
         }
     }

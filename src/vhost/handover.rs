@@ -107,6 +107,49 @@ pub fn memory_table(state: &ConnectionState, fds: &[OwnedFd]) -> io::Result<Gues
     guest_memory(&table)
 }
 
+/// After a crash: sets `state`'s rings to go on where the guest can tell the dead daemon
+/// stopped, and returns the answers for the requests the request ring will pop again (see
+/// `recovery`). The request ring restarts at the checkpoint's avail position with the used
+/// index the guest sees; the event ring, whose buffers are used as soon as they are taken,
+/// at the guest's used index for both.
+pub fn resume_rings(
+    state: &mut ConnectionState,
+    mem: &GuestMemoryMmap,
+    r: &crate::recovery::Recovery,
+) -> std::collections::BTreeMap<u16, crate::recovery::Answer> {
+    use vm_memory::Bytes;
+    let used_idx = |ring: &RingState| {
+        let at = ring.used.checked_add(2)?;
+        let b: [u8; 2] = mem.read_obj(vm_memory::GuestAddress(at)).ok()?;
+        Some(u16::from_le_bytes(b))
+    };
+    let mut answers = std::collections::BTreeMap::new();
+    if let Some(ring) = state.rings.get_mut(crate::protocol::REQUEST_QUEUE)
+        && ring.ready
+        && let Some(used) = used_idx(ring)
+    {
+        // Where the checkpoint had the ring; the connection's own position if the ring had
+        // not been served yet then.
+        let pos = r.request_ring.unwrap_or((ring.next_avail, ring.next_used));
+        answers = crate::recovery::answers(&r.records, &r.carried, pos, used);
+        // Requests answered and published from there on need not be popped again at all.
+        let mut next = pos.0;
+        while answers.get(&next).is_some_and(|a| a.published) {
+            answers.remove(&next);
+            next = next.wrapping_add(1);
+        }
+        ring.next_avail = next;
+        ring.next_used = used;
+    }
+    if let Some(ring) = state.rings.get_mut(crate::protocol::EVENT_QUEUE)
+        && ring.ready
+        && let Some(used) = used_idx(ring)
+    {
+        (ring.next_avail, ring.next_used) = (used, used);
+    }
+    answers
+}
+
 /// Maps the state's memory regions, each from the fd `fd_of` gives for its index.
 fn map_regions(
     state: &ConnectionState,
@@ -127,37 +170,38 @@ fn map_regions(
 pub struct HandedOver {
     pub state: ConnectionState,
     pub fds: Vec<OwnedFd>,
+    /// The names the state's fds are kept under for a restarted daemon (see `recovery`), when
+    /// they are.
+    pub kept: Option<Vec<String>>,
 }
 
 impl Connection {
     /// Ends this connection's service without the VMM noticing: what is in flight is answered,
     /// the vring thread stops, and the state comes back with a copy of every fd it needs. The
     /// device keeps its state (domains, mappings, memory); the rings stay where they were.
-    pub fn hand_over(self) -> io::Result<HandedOver> {
-        let Connection {
-            regions: vmm_regions,
-            table,
-            // Guarded until the mappings go with the rest of this connection.
-            watched: _watched,
-            vrings,
-            errs,
-            thread,
-            owned,
-            acked_features,
-            acked_protocol_features,
-            device,
-        } = self;
+    pub fn hand_over(mut self) -> io::Result<HandedOver> {
         // First no thread serves the rings any more, then what is in flight is answered (by this
         // thread, the state's owner now): nothing touches the old rings after that.
-        thread.stop();
-        device.release_rings()?;
+        self.thread.join();
+        self.device.release_rings()?;
         let mut fds = Vec::new();
-        let mut keep = |fd: BorrowedFd<'_>| -> io::Result<usize> {
+        let state = self.describe(|fd| {
             fds.push(dup(fd)?);
             Ok(fds.len() - 1)
-        };
+        })?;
+        // The mappings (and their SIGBUS guards) go with the rest of this connection now.
+        let kept = self.kept.take().map(|k| k.fds);
+        Ok(HandedOver { state, fds, kept })
+    }
+
+    /// The connection's state as data; `keep` is given each fd it refers to, in order, and says
+    /// the index the state names it by.
+    pub(super) fn describe(
+        &self,
+        mut keep: impl FnMut(BorrowedFd<'_>) -> io::Result<usize>,
+    ) -> io::Result<ConnectionState> {
         let mut regions = Vec::new();
-        for (r, mapped) in vmm_regions.iter().zip(&table) {
+        for (r, mapped) in self.regions.iter().zip(&self.table) {
             let file = mapped
                 .file_offset()
                 .ok_or_else(|| io::Error::other("a memory region without its file"))?;
@@ -170,7 +214,7 @@ impl Connection {
             });
         }
         let mut rings = Vec::new();
-        for (vring, err) in vrings.iter().zip(&errs) {
+        for (vring, err) in self.vrings.iter().zip(&self.errs) {
             let g = vring.get_ref();
             let q = g.get_queue();
             let kick = g.get_kick().as_ref().map(|k| k.as_raw_fd());
@@ -198,15 +242,14 @@ impl Connection {
                 err: err.as_ref().map(|f| keep(f.as_fd())).transpose()?,
             });
         }
-        let state = ConnectionState {
+        Ok(ConnectionState {
             version: STATE_VERSION,
-            owned,
-            acked_features,
-            acked_protocol_features,
+            owned: self.owned,
+            acked_features: self.acked_features,
+            acked_protocol_features: self.acked_protocol_features,
             regions,
             rings,
-        };
-        Ok(HandedOver { state, fds })
+        })
     }
 
     /// Goes on serving a connection handed over by [`Connection::hand_over`], for `device`,
@@ -214,7 +257,7 @@ impl Connection {
     /// its backend). The rings continue where they stopped; anything the guest queued meanwhile
     /// is served at once.
     pub fn resume(device: IommuDevice, handed: HandedOver) -> io::Result<Connection> {
-        let HandedOver { state, fds } = handed;
+        let HandedOver { state, fds, kept } = handed;
         if state.version != STATE_VERSION {
             return Err(wire::invalid(format!(
                 "connection state version {}",
@@ -238,7 +281,7 @@ impl Connection {
                 err: r.err.map(&mut take).transpose()?.map(File::from),
             });
         }
-        let conn = Connection::with_parts(
+        let mut conn = Connection::with_parts(
             device.clone(),
             regions,
             table,
@@ -247,6 +290,10 @@ impl Connection {
             state.acked_protocol_features,
             rings,
         )?;
+        conn.kept = kept.map(|fds| crate::recovery::KeptConnection {
+            state: state.clone(),
+            fds,
+        });
         // Kicks the guest sent while no thread watched are gone: look at the ring once.
         device.rewake();
         Ok(conn)

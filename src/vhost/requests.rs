@@ -57,10 +57,33 @@ struct Answerer<'a> {
     metrics: &'a Metrics,
     limiter: &'a mut LogLimiter,
     trace: Option<&'a crate::trace::Tracer>,
+    /// Where answers are recorded for a restarted daemon (see `recovery`), if anywhere.
+    keeper: Option<&'a crate::recovery::Keeper>,
     used: bool,
 }
 
 impl Answerer<'_> {
+    /// Publishes the answer to the chain at `avail` (head `head`): `len` bytes written, `status`
+    /// in the tail, `effect` the state change it made. The record comes first: a daemon killed
+    /// after it knows the answer whether or not the guest saw it.
+    fn answer(&mut self, avail: u16, head: u16, len: u32, status: Status, effect: Option<Request>) {
+        if let Some(k) = self.keeper {
+            let used = self.vring.get_ref().get_queue().next_used();
+            let r = crate::journal::Record {
+                avail,
+                used,
+                head,
+                len,
+                status: status as u8,
+                effect,
+            };
+            if !k.record(&r) {
+                log::error!("crash journal full: the answer to chain {head} is not recorded");
+            }
+        }
+        self.used(head, len);
+    }
+
     fn used(&mut self, head: u16, len: u32) {
         if let Err(e) = self.vring.add_used(head, len) {
             warn!("cannot add used descriptor {head}: {e}");
@@ -108,7 +131,12 @@ impl Answerer<'_> {
         } else {
             0
         };
-        self.used(p.head, len);
+        let changes = matches!(
+            p.kind,
+            RequestType::Map | RequestType::Unmap | RequestType::Attach | RequestType::Detach
+        );
+        let effect = (status == Status::Ok && changes).then_some(p.req);
+        self.answer(p.avail, p.head, len, status, effect);
     }
 }
 
@@ -123,6 +151,7 @@ pub(super) fn drain(
     vring: &VringRwLock,
     metrics: &Metrics,
     trace: Option<&crate::trace::Tracer>,
+    keeper: Option<&crate::recovery::Keeper>,
 ) {
     let Some(mem) = mem else {
         // Nowhere to write their tails: the requests are dropped with the ring.
@@ -137,6 +166,7 @@ pub(super) fn drain(
         metrics,
         limiter: &mut s.limiter,
         trace,
+        keeper,
         used: false,
     };
     s.dispatcher.wait_idle();
@@ -144,6 +174,33 @@ pub(super) fn drain(
     if a.used {
         signal(vring);
     }
+}
+
+/// Publishes again an answer a previous daemon recorded and did not publish: the tail with its
+/// status where it wrote it (the last four bytes of what it reported written), then the used
+/// element. A PROBE's properties are not rewritten: its record was made after they were, and the
+/// guest cannot have changed a buffer it has not got back.
+fn answer_again(
+    a: &mut Answerer<'_>,
+    mem: &GuestMemoryMmap,
+    avail: u16,
+    head: u16,
+    ans: &crate::recovery::Answer,
+    chain: &Chain,
+) {
+    let status = Status::from_u8(ans.status).unwrap_or(Status::DevErr);
+    let len = match chain {
+        Chain::Request { writable, .. } if ans.len >= TAIL_SIZE as u32 => {
+            let at = u64::from(ans.len) - TAIL_SIZE as u64;
+            if writable.write(mem, at, &encode_tail(status)) {
+                ans.len
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    };
+    a.answer(avail, head, len, status, None);
 }
 
 /// Spins for up to `window` until the guest adds a request or an executor completes one;
@@ -245,6 +302,9 @@ impl IommuDevice {
         let s = &mut *guard;
         if s.request_vring.is_none() {
             s.request_vring = Some(vring.clone());
+            s.ring_at = None;
+            // Served from here on: a restarted daemon starts from this position.
+            self.checkpoint(s);
         }
         if let Some(mark) = s.stopped.take() {
             let mem = s.mem.as_ref().map(|m| m.memory());
@@ -265,6 +325,11 @@ impl IommuDevice {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let probe_size = u64::from(self.0.settings.rules.probe_size);
+        let keeper = self.0.settings.keeper.as_deref();
+        if keeper.is_some_and(|k| k.low()) {
+            // Room for every request in flight and a batch more, or a checkpoint first.
+            self.checkpoint(s);
+        }
         let Session {
             dispatcher,
             pending,
@@ -272,6 +337,7 @@ impl IommuDevice {
             limiter,
             window,
             quiet_since,
+            answers,
             ..
         } = s;
         let trace = self.0.settings.tracer();
@@ -282,6 +348,7 @@ impl IommuDevice {
             metrics,
             limiter,
             trace,
+            keeper,
             used: false,
         };
         let started = Instant::now();
@@ -290,7 +357,10 @@ impl IommuDevice {
             // budget, or as soon as another thread posted an event (a vhost-user message, a
             // device connection that closed, a query), let the epoll loop deliver it and come
             // back through the rewake eventfd.
-            if started.elapsed() >= BATCH_BUDGET || self.0.mailbox.has_mail() {
+            if started.elapsed() >= BATCH_BUDGET
+                || self.0.mailbox.has_mail()
+                || keeper.is_some_and(|k| k.low())
+            {
                 if let Err(e) = self.0.rewake.write(1) {
                     warn!("cannot rearm the request queue: {e}");
                 } else {
@@ -307,14 +377,24 @@ impl IommuDevice {
                     dispatcher.wait_idle();
                     dispatcher.completed().for_each(|c| a.complete(c));
                 }
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
+                let (avail, chain) = {
+                    let mut g = vring.get_mut();
+                    let q = g.get_queue_mut();
+                    (q.next_avail(), q.pop_descriptor_chain(mem.clone()))
+                };
                 let Some(chain) = chain else { break };
                 served += 1;
                 let head = chain.head_index();
-                let (bytes, len, writable) = match read_chain(&mem, chain) {
+                let chain = read_chain(&mem, chain);
+                // Popped again after a restart: answered (or skipped) as the dead daemon
+                // recorded, not executed again (see `recovery`).
+                if let Some(ans) = answers.remove(&avail) {
+                    if !ans.published {
+                        answer_again(&mut a, &mem, avail, head, &ans, &chain);
+                    }
+                    continue;
+                }
+                let (bytes, len, writable) = match chain {
                     Chain::Unusable(why) => {
                         metrics
                             .malformed
@@ -322,7 +402,7 @@ impl IommuDevice {
                         if a.limiter.allow() {
                             warn!("request chain {head} returned unused: {why}");
                         }
-                        a.used(head, 0);
+                        a.answer(avail, head, 0, Status::Inval, None);
                         continue;
                     }
                     Chain::Request {
@@ -341,7 +421,7 @@ impl IommuDevice {
                         if a.limiter.allow() {
                             warn!("request chain {head}: unknown request type {t}");
                         }
-                        a.used(head, 0);
+                        a.answer(avail, head, 0, Status::Inval, None);
                         continue;
                     }
                     Err(e) => {
@@ -353,7 +433,8 @@ impl IommuDevice {
                         if let Some(kind) = kind {
                             metrics.record(kind, Status::Inval, 0);
                         }
-                        a.used(head, if ok { TAIL_SIZE as u32 } else { 0 });
+                        let len = if ok { TAIL_SIZE as u32 } else { 0 };
+                        a.answer(avail, head, len, Status::Inval, None);
                         continue;
                     }
                 };
@@ -369,6 +450,7 @@ impl IommuDevice {
                 };
                 let tail_offset = room;
                 let p = Pending {
+                    avail,
                     head,
                     kind,
                     req,
@@ -378,7 +460,7 @@ impl IommuDevice {
                 };
                 let Some(token) = a.pending.insert(p) else {
                     // Cannot happen: the table was drained above when full.
-                    a.used(head, 0);
+                    a.answer(avail, head, 0, Status::DevErr, None);
                     continue;
                 };
                 let probe_out = &mut probe_buf[..room as usize];
@@ -454,6 +536,7 @@ impl IommuDevice {
             metrics: &self.0.metrics,
             limiter: &mut s.limiter,
             trace: self.0.settings.tracer(),
+            keeper: self.0.settings.keeper.as_deref(),
             used: false,
         };
         s.dispatcher.poll();

@@ -12,6 +12,7 @@ fn inline_settings() -> DeviceSettings {
         poll: std::time::Duration::ZERO,
         vmm: Default::default(),
         trace: None,
+        keeper: None,
     }
 }
 

@@ -78,7 +78,8 @@ impl VringThread {
         self.join();
     }
 
-    fn join(&mut self) {
+    /// As [`VringThread::stop`], keeping the (finished) object.
+    pub(super) fn join(&mut self) {
         let Some(h) = self.handle.take() else { return };
         if let Err(e) = self.exit.write(1) {
             log::error!("cannot stop the vring thread: {e}");

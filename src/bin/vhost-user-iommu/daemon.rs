@@ -17,10 +17,12 @@ use vhost_user_iommu::assembly::{
 use vhost_user_iommu::boot_ram::BootRam;
 use vhost_user_iommu::config::{BackendKind, VmConfig};
 use vhost_user_iommu::control::{self, CurrentDevice};
+use vhost_user_iommu::deploy::fdstore::{self, FdStore};
 use vhost_user_iommu::domains::Rules;
 use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::metrics::Metrics;
 use vhost_user_iommu::pipeline::Mode;
+use vhost_user_iommu::recovery::{self, Keeper};
 use vhost_user_iommu::server::{
     OnConnect, Outcome, Resume, Stopper, Upgrade, handle_signals, serve_until,
 };
@@ -140,6 +142,7 @@ fn upgrade_to(
     backend: &Backend,
     vfio_stop: &vfio_user::StopSignal,
     fronts: &mut VfioUserFronts,
+    keeper: Option<&Arc<Keeper>>,
 ) -> (Listener, Option<Resume>) {
     use std::os::fd::AsRawFd;
     let resume_here = |c: Option<vhost_user_iommu::server::LiveConnection>| {
@@ -161,6 +164,7 @@ fn upgrade_to(
         state: c.handed.state.clone(),
         fds: c.handed.fds.iter().map(|f| f.as_raw_fd()).collect(),
         device: c.device.clone(),
+        kept: c.handed.kept.clone(),
     });
     let mut state = UpgradeState::new(
         u.listener.as_raw_fd(),
@@ -173,6 +177,7 @@ fn upgrade_to(
             .collect(),
     );
     state.config = config.map(str::to_owned);
+    state.keeper = keeper.map(|k| k.hand_over());
     // The way back, should the new binary fail to rebuild the state.
     let own = upgrade::own_executable()
         .map_err(|e| warn!("upgrade: no way back to this binary: cannot open it: {e}"))
@@ -197,6 +202,27 @@ pub(crate) fn run(a: ServeArgs) -> Result<(), String> {
     // A VMM that truncates guest RAM under the daemon ends its connection, not the daemon.
     vhost_user_iommu::sigbus::install()
         .map_err(|e| format!("cannot install the SIGBUS handler: {e}"))?;
+    // What the service manager kept for this unit when a previous daemon died (see `recovery`).
+    let passed =
+        fdstore::take_listen_fds().map_err(|e| format!("cannot take the passed fds: {e}"))?;
+    let store =
+        FdStore::from_env().map_err(|e| format!("cannot reach the service manager: {e}"))?;
+    let mut kept = None;
+    if a.resume_state_fd.is_none() && !passed.is_empty() {
+        match &store {
+            Some(s) => {
+                let s = s
+                    .try_clone()
+                    .map_err(|e| format!("cannot reach the service manager: {e}"))?;
+                kept = recovery::take_back(s, passed)
+                    .map_err(|e| format!("cannot take back the kept state: {e}"))?;
+            }
+            None => warn!(
+                "{} fd(s) passed without a notify socket: closed",
+                passed.len()
+            ),
+        }
+    }
     // A previous daemon's state, when this one is its upgrade, and the way back to it.
     let (resumed, rollback) = match a.resume_state_fd {
         Some(fd) => {
@@ -207,6 +233,11 @@ pub(crate) fn run(a: ServeArgs) -> Result<(), String> {
             (Some(state), rollback)
         }
         None => (None, None),
+    };
+    let (resumed, recovery, keeper) = match (resumed, kept) {
+        (Some(r), _) => (Some(r), None, None),
+        (None, Some(k)) => (Some(k.state), Some(k.recovery), Some(k.keeper)),
+        (None, None) => (None, None, None),
     };
     let rollback = Rc::new(RefCell::new(rollback));
     // From here until the handed-over connection is rebuilt, a failure goes back to the
@@ -227,13 +258,70 @@ pub(crate) fn run(a: ServeArgs) -> Result<(), String> {
             }
         }
     };
-    run_resumed(a, resumed, rollback, args).map_err(go_back)
+    let restart = Restart {
+        store,
+        recovery,
+        keeper,
+    };
+    run_resumed(a, resumed, restart, rollback, args).map_err(go_back)
+}
+
+/// The keeper of this daemon's state for a restart after a crash: the one taken back after a
+/// crash, the one an upgrade handed over, or a new one when the service manager keeps fds and
+/// the backend's state lives in this process alone (the soft backend; the iommufd backend's
+/// kernel objects are not kept yet, issue 16). None without a service manager's store.
+fn keep_for_restart(
+    taken_back: Option<Keeper>,
+    resumed: &mut Option<UpgradeState>,
+    store: Option<FdStore>,
+    backend: &Backend,
+    listener: &Listener,
+) -> Result<Option<Arc<Keeper>>, String> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let handed = resumed.as_mut().and_then(|r| r.keeper.take());
+    let keeper = match (taken_back, handed, store) {
+        (Some(k), _, _) => k,
+        // SAFETY: the previous binary handed the journal over to this process alone.
+        (None, Some(h), Some(s)) => unsafe { Keeper::adopt(s, h) }
+            .map_err(|e| format!("cannot go on with the crash journal: {e}"))?,
+        (None, None, Some(s)) if backend.iommufd.is_none() => {
+            let journal = vhost_user_iommu::journal::Journal::create()
+                .map_err(|e| format!("cannot create the crash journal: {e}"))?;
+            let k = Keeper::start(s, journal)
+                .map_err(|e| format!("cannot keep the crash journal: {e}"))?;
+            // SAFETY: the listener owns the fd for the duration of the borrow.
+            let l = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+            k.store(recovery::LISTENER, l)
+                .map_err(|e| format!("cannot keep the listening socket: {e}"))?;
+            k.checkpoint(&recovery::Checkpoint::idle())
+                .map_err(|e| e.to_string())?;
+            k
+        }
+        (None, None, Some(_)) => {
+            info!(
+                "crash restart: not with the iommufd backend yet (a crash costs the VM its \
+                 IOMMU; upgrades in place keep it)"
+            );
+            return Ok(None);
+        }
+        (None, _, None) => return Ok(None),
+    };
+    Ok(Some(Arc::new(keeper)))
+}
+
+/// What crash restart has at start: the service manager's store (None: no crash restart), and
+/// after a crash what the previous daemon kept.
+struct Restart {
+    store: Option<FdStore>,
+    recovery: Option<recovery::Recovery>,
+    keeper: Option<Keeper>,
 }
 
 /// `run` once it knows whether it resumes a previous daemon's state.
 fn run_resumed(
     a: ServeArgs,
     resumed: Option<UpgradeState>,
+    restart: Restart,
     rollback: Rc<RefCell<Option<upgrade::Rollback>>>,
     args: Vec<std::ffi::OsString>,
 ) -> Result<(), String> {
@@ -321,6 +409,14 @@ fn run_resumed(
             boot_bypass,
         )?,
     };
+    let keeper = keep_for_restart(
+        restart.keeper,
+        &mut resumed,
+        restart.store,
+        &backend,
+        &listener,
+    )?;
+    let mut recovery = restart.recovery;
     let handed_servers: std::collections::BTreeMap<EndpointId, _> = resumed
         .as_mut()
         .map(|r| std::mem::take(&mut r.vfio_user))
@@ -359,6 +455,7 @@ fn run_resumed(
             gid: cfg.vmm_gid,
         },
         trace: Some(trace.clone()),
+        keeper: keeper.clone(),
     };
     let stopper = Arc::new(Stopper::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
     // Where the next binary is (the path, which a package upgrade points at the new file).
@@ -455,8 +552,10 @@ fn run_resumed(
             handed: vhost_user_iommu::vhost::HandedOver {
                 state: c.state,
                 fds,
+                kept: c.kept,
             },
             device: c.device,
+            recovery: recovery.take(),
             on_rebuilt: {
                 let (rollback, args, open_gates) =
                     (rollback.clone(), args.clone(), open_gates.clone());
@@ -499,6 +598,7 @@ fn run_resumed(
         );
         match outcome {
             Ok(Outcome::Upgrade(u)) => {
+                let u = *u;
                 let (l, r) = upgrade_to(
                     &exe,
                     &args,
@@ -508,6 +608,7 @@ fn run_resumed(
                     &backend,
                     &vfio_stop,
                     &mut fronts,
+                    keeper.as_ref(),
                 );
                 listener = l;
                 resume = r;

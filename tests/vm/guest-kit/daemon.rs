@@ -59,6 +59,7 @@ impl Daemon {
             poll: DEFAULT_POLL,
             vmm: Default::default(),
             trace: None,
+            keeper: None,
         };
         let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
         let stopper = Arc::new(Stopper::new().map_err(|e| format!("eventfd: {e}"))?);

@@ -1097,6 +1097,7 @@ fn daemon_rows(
         poll,
         vmm: Default::default(),
         trace: None,
+        keeper: None,
     };
     let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
     let stopper = Arc::new(Stopper::new().map_err(|e| format!("eventfd: {e}"))?);

@@ -1,0 +1,361 @@
+//! Crash restart over the socket: the real daemon binary (soft backend) is SIGKILLed at random
+//! points of a long random request sequence and restarted as systemd restarts a unit, with its
+//! file descriptor store handed back (`LISTEN_FDS`, `LISTEN_FDNAMES`); the simulated VM keeps
+//! its one vhost-user connection throughout. After every restart each request of the batch in
+//! flight is answered exactly once with the status the spec model (`testing::Model`, no code
+//! shared with the daemon) gives, nothing more lands in the used ring, and the daemon's state
+//! (domains, mappings, attachments) equals the model's.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::TempDir;
+use vhost_user_iommu::driver::{TestVm, VmOptions};
+use vhost_user_iommu::ids::EndpointId;
+use vhost_user_iommu::protocol::{Request, Status};
+use vhost_user_iommu::testing::{ENDPOINTS, MappingsByDomain, Model, RAM, Rng, random_request};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
+
+type Store = Arc<Mutex<Vec<(String, OwnedFd)>>>;
+
+/// systemd's side of sd_notify and of the file descriptor store, as much as the daemon uses:
+/// `FDSTORE=1` with `FDNAME=` keeps the fds passed along, `FDSTOREREMOVE=1` closes them.
+struct Manager {
+    path: PathBuf,
+    store: Store,
+    synced: Mutex<Receiver<()>>,
+}
+
+impl Manager {
+    fn start(dir: &Path) -> Manager {
+        let path = dir.join("notify");
+        let sock = UnixDatagram::bind(&path).expect("notify socket");
+        let store: Store = Arc::default();
+        let (tx, synced) = channel();
+        let s = store.clone();
+        std::thread::spawn(move || serve(sock, s, tx));
+        Manager {
+            path,
+            store,
+            synced: Mutex::new(synced),
+        }
+    }
+
+    /// Returns once every datagram sent before has been taken into account.
+    fn sync(&self) {
+        let s = UnixDatagram::unbound().unwrap();
+        s.send_to(b"SYNC=1", &self.path).unwrap();
+        self.synced
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the manager thread answers");
+    }
+
+    /// Duplicates of what the store holds, as a restarted unit gets them.
+    fn passed(&self) -> Vec<(String, OwnedFd)> {
+        self.store
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, fd)| (n.clone(), fd.try_clone().unwrap()))
+            .collect()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.store
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+fn serve(sock: UnixDatagram, store: Store, synced: Sender<()>) {
+    loop {
+        let mut buf = [0u8; 4096];
+        let mut fds = [0 as RawFd; 32];
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec points at `buf`, which outlives the call.
+        let Ok((n, nfds)) = (unsafe { sock.recv_with_fds(&mut iov, &mut fds) }) else {
+            return;
+        };
+        // SAFETY: the fds were just received and are owned here.
+        let fds: Vec<OwnedFd> = fds[..nfds]
+            .iter()
+            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        let name = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("FDNAME="))
+            .unwrap_or("stored")
+            .to_string();
+        if lines.contains(&"SYNC=1") {
+            let _ = synced.send(());
+        } else if lines.contains(&"FDSTORE=1") {
+            let mut s = store.lock().unwrap();
+            for fd in fds {
+                s.push((name.clone(), fd));
+            }
+        } else if lines.contains(&"FDSTOREREMOVE=1") {
+            store.lock().unwrap().retain(|(n, _)| *n != name);
+        }
+    }
+}
+
+/// The daemon as a unit of `manager` runs it: started with `passed` (none at the first start).
+fn start_daemon(dir: &Path, manager: &Manager, passed: Vec<(String, OwnedFd)>) -> Child {
+    // Out of the way of 3.., where they go in the child.
+    let high: Vec<OwnedFd> = passed
+        .iter()
+        .map(|(_, fd)| {
+            // SAFETY: F_DUPFD_CLOEXEC of an fd we own; the result is checked and owned.
+            let d = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
+            assert!(d >= 0, "dup");
+            // SAFETY: just created, owned here.
+            unsafe { OwnedFd::from_raw_fd(d) }
+        })
+        .collect();
+    let raw: Vec<RawFd> = high.iter().map(|f| f.as_raw_fd()).collect();
+    let names: Vec<String> = passed.iter().map(|(n, _)| n.clone()).collect();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .unwrap();
+    let mut cmd = Command::new("/bin/sh");
+    // LISTEN_PID is the daemon's own pid, which the shell keeps through exec.
+    cmd.arg("-c")
+        .arg("export LISTEN_PID=$$; exec \"$0\" \"$@\"")
+        .arg(BIN)
+        .arg("--socket-path")
+        .arg(dir.join("vm.sock"))
+        .arg("--control-socket")
+        .arg(dir.join("vm.ctl"))
+        .args(
+            ENDPOINTS
+                .iter()
+                .flat_map(|e| ["--endpoint".to_string(), e.to_string()]),
+        )
+        .env("NOTIFY_SOCKET", &manager.path)
+        .env(
+            "RUST_LOG",
+            std::env::var("RESTART_LOG").unwrap_or("info".into()),
+        )
+        .stderr(log);
+    if !passed.is_empty() {
+        cmd.env("LISTEN_FDS", passed.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"));
+    } else {
+        cmd.env_remove("LISTEN_FDS").env_remove("LISTEN_FDNAMES");
+    }
+    // SAFETY: dup2 is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, &fd) in raw.iter().enumerate() {
+                if libc::dup2(fd, 3 + i as RawFd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn the daemon");
+    DAEMON_PID.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
+    drop(high);
+    child
+}
+
+/// The daemon of the moment, SIGKILLed when the test ends however it ends.
+static DAEMON_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+struct KillAtEnd;
+
+impl Drop for KillAtEnd {
+    fn drop(&mut self) {
+        let pid = DAEMON_PID.load(std::sync::atomic::Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: signalling our own child (reaped or not, the pid is ours until waited).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// SIGKILL, reaped, then started again with what the store holds.
+fn crash_and_restart(dir: &Path, manager: &Manager, mut child: Child) -> Child {
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    manager.sync();
+    start_daemon(dir, manager, manager.passed())
+}
+
+/// The daemon's `state` dump as the model's view.
+fn daemon_state(ctl: &Path) -> (MappingsByDomain, BTreeMap<u32, u32>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        match UnixStream::connect(ctl) {
+            Ok(mut c) => {
+                c.write_all(b"state\n").unwrap();
+                let mut out = String::new();
+                c.read_to_string(&mut out).unwrap();
+                if !out.is_empty() {
+                    break out;
+                }
+            }
+            Err(e) => assert!(Instant::now() < deadline, "control socket: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).expect("state JSON");
+    let domains = v["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let mut maps: Vec<_> = d["mappings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    (
+                        m["start"].as_u64().unwrap(),
+                        m["end"].as_u64().unwrap(),
+                        m["gpa"].as_u64().unwrap(),
+                        m["read"].as_bool().unwrap(),
+                        m["write"].as_bool().unwrap(),
+                    )
+                })
+                .collect();
+            maps.sort_unstable();
+            (d["id"].as_u64().unwrap() as u32, maps)
+        })
+        .collect();
+    let attached = v["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["id"].as_u64()? as u32, e["domain"].as_u64()? as u32)))
+        .collect();
+    (domains, attached)
+}
+
+/// The used index the daemon published, as guest memory holds it.
+fn guest_used_idx(vm: &TestVm) -> u16 {
+    let used = vm.request_queue().layout().used;
+    let mut b = [0u8; 2];
+    vm.ram().read(used + 2, &mut b).unwrap();
+    u16::from_le_bytes(b)
+}
+
+#[test]
+fn sigkill_at_random_points_loses_no_request_and_no_state() {
+    let restarts: usize = std::env::var("RESTART_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let dir = TempDir::new();
+    let _kill = KillAtEnd;
+    let manager = Manager::start(&dir.0);
+    let mut child = start_daemon(&dir.0, &manager, Vec::new());
+    let mut vm = TestVm::connect(
+        &dir.0.join("vm.sock"),
+        VmOptions {
+            ram_size: RAM,
+            request_timeout: Duration::from_secs(30),
+            ..VmOptions::default()
+        },
+    )
+    .expect("connect");
+    let mut model = Model::default();
+    let mut rng = Rng(0x5eed_c4a5);
+    let started = Instant::now();
+    let mut requests = 0usize;
+    for i in 0..restarts {
+        let n = 1 + rng.below(24) as usize;
+        let reqs: Vec<Request> = (0..n).map(|_| random_request(&mut rng)).collect();
+        let want: Vec<Status> = reqs.iter().map(|r| model.apply(r)).collect();
+        // The kill lands before, during or after the batch (0 to 3 ms after it is kicked).
+        let delay = Duration::from_micros(rng.below(3000));
+        let killer = {
+            let dir = dir.0.clone();
+            let m = &manager;
+            std::thread::scope(|scope| {
+                let k = scope.spawn(move || {
+                    std::thread::sleep(delay);
+                    crash_and_restart(&dir, m, child)
+                });
+                let got = vm.batch(&reqs);
+                (k.join().expect("restart"), got)
+            })
+        };
+        child = killer.0;
+        let got = killer.1.unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(dir.0.join("daemon.log")).unwrap_or_default();
+            let _ = std::fs::write(std::env::temp_dir().join("restart-failure.log"), &log);
+            panic!(
+                "restart {i}: batch of {n} failed: {e} (daemon log: $TMPDIR/restart-failure.log)"
+            )
+        });
+        for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "restart {i}: request #{j} {:?}", reqs[j]);
+        }
+        // Nothing answered twice: the used ring holds exactly the requests made.
+        assert_eq!(
+            guest_used_idx(&vm),
+            vm.request_queue().avail_idx(),
+            "restart {i}: used index"
+        );
+        requests += n;
+        if i % 100 == 99 || i + 1 == restarts {
+            // The kill may have come after the batch: once a request is answered, the
+            // restarted daemon has its state back.
+            let probe = Request::Probe {
+                endpoint: EndpointId(1),
+            };
+            assert_eq!(vm.request(&probe).unwrap(), model.apply(&probe));
+            let (domains, attached) = daemon_state(&dir.0.join("vm.ctl"));
+            let (want_domains, want_attached) = model.view();
+            assert_eq!(domains, want_domains, "restart {i}: domains and mappings");
+            assert_eq!(attached, want_attached, "restart {i}: attachments");
+        }
+    }
+    // A last look a while later: no answer came twice.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(guest_used_idx(&vm), vm.request_queue().avail_idx());
+    eprintln!(
+        "{restarts} SIGKILL restarts over {requests} requests in {:.1} s; store holds {:?}",
+        started.elapsed().as_secs_f64(),
+        manager.names()
+    );
+    let log = std::fs::read_to_string(dir.0.join("daemon.log")).unwrap_or_default();
+    let recovered = log.matches("crash journal:").count();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    // A kill that lands while the previous restart is still starting finds nothing new to
+    // take back; every other restart goes through the journal.
+    eprintln!("{recovered} of {restarts} restarts took back a crash journal");
+    assert!(
+        recovered > restarts / 2,
+        "{recovered} of {restarts} restarts took back a crash journal"
+    );
+}
