@@ -289,26 +289,35 @@ fn sigkill_at_random_points_loses_no_request_and_no_state() {
     let mut rng = Rng(0x5eed_c4a5);
     let started = Instant::now();
     let mut requests = 0usize;
+    let mut pauses = Vec::new();
     for i in 0..restarts {
         let n = 1 + rng.below(24) as usize;
         let reqs: Vec<Request> = (0..n).map(|_| random_request(&mut rng)).collect();
         let want: Vec<Status> = reqs.iter().map(|r| model.apply(r)).collect();
         // The kill lands before, during or after the batch (0 to 3 ms after it is kicked).
         let delay = Duration::from_micros(rng.below(3000));
-        let killer = {
+        let (restarted, got, killed_at, answered_at) = {
             let dir = dir.0.clone();
             let m = &manager;
             std::thread::scope(|scope| {
                 let k = scope.spawn(move || {
                     std::thread::sleep(delay);
-                    crash_and_restart(&dir, m, child)
+                    let at = Instant::now();
+                    (crash_and_restart(&dir, m, child), at)
                 });
                 let got = vm.batch(&reqs);
-                (k.join().expect("restart"), got)
+                let answered_at = Instant::now();
+                let (restarted, killed_at) = k.join().expect("restart");
+                (restarted, got, killed_at, answered_at)
             })
         };
-        child = killer.0;
-        let got = killer.1.unwrap_or_else(|e| {
+        child = restarted;
+        // The kill landed while the batch waited: the guest's pause is from the kill to the
+        // restarted daemon's answer.
+        if answered_at > killed_at {
+            pauses.push(answered_at - killed_at);
+        }
+        let got = got.unwrap_or_else(|e| {
             let log = std::fs::read_to_string(dir.0.join("daemon.log")).unwrap_or_default();
             let _ = std::fs::write(std::env::temp_dir().join("restart-failure.log"), &log);
             panic!(
@@ -341,9 +350,15 @@ fn sigkill_at_random_points_loses_no_request_and_no_state() {
     // A last look a while later: no answer came twice.
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(guest_used_idx(&vm), vm.request_queue().avail_idx());
+    pauses.sort_unstable();
+    let ms = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
     eprintln!(
-        "{restarts} SIGKILL restarts over {requests} requests in {:.1} s; store holds {:?}",
+        "{restarts} SIGKILL restarts over {requests} requests in {:.1} s; {} landed mid-batch: \
+         pause from the kill to the answer p50 {:.2} ms, max {:.2} ms; store holds {:?}",
         started.elapsed().as_secs_f64(),
+        pauses.len(),
+        ms(pauses.get(pauses.len() / 2)),
+        ms(pauses.last()),
         manager.names()
     );
     let log = std::fs::read_to_string(dir.0.join("daemon.log")).unwrap_or_default();
