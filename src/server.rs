@@ -358,6 +358,13 @@ fn rebuild(
         dev.set_memory_table(table)?;
     }
     dev.restore(device).map_err(std::io::Error::other)?;
+    // Kept for a crash by the previous binary: this one's checkpoints name the same fds.
+    if let Some(fds) = handed.kept.clone() {
+        dev.keep(Some(crate::recovery::KeptConnection {
+            state: handed.state.clone(),
+            fds,
+        }));
+    }
     #[cfg(feature = "test-utils")]
     if std::env::var_os(crate::upgrade::TEST_FAIL_REBUILD).is_some()
         && std::env::var_os(crate::upgrade::ROLLED_BACK).is_none()

@@ -35,6 +35,8 @@ type Store = Arc<Mutex<Vec<(String, OwnedFd)>>>;
 struct Manager {
     path: PathBuf,
     store: Store,
+    /// The unit's daemon of the moment, SIGKILLed when the test ends however it ends.
+    daemon: std::sync::atomic::AtomicI32,
     synced: Mutex<Receiver<()>>,
 }
 
@@ -49,6 +51,7 @@ impl Manager {
         Manager {
             path,
             store,
+            daemon: std::sync::atomic::AtomicI32::new(0),
             synced: Mutex::new(synced),
         }
     }
@@ -81,6 +84,17 @@ impl Manager {
             .iter()
             .map(|(n, _)| n.clone())
             .collect()
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        let pid = self.daemon.load(std::sync::atomic::Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: signalling this test's own child (a reaped one's pid is not reused while
+            // the test runs: nothing here forks meanwhile).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 
@@ -179,24 +193,11 @@ fn start_daemon(dir: &Path, manager: &Manager, passed: Vec<(String, OwnedFd)>) -
         });
     }
     let child = cmd.spawn().expect("spawn the daemon");
-    DAEMON_PID.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
+    manager
+        .daemon
+        .store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
     drop(high);
     child
-}
-
-/// The daemon of the moment, SIGKILLed when the test ends however it ends.
-static DAEMON_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
-
-struct KillAtEnd;
-
-impl Drop for KillAtEnd {
-    fn drop(&mut self) {
-        let pid = DAEMON_PID.load(std::sync::atomic::Ordering::SeqCst);
-        if pid > 0 {
-            // SAFETY: signalling our own child (reaped or not, the pid is ours until waited).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
 }
 
 /// SIGKILL, reaped, then started again with what the store holds.
@@ -273,7 +274,6 @@ fn sigkill_at_random_points_loses_no_request_and_no_state() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     let dir = TempDir::new();
-    let _kill = KillAtEnd;
     let manager = Manager::start(&dir.0);
     let mut child = start_daemon(&dir.0, &manager, Vec::new());
     let mut vm = TestVm::connect(
@@ -366,6 +366,7 @@ fn sigkill_at_random_points_loses_no_request_and_no_state() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let _ = child.wait();
+    manager.daemon.store(0, std::sync::atomic::Ordering::SeqCst);
     // A kill that lands while the previous restart is still starting finds nothing new to
     // take back; every other restart goes through the journal.
     eprintln!("{recovered} of {restarts} restarts took back a crash journal");
@@ -373,4 +374,66 @@ fn sigkill_at_random_points_loses_no_request_and_no_state() {
         recovered > restarts / 2,
         "{recovered} of {restarts} restarts took back a crash journal"
     );
+}
+
+#[test]
+fn a_crash_after_an_upgrade_in_place_loses_nothing_either() {
+    let dir = TempDir::new();
+    let manager = Manager::start(&dir.0);
+    let child = start_daemon(&dir.0, &manager, Vec::new());
+    let mut vm = TestVm::connect(
+        &dir.0.join("vm.sock"),
+        VmOptions {
+            ram_size: RAM,
+            request_timeout: Duration::from_secs(30),
+            ..VmOptions::default()
+        },
+    )
+    .expect("connect");
+    let mut model = Model::default();
+    let mut rng = Rng(0x0bad_5eed);
+    let log = dir.0.join("daemon.log");
+    let mut run = |vm: &mut TestVm, model: &mut Model, what: &str| {
+        for _ in 0..20 {
+            let reqs: Vec<Request> = (0..8).map(|_| random_request(&mut rng)).collect();
+            let want: Vec<Status> = reqs.iter().map(|r| model.apply(r)).collect();
+            let got = vm.batch(&reqs).unwrap_or_else(|e| {
+                let log = std::fs::read_to_string(log.as_path()).unwrap_or_default();
+                let _ = std::fs::write(std::env::temp_dir().join("restart-failure.log"), &log);
+                panic!("{what}: {e:?} (daemon log: $TMPDIR/restart-failure.log)")
+            });
+            assert_eq!(got, want, "{what}");
+        }
+    };
+    run(&mut vm, &mut model, "before the upgrade");
+    // The upgrade hands the journal and the store's names to the new binary (same pid).
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR2) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(dir.0.join("daemon.log")).unwrap_or_default();
+        if log.contains("device state rebuilt") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not upgraded: {log}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    run(&mut vm, &mut model, "after the upgrade");
+    let child = crash_and_restart(&dir.0, &manager, child);
+    run(&mut vm, &mut model, "after the crash");
+    let probe = Request::Probe {
+        endpoint: EndpointId(1),
+    };
+    assert_eq!(vm.request(&probe).unwrap(), model.apply(&probe));
+    let (domains, attached) = daemon_state(&dir.0.join("vm.ctl"));
+    let (want_domains, want_attached) = model.view();
+    assert_eq!(domains, want_domains);
+    assert_eq!(attached, want_attached);
+    let names = manager.names();
+    assert_eq!(
+        names.iter().filter(|n| *n == "journal").count(),
+        1,
+        "one journal in the store: {names:?}"
+    );
+    drop(child);
 }
