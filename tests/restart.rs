@@ -259,6 +259,19 @@ fn daemon_state(ctl: &Path) -> (MappingsByDomain, BTreeMap<u32, u32>) {
     (domains, attached)
 }
 
+/// The simulated VM, on the unit's socket (generous timeouts: a restart is a pause).
+fn connect(dir: &Path) -> TestVm {
+    TestVm::connect(
+        &dir.join("vm.sock"),
+        VmOptions {
+            ram_size: RAM,
+            request_timeout: Duration::from_secs(30),
+            ..VmOptions::default()
+        },
+    )
+    .expect("connect")
+}
+
 /// The used index the daemon published, as guest memory holds it.
 fn guest_used_idx(vm: &TestVm) -> u16 {
     let used = vm.request_queue().layout().used;
@@ -276,15 +289,7 @@ fn sigkill_at_random_points_loses_no_request_and_no_state() {
     let dir = TempDir::new();
     let manager = Manager::start(&dir.0);
     let mut child = start_daemon(&dir.0, &manager, Vec::new());
-    let mut vm = TestVm::connect(
-        &dir.0.join("vm.sock"),
-        VmOptions {
-            ram_size: RAM,
-            request_timeout: Duration::from_secs(30),
-            ..VmOptions::default()
-        },
-    )
-    .expect("connect");
+    let mut vm = connect(&dir.0);
     let mut model = Model::default();
     let mut rng = Rng(0x5eed_c4a5);
     let started = Instant::now();
@@ -381,15 +386,7 @@ fn a_crash_after_an_upgrade_in_place_loses_nothing_either() {
     let dir = TempDir::new();
     let manager = Manager::start(&dir.0);
     let child = start_daemon(&dir.0, &manager, Vec::new());
-    let mut vm = TestVm::connect(
-        &dir.0.join("vm.sock"),
-        VmOptions {
-            ram_size: RAM,
-            request_timeout: Duration::from_secs(30),
-            ..VmOptions::default()
-        },
-    )
-    .expect("connect");
+    let mut vm = connect(&dir.0);
     let mut model = Model::default();
     let mut rng = Rng(0x0bad_5eed);
     let log = dir.0.join("daemon.log");

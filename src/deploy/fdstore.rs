@@ -64,7 +64,8 @@ impl FdStore {
         self.send(&format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[])
     }
 
-    fn send(&self, msg: &str, fds: &[RawFd]) -> io::Result<()> {
+    /// Sends `msg` (sd_notify variables, one per line) with `fds`.
+    pub fn send(&self, msg: &str, fds: &[RawFd]) -> io::Result<()> {
         let sent = if fds.is_empty() {
             self.sock.send(msg.as_bytes())?
         } else {

@@ -2,10 +2,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::path::Path;
 
 /// Tells the service manager the daemon is ready (`READY=1`), if it asked (`$NOTIFY_SOCKET`).
 /// Returns whether a notification was sent. Call it once the vhost-user socket listens.
@@ -25,14 +22,7 @@ pub fn notify(state: &str) -> io::Result<bool> {
 /// Sends `state` as one datagram to the notify socket `socket`: an absolute path, or `@name`
 /// for a socket in the abstract namespace.
 pub fn notify_to(socket: &OsStr, state: &str) -> io::Result<()> {
-    let bytes = socket.as_bytes();
-    let sock = UnixDatagram::unbound()?;
-    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
-        let addr = SocketAddr::from_abstract_name(name)?;
-        sock.send_to_addr(state.as_bytes(), &addr)?
-    } else if bytes.first() == Some(&b'/') {
-        sock.send_to(state.as_bytes(), Path::new(socket))?
-    } else {
+    if !socket.as_bytes().starts_with(b"@") && !socket.as_bytes().starts_with(b"/") {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
@@ -40,15 +30,6 @@ pub fn notify_to(socket: &OsStr, state: &str) -> io::Result<()> {
                 socket.to_string_lossy()
             ),
         ));
-    };
-    if sent != state.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::WriteZero,
-            format!(
-                "notify datagram truncated ({sent} of {} bytes)",
-                state.len()
-            ),
-        ));
     }
-    Ok(())
+    super::fdstore::FdStore::connect(socket)?.send(state, &[])
 }

@@ -7,6 +7,7 @@
 mod bench_cmd;
 mod daemon;
 mod deploy_cmd;
+mod restart;
 mod tools;
 
 use std::process::ExitCode;

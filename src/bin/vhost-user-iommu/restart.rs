@@ -1,0 +1,63 @@
+//! Crash restart at start (see the library's `recovery`): which keeper of the daemon's state
+//! this process uses, and what it took back.
+
+use std::sync::Arc;
+
+use log::info;
+use vhost::vhost_user::Listener;
+
+use vhost_user_iommu::assembly::Backend;
+use vhost_user_iommu::deploy::fdstore::FdStore;
+use vhost_user_iommu::recovery::{self, Keeper};
+use vhost_user_iommu::upgrade::UpgradeState;
+
+/// The keeper of this daemon's state for a restart after a crash: the one taken back after a
+/// crash, the one an upgrade handed over, or a new one when the service manager keeps fds and
+/// the backend's state lives in this process alone (the soft backend; the iommufd backend's
+/// kernel objects are not kept yet, issue 16). None without a service manager's store.
+pub(crate) fn keep_for_restart(
+    taken_back: Option<Keeper>,
+    resumed: &mut Option<UpgradeState>,
+    store: Option<FdStore>,
+    backend: &Backend,
+    listener: &Listener,
+) -> Result<Option<Arc<Keeper>>, String> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let handed = resumed.as_mut().and_then(|r| r.keeper.take());
+    let keeper = match (taken_back, handed, store) {
+        (Some(k), _, _) => k,
+        // SAFETY: the previous binary handed the journal over to this process alone.
+        (None, Some(h), Some(s)) => unsafe { Keeper::adopt(s, h) }
+            .map_err(|e| format!("cannot go on with the crash journal: {e}"))?,
+        (None, None, Some(s)) if backend.iommufd.is_none() => {
+            let journal = vhost_user_iommu::journal::Journal::create()
+                .map_err(|e| format!("cannot create the crash journal: {e}"))?;
+            let k = Keeper::start(s, journal)
+                .map_err(|e| format!("cannot keep the crash journal: {e}"))?;
+            // SAFETY: the listener owns the fd for the duration of the borrow.
+            let l = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+            k.store(recovery::LISTENER, l)
+                .map_err(|e| format!("cannot keep the listening socket: {e}"))?;
+            k.checkpoint(&recovery::Checkpoint::idle())
+                .map_err(|e| e.to_string())?;
+            k
+        }
+        (None, None, Some(_)) => {
+            info!(
+                "crash restart: not with the iommufd backend yet (a crash costs the VM its \
+                 IOMMU; upgrades in place keep it)"
+            );
+            return Ok(None);
+        }
+        (None, _, None) => return Ok(None),
+    };
+    Ok(Some(Arc::new(keeper)))
+}
+
+/// What crash restart has at start: the service manager's store (None: no crash restart), and
+/// after a crash what the previous daemon kept.
+pub(crate) struct Restart {
+    pub(crate) store: Option<FdStore>,
+    pub(crate) recovery: Option<recovery::Recovery>,
+    pub(crate) keeper: Option<Keeper>,
+}
