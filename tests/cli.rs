@@ -155,6 +155,68 @@ fn serves_an_inherited_listening_fd() {
     assert!(wait_exit(&mut child).success());
 }
 
+/// A `.socket` unit passes the listener as systemd does (`LISTEN_FDS=1`, `LISTEN_PID`), the
+/// service says `--fd 3`: the daemon serves it, with or without a notify socket (the crash
+/// journal's take-back must leave it alone).
+#[test]
+fn serves_a_listening_fd_systemd_passed() {
+    for with_notify in [false, true] {
+        let dir = TempDir::new();
+        let sock = dir.0.join("fd.sock");
+        let listener = UnixListener::bind(&sock).expect("bind");
+        let notify = dir.0.join("notify");
+        // A service manager reads its notify socket (READY=1, the fd store's messages).
+        let manager = std::os::unix::net::UnixDatagram::bind(&notify).expect("notify socket");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while manager.recv(&mut buf).is_ok() {}
+        });
+        let fd = listener.as_raw_fd();
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args([
+            "-c",
+            "export LISTEN_PID=$$; exec \"$0\" \"$@\"",
+            BIN,
+            "--fd",
+            "3",
+        ])
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "vhost-user")
+        .stderr(Stdio::null());
+        if with_notify {
+            cmd.env("NOTIFY_SOCKET", &notify);
+        } else {
+            cmd.env_remove("NOTIFY_SOCKET");
+        }
+        // SAFETY: dup2 in the child between fork and exec only touches the child's fd table.
+        unsafe {
+            cmd.pre_exec(move || {
+                let rc = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn");
+        drop(listener);
+        let mut vm = TestVm::connect(&sock, VmOptions::default())
+            .unwrap_or_else(|e| panic!("notify socket {with_notify}: connect: {e}"));
+        exercise(&mut vm);
+        vm.disconnect();
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert!(
+            wait_exit(&mut child).success(),
+            "notify socket {with_notify}"
+        );
+    }
+}
+
 #[test]
 fn bad_arguments_fail_with_a_clear_message() {
     let run = |args: &[&str]| {

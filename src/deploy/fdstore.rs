@@ -16,6 +16,9 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 /// The first fd a service manager passes (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
 
+/// How long one notification may wait for room in the manager's socket.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The service manager's store, reached through `$NOTIFY_SOCKET`.
 pub struct FdStore {
     sock: UnixDatagram,
@@ -34,6 +37,8 @@ impl FdStore {
     pub fn connect(socket: &std::ffi::OsStr) -> io::Result<FdStore> {
         let bytes = socket.as_bytes();
         let sock = UnixDatagram::unbound()?;
+        // A manager that stops reading must not wedge the daemon: the send fails instead.
+        sock.set_write_timeout(Some(SEND_TIMEOUT))?;
         if let Some(name) = bytes.strip_prefix(b"@") {
             sock.connect_addr(&SocketAddr::from_abstract_name(name)?)?;
         } else {

@@ -1,7 +1,7 @@
 //! The daemon: serving one VM (the default command), its upgrade in place and `--demo`.
 
 use std::cell::RefCell;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -204,8 +204,15 @@ pub(crate) fn run(a: ServeArgs) -> Result<(), String> {
     vhost_user_iommu::sigbus::install()
         .map_err(|e| format!("cannot install the SIGBUS handler: {e}"))?;
     // What the service manager kept for this unit when a previous daemon died (see `recovery`).
-    let passed =
+    let mut passed =
         fdstore::take_listen_fds().map_err(|e| format!("cannot take the passed fds: {e}"))?;
+    // A socket unit's listener, which `--fd` names, is the caller's to use, not a kept fd.
+    if let Some(n) = a.fd
+        && let Some(i) = passed.iter().position(|(_, fd)| fd.as_raw_fd() == n)
+    {
+        // Left open, unowned here: the listener setup below takes it by its number.
+        let _ = passed.remove(i).1.into_raw_fd();
+    }
     let store =
         FdStore::from_env().map_err(|e| format!("cannot reach the service manager: {e}"))?;
     let mut kept = None;
