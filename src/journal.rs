@@ -294,11 +294,6 @@ impl Journal {
         Ok(())
     }
 
-    /// Whether another record fits before the next checkpoint.
-    pub fn has_room(&self) -> bool {
-        self.next < RECORDS
-    }
-
     /// How many more records fit before the next checkpoint (0 before the first one).
     pub fn room(&self) -> usize {
         if self.active == 0 {
@@ -445,11 +440,11 @@ mod tests {
         for i in 0..RECORDS {
             assert!(j.append(&rec(i as u16, None)));
         }
-        assert!(!j.has_room());
+        assert_eq!(j.room(), 0);
         assert!(!j.append(&rec(0, None)));
         let (j2, got) = reopen(&j).unwrap();
         assert_eq!(got.records.len(), RECORDS);
-        assert!(!j2.has_room());
+        assert_eq!(j2.room(), 0);
     }
 
     #[test]

@@ -121,16 +121,9 @@ fn serves_on_a_socket_path_and_exits_zero_on_sigterm() {
     drop(vm);
 }
 
-#[test]
-fn serves_an_inherited_listening_fd() {
-    let dir = TempDir::new();
-    let sock = dir.0.join("fd.sock");
-    let listener = UnixListener::bind(&sock).expect("bind");
-    let fd = listener.as_raw_fd();
-    let mut cmd = Command::new(BIN);
-    cmd.args(["--fd", "3", "--threads", "2"])
-        .stderr(Stdio::null());
-    // SAFETY: dup2 in the child between fork and exec only touches the child's fd table.
+/// Makes `fd` the child's fd 3, open across exec (what socket activation hands a service).
+fn inherit_as_fd3(cmd: &mut Command, fd: i32) {
+    // SAFETY: dup2/fcntl in the child between fork and exec only touch the child's fd table.
     unsafe {
         cmd.pre_exec(move || {
             let rc = if fd == 3 {
@@ -145,6 +138,18 @@ fn serves_an_inherited_listening_fd() {
             Ok(())
         });
     }
+}
+
+#[test]
+fn serves_an_inherited_listening_fd() {
+    let dir = TempDir::new();
+    let sock = dir.0.join("fd.sock");
+    let listener = UnixListener::bind(&sock).expect("bind");
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--fd", "3", "--threads", "2"])
+        .stderr(Stdio::null());
+    inherit_as_fd3(&mut cmd, fd);
     let mut child = cmd.spawn().expect("spawn");
     drop(listener);
     let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
@@ -188,20 +193,7 @@ fn serves_a_listening_fd_systemd_passed() {
         } else {
             cmd.env_remove("NOTIFY_SOCKET");
         }
-        // SAFETY: dup2 in the child between fork and exec only touches the child's fd table.
-        unsafe {
-            cmd.pre_exec(move || {
-                let rc = if fd == 3 {
-                    libc::fcntl(3, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(fd, 3)
-                };
-                if rc < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        inherit_as_fd3(&mut cmd, fd);
         let mut child = cmd.spawn().expect("spawn");
         drop(listener);
         let mut vm = TestVm::connect(&sock, VmOptions::default())

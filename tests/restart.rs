@@ -113,9 +113,9 @@ fn serve(sock: UnixDatagram, store: Store, synced: Sender<()>) {
         let Ok((n, nfds)) = (unsafe { sock.recv_with_fds(&mut iov, &mut fds) }) else {
             return;
         };
-        // SAFETY: the fds were just received and are owned here.
         let fds: Vec<OwnedFd> = fds[..nfds]
             .iter()
+            // SAFETY: the fds were just received and are owned here.
             .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
             .collect();
         let text = String::from_utf8_lossy(&buf[..n]).to_string();
