@@ -40,6 +40,8 @@ pub struct FrontShared<'a> {
     pub boot: Option<&'a Arc<BootRam>>,
     /// The daemon's request trace (a line per vfio-user message while it is on).
     pub trace: &'a Arc<crate::trace::Tracer>,
+    /// Where each server keeps what a crash-restarted daemon needs, if anywhere.
+    pub keeper: Option<&'a Arc<crate::recovery::Keeper>>,
 }
 
 /// Serves each configured endpoint's VFIO device to the VMM over vfio-user; a server handed over
@@ -57,7 +59,12 @@ pub fn start_vfio_user(
     mut resumed: BTreeMap<EndpointId, ResumedServer>,
     gates: &mut Vec<std::sync::mpsc::Sender<()>>,
 ) -> Result<VfioUserFronts, String> {
-    let FrontShared { stop, boot, trace } = shared;
+    let FrontShared {
+        stop,
+        boot,
+        trace,
+        keeper,
+    } = shared;
     let mut threads = BTreeMap::new();
     let mut slots = BTreeMap::new();
     let all_maps: Arc<Mutex<Vec<vfio_user::DmaMaps>>> = Arc::default();
@@ -149,6 +156,17 @@ pub fn start_vfio_user(
                     follow_boot_ram(&boot, &current);
                 }
             });
+        }
+        if let Some(k) = keeper {
+            let (k, maps, id) = (k.clone(), server.dma_maps(), e.id);
+            server = server.on_keep(Arc::new(move |listener, client| {
+                k.keep_vfio_user(
+                    id,
+                    Some(crate::upgrade::VfioUserServer::of(
+                        id, listener, client, &maps,
+                    )),
+                );
+            }));
         }
         slots.insert(ep, server.slot());
         let t = match (handed, listener) {

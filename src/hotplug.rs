@@ -20,6 +20,7 @@ use log::{info, warn};
 use crate::backend::iommufd::{HotplugEvent, HotplugHook, IommufdBackend};
 use crate::control::CurrentDevice;
 use crate::ids::EndpointId;
+use crate::recovery::Keeper;
 use crate::vfio::SysfsRoot;
 use crate::vfio_user::{DeviceSlot, VfioCdevDevice};
 
@@ -29,9 +30,14 @@ pub fn hook(
     backend: Weak<IommufdBackend>,
     current: CurrentDevice,
     slots: BTreeMap<EndpointId, DeviceSlot>,
+    keeper: Option<Arc<Keeper>>,
 ) -> HotplugHook {
     Box::new(move |ep, event| match event {
         HotplugEvent::Unplugging => {
+            // The fd store's duplicate goes first: the host's unbind waits for every one.
+            if let Some(k) = &keeper {
+                k.unplugging(ep.0);
+            }
             let dev = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
             if let Some(d) = dev {
                 d.endpoint_disconnected(ep);
@@ -42,6 +48,9 @@ pub fn hook(
             }
         }
         HotplugEvent::Replugged => {
+            if let Some(k) = &keeper {
+                k.replugged(ep.0);
+            }
             let (Some(s), Some(b)) = (slots.get(&ep), backend.upgrade()) else {
                 return;
             };
@@ -64,9 +73,10 @@ pub fn watch(
     backend: &Arc<IommufdBackend>,
     current: CurrentDevice,
     slots: BTreeMap<EndpointId, DeviceSlot>,
+    keeper: Option<Arc<Keeper>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     backend.watch_hotplug(
         SysfsRoot::default(),
-        hook(Arc::downgrade(backend), current, slots),
+        hook(Arc::downgrade(backend), current, slots, keeper),
     )
 }

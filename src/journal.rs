@@ -5,9 +5,16 @@
 //! ```text
 //!   0        header: magic, version, the active checkpoint slot and its generation
 //!   4 KiB    records: one per request answered since that checkpoint, 64 bytes each
+//!  16 MiB    side slot 0           (the kernel objects and device servers: see below)
+//!  32 MiB    side slot 1
 //!   1 GiB    checkpoint slot 0     (JSON written with pwrite; the file is sparse)
 //!   2 GiB    checkpoint slot 1
 //! ```
+//!
+//! The side slots hold what other threads than the device state's owner change (the iommufd
+//! backend's devices, the vfio-user connections): written whole the same way, with their own
+//! generation word, so that writing them never touches the checkpoint or its records. A
+//! journal written before side slots existed reads as having none.
 //!
 //! A checkpoint is written whole into the inactive slot, then one 64-bit store makes it the
 //! active one with the next generation, which also empties the record area: a record counts
@@ -35,12 +42,17 @@ const MAPPED: usize = HEADER + RECORDS * RECORD;
 const SLOT_BASE: u64 = 1 << 30;
 /// The largest checkpoint a slot holds.
 pub const SLOT_MAX: u64 = SLOT_BASE;
+const SIDE_BASE: u64 = 16 << 20;
+/// The largest side state a side slot holds.
+pub const SIDE_MAX: u64 = SIDE_BASE;
 
 // Header offsets.
 const H_MAGIC: usize = 0;
 const H_VERSION: usize = 8;
 const H_ACTIVE: usize = 16;
 const H_LEN: usize = 24;
+const H_SIDE_ACTIVE: usize = 40;
+const H_SIDE_LEN: usize = 48;
 
 /// Why a journal cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +73,8 @@ pub enum JournalError {
     TooLarge(usize),
     #[error("crash journal: checkpoint slot {slot} says {len} bytes")]
     BadSlot { slot: u64, len: u64 },
+    #[error("crash journal: side state of {0} bytes is larger than a side slot ({SIDE_MAX} bytes)")]
+    SideTooLarge(usize),
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> JournalError {
@@ -94,12 +108,15 @@ pub struct Record {
     pub status: u8,
     /// The request, when it changed the device state.
     pub effect: Option<Request>,
+    /// The host object an ATTACH that created its domain made for it (an IOAS id; 0: none).
+    pub hw: u32,
 }
 
 /// Bytes of a record after its commit word: avail, used, head (u16 each), status, whether an
-/// effect follows, len (u32), then the request as the guest encodes it.
+/// effect follows, len (u32), then the request as the guest encodes it, then `hw`.
 const EFFECT_AT: usize = 16;
-const EFFECT_MAX: usize = RECORD - EFFECT_AT;
+const HW_AT: usize = 56;
+const EFFECT_MAX: usize = HW_AT - EFFECT_AT;
 
 impl Record {
     fn encode(&self) -> [u8; RECORD] {
@@ -118,6 +135,7 @@ impl Record {
                 b[EFFECT_AT..EFFECT_AT + n].copy_from_slice(&bytes[..n]);
             }
         }
+        b[HW_AT..HW_AT + 4].copy_from_slice(&self.hw.to_le_bytes());
         b
     }
 
@@ -125,7 +143,7 @@ impl Record {
         let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         let effect = match b[11] {
             0 => None,
-            _ => Some(Request::decode(&b[EFFECT_AT..RECORD]).ok()?),
+            _ => Some(Request::decode(&b[EFFECT_AT..HW_AT]).ok()?),
         };
         Some(Record {
             avail: u16_at(4),
@@ -134,6 +152,7 @@ impl Record {
             status: b[10],
             len: u32::from_le_bytes(b[12..16].try_into().ok()?),
             effect,
+            hw: u32::from_le_bytes(b[HW_AT..HW_AT + 4].try_into().ok()?),
         })
     }
 }
@@ -143,6 +162,8 @@ impl Record {
 pub struct Recovered {
     pub checkpoint: Vec<u8>,
     pub records: Vec<Record>,
+    /// The last side state written (None: never).
+    pub side: Option<Vec<u8>>,
 }
 
 /// The journal as its writer holds it.
@@ -153,6 +174,8 @@ pub struct Journal {
     active: u64,
     /// Records written since the active checkpoint.
     next: usize,
+    /// The active side slot and its generation (as in the header).
+    side: u64,
 }
 
 // SAFETY: the mapping is owned by the Journal and only written through `&mut self`.
@@ -199,6 +222,25 @@ impl Journal {
         j.file
             .read_exact_at(&mut checkpoint, SLOT_BASE * (slot + 1))
             .map_err(io_err("reading the checkpoint"))?;
+        j.side = j.atomic_u64(H_SIDE_ACTIVE).load(Ordering::Acquire);
+        let side = match j.side {
+            0 => None,
+            active => {
+                let slot = active & 1;
+                let len = j.u64_at(H_SIDE_LEN + 8 * slot as usize);
+                if len > SIDE_MAX {
+                    return Err(JournalError::BadSlot {
+                        slot: 2 + slot,
+                        len,
+                    });
+                }
+                let mut side = vec![0u8; len as usize];
+                j.file
+                    .read_exact_at(&mut side, SIDE_BASE * (slot + 1))
+                    .map_err(io_err("reading the side state"))?;
+                Some(side)
+            }
+        };
         let mut records = Vec::new();
         let generation = j.generation();
         while records.len() < RECORDS {
@@ -219,6 +261,7 @@ impl Journal {
             Recovered {
                 checkpoint,
                 records,
+                side,
             },
         ))
     }
@@ -244,6 +287,7 @@ impl Journal {
             map: map.cast(),
             active,
             next: 0,
+            side: 0,
         })
     }
 
@@ -291,6 +335,27 @@ impl Journal {
         self.atomic_u64(H_ACTIVE)
             .store(self.active, Ordering::Release);
         self.next = 0;
+        Ok(())
+    }
+
+    /// Makes `side` the side state a restarted daemon finds; the checkpoint and its records
+    /// stay as they are.
+    pub fn write_side(&mut self, side: &[u8]) -> Result<(), JournalError> {
+        if side.len() as u64 > SIDE_MAX {
+            return Err(JournalError::SideTooLarge(side.len()));
+        }
+        let slot = if self.side == 0 {
+            0
+        } else {
+            1 - (self.side & 1)
+        };
+        self.file
+            .write_all_at(side, SIDE_BASE * (slot + 1))
+            .map_err(io_err("writing the side state"))?;
+        self.put_u64(H_SIDE_LEN + 8 * slot as usize, side.len() as u64);
+        self.side = ((self.side >> 1) + 1) << 1 | slot;
+        self.atomic_u64(H_SIDE_ACTIVE)
+            .store(self.side, Ordering::Release);
         Ok(())
     }
 
@@ -367,7 +432,32 @@ mod tests {
             len: 4,
             status: 0,
             effect,
+            hw: u32::from(avail) * 3,
         }
+    }
+
+    #[test]
+    fn the_side_state_is_kept_apart_from_the_checkpoint_and_its_records() {
+        let mut j = Journal::create().unwrap();
+        j.checkpoint(b"c1").unwrap();
+        assert!(j.append(&rec(1, Some(Request::attach(1, 2)))));
+        assert_eq!(reopen(&j).unwrap().1.side, None, "none written yet");
+        j.write_side(b"side one").unwrap();
+        j.write_side(b"side two, longer").unwrap();
+        assert!(j.append(&rec(2, None)));
+        let (mut j2, got) = reopen(&j).unwrap();
+        assert_eq!(got.checkpoint, b"c1");
+        assert_eq!(
+            got.records,
+            vec![rec(1, Some(Request::attach(1, 2))), rec(2, None)]
+        );
+        assert_eq!(got.side.as_deref(), Some(&b"side two, longer"[..]));
+        // The next daemon goes on writing the other slot, and a checkpoint leaves it alone.
+        j2.write_side(b"three").unwrap();
+        j2.checkpoint(b"c2").unwrap();
+        let (_, got) = Journal::open(j2.fd().try_clone_to_owned().unwrap()).unwrap();
+        assert_eq!(got.side.as_deref(), Some(&b"three"[..]));
+        assert!(got.records.is_empty());
     }
 
     #[test]

@@ -127,7 +127,7 @@ impl UpgradeState {
 }
 
 /// One vfio-user server: its listening socket and the client it was serving.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VfioUserServer {
     pub endpoint: u32,
     pub listener_fd: RawFd,
@@ -135,7 +135,7 @@ pub struct VfioUserServer {
 }
 
 /// A vfio-user client connection as its server left it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VfioUserConnection {
     pub socket_fd: RawFd,
     pub state: vfio_user::ConnectionState,
@@ -143,7 +143,7 @@ pub struct VfioUserConnection {
 }
 
 /// One DMA map the client had recorded.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DmaMap {
     pub address: u64,
     pub size: u64,
@@ -163,30 +163,41 @@ pub struct ResumedServer {
 impl VfioUserServer {
     /// Describes a handed-over server (its fds stay owned by `h`, kept open across `execve`).
     pub fn describe(endpoint: u32, h: &vfio_user::HandedOverServer) -> Self {
+        VfioUserServer::of(
+            endpoint,
+            &h.listener,
+            h.connection.as_ref().map(|(s, st)| (s, st)),
+            &h.server.dma_maps(),
+        )
+    }
+
+    /// Describes a server by its listener, its client and the client's DMA maps (the fds stay
+    /// owned by the caller).
+    pub fn of(
+        endpoint: u32,
+        listener: &std::os::unix::net::UnixListener,
+        connection: Option<(&std::os::unix::net::UnixStream, &vfio_user::ConnectionState)>,
+        maps: &vfio_user::DmaMaps,
+    ) -> Self {
         VfioUserServer {
             endpoint,
-            listener_fd: h.listener.as_raw_fd(),
-            connection: h
-                .connection
-                .as_ref()
-                .map(|(stream, state)| VfioUserConnection {
-                    socket_fd: stream.as_raw_fd(),
-                    state: state.clone(),
-                    maps: h
-                        .server
-                        .dma_maps()
-                        .snapshot()
-                        .into_iter()
-                        .map(|r| DmaMap {
-                            address: r.address,
-                            size: r.size,
-                            flags: r.flags,
-                            offset: r.offset,
-                            file_id: r.file_id,
-                            fd: r.file.as_ref().map(|f| f.as_raw_fd()),
-                        })
-                        .collect(),
-                }),
+            listener_fd: listener.as_raw_fd(),
+            connection: connection.map(|(stream, state)| VfioUserConnection {
+                socket_fd: stream.as_raw_fd(),
+                state: state.clone(),
+                maps: maps
+                    .snapshot()
+                    .into_iter()
+                    .map(|r| DmaMap {
+                        address: r.address,
+                        size: r.size,
+                        flags: r.flags,
+                        offset: r.offset,
+                        file_id: r.file_id,
+                        fd: r.file.as_ref().map(|f| f.as_raw_fd()),
+                    })
+                    .collect(),
+            }),
         }
     }
 

@@ -440,22 +440,36 @@ impl DmaBackend for IommufdBackend {
     }
 
     fn create_domain(&self) -> Result<Box<dyn HwDomain>> {
-        Ok(Box::new(IommufdDomain::alloc(&self.shared)?))
+        Ok(Box::new(IommufdDomain::alloc(&self.shared, None)?))
     }
 
     fn create_domain_for(&self, guest: DomainId) -> Result<Box<dyn HwDomain>> {
         match lock(&self.shared.adopted).remove(&guest) {
-            Some(state) => Ok(Box::new(IommufdDomain::adopt(&self.shared, state))),
-            None => self.create_domain(),
+            Some(state) => Ok(Box::new(IommufdDomain::adopt(&self.shared, guest, state))),
+            None => Ok(Box::new(IommufdDomain::alloc(&self.shared, Some(guest))?)),
         }
+    }
+
+    fn host_id_of(&self, guest: DomainId) -> Option<u32> {
+        lock(&self.shared.live).get(&guest).copied()
     }
 
     fn adopt_domains(&self, domains: Vec<(DomainId, HwDomainState)>) -> Result<()> {
         self.adopt_ioases(domains)
     }
 
+    fn replay_recorded(&self) -> Result<()> {
+        self.shared.replay_new.store(true, Ordering::Release);
+        self.shared.replaying.store(true, Ordering::Release);
+        Ok(())
+    }
+
     fn adoption_done(&self, rebuilt: bool) {
         self.end_adoption(rebuilt);
+    }
+
+    fn reconcile(&self) -> Vec<String> {
+        IommufdBackend::reconcile(self)
     }
 
     fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()> {

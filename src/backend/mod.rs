@@ -138,6 +138,12 @@ pub trait DmaBackend: Send + Sync {
         let _ = guest;
         self.create_domain()
     }
+    /// The host object of the live domain serving guest domain `guest` (an IOAS id), where
+    /// host domains outlive the process (the crash journal records it: see `recovery`).
+    fn host_id_of(&self, guest: DomainId) -> Option<u32> {
+        let _ = guest;
+        None
+    }
     /// Domains a previous daemon left in the host, by the guest domain each serves: until
     /// [`DmaBackend::adoption_done`], `create_domain_for` returns them with the mappings they
     /// already hold (a MAP of one of those is taken as done) and attaching an endpoint where it
@@ -152,11 +158,22 @@ pub trait DmaBackend: Send + Sync {
             format!("{} backend: no host domains to take over", self.name()),
         ))
     }
+    /// A crash's recorded changes are replayed next: they are done in the host already (until
+    /// [`DmaBackend::adoption_done`]), as the handed-over state's are.
+    fn replay_recorded(&self) -> Result<()> {
+        Ok(())
+    }
     /// The device state is rebuilt (`rebuilt`: completely): every later MAP and ATTACH goes to
     /// the host again, and domains handed over but not claimed are destroyed, unless the
     /// rebuild failed (the previous binary may take them back, see `upgrade::Rollback`).
     fn adoption_done(&self, rebuilt: bool) {
         let _ = rebuilt;
+    }
+    /// After a crash, once the state is rebuilt: makes the host what the state says where a
+    /// request the dead daemon was executing left it otherwise; what it fixed. Nothing to do
+    /// for a backend whose state died with the daemon.
+    fn reconcile(&self) -> Vec<String> {
+        Vec::new()
     }
     /// Points an endpoint's DMA somewhere; replaces its previous attachment atomically.
     fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()>;
@@ -179,11 +196,20 @@ impl<B: DmaBackend + ?Sized> DmaBackend for std::sync::Arc<B> {
     fn create_domain_for(&self, guest: DomainId) -> Result<Box<dyn HwDomain>> {
         (**self).create_domain_for(guest)
     }
+    fn host_id_of(&self, guest: DomainId) -> Option<u32> {
+        (**self).host_id_of(guest)
+    }
     fn adopt_domains(&self, domains: Vec<(DomainId, HwDomainState)>) -> Result<()> {
         (**self).adopt_domains(domains)
     }
+    fn replay_recorded(&self) -> Result<()> {
+        (**self).replay_recorded()
+    }
     fn adoption_done(&self, rebuilt: bool) {
         (**self).adoption_done(rebuilt)
+    }
+    fn reconcile(&self) -> Vec<String> {
+        (**self).reconcile()
     }
     fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()> {
         (**self).attach(endpoint, to)

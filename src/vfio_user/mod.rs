@@ -47,5 +47,5 @@ pub use device::{AssignedDevice, Errno, VfioCdevDevice};
 pub use protocol::{DeviceInfo, IrqInfo, RegionCap, RegionInfo, SparseArea};
 pub use server::{
     ConnectionState, DeviceServer, DeviceSlot, DmaCheck, DmaMaps, DmaRegion, HandedOverServer,
-    ServerEnd, StopSignal, bind_socket, serve_device, spawn_device_server,
+    KeepHook, ServerEnd, StopSignal, bind_socket, serve_device, spawn_device_server,
 };

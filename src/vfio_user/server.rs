@@ -52,6 +52,11 @@ pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 type Hook = Box<dyn FnMut() + Send>;
 /// Called on the server thread after the client's DMA maps changed (with no lock held).
 type MapsHook = Arc<dyn Fn() + Send + Sync>;
+/// Told, on the server thread, what a crash-restarted daemon needs of the server whenever it
+/// changed: its listener, and its client (socket and negotiated state) if one is connected; the
+/// client's DMA maps are in [`DeviceServer::dma_maps`] (see `recovery`).
+pub type KeepHook =
+    Arc<dyn Fn(&UnixListener, Option<(&UnixStream, &ConnectionState)>) + Send + Sync>;
 
 /// A vfio-user server for one device; [`serve_device`] and [`spawn_device_server`] are the
 /// short forms. Hooks run on the server thread when a client connects and after its
@@ -63,6 +68,7 @@ pub struct DeviceServer {
     on_connect: Option<Hook>,
     on_disconnect: Option<Hook>,
     on_dma_change: Option<MapsHook>,
+    on_keep: Option<KeepHook>,
     name: String,
     maps: DmaMaps,
     peers: PeerPolicy,
@@ -82,6 +88,7 @@ impl DeviceServer {
             on_connect: None,
             on_disconnect: None,
             on_dma_change: None,
+            on_keep: None,
             name: "device".to_string(),
             maps: DmaMaps::default(),
             peers: PeerPolicy::default(),
@@ -142,6 +149,12 @@ impl DeviceServer {
         self
     }
 
+    /// Tells `f` what a crash-restarted daemon needs whenever it changes ([`KeepHook`]).
+    pub fn on_keep(mut self, f: KeepHook) -> Self {
+        self.on_keep = Some(f);
+        self
+    }
+
     /// Serves clients on `listener`, one at a time, until the stop signal fires (or a
     /// handover is asked for: see [`StopSignal::hand_over`]).
     pub fn serve(self, listener: UnixListener) -> io::Result<ServerEnd> {
@@ -157,6 +170,10 @@ impl DeviceServer {
         mut resumed: Option<(UnixStream, ConnectionState)>,
     ) -> io::Result<ServerEnd> {
         listener.set_nonblocking(true)?;
+        let keep = self.on_keep.clone();
+        if let Some(k) = &keep {
+            k(&listener, resumed.as_ref().map(|(s, st)| (s, st)));
+        }
         loop {
             let (stream, state) = match resumed.take() {
                 Some(r) => r,
@@ -198,10 +215,15 @@ impl DeviceServer {
             } else {
                 info!("vfio-user {}: serving the handed-over client", self.name);
             }
+            let keep_conn = keep.as_ref().map(|k| {
+                let (k, listener, stream) = (k.clone(), &listener, &stream);
+                move |st: &ConnectionState| k(listener, Some((stream, st)))
+            });
             let mut conn =
                 Connection::new(&*dev, &self.dma_check, &self.name, &self.maps).resumed(&state);
             conn.on_maps = self.on_dma_change.clone();
             conn.trace = self.trace.as_deref();
+            conn.on_keep = keep_conn.as_ref().map(|f| f as &dyn Fn(&ConnectionState));
             let ended = conn.run(&stream, &self.stop, self.message_timeout);
             if ended.is_ok() && self.stop.handing_over() && !self.stop.is_stopped() {
                 // Between two messages: the connection passes on as it is.
@@ -219,8 +241,15 @@ impl DeviceServer {
                 Ok(()) => info!("vfio-user {}: client disconnected", self.name),
                 Err(e) => warn!("vfio-user {}: connection ended: {e}", self.name),
             }
-            drop(stream);
+            conn.on_keep = None;
             conn.cleanup();
+            drop(conn);
+            drop(keep_conn);
+            // Forgotten before the socket closes: a restarted daemon never finds a dead client.
+            if let Some(k) = &keep {
+                k(&listener, None);
+            }
+            drop(stream);
             self.put_back(dev, generation);
             if let Some(f) = self.on_disconnect.as_mut() {
                 f();

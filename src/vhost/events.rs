@@ -46,7 +46,8 @@ pub(super) enum Event {
 
 /// A restarted daemon's first look at its state (see [`IommuDevice::recovered`]).
 pub struct Recovered {
-    pub effects: Vec<Request>,
+    /// Each with the host object its record names (see `journal::Record::hw`).
+    pub effects: Vec<(Request, u32)>,
     pub answers: std::collections::BTreeMap<u16, crate::recovery::Answer>,
     /// The connection as kept, and where its request ring goes on (next avail, next used).
     pub kept: Option<crate::recovery::KeptConnection>,
@@ -257,7 +258,7 @@ impl IommuDevice {
             }
             Event::Recovered(rec, r) => {
                 let rec = *rec;
-                let res = self.replay(s, rec.effects);
+                let res = self.replay_recorded(s, rec.effects);
                 s.answers = rec.answers;
                 s.kept = rec.kept;
                 s.ring_at = rec.request_ring;
@@ -377,6 +378,49 @@ impl IommuDevice {
         if let Err(e) = k.checkpoint(&c) {
             log::error!("{e}: a crash now would lose the VM's IOMMU state");
         }
+    }
+
+    /// Replays a crash's recorded changes: the backend takes them as done in the host, and a
+    /// domain an ATTACH made after the checkpoint is the host object its record names.
+    fn replay_recorded(
+        &self,
+        s: &mut Session,
+        effects: Vec<(Request, u32)>,
+    ) -> Result<usize, String> {
+        let backend = &self.0.backend;
+        backend
+            .replay_recorded()
+            .map_err(|e| format!("replaying the recorded changes: {e}"))?;
+        let mut res = Ok(0);
+        for (req, hw) in effects {
+            if let Request::Attach { domain, .. } = req
+                && hw != 0
+                && !s.dispatcher.summary().0.iter().any(|d| d.id == domain.0)
+            {
+                let state = crate::backend::HwDomainState {
+                    id: hw,
+                    ..Default::default()
+                };
+                if let Err(e) = backend.adopt_domains(vec![(domain, state)]) {
+                    res = Err(format!("{req:?}: {e}"));
+                    break;
+                }
+            }
+            match self.replay(s, vec![req]) {
+                Ok(n) => res = res.map(|c| c + n),
+                Err(e) => {
+                    res = Err(e);
+                    break;
+                }
+            }
+        }
+        backend.adoption_done(res.is_ok());
+        if res.is_ok() {
+            for f in backend.reconcile() {
+                warn!("crash restart: {f}");
+            }
+        }
+        res
     }
 
     /// Executes requests that succeeded before (a handed-over state's, or the changes a

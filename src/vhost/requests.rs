@@ -76,6 +76,7 @@ impl Answerer<'_> {
                 len,
                 status: status as u8,
                 effect,
+                hw: 0,
             };
             if !k.record(&r) {
                 log::error!("crash journal full: the answer to chain {head} is not recorded");

@@ -27,17 +27,30 @@ pub(super) struct IommufdDomain {
     pinned: u64,
     /// Starts of the mappings made by `IOMMU_IOAS_COPY` (they pin nothing of their own).
     copied: HashSet<u64>,
-    /// Handed over by the previous daemon: while the backend replays, its MAPs are in the
-    /// kernel already.
-    adopted: bool,
+    /// The guest domain it serves (for [`DmaBackend::host_id_of`]).
+    guest: Option<DomainId>,
 }
 
 impl IommufdDomain {
     /// `IOMMU_IOAS_ALLOC`: a new, empty domain over the backend's current RAM table.
-    pub(super) fn alloc(shared: &Arc<Shared>) -> Result<Self> {
+    pub(super) fn alloc(shared: &Arc<Shared>, guest: Option<DomainId>) -> Result<Self> {
+        if shared.replaying.load(Ordering::Acquire) {
+            // Everything replayed is in the kernel already: a domain comes from there too.
+            return Err(BackendError::new(
+                "replay",
+                libc::ENOENT,
+                format!(
+                    "no IOAS was kept for guest domain {}",
+                    guest.map_or("?".to_string(), |g| g.0.to_string())
+                ),
+            ));
+        }
         let id = sys::ioas_alloc(shared.fd())
             .map_err(|e| BackendError::new(e.name, e.errno, "a paging domain"))?;
         lock(&shared.domains).insert(id, ());
+        if let Some(g) = guest {
+            lock(&shared.live).insert(g, id);
+        }
         let ram_gen = shared.ram_gen.load(Ordering::Acquire);
         let ram = lock(&shared.ram).clone();
         debug!("IOAS {id} allocated");
@@ -49,14 +62,15 @@ impl IommufdDomain {
             phantom: BTreeMap::new(),
             pinned: 0,
             copied: HashSet::new(),
-            adopted: false,
+            guest,
         })
     }
 
     /// An IOAS the previous daemon handed over (`IommufdBackend::adopt_ioases` checked that it
     /// exists), with its mappings in the kernel.
-    pub(super) fn adopt(shared: &Arc<Shared>, state: HwDomainState) -> Self {
+    pub(super) fn adopt(shared: &Arc<Shared>, guest: DomainId, state: HwDomainState) -> Self {
         lock(&shared.domains).insert(state.id, ());
+        lock(&shared.live).insert(guest, state.id);
         debug!("IOAS {} taken over", state.id);
         IommufdDomain {
             id: state.id,
@@ -66,7 +80,7 @@ impl IommufdDomain {
             phantom: BTreeMap::new(),
             pinned: state.pinned,
             copied: state.copied.into_iter().collect(),
-            adopted: true,
+            guest: Some(guest),
         }
     }
 
@@ -98,6 +112,13 @@ impl HwDomain for IommufdDomain {
         let (Some(first), Some(last)) = (mappings.first(), mappings.last()) else {
             return (0, None);
         };
+        if self.shared.replaying.load(Ordering::Acquire) {
+            // A recorded UNMAP replayed after a crash: the kernel did it.
+            for m in mappings {
+                self.forget(*m);
+            }
+            return (mappings.len(), None);
+        }
         if kernel < 2 {
             return one_by_one(self, mappings);
         }
@@ -138,23 +159,92 @@ impl HwDomain for IommufdDomain {
         let len = iova
             .len()
             .ok_or_else(|| BackendError::new("map", libc::EOVERFLOW, ctx(self)))?;
-        if self.adopted && self.shared.replaying.load(Ordering::Acquire) {
+        if self.shared.replaying.load(Ordering::Acquire) {
             // The previous daemon's mapping, replayed into the domain model: the kernel has it
             // (or, without permissions, it was never given to the kernel).
             if !op.perms.read && !op.perms.write {
                 self.phantom.insert(iova.start(), iova.end());
+            } else if self.shared.replay_new.load(Ordering::Acquire) {
+                // Made after the handed-over accounting (a crash's records): count it as the
+                // previous daemon most likely made it.
+                if self.shared.strategy() == MapStrategy::Copy
+                    && self.shared.staged_gen.load(Ordering::Acquire)
+                        == self.shared.ram_gen.load(Ordering::Acquire)
+                {
+                    self.copied.insert(iova.start());
+                } else {
+                    self.pinned += len;
+                    self.shared.pinned.fetch_add(len, Ordering::Relaxed);
+                }
             }
             return Ok(());
         }
         if !op.perms.read && !op.perms.write {
-            if let Some((_, &e)) = self.phantom.range(..=iova.end()).next_back()
-                && e >= iova.start()
-            {
-                return Err(BackendError::new("map", libc::EEXIST, ctx(self)));
+            return self.map_phantom(iova, ctx(self));
+        }
+        match self.map_in_kernel(op, len) {
+            Err(e) if e.errno == libc::EEXIST => {
+                // The kernel holds a mapping the state does not know: one a daemon that died
+                // executing this request made (it is executed again, unanswered as it was).
+                // The state is the truth: that mapping goes, this one is made.
+                let gone = self.shared.ioas_unmap(self.id, iova.start(), len);
+                warn!(
+                    "IOAS {} at {iova}: a mapping unknown to the state was there (left by a \
+                     crash?): replaced ({gone:?})",
+                    self.id
+                );
+                if gone.is_err() {
+                    return Err(e);
+                }
+                self.map_in_kernel(op, len)
             }
-            self.phantom.insert(iova.start(), iova.end());
+            r => r,
+        }
+    }
+
+    fn unmap(&mut self, iova: IovaRange) -> Result<()> {
+        if self.shared.replaying.load(Ordering::Acquire) {
+            // A recorded UNMAP replayed after a crash: the kernel did it.
+            self.forget(iova);
             return Ok(());
         }
+        if self.phantom.get(&iova.start()) == Some(&iova.end()) {
+            self.phantom.remove(&iova.start());
+            return Ok(());
+        }
+        match self.unmap_in_kernel(iova) {
+            Err(e) if e.errno == libc::ENOENT => {
+                // Already gone: a daemon that died executing this UNMAP did it (it is executed
+                // again, unanswered as it was).
+                warn!(
+                    "IOAS {} at {iova}: the kernel no longer has this mapping (unmapped by a \
+                     crashed daemon?): forgotten",
+                    self.id
+                );
+                self.forget(iova);
+                Ok(())
+            }
+            r => r,
+        }
+    }
+}
+
+impl IommufdDomain {
+    /// A mapping without permissions: recorded, not given to the kernel.
+    fn map_phantom(&mut self, iova: IovaRange, ctx: String) -> Result<()> {
+        if let Some((_, &e)) = self.phantom.range(..=iova.end()).next_back()
+            && e >= iova.start()
+        {
+            return Err(BackendError::new("map", libc::EEXIST, ctx));
+        }
+        self.phantom.insert(iova.start(), iova.end());
+        Ok(())
+    }
+
+    /// A mapping with permissions, into the kernel: copied from staging, else mapped.
+    fn map_in_kernel(&mut self, op: &MapOp, len: u64) -> Result<()> {
+        let iova = op.iova;
+        let ctx = |s: &Self| format!("IOAS {} at {iova} (GPA {:#x})", s.id, op.gpa);
         let shared = self.shared.clone();
         let id = self.id;
         let ram = self.current_ram();
@@ -207,11 +297,8 @@ impl HwDomain for IommufdDomain {
         }
     }
 
-    fn unmap(&mut self, iova: IovaRange) -> Result<()> {
-        if self.phantom.get(&iova.start()) == Some(&iova.end()) {
-            self.phantom.remove(&iova.start());
-            return Ok(());
-        }
+    /// One mapping out of the kernel.
+    fn unmap_in_kernel(&mut self, iova: IovaRange) -> Result<()> {
         let len = iova.len().ok_or_else(|| {
             BackendError::new(
                 "unmap",
@@ -258,6 +345,21 @@ impl IommufdDomain {
 
 impl Drop for IommufdDomain {
     fn drop(&mut self) {
+        if let Some(g) = self.guest {
+            let mut live = lock(&self.shared.live);
+            if live.get(&g) == Some(&self.id) {
+                live.remove(&g);
+            }
+        }
+        if self.shared.replaying.load(Ordering::Acquire)
+            || lock(&self.shared.vanished).remove(&self.id)
+        {
+            // A recorded DETACH replayed after a crash, or one the dead daemon was executing:
+            // the kernel destroyed it (and may have given its id to a newer IOAS since).
+            lock(&self.shared.domains).remove(&self.id);
+            self.shared.pinned.fetch_sub(self.pinned, Ordering::Relaxed);
+            return;
+        }
         {
             // The kernel refuses to destroy an IOAS a device is attached to: block those first.
             let mut topo = lock(&self.shared.topo);

@@ -88,8 +88,18 @@ impl IommufdBackend {
     /// by this backend (the caller keeps them open across `execve`). The guest domains' IOASes
     /// are described by the domain model (`DomainView::hw`).
     pub fn hand_over(&self) -> IommufdHandover {
+        self.with_hand_over(|h| h)
+    }
+
+    /// Runs `f` on [`hand_over`](Self::hand_over)'s description while no fd it names can be
+    /// closed (hot-unplug waits): `f` may duplicate them.
+    pub fn with_hand_over<T>(&self, f: impl FnOnce(IommufdHandover) -> T) -> T {
         let topo = lock(&self.shared.topo);
         let devices = lock(&self.shared.devices);
+        f(self.describe(&topo, &devices))
+    }
+
+    fn describe(&self, topo: &Topo, devices: &BTreeMap<EndpointId, Device>) -> IommufdHandover {
         let c = &self.constraints;
         IommufdHandover {
             iommufd: self.shared.iommufd.as_raw_fd(),
@@ -284,6 +294,7 @@ impl IommufdBackend {
     /// left alone after a failed one.
     pub(super) fn end_adoption(&self, rebuilt: bool) {
         self.shared.replaying.store(false, Ordering::Release);
+        self.shared.replay_new.store(false, Ordering::Release);
         let left: Vec<(DomainId, HwDomainState)> = lock(&self.shared.adopted).drain().collect();
         if !rebuilt {
             return;
@@ -293,7 +304,72 @@ impl IommufdBackend {
                 "IOAS {} of domain {} was handed over but not rebuilt: destroying it",
                 state.id, guest.0
             );
-            drop(IommufdDomain::adopt(&self.shared, state));
+            drop(IommufdDomain::adopt(&self.shared, guest, state));
         }
+    }
+}
+
+/// How far past the highest id it knows a restarted daemon looks for IOASes a dead one made:
+/// the kernel gives each new object the lowest free id, so a leaked IOAS sits below the number
+/// of live objects plus the requests that were in flight.
+const LEAK_WINDOW: u32 = 4096;
+
+impl IommufdBackend {
+    /// After a crash, once the kept state and the records are rebuilt: makes the kernel what
+    /// the rebuilt state says where a request the dead daemon was executing left it otherwise
+    /// (it is executed again, unanswered as it was). Every device is pointed where the state
+    /// has it (a no-op in the kernel where it already is), an IOAS the state has but the kernel
+    /// no longer has (an in-flight DETACH destroyed it) is marked gone, and every IOAS the
+    /// state does not know (an in-flight ATTACH made it) is destroyed. Returns what it fixed.
+    pub(super) fn reconcile(&self) -> Vec<String> {
+        let mut fixed = Vec::new();
+        let known: std::collections::BTreeSet<u32> =
+            lock(&self.shared.domains).keys().copied().collect();
+        let mut topo = lock(&self.shared.topo);
+        for &id in &known {
+            if let Err(e) = sys::ioas_iova_ranges(self.shared.fd(), id)
+                && e.errno == libc::ENOENT
+            {
+                lock(&self.shared.vanished).insert(id);
+                fixed.push(format!("IOAS {id} is gone (a DETACH was in flight)"));
+            }
+        }
+        let wanted: Vec<(EndpointId, Attachment)> =
+            topo.attachments.iter().map(|(e, a)| (*e, *a)).collect();
+        let vanished = lock(&self.shared.vanished).clone();
+        for (ep, mut to) in wanted {
+            if let Attachment::Domain(id) = to
+                && vanished.contains(&id)
+            {
+                to = Attachment::Blocked;
+            }
+            if let Err(e) = self.shared.point(&mut topo, ep, to) {
+                fixed.push(format!("{ep}: cannot point it where the state has it: {e}"));
+            }
+        }
+        drop(topo);
+        let top = known
+            .iter()
+            .copied()
+            .chain([self.shared.identity_id])
+            .chain(self.shared.staging_hwpt)
+            .chain(lock(&self.shared.devices).values().map(|d| d.dev_id))
+            .max()
+            .unwrap_or(0);
+        for id in 1..=top.saturating_add(LEAK_WINDOW) {
+            if id == self.shared.identity_id || known.contains(&id) {
+                continue;
+            }
+            if sys::ioas_iova_ranges(self.shared.fd(), id).is_ok() {
+                match sys::destroy(self.shared.fd(), id) {
+                    Ok(()) => fixed.push(format!("IOAS {id} destroyed (an ATTACH was in flight)")),
+                    Err(e) => fixed.push(format!(
+                        "IOAS {id} (unknown to the state): IOMMU_DESTROY: {}",
+                        std::io::Error::from_raw_os_error(e.errno)
+                    )),
+                }
+            }
+        }
+        fixed
     }
 }

@@ -89,9 +89,17 @@ pub(super) struct Shared {
     /// Paging IOASes a previous daemon handed over, by the guest domain each serves, until the
     /// domain model claims them (`create_domain_for`).
     pub(super) adopted: Mutex<HashMap<DomainId, HwDomainState>>,
-    /// While the handed-over device state is replayed: MAPs into adopted IOASes and ATTACHes
-    /// to where an endpoint already is are already done in the kernel.
+    /// While a handed-over device state (an upgrade's, a crash's checkpoint and records) is
+    /// replayed into the domain model: everything replayed is done in the kernel already, so
+    /// MAP, UNMAP, ATTACH and a domain's destruction only update the bookkeeping.
     pub(super) replaying: AtomicBool,
+    /// While a crash's records are replayed: their MAPs are not in the handed-over accounting.
+    pub(super) replay_new: AtomicBool,
+    /// The IOAS of each live guest domain (for the crash journal's records).
+    pub(super) live: Mutex<HashMap<DomainId, u32>>,
+    /// IOASes the rebuilt state has that the kernel no longer has (after a crash: see
+    /// `IommufdBackend::reconcile`): not destroyed again.
+    pub(super) vanished: Mutex<HashSet<u32>>,
     pub(super) maps_file: AtomicU64,
     pub(super) maps_va: AtomicU64,
     pub(super) maps_copy: AtomicU64,
@@ -177,6 +185,9 @@ impl Shared {
             pinned: AtomicU64::new(0),
             adopted: Mutex::new(HashMap::new()),
             replaying: AtomicBool::new(false),
+            replay_new: AtomicBool::new(false),
+            live: Mutex::new(HashMap::new()),
+            vanished: Mutex::new(HashSet::new()),
             maps_file: AtomicU64::new(0),
             maps_va: AtomicU64::new(0),
             maps_copy: AtomicU64::new(0),
@@ -316,8 +327,9 @@ impl Shared {
             topo.attachments.insert(endpoint, to);
             return Ok(());
         }
-        if self.replaying.load(Ordering::Acquire) && topo.attachments.get(&endpoint) == Some(&to) {
-            // Handed over attached there: the kernel already points it where it should.
+        if self.replaying.load(Ordering::Acquire) {
+            // Replayed: the kernel already points it where the replay says.
+            topo.attachments.insert(endpoint, to);
             return Ok(());
         }
         let file = dev.file(endpoint)?;

@@ -450,6 +450,7 @@ fn run_resumed(
             stop: &vfio_stop,
             boot: boot.as_ref(),
             trace: &trace,
+            keeper: keeper.as_ref(),
         },
         handed_servers,
         &mut gates,
@@ -468,7 +469,7 @@ fn run_resumed(
     };
     if let Some(b) = &backend.iommufd {
         // Host unbind of a device → detach, close, serve the rest; rebind → serve it again.
-        vhost_user_iommu::hotplug::watch(b, current.clone(), fronts.slots.clone())
+        vhost_user_iommu::hotplug::watch(b, current.clone(), fronts.slots.clone(), keeper.clone())
             .map_err(|e| format!("cannot start the hot-plug watcher: {e}"))?;
     }
     // Every socket listens: systemd (Type=notify) may start the VM now.

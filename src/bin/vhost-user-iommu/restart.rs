@@ -12,9 +12,9 @@ use vhost_user_iommu::recovery::{self, Keeper};
 use vhost_user_iommu::upgrade::UpgradeState;
 
 /// The keeper of this daemon's state for a restart after a crash: the one taken back after a
-/// crash, the one an upgrade handed over, or a new one when the service manager keeps fds and
-/// the backend's state lives in this process alone (the soft backend; the iommufd backend's
-/// kernel objects are not kept yet, issue 16). None without a service manager's store.
+/// crash, the one an upgrade handed over, or a new one when the service manager keeps fds.
+/// With the iommufd backend it keeps the kernel objects too. None without a service manager's
+/// store.
 pub(crate) fn keep_for_restart(
     taken_back: Option<Keeper>,
     resumed: &mut Option<UpgradeState>,
@@ -29,7 +29,7 @@ pub(crate) fn keep_for_restart(
         // SAFETY: the previous binary handed the journal over to this process alone.
         (None, Some(h), Some(s)) => unsafe { Keeper::adopt(s, h) }
             .map_err(|e| format!("cannot go on with the crash journal: {e}"))?,
-        (None, None, Some(s)) if backend.iommufd.is_none() => {
+        (None, None, Some(s)) => {
             let journal = vhost_user_iommu::journal::Journal::create()
                 .map_err(|e| format!("cannot create the crash journal: {e}"))?;
             let k = Keeper::start(s, journal)
@@ -42,15 +42,16 @@ pub(crate) fn keep_for_restart(
                 .map_err(|e| e.to_string())?;
             k
         }
-        (None, None, Some(_)) => {
-            info!(
-                "crash restart: not with the iommufd backend yet (a crash costs the VM its \
-                 IOMMU; upgrades in place keep it)"
-            );
-            return Ok(None);
-        }
         (None, _, None) => return Ok(None),
     };
+    if let Some(r) = resumed.as_ref() {
+        // An upgrade's servers, under the numbers this process has them.
+        keeper.seed_vfio_user(&r.vfio_user);
+    }
+    if let Some(b) = &backend.iommufd {
+        keeper.keep_iommufd(b.clone())?;
+        info!("crash restart: the iommufd backend's kernel objects are kept in the fd store");
+    }
     Ok(Some(Arc::new(keeper)))
 }
 

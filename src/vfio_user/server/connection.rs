@@ -36,6 +36,11 @@ pub(super) struct Connection<'a> {
     irqs_set: u32,
     /// The daemon's request trace: one line per message while it is on.
     pub(super) trace: Option<&'a crate::trace::Tracer>,
+    /// Told what a restarted daemon needs after each message that changed it (see `recovery`).
+    pub(super) on_keep: Option<&'a dyn Fn(&ConnectionState)>,
+    /// The state last told to `on_keep`, and whether the DMA maps changed since.
+    kept: Option<ConnectionState>,
+    maps_dirty: bool,
 }
 
 impl<'a> Connection<'a> {
@@ -54,6 +59,9 @@ impl<'a> Connection<'a> {
             on_maps: None,
             irqs_set: 0,
             trace: None,
+            on_keep: None,
+            kept: None,
+            maps_dirty: false,
         }
     }
 
@@ -73,9 +81,21 @@ impl<'a> Connection<'a> {
         }
     }
 
-    fn maps_changed(&self) {
+    fn maps_changed(&mut self) {
+        self.maps_dirty = true;
         if let Some(f) = &self.on_maps {
             f();
+        }
+    }
+
+    /// Tells `on_keep` the connection as it is now, if it changed since it was last told.
+    fn keep(&mut self) {
+        let Some(f) = self.on_keep else { return };
+        let now = self.state();
+        if self.maps_dirty || self.kept.as_ref() != Some(&now) {
+            f(&now);
+            self.kept = Some(now);
+            self.maps_dirty = false;
         }
     }
 
@@ -165,6 +185,8 @@ impl<'a> Connection<'a> {
             let errno = result.as_ref().err().map(|e| e.errno);
             t.vfio_user(self.name, msg, errno, started.elapsed().as_nanos() as u64);
         }
+        // What the command changed is kept before the client hears of it.
+        self.keep();
         // The reply's fd (if any) borrows the device; send before anything else happens.
         match result {
             Ok(r) => {

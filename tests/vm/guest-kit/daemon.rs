@@ -66,7 +66,7 @@ impl Daemon {
         let devices = Arc::new(AtomicUsize::new(0));
         let current: CurrentDevice = Arc::default();
         if hotplug {
-            vhost_user_iommu::hotplug::watch(&backend, current.clone(), Default::default())
+            vhost_user_iommu::hotplug::watch(&backend, current.clone(), Default::default(), None)
                 .map_err(|e| format!("hot-plug watcher: {e}"))?;
         }
         let (s, n, b) = (stopper.clone(), devices.clone(), backend.clone());
