@@ -710,6 +710,99 @@ mod tests {
     }
 
     #[test]
+    fn the_side_state_comes_back_with_the_same_objects_and_drops_what_it_no_longer_names() {
+        use crate::testing::service_manager::ServiceManager;
+        use crate::upgrade::{DmaMap, VfioUserConnection};
+        use std::os::fd::AsFd;
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let dir = tempfile_dir();
+        let systemd = ServiceManager::start(&dir.join("notify")).unwrap();
+        let store = || FdStore::connect(systemd.notify_socket().as_os_str()).unwrap();
+        let keeper = Keeper::start(store(), Journal::create().unwrap()).unwrap();
+        let vhost = UnixListener::bind(dir.join("vm.sock")).unwrap();
+        keeper.store(LISTENER, vhost.as_fd()).unwrap();
+        keeper.checkpoint(&Checkpoint::idle()).unwrap();
+        let listener = UnixListener::bind(dir.join("ep1.sock")).unwrap();
+        let (client, _peer) = UnixStream::pair().unwrap();
+        let ram = crate::journal::memfd(c"ram").unwrap();
+        let server = |maps: Vec<DmaMap>| VfioUserServer {
+            endpoint: 1,
+            listener_fd: listener.as_raw_fd(),
+            connection: Some(VfioUserConnection {
+                socket_fd: client.as_raw_fd(),
+                state: Default::default(),
+                maps,
+            }),
+        };
+        let map = DmaMap {
+            address: 0x1000,
+            size: 0x2000,
+            flags: 3,
+            offset: 0,
+            file_id: None,
+            fd: Some(ram.as_raw_fd()),
+        };
+        keeper.keep_vfio_user(1, Some(server(vec![map.clone()])));
+        keeper.keep_vfio_user(1, Some(server(vec![map])));
+        systemd.sync().unwrap();
+        let names = systemd.names();
+        assert_eq!(
+            names.len(),
+            5,
+            "journal, both listeners, client, map once each: {names:?}"
+        );
+        // The client leaves: its socket and its map's fd leave the store, the listener stays.
+        keeper.keep_vfio_user(1, Some(server(Vec::new())));
+        keeper.keep_vfio_user(
+            1,
+            Some(VfioUserServer {
+                connection: None,
+                ..server(Vec::new())
+            }),
+        );
+        keeper.keep_vfio_user(1, Some(server(vec![])));
+        systemd.sync().unwrap();
+        let names = systemd.names();
+        assert_eq!(
+            names.len(),
+            4,
+            "journal, both listeners, the new client: {names:?}"
+        );
+        drop(keeper);
+        let kept = take_back(store(), systemd.passed().unwrap())
+            .unwrap()
+            .unwrap();
+        let u = &kept.state.vfio_user;
+        assert_eq!(u.len(), 1);
+        assert_eq!(inode(u[0].listener_fd), inode(listener.as_raw_fd()));
+        let c = u[0].connection.as_ref().unwrap();
+        assert_eq!(inode(c.socket_fd), inode(client.as_raw_fd()));
+        assert_ne!(
+            c.socket_fd,
+            client.as_raw_fd(),
+            "a duplicate the store passed back"
+        );
+        // SAFETY: the fds take_back handed over, closed once here.
+        unsafe {
+            drop(OwnedFd::from_raw_fd(u[0].listener_fd));
+            drop(OwnedFd::from_raw_fd(c.socket_fd));
+            drop(OwnedFd::from_raw_fd(kept.state.listener_fd));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "vuiommu-recovery-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
     fn fresh_names_continue_after_the_kept_ones() {
         assert_eq!(
             next_name_after(["journal", "c3", "c12", "vmm", "cx"].into_iter()),

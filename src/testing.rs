@@ -6,6 +6,8 @@
 //! It assumes the set-up those tests use: endpoints [`ENDPOINTS`], guest RAM `[0, RAM)`, a 4 KiB
 //! granule, the full 64-bit input range and domain range, and the x86 MSI window reserved.
 
+pub mod service_manager;
+
 use std::collections::BTreeMap;
 
 use crate::backend::soft::Fault;

@@ -9,84 +9,43 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::TempDir;
 use vhost_user_iommu::driver::{TestVm, VmOptions};
 use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::protocol::{Request, Status};
+use vhost_user_iommu::testing::service_manager::ServiceManager;
 use vhost_user_iommu::testing::{ENDPOINTS, MappingsByDomain, Model, RAM, Rng, random_request};
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
 
-type Store = Arc<Mutex<Vec<(String, OwnedFd)>>>;
-
-/// systemd's side of sd_notify and of the file descriptor store, as much as the daemon uses:
-/// `FDSTORE=1` with `FDNAME=` keeps the fds passed along, `FDSTOREREMOVE=1` closes them.
+/// The unit: systemd's notify socket and fd store (`testing::service_manager`), and the
+/// daemon of the moment, SIGKILLed when the test ends however it ends.
 struct Manager {
-    path: PathBuf,
+    systemd: ServiceManager,
     /// The daemon's own arguments (`--threads N`).
     args: Vec<String>,
-    store: Store,
-    /// The unit's daemon of the moment, SIGKILLed when the test ends however it ends.
     daemon: std::sync::atomic::AtomicI32,
-    synced: Mutex<Receiver<()>>,
 }
 
 impl Manager {
     fn start(dir: &Path, args: &[&str]) -> Manager {
-        let path = dir.join("notify");
-        let sock = UnixDatagram::bind(&path).expect("notify socket");
-        let store: Store = Arc::default();
-        let (tx, synced) = channel();
-        let s = store.clone();
-        std::thread::spawn(move || serve(sock, s, tx));
         Manager {
-            path,
+            systemd: ServiceManager::start(&dir.join("notify")).expect("notify socket"),
             args: args.iter().map(|a| a.to_string()).collect(),
-            store,
             daemon: std::sync::atomic::AtomicI32::new(0),
-            synced: Mutex::new(synced),
         }
     }
 
-    /// Returns once every datagram sent before has been taken into account.
-    fn sync(&self) {
-        let s = UnixDatagram::unbound().unwrap();
-        s.send_to(b"SYNC=1", &self.path).unwrap();
-        self.synced
-            .lock()
-            .unwrap()
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the manager thread answers");
-    }
-
-    /// Duplicates of what the store holds, as a restarted unit gets them.
-    fn passed(&self) -> Vec<(String, OwnedFd)> {
-        self.store
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(n, fd)| (n.clone(), fd.try_clone().unwrap()))
-            .collect()
-    }
-
     fn names(&self) -> Vec<String> {
-        self.store
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(n, _)| n.clone())
-            .collect()
+        self.systemd.names()
     }
 }
 
@@ -101,106 +60,39 @@ impl Drop for Manager {
     }
 }
 
-fn serve(sock: UnixDatagram, store: Store, synced: Sender<()>) {
-    loop {
-        let mut buf = [0u8; 4096];
-        let mut fds = [0 as RawFd; 32];
-        let mut iov = [libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }];
-        // SAFETY: the iovec points at `buf`, which outlives the call.
-        let Ok((n, nfds)) = (unsafe { sock.recv_with_fds(&mut iov, &mut fds) }) else {
-            return;
-        };
-        let fds: Vec<OwnedFd> = fds[..nfds]
-            .iter()
-            // SAFETY: the fds were just received and are owned here.
-            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
-            .collect();
-        let text = String::from_utf8_lossy(&buf[..n]).to_string();
-        let lines: Vec<&str> = text.lines().collect();
-        let name = lines
-            .iter()
-            .find_map(|l| l.strip_prefix("FDNAME="))
-            .unwrap_or("stored")
-            .to_string();
-        if lines.contains(&"SYNC=1") {
-            let _ = synced.send(());
-        } else if lines.contains(&"FDSTORE=1") {
-            let mut s = store.lock().unwrap();
-            for fd in fds {
-                s.push((name.clone(), fd));
-            }
-        } else if lines.contains(&"FDSTOREREMOVE=1") {
-            store.lock().unwrap().retain(|(n, _)| *n != name);
-        }
-    }
-}
-
 /// The daemon as a unit of `manager` runs it: started with `passed` (none at the first start).
 fn start_daemon(dir: &Path, manager: &Manager, passed: Vec<(String, OwnedFd)>) -> Child {
-    // Out of the way of 3.., where they go in the child.
-    let high: Vec<OwnedFd> = passed
-        .iter()
-        .map(|(_, fd)| {
-            // SAFETY: F_DUPFD_CLOEXEC of an fd we own; the result is checked and owned.
-            let d = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
-            assert!(d >= 0, "dup");
-            // SAFETY: just created, owned here.
-            unsafe { OwnedFd::from_raw_fd(d) }
-        })
-        .collect();
-    let raw: Vec<RawFd> = high.iter().map(|f| f.as_raw_fd()).collect();
-    let names: Vec<String> = passed.iter().map(|(n, _)| n.clone()).collect();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("daemon.log"))
         .unwrap();
-    let mut cmd = Command::new("/bin/sh");
-    // LISTEN_PID is the daemon's own pid, which the shell keeps through exec.
-    cmd.arg("-c")
-        .arg("export LISTEN_PID=$$; exec \"$0\" \"$@\"")
-        .arg(BIN)
-        .arg("--socket-path")
-        .arg(dir.join("vm.sock"))
-        .arg("--control-socket")
-        .arg(dir.join("vm.ctl"))
-        .args(
-            ENDPOINTS
-                .iter()
-                .flat_map(|e| ["--endpoint".to_string(), e.to_string()]),
-        )
-        .args(&manager.args)
-        .env("NOTIFY_SOCKET", &manager.path)
-        .env(
-            "RUST_LOG",
-            std::env::var("RESTART_LOG").unwrap_or("info".into()),
-        )
-        .stderr(log);
-    if !passed.is_empty() {
-        cmd.env("LISTEN_FDS", passed.len().to_string())
-            .env("LISTEN_FDNAMES", names.join(":"));
-    } else {
-        cmd.env_remove("LISTEN_FDS").env_remove("LISTEN_FDNAMES");
+    let (sock, ctl) = (dir.join("vm.sock"), dir.join("vm.ctl"));
+    let mut cmd: Vec<&OsStr> = vec![
+        BIN.as_ref(),
+        "--socket-path".as_ref(),
+        sock.as_os_str(),
+        "--control-socket".as_ref(),
+        ctl.as_os_str(),
+    ];
+    let eps: Vec<String> = ENDPOINTS.iter().map(|e| e.to_string()).collect();
+    for e in &eps {
+        cmd.extend([OsStr::new("--endpoint"), OsStr::new(e)]);
     }
-    // SAFETY: dup2 is async-signal-safe; the closure touches nothing else.
-    unsafe {
-        cmd.pre_exec(move || {
-            for (i, &fd) in raw.iter().enumerate() {
-                if libc::dup2(fd, 3 + i as RawFd) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().expect("spawn the daemon");
+    cmd.extend(manager.args.iter().map(OsStr::new));
+    let child = manager
+        .systemd
+        .spawn(&cmd, passed, |c| {
+            c.env(
+                "RUST_LOG",
+                std::env::var("RESTART_LOG").unwrap_or("info".into()),
+            )
+            .stderr(log);
+        })
+        .expect("spawn the daemon");
     manager
         .daemon
         .store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
-    drop(high);
     child
 }
 
@@ -209,8 +101,8 @@ fn crash_and_restart(dir: &Path, manager: &Manager, mut child: Child) -> Child {
     // SAFETY: signalling our own child, not yet reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     child.wait().unwrap();
-    manager.sync();
-    start_daemon(dir, manager, manager.passed())
+    manager.systemd.sync().unwrap();
+    start_daemon(dir, manager, manager.systemd.passed().unwrap())
 }
 
 /// The daemon's `state` dump as the model's view.

@@ -20,7 +20,7 @@ use std::io::BufRead;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use vhost_user_iommu::driver::{TestVm, VmOptions};
 use vhost_user_iommu::ids::{DomainId, EndpointId};
 use vhost_user_iommu::protocol::{MAP_F_READ, MAP_F_WRITE, Request, Status};
+use vhost_user_iommu::testing::service_manager::ServiceManager;
 use vmm_sys_util::eventfd::EventFd;
 
 use client::{
@@ -198,9 +199,12 @@ fn edus() -> Result<Vec<Edu>> {
 struct Daemon {
     child: Option<Child>,
     vhost_sock: PathBuf,
-    /// The daemon's log lines (its stderr, also copied to ours).
+    /// The daemon's log lines (its stderr, also copied to ours), across restarts.
     log: Arc<Mutex<Vec<String>>>,
     log_thread: Option<thread::JoinHandle<()>>,
+    /// Runs the daemon as systemd runs a unit: its fd store survives a crash.
+    systemd: ServiceManager,
+    command: Vec<std::ffi::OsString>,
 }
 
 impl Daemon {
@@ -231,33 +235,18 @@ impl Daemon {
         }
         let cfg_path = Path::new(DIR).join("vm.toml");
         fs::write(&cfg_path, &cfg).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
-        let child = Command::new(&bin)
-            .arg("--config")
-            .arg(&cfg_path)
-            .arg("-v")
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("start {}: {e}", bin.display()))?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let mut child = child;
-        let log_thread = child.stderr.take().map(|err| {
-            let log = log.clone();
-            thread::spawn(move || {
-                for line in std::io::BufReader::new(err).lines().map_while(|l| l.ok()) {
-                    // One write per line, so it does not interleave with our own output.
-                    let out = format!("daemon: {line}\n");
-                    let _ =
-                        std::io::Write::write_all(&mut std::io::stderr().lock(), out.as_bytes());
-                    log.lock().unwrap().push(line);
-                }
-            })
-        });
+        let notify = Path::new(DIR).join("notify");
+        let _ = fs::remove_file(&notify);
+        let systemd = ServiceManager::start(&notify).map_err(|e| format!("notify socket: {e}"))?;
         let mut d = Daemon {
-            child: Some(child),
+            child: None,
             vhost_sock,
-            log,
-            log_thread,
+            log: Arc::new(Mutex::new(Vec::new())),
+            log_thread: None,
+            systemd,
+            command: vec![bin.into(), "--config".into(), cfg_path.into(), "-v".into()],
         };
+        d.spawn(Vec::new())?;
         let t = Instant::now();
         let socks: Vec<&Path> = std::iter::once(d.vhost_sock.as_path())
             .chain(edus.iter().map(|e| e.sock.as_path()))
@@ -275,11 +264,60 @@ impl Daemon {
         Ok(d)
     }
 
-    /// Waits up to `t` for a log line containing `what`.
-    fn wait_log(&self, what: &str, t: Duration) -> Option<String> {
+    /// Starts the daemon as a unit of `systemd`, with `passed` from its fd store.
+    fn spawn(&mut self, passed: Vec<(String, OwnedFd)>) -> Result<()> {
+        let cmd: Vec<&std::ffi::OsStr> = self.command.iter().map(|a| a.as_os_str()).collect();
+        let mut child = self
+            .systemd
+            .spawn(&cmd, passed, |c| {
+                c.stderr(Stdio::piped());
+            })
+            .map_err(|e| format!("start {:?}: {e}", self.command[0]))?;
+        let log = self.log.clone();
+        self.log_thread = child.stderr.take().map(|err| {
+            thread::spawn(move || {
+                for line in std::io::BufReader::new(err).lines().map_while(|l| l.ok()) {
+                    // One write per line, so it does not interleave with our own output.
+                    let out = format!("daemon: {line}\n");
+                    let _ =
+                        std::io::Write::write_all(&mut std::io::stderr().lock(), out.as_bytes());
+                    log.lock().unwrap().push(line);
+                }
+            })
+        });
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, then started again as systemd restarts a unit (with its fd store); returns the
+    /// new daemon's first log line's index.
+    fn crash_and_restart(&mut self) -> Result<usize> {
+        let mut c = self.child.take().ok_or("no daemon")?;
+        // SAFETY: kill(2) on our own child's pid, not yet reaped.
+        unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+        c.wait().map_err(s)?;
+        if let Some(t) = self.log_thread.take() {
+            let _ = t.join();
+        }
+        self.systemd.sync().map_err(s)?;
+        let mark = self.log.lock().unwrap().len();
+        let passed = self.systemd.passed().map_err(s)?;
+        self.spawn(passed)?;
+        Ok(mark)
+    }
+
+    /// Waits up to `t` for a log line containing `what`, from line `from` on.
+    fn wait_log_from(&self, from: usize, what: &str, t: Duration) -> Option<String> {
         let end = Instant::now() + t;
         loop {
-            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(what)) {
+            if let Some(l) = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(from)
+                .find(|l| l.contains(what))
+            {
                 return Some(l.clone());
             }
             if Instant::now() > end {
@@ -287,6 +325,11 @@ impl Daemon {
             }
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Waits up to `t` for a log line containing `what`.
+    fn wait_log(&self, what: &str, t: Duration) -> Option<String> {
+        self.wait_log_from(0, what, t)
     }
 
     /// SIGTERM, then the exit status.
@@ -653,7 +696,7 @@ fn msi_checks(rep: &mut Report, edu: &Edu, c: &mut Client, bar: &Bar) -> Option<
     Some(e)
 }
 
-/// A BAR for a DMA thread of [`upgrade_check`].
+/// A BAR for a DMA thread of [`restart_check`].
 struct SharedBar<'a>(&'a Bar);
 
 // SAFETY: while the DMA threads run, each alone touches the BAR it was given (the main thread
@@ -745,23 +788,44 @@ fn store_loop(
     Ok(n)
 }
 
-/// A planned upgrade (SIGUSR2) with the iommufd backend while both edus keep doing DMA: the
-/// same process (PID) goes on as the new binary, every translation and attachment the guest
-/// set up holds throughout and after it, and the vhost-user and vfio-user connections go on
-/// where they stopped.
+/// How the daemon goes away and comes back in [`restart_check`].
+#[derive(Clone, Copy, PartialEq)]
+enum Restart {
+    /// A planned upgrade (SIGUSR2): the same process (PID) goes on as the new binary.
+    Upgrade,
+    /// SIGKILL, then started again as systemd restarts a unit, with its fd store.
+    Crash,
+}
+
+/// The daemon goes away and comes back (`how`) with the iommufd backend while both edus keep
+/// doing DMA: every translation and attachment the guest set up holds throughout and after it,
+/// and the vhost-user and vfio-user connections go on where they stopped.
 #[allow(clippy::too_many_arguments)]
-fn upgrade_check(
+fn restart_check(
     rep: &mut Report,
     cx: &mut Ctx,
-    daemon: &Daemon,
+    daemon: &mut Daemon,
+    how: Restart,
     c1: &mut Client,
     bar1: &Bar,
     e1: &EventFd,
     bar2: &Bar,
     ram_fd: &OwnedFd,
 ) {
+    let (title, event, rebuilt_line) = match how {
+        Restart::Upgrade => (
+            "upgrade in place (SIGUSR2, iommufd backend): both edus' DMA lands at every try before, during and after it, the same PID serves on, the guest's domains, mappings and attachments hold, both connections go on",
+            "SIGUSR2",
+            "device state rebuilt",
+        ),
+        Restart::Crash => (
+            "crash restart (SIGKILL, restarted with the fd store, iommufd backend): both edus' DMA lands at every try before, during and after it, the guest's domains, mappings and attachments hold, both connections go on",
+            "SIGKILL",
+            "recorded change(s) replayed",
+        ),
+    };
     rep.check(
-        "upgrade in place (SIGUSR2, iommufd backend): both edus' DMA lands at every try before, during and after it, the same PID serves on, the guest's domains, mappings and attachments hold, both connections go on",
+        title,
         (|| {
             let pid = daemon.child.as_ref().ok_or("no daemon")?.id();
             let ram = std::fs::File::from(ram_fd.try_clone().map_err(s)?);
@@ -785,19 +849,26 @@ fn upgrade_check(
                     thread::sleep(Duration::from_millis(1));
                 }
                 let signalled = ops.t0.elapsed().as_secs_f64() * 1e3;
-                // SAFETY: kill(2) on our own child's pid.
-                let killed = unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
-                let mut rebuilt = Err(format!("kill: {}", std::io::Error::last_os_error()));
-                if killed == 0 {
-                    rebuilt = Err("no \"device state rebuilt\" within 60 s of SIGUSR2".to_string());
+                let from = match how {
+                    Restart::Upgrade => {
+                        let from = daemon.log.lock().unwrap().len();
+                        // SAFETY: kill(2) on our own child's pid.
+                        match unsafe { libc::kill(pid as i32, libc::SIGUSR2) } {
+                            0 => Ok(from),
+                            _ => Err(format!("kill: {}", std::io::Error::last_os_error())),
+                        }
+                    }
+                    Restart::Crash => daemon.crash_and_restart(),
+                };
+                let rebuilt = from.and_then(|from| {
                     while running() && ops.t0.elapsed() < Duration::from_secs(60) {
-                        if let Some(l) = daemon.wait_log("device state rebuilt", Duration::ZERO) {
-                            rebuilt = Ok(l);
-                            break;
+                        if let Some(l) = daemon.wait_log_from(from, rebuilt_line, Duration::ZERO) {
+                            return Ok(l);
                         }
                         thread::sleep(Duration::from_millis(1));
                     }
-                }
+                    Err(format!("no \"{rebuilt_line}\" within 60 s of {event}"))
+                });
                 let seen = ops.t0.elapsed().as_secs_f64() * 1e3;
                 // And a few after.
                 while ops.after(seen) < 4 && running() && ops.t0.elapsed().as_secs_f64() * 1e3 < seen + 10_000.0 {
@@ -816,23 +887,38 @@ fn upgrade_check(
             let times: Vec<String> = ops.done.lock().unwrap().iter().map(|x| format!("{x:.0}")).collect();
             if during == 0 || after == 0 {
                 return Err(format!(
-                    "edu DMAs completed: {during} between SIGUSR2 at {signalled:.0} ms and the new binary's {rebuilt:?} at {seen:.0} ms, {after} after (at ms: {})",
+                    "edu DMAs completed: {during} between {event} at {signalled:.0} ms and the new daemon's {rebuilt:?} at {seen:.0} ms, {after} after (at ms: {})",
                     times.join(" ")
                 ));
             }
-            let took_over = daemon
-                .wait_log("iommufd: took over", TIMEOUT)
-                .ok_or("the new binary did not log taking over the iommufd backend")?;
-            let accounting = daemon
-                .wait_log("pinned-page accounting moved", Duration::ZERO)
-                .or_else(|| daemon.wait_log("IOMMU_IOAS_CHANGE_PROCESS", Duration::ZERO))
-                .unwrap_or_default();
-            if daemon.child.as_ref().map(|c| c.id()) != Some(pid) {
-                return Err("the daemon's PID changed".into());
-            }
+            let now = daemon.child.as_ref().ok_or("no daemon")?.id();
+            let took_over = match how {
+                Restart::Upgrade => {
+                    let took_over = daemon
+                        .wait_log("iommufd: took over", TIMEOUT)
+                        .ok_or("the new binary did not log taking over the iommufd backend")?;
+                    let accounting = daemon
+                        .wait_log("pinned-page accounting moved", Duration::ZERO)
+                        .or_else(|| daemon.wait_log("IOMMU_IOAS_CHANGE_PROCESS", Duration::ZERO))
+                        .unwrap_or_default();
+                    if now != pid {
+                        return Err("the daemon's PID changed".into());
+                    }
+                    format!("{took_over}; {accounting}")
+                }
+                Restart::Crash => {
+                    if now == pid {
+                        return Err("the same PID after SIGKILL: no restart happened".into());
+                    }
+                    let taken = daemon
+                        .wait_log("crash journal:", TIMEOUT)
+                        .ok_or("the restarted daemon did not log taking back its journal")?;
+                    format!("pid {pid} killed, pid {now} took back: {taken}")
+                }
+            };
             // SAFETY: kill(pid, 0) only checks that our child exists.
-            if unsafe { libc::kill(pid as i32, 0) } != 0 {
-                return Err("the daemon is gone after the upgrade".into());
+            if unsafe { libc::kill(now as i32, 0) } != 0 {
+                return Err(format!("the daemon is gone after the {event}"));
             }
             // A new mapping in the taken-over IOAS of domain 1 works, and its UNMAP takes effect.
             map(&mut cx.vm, 1, IOVA_Z, GPA_C)?;
@@ -840,31 +926,31 @@ fn upgrade_check(
             cx.vm.ram().write(GPA_A, &pattern(0x5a)).map_err(s)?;
             load(bar1, IOVA_X)?;
             store(bar1, IOVA_Z)?;
-            ram_expect(&cx.vm, GPA_C, &pattern(0x5a), "endpoint 1: DMA to a MAP made after the upgrade")?;
+            ram_expect(&cx.vm, GPA_C, &pattern(0x5a), "endpoint 1: DMA to a MAP made after the restart")?;
             vm_req(
                 &mut cx.vm,
                 Request::unmap(1, IOVA_Z, IOVA_Z + PAGE - 1),
-                "UNMAP of IOVA Z after the upgrade",
+                "UNMAP of IOVA Z after the restart",
             )?;
             ram_fill(&cx.vm, GPA_C, SENTINEL)?;
             store(bar1, IOVA_Z)?;
             ram_expect(&cx.vm, GPA_C, &[SENTINEL; PAGE as usize], "endpoint 1: DMA to IOVA Z after its UNMAP")?;
             // The vfio-user connection goes on without a new VERSION; its IRQ and DMA maps hold.
-            c1.info().map_err(|e| format!("endpoint 1: GET_INFO on the handed-over connection: {e}"))?;
+            c1.info().map_err(|e| format!("endpoint 1: GET_INFO on the kept connection: {e}"))?;
             drain(e1);
             bar1.write_u32(EDU_IRQ_RAISE, 0x1);
             let n = wait_event(e1, TIMEOUT)?;
             bar1.edu_ack_irqs();
             if n == 0 {
-                return Err("endpoint 1: the MSI eventfd set before the upgrade no longer fires".into());
+                return Err(format!("endpoint 1: the MSI eventfd set before the {event} no longer fires"));
             }
             match c1.dma_map(DMA_READ | DMA_WRITE, 0, 0, RAM_SIZE, Some(ram_fd.as_raw_fd())) {
                 Err(CallError::Errno(_)) => {}
-                Ok(()) => return Err("endpoint 1: the DMA map made before the upgrade is forgotten (the same map succeeded again)".into()),
+                Ok(()) => return Err(format!("endpoint 1: the DMA map made before the {event} is forgotten (the same map succeeded again)")),
                 Err(e) => return Err(e.to_string()),
             }
             Ok(format!(
-                "{copies} copies by endpoint 2 and {stores} writes by endpoint 1 landed, all checked; {during} edu DMAs completed in the {:.0} ms between SIGUSR2 and the new binary's \"device state rebuilt\", {after} after; {took_over}; {accounting}; a MAP and UNMAP in the taken-over IOAS of domain 1 take effect; endpoint 1's vfio-user connection, MSI eventfd and DMA maps go on",
+                "{copies} copies by endpoint 2 and {stores} writes by endpoint 1 landed, all checked; {during} edu DMAs completed in the {:.0} ms between {event} and the new daemon's \"{rebuilt_line}\", {after} after; {took_over}; a MAP and UNMAP in the taken-over IOAS of domain 1 take effect; endpoint 1's vfio-user connection, MSI eventfd and DMA maps go on",
                 seen - signalled
             ))
         })(),
@@ -944,7 +1030,19 @@ fn run(rep: &mut Report) -> Result<()> {
     );
 
     if let (Some(e1), Some((_, bar2))) = (e1.as_ref(), second.as_ref()) {
-        upgrade_check(rep, &mut cx, &daemon, &mut c1, &bar1, e1, bar2, &ram_fd);
+        for how in [Restart::Upgrade, Restart::Crash] {
+            restart_check(
+                rep,
+                &mut cx,
+                &mut daemon,
+                how,
+                &mut c1,
+                &bar1,
+                e1,
+                bar2,
+                &ram_fd,
+            );
+        }
     }
 
     let mut reset_works = false;
