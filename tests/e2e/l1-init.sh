@@ -68,13 +68,16 @@ else
     fail "vhost-user-iommu check" "$(tail -n 8 /run/e2e/check.log)"
 fi
 vhost-user-iommu viot --config $cfg -o $run/vm1-viot.bin || fail "viot" "vhost-user-iommu viot failed"
-# start_daemon LOG [ARGS...]: the daemon as the unit runs it, plus ARGS; sets $daemon and $dlog.
+# start_daemon LOG [ARGS...]: the daemon as the unit runs it, plus ARGS, under `unit` (systemd's
+# part: the notify socket and fd store, a restart after a crash; it passes SIGTERM and SIGUSR2
+# on); sets $daemon (the unit's pid) and $dlog. The daemon's own pid is in $run/daemon.pid.
 # Ready when it logs that it serves (every socket listens by then; files left by a previous
 # daemon do not count).
 start_daemon() {
     dlog=$1
     shift
-    vhost-user-iommu --config $cfg --control-socket $ctl -v "$@" >"$dlog" 2>&1 &
+    unit --notify $run/vm1.notify --pidfile $run/daemon.pid -- \
+        vhost-user-iommu --config $cfg --control-socket $ctl -v "$@" >"$dlog" 2>&1 &
     daemon=$!
     i=0
     until grep -aq 'serving virtio-iommu' "$dlog"; do
@@ -293,6 +296,31 @@ if wait_end 1; then
         pass "upgrade in place while L2 runs: same PID, $took; $rebuilt; 30 pings through L2's igb across it, none lost ($(grep -a 'packets' /run/e2e/ping-upgrade.log)); daemon state unchanged ($after)"
     else
         fail "upgrade in place while L2 runs" "rebuilt='$rebuilt' took='$took' ping rc $prc: $(grep -a 'packets' /run/e2e/ping-upgrade.log); state before '$before' after '$after'; $(grep -a 'upgrad' "$dlog" | tail -n 3)"
+    fi
+    # A crash (SIGKILL of the daemon) while L2 runs and its NIC answers pings: the unit starts it
+    # again with its fd store, the new daemon takes back the kernel objects, the vhost-user and
+    # vfio-user connections and its journal, and the guest loses nothing.
+    before=$(snapshot)
+    old=$(cat $run/daemon.pid)
+    ping -c 30 -i 0.1 -W 5 192.0.2.2 >/run/e2e/ping-crash.log 2>&1 &
+    pinger=$!
+    sleep 0.5
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    kill -KILL "$old"
+    i=0
+    until grep -aq 'recorded change(s) replayed' "$dlog" || [ $i -gt 300 ]; do i=$((i + 1)); sleep 0.1; done
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    wait $pinger
+    prc=$?
+    new=$(cat $run/daemon.pid)
+    replayed=$(grep -a 'recorded change(s) replayed' "$dlog" | head -n 1 | sed 's/.*\] //')
+    taken=$(grep -a 'crash journal:' "$dlog" | head -n 1 | sed 's/.*\] //')
+    after=$(snapshot)
+    if [ -n "$replayed" ] && [ "$new" != "$old" ] && kill -0 "$new" 2>/dev/null && [ "$prc" = 0 ] &&
+        grep -aq ' 0% packet loss' /run/e2e/ping-crash.log && [ "$before" = "$after" ]; then
+        pass "crash restart while L2 runs: pid $old SIGKILLed, pid $new took back its state ($taken; $replayed) $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", (b - a) * 1000 }') ms after the kill (polled every 100 ms); 30 pings through L2's igb across it, none lost ($(grep -a 'packets' /run/e2e/ping-crash.log)); daemon state unchanged ($after)"
+    else
+        fail "crash restart while L2 runs" "old pid $old new pid $new replayed='$replayed' taken='$taken' ping rc $prc: $(grep -a 'packets' /run/e2e/ping-crash.log); state before '$before' after '$after'; $(grep -a 'unit:\|crash\|ERROR' "$dlog" | tail -n 5)"
     fi
     echo "E2E-L1: peer $peer statistics: $(cd /sys/class/net/$peer/statistics && for f in rx_packets tx_packets rx_errors rx_dropped rx_crc_errors tx_errors; do printf '%s=%s ' $f "$(cat $f)"; done)"
     resets() { dmesg | grep -ac "vfio-pci $1: reset done"; }

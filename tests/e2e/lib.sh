@@ -46,9 +46,10 @@ phase_end setup
 log "building the daemon and l2-dma (static)"
 static_build release vhost-user-iommu || die "static cargo build of vhost-user-iommu failed"
 daemon=$(static_bin release vhost-user-iommu)
-static_build guest l2-dma || die "static cargo build of tests/e2e/l2-dma failed"
+static_build guest l2-dma unit || die "static cargo build of tests/e2e/l2-dma and tests/e2e/unit failed"
 l2_init=$(static_bin guest l2-dma)
-for b in "$daemon" "$l2_init"; do is_static "$b" || die "$b is not statically linked"; done
+unit=$(static_bin guest unit)
+for b in "$daemon" "$l2_init" "$unit"; do is_static "$b" || die "$b is not statically linked"; done
 phase_end programs
 
 pack() { # DIR OUT: a gzip'd newc cpio of DIR, reproducible (sorted, owned by root)
@@ -76,6 +77,7 @@ e2e_pack() {
     chmod 755 "$l1root/init"
     cp "$here/l1-lib.sh" "$l1root/e2e/l1-lib.sh"
     cp "$daemon" "$l1root/usr/bin/vhost-user-iommu"
+    cp "$unit" "$l1root/usr/bin/unit"
     cp "$here/vm1.toml" "$l1root/etc/vhost-user-iommu/vm1.toml"
     cp "$bzimage" "$l1root/e2e/bzImage"
     cp "$l2_initrd" "$l1root/e2e/l2-initrd.cpio.gz"
