@@ -468,7 +468,7 @@ impl DmaBackend for IommufdBackend {
         self.end_adoption(rebuilt);
     }
 
-    fn reconcile(&self) -> Vec<String> {
+    fn reconcile(&self) -> Vec<std::result::Result<String, String>> {
         IommufdBackend::reconcile(self)
     }
 

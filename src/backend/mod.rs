@@ -172,7 +172,7 @@ pub trait DmaBackend: Send + Sync {
     /// After a crash, once the state is rebuilt: makes the host what the state says where a
     /// request the dead daemon was executing left it otherwise; what it fixed. Nothing to do
     /// for a backend whose state died with the daemon.
-    fn reconcile(&self) -> Vec<String> {
+    fn reconcile(&self) -> Vec<std::result::Result<String, String>> {
         Vec::new()
     }
     /// Points an endpoint's DMA somewhere; replaces its previous attachment atomically.
@@ -208,7 +208,7 @@ impl<B: DmaBackend + ?Sized> DmaBackend for std::sync::Arc<B> {
     fn adoption_done(&self, rebuilt: bool) {
         (**self).adoption_done(rebuilt)
     }
-    fn reconcile(&self) -> Vec<String> {
+    fn reconcile(&self) -> Vec<std::result::Result<String, String>> {
         (**self).reconcile()
     }
     fn attach(&self, endpoint: EndpointId, to: Attachment) -> Result<()> {

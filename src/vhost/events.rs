@@ -416,8 +416,12 @@ impl IommuDevice {
         }
         backend.adoption_done(res.is_ok());
         if res.is_ok() {
+            // Expected after a crash: what a request in flight at the kill left half done.
             for f in backend.reconcile() {
-                warn!("crash restart: {f}");
+                match f {
+                    Ok(fixed) => info!("crash restart: {fixed}"),
+                    Err(e) => log::error!("crash restart: {e}"),
+                }
             }
         }
         res

@@ -188,11 +188,11 @@ impl HwDomain for IommufdDomain {
                 // executing this request made (it is executed again, unanswered as it was).
                 // The state is the truth: that mapping goes, this one is made.
                 let gone = self.shared.ioas_unmap(self.id, iova.start(), len);
-                warn!(
+                self.shared.fixed(format_args!(
                     "IOAS {} at {iova}: a mapping unknown to the state was there (left by a \
                      crash?): replaced ({gone:?})",
                     self.id
-                );
+                ));
                 if gone.is_err() {
                     return Err(e);
                 }
@@ -216,11 +216,11 @@ impl HwDomain for IommufdDomain {
             Err(e) if e.errno == libc::ENOENT => {
                 // Already gone: a daemon that died executing this UNMAP did it (it is executed
                 // again, unanswered as it was).
-                warn!(
+                self.shared.fixed(format_args!(
                     "IOAS {} at {iova}: the kernel no longer has this mapping (unmapped by a \
                      crashed daemon?): forgotten",
                     self.id
-                );
+                ));
                 self.forget(iova);
                 Ok(())
             }

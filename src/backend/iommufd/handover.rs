@@ -320,8 +320,10 @@ impl IommufdBackend {
     /// (it is executed again, unanswered as it was). Every device is pointed where the state
     /// has it (a no-op in the kernel where it already is), an IOAS the state has but the kernel
     /// no longer has (an in-flight DETACH destroyed it) is marked gone, and every IOAS the
-    /// state does not know (an in-flight ATTACH made it) is destroyed. Returns what it fixed.
-    pub(super) fn reconcile(&self) -> Vec<String> {
+    /// state does not know (an in-flight ATTACH made it) is destroyed. Returns what it fixed,
+    /// and as errors what it could not.
+    pub(super) fn reconcile(&self) -> Vec<std::result::Result<String, String>> {
+        self.shared.after_crash.store(true, Ordering::Relaxed);
         let mut fixed = Vec::new();
         let known: std::collections::BTreeSet<u32> =
             lock(&self.shared.domains).keys().copied().collect();
@@ -331,7 +333,7 @@ impl IommufdBackend {
                 && e.errno == libc::ENOENT
             {
                 lock(&self.shared.vanished).insert(id);
-                fixed.push(format!("IOAS {id} is gone (a DETACH was in flight)"));
+                fixed.push(Ok(format!("IOAS {id} is gone (a DETACH was in flight)")));
             }
         }
         let wanted: Vec<(EndpointId, Attachment)> =
@@ -344,7 +346,9 @@ impl IommufdBackend {
                 to = Attachment::Blocked;
             }
             if let Err(e) = self.shared.point(&mut topo, ep, to) {
-                fixed.push(format!("{ep}: cannot point it where the state has it: {e}"));
+                fixed.push(Err(format!(
+                    "{ep}: cannot point it where the state has it: {e}"
+                )));
             }
         }
         drop(topo);
@@ -362,11 +366,13 @@ impl IommufdBackend {
             }
             if sys::ioas_iova_ranges(self.shared.fd(), id).is_ok() {
                 match sys::destroy(self.shared.fd(), id) {
-                    Ok(()) => fixed.push(format!("IOAS {id} destroyed (an ATTACH was in flight)")),
-                    Err(e) => fixed.push(format!(
+                    Ok(()) => {
+                        fixed.push(Ok(format!("IOAS {id} destroyed (an ATTACH was in flight)")))
+                    }
+                    Err(e) => fixed.push(Err(format!(
                         "IOAS {id} (unknown to the state): IOMMU_DESTROY: {}",
                         std::io::Error::from_raw_os_error(e.errno)
-                    )),
+                    ))),
                 }
             }
         }

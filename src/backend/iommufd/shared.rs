@@ -100,6 +100,9 @@ pub(super) struct Shared {
     /// IOASes the rebuilt state has that the kernel no longer has (after a crash: see
     /// `IommufdBackend::reconcile`): not destroyed again.
     pub(super) vanished: Mutex<HashSet<u32>>,
+    /// This daemon took over a crashed one's state: the kernel may hold what a request in
+    /// flight at the crash left (expected, logged at info; otherwise a warning).
+    pub(super) after_crash: AtomicBool,
     pub(super) maps_file: AtomicU64,
     pub(super) maps_va: AtomicU64,
     pub(super) maps_copy: AtomicU64,
@@ -158,6 +161,15 @@ pub(super) fn map_flags(perms: Perms) -> u32 {
 }
 
 impl Shared {
+    /// Logs a state/kernel difference fixed: expected after a crash restart, a warning else.
+    pub(super) fn fixed(&self, what: std::fmt::Arguments<'_>) {
+        if self.after_crash.load(Ordering::Relaxed) {
+            info!("{what}");
+        } else {
+            warn!("{what}");
+        }
+    }
+
     /// A backend's shared state with nothing mapped through it yet: the automatic map strategy,
     /// no RAM table, all counters at zero.
     pub(super) fn new(
@@ -188,6 +200,7 @@ impl Shared {
             replay_new: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
             vanished: Mutex::new(HashSet::new()),
+            after_crash: AtomicBool::new(false),
             maps_file: AtomicU64::new(0),
             maps_va: AtomicU64::new(0),
             maps_copy: AtomicU64::new(0),

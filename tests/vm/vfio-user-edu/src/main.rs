@@ -957,6 +957,76 @@ fn restart_check(
     );
 }
 
+/// SIGKILLs at random points while the guest maps and unmaps back to back in domain 1 (each kill
+/// may land in the middle of a request's ioctl): every request is answered once, with success,
+/// and afterwards the kernel holds exactly what the guest was told (DMA through the last
+/// mapping lands, DMA through the unmapped ones does not).
+fn crash_storm_check(rep: &mut Report, cx: &mut Ctx, daemon: &mut Daemon, bar1: &Bar) {
+    const KILLS: u32 = 5;
+    const IOVA_S: u64 = 0x0900_0000;
+    rep.check(
+        &format!("crash restart: {KILLS} SIGKILLs at random points of back-to-back MAP/UNMAP requests (iommufd): each request answered once with success, the kernel holds exactly what the guest was told"),
+        (|| {
+            let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+            let mut requests = 0u32;
+            let mut fixes = 0usize;
+            for k in 0..KILLS {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let delay = Duration::from_millis(5 + (seed >> 33) % 60);
+                let stop = AtomicBool::new(false);
+                let (killed, done) = thread::scope(|scope| {
+                    let killer = scope.spawn(|| {
+                        thread::sleep(delay);
+                        let r = daemon.crash_and_restart();
+                        stop.store(true, Ordering::SeqCst);
+                        r
+                    });
+                    let mut i = 0u64;
+                    let mut done = Ok(0u32);
+                    // Until the kill and two pairs more (answered by the restarted daemon).
+                    let mut after = 0;
+                    while after < 2 {
+                        if stop.load(Ordering::SeqCst) {
+                            after += 1;
+                        }
+                        let iova = IOVA_S + (i % 64) * PAGE;
+                        let r = map(&mut cx.vm, 1, iova, GPA_C).and_then(|()| {
+                            vm_req(&mut cx.vm, Request::unmap(1, iova, iova + PAGE - 1), "UNMAP")
+                        });
+                        if let Err(e) = r {
+                            done = Err(format!("kill {k} ({delay:?}): pair {i}: {e}"));
+                            break;
+                        }
+                        i += 1;
+                        done = done.map(|n| n + 2);
+                    }
+                    let killed = killer.join().unwrap_or_else(|_| Err("the killer panicked".into()));
+                    (killed, done)
+                });
+                let from = killed?;
+                requests += done?;
+                daemon
+                    .wait_log_from(from, "recorded change(s) replayed", Duration::from_secs(30))
+                    .ok_or(format!("kill {k}: no restart logged"))?;
+                fixes += daemon.log.lock().unwrap().iter().skip(from).filter(|l| l.contains("crash")).count();
+            }
+            // The last request of every pair was an UNMAP: nothing of IOVA S.. is reachable.
+            for n in [0u64, 63] {
+                ram_fill(&cx.vm, GPA_C, SENTINEL)?;
+                cx.vm.ram().write(GPA_A, &pattern(0x77)).map_err(s)?;
+                load(bar1, IOVA_X)?;
+                let _ = store(bar1, IOVA_S + n * PAGE);
+                ram_expect(&cx.vm, GPA_C, &[SENTINEL; PAGE as usize], "DMA to an IOVA the guest unmapped before the kills")?;
+            }
+            map(&mut cx.vm, 1, IOVA_S, GPA_C)?;
+            store(bar1, IOVA_S)?;
+            ram_expect(&cx.vm, GPA_C, &pattern(0x77), "DMA to a MAP made after the kills")?;
+            vm_req(&mut cx.vm, Request::unmap(1, IOVA_S, IOVA_S + PAGE - 1), "the last UNMAP")?;
+            Ok(format!("{requests} requests answered with success across {KILLS} kills; {fixes} crash log lines; afterwards DMA lands only through a MAP made after the kills"))
+        })(),
+    );
+}
+
 fn run(rep: &mut Report) -> Result<()> {
     let edus = edus()?;
     if edus.len() < 2 {
@@ -1043,6 +1113,7 @@ fn run(rep: &mut Report) -> Result<()> {
                 &ram_fd,
             );
         }
+        crash_storm_check(rep, &mut cx, &mut daemon, &bar1);
     }
 
     let mut reset_works = false;
