@@ -436,9 +436,10 @@ impl Keeper {
         }
     }
 
-    /// Empties the store of everything this daemon put there (before it hands over to a new
-    /// binary, which keeps its own).
+    /// Empties the store of everything this daemon put there (a clean stop: nothing is to be
+    /// taken back).
     pub fn forget_everything(&self) {
+        lock(&self.side).stored.clear();
         let names: Vec<String> = lock(&self.names).iter().cloned().collect();
         self.forget(&names);
     }

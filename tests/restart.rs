@@ -342,3 +342,27 @@ fn a_crash_after_an_upgrade_in_place_loses_nothing_either() {
     );
     drop(child);
 }
+
+/// `systemctl stop` or `restart` is a clean stop: the daemon empties the store, so that nothing
+/// of this VM (its connection, its memory, its journal) outlives the process in the manager.
+#[test]
+fn a_clean_stop_leaves_nothing_in_the_store() {
+    let dir = TempDir::new();
+    let manager = Manager::start(&dir.0, &[]);
+    let mut child = start_daemon(&dir.0, &manager, Vec::new());
+    let mut vm = connect(&dir.0);
+    assert_eq!(vm.request(&Request::attach(1, 1)).unwrap(), Status::Ok);
+    manager.systemd.sync().unwrap();
+    let kept = manager.names();
+    assert!(
+        kept.iter().any(|n| n == "journal") && kept.iter().any(|n| n == "vmm"),
+        "kept while running: {kept:?}"
+    );
+    vm.disconnect();
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert!(st.success(), "exit status {st}");
+    manager.systemd.sync().unwrap();
+    assert_eq!(manager.names(), Vec::<String>::new());
+}

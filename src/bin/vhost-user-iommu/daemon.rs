@@ -587,6 +587,11 @@ fn run_resumed(
         error!("{e}");
         e.to_string()
     })?;
+    // A clean stop: nothing is to be taken back, and the store's duplicates must not keep the
+    // devices, their IOASes or the VMM's connections alive after this process.
+    if let Some(k) = &keeper {
+        k.forget_everything();
+    }
     info!("stopped; {} requests failed in this run", metrics.failed());
     Ok(())
 }
