@@ -1,7 +1,7 @@
 //! The daemon: serving one VM (the default command), its upgrade in place and `--demo`.
 
 use std::cell::RefCell;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use clap::Args;
 use log::{error, info, warn};
 use vhost::vhost_user::Listener;
 
-use crate::restart::{Restart, keep_for_restart};
+use crate::restart::{Restart, keep_for_restart, take_back_kept};
 use vhost_user_iommu::assembly::{
     Backend, VfioUserFronts, adopt_backend, follow_boot_ram, hand_over_vfio_user, open_backend,
     resume_vfio_user, start_vfio_user,
@@ -18,12 +18,11 @@ use vhost_user_iommu::assembly::{
 use vhost_user_iommu::boot_ram::BootRam;
 use vhost_user_iommu::config::{BackendKind, VmConfig};
 use vhost_user_iommu::control::{self, CurrentDevice};
-use vhost_user_iommu::deploy::fdstore::{self, FdStore};
 use vhost_user_iommu::domains::Rules;
 use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::metrics::Metrics;
 use vhost_user_iommu::pipeline::Mode;
-use vhost_user_iommu::recovery::{self, Keeper};
+use vhost_user_iommu::recovery::Keeper;
 use vhost_user_iommu::server::{
     OnConnect, Outcome, Resume, Stopper, Upgrade, handle_signals, serve_until,
 };
@@ -203,34 +202,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<(), String> {
     // A VMM that truncates guest RAM under the daemon ends its connection, not the daemon.
     vhost_user_iommu::sigbus::install()
         .map_err(|e| format!("cannot install the SIGBUS handler: {e}"))?;
-    // What the service manager kept for this unit when a previous daemon died (see `recovery`).
-    let mut passed =
-        fdstore::take_listen_fds().map_err(|e| format!("cannot take the passed fds: {e}"))?;
-    // A socket unit's listener, which `--fd` names, is the caller's to use, not a kept fd.
-    if let Some(n) = a.fd
-        && let Some(i) = passed.iter().position(|(_, fd)| fd.as_raw_fd() == n)
-    {
-        // Left open, unowned here: the listener setup below takes it by its number.
-        let _ = passed.remove(i).1.into_raw_fd();
-    }
-    let store =
-        FdStore::from_env().map_err(|e| format!("cannot reach the service manager: {e}"))?;
-    let mut kept = None;
-    if a.resume_state_fd.is_none() && !passed.is_empty() {
-        match &store {
-            Some(s) => {
-                let s = s
-                    .try_clone()
-                    .map_err(|e| format!("cannot reach the service manager: {e}"))?;
-                kept = recovery::take_back(s, passed)
-                    .map_err(|e| format!("cannot take back the kept state: {e}"))?;
-            }
-            None => warn!(
-                "{} fd(s) passed without a notify socket: closed",
-                passed.len()
-            ),
-        }
-    }
+    let (store, kept) = take_back_kept(a.fd, a.resume_state_fd.is_some())?;
     // A previous daemon's state, when this one is its upgrade, and the way back to it.
     let (resumed, rollback) = match a.resume_state_fd {
         Some(fd) => {

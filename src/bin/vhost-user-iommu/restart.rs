@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use log::info;
+use log::{info, warn};
 use vhost::vhost_user::Listener;
 
 use vhost_user_iommu::assembly::Backend;
-use vhost_user_iommu::deploy::fdstore::FdStore;
+use vhost_user_iommu::deploy::fdstore::{self, FdStore};
 use vhost_user_iommu::recovery::{self, Keeper};
 use vhost_user_iommu::upgrade::UpgradeState;
 
@@ -53,6 +53,43 @@ pub(crate) fn keep_for_restart(
         info!("crash restart: the iommufd backend's kernel objects are kept in the fd store");
     }
     Ok(Some(Arc::new(keeper)))
+}
+
+/// What the service manager kept for this unit when a previous daemon died (see `recovery`):
+/// its store (None: not run by one), and the state taken back from the fds it passed (None: a
+/// first start, or an upgrade: `upgrading`, whose state comes from the previous binary). A
+/// socket unit's listener, which `--fd` (`listen_fd`) names, is left alone.
+pub(crate) fn take_back_kept(
+    listen_fd: Option<i32>,
+    upgrading: bool,
+) -> Result<(Option<FdStore>, Option<recovery::Kept>), String> {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    let mut passed =
+        fdstore::take_listen_fds().map_err(|e| format!("cannot take the passed fds: {e}"))?;
+    if let Some(n) = listen_fd
+        && let Some(i) = passed.iter().position(|(_, fd)| fd.as_raw_fd() == n)
+    {
+        // Left open, unowned here: the listener setup takes it by its number.
+        let _ = passed.remove(i).1.into_raw_fd();
+    }
+    let store =
+        FdStore::from_env().map_err(|e| format!("cannot reach the service manager: {e}"))?;
+    if upgrading || passed.is_empty() {
+        return Ok((store, None));
+    }
+    let Some(s) = &store else {
+        warn!(
+            "{} fd(s) passed without a notify socket: closed",
+            passed.len()
+        );
+        return Ok((None, None));
+    };
+    let s = s
+        .try_clone()
+        .map_err(|e| format!("cannot reach the service manager: {e}"))?;
+    let kept = recovery::take_back(s, passed)
+        .map_err(|e| format!("cannot take back the kept state: {e}"))?;
+    Ok((store, kept))
 }
 
 /// What crash restart has at start: the service manager's store (None: no crash restart), and
