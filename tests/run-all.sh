@@ -9,7 +9,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n== %s\n' "$*"; }
+# Each step's header says how much disk and memory are free: a step that fails for want of
+# either (a linker killed, a full disk) shows it in the log.
+step() {
+  printf '\n== %s  [free: disk %s, memory %s MiB]\n' "$*" \
+    "$(df -h --output=avail . 2>/dev/null | tail -n 1 | tr -d ' ')" \
+    "$(awk '/^MemAvailable:/ { print int($2 / 1024) }' /proc/meminfo)"
+}
 t0=$(date +%s)
 
 step "cargo fmt --check"
@@ -32,6 +38,9 @@ fi
 
 step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+
+step "deployment files: systemd-analyze verify, udev rules"
+tests/deploy-verify.sh
 
 step "fuzz smoke: 20 s per target"
 fuzz/run.sh "${FUZZ_SECONDS:-20}"
@@ -59,8 +68,6 @@ else
   IASL=$(tests/guest/setup-iasl.sh) VIOT_IASL_REQUIRE=1 tests/viot_iasl.sh "$viot" true
 fi
 
-step "deployment files: systemd-analyze verify, udev rules"
-tests/deploy-verify.sh
 step "Debian package: built, installed into an empty root, verified there, purged"
 tests/package-verify.sh
 if [ -n "${SKIP_VM:-}" ]; then
