@@ -949,6 +949,8 @@ fn restart_check(
                 Ok(()) => return Err(format!("endpoint 1: the DMA map made before the {event} is forgotten (the same map succeeded again)")),
                 Err(e) => return Err(e.to_string()),
             }
+            // IOVA W is free again for the next check.
+            vm_req(&mut cx.vm, Request::unmap(1, IOVA_W, IOVA_W + PAGE - 1), "UNMAP of IOVA W")?;
             Ok(format!(
                 "{copies} copies by endpoint 2 and {stores} writes by endpoint 1 landed, all checked; {during} edu DMAs completed in the {:.0} ms between {event} and the new daemon's \"{rebuilt_line}\", {after} after; {took_over}; a MAP and UNMAP in the taken-over IOAS of domain 1 take effect; endpoint 1's vfio-user connection, MSI eventfd and DMA maps go on",
                 seen - signalled
