@@ -1361,6 +1361,85 @@ fn chaos_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// What a daemon killed in the middle of a request leaves in the kernel, and the reconcile a
+/// restarted one runs before serving (`DmaBackend::reconcile`; the crash itself is in
+/// vfio-user-edu): the leftovers are made here with the backend's own iommufd, as the dead
+/// daemon's half-done ioctls would have: a new IOAS with endpoint 2 attached to it (an ATTACH in
+/// flight), a mapping in domain 1's IOAS the state does not know (a MAP in flight) and a
+/// mapping the state has that the kernel no longer has (an UNMAP in flight).
+fn reconcile_check(rep: &mut Report, cx: &Ctx) -> Result<()> {
+    let b = &*cx.d.backend;
+    let e1 = &cx.edu1;
+    let mut vm = cx.d.connect()?;
+    let ram = Ram::of(&vm)?;
+    rep.check(
+        "crash leftovers reconciled with the kernel as the truth: a leaked IOAS (with a device on it) destroyed, a MAP over an unknown mapping replaces it, an UNMAP of a lost mapping succeeds",
+        timed(|| {
+            attach(&mut vm, 1, 1, 0)?;
+            map(&mut vm, 1, IOVA_X, GPA_A, PAGE, RW)?;
+            map(&mut vm, 1, IOVA_Y, GPA_B, PAGE, RW)?;
+            let ioas = ioas_of(b, 1)?;
+            let h = b.hand_over();
+            // SAFETY: the backend's own iommufd, open while `b` lives.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(h.iommufd) };
+            let leaked = sys::ioas_alloc(fd).map_err(|e| format!("IOAS_ALLOC: {}", errno_name(e.errno)))?;
+            let dev2 = b.device_file(EndpointId(2)).ok_or("no device for endpoint 2")?;
+            sys::attach_pt(std::os::fd::AsFd::as_fd(&dev2), leaked)
+                .map_err(|e| format!("attach endpoint 2 to IOAS {leaked}: {}", errno_name(e.errno)))?;
+            // A page of this process, full of 0x99, where the unknown mapping points.
+            let stale: Vec<u8> = vec![0x99; 2 * PAGE as usize];
+            let at = (stale.as_ptr() as u64).next_multiple_of(PAGE);
+            sys::ioas_map(fd, ioas, IOVA_Z, at, PAGE, sys::IOMMU_IOAS_MAP_READABLE | sys::IOMMU_IOAS_MAP_WRITEABLE)
+                .map_err(|e| format!("the unknown mapping: {}", errno_name(e.errno)))?;
+            sys::ioas_unmap(fd, ioas, IOVA_Y, PAGE)
+                .map_err(|e| format!("losing IOVA Y: {}", errno_name(e.errno)))?;
+            let fixed = b.reconcile();
+            let failed: Vec<&String> = fixed.iter().filter_map(|f| f.as_ref().err()).collect();
+            if !failed.is_empty() {
+                return Err(format!("reconcile could not fix: {failed:?}"));
+            }
+            let lines: Vec<&String> = fixed.iter().filter_map(|f| f.as_ref().ok()).collect();
+            if sys::ioas_iova_ranges(fd, leaked).is_ok() {
+                return Err(format!("the leaked IOAS {leaked} is still there (fixed: {lines:?})"));
+            }
+            expect_attachment(b, 2, Attachment::Blocked)?;
+            // The guest's MAP at IOVA Z replaces the unknown mapping: DMA lands at GPA C, the
+            // stale page is untouched.
+            map(&mut vm, 1, IOVA_Z, GPA_C, PAGE, RW)?;
+            let p = pattern(0x41);
+            ram.write(GPA_A, &p)?;
+            ram.fill(GPA_C, SENTINEL)?;
+            e1.load(IOVA_X)?;
+            e1.store(IOVA_Z)?;
+            ram.expect(GPA_C, &p, "GPA C after IOVA X -> edu -> IOVA Z")?;
+            let off = (at - stale.as_ptr() as u64) as usize;
+            // SAFETY: a volatile read of our own buffer, which the device may have written.
+            let first = unsafe { std::ptr::read_volatile(stale.as_ptr().add(off)) };
+            if first != 0x99 {
+                return Err(format!("the stale page was written ({first:#x}): the old mapping still translates"));
+            }
+            // The guest's UNMAP of IOVA Y, which the kernel lost, succeeds.
+            let s = vm
+                .request(&Request::unmap(1, IOVA_Y, IOVA_Y + PAGE - 1))
+                .map_err(|e| e.to_string())?;
+            ok(s, "UNMAP of the lost IOVA Y")?;
+            for iova in [IOVA_X, IOVA_Z] {
+                let s = vm.request(&Request::unmap(1, iova, iova + PAGE - 1)).map_err(|e| e.to_string())?;
+                ok(s, "UNMAP")?;
+            }
+            detach(&mut vm, 1, 1)?;
+            if !b.domain_ids().is_empty() {
+                return Err(format!("IOASes left: {:?}", b.domain_ids()));
+            }
+            Ok(format!("fixed: {}", lines.iter().map(|l| l.as_str()).collect::<Vec<_>>().join("; ")))
+        }),
+    );
+    // The next checks count pins from a daemon with no connection.
+    let n = cx.d.devices();
+    vm.disconnect();
+    cx.d.wait_closed(n, Duration::from_secs(30))
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(
         env_logger::Env::default()
@@ -1427,6 +1506,9 @@ fn main() -> ExitCode {
     }
     if let Err(e) = compare_map_paths(&mut rep, &cx) {
         rep.check("second connection", Err(e));
+    }
+    if let Err(e) = reconcile_check(&mut rep, &cx) {
+        rep.check("reconcile connection", Err(e));
     }
     if let Err(e) = chaos_connection(&mut rep, &cx) {
         rep.check("chaos connection", Err(e));
