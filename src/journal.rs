@@ -53,6 +53,7 @@ const H_ACTIVE: usize = 16;
 const H_LEN: usize = 24;
 const H_SIDE_ACTIVE: usize = 40;
 const H_SIDE_LEN: usize = 48;
+const H_ANSWERED: usize = 64;
 
 /// Why a journal cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +165,9 @@ pub struct Recovered {
     pub records: Vec<Record>,
     /// The last side state written (None: never).
     pub side: Option<Vec<u8>>,
+    /// The vhost-user message answered but not yet taken out of the socket (its digest; 0:
+    /// none): see [`Journal::mark_answered`].
+    pub answered: u64,
 }
 
 /// The journal as its writer holds it.
@@ -256,12 +260,14 @@ impl Journal {
             }
         }
         j.next = records.len();
+        let answered = j.u64_at(H_ANSWERED);
         Ok((
             j,
             Recovered {
                 checkpoint,
                 records,
                 side,
+                answered,
             },
         ))
     }
@@ -357,6 +363,13 @@ impl Journal {
         self.atomic_u64(H_SIDE_ACTIVE)
             .store(self.side, Ordering::Release);
         Ok(())
+    }
+
+    /// The vhost-user message with digest `digest` is answered and about to be taken out of the
+    /// socket (0: taken out): a restarted daemon that finds it still there takes it out without
+    /// answering it again.
+    pub fn mark_answered(&self, digest: u64) {
+        self.put_u64(H_ANSWERED, digest);
     }
 
     /// How many more records fit before the next checkpoint (0 before the first one).

@@ -129,6 +129,9 @@ pub struct Keeper {
     next_name: AtomicU64,
     /// Records left before the next checkpoint (read on the request path without the lock).
     room: AtomicU64,
+    /// The digest of the vhost-user message the previous daemon answered and did not take out
+    /// of the socket (0: none), until the first message is looked at.
+    redelivered: AtomicU64,
     side: Mutex<SideSources>,
 }
 
@@ -170,6 +173,7 @@ impl Keeper {
             journal: Mutex::new(journal),
             next_name: AtomicU64::new(next_name),
             room: AtomicU64::new(0),
+            redelivered: AtomicU64::new(0),
             side: Mutex::new(SideSources::default()),
         }
     }
@@ -235,6 +239,19 @@ impl Keeper {
         lock(&self.side).stored.clear();
         let names: Vec<String> = lock(&self.names).iter().cloned().collect();
         self.forget(&names);
+    }
+
+    /// The mark of the vhost-user message in hand (its digest and whether its reply is going
+    /// out or it is answered; 0: taken out of the socket): see `Journal::mark_answered`.
+    pub fn answered(&self, digest: u64) {
+        lock(&self.journal).mark_answered(digest);
+    }
+
+    /// The mark the previous daemon left for the message it answered (or was answering) and
+    /// had not taken out of the socket (0: none); given once, for the first message after a
+    /// restart.
+    pub fn redelivered(&self) -> u64 {
+        self.redelivered.swap(0, Ordering::AcqRel)
     }
 
     /// Makes `c` the state a restarted daemon starts from.
@@ -383,6 +400,7 @@ pub fn take_back(store: FdStore, passed: Vec<(String, OwnedFd)>) -> Result<Optio
     }
     names.extend(side_names.iter().cloned());
     let keeper = Keeper::with(store, journal, names, next);
+    keeper.redelivered.store(found.answered, Ordering::Release);
     {
         let mut kept = lock(&keeper.side);
         kept.stored = side_names;

@@ -22,6 +22,26 @@ pub fn recv_some(
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<(usize, bool)> {
+    recv_with(sock, buf, fds, 0)
+}
+
+/// [`recv_some`] without consuming anything (`MSG_PEEK`): the same bytes, and duplicates of the
+/// fds that came with them, are there for the next call. A peek stops after the first segment
+/// that carried fds.
+pub fn peek_some(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<(usize, bool)> {
+    recv_with(sock, buf, fds, libc::MSG_PEEK)
+}
+
+fn recv_with(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    flags: libc::c_int,
+) -> io::Result<(usize, bool)> {
     let mut cbuf: CmsgBuf = [0; 2 + MAX_FDS.div_ceil(2)];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -37,7 +57,8 @@ pub fn recv_some(
     let n = loop {
         // SAFETY: `msg` points at one iovec covering `buf` (exclusively borrowed) and at
         // `cbuf` with its true length; the kernel writes only within them.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let n =
+            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
         if n >= 0 {
             break n as usize;
         }

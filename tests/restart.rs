@@ -366,3 +366,70 @@ fn a_clean_stop_leaves_nothing_in_the_store() {
     manager.systemd.sync().unwrap();
     assert_eq!(manager.names(), Vec::<String>::new());
 }
+
+/// SIGKILLs while the VMM changes the memory table back to back (ADD_MEM_REG, REM_MEM_REG, each
+/// acknowledged with REPLY_ACK): a message the daemon was handling when killed is still in the
+/// socket for the restarted daemon (it is taken out only once answered), so every one is
+/// answered and the VMM never waits for an acknowledgement that does not come.
+#[test]
+fn sigkill_in_the_middle_of_memory_table_changes_loses_no_message() {
+    let kills: usize = std::env::var("RESTART_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(100, |n: usize| n / 5);
+    let dir = TempDir::new();
+    let manager = Manager::start(&dir.0, &[]);
+    let mut child = start_daemon(&dir.0, &manager, Vec::new());
+    let pairs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let (dir, pairs, stop) = (dir.0.clone(), pairs.clone(), stop.clone());
+        std::thread::spawn(move || -> Result<(), String> {
+            let mut vm = connect(&dir);
+            let gpa = 1 << 32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                vm.add_region(gpa, 2 << 20)
+                    .map_err(|e| format!("ADD_MEM_REG: {e}"))?;
+                vm.remove_region(gpa)
+                    .map_err(|e| format!("REM_MEM_REG: {e}"))?;
+                pairs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            let probe = Request::Probe {
+                endpoint: EndpointId(1),
+            };
+            match vm.request(&probe) {
+                Ok(Status::Ok) => Ok(()),
+                other => Err(format!("PROBE after the kills: {other:?}")),
+            }
+        })
+    };
+    let mut rng = Rng(0x3e3_7ab1e);
+    for k in 0..kills {
+        let before = pairs.load(std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_micros(rng.below(3000)));
+        child = crash_and_restart(&dir.0, &manager, child);
+        // The VMM goes on: another pair is acknowledged by the restarted daemon.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pairs.load(std::sync::atomic::Ordering::SeqCst) < before + 2 {
+            if worker.is_finished() {
+                let log = std::fs::read_to_string(dir.0.join("daemon.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                panic!(
+                    "kill {k}: the VMM's thread ended: {:?}\ndaemon log (last lines):\n{}",
+                    worker.join(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kill {k}: no memory-table change acknowledged within 30 s: {}",
+                std::fs::read_to_string(dir.0.join("daemon.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    worker.join().expect("the VMM's thread").unwrap();
+    assert!(pairs.load(std::sync::atomic::Ordering::SeqCst) >= 2 * kills);
+    drop(child);
+}

@@ -198,7 +198,7 @@ impl Keeper {
     }
 
     /// The host takes endpoint `endpoint`'s device back (hot-unplug): the store lets go of it
-    /// now, before the backend closes its own fd, and keeps nothing of it until [`replugged`].
+    /// now, before the backend closes its own fd, and keeps nothing of it until [`replugged`](Self::replugged).
     pub fn unplugging(&self, endpoint: u32) {
         lock(&self.side).unplugging.insert(endpoint);
         if let Err(e) = self.write_side() {

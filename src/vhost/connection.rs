@@ -54,7 +54,14 @@ pub struct Connection {
     pub(super) acked_protocol_features: u64,
     /// The state last kept for a restarted daemon, with its fds' names (see `recovery`).
     pub(super) kept: Option<crate::recovery::KeptConnection>,
+    /// The digest of the message being handled (see `wire::digest`).
+    pub(super) answering: u64,
 }
+
+/// The journal's mark for the message in hand (its digest with these bits, see
+/// `Keeper::answered`): its reply is going out; it is answered.
+const REPLYING: u64 = 1;
+const ANSWERED: u64 = 2;
 
 /// The most regions SET_MEM_TABLE carries (VHOST_MEMORY_BASELINE_NREGIONS).
 const MAX_TABLE_REGIONS: usize = 8;
@@ -154,6 +161,7 @@ impl Connection {
             acked_features,
             acked_protocol_features,
             kept: None,
+            answering: 0,
         };
         for i in 0..conn.vrings.len() {
             conn.update_watch(i)?;
@@ -230,10 +238,40 @@ impl Connection {
                     None => continue,
                 }
             }
-            let Some(msg) = wire::receive(sock)? else {
+            // Taken out of the socket once answered: a daemon killed meanwhile leaves it to
+            // the next one (see `recovery`).
+            let Some((msg, len)) = wire::peek(sock)? else {
                 return Ok(Served::Closed);
             };
+            let keeper = self.device.keeper().cloned();
+            let digest = wire::digest(&msg);
+            if let Some(k) = &keeper {
+                // The first message after a crash may be one the killed daemon answered.
+                let answered = match k.redelivered() {
+                    m if m == digest | ANSWERED => true,
+                    m if m == digest | REPLYING => wire::reply_went_out(sock, len)?,
+                    _ => false,
+                };
+                if answered {
+                    log::info!(
+                        "crash restart: {} was answered before the crash: taken out",
+                        wire::name(msg.header.request)
+                    );
+                    wire::consume(sock, len)?;
+                    k.answered(0);
+                    continue;
+                }
+            }
+            self.answering = digest;
             self.handle_message(sock, msg)?;
+            // Answered: a kill before it is taken out must not have it answered again.
+            if let Some(k) = &keeper {
+                k.answered(digest | ANSWERED);
+            }
+            wire::consume(sock, len)?;
+            if let Some(k) = &keeper {
+                k.answered(0);
+            }
         }
     }
 
@@ -253,15 +291,26 @@ impl Connection {
             t.message("vhost-user", request, wire::name(request), ok, latency_ns);
         }
         match answer {
-            Ok(Answer::Reply(body)) => wire::reply(sock, &header, &body),
+            Ok(Answer::Reply(body)) => {
+                self.replying();
+                wire::reply(sock, &header, &body)
+            }
             Ok(Answer::Done(result)) => {
                 if self.reply_ack() && wants_reply {
                     let status = u64::from(result.is_err());
+                    self.replying();
                     wire::reply(sock, &header, &status.to_le_bytes())?;
                 }
                 result.map_err(|e| io::Error::new(e.kind(), format!("request {request}: {e}")))
             }
             Err(e) => Err(io::Error::new(e.kind(), format!("request {request}: {e}"))),
+        }
+    }
+
+    /// The message being handled is about to be answered (see `Keeper::answered`).
+    fn replying(&self) {
+        if let Some(k) = self.device.keeper() {
+            k.answered(self.answering | REPLYING);
         }
     }
 

@@ -158,6 +158,18 @@ pub(super) fn receive(sock: &UnixStream) -> io::Result<Option<Message>> {
     if !read_full(sock, header.as_mut_slice(), &mut fds, true)? {
         return Ok(None);
     }
+    check(&header)?;
+    let mut payload = vec![0; header.size as usize];
+    read_full(sock, &mut payload, &mut fds, false)?;
+    Ok(Some(Message {
+        header,
+        payload,
+        fds,
+    }))
+}
+
+/// A header the daemon can take: protocol version 1, a request, a payload it has room for.
+fn check(header: &Header) -> io::Result<()> {
     let (request, flags, size) = (header.request, header.flags, header.size);
     if flags & VERSION_MASK != VERSION || flags & REPLY != 0 || flags & !0xf != 0 {
         return Err(invalid(format!(
@@ -169,13 +181,142 @@ pub(super) fn receive(sock: &UnixStream) -> io::Result<Option<Message>> {
             "request {request}: payload of {size} bytes (at most {MAX_PAYLOAD})"
         )));
     }
-    let mut payload = vec![0; size as usize];
-    read_full(sock, &mut payload, &mut fds, false)?;
-    Ok(Some(Message {
-        header,
-        payload,
-        fds,
-    }))
+    Ok(())
+}
+
+/// How long the rest of a message may take to arrive once its first byte is there.
+const MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The next message, left in the socket ([`consume`] takes it once it is answered): a daemon
+/// killed while handling it leaves it there for the next one, which handles it again (the
+/// messages a VMM sends are idempotent: the same table, ring address, feature set). With its
+/// length in the socket. None when the VMM closed the connection between messages. A message
+/// whose fds came apart from the rest of it cannot be seen whole without reading it: it is
+/// read (consumed) instead, and its length is 0.
+pub(super) fn peek(sock: &UnixStream) -> io::Result<Option<(Message, usize)>> {
+    let header_len = std::mem::size_of::<Header>();
+    let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
+    // The header, then the message and one byte more. A peek goes on to the next segment in
+    // the socket after one without fds, even with nothing left to copy, and brings that one's
+    // fds along (Linux's unix_stream_read_generic): fds that come with a byte past the message
+    // are the next message's.
+    let mut total = None;
+    loop {
+        let want = total.map_or(header_len, |t: usize| t + 1);
+        let mut buf = vec![0u8; want];
+        let mut fds = Vec::new();
+        let (n, truncated) = scm::peek_some(sock.as_fd(), &mut buf, &mut fds)?;
+        if truncated {
+            return Err(invalid(
+                "more file descriptors than any message carries".into(),
+            ));
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        match total {
+            None if n >= header_len => {
+                let mut header = Header::default();
+                header.as_mut_slice().copy_from_slice(&buf[..header_len]);
+                check(&header)?;
+                total = Some(header_len + header.size as usize);
+                continue;
+            }
+            Some(t) if n >= t => {
+                let mut header = Header::default();
+                header.as_mut_slice().copy_from_slice(&buf[..header_len]);
+                let fds = if n == t { fds } else { Vec::new() };
+                return Ok(Some((
+                    Message {
+                        header,
+                        payload: buf[header_len..t].to_vec(),
+                        fds,
+                    },
+                    t,
+                )));
+            }
+            _ => {}
+        }
+        if !fds.is_empty() {
+            // Part of the message came with fds and the rest apart: read it the consuming way.
+            drop(fds);
+            return receive(sock).map(|m| m.map(|m| (m, 0)));
+        }
+        // Part of a message: the rest is on its way, unless the VMM closed the socket.
+        if peer_closed(sock)? {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the VMM closed the socket mid-message",
+            ));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("a message still incomplete {MESSAGE_TIMEOUT:?} after its first byte"),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// What identifies a message among those a VMM sends one after the other (FNV-1a of its bytes,
+/// its two low bits clear for the journal's mark, never 0).
+pub(super) fn digest(m: &Message) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in m.header.as_slice().iter().chain(&m.payload) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h & !3 | 4
+}
+
+/// Whether the reply sent last on `sock` went out, for a message of `len` bytes still first in
+/// the socket: the kernel says so while the reply is unread, or once the VMM sent more (it
+/// waits for a reply before its next message); a VMM that read it and went quiet is waited for
+/// up to 100 ms, then taken as not having it.
+pub(super) fn reply_went_out(sock: &UnixStream, len: usize) -> io::Result<bool> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(sock);
+    let queued = |req: libc::c_ulong| -> io::Result<usize> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ/FIONREAD write one int into `n`.
+        if unsafe { libc::ioctl(fd, req, &mut n) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+    loop {
+        if queued(libc::TIOCOUTQ)? > 0 || queued(libc::FIONREAD)? > len {
+            return Ok(true);
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Whether the VMM shut its side of the connection down.
+fn peer_closed(sock: &UnixStream) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(sock),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: poll on one pollfd we own, without waiting.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0)
+}
+
+/// Takes the `len` bytes of an answered message out of the socket (the fds that come with them
+/// again are closed).
+pub(super) fn consume(sock: &UnixStream, len: usize) -> io::Result<()> {
+    let mut buf = vec![0u8; len];
+    let mut fds = Vec::new();
+    read_full(sock, &mut buf, &mut fds, false).map(drop)
 }
 
 /// Sends the reply to `to` with `body` as its payload.
@@ -227,6 +368,91 @@ mod tests {
         assert!(
             m.body::<u32>().is_err(),
             "a body of another size is refused"
+        );
+    }
+
+    #[test]
+    fn a_peeked_message_stays_in_the_socket_until_consumed() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let first = message(code::SET_FEATURES, VERSION, &7u64.to_le_bytes());
+        let second = message(code::GET_FEATURES, VERSION, &[]);
+        // The first in pieces (peeked until whole), the second right behind it.
+        let (f, s2) = (first.clone(), second.clone());
+        let t = std::thread::spawn(move || {
+            for piece in f.chunks(5) {
+                a.write_all(piece).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            a.write_all(&s2).unwrap();
+            a
+        });
+        let (m, len) = peek(&b).unwrap().unwrap();
+        assert_eq!(
+            ({ m.header.request }, len),
+            (code::SET_FEATURES, first.len())
+        );
+        assert_eq!(m.body::<u64>().unwrap(), 7);
+        let _a = t.join().unwrap();
+        // A daemon killed now leaves it there: the next peek sees the same message.
+        let (again, _) = peek(&b).unwrap().unwrap();
+        assert_eq!({ again.header.request }, code::SET_FEATURES);
+        consume(&b, len).unwrap();
+        let (next, len) = peek(&b).unwrap().unwrap();
+        assert_eq!(
+            ({ next.header.request }, len),
+            (code::GET_FEATURES, second.len())
+        );
+    }
+
+    #[test]
+    fn a_peeked_message_brings_its_fds_each_time_and_consuming_closes_the_copies() {
+        use std::os::fd::AsRawFd;
+        let (a, b) = UnixStream::pair().unwrap();
+        let ev = crate::journal::memfd(c"kick").unwrap();
+        let bytes = message(code::SET_VRING_KICK, VERSION, &0u64.to_le_bytes());
+        scm::send_all(a.as_fd(), &bytes, Some(ev.as_fd())).unwrap();
+        let (m1, len) = peek(&b).unwrap().unwrap();
+        let (m2, _) = peek(&b).unwrap().unwrap();
+        assert_eq!((m1.fds.len(), m2.fds.len()), (1, 1));
+        assert_ne!(
+            m1.fds[0].as_raw_fd(),
+            m2.fds[0].as_raw_fd(),
+            "a copy per peek"
+        );
+        consume(&b, len).unwrap();
+        drop(a);
+        assert!(peek(&b).unwrap().is_none(), "nothing left, then the close");
+    }
+
+    #[test]
+    fn a_peek_never_takes_the_next_messages_fds() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let ev = crate::journal::memfd(c"kick").unwrap();
+        let first = message(code::SET_VRING_NUM, VERSION, &[0; 8]);
+        let second = message(code::SET_VRING_KICK, VERSION, &0u64.to_le_bytes());
+        scm::send_all(a.as_fd(), &first, None).unwrap();
+        scm::send_all(a.as_fd(), &second, Some(ev.as_fd())).unwrap();
+        let (m, len) = peek(&b).unwrap().unwrap();
+        assert_eq!(
+            ({ m.header.request }, m.fds.len()),
+            (code::SET_VRING_NUM, 0)
+        );
+        consume(&b, len).unwrap();
+        let (m, _) = peek(&b).unwrap().unwrap();
+        assert_eq!(
+            ({ m.header.request }, m.fds.len()),
+            (code::SET_VRING_KICK, 1)
+        );
+    }
+
+    #[test]
+    fn a_close_mid_message_ends_a_peek_with_an_error() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&message(1, VERSION, &[0; 8])[..14]).unwrap();
+        drop(a);
+        assert_eq!(
+            peek(&b).err().map(|e| e.kind()),
+            Some(io::ErrorKind::UnexpectedEof)
         );
     }
 

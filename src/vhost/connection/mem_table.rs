@@ -48,6 +48,17 @@ impl Connection {
         r: &VhostUserSingleMemoryRegion,
         fd: OwnedFd,
     ) -> io::Result<()> {
+        let (gpa, size, user_addr) = (r.guest_phys_addr, r.memory_size, r.user_addr);
+        if self
+            .regions
+            .iter()
+            .any(|v| (v.gpa, v.size, v.user_addr) == (gpa, size, user_addr))
+        {
+            // The same region again: a message a killed daemon handled but had not taken out of
+            // the socket (see `wire::peek`). Already in force.
+            log::debug!("ADD_MEM_REG of the region at {gpa:#x} in force: nothing to do");
+            return Ok(());
+        }
         if self.table.len() as u64 >= MAX_MEM_SLOTS {
             return Err(invalid("every memory slot is taken".into()));
         }
@@ -67,11 +78,16 @@ impl Connection {
 
     pub(super) fn remove_mem_region(&mut self, r: &VhostUserSingleMemoryRegion) -> io::Result<()> {
         let (gpa, size) = (r.guest_phys_addr, r.memory_size);
-        let at = self
+        let Some(at) = self
             .regions
             .iter()
             .position(|v| v.gpa == gpa && v.size == size)
-            .ok_or_else(|| invalid(format!("no memory region at {gpa:#x} of {size:#x} bytes")))?;
+        else {
+            // Gone already: a message a killed daemon handled but had not taken out of the
+            // socket (see `wire::peek`), or a VMM removing what it never added. Nothing to do.
+            log::debug!("REM_MEM_REG of no region ({gpa:#x}, {size:#x} bytes): nothing to do");
+            return Ok(());
+        };
         let mut regions = self.regions.clone();
         let mut table = self.table.clone();
         regions.remove(at);
