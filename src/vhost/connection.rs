@@ -23,6 +23,9 @@ use super::wire::{self, Message, code, invalid};
 use super::*;
 
 mod mem_table;
+mod restart;
+
+use restart::ANSWERED;
 
 use mem_table::{MAX_MEM_SLOTS, watch};
 pub(super) use mem_table::{guest_memory, map_region};
@@ -57,11 +60,6 @@ pub struct Connection {
     /// The digest of the message being handled (see `wire::digest`).
     pub(super) answering: u64,
 }
-
-/// The journal's mark for the message in hand (its digest with these bits, see
-/// `Keeper::answered`): its reply is going out; it is answered.
-const REPLYING: u64 = 1;
-const ANSWERED: u64 = 2;
 
 /// The most regions SET_MEM_TABLE carries (VHOST_MEMORY_BASELINE_NREGIONS).
 const MAX_TABLE_REGIONS: usize = 8;
@@ -243,35 +241,18 @@ impl Connection {
             let Some((msg, len)) = wire::peek(sock)? else {
                 return Ok(Served::Closed);
             };
-            let keeper = self.device.keeper().cloned();
             let digest = wire::digest(&msg);
-            if let Some(k) = &keeper {
-                // The first message after a crash may be one the killed daemon answered.
-                let answered = match k.redelivered() {
-                    m if m == digest | ANSWERED => true,
-                    m if m == digest | REPLYING => wire::reply_went_out(sock, len)?,
-                    _ => false,
-                };
-                if answered {
-                    log::info!(
-                        "crash restart: {} was answered before the crash: taken out",
-                        wire::name(msg.header.request)
-                    );
-                    wire::consume(sock, len)?;
-                    k.answered(0);
-                    continue;
-                }
+            if self.answered_before_crash(sock, &msg, digest, len)? {
+                wire::consume(sock, len)?;
+                self.mark(0);
+                continue;
             }
             self.answering = digest;
             self.handle_message(sock, msg)?;
             // Answered: a kill before it is taken out must not have it answered again.
-            if let Some(k) = &keeper {
-                k.answered(digest | ANSWERED);
-            }
+            self.mark(digest | ANSWERED);
             wire::consume(sock, len)?;
-            if let Some(k) = &keeper {
-                k.answered(0);
-            }
+            self.mark(0);
         }
     }
 
@@ -305,89 +286,6 @@ impl Connection {
             }
             Err(e) => Err(io::Error::new(e.kind(), format!("request {request}: {e}"))),
         }
-    }
-
-    /// The message being handled is about to be answered (see `Keeper::answered`).
-    fn replying(&self) {
-        if let Some(k) = self.device.keeper() {
-            k.answered(self.answering | REPLYING);
-        }
-    }
-
-    /// Keeps the connection for a restarted daemon if message `request` changed it (see
-    /// `recovery`): its fds again under fresh names if the message may have changed them.
-    fn keep(&mut self, request: u32) {
-        let Some(k) = self.device.keeper().cloned() else {
-            return;
-        };
-        let old = self.kept.take();
-        let mut new_fds = old.is_none()
-            || matches!(
-                request,
-                code::SET_MEM_TABLE
-                    | code::ADD_MEM_REG
-                    | code::REM_MEM_REG
-                    | code::SET_VRING_KICK
-                    | code::SET_VRING_CALL
-                    | code::SET_VRING_ERR
-            );
-        let mut names: Vec<String> = Vec::new();
-        if !new_fds {
-            // The same fds as kept (same count, same order): the same names.
-            let mut n = 0;
-            let same = self.describe(|_| {
-                n += 1;
-                Ok(n - 1)
-            });
-            match (same, &old) {
-                (Ok(_), Some(o)) if o.fds.len() == n => names = o.fds.clone(),
-                _ => new_fds = true,
-            }
-        }
-        let described = if new_fds {
-            self.describe(|fd| {
-                names.extend(k.store_fresh(&[fd])?);
-                Ok(names.len() - 1)
-            })
-        } else {
-            let mut n = 0;
-            self.describe(|_| {
-                n += 1;
-                Ok(n - 1)
-            })
-        };
-        let state = match described {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("cannot keep the connection for a restart: {e}");
-                if new_fds {
-                    k.forget(&names);
-                }
-                self.kept = old;
-                return;
-            }
-        };
-        // The rings' positions are the owner's to keep (in its checkpoint), not a change here.
-        let positions = |s: &ConnectionState| {
-            let mut s = s.clone();
-            s.rings
-                .iter_mut()
-                .for_each(|r| (r.next_avail, r.next_used) = (0, 0));
-            s
-        };
-        if !new_fds
-            && let Some(o) = &old
-            && positions(&o.state) == positions(&state)
-        {
-            self.kept = old;
-            return;
-        }
-        let kept = crate::recovery::KeptConnection { state, fds: names };
-        self.device.keep(Some(kept.clone()));
-        if new_fds && let Some(o) = old {
-            k.forget(&o.fds);
-        }
-        self.kept = Some(kept);
     }
 
     /// REPLY_ACK was negotiated: every request that asks for it is acknowledged.
