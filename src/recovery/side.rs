@@ -141,7 +141,12 @@ impl Keeper {
         let stale = match side.iommufd.clone() {
             // The backend's fds stay open while it describes them (hot-unplug waits).
             Some(b) => b.with_hand_over(|mut h| {
-                h.devices.retain(|d| !side.unplugging.contains(&d.endpoint));
+                // Described as unplugged already (a restarted daemon finds them so).
+                for d in &mut h.devices {
+                    if side.unplugging.contains(&d.endpoint) {
+                        (d.fd, d.req) = (None, None);
+                    }
+                }
                 self.write_side_with(&mut side, Some(h))
             })?,
             None => self.write_side_with(&mut side, None)?,
@@ -198,7 +203,8 @@ impl Keeper {
     }
 
     /// The host takes endpoint `endpoint`'s device back (hot-unplug): the store lets go of it
-    /// now, before the backend closes its own fd, and keeps nothing of it until [`replugged`](Self::replugged).
+    /// now, before the backend closes its own fd, and keeps nothing of it until
+    /// [`replugged`](Self::replugged).
     pub fn unplugging(&self, endpoint: u32) {
         lock(&self.side).unplugging.insert(endpoint);
         if let Err(e) = self.write_side() {
