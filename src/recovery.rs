@@ -381,7 +381,21 @@ pub fn take_back(store: FdStore, passed: Vec<(String, OwnedFd)>) -> Result<Optio
             vfio_user,
             names: by_number,
         } = &mut side;
+        // An fd the description names twice (DMA maps sharing one) comes back once: each
+        // further place gets a duplicate of its own (each owns and closes its fd).
+        let mut renumbered: BTreeMap<i32, i32> = BTreeMap::new();
         renumber(iommufd.as_mut(), vfio_user, &mut |old| {
+            if let Some(&new) = renumbered.get(&old) {
+                // SAFETY: `new` is open (taken back above); the duplicate is checked.
+                let dup = unsafe { libc::fcntl(new, libc::F_DUPFD_CLOEXEC, 0) };
+                if dup < 0 {
+                    return Err(format!(
+                        "crash journal: cannot duplicate fd {new}: {}",
+                        io::Error::last_os_error()
+                    ));
+                }
+                return Ok(dup);
+            }
             let name = by_number
                 .get(&old)
                 .ok_or_else(|| format!("crash journal: side state fd {old} has no name"))?;
@@ -389,7 +403,9 @@ pub fn take_back(store: FdStore, passed: Vec<(String, OwnedFd)>) -> Result<Optio
                 .remove(name)
                 .ok_or_else(|| format!("crash journal: {name} is not in the fd store"))?;
             side_names.insert(name.clone());
-            Ok(fd.into_raw_fd())
+            let new = fd.into_raw_fd();
+            renumbered.insert(old, new);
+            Ok(new)
         })?;
     }
     let mut names: std::collections::BTreeSet<String> =
@@ -469,6 +485,7 @@ pub fn take_back(store: FdStore, passed: Vec<(String, OwnedFd)>) -> Result<Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::RawFd;
 
     fn rec(avail: u16, used: u16) -> Record {
         Record {
@@ -601,6 +618,64 @@ mod tests {
             drop(OwnedFd::from_raw_fd(c.socket_fd));
             drop(OwnedFd::from_raw_fd(kept.state.listener_fd));
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two DMA maps of a vfio-user client share one fd (a map split by a partial unmap keeps
+    /// its file for both halves): a restarted daemon gets an fd for each (the end-to-end tier's
+    /// crash restart found the second one "not in the fd store").
+    #[test]
+    fn two_maps_sharing_one_fd_come_back_with_one_fd_each() {
+        use crate::testing::service_manager::ServiceManager;
+        use crate::upgrade::{DmaMap, VfioUserConnection, VfioUserServer};
+        use std::os::fd::AsFd;
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let dir = tempfile_dir();
+        let systemd = ServiceManager::start(&dir.join("notify")).unwrap();
+        let store = || FdStore::connect(systemd.notify_socket().as_os_str()).unwrap();
+        let keeper = Keeper::start(store(), Journal::create().unwrap()).unwrap();
+        let vhost = UnixListener::bind(dir.join("vm.sock")).unwrap();
+        keeper.store(LISTENER, vhost.as_fd()).unwrap();
+        keeper.checkpoint(&Checkpoint::idle()).unwrap();
+        let listener = UnixListener::bind(dir.join("ep1.sock")).unwrap();
+        let (client, _peer) = UnixStream::pair().unwrap();
+        let ram = crate::journal::memfd(c"ram").unwrap();
+        let map = |address: u64, offset: u64| DmaMap {
+            address,
+            size: 0x1000,
+            flags: 3,
+            offset,
+            file_id: None,
+            fd: Some(ram.as_raw_fd()),
+        };
+        keeper.keep_vfio_user(
+            1,
+            Some(VfioUserServer {
+                endpoint: 1,
+                listener_fd: listener.as_raw_fd(),
+                connection: Some(VfioUserConnection {
+                    socket_fd: client.as_raw_fd(),
+                    state: Default::default(),
+                    maps: vec![map(0, 0), map(0x2000, 0x2000)],
+                }),
+            }),
+        );
+        systemd.sync().unwrap();
+        drop(keeper);
+        let kept = take_back(store(), systemd.passed().unwrap())
+            .unwrap_or_else(|e| panic!("{e}: the store holds {:?}", systemd.names()))
+            .unwrap();
+        let c = kept.state.vfio_user[0].connection.as_ref().unwrap();
+        let fds: Vec<RawFd> = c.maps.iter().filter_map(|m| m.fd).collect();
+        assert_eq!(fds.len(), 2);
+        assert_ne!(
+            fds[0], fds[1],
+            "one fd each (each map owns and closes its own)"
+        );
+        assert!(
+            fds.iter()
+                .all(|&fd| super::side::inode(fd) == super::side::inode(ram.as_raw_fd()))
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -22,7 +22,8 @@ pub struct Side {
     pub names: BTreeMap<RawFd, String>,
 }
 
-/// Every fd a side state names, each with the store name that says which object it is.
+/// Every fd a side state names, each once (several DMA maps may share one), with the store
+/// name that says which object it is.
 pub(super) fn side_fds(
     iommufd: Option<&IommufdHandover>,
     vfio_user: &[VfioUserServer],
@@ -53,6 +54,8 @@ pub(super) fn side_fds(
             }
         }
     }
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|(_, fd)| seen.insert(*fd));
     v
 }
 
@@ -151,8 +154,11 @@ impl Keeper {
             })?,
             None => self.write_side_with(&mut side, None)?,
         };
-        drop(side);
+        // Still under the side lock: another writer that wants one of these names again
+        // (a client that unmaps and maps the same region again) stores it after this removal,
+        // not before it.
         self.forget(&stale);
+        drop(side);
         Ok(())
     }
 
