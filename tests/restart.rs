@@ -433,3 +433,50 @@ fn sigkill_in_the_middle_of_memory_table_changes_loses_no_message() {
     assert!(pairs.load(std::sync::atomic::Ordering::SeqCst) >= 2 * kills);
     drop(child);
 }
+
+/// A VMM that asks for vhost-user inflight tracking (GET_INFLIGHT_FD), which this daemon does
+/// not offer (its crash journal does that job): the protocol feature is never offered, so QEMU
+/// never asks; a frontend that asks anyway is refused clearly (its connection is closed, the
+/// reason logged) and the daemon serves the next VMM.
+#[test]
+fn a_vmm_asking_for_inflight_tracking_is_refused_and_the_next_one_served() {
+    const INFLIGHT_SHMFD: u64 = 1 << 12;
+    const GET_INFLIGHT_FD: u32 = 31;
+    let dir = TempDir::new();
+    let manager = Manager::start(&dir.0, &[]);
+    let child = start_daemon(&dir.0, &manager, Vec::new());
+    let vm = connect(&dir.0);
+    assert_eq!(
+        vm.protocol_features().bits() & INFLIGHT_SHMFD,
+        0,
+        "INFLIGHT_SHMFD is not offered"
+    );
+    vm.disconnect();
+    let mut raw = UnixStream::connect(dir.0.join("vm.sock")).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Header (request, flags: version 1, size) and a VhostUserInflight body (mmap size, offset,
+    // queue count, queue size).
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&GET_INFLIGHT_FD.to_le_bytes());
+    msg.extend_from_slice(&1u32.to_le_bytes());
+    msg.extend_from_slice(&24u32.to_le_bytes());
+    msg.extend_from_slice(&[0u8; 16]);
+    msg.extend_from_slice(&2u16.to_le_bytes());
+    msg.extend_from_slice(&256u16.to_le_bytes());
+    msg.extend_from_slice(&[0u8; 4]);
+    raw.write_all(&msg).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(raw.read(&mut buf).unwrap(), 0, "closed without an answer");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(dir.0.join("daemon.log")).unwrap_or_default();
+        if log.contains("request 31 is not supported") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reason logged: {log}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut vm = connect(&dir.0);
+    assert_eq!(vm.request(&Request::attach(1, 1)).unwrap(), Status::Ok);
+    drop(child);
+}

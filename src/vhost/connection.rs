@@ -248,7 +248,11 @@ impl Connection {
                 continue;
             }
             self.answering = digest;
-            self.handle_message(sock, msg)?;
+            if let Err(e) = self.handle_message(sock, msg) {
+                // The connection ends: the VMM sees it closed (not reset under unread bytes).
+                let _ = wire::consume(sock, len);
+                return Err(e);
+            }
             // Answered: a kill before it is taken out must not have it answered again.
             self.mark(digest | ANSWERED);
             wire::consume(sock, len)?;
