@@ -82,6 +82,12 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> JournalError {
     move |source| JournalError::Io { what, source }
 }
 
+/// The slot a new checkpoint or side state goes to: the one `active` (slot in bit 0, its
+/// generation above; 0: nothing written yet) does not name.
+fn inactive_slot(active: u64) -> u64 {
+    if active == 0 { 0 } else { 1 - (active & 1) }
+}
+
 /// A new, empty memfd (close-on-exec).
 pub fn memfd(name: &std::ffi::CStr) -> io::Result<File> {
     // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
@@ -312,11 +318,7 @@ impl Journal {
         if checkpoint.len() as u64 > SLOT_MAX {
             return Err(JournalError::TooLarge(checkpoint.len()));
         }
-        let slot = if self.active == 0 {
-            0
-        } else {
-            1 - (self.active & 1)
-        };
+        let slot = inactive_slot(self.active);
         let at = SLOT_BASE * (slot + 1);
         self.file
             .write_all_at(checkpoint, at)
@@ -350,11 +352,7 @@ impl Journal {
         if side.len() as u64 > SIDE_MAX {
             return Err(JournalError::SideTooLarge(side.len()));
         }
-        let slot = if self.side == 0 {
-            0
-        } else {
-            1 - (self.side & 1)
-        };
+        let slot = inactive_slot(self.side);
         self.file
             .write_all_at(side, SIDE_BASE * (slot + 1))
             .map_err(io_err("writing the side state"))?;

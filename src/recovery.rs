@@ -485,6 +485,7 @@ pub fn take_back(store: FdStore, passed: Vec<(String, OwnedFd)>) -> Result<Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upgrade::{DmaMap, VfioUserConnection, VfioUserServer};
     use std::os::fd::RawFd;
 
     fn rec(avail: u16, used: u16) -> Record {
@@ -538,78 +539,134 @@ mod tests {
         assert!(!a[&4].published, "still to answer");
     }
 
+    /// A keeper whose store is a fake service manager, with the vhost-user listener kept and
+    /// a checkpoint written, and the objects of one vfio-user server (endpoint 1): its listener,
+    /// a client socket and a memfd for DMA maps.
+    struct SideFixture {
+        dir: std::path::PathBuf,
+        systemd: crate::testing::service_manager::ServiceManager,
+        keeper: Keeper,
+        _vhost: std::os::unix::net::UnixListener,
+        listener: std::os::unix::net::UnixListener,
+        client: std::os::unix::net::UnixStream,
+        _peer: std::os::unix::net::UnixStream,
+        ram: std::fs::File,
+    }
+
+    impl SideFixture {
+        fn new() -> SideFixture {
+            use std::os::fd::AsFd;
+            use std::os::unix::net::{UnixListener, UnixStream};
+            let dir = tempfile_dir();
+            let systemd =
+                crate::testing::service_manager::ServiceManager::start(&dir.join("notify"))
+                    .unwrap();
+            let keeper = Keeper::start(
+                FdStore::connect(systemd.notify_socket().as_os_str()).unwrap(),
+                Journal::create().unwrap(),
+            )
+            .unwrap();
+            let vhost = UnixListener::bind(dir.join("vm.sock")).unwrap();
+            keeper.store(LISTENER, vhost.as_fd()).unwrap();
+            keeper.checkpoint(&Checkpoint::idle()).unwrap();
+            let listener = UnixListener::bind(dir.join("ep1.sock")).unwrap();
+            let (client, peer) = UnixStream::pair().unwrap();
+            SideFixture {
+                dir,
+                systemd,
+                keeper,
+                _vhost: vhost,
+                listener,
+                client,
+                _peer: peer,
+                ram: crate::journal::memfd(c"ram").unwrap(),
+            }
+        }
+
+        /// The server with its client connected and `maps`.
+        fn server(&self, maps: Vec<DmaMap>) -> VfioUserServer {
+            VfioUserServer {
+                endpoint: 1,
+                listener_fd: self.listener.as_raw_fd(),
+                connection: Some(VfioUserConnection {
+                    socket_fd: self.client.as_raw_fd(),
+                    state: Default::default(),
+                    maps,
+                }),
+            }
+        }
+
+        /// A map of a page of the memfd.
+        fn map(&self, address: u64, size: u64, offset: u64) -> DmaMap {
+            DmaMap {
+                address,
+                size,
+                flags: 3,
+                offset,
+                file_id: None,
+                fd: Some(self.ram.as_raw_fd()),
+            }
+        }
+
+        /// What a restarted daemon takes back from the store as it is now.
+        fn take_back(self) -> (Kept, Self) {
+            self.systemd.sync().unwrap();
+            let passed = self.systemd.passed().unwrap();
+            let store = FdStore::connect(self.systemd.notify_socket().as_os_str()).unwrap();
+            let kept = take_back(store, passed)
+                .unwrap_or_else(|e| panic!("{e}: the store holds {:?}", self.systemd.names()))
+                .unwrap();
+            (kept, self)
+        }
+    }
+
+    impl Drop for SideFixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     #[test]
     fn the_side_state_comes_back_with_the_same_objects_and_drops_what_it_no_longer_names() {
         use super::side::inode;
-        use crate::testing::service_manager::ServiceManager;
-        use crate::upgrade::{DmaMap, VfioUserConnection, VfioUserServer};
-        use std::os::fd::AsFd;
-        use std::os::unix::net::{UnixListener, UnixStream};
-        let dir = tempfile_dir();
-        let systemd = ServiceManager::start(&dir.join("notify")).unwrap();
-        let store = || FdStore::connect(systemd.notify_socket().as_os_str()).unwrap();
-        let keeper = Keeper::start(store(), Journal::create().unwrap()).unwrap();
-        let vhost = UnixListener::bind(dir.join("vm.sock")).unwrap();
-        keeper.store(LISTENER, vhost.as_fd()).unwrap();
-        keeper.checkpoint(&Checkpoint::idle()).unwrap();
-        let listener = UnixListener::bind(dir.join("ep1.sock")).unwrap();
-        let (client, _peer) = UnixStream::pair().unwrap();
-        let ram = crate::journal::memfd(c"ram").unwrap();
-        let server = |maps: Vec<DmaMap>| VfioUserServer {
-            endpoint: 1,
-            listener_fd: listener.as_raw_fd(),
-            connection: Some(VfioUserConnection {
-                socket_fd: client.as_raw_fd(),
-                state: Default::default(),
-                maps,
-            }),
-        };
-        let map = DmaMap {
-            address: 0x1000,
-            size: 0x2000,
-            flags: 3,
-            offset: 0,
-            file_id: None,
-            fd: Some(ram.as_raw_fd()),
-        };
-        keeper.keep_vfio_user(1, Some(server(vec![map.clone()])));
-        keeper.keep_vfio_user(1, Some(server(vec![map])));
-        systemd.sync().unwrap();
-        let names = systemd.names();
+        let f = SideFixture::new();
+        let map = f.map(0x1000, 0x2000, 0);
+        f.keeper
+            .keep_vfio_user(1, Some(f.server(vec![map.clone()])));
+        f.keeper.keep_vfio_user(1, Some(f.server(vec![map])));
+        f.systemd.sync().unwrap();
+        let names = f.systemd.names();
         assert_eq!(
             names.len(),
             5,
             "journal, both listeners, client, map once each: {names:?}"
         );
         // The client leaves: its socket and its map's fd leave the store, the listener stays.
-        keeper.keep_vfio_user(1, Some(server(Vec::new())));
-        keeper.keep_vfio_user(
+        f.keeper.keep_vfio_user(1, Some(f.server(Vec::new())));
+        f.keeper.keep_vfio_user(
             1,
             Some(VfioUserServer {
                 connection: None,
-                ..server(Vec::new())
+                ..f.server(Vec::new())
             }),
         );
-        keeper.keep_vfio_user(1, Some(server(vec![])));
-        systemd.sync().unwrap();
-        let names = systemd.names();
+        f.keeper.keep_vfio_user(1, Some(f.server(vec![])));
+        f.systemd.sync().unwrap();
+        let names = f.systemd.names();
         assert_eq!(
             names.len(),
             4,
             "journal, both listeners, the new client: {names:?}"
         );
-        drop(keeper);
-        let kept = take_back(store(), systemd.passed().unwrap())
-            .unwrap()
-            .unwrap();
+        let (kept, f) = f.take_back();
         let u = &kept.state.vfio_user;
         assert_eq!(u.len(), 1);
-        assert_eq!(inode(u[0].listener_fd), inode(listener.as_raw_fd()));
+        assert_eq!(inode(u[0].listener_fd), inode(f.listener.as_raw_fd()));
         let c = u[0].connection.as_ref().unwrap();
-        assert_eq!(inode(c.socket_fd), inode(client.as_raw_fd()));
+        assert_eq!(inode(c.socket_fd), inode(f.client.as_raw_fd()));
         assert_ne!(
             c.socket_fd,
-            client.as_raw_fd(),
+            f.client.as_raw_fd(),
             "a duplicate the store passed back"
         );
         // SAFETY: the fds take_back handed over, closed once here.
@@ -618,7 +675,6 @@ mod tests {
             drop(OwnedFd::from_raw_fd(c.socket_fd));
             drop(OwnedFd::from_raw_fd(kept.state.listener_fd));
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Two DMA maps of a vfio-user client share one fd (a map split by a partial unmap keeps
@@ -626,45 +682,11 @@ mod tests {
     /// crash restart found the second one "not in the fd store").
     #[test]
     fn two_maps_sharing_one_fd_come_back_with_one_fd_each() {
-        use crate::testing::service_manager::ServiceManager;
-        use crate::upgrade::{DmaMap, VfioUserConnection, VfioUserServer};
-        use std::os::fd::AsFd;
-        use std::os::unix::net::{UnixListener, UnixStream};
-        let dir = tempfile_dir();
-        let systemd = ServiceManager::start(&dir.join("notify")).unwrap();
-        let store = || FdStore::connect(systemd.notify_socket().as_os_str()).unwrap();
-        let keeper = Keeper::start(store(), Journal::create().unwrap()).unwrap();
-        let vhost = UnixListener::bind(dir.join("vm.sock")).unwrap();
-        keeper.store(LISTENER, vhost.as_fd()).unwrap();
-        keeper.checkpoint(&Checkpoint::idle()).unwrap();
-        let listener = UnixListener::bind(dir.join("ep1.sock")).unwrap();
-        let (client, _peer) = UnixStream::pair().unwrap();
-        let ram = crate::journal::memfd(c"ram").unwrap();
-        let map = |address: u64, offset: u64| DmaMap {
-            address,
-            size: 0x1000,
-            flags: 3,
-            offset,
-            file_id: None,
-            fd: Some(ram.as_raw_fd()),
-        };
-        keeper.keep_vfio_user(
-            1,
-            Some(VfioUserServer {
-                endpoint: 1,
-                listener_fd: listener.as_raw_fd(),
-                connection: Some(VfioUserConnection {
-                    socket_fd: client.as_raw_fd(),
-                    state: Default::default(),
-                    maps: vec![map(0, 0), map(0x2000, 0x2000)],
-                }),
-            }),
-        );
-        systemd.sync().unwrap();
-        drop(keeper);
-        let kept = take_back(store(), systemd.passed().unwrap())
-            .unwrap_or_else(|e| panic!("{e}: the store holds {:?}", systemd.names()))
-            .unwrap();
+        use super::side::inode;
+        let f = SideFixture::new();
+        let maps = vec![f.map(0, 0x1000, 0), f.map(0x2000, 0x1000, 0x2000)];
+        f.keeper.keep_vfio_user(1, Some(f.server(maps)));
+        let (kept, f) = f.take_back();
         let c = kept.state.vfio_user[0].connection.as_ref().unwrap();
         let fds: Vec<RawFd> = c.maps.iter().filter_map(|m| m.fd).collect();
         assert_eq!(fds.len(), 2);
@@ -672,11 +694,7 @@ mod tests {
             fds[0], fds[1],
             "one fd each (each map owns and closes its own)"
         );
-        assert!(
-            fds.iter()
-                .all(|&fd| super::side::inode(fd) == super::side::inode(ram.as_raw_fd()))
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(fds.iter().all(|&fd| inode(fd) == inode(f.ram.as_raw_fd())));
     }
 
     fn tempfile_dir() -> std::path::PathBuf {

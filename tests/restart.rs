@@ -105,6 +105,19 @@ fn crash_and_restart(dir: &Path, manager: &Manager, mut child: Child) -> Child {
     start_daemon(dir, manager, manager.systemd.passed().unwrap())
 }
 
+/// Waits up to `limit` for the daemon's log in `dir` to contain `what`.
+fn wait_for_log(dir: &Path, what: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+        if log.contains(what) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no \"{what}\" logged: {log}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The daemon's `state` dump as the model's view.
 fn daemon_state(ctl: &Path) -> (MappingsByDomain, BTreeMap<u32, u32>) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -314,15 +327,7 @@ fn a_crash_after_an_upgrade_in_place_loses_nothing_either() {
     // The upgrade hands the journal and the store's names to the new binary (same pid).
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGUSR2) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = std::fs::read_to_string(dir.0.join("daemon.log")).unwrap_or_default();
-        if log.contains("device state rebuilt") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not upgraded: {log}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_log(&dir.0, "device state rebuilt", Duration::from_secs(20));
     run(&mut vm, &mut model, "after the upgrade");
     let child = crash_and_restart(&dir.0, &manager, child);
     run(&mut vm, &mut model, "after the crash");
@@ -467,15 +472,11 @@ fn a_vmm_asking_for_inflight_tracking_is_refused_and_the_next_one_served() {
     raw.write_all(&msg).unwrap();
     let mut buf = [0u8; 64];
     assert_eq!(raw.read(&mut buf).unwrap(), 0, "closed without an answer");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = std::fs::read_to_string(dir.0.join("daemon.log")).unwrap_or_default();
-        if log.contains("request 31 is not supported") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no reason logged: {log}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_log(
+        &dir.0,
+        "request 31 is not supported",
+        Duration::from_secs(10),
+    );
     let mut vm = connect(&dir.0);
     assert_eq!(vm.request(&Request::attach(1, 1)).unwrap(), Status::Ok);
     drop(child);

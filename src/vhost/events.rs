@@ -391,29 +391,31 @@ impl IommuDevice {
         backend
             .replay_recorded()
             .map_err(|e| format!("replaying the recorded changes: {e}"))?;
-        let mut res = Ok(0);
-        for (req, hw) in effects {
-            if let Request::Attach { domain, .. } = req
-                && hw != 0
-                && !s.dispatcher.summary().0.iter().any(|d| d.id == domain.0)
-            {
-                let state = crate::backend::HwDomainState {
-                    id: hw,
-                    ..Default::default()
-                };
-                if let Err(e) = backend.adopt_domains(vec![(domain, state)]) {
-                    res = Err(format!("{req:?}: {e}"));
-                    break;
+        // In batches; an ATTACH whose domain the model lacks ends one, so that the IOAS its
+        // record names is adopted before the ATTACH claims it.
+        let replay_all = || -> Result<usize, String> {
+            let mut n = 0;
+            let mut batch = Vec::new();
+            for (req, hw) in effects {
+                if let Request::Attach { domain, .. } = req
+                    && hw != 0
+                {
+                    n += self.replay(s, std::mem::take(&mut batch))?;
+                    if !s.dispatcher.summary().0.iter().any(|d| d.id == domain.0) {
+                        let state = crate::backend::HwDomainState {
+                            id: hw,
+                            ..Default::default()
+                        };
+                        backend
+                            .adopt_domains(vec![(domain, state)])
+                            .map_err(|e| format!("{req:?}: {e}"))?;
+                    }
                 }
+                batch.push(req);
             }
-            match self.replay(s, vec![req]) {
-                Ok(n) => res = res.map(|c| c + n),
-                Err(e) => {
-                    res = Err(e);
-                    break;
-                }
-            }
-        }
+            Ok(n + self.replay(s, batch)?)
+        };
+        let res = replay_all();
         backend.adoption_done(res.is_ok());
         if res.is_ok() {
             // Expected after a crash: what a request in flight at the kill left half done.

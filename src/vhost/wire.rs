@@ -214,17 +214,17 @@ pub(super) fn peek(sock: &UnixStream) -> io::Result<Option<(Message, usize)>> {
         if n == 0 {
             return Ok(None);
         }
-        match total {
-            None if n >= header_len => {
-                let mut header = Header::default();
-                header.as_mut_slice().copy_from_slice(&buf[..header_len]);
-                check(&header)?;
-                total = Some(header_len + header.size as usize);
+        if n >= header_len {
+            let mut header = Header::default();
+            header.as_mut_slice().copy_from_slice(&buf[..header_len]);
+            check(&header)?;
+            let t = header_len + header.size as usize;
+            if total.is_none() {
+                // The header alone told the length: peek the message and a byte more.
+                total = Some(t);
                 continue;
             }
-            Some(t) if n >= t => {
-                let mut header = Header::default();
-                header.as_mut_slice().copy_from_slice(&buf[..header_len]);
+            if n >= t {
                 let fds = if n == t { fds } else { Vec::new() };
                 return Ok(Some((
                     Message {
@@ -235,7 +235,6 @@ pub(super) fn peek(sock: &UnixStream) -> io::Result<Option<(Message, usize)>> {
                     t,
                 )));
             }
-            _ => {}
         }
         if !fds.is_empty() {
             // Part of the message came with fds and the rest apart: read it the consuming way.
