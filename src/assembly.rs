@@ -158,6 +158,12 @@ pub fn start_vfio_user(
             });
         }
         if let Some(k) = keeper {
+            if let Some(log) = k.reply_log(e.id) {
+                server = server.reply_log(log);
+            }
+            if let Some(found) = k.in_flight_of(e.id) {
+                server = server.after_crash(found);
+            }
             let (k, maps, id) = (k.clone(), server.dma_maps(), e.id);
             server = server.on_keep(Arc::new(move |listener, client| {
                 k.keep_vfio_user(
@@ -218,7 +224,7 @@ pub fn hand_over_vfio_user(
     for (ep, t) in std::mem::take(&mut fronts.threads) {
         match t.join() {
             Ok(Ok(vfio_user::ServerEnd::HandedOver(h))) => {
-                handed.insert(ep, h);
+                handed.insert(ep, *h);
             }
             Ok(Ok(vfio_user::ServerEnd::Stopped)) => failed.push(format!("{ep}: stopped")),
             Ok(Err(e)) => failed.push(format!("{ep}: {e}")),

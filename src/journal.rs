@@ -5,6 +5,7 @@
 //! ```text
 //!   0        header: magic, version, the active checkpoint slot and its generation
 //!   4 KiB    records: one per request answered since that checkpoint, 64 bytes each
+//!   8 MiB    reply pages: one per vfio-user server (see `reply_log`)
 //!  16 MiB    side slot 0           (the kernel objects and device servers: see below)
 //!  32 MiB    side slot 1
 //!   1 GiB    checkpoint slot 0     (JSON written with pwrite; the file is sparse)
@@ -30,6 +31,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::protocol::Request;
+
+mod reply_log;
+pub use reply_log::{InFlight, REPLY_MAX, ReplyLog};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"VUIOMMUJ");
 /// The layout version this binary writes and reads.
@@ -76,6 +80,8 @@ pub enum JournalError {
     BadSlot { slot: u64, len: u64 },
     #[error("crash journal: side state of {0} bytes is larger than a side slot ({SIDE_MAX} bytes)")]
     SideTooLarge(usize),
+    #[error("crash journal: all {0} reply pages are taken (one per vfio-user endpoint)")]
+    NoReplyPage(usize),
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> JournalError {
@@ -174,6 +180,8 @@ pub struct Recovered {
     /// The vhost-user message answered but not yet taken out of the socket (its digest; 0:
     /// none): see [`Journal::mark_answered`].
     pub answered: u64,
+    /// Each vfio-user server's message in hand, by endpoint (see [`ReplyLog`]).
+    pub in_flight: std::collections::BTreeMap<u32, InFlight>,
 }
 
 /// The journal as its writer holds it.
@@ -267,6 +275,7 @@ impl Journal {
         }
         j.next = records.len();
         let answered = j.u64_at(H_ANSWERED);
+        let in_flight = j.in_flight()?;
         Ok((
             j,
             Recovered {
@@ -274,6 +283,7 @@ impl Journal {
                 records,
                 side,
                 answered,
+                in_flight,
             },
         ))
     }

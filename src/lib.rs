@@ -30,6 +30,7 @@ pub mod journal;
 pub mod listen;
 pub mod log_limit;
 pub mod metrics;
+pub mod peek;
 pub mod peer;
 pub mod pipeline;
 pub mod protocol;

@@ -132,6 +132,9 @@ pub struct Keeper {
     /// The digest of the vhost-user message the previous daemon answered and did not take out
     /// of the socket (0: none), until the first message is looked at.
     redelivered: AtomicU64,
+    /// What the previous daemon's vfio-user servers had in hand (a crash restart), by
+    /// endpoint, until each server takes its own.
+    in_flight: Mutex<BTreeMap<u32, crate::journal::InFlight>>,
     side: Mutex<SideSources>,
 }
 
@@ -174,6 +177,7 @@ impl Keeper {
             next_name: AtomicU64::new(next_name),
             room: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
+            in_flight: Mutex::new(BTreeMap::new()),
             side: Mutex::new(SideSources::default()),
         }
     }
@@ -252,6 +256,26 @@ impl Keeper {
     /// restart.
     pub fn redelivered(&self) -> u64 {
         self.redelivered.swap(0, Ordering::AcqRel)
+    }
+
+    /// The journal page where `endpoint`'s vfio-user server marks each message in hand (see
+    /// `journal::ReplyLog`); None, logged, if the journal has no page left for it.
+    pub fn reply_log(&self, endpoint: u32) -> Option<crate::journal::ReplyLog> {
+        lock(&self.journal)
+            .reply_log(endpoint)
+            .inspect_err(|e| {
+                log::error!(
+                    "endpoint {endpoint}: {e}: a crash while its vfio-user server handles a \
+                     message may lose or repeat the answer"
+                );
+            })
+            .ok()
+    }
+
+    /// What the previous daemon's server of `endpoint` had in hand when it died (a crash
+    /// restart only); given once.
+    pub fn in_flight_of(&self, endpoint: u32) -> Option<crate::journal::InFlight> {
+        lock(&self.in_flight).remove(&endpoint)
     }
 
     /// Makes `c` the state a restarted daemon starts from.
@@ -417,6 +441,7 @@ pub fn take_back(store: FdStore, passed: Vec<(String, OwnedFd)>) -> Result<Optio
     names.extend(side_names.iter().cloned());
     let keeper = Keeper::with(store, journal, names, next);
     keeper.redelivered.store(found.answered, Ordering::Release);
+    *lock(&keeper.in_flight) = found.in_flight;
     {
         let mut kept = lock(&keeper.side);
         kept.stored = side_names;

@@ -1534,9 +1534,9 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
     .unwrap();
     let calls_before = state.lock().unwrap().irq_calls.len();
 
-    // The handover is asked for while half a message is in the socket: the server waits for
-    // the rest and answers it before it hands over (its bytes are never split between two
-    // servers).
+    // The handover is asked for while half a message is in the socket: the server hands over
+    // without reading any of it (nothing is taken out of the socket before it is answered),
+    // and the server that goes on answers it whole.
     let whole = {
         let mut m = hdr_bytes(c.next_id, GET_INFO, 16 + 16, 0);
         m.extend_from_slice(&P::default().u32(16).u32(0).u32(0).u32(0).0);
@@ -1546,14 +1546,10 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
     c.send_raw(&whole[..10], &[]);
     std::thread::sleep(Duration::from_millis(50));
     stop.hand_over();
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(!thread.is_finished(), "handed over mid-message");
-    c.send_raw(&whole[10..], &[]);
-    let (h, body, _) = c.recv();
-    assert_eq!((h.cmd, h.flags & F_ERROR, body.len()), (GET_INFO, 0, 16));
     let ServerEnd::HandedOver(handed) = thread.join().unwrap().unwrap() else {
         panic!("the server stopped instead of handing over");
     };
+    c.send_raw(&whole[10..], &[]);
     let (stream, conn) = handed.connection.expect("its client");
     assert!(conn.negotiated);
     assert_eq!(conn.irqs_set, 1 << MSIX);
@@ -1571,6 +1567,8 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
         .server
         .spawn_resumed(handed.listener, Some((stream, conn)))
         .unwrap();
+    let (h, body, _) = c.recv();
+    assert_eq!((h.cmd, h.flags & F_ERROR, body.len()), (GET_INFO, 0, 16));
     std::thread::sleep(quiet * 2);
     assert_eq!(c.info().unwrap().2, 9);
     assert!(
@@ -1679,6 +1677,298 @@ fn the_trace_has_a_line_per_vfio_user_message_with_its_fields_and_errno() {
     assert_eq!(lines[2]["region"], CONFIG);
     assert_eq!(lines[2]["count"], 4);
     assert_eq!(lines[3]["iova"], "0x100000");
+    stop.stop();
+    thread.join().unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- crash restart: the message a killed daemon had in hand ----
+
+/// What a daemon killed while it handled a message leaves, and a restarted server over it: the
+/// message still first in the client's socket (sent by `send`), the journal's entry for it
+/// (`found`, given the message's bytes), and the client's connection handed over negotiated,
+/// with `maps` recorded.
+struct AfterCrash {
+    client: Client,
+    /// The daemon's side of the connection, as the fd store keeps it.
+    _daemon_side: UnixStream,
+    stop: StopSignal,
+    thread: Option<JoinHandle<std::io::Result<vhost_user_iommu::vfio_user::ServerEnd>>>,
+    bars: File,
+    maps: vhost_user_iommu::vfio_user::DmaMaps,
+    dir: PathBuf,
+}
+
+impl AfterCrash {
+    fn start(
+        send: impl FnOnce(&mut Client) -> Vec<u8>,
+        found: impl FnOnce(&[u8], &UnixStream) -> vhost_user_iommu::journal::InFlight,
+        maps: Vec<vhost_user_iommu::vfio_user::DmaRegion>,
+    ) -> AfterCrash {
+        use vhost_user_iommu::vfio_user::{ConnectionState, DeviceServer, bind_socket};
+        let dir = std::env::temp_dir().join(format!(
+            "vfio-user-crash-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (c, daemon_side) = UnixStream::pair().unwrap();
+        c.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut client = Client {
+            sock: c,
+            next_id: 7,
+        };
+        let bytes = send(&mut client);
+        let found = found(&bytes, &daemon_side);
+        let (fake, _) = Fake::new();
+        let bars = fake.memfd.try_clone().unwrap();
+        let stop = StopSignal::new().unwrap();
+        let server = DeviceServer::new(Box::new(fake), Arc::new(|_, _| true), stop.clone())
+            .after_crash(found);
+        server.dma_maps().restore(maps);
+        let maps = server.dma_maps();
+        let state = ConnectionState {
+            negotiated: true,
+            irqs_set: 0,
+        };
+        let thread = server
+            .spawn_resumed(
+                bind_socket(&dir.join("dev.sock")).unwrap(),
+                Some((daemon_side.try_clone().unwrap(), state)),
+            )
+            .unwrap();
+        AfterCrash {
+            client,
+            _daemon_side: daemon_side,
+            stop,
+            thread: Some(thread),
+            bars,
+            maps,
+            dir,
+        }
+    }
+
+    fn bar0(&self) -> Vec<u8> {
+        let mut b = vec![0u8; 4];
+        self.bars.read_exact_at(&mut b, BAR0_OFF).unwrap();
+        b
+    }
+}
+
+impl Drop for AfterCrash {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// REGION_WRITE of `data` at BAR 0's start, as message `id` (sent, not answered); its bytes.
+fn send_bar0_write(c: &mut Client, data: &[u8]) -> Vec<u8> {
+    let p = P::default()
+        .u64(0)
+        .u32(0)
+        .u32(data.len() as u32)
+        .bytes(data);
+    let id = c.next_id;
+    c.send(REGION_WRITE, &p.0, &[], 0);
+    let mut m = hdr_bytes(id, REGION_WRITE, 16 + p.0.len() as u32, 0);
+    m.extend_from_slice(&p.0);
+    m
+}
+
+/// The reply a server sends to a REGION_WRITE of `count` bytes at BAR 0's start.
+fn bar0_write_reply(id: u16, count: u32) -> Vec<u8> {
+    let mut r = hdr_bytes(id, REGION_WRITE, 32, T_REPLY);
+    r.extend_from_slice(&P::default().u64(0).u32(0).u32(count).0);
+    r
+}
+
+fn mark(bytes: &[u8], state: u64) -> u64 {
+    vhost_user_iommu::peek::digest(&[bytes]) | state
+}
+
+#[test]
+fn a_message_carried_out_before_a_crash_is_answered_with_the_kept_reply_not_again() {
+    let kept = bar0_write_reply(7, 4);
+    let mut s = AfterCrash::start(
+        |c| send_bar0_write(c, &[1, 2, 3, 4]),
+        |m, _| vhost_user_iommu::journal::InFlight {
+            mark: mark(m, 1),
+            reply: Some(kept.clone()),
+        },
+        Vec::new(),
+    );
+    let before = s.bar0();
+    let (h, body, _) = s.client.recv();
+    assert_eq!((h.id, h.cmd, h.flags), (7, REGION_WRITE, T_REPLY));
+    assert_eq!(body, kept[16..], "the kept reply, byte for byte");
+    assert_eq!(
+        s.bar0(),
+        before,
+        "the write was not carried out a second time"
+    );
+    // Then the connection goes on, with the next message answered once.
+    assert_eq!(s.client.read(0, 0, 4).unwrap(), before);
+    assert_eq!(s.client.info().unwrap().2, 9);
+}
+
+#[test]
+fn a_message_answered_before_a_crash_is_taken_out_without_a_second_reply() {
+    // Marked answered; or marked replying with its reply unread in the client's socket.
+    for went_out in [false, true] {
+        let mut s = AfterCrash::start(
+            |c| send_bar0_write(c, &[9, 9, 9, 9]),
+            |m, daemon_side| {
+                if went_out {
+                    let mut d = daemon_side;
+                    d.write_all(&bar0_write_reply(7, 4)).unwrap();
+                }
+                vhost_user_iommu::journal::InFlight {
+                    mark: mark(m, if went_out { 1 } else { 2 }),
+                    reply: Some(bar0_write_reply(7, 4)),
+                }
+            },
+            Vec::new(),
+        );
+        let before = s.bar0();
+        if went_out {
+            let (h, _, _) = s.client.recv();
+            assert_eq!((h.id, h.cmd), (7, REGION_WRITE), "the reply sent before");
+        }
+        // The next reply the client gets is the next message's: none for message 7 again.
+        assert_eq!(s.client.info().unwrap().2, 9, "went out: {went_out}");
+        assert_eq!(
+            s.bar0(),
+            before,
+            "not carried out again (went out: {went_out})"
+        );
+    }
+}
+
+#[test]
+fn a_message_in_hand_at_a_crash_without_a_kept_reply_is_carried_out_again() {
+    // No mark (killed before its reply was kept), or a reply that could not be kept.
+    for m_state in [None, Some(1u64)] {
+        let mut s = AfterCrash::start(
+            |c| send_bar0_write(c, &[5, 6, 7, 8]),
+            |m, _| vhost_user_iommu::journal::InFlight {
+                mark: m_state.map_or(0, |st| mark(m, st)),
+                reply: None,
+            },
+            Vec::new(),
+        );
+        let (h, body, _) = s.client.recv();
+        assert_eq!(
+            (h.id, h.cmd, h.flags & F_ERROR, body.len()),
+            (7, REGION_WRITE, 0, 16)
+        );
+        assert_eq!(s.bar0(), vec![5, 6, 7, 8], "carried out ({m_state:?})");
+        assert_eq!(s.client.info().unwrap().2, 9);
+    }
+}
+
+#[test]
+fn dma_map_and_unmap_a_crash_had_carried_out_succeed_once_more_and_only_then() {
+    use std::os::unix::fs::MetadataExt;
+    let ram = memfd("guest-ram", 0x2000);
+    let md = ram.metadata().unwrap();
+    let region = vhost_user_iommu::vfio_user::DmaRegion {
+        address: 0x10_0000,
+        size: 0x2000,
+        flags: 3,
+        offset: 0,
+        file_id: Some((md.dev(), md.ino())),
+        file: None,
+    };
+    // The map was made (and kept) before the kill; the message is still in the socket.
+    let fd = ram.as_raw_fd();
+    let mut s = AfterCrash::start(
+        |c| {
+            let p = P::default()
+                .u32(32)
+                .u32(3)
+                .u64(0)
+                .u64(0x10_0000)
+                .u64(0x2000);
+            c.send(DMA_MAP, &p.0, &[fd], 0);
+            Vec::new()
+        },
+        |_, _| vhost_user_iommu::journal::InFlight::default(),
+        vec![region.clone()],
+    );
+    let (h, _, _) = s.client.recv();
+    assert_eq!((h.id, h.cmd, h.flags & F_ERROR), (7, DMA_MAP, 0));
+    assert_eq!(s.maps.len(), 1);
+    // Only the first message after the crash: the same map again overlaps.
+    assert_eq!(
+        s.client.dma_map(3, 0, 0x10_0000, 0x2000, Some(fd)).err(),
+        Some(libc::EEXIST as u32)
+    );
+    drop(s);
+
+    // The unmap was made before the kill: the map is gone already.
+    let mut s = AfterCrash::start(
+        |c| {
+            let p = P::default().u32(24).u32(0).u64(0x10_0000).u64(0x2000);
+            c.send(DMA_UNMAP, &p.0, &[], 0);
+            Vec::new()
+        },
+        |_, _| vhost_user_iommu::journal::InFlight::default(),
+        Vec::new(),
+    );
+    let (h, _, _) = s.client.recv();
+    assert_eq!((h.id, h.cmd, h.flags & F_ERROR), (7, DMA_UNMAP, 0));
+    assert_eq!(
+        s.client.dma_unmap(0, 0x10_0000, 0x2000).err(),
+        Some(libc::ENOENT as u32),
+        "only the first message after the crash"
+    );
+}
+
+#[test]
+fn a_server_marks_each_message_in_hand_and_clears_the_mark_once_it_is_taken_out() {
+    use vhost_user_iommu::journal::Journal;
+    let mut j = Journal::create().unwrap();
+    j.checkpoint(b"{}").unwrap();
+    let reopen = |j: &Journal| {
+        Journal::open(j.fd().try_clone_to_owned().unwrap())
+            .unwrap()
+            .1
+            .in_flight
+    };
+    let (fake, _) = Fake::new();
+    let stop = StopSignal::new().unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "vfio-user-marks-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dev.sock");
+    let server = vhost_user_iommu::vfio_user::DeviceServer::new(
+        Box::new(fake),
+        Arc::new(|_, _| true),
+        stop.clone(),
+    )
+    .reply_log(j.reply_log(3).unwrap());
+    let thread = server
+        .spawn(vhost_user_iommu::vfio_user::bind_socket(&path).unwrap())
+        .unwrap();
+    let mut c = Client::connect_to(&path);
+    c.version("{}").unwrap();
+    c.write(0, 0, &[1, 2, 3, 4]).unwrap();
+    // The reply is sent before the message is taken out: wait for the mark to clear.
+    let t = Instant::now();
+    while reopen(&j)[&3].mark != 0 {
+        assert!(
+            t.elapsed() < TIMEOUT,
+            "the mark stays after the message was answered"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     stop.stop();
     thread.join().unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);

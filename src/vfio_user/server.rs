@@ -74,6 +74,10 @@ pub struct DeviceServer {
     peers: PeerPolicy,
     message_timeout: Duration,
     trace: Option<Arc<crate::trace::Tracer>>,
+    /// Where each message in hand is marked and its reply kept for a restarted daemon.
+    reply_log: Option<crate::journal::ReplyLog>,
+    /// What the journal held for the handed-over client's first message (a crash restart).
+    after_crash: Option<crate::journal::InFlight>,
 }
 
 /// Refused clients (another VM's VMM, a stray process): their number decides how often.
@@ -94,7 +98,23 @@ impl DeviceServer {
             peers: PeerPolicy::default(),
             message_timeout: MESSAGE_TIMEOUT,
             trace: None,
+            reply_log: None,
+            after_crash: None,
         }
+    }
+
+    /// Marks each message in hand in `log` and keeps its reply there before sending it, so that
+    /// a daemon restarted after a kill answers it exactly once (see `recovery`).
+    pub fn reply_log(mut self, log: crate::journal::ReplyLog) -> Self {
+        self.reply_log = Some(log);
+        self
+    }
+
+    /// A crash restart: `found` is what the journal held for the handed-over client's message
+    /// in hand, which this server looks at first.
+    pub fn after_crash(mut self, found: crate::journal::InFlight) -> Self {
+        self.after_crash = Some(found);
+        self
     }
 
     /// Writes a line per message into the daemon's request trace while it is on.
@@ -175,6 +195,8 @@ impl DeviceServer {
             k(&listener, resumed.as_ref().map(|(s, st)| (s, st)));
         }
         loop {
+            // A crash restart's journal entry is for the handed-over client alone.
+            let redelivered = self.after_crash.take().filter(|_| resumed.is_some());
             let (stream, state) = match resumed.take() {
                 Some(r) => r,
                 None => match self.accept(&listener)? {
@@ -185,11 +207,11 @@ impl DeviceServer {
                     }
                     None => {
                         info!("vfio-user {}: handed over (no client)", self.name);
-                        return Ok(ServerEnd::HandedOver(HandedOverServer {
+                        return Ok(ServerEnd::HandedOver(Box::new(HandedOverServer {
                             server: self,
                             listener,
                             connection: None,
-                        }));
+                        })));
                     }
                 },
             };
@@ -224,6 +246,8 @@ impl DeviceServer {
             conn.on_maps = self.on_dma_change.clone();
             conn.trace = self.trace.as_deref();
             conn.on_keep = keep_conn.as_ref().map(|f| f as &dyn Fn(&ConnectionState));
+            conn.reply_log = self.reply_log.as_ref();
+            conn.redelivered = redelivered;
             let ended = conn.run(&stream, &self.stop, self.message_timeout);
             if ended.is_ok() && self.stop.handing_over() && !self.stop.is_stopped() {
                 // Between two messages: the connection passes on as it is.
@@ -231,11 +255,11 @@ impl DeviceServer {
                 drop(conn);
                 self.put_back(dev, generation);
                 info!("vfio-user {}: handed over with its client", self.name);
-                return Ok(ServerEnd::HandedOver(HandedOverServer {
+                return Ok(ServerEnd::HandedOver(Box::new(HandedOverServer {
                     server: self,
                     listener,
                     connection: Some((stream, state)),
-                }));
+                })));
             }
             match ended {
                 Ok(()) => info!("vfio-user {}: client disconnected", self.name),
@@ -361,7 +385,7 @@ pub enum ServerEnd {
     /// The stop signal fired: the last connection was cleaned up.
     Stopped,
     /// A handover was asked for: nothing was undone.
-    HandedOver(HandedOverServer),
+    HandedOver(Box<HandedOverServer>),
 }
 
 /// A server handed over between two messages: itself (to resume in this process), its

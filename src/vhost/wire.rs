@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 
 use vm_memory::ByteValued;
 
+use crate::peek::Peeked;
 use crate::scm;
 
 /// vhost-user request codes (front-end to back-end) this device knows.
@@ -195,127 +196,54 @@ const MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// read (consumed) instead, and its length is 0.
 pub(super) fn peek(sock: &UnixStream) -> io::Result<Option<(Message, usize)>> {
     let header_len = std::mem::size_of::<Header>();
+    let len = |bytes: &[u8]| -> io::Result<usize> {
+        let mut header = Header::default();
+        header.as_mut_slice().copy_from_slice(bytes);
+        check(&header)?;
+        Ok(header_len + header.size as usize)
+    };
     let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
-    // The header, then the message and one byte more. A peek goes on to the next segment in
-    // the socket after one without fds, even with nothing left to copy, and brings that one's
-    // fds along (Linux's unix_stream_read_generic): fds that come with a byte past the message
-    // are the next message's.
-    let mut total = None;
-    loop {
-        let want = total.map_or(header_len, |t: usize| t + 1);
-        let mut buf = vec![0u8; want];
-        let mut fds = Vec::new();
-        let (n, truncated) = scm::peek_some(sock.as_fd(), &mut buf, &mut fds)?;
-        if truncated {
-            return Err(invalid(
-                "more file descriptors than any message carries".into(),
-            ));
-        }
-        if n == 0 {
-            return Ok(None);
-        }
-        if n >= header_len {
+    match crate::peek::peek_message(sock.as_fd(), header_len, &len, deadline, &|| false)? {
+        Peeked::Closed => Ok(None),
+        Peeked::Whole {
+            truncated: true, ..
+        } => Err(invalid(
+            "more file descriptors than any message carries".into(),
+        )),
+        Peeked::Whole { bytes, fds, .. } => {
             let mut header = Header::default();
-            header.as_mut_slice().copy_from_slice(&buf[..header_len]);
-            check(&header)?;
-            let t = header_len + header.size as usize;
-            if total.is_none() {
-                // The header alone told the length: peek the message and a byte more.
-                total = Some(t);
-                continue;
-            }
-            if n >= t {
-                let fds = if n == t { fds } else { Vec::new() };
-                return Ok(Some((
-                    Message {
-                        header,
-                        payload: buf[header_len..t].to_vec(),
-                        fds,
-                    },
-                    t,
-                )));
-            }
+            header.as_mut_slice().copy_from_slice(&bytes[..header_len]);
+            let t = bytes.len();
+            Ok(Some((
+                Message {
+                    header,
+                    payload: bytes[header_len..].to_vec(),
+                    fds,
+                },
+                t,
+            )))
         }
-        if !fds.is_empty() {
-            // Part of the message came with fds and the rest apart: read it the consuming way.
-            drop(fds);
-            return receive(sock).map(|m| m.map(|m| (m, 0)));
-        }
-        // Part of a message: the rest is on its way, unless the VMM closed the socket.
-        if peer_closed(sock)? {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the VMM closed the socket mid-message",
-            ));
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("a message still incomplete {MESSAGE_TIMEOUT:?} after its first byte"),
-            ));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
+        // Part of the message came with fds and the rest apart: read it the consuming way.
+        Peeked::Apart => receive(sock).map(|m| m.map(|m| (m, 0))),
+        Peeked::GaveUp => unreachable!("a vhost-user peek never gives up"),
     }
 }
 
-/// What identifies a message among those a VMM sends one after the other (FNV-1a of its bytes,
-/// its two low bits clear for the journal's mark, never 0).
+/// What identifies a message among those a VMM sends one after the other (see
+/// [`crate::peek::digest`]).
 pub(super) fn digest(m: &Message) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in m.header.as_slice().iter().chain(&m.payload) {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h & !3 | 4
+    crate::peek::digest(&[m.header.as_slice(), &m.payload])
 }
 
-/// Whether the reply sent last on `sock` went out, for a message of `len` bytes still first in
-/// the socket: the kernel says so while the reply is unread, or once the VMM sent more (it
-/// waits for a reply before its next message); a VMM that read it and went quiet is waited for
-/// up to 100 ms, then taken as not having it.
+/// Whether the reply sent last on `sock` went out (see [`crate::peek::reply_went_out`]).
 pub(super) fn reply_went_out(sock: &UnixStream, len: usize) -> io::Result<bool> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(sock);
-    let queued = |req: libc::c_ulong| -> io::Result<usize> {
-        let mut n: libc::c_int = 0;
-        // SAFETY: SIOCOUTQ/FIONREAD write one int into `n`.
-        if unsafe { libc::ioctl(fd, req, &mut n) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
-    loop {
-        if queued(libc::TIOCOUTQ)? > 0 || queued(libc::FIONREAD)? > len {
-            return Ok(true);
-        }
-        if std::time::Instant::now() > deadline {
-            return Ok(false);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-}
-
-/// Whether the VMM shut its side of the connection down.
-fn peer_closed(sock: &UnixStream) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd: std::os::fd::AsRawFd::as_raw_fd(sock),
-        events: libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: poll on one pollfd we own, without waiting.
-    let rc = unsafe { libc::poll(&mut p, 1, 0) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0)
+    crate::peek::reply_went_out(sock.as_fd(), len)
 }
 
 /// Takes the `len` bytes of an answered message out of the socket (the fds that come with them
 /// again are closed).
 pub(super) fn consume(sock: &UnixStream, len: usize) -> io::Result<()> {
-    let mut buf = vec![0u8; len];
-    let mut fds = Vec::new();
-    read_full(sock, &mut buf, &mut fds, false).map(drop)
+    crate::peek::consume(sock.as_fd(), len)
 }
 
 /// Sends the reply to `to` with `body` as its payload.

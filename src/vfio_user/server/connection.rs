@@ -41,7 +41,21 @@ pub(super) struct Connection<'a> {
     /// The state last told to `on_keep`, and whether the DMA maps changed since.
     kept: Option<ConnectionState>,
     maps_dirty: bool,
+    /// Where the message in hand is marked and its reply kept for a restarted daemon.
+    pub(super) reply_log: Option<&'a crate::journal::ReplyLog>,
+    /// What the journal held for this connection's first message after a crash restart.
+    pub(super) redelivered: Option<crate::journal::InFlight>,
+    /// The message in hand is the first after a crash restart: the dead daemon may have
+    /// carried it out already.
+    after_crash: bool,
+    /// The digest of the message in hand (0: it was read out of the socket).
+    answering: u64,
 }
+
+/// The journal's mark for the message in hand (its digest with these bits): its reply is going
+/// out; it is answered.
+const REPLYING: u64 = 1;
+const ANSWERED: u64 = 2;
 
 impl<'a> Connection<'a> {
     pub(super) fn new(
@@ -62,6 +76,10 @@ impl<'a> Connection<'a> {
             on_keep: None,
             kept: None,
             maps_dirty: false,
+            reply_log: None,
+            redelivered: None,
+            after_crash: false,
+            answering: 0,
         }
     }
 
@@ -143,13 +161,92 @@ impl<'a> Connection<'a> {
                     ));
                 }
                 Received::Msg(m) => {
-                    let close = self.handle(sock, m)?;
-                    if close {
+                    let (len, digest) = (m.in_socket, m.digest);
+                    if self.answered_before_crash(sock, &m)? {
+                        self.taken_out(sock, len, digest)?;
+                        continue;
+                    }
+                    self.answering = digest;
+                    let close = self.handle(sock, m);
+                    self.after_crash = false;
+                    // Answered: a kill before it is taken out must not have it answered again.
+                    let taken = self.taken_out(sock, len, digest);
+                    if close? {
                         return Ok(());
                     }
+                    taken?;
                 }
             }
         }
+    }
+
+    /// Whether `m`, the first message after a crash restart, was answered by the dead daemon:
+    /// taken out without a second answer, or answered with the reply the journal kept (it is
+    /// not carried out twice). Otherwise it is handled as the dead daemon may have left it
+    /// half done (`after_crash`).
+    fn answered_before_crash(&mut self, sock: BorrowedFd<'_>, m: &Msg) -> io::Result<bool> {
+        let Some(found) = self.redelivered.take() else {
+            return Ok(false);
+        };
+        self.after_crash = true;
+        if m.in_socket == 0 || found.mark & !3 != m.digest {
+            return Ok(false);
+        }
+        let what = format!(
+            "crash restart: vfio-user {}: command {} (id {})",
+            self.name, m.hdr.command, m.hdr.msg_id
+        );
+        if found.mark & ANSWERED != 0 {
+            info!("{what} was answered before the crash: taken out");
+            return Ok(true);
+        }
+        if crate::peek::reply_went_out(sock, m.in_socket)? {
+            info!("{what} was answered before the crash (the reply went out): taken out");
+            return Ok(true);
+        }
+        let Some(reply) = found.reply else {
+            info!("{what} was being answered at the crash: handled again");
+            return Ok(false);
+        };
+        info!("{what} was carried out before the crash: answered with the kept reply");
+        self.mark(m.digest | REPLYING);
+        scm::send_all(sock, &reply, None)?;
+        Ok(true)
+    }
+
+    /// Takes the answered message of `len` bytes out of the socket, with the journal's marks
+    /// around it (nothing to do for one read out already).
+    fn taken_out(&mut self, sock: BorrowedFd<'_>, len: usize, digest: u64) -> io::Result<()> {
+        self.answering = 0;
+        if len == 0 {
+            return Ok(());
+        }
+        self.mark(digest | ANSWERED);
+        crate::peek::consume(sock, len)?;
+        self.mark(0);
+        Ok(())
+    }
+
+    fn mark(&self, mark: u64) {
+        if let Some(log) = self.reply_log {
+            log.mark(mark);
+        }
+    }
+
+    /// Sends `bytes` (and `fd`) as the answer to the message in hand, kept in the journal
+    /// first (see `answered_before_crash`).
+    fn send(
+        &self,
+        sock: BorrowedFd<'_>,
+        bytes: &[u8],
+        fd: Option<BorrowedFd<'_>>,
+    ) -> io::Result<()> {
+        if let Some(log) = self.reply_log
+            && self.answering != 0
+        {
+            log.replying(self.answering | REPLYING, fd.is_none().then_some(bytes));
+        }
+        scm::send_all(sock, bytes, fd)
     }
 
     /// Handles one message and sends its reply; returns whether to close the connection.
@@ -167,7 +264,7 @@ impl<'a> Connection<'a> {
             }
             t => {
                 warn!("vfio-user {}: message type {t} refused", self.name);
-                scm::send_all(sock, &error_reply(h.msg_id, h.command, libc::EINVAL), None)?;
+                self.send(sock, &error_reply(h.msg_id, h.command, libc::EINVAL), None)?;
                 return Ok(false);
             }
         }
@@ -191,7 +288,7 @@ impl<'a> Connection<'a> {
         match result {
             Ok(r) => {
                 if !h.no_reply() {
-                    scm::send_all(sock, &reply(&h, &r.payload), r.fd)?;
+                    self.send(sock, &reply(&h, &r.payload), r.fd)?;
                 }
                 Ok(false)
             }
@@ -206,7 +303,7 @@ impl<'a> Connection<'a> {
                         self.name, h.command
                     );
                 } else {
-                    scm::send_all(sock, &error_reply(h.msg_id, h.command, e.errno), None)?;
+                    self.send(sock, &error_reply(h.msg_id, h.command, e.errno), None)?;
                 }
                 // A client whose version we cannot speak gets its error, then the door.
                 Ok(version_refused)
@@ -324,6 +421,13 @@ impl<'a> Connection<'a> {
     fn dma_map(&mut self, p: &[u8], fd: Option<&OwnedFd>) -> Result<Reply<'a>, Errno> {
         let m = decode_dma_map(p)?;
         let end = m.address + m.size;
+        if self.after_crash && self.already_mapped(&m, fd) {
+            info!(
+                "crash restart: vfio-user {}: DMA map {:#x}+{:#x} was made before the crash",
+                self.name, m.address, m.size
+            );
+            return Ok(Reply::empty());
+        }
         if self.maps.len() >= MAX_DMA_MAPS {
             return Err(err(
                 libc::ENOSPC,
@@ -389,6 +493,17 @@ impl<'a> Connection<'a> {
         Ok(Reply::empty())
     }
 
+    /// Whether the maps hold exactly the map `m` asks for, from the same file.
+    fn already_mapped(&self, m: &DmaMap, fd: Option<&OwnedFd>) -> bool {
+        let file_id = fd.and_then(|fd| {
+            let md = std::fs::File::from(fd.try_clone().ok()?).metadata().ok()?;
+            Some((md.dev(), md.ino()))
+        });
+        self.maps.lock().get(&m.address).is_some_and(|r| {
+            (r.size, r.flags, r.offset, r.file_id) == (m.size, m.flags, m.offset, file_id)
+        })
+    }
+
     fn dma_unmap(&mut self, p: &[u8]) -> Result<Reply<'a>, Errno> {
         let u = decode_dma_unmap(p)?;
         {
@@ -399,6 +514,12 @@ impl<'a> Connection<'a> {
                 match maps.get(&u.address) {
                     Some(r) if r.size == u.size => {
                         maps.remove(&u.address);
+                    }
+                    None if self.after_crash => {
+                        info!(
+                            "crash restart: vfio-user {}: DMA unmap {:#x}+{:#x} was made before the crash",
+                            self.name, u.address, u.size
+                        );
                     }
                     _ => {
                         return Err(err(

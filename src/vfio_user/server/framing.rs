@@ -2,6 +2,10 @@
 //! signal watched while waiting. A message must arrive whole within a time limit of its first
 //! byte, and the first message of a connection within a time limit of the connect: a client
 //! that stalls mid-message or never says anything does not hold the device's one slot.
+//!
+//! A message is peeked, not read: it stays in the socket until it is answered (the connection
+//! takes it out with [`crate::peek::consume`]), so that a daemon killed while handling it
+//! leaves it to the next daemon (see `recovery`), and a handover never splits one.
 
 use super::*;
 
@@ -11,7 +15,18 @@ pub(super) struct Msg {
     pub(super) payload: Vec<u8>,
     pub(super) fds: Vec<OwnedFd>,
     pub(super) fds_truncated: bool,
+    /// Its length, still in the socket (0: read out already).
+    pub(super) in_socket: usize,
+    /// What identifies it among the client's messages ([`crate::peek::digest`]; 0 when read
+    /// out).
+    pub(super) digest: u64,
 }
+
+/// The largest message left in the socket until it is answered; a larger one (beyond what a
+/// socket's buffer surely holds at once) is read out at once, and a daemon killed while it
+/// handles it loses it (the client's request times out). A VMM's messages are far smaller:
+/// config-space accesses, IRQ and DMA-map setup.
+const PEEK_MAX: usize = 64 << 10;
 
 pub(super) enum Received {
     Msg(Msg),
@@ -83,7 +98,7 @@ fn read_full(
 }
 
 /// Receives the next message: its first byte by `first_by` (None: no limit, an idle client),
-/// the whole of it within `limit` of that.
+/// the whole of it within `limit` of that. It stays in the socket (see the module).
 pub(super) fn receive(
     sock: BorrowedFd<'_>,
     stop: &StopSignal,
@@ -96,6 +111,60 @@ pub(super) fn receive(
         scm::Wait::TimedOut => return Ok(Received::Silent),
     }
     let deadline = Instant::now() + limit;
+    let len = |b: &[u8]| -> io::Result<usize> {
+        let size = header_of(b).message_size as usize;
+        // A header out of bounds, or a message too large to peek: the header alone.
+        Ok(if (HEADER_SIZE..=PEEK_MAX).contains(&size) {
+            size
+        } else {
+            HEADER_SIZE
+        })
+    };
+    // A stop or a handover while a message arrives leaves it in the socket.
+    let give_up = || stop.is_stopped() || stop.handing_over();
+    let (bytes, fds, truncated) =
+        match crate::peek::peek_message(sock, HEADER_SIZE, &len, deadline, &give_up)? {
+            crate::peek::Peeked::Closed => return Ok(Received::Eof),
+            crate::peek::Peeked::GaveUp => return Ok(Received::Stopped),
+            crate::peek::Peeked::Apart => return read_message(sock, stop, deadline),
+            crate::peek::Peeked::Whole {
+                bytes,
+                fds,
+                truncated,
+            } => (bytes, fds, truncated),
+        };
+    let hdr = header_of(&bytes);
+    let size = hdr.message_size as usize;
+    if size < HEADER_SIZE {
+        crate::peek::consume(sock, HEADER_SIZE)?;
+        return Ok(Received::Undersized(hdr));
+    }
+    if size > MAX_MSG_SIZE {
+        crate::peek::consume(sock, HEADER_SIZE)?;
+        return Ok(Received::Oversized(hdr));
+    }
+    if size > PEEK_MAX {
+        drop(fds);
+        return read_message(sock, stop, deadline);
+    }
+    let digest = crate::peek::digest(&[&bytes]);
+    Ok(Received::Msg(Msg {
+        hdr,
+        payload: bytes[HEADER_SIZE..].to_vec(),
+        fds_truncated: truncated || fds.len() > MAX_MSG_FDS,
+        fds,
+        in_socket: size,
+        digest,
+    }))
+}
+
+/// Reads the message first in the socket out of it (one that cannot be peeked whole), all of
+/// it by `deadline`.
+fn read_message(
+    sock: BorrowedFd<'_>,
+    stop: &StopSignal,
+    deadline: Instant,
+) -> io::Result<Received> {
     let mut fds = Vec::new();
     let mut truncated = false;
     let mut hb = [0u8; HEADER_SIZE];
@@ -139,5 +208,14 @@ pub(super) fn receive(
         payload,
         fds,
         fds_truncated: truncated,
+        in_socket: 0,
+        digest: 0,
     }))
+}
+
+/// The header at the start of `bytes` (at least a header's length).
+fn header_of(bytes: &[u8]) -> Header {
+    let mut hb = [0u8; HEADER_SIZE];
+    hb.copy_from_slice(&bytes[..HEADER_SIZE]);
+    Header::decode(&hb)
 }

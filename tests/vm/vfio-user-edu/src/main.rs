@@ -34,6 +34,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use client::{
     CallError, Client, DMA_READ, DMA_WRITE, REG_MMAP, Result, SET_ACTION_TRIGGER, SET_DATA_EVENTFD,
+    le32,
 };
 
 // The VM tier's guest kit: edu's registers, discovery and BAR mapping (libc only) and the
@@ -1047,6 +1048,100 @@ fn crash_storm_check(rep: &mut Report, cx: &mut Ctx, daemon: &mut Daemon, bar1: 
     );
 }
 
+/// SIGKILLs at random points while the VMM's side of endpoint 1 sends vfio-user messages back
+/// to back (a register write and read through the socket, an unmap and a map of all guest RAM):
+/// every message is answered exactly once (the client takes replies strictly in order, so a
+/// lost one times out and a repeated one is a reply to the wrong message), each with success,
+/// the register reads back what the write before it set, and the DMA map is there at the end.
+fn vfio_user_storm_check(rep: &mut Report, daemon: &mut Daemon, c1: &mut Client, ram_fd: &OwnedFd) {
+    const KILLS: u32 = 8;
+    rep.check(
+        &format!("crash restart: {KILLS} SIGKILLs at random points of back-to-back vfio-user messages (region write/read, DMA unmap/map): each answered exactly once (replies taken strictly in order), with success"),
+        (|| {
+            let mut seed = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
+            let rw = DMA_READ | DMA_WRITE;
+            let mut messages = 0u64;
+            let mut pauses = Vec::new();
+            let mut in_hand = std::collections::BTreeMap::<&str, u32>::new();
+            for k in 0..KILLS {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let delay = Duration::from_millis(5 + (seed >> 33) % 60);
+                let stop = AtomicBool::new(false);
+                let killed_at: Mutex<Option<Instant>> = Mutex::new(None);
+                let mut answered_after = None;
+                let (killed, done) = thread::scope(|scope| {
+                    let killer = scope.spawn(|| {
+                        thread::sleep(delay);
+                        let r = daemon.crash_and_restart().map(|(from, at)| {
+                            *killed_at.lock().unwrap() = Some(at);
+                            from
+                        });
+                        stop.store(true, Ordering::SeqCst);
+                        r
+                    });
+                    let mut i = 0u32;
+                    let mut done = Ok(0u64);
+                    let mut after = 0;
+                    while after < 2 {
+                        if stop.load(Ordering::SeqCst) {
+                            after += 1;
+                        }
+                        let v = 0x5a00_0000 | (k << 16) | (i & 0xffff);
+                        let r = (|| -> Result<()> {
+                            c1.write(BAR0, EDU_LIVENESS as u64, &v.to_le_bytes())
+                                .map_err(|e| format!("region write: {e}"))?;
+                            let got = c1.read(BAR0, EDU_LIVENESS as u64, 4)
+                                .map_err(|e| format!("region read: {e}"))?;
+                            if le32(&got, 0) != !v {
+                                return Err(format!("the liveness register read {:#x} after {v:#x} was written (want {:#x})", le32(&got, 0), !v));
+                            }
+                            c1.dma_unmap(0, 0, RAM_SIZE).map_err(|e| format!("DMA unmap: {e}"))?;
+                            c1.dma_map(rw, 0, 0, RAM_SIZE, Some(ram_fd.as_raw_fd()))
+                                .map_err(|e| format!("DMA map: {e}"))
+                        })();
+                        if let Err(e) = r {
+                            done = Err(format!("kill {k} ({delay:?}): round {i}: {e}"));
+                            break;
+                        }
+                        if answered_after.is_none() && let Some(at) = *killed_at.lock().unwrap() {
+                            answered_after = Some(at.elapsed());
+                        }
+                        i += 1;
+                        done = done.map(|n| n + 4);
+                    }
+                    let killed = killer.join().unwrap_or_else(|_| Err("the killer panicked".into()));
+                    (killed, done)
+                });
+                let from = killed?;
+                messages += done?;
+                pauses.extend(answered_after);
+                daemon
+                    .wait_log_from(from, "recorded change(s) replayed", Duration::from_secs(30))
+                    .ok_or(format!("kill {k}: no restart logged"))?;
+                for l in daemon.log.lock().unwrap().iter().skip(from) {
+                    for what in ["answered before the crash", "answered with the kept reply", "handled again", "made before the crash"] {
+                        if l.contains("crash restart: vfio-user") && l.contains(what) {
+                            *in_hand.entry(what).or_default() += 1;
+                        }
+                    }
+                }
+            }
+            match c1.dma_map(rw, 0, 0, RAM_SIZE, Some(ram_fd.as_raw_fd())) {
+                Err(CallError::Errno(_)) => {}
+                Ok(()) => return Err("the DMA map made last before the end is gone (the same map succeeded again)".into()),
+                Err(e) => return Err(e.to_string()),
+            }
+            pauses.sort_unstable();
+            let ms = |d: Option<&Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+            Ok(format!(
+                "{messages} messages answered once each with success across {KILLS} kills; messages in the daemon's hands at a kill: {in_hand:?}; from a kill to the first round answered after it (under TCG): p50 {:.0} ms, max {:.0} ms",
+                ms(pauses.get(pauses.len() / 2)),
+                ms(pauses.last())
+            ))
+        })(),
+    );
+}
+
 fn run(rep: &mut Report) -> Result<()> {
     let edus = edus()?;
     if edus.len() < 2 {
@@ -1134,6 +1229,7 @@ fn run(rep: &mut Report) -> Result<()> {
             );
         }
         crash_storm_check(rep, &mut cx, &mut daemon, &bar1);
+        vfio_user_storm_check(rep, &mut daemon, &mut c1, &ram_fd);
     }
 
     let mut reset_works = false;
