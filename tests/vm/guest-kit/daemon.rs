@@ -48,6 +48,18 @@ impl Daemon {
         mode: Mode,
         hotplug: bool,
     ) -> Result<Daemon> {
+        Daemon::start_with(name, backend, mode, hotplug, None)
+    }
+
+    /// [`start`](Self::start), the hot-plug watcher telling `keeper` (the crash-restart fd
+    /// store) what the host takes away and gives back.
+    pub fn start_with(
+        name: &str,
+        backend: Arc<IommufdBackend>,
+        mode: Mode,
+        hotplug: bool,
+        keeper: Option<Arc<vhost_user_iommu::recovery::Keeper>>,
+    ) -> Result<Daemon> {
         let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let socket = dir.join("viommu.sock");
@@ -66,7 +78,7 @@ impl Daemon {
         let devices = Arc::new(AtomicUsize::new(0));
         let current: CurrentDevice = Arc::default();
         if hotplug {
-            vhost_user_iommu::hotplug::watch(&backend, current.clone(), Default::default(), None)
+            vhost_user_iommu::hotplug::watch(&backend, current.clone(), Default::default(), keeper)
                 .map_err(|e| format!("hot-plug watcher: {e}"))?;
         }
         let (s, n, b) = (stopper.clone(), devices.clone(), backend.clone());

@@ -16,19 +16,29 @@
 //!    daemon reopens it within a few seconds; a fresh ATTACH + MAP of endpoint 1 works and edu
 //!    DMA through it lands.
 //!
+//! The daemon keeps its kernel objects for a crash restart in a file descriptor store, as under
+//! systemd (a `ServiceManager` in this process holds the duplicates): the store lets go of
+//! endpoint 1's device before the daemon closes it (else the unbind would wait for ever), and
+//! keeps the reopened device again after the replug.
+//!
 //! Output: `PASS: name` / `FAIL: name: why` per check; exit status 1 if any failed.
 
 use std::fs;
 use std::process::ExitCode;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use vhost_user_iommu::backend::Attachment;
+use vhost_user_iommu::backend::iommufd::IommufdBackend;
+use vhost_user_iommu::deploy::fdstore::FdStore;
 use vhost_user_iommu::driver::TestVm;
 use vhost_user_iommu::ids::EndpointId;
+use vhost_user_iommu::journal::Journal;
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::Status;
+use vhost_user_iommu::recovery::Keeper;
+use vhost_user_iommu::testing::service_manager::ServiceManager;
 
 use guest_kit::daemon::*;
 use guest_kit::edu::*;
@@ -78,10 +88,52 @@ fn main() -> ExitCode {
     rep.finish("unplug", t0)
 }
 
+/// The devices the fd store holds (`dev<endpoint>.<dev_id>` names).
+fn stored_devices(sm: &ServiceManager) -> Result<Vec<String>> {
+    sm.sync().map_err(|e| format!("fd store: {e}"))?;
+    let mut v: Vec<String> = sm
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with("dev"))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// A keeper of the kernel objects in a file descriptor store served by this process.
+fn keeper(backend: &Arc<IommufdBackend>) -> Result<(ServiceManager, Arc<Keeper>)> {
+    let dir = std::env::temp_dir().join(format!("unplug-store-{}", std::process::id()));
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join("notify");
+    let _ = fs::remove_file(&path);
+    let sm = ServiceManager::start(&path).map_err(|e| format!("notify socket: {e}"))?;
+    // SAFETY: set before any other thread of this program reads the environment.
+    unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+    let store = FdStore::from_env()
+        .map_err(|e| format!("fd store: {e}"))?
+        .ok_or("no fd store")?;
+    let journal = Journal::create().map_err(|e| e.to_string())?;
+    let k = Keeper::start(store, journal).map_err(|e| format!("keeper: {e}"))?;
+    k.keep_iommufd(backend.clone())?;
+    Ok((sm, Arc::new(k)))
+}
+
 fn run(rep: &mut Report) -> Result<()> {
     let (backend, edus) = backend_over_two_edus()?;
     let bdf1 = edus[0].0.clone();
-    let d = Daemon::start("unplug", backend, Mode::Inline, true)?;
+    let (sm, k) = keeper(&backend)?;
+    let kept = stored_devices(&sm)?;
+    rep.check(
+        "the fd store keeps both devices for a crash restart",
+        if kept.iter().any(|n| n.starts_with("dev1."))
+            && kept.iter().any(|n| n.starts_with("dev2."))
+        {
+            Ok(format!("{kept:?}"))
+        } else {
+            Err(format!("the store holds {kept:?}"))
+        },
+    );
+    let d = Daemon::start_with("unplug", backend, Mode::Inline, true, Some(k))?;
     let b = d.backend.clone();
     let mut vm = d.connect()?;
     let mut edu1 = Some(Edu::open(&b, EndpointId(1), format!("edu {bdf1}"))?);
@@ -120,7 +172,11 @@ fn run(rep: &mut Report) -> Result<()> {
             if b.attachment(EndpointId(1)) != Some(Attachment::Blocked) {
                 return Err(format!("endpoint 1: {:?}", b.attachment(EndpointId(1))));
             }
-            Ok(format!("{:.2} s; daemon: {line}", took.as_secs_f64()))
+            let kept = stored_devices(&sm)?;
+            if kept.iter().any(|n| n.starts_with("dev1.")) || !kept.iter().any(|n| n.starts_with("dev2.")) {
+                return Err(format!("after the unplug the fd store holds {kept:?}"));
+            }
+            Ok(format!("{:.2} s (the fd store let go of the device first: it holds {kept:?}); daemon: {line}", took.as_secs_f64()))
         })(),
     );
     if !unbound {
@@ -169,7 +225,15 @@ fn run(rep: &mut Report) -> Result<()> {
             if b.attachment(EndpointId(1)) != Some(Attachment::Blocked) {
                 return Err(format!("endpoint 1: {:?}", b.attachment(EndpointId(1))));
             }
-            Ok(format!("daemon: {line}"))
+            let kept = stored_devices(&sm)?;
+            if !kept.iter().any(|n| n.starts_with("dev1.")) {
+                return Err(format!(
+                    "the fd store does not keep the replugged device: {kept:?}"
+                ));
+            }
+            Ok(format!(
+                "daemon: {line}; the fd store keeps it again: {kept:?}"
+            ))
         })(),
     );
     if back {
