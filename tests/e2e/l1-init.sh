@@ -110,9 +110,9 @@ stop_daemon() {
 }
 
 # L2's firmware (SeaBIOS) looks for a boot disk on the NVMe controller before any guest driver
-# attaches; it logs the namespace it found ("drive ...: ... s=SECTORS", 98304 sectors of 512 bytes
-# for the 48 MiB disk) only if its DMA (identify, queues) reached guest RAM.
-firmware_saw_nvme() { grep -aq 'drive .* s=98304$' "$d/firmware.log"; }
+# attaches; it logs the namespace it found ("drive ...: ... s=SECTORS", 114688 sectors of 512 bytes
+# for the 56 MiB disk) only if its DMA (identify, queues) reached guest RAM.
+firmware_saw_nvme() { grep -aq 'drive .* s=114688$' "$d/firmware.log"; }
 
 # firmware_blocked NAME: with boot_bypass off every endpoint is blocked until the guest's driver
 # attaches it, so the firmware's NVMe DMA is refused: no drive found, and L1's VT-d logged DMA
@@ -341,6 +341,49 @@ if wait_end 1; then
     else
         fail "crash restart while L2 runs" "$crashed of 3 restarts seen (pauses:$pauses ms), last pid $new, replayed='$replayed' taken='$taken' ping rc $prc: $(grep -a 'packets' /run/e2e/ping-crash.log); state before '$before' after '$after'; $(grep -a 'unit:\|crash\|ERROR' "$dlog" | tail -n 5)"
     fi
+    # Verified NVMe I/O across an upgrade and a crash: L2 writes patterns through its nvme
+    # driver with O_DIRECT and reads each back, byte for byte (every I/O maps and unmaps its
+    # buffer through the daemon, iommu.strict=1), while the daemon is upgraded (SIGUSR2) and then
+    # SIGKILLed; L2 reports the I/Os, the bytes verified and its slowest I/O (the guest's view of
+    # each pause), and the daemon's MAP counter goes on from where it was.
+    maps_ok='viommu_requests_total{type="map",status="ok"}'
+    maps0=$(metric "$maps_ok")
+    failed0=$(state failed_requests)
+    n_rebuilt=$(grep -ac 'device state rebuilt' "$dlog")
+    n_replayed=$(grep -ac 'recorded change(s) replayed' "$dlog")
+    n_soak=$(grep -ac 'E2E-L2: soak started' "$log")
+    tell_l2 soak
+    i=0
+    until [ "$(grep -ac 'E2E-L2: soak started' "$log")" -gt "$n_soak" ] || [ $i -gt 300 ]; do i=$((i + 1)); sleep 0.1; done
+    sleep 1
+    kill -USR2 "$(cat $run/daemon.pid)"
+    i=0
+    until [ "$(grep -ac 'device state rebuilt' "$dlog")" -gt "$n_rebuilt" ] || [ $i -gt 300 ]; do i=$((i + 1)); sleep 0.1; done
+    upgraded=$(grep -ac 'device state rebuilt' "$dlog")
+    sleep 1
+    kill -KILL "$(cat $run/daemon.pid)"
+    i=0
+    until [ "$(grep -ac 'recorded change(s) replayed' "$dlog")" -gt "$n_replayed" ] || [ $i -gt 300 ]; do i=$((i + 1)); sleep 0.1; done
+    restarted=$(grep -ac 'recorded change(s) replayed' "$dlog")
+    sleep 1
+    n_end=$(grep -ac 'E2E-L2: SOAK' "$log")
+    tell_l2 end-soak
+    i=0
+    until [ "$(grep -ac 'E2E-L2: SOAK' "$log")" -gt "$n_end" ] || [ $i -gt 300 ]; do i=$((i + 1)); sleep 0.1; done
+    soak=$(grep -a 'E2E-L2: SOAK' "$log" | tail -n 1 | sed 's/.*E2E-L2: SOAK //')
+    maps1=$(metric "$maps_ok")
+    failed1=$(state failed_requests)
+    case $soak in
+    "ok "*)
+        if [ "$upgraded" -gt "$n_rebuilt" ] && [ "$restarted" -gt "$n_replayed" ] && [ -n "$maps0" ] && [ -n "$maps1" ] &&
+            [ "$maps1" -gt "$maps0" ] && [ "$failed1" = "$failed0" ]; then
+            pass "verified NVMe I/O in L2 across an upgrade and a crash of the daemon: ${soak#ok }; the daemon's MAP counter went on from $maps0 to $maps1, failed requests stayed $failed1"
+        else
+            fail "verified NVMe I/O across an upgrade and a crash" "soak '$soak' but upgraded $n_rebuilt->$upgraded restarted $n_replayed->$restarted maps $maps0->$maps1 failed $failed0->$failed1"
+        fi
+        ;;
+    *) fail "verified NVMe I/O across an upgrade and a crash" "L2 says '${soak:-nothing}'; $(grep -a 'crash\|upgrad\|ERROR' "$dlog" | tail -n 3)" ;;
+    esac
     echo "E2E-L1: peer $peer statistics: $(cd /sys/class/net/$peer/statistics && for f in rx_packets tx_packets rx_errors rx_dropped rx_crc_errors tx_errors; do printf '%s=%s ' $f "$(cat $f)"; done)"
     resets() { dmesg | grep -ac "vfio-pci $1: reset done"; }
     nvme_resets=$(resets 0000:00:06.0)

@@ -114,7 +114,7 @@ e2e_l0_cmd() {
     # The NVMe controller's disk starts empty each run; L2 writes its areas (l2-dma/src/nvme.rs).
     nvme_img=$out/nvme.img
     rm -f "$nvme_img"
-    truncate -s 48M "$nvme_img"
+    truncate -s 56M "$nvme_img"
     cmd=(
         "$qemu" -M q35 -accel tcg,tb-size=128 -cpu max -m 2G -smp 2 -nodefaults -display none
         -serial stdio -no-reboot

@@ -129,10 +129,26 @@ fn main() {
     finish(ctl.ok());
 }
 
-/// Waits for L1's instruction on the control line (none: power off), then reboots or powers off.
+/// Carries out L1's instructions on the control line (none: power off): `soak` (verified NVMe
+/// I/O until `end-soak`), then `reboot` or `poweroff`.
 fn finish(ctl: Option<File>) -> ! {
     let what = match ctl {
-        Some(tty) => wait_instruction(tty),
+        Some(tty) => {
+            let mut rx = BufReader::new(tty);
+            loop {
+                match next_instruction(&mut rx).as_str() {
+                    "soak" => {
+                        println!("E2E-L2: soak started");
+                        let r = nvme::soak(&mut || soak_ends(&mut rx));
+                        match r {
+                            Ok(s) => println!("E2E-L2: SOAK ok {s}"),
+                            Err(e) => println!("E2E-L2: SOAK failed: {e}"),
+                        }
+                    }
+                    other => break other.to_string(),
+                }
+            }
+        }
         None => "poweroff".to_string(),
     };
     println!("E2E-L2: {what}");
@@ -148,6 +164,23 @@ fn finish(ctl: Option<File>) -> ! {
     loop {
         thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// Whether L1 said `end-soak` (a line waiting on the control line; nothing waits for one).
+fn soak_ends(rx: &mut BufReader<File>) -> bool {
+    if rx.buffer().is_empty() {
+        let mut p = libc::pollfd {
+            fd: rx.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd we own, without waiting.
+        if unsafe { libc::poll(&mut p, 1, 0) } <= 0 {
+            return false;
+        }
+    }
+    // A line is there (or coming whole: L1 writes it in one piece).
+    next_instruction(rx) == "end-soak"
 }
 
 /// Mounts /dev, /proc and /sys and points stdio at the console (the kernel found no
@@ -233,9 +266,9 @@ fn open_raw_tty(path: &str) -> Result<File> {
     Ok(f)
 }
 
-/// The first non-empty line L1 sends: `reboot` or `poweroff` (anything else means poweroff).
-fn wait_instruction(tty: File) -> String {
-    let mut rx = BufReader::new(tty);
+/// The next non-empty line L1 sends: `soak`, `end-soak` or `reboot`; anything else (or the line
+/// closing) means `poweroff`.
+fn next_instruction(rx: &mut BufReader<File>) -> String {
     let mut line = String::new();
     loop {
         line.clear();
@@ -243,7 +276,7 @@ fn wait_instruction(tty: File) -> String {
             Ok(0) | Err(_) => return "poweroff".into(),
             Ok(_) => match line.trim() {
                 "" => continue,
-                "reboot" => return "reboot".into(),
+                w @ ("reboot" | "soak" | "end-soak") => return w.into(),
                 _ => return "poweroff".into(),
             },
         }

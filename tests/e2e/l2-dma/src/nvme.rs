@@ -410,3 +410,57 @@ pub fn nvme_checks(check: &mut dyn FnMut(&str, Result<String>) -> bool, identity
         }),
     );
 }
+
+/// Where the soak writes: past the checks' areas (the image holds it too).
+const SOAK_AT: u64 = AREAS * AREA_BYTES;
+const SOAK_BYTES: u64 = 8 << 20;
+
+/// Verified NVMe I/O until `stop` says so (L1 upgrades and kills the daemon meanwhile): O_DIRECT
+/// writes of 4 KiB (every eighth of 128 KiB) at scattered offsets, of a pattern that changes
+/// every round, each read back and compared byte for byte. Every I/O maps and unmaps its buffer
+/// through the IOMMU (through the daemon). Returns a summary, or the first error.
+pub fn soak(stop: &mut dyn FnMut() -> bool) -> Result<String> {
+    let node = wait_namespace(Duration::from_secs(10))?;
+    let disk = open_direct(&node)?;
+    let mut wbuf = DmaBuf::new(SEQ_CHUNK)?;
+    let mut rbuf = DmaBuf::new(SEQ_CHUNK)?;
+    let mut lat: Vec<Duration> = Vec::new();
+    let (mut ios, mut bytes, mut round) = (0u64, 0u64, 0u64);
+    let t0 = Instant::now();
+    while !stop() {
+        let len = if round % 8 == 7 { SEQ_CHUNK } else { BLOCK };
+        let slots = SOAK_BYTES / len as u64;
+        let off = SOAK_AT + (mix(round ^ 0x50a4) % slots) * len as u64;
+        let w = &mut wbuf.as_mut()[..len];
+        fill(w, 0x100 + round, off);
+        let t = Instant::now();
+        disk.write_all_at(w, off)
+            .map_err(|e| format!("{node}: round {round}: write {len} at {off:#x}: {e}"))?;
+        lat.push(t.elapsed());
+        let r = &mut rbuf.as_mut()[..len];
+        r.fill(0);
+        let t = Instant::now();
+        disk.read_exact_at(r, off)
+            .map_err(|e| format!("{node}: round {round}: read {len} at {off:#x}: {e}"))?;
+        lat.push(t.elapsed());
+        if let Some(p) = r.iter().zip(wbuf.as_mut().iter()).position(|(a, b)| a != b) {
+            return Err(format!(
+                "round {round}: the {len} bytes read back at {off:#x} differ at byte {p:#x}"
+            ));
+        }
+        ios += 2;
+        bytes += len as u64;
+        round += 1;
+    }
+    if ios == 0 {
+        return Err("no I/O before the soak ended".into());
+    }
+    lat.sort_unstable();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    Ok(format!(
+        "ios={ios} verified_bytes={bytes} secs={:.1} io_p50_ms={:.2} io_max_ms={:.1}",
+        t0.elapsed().as_secs_f64(),
+        ms(lat[lat.len() / 2]),
+        ms(lat[lat.len() - 1])
+    ))
+}

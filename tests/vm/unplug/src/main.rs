@@ -225,12 +225,20 @@ fn run(rep: &mut Report) -> Result<()> {
             if b.attachment(EndpointId(1)) != Some(Attachment::Blocked) {
                 return Err(format!("endpoint 1: {:?}", b.attachment(EndpointId(1))));
             }
-            let kept = stored_devices(&sm)?;
-            if !kept.iter().any(|n| n.starts_with("dev1.")) {
-                return Err(format!(
-                    "the fd store does not keep the replugged device: {kept:?}"
-                ));
-            }
+            // The watcher tells the keeper right after the backend took the device back.
+            let t = Instant::now();
+            let kept = loop {
+                let kept = stored_devices(&sm)?;
+                if kept.iter().any(|n| n.starts_with("dev1.")) {
+                    break kept;
+                }
+                if t.elapsed() > Duration::from_secs(5) {
+                    return Err(format!(
+                        "the fd store does not keep the replugged device: {kept:?}"
+                    ));
+                }
+                thread::sleep(Duration::from_millis(20));
+            };
             Ok(format!(
                 "daemon: {line}; the fd store keeps it again: {kept:?}"
             ))

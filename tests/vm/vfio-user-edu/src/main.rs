@@ -961,6 +961,99 @@ fn restart_check(
     );
 }
 
+/// What a storm of kills left: the requests its rounds made, and per kill the daemon log's
+/// length at the restart and the time from the kill to the first round answered after it.
+struct Storm {
+    requests: u64,
+    restarts: Vec<usize>,
+    pauses: Vec<Duration>,
+}
+
+impl Storm {
+    /// "p50 X ms, max Y ms" of the pauses.
+    fn pauses(&self) -> String {
+        let mut p = self.pauses.clone();
+        p.sort_unstable();
+        let ms = |d: Option<&Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+        format!(
+            "p50 {:.0} ms, max {:.0} ms",
+            ms(p.get(p.len() / 2)),
+            ms(p.last())
+        )
+    }
+}
+
+/// SIGKILLs the daemon `kills` times, each at a random 5–65 ms into `round`s run back to back
+/// (`round(kill, i)` returns the requests it made, all answered with success or an error),
+/// going on after each kill until two rounds were answered by the restarted daemon, which must
+/// log its replay.
+fn kill_storm(
+    daemon: &mut Daemon,
+    kills: u32,
+    mut seed: u64,
+    mut round: impl FnMut(u32, u32) -> Result<u64>,
+) -> Result<Storm> {
+    let mut storm = Storm {
+        requests: 0,
+        restarts: Vec::new(),
+        pauses: Vec::new(),
+    };
+    for k in 0..kills {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let delay = Duration::from_millis(5 + (seed >> 33) % 60);
+        let stop = AtomicBool::new(false);
+        let killed_at: Mutex<Option<Instant>> = Mutex::new(None);
+        let mut answered_after = None;
+        let (killed, done) = thread::scope(|scope| {
+            let killer = scope.spawn(|| {
+                thread::sleep(delay);
+                let r = daemon.crash_and_restart().map(|(from, at)| {
+                    *killed_at.lock().unwrap() = Some(at);
+                    from
+                });
+                stop.store(true, Ordering::SeqCst);
+                r
+            });
+            let mut i = 0u32;
+            let mut done = Ok(0u64);
+            // Until the kill and two rounds more (answered by the restarted daemon).
+            let mut after = 0;
+            while after < 2 {
+                if stop.load(Ordering::SeqCst) {
+                    after += 1;
+                }
+                match round(k, i) {
+                    Ok(n) => done = done.map(|d| d + n),
+                    Err(e) => {
+                        done = Err(format!("kill {k} ({delay:?}): round {i}: {e}"));
+                        break;
+                    }
+                }
+                if answered_after.is_none()
+                    && let Some(at) = *killed_at.lock().unwrap()
+                {
+                    answered_after = Some(at.elapsed());
+                }
+                i += 1;
+            }
+            let killed = killer
+                .join()
+                .unwrap_or_else(|_| Err("the killer panicked".into()));
+            (killed, done)
+        });
+        let from = killed?;
+        storm.requests += done?;
+        storm.pauses.extend(answered_after);
+        daemon
+            .wait_log_from(from, "recorded change(s) replayed", Duration::from_secs(30))
+            .ok_or(format!("kill {k}: no restart logged"))?;
+        storm.restarts.push(from);
+    }
+    Ok(storm)
+}
+
 /// SIGKILLs at random points while the guest maps and unmaps back to back in domain 1 (each kill
 /// may land in the middle of a request's ioctl): every request is answered once, with success,
 /// and afterwards the kernel holds exactly what the guest was told (DMA through the last
@@ -971,60 +1064,16 @@ fn crash_storm_check(rep: &mut Report, cx: &mut Ctx, daemon: &mut Daemon, bar1: 
     rep.check(
         &format!("crash restart: {KILLS} SIGKILLs at random points of back-to-back MAP/UNMAP requests (iommufd): each request answered once with success, the kernel holds exactly what the guest was told"),
         (|| {
-            let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
-            let mut requests = 0u32;
-            let mut fixes = 0usize;
-            // From each kill to the first request answered after it (by the restarted daemon).
-            let mut pauses = Vec::new();
-            for k in 0..KILLS {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let delay = Duration::from_millis(5 + (seed >> 33) % 60);
-                let stop = AtomicBool::new(false);
-                let killed_at: Mutex<Option<Instant>> = Mutex::new(None);
-                let mut answered_after = None;
-                let (killed, done) = thread::scope(|scope| {
-                    let killer = scope.spawn(|| {
-                        thread::sleep(delay);
-                        let r = daemon.crash_and_restart().map(|(from, at)| {
-                            *killed_at.lock().unwrap() = Some(at);
-                            from
-                        });
-                        stop.store(true, Ordering::SeqCst);
-                        r
-                    });
-                    let mut i = 0u64;
-                    let mut done = Ok(0u32);
-                    // Until the kill and two pairs more (answered by the restarted daemon).
-                    let mut after = 0;
-                    while after < 2 {
-                        if stop.load(Ordering::SeqCst) {
-                            after += 1;
-                        }
-                        let iova = IOVA_S + (i % 64) * PAGE;
-                        let r = map(&mut cx.vm, 1, iova, GPA_C).and_then(|()| {
-                            vm_req(&mut cx.vm, Request::unmap(1, iova, iova + PAGE - 1), "UNMAP")
-                        });
-                        if let Err(e) = r {
-                            done = Err(format!("kill {k} ({delay:?}): pair {i}: {e}"));
-                            break;
-                        }
-                        if answered_after.is_none() && let Some(at) = *killed_at.lock().unwrap() {
-                            answered_after = Some(at.elapsed());
-                        }
-                        i += 1;
-                        done = done.map(|n| n + 2);
-                    }
-                    let killed = killer.join().unwrap_or_else(|_| Err("the killer panicked".into()));
-                    (killed, done)
-                });
-                let from = killed?;
-                requests += done?;
-                pauses.extend(answered_after);
-                daemon
-                    .wait_log_from(from, "recorded change(s) replayed", Duration::from_secs(30))
-                    .ok_or(format!("kill {k}: no restart logged"))?;
-                fixes += daemon.log.lock().unwrap().iter().skip(from).filter(|l| l.contains("crash")).count();
-            }
+            let seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+            let storm = kill_storm(daemon, KILLS, seed, |_, i| {
+                let iova = IOVA_S + (u64::from(i) % 64) * PAGE;
+                map(&mut cx.vm, 1, iova, GPA_C)?;
+                vm_req(&mut cx.vm, Request::unmap(1, iova, iova + PAGE - 1), "UNMAP")?;
+                Ok(2)
+            })?;
+            let log = daemon.log.lock().unwrap();
+            let fixes = log.iter().skip(storm.restarts[0]).filter(|l| l.contains("crash")).count();
+            drop(log);
             // The last request of every pair was an UNMAP: nothing of IOVA S.. is reachable.
             for n in [0u64, 63] {
                 ram_fill(&cx.vm, GPA_C, SENTINEL)?;
@@ -1037,12 +1086,10 @@ fn crash_storm_check(rep: &mut Report, cx: &mut Ctx, daemon: &mut Daemon, bar1: 
             store(bar1, IOVA_S)?;
             ram_expect(&cx.vm, GPA_C, &pattern(0x77), "DMA to a MAP made after the kills")?;
             vm_req(&mut cx.vm, Request::unmap(1, IOVA_S, IOVA_S + PAGE - 1), "the last UNMAP")?;
-            pauses.sort_unstable();
-            let ms = |d: Option<&Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
             Ok(format!(
-                "{requests} requests answered with success across {KILLS} kills; {fixes} crash log lines; from a kill to the first answer after it (the pause, under TCG, a new process started each time): p50 {:.0} ms, max {:.0} ms; afterwards DMA lands only through a MAP made after the kills",
-                ms(pauses.get(pauses.len() / 2)),
-                ms(pauses.last())
+                "{} requests answered with success across {KILLS} kills; {fixes} crash log lines; from a kill to the first answer after it (the pause, under TCG, a new process started each time): {}; afterwards DMA lands only through a MAP made after the kills",
+                storm.requests,
+                storm.pauses()
             ))
         })(),
     );
@@ -1058,71 +1105,27 @@ fn vfio_user_storm_check(rep: &mut Report, daemon: &mut Daemon, c1: &mut Client,
     rep.check(
         &format!("crash restart: {KILLS} SIGKILLs at random points of back-to-back vfio-user messages (region write/read, DMA unmap/map): each answered exactly once (replies taken strictly in order), with success"),
         (|| {
-            let mut seed = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
+            let seed = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
             let rw = DMA_READ | DMA_WRITE;
-            let mut messages = 0u64;
-            let mut pauses = Vec::new();
+            let storm = kill_storm(daemon, KILLS, seed, |k, i| {
+                let v = 0x5a00_0000 | (k << 16) | (i & 0xffff);
+                c1.write(BAR0, EDU_LIVENESS as u64, &v.to_le_bytes())
+                    .map_err(|e| format!("region write: {e}"))?;
+                let got = c1.read(BAR0, EDU_LIVENESS as u64, 4)
+                    .map_err(|e| format!("region read: {e}"))?;
+                if le32(&got, 0) != !v {
+                    return Err(format!("the liveness register read {:#x} after {v:#x} was written (want {:#x})", le32(&got, 0), !v));
+                }
+                c1.dma_unmap(0, 0, RAM_SIZE).map_err(|e| format!("DMA unmap: {e}"))?;
+                c1.dma_map(rw, 0, 0, RAM_SIZE, Some(ram_fd.as_raw_fd()))
+                    .map_err(|e| format!("DMA map: {e}"))?;
+                Ok(4)
+            })?;
             let mut in_hand = std::collections::BTreeMap::<&str, u32>::new();
-            for k in 0..KILLS {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let delay = Duration::from_millis(5 + (seed >> 33) % 60);
-                let stop = AtomicBool::new(false);
-                let killed_at: Mutex<Option<Instant>> = Mutex::new(None);
-                let mut answered_after = None;
-                let (killed, done) = thread::scope(|scope| {
-                    let killer = scope.spawn(|| {
-                        thread::sleep(delay);
-                        let r = daemon.crash_and_restart().map(|(from, at)| {
-                            *killed_at.lock().unwrap() = Some(at);
-                            from
-                        });
-                        stop.store(true, Ordering::SeqCst);
-                        r
-                    });
-                    let mut i = 0u32;
-                    let mut done = Ok(0u64);
-                    let mut after = 0;
-                    while after < 2 {
-                        if stop.load(Ordering::SeqCst) {
-                            after += 1;
-                        }
-                        let v = 0x5a00_0000 | (k << 16) | (i & 0xffff);
-                        let r = (|| -> Result<()> {
-                            c1.write(BAR0, EDU_LIVENESS as u64, &v.to_le_bytes())
-                                .map_err(|e| format!("region write: {e}"))?;
-                            let got = c1.read(BAR0, EDU_LIVENESS as u64, 4)
-                                .map_err(|e| format!("region read: {e}"))?;
-                            if le32(&got, 0) != !v {
-                                return Err(format!("the liveness register read {:#x} after {v:#x} was written (want {:#x})", le32(&got, 0), !v));
-                            }
-                            c1.dma_unmap(0, 0, RAM_SIZE).map_err(|e| format!("DMA unmap: {e}"))?;
-                            c1.dma_map(rw, 0, 0, RAM_SIZE, Some(ram_fd.as_raw_fd()))
-                                .map_err(|e| format!("DMA map: {e}"))
-                        })();
-                        if let Err(e) = r {
-                            done = Err(format!("kill {k} ({delay:?}): round {i}: {e}"));
-                            break;
-                        }
-                        if answered_after.is_none() && let Some(at) = *killed_at.lock().unwrap() {
-                            answered_after = Some(at.elapsed());
-                        }
-                        i += 1;
-                        done = done.map(|n| n + 4);
-                    }
-                    let killed = killer.join().unwrap_or_else(|_| Err("the killer panicked".into()));
-                    (killed, done)
-                });
-                let from = killed?;
-                messages += done?;
-                pauses.extend(answered_after);
-                daemon
-                    .wait_log_from(from, "recorded change(s) replayed", Duration::from_secs(30))
-                    .ok_or(format!("kill {k}: no restart logged"))?;
-                for l in daemon.log.lock().unwrap().iter().skip(from) {
-                    for what in ["answered before the crash", "answered with the kept reply", "handled again", "made before the crash"] {
-                        if l.contains("crash restart: vfio-user") && l.contains(what) {
-                            *in_hand.entry(what).or_default() += 1;
-                        }
+            for l in daemon.log.lock().unwrap().iter().skip(storm.restarts[0]) {
+                for what in ["answered before the crash", "answered with the kept reply", "handled again", "made before the crash"] {
+                    if l.contains("crash restart: vfio-user") && l.contains(what) {
+                        *in_hand.entry(what).or_default() += 1;
                     }
                 }
             }
@@ -1131,12 +1134,10 @@ fn vfio_user_storm_check(rep: &mut Report, daemon: &mut Daemon, c1: &mut Client,
                 Ok(()) => return Err("the DMA map made last before the end is gone (the same map succeeded again)".into()),
                 Err(e) => return Err(e.to_string()),
             }
-            pauses.sort_unstable();
-            let ms = |d: Option<&Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
             Ok(format!(
-                "{messages} messages answered once each with success across {KILLS} kills; messages in the daemon's hands at a kill: {in_hand:?}; from a kill to the first round answered after it (under TCG): p50 {:.0} ms, max {:.0} ms",
-                ms(pauses.get(pauses.len() / 2)),
-                ms(pauses.last())
+                "{} messages answered once each with success across {KILLS} kills; messages in the daemon's hands at a kill: {in_hand:?}; from a kill to the first round answered after it (under TCG): {}",
+                storm.requests,
+                storm.pauses()
             ))
         })(),
     );
