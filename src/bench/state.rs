@@ -31,6 +31,8 @@ pub struct StatePoint {
     pub unmap_all_ns: u64,
     /// This process's RSS (daemon and simulated guest) with the mappings live, KiB.
     pub rss_kib: u64,
+    /// The same once they were all unmapped and the endpoint detached, KiB.
+    pub rss_after_kib: u64,
 }
 
 fn rss_kib() -> u64 {
@@ -105,6 +107,7 @@ pub fn run_state_sweep(sizes: &[usize], rounds: usize) -> Result<Vec<StatePoint>
         )?;
         let unmap_all_ns = t.elapsed().as_nanos() as u64;
         all_ok("detach", &[vm.request(&Request::detach(1, 1))?])?;
+        let rss_after = rss_kib();
         maps.sort_unstable();
         unmaps.sort_unstable();
         points.push(StatePoint {
@@ -116,6 +119,7 @@ pub fn run_state_sweep(sizes: &[usize], rounds: usize) -> Result<Vec<StatePoint>
             unmap_p99_ns: percentile(&unmaps, 0.99),
             unmap_all_ns,
             rss_kib: rss,
+            rss_after_kib: rss_after,
         });
     }
     vm.disconnect();
@@ -125,11 +129,11 @@ pub fn run_state_sweep(sizes: &[usize], rounds: usize) -> Result<Vec<StatePoint>
 /// The curve as a Markdown table.
 pub fn state_table(points: &[StatePoint]) -> String {
     let mut out = String::from(
-        "| live mappings | fill, s | MAP p50 µs | MAP p99 µs | UNMAP p50 µs | UNMAP p99 µs | one UNMAP of all, ms | RSS MiB |\n|---|---|---|---|---|---|---|---|\n",
+        "| live mappings | fill, s | MAP p50 µs | MAP p99 µs | UNMAP p50 µs | UNMAP p99 µs | one UNMAP of all, ms | RSS MiB | RSS after teardown MiB |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in points {
         out.push_str(&format!(
-            "| {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |\n",
+            "| {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} |\n",
             p.live,
             p.fill_ns as f64 / 1e9,
             p.map_p50_ns as f64 / 1e3,
@@ -138,6 +142,7 @@ pub fn state_table(points: &[StatePoint]) -> String {
             p.unmap_p99_ns as f64 / 1e3,
             p.unmap_all_ns as f64 / 1e6,
             p.rss_kib as f64 / 1024.0,
+            p.rss_after_kib as f64 / 1024.0,
         ));
     }
     out
