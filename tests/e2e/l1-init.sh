@@ -374,10 +374,18 @@ if wait_end 1; then
     i=0
     until [ "$(grep -ac 'E2E-L2: soak started' "$log")" -gt "$n_soak" ] || [ $i -gt 300 ]; do i=$((i + 1)); sleep 0.1; done
     sleep 1
-    kill -USR2 "$(cat $run/daemon.pid)"
+    # The upgrade goes to a second copy of the binary, installed over the old path as a package
+    # does (a new file: the running daemon's is the old one).
+    bin=$(command -v vhost-user-iommu)
+    pid=$(cat $run/daemon.pid)
+    exe0=$(stat -L -c %i /proc/$pid/exe)
+    cp "$bin" "$bin.new" && mv "$bin.new" "$bin"
+    exe_new=$(stat -L -c %i "$bin")
+    kill -USR2 "$pid"
     i=0
     until [ "$(grep -ac 'device state rebuilt' "$dlog")" -gt "$n_rebuilt" ] || [ $i -gt 300 ]; do i=$((i + 1)); sleep 0.1; done
     upgraded=$(grep -ac 'device state rebuilt' "$dlog")
+    exe1=$(stat -L -c %i /proc/$pid/exe)
     sleep 1
     kill -KILL "$(cat $run/daemon.pid)"
     i=0
@@ -394,10 +402,10 @@ if wait_end 1; then
     case $soak in
     "ok "*)
         if [ "$upgraded" -gt "$n_rebuilt" ] && [ "$restarted" -gt "$n_replayed" ] && [ -n "$maps0" ] && [ -n "$maps1" ] &&
-            [ "$maps1" -gt "$maps0" ] && [ "$failed1" = "$failed0" ]; then
-            pass "verified NVMe I/O in L2 across an upgrade and a crash of the daemon: ${soak#ok }; the daemon's MAP counter went on from $maps0 to $maps1, failed requests stayed $failed1"
+            [ "$maps1" -gt "$maps0" ] && [ "$failed1" = "$failed0" ] && [ "$exe1" = "$exe_new" ] && [ "$exe1" != "$exe0" ]; then
+            pass "verified NVMe I/O in L2 across an upgrade to a second copy of the binary (executable inode $exe0 -> $exe1) and a crash of the daemon: ${soak#ok }; the daemon's MAP counter went on from $maps0 to $maps1, failed requests stayed $failed1"
         else
-            fail "verified NVMe I/O across an upgrade and a crash" "soak '$soak' but upgraded $n_rebuilt->$upgraded restarted $n_replayed->$restarted maps $maps0->$maps1 failed $failed0->$failed1"
+            fail "verified NVMe I/O across an upgrade and a crash" "soak '$soak' but upgraded $n_rebuilt->$upgraded restarted $n_replayed->$restarted maps $maps0->$maps1 failed $failed0->$failed1 executable inode $exe0 -> $exe1 (new file $exe_new)"
         fi
         ;;
     *) fail "verified NVMe I/O across an upgrade and a crash" "L2 says '${soak:-nothing}'; $(grep -a 'crash\|upgrad\|ERROR' "$dlog" | tail -n 3)" ;;
