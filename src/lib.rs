@@ -24,6 +24,7 @@ pub mod domains;
 pub mod driver;
 pub mod exporter;
 pub mod guest_ram;
+pub mod heap;
 pub mod hotplug;
 pub mod ids;
 pub mod journal;

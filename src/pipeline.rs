@@ -21,7 +21,7 @@
 
 use std::any::Any;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -272,6 +272,10 @@ pub struct Dispatcher {
     exec: Executors,
     /// Completions the executors delivered, until the caller takes them ([`Dispatcher::completed`]).
     ready: Vec<Completion>,
+    /// Live mappings in every domain (the executors' shared count), and when to give the memory
+    /// of freed ones back.
+    live: Arc<AtomicUsize>,
+    heap: crate::heap::HeapTrim,
 }
 
 /// What `submit` did with a request.
@@ -302,6 +306,8 @@ impl Dispatcher {
             topology: Topology::new(rules, backend, endpoints, bypass),
             exec,
             ready: Vec::new(),
+            live: total,
+            heap: Default::default(),
         })
     }
 
@@ -472,6 +478,14 @@ impl Dispatcher {
                 th.call_all(|| Work::Clear);
             }
         }
+        self.give_back_memory();
+    }
+
+    /// Gives the memory of freed mappings back to the system once many were freed (see
+    /// [`crate::heap`]); returns whether it did. One atomic load when it does not: call after
+    /// each batch.
+    pub fn give_back_memory(&mut self) -> bool {
+        self.heap.after(self.live.load(Ordering::Relaxed))
     }
 
     /// The VMM let go of an endpoint's device: detach it (see [`Topology::unplug`]). Call with

@@ -868,6 +868,7 @@ fn the_vring_thread_alone_changes_the_device_whatever_thread_the_event_comes_fro
             mode,
             ..Options::default()
         });
+        d.faults.record_callers();
         let mut vm = d.connect();
         assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
         // Events from the vhost-user message thread: a config write, memory-table changes, a

@@ -6,7 +6,7 @@
 //! do not. It forwards everything else unchanged and must never be selected by a production
 //! configuration.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,8 +43,11 @@ pub struct Injector {
     mapping: AtomicUsize,
     /// `set_ram` calls made while a MAP or UNMAP was running.
     set_ram_while_mapping: AtomicUsize,
-    /// Every call, with the name of the thread that made it (who changes the backend).
+    /// Every call since [`record_callers`](Injector::record_callers), with the name of the
+    /// thread that made it (who changes the backend). Off by default: a long run (a benchmark)
+    /// would grow the log without bound.
     callers: Mutex<Vec<(Op, String)>>,
+    recording: AtomicBool,
 }
 
 impl Injector {
@@ -111,20 +114,28 @@ impl Injector {
         r
     }
 
-    /// Every backend call so far, with the name of the thread that made it; empties the log.
+    /// From now on, logs every backend call with the name of the thread that made it.
+    pub fn record_callers(&self) {
+        self.recording.store(true, Ordering::SeqCst);
+    }
+
+    /// Every backend call logged so far (see [`record_callers`](Self::record_callers)), with the
+    /// name of the thread that made it; empties the log.
     pub fn take_callers(&self) -> Vec<(Op, String)> {
         std::mem::take(&mut *self.callers.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn check(&self, op: Op, what: &dyn Fn() -> String) -> Result<()> {
-        let thread = std::thread::current()
-            .name()
-            .unwrap_or("unnamed")
-            .to_string();
-        self.callers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((op, thread));
+        if self.recording.load(Ordering::Relaxed) {
+            let thread = std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .to_string();
+            self.callers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((op, thread));
+        }
         let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
         for r in rules.iter_mut().filter(|r| r.op == op && r.count > 0) {
             if r.skip > 0 {

@@ -496,6 +496,8 @@ impl IommuDevice {
             if served > 0 {
                 window.served((answered - batch) / served);
             }
+            // After the answers: a large teardown's memory goes back to the system.
+            dispatcher.give_back_memory();
             if poll_for_work(
                 window.current(),
                 vring,
