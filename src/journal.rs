@@ -94,6 +94,32 @@ fn inactive_slot(active: u64) -> u64 {
     if active == 0 { 0 } else { 1 - (active & 1) }
 }
 
+/// A shared read-write mapping of `len` bytes of `file` from `offset` (which the file must
+/// cover); the caller unmaps it.
+fn map_shared(
+    file: &File,
+    len: usize,
+    offset: u64,
+    what: &'static str,
+) -> Result<*mut u8, JournalError> {
+    // SAFETY: a fresh shared mapping of a range of the file that the caller says exists; the
+    // result is checked, and nothing else refers to the new address range.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if map == libc::MAP_FAILED {
+        return Err(io_err(what)(io::Error::last_os_error()));
+    }
+    Ok(map.cast())
+}
+
 /// A new, empty memfd (close-on-exec).
 pub fn memfd(name: &std::ffi::CStr) -> io::Result<File> {
     // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
@@ -289,24 +315,10 @@ impl Journal {
     }
 
     fn map(file: File, active: u64) -> Result<Journal, JournalError> {
-        // SAFETY: a fresh shared mapping of the first MAPPED bytes of a file at least that long;
-        // the result is checked, and the Journal unmaps it when dropped.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MAPPED,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(io_err("mmap")(io::Error::last_os_error()));
-        }
+        let map = map_shared(&file, MAPPED, 0, "mmap")?;
         Ok(Journal {
             file,
-            map: map.cast(),
+            map,
             active,
             next: 0,
             side: 0,

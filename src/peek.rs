@@ -98,18 +98,20 @@ pub fn peek_message(
 /// Takes `len` bytes out of the socket (an answered message; the fds that come with them again
 /// are closed).
 pub fn consume(sock: BorrowedFd<'_>, len: usize) -> io::Result<()> {
-    let mut buf = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
+    // The bytes are known already: read them into a scratch buffer, a piece at a time.
+    let mut scratch = [0u8; 512];
+    let mut left = len;
+    while left > 0 {
         let mut fds = Vec::new();
-        let (n, _) = scm::recv_some(sock, &mut buf[got..], &mut fds)?;
+        let piece = left.min(scratch.len());
+        let (n, _) = scm::recv_some(sock, &mut scratch[..piece], &mut fds)?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the peer closed the socket under a message being taken out",
             ));
         }
-        got += n;
+        left -= n;
     }
     Ok(())
 }

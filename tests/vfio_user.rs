@@ -310,14 +310,20 @@ struct Server {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// A fresh directory for one test's sockets (`kind` names it).
+fn test_dir(kind: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "vfio-user-{kind}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 impl Server {
     fn start() -> Server {
-        let dir = std::env::temp_dir().join(format!(
-            "vfio-user-test-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = test_dir("test");
         let path = dir.join("dev.sock");
         let (fake, state) = Fake::new();
         let stop = StopSignal::new().unwrap();
@@ -1706,12 +1712,7 @@ impl AfterCrash {
         maps: Vec<vhost_user_iommu::vfio_user::DmaRegion>,
     ) -> AfterCrash {
         use vhost_user_iommu::vfio_user::{ConnectionState, DeviceServer, bind_socket};
-        let dir = std::env::temp_dir().join(format!(
-            "vfio-user-crash-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = test_dir("crash");
         let (c, daemon_side) = UnixStream::pair().unwrap();
         c.set_read_timeout(Some(TIMEOUT)).unwrap();
         let mut client = Client {
@@ -1941,12 +1942,7 @@ fn a_server_marks_each_message_in_hand_and_clears_the_mark_once_it_is_taken_out(
     };
     let (fake, _) = Fake::new();
     let stop = StopSignal::new().unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "vfio-user-marks-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = test_dir("marks");
     let path = dir.join("dev.sock");
     let server = vhost_user_iommu::vfio_user::DeviceServer::new(
         Box::new(fake),

@@ -8,6 +8,7 @@ use super::daemon::{LocalDaemon, LocalOptions};
 use super::{BenchError, all_ok, percentile};
 use crate::domains::Limits;
 use crate::driver::{TestVm, VmOptions};
+use crate::heap::rss_kib;
 use crate::pipeline::Mode;
 use crate::protocol::{MAP_F_READ, MAP_F_WRITE, Request};
 
@@ -33,13 +34,6 @@ pub struct StatePoint {
     pub rss_kib: u64,
     /// The same once they were all unmapped and the endpoint detached, KiB.
     pub rss_after_kib: u64,
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4)
 }
 
 /// Measures each of `sizes` live mappings with `rounds` MAP+UNMAP pairs (one request per kick,

@@ -11,11 +11,10 @@
 //! through a mapping of its own, without a lock.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Journal, JournalError, io_err};
+use super::{Journal, JournalError, io_err, map_shared};
 
 const BASE: u64 = 8 << 20;
 const PAGE: usize = 4096;
@@ -91,24 +90,9 @@ impl Journal {
             }
         }
         let i = page.or(free).ok_or(JournalError::NoReplyPage(PAGES))?;
-        // SAFETY: a fresh shared mapping of one page of the journal's file (which is longer);
-        // the result is checked, and the ReplyLog unmaps it when dropped.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                PAGE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                self.file.as_raw_fd(),
-                page_at(i) as libc::off_t,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(io_err("mmap of a reply page")(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        let log = ReplyLog { map: map.cast() };
+        // One page of the journal's file, which is longer; the ReplyLog unmaps it when dropped.
+        let map = map_shared(&self.file, PAGE, page_at(i), "mmap of a reply page")?;
+        let log = ReplyLog { map };
         log.word(MARK).store(0, Ordering::Release);
         log.word(TAG).store(tag, Ordering::Release);
         Ok(log)

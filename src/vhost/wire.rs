@@ -210,14 +210,15 @@ pub(super) fn peek(sock: &UnixStream) -> io::Result<Option<(Message, usize)>> {
         } => Err(invalid(
             "more file descriptors than any message carries".into(),
         )),
-        Peeked::Whole { bytes, fds, .. } => {
+        Peeked::Whole { mut bytes, fds, .. } => {
             let mut header = Header::default();
             header.as_mut_slice().copy_from_slice(&bytes[..header_len]);
             let t = bytes.len();
+            bytes.drain(..header_len);
             Ok(Some((
                 Message {
                     header,
-                    payload: bytes[header_len..].to_vec(),
+                    payload: bytes,
                     fds,
                 },
                 t,

@@ -21,6 +21,18 @@ impl Reply<'_> {
     }
 }
 
+/// A DMA map's fd, duplicated, and which file it is (`st_dev`, `st_ino`).
+fn map_file(fd: &OwnedFd) -> Result<(std::fs::File, (u64, u64)), Errno> {
+    let f = std::fs::File::from(
+        fd.try_clone()
+            .map_err(|e| Errno::from_io(&e, "dup of the DMA map fd"))?,
+    );
+    let md = f
+        .metadata()
+        .map_err(|e| Errno::from_io(&e, "fstat of the DMA map fd"))?;
+    Ok((f, (md.dev(), md.ino())))
+}
+
 fn err(errno: i32, context: impl Into<std::borrow::Cow<'static, str>>) -> Errno {
     Errno::new(errno, context)
 }
@@ -458,14 +470,8 @@ impl<'a> Connection<'a> {
                         ),
                     ));
                 }
-                let f = std::fs::File::from(
-                    fd.try_clone()
-                        .map_err(|e| Errno::from_io(&e, "dup of the DMA map fd"))?,
-                );
-                let md = f
-                    .metadata()
-                    .map_err(|e| Errno::from_io(&e, "fstat of the DMA map fd"))?;
-                (Some((md.dev(), md.ino())), Some(Arc::new(f)))
+                let (f, id) = map_file(fd)?;
+                (Some(id), Some(Arc::new(f)))
             }
             None => (None, None),
         };
@@ -495,10 +501,7 @@ impl<'a> Connection<'a> {
 
     /// Whether the maps hold exactly the map `m` asks for, from the same file.
     fn already_mapped(&self, m: &DmaMap, fd: Option<&OwnedFd>) -> bool {
-        let file_id = fd.and_then(|fd| {
-            let md = std::fs::File::from(fd.try_clone().ok()?).metadata().ok()?;
-            Some((md.dev(), md.ino()))
-        });
+        let file_id = fd.and_then(|fd| map_file(fd).ok()).map(|(_, id)| id);
         self.maps.lock().get(&m.address).is_some_and(|r| {
             (r.size, r.flags, r.offset, r.file_id) == (m.size, m.flags, m.offset, file_id)
         })

@@ -122,7 +122,7 @@ pub(super) fn receive(
     };
     // A stop or a handover while a message arrives leaves it in the socket.
     let give_up = || stop.is_stopped() || stop.handing_over();
-    let (bytes, fds, truncated) =
+    let (mut bytes, fds, truncated) =
         match crate::peek::peek_message(sock, HEADER_SIZE, &len, deadline, &give_up)? {
             crate::peek::Peeked::Closed => return Ok(Received::Eof),
             crate::peek::Peeked::GaveUp => return Ok(Received::Stopped),
@@ -148,9 +148,10 @@ pub(super) fn receive(
         return read_message(sock, stop, deadline);
     }
     let digest = crate::peek::digest(&[&bytes]);
+    bytes.drain(..HEADER_SIZE);
     Ok(Received::Msg(Msg {
         hdr,
-        payload: bytes[HEADER_SIZE..].to_vec(),
+        payload: bytes,
         fds_truncated: truncated || fds.len() > MAX_MSG_FDS,
         fds,
         in_socket: size,

@@ -107,11 +107,7 @@ fn keeper(backend: &Arc<IommufdBackend>) -> Result<(ServiceManager, Arc<Keeper>)
     let path = dir.join("notify");
     let _ = fs::remove_file(&path);
     let sm = ServiceManager::start(&path).map_err(|e| format!("notify socket: {e}"))?;
-    // SAFETY: set before any other thread of this program reads the environment.
-    unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
-    let store = FdStore::from_env()
-        .map_err(|e| format!("fd store: {e}"))?
-        .ok_or("no fd store")?;
+    let store = FdStore::connect(path.as_os_str()).map_err(|e| format!("fd store: {e}"))?;
     let journal = Journal::create().map_err(|e| e.to_string())?;
     let k = Keeper::start(store, journal).map_err(|e| format!("keeper: {e}"))?;
     k.keep_iommufd(backend.clone())?;
