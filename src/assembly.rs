@@ -379,6 +379,7 @@ pub fn open_backend(
         .map(|((id, _), c)| (*id, c.node))
         .collect();
     let b = IommufdBackend::open(&devices, boot_bypass).map_err(|e| e.to_string())?;
+    b.set_staging(cfg.staging);
     info!("iommufd backend: {} device(s) bound", devices.len());
     let b = Arc::new(b);
     Ok(Backend {

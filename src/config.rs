@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::backend::iommufd::Staging;
 use crate::domains::Limits;
 
 /// Which translation backend serves the VM.
@@ -64,6 +65,11 @@ pub struct VmConfig {
     /// Initial value of the config-space `bypass` field.
     #[serde(default)]
     pub boot_bypass: bool,
+    /// iommufd backend: when guest RAM is pinned into the identity (staging) IOAS:
+    /// `"on-demand"` (default: when an endpoint first translates identity) or `"all-ram"` (at
+    /// every memory table).
+    #[serde(default)]
+    pub staging: Staging,
     /// Inclusive range of domain ids the guest may use.
     pub domain_range: Option<[u32; 2]>,
     /// Executor threads; 0 runs requests in the vring thread.
@@ -223,6 +229,7 @@ mod tests {
 socket = "/run/vhost-user-iommu/vm1.sock"
 backend = "soft"
 boot_bypass = true
+staging = "all-ram"
 domain_range = [1, 1000]
 threads = 2
 [limits]
@@ -236,6 +243,7 @@ vfio_user_socket = "/run/vhost-user-iommu/vm1-01.sock"
         )
         .unwrap();
         assert_eq!(c.backend, BackendKind::Soft);
+        assert_eq!(c.staging, Staging::AllRam);
         assert_eq!(c.endpoints[0].id, 8);
         assert_eq!(c.limits().max_domains, 8);
         assert_eq!(
@@ -273,6 +281,25 @@ vfio_user_socket = "/run/vhost-user-iommu/vm1-01.sock"
         let distinct = "socket = \"/run/v/a.sock\"\n\
                         [[endpoint]]\nid = 1\nvfio_user_socket = \"/run/v/b.sock\"\n";
         assert!(VmConfig::parse(distinct, p).is_ok());
+    }
+
+    #[test]
+    fn staging_defaults_to_on_demand_and_names_its_choices() {
+        let p = Path::new("a.toml");
+        assert_eq!(VmConfig::parse("", p).unwrap().staging, Staging::OnDemand);
+        assert_eq!(
+            VmConfig::parse("staging = \"on-demand\"\n", p)
+                .unwrap()
+                .staging,
+            Staging::OnDemand
+        );
+        let msg = VmConfig::parse("staging = \"lazy\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("on-demand") && msg.contains("all-ram"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -16,8 +16,9 @@
 //!   `IOMMU_IOAS_MAP` by user VA. The backing files come from the RAM table the backend got in
 //!   [`DmaBackend::set_ram`]; domains share it through an `Arc` and re-read it only when its
 //!   generation counter moved, so the map path takes no lock in the common case.
-//! - **Map strategy** ([`MapStrategy`]). The identity IOAS doubles as the *staging* IOAS: it
-//!   maps every RAM region once, at IOVA = GPA, and an unattached HWPT allocated on it in `open`
+//! - **Map strategy** ([`MapStrategy`]). The identity IOAS doubles as the *staging* IOAS: when
+//!   it holds guest RAM it maps every RAM region once, at IOVA = GPA, and an unattached HWPT
+//!   allocated on it in `open`
 //!   (`IOMMU_HWPT_ALLOC` for the first device; no device is ever attached to it) keeps those
 //!   pages pinned and holds their PFNs. A guest MAP then becomes `IOMMU_IOAS_COPY` of
 //!   `[gpa, gpa + len)` from it: the kernel takes any contiguous run of earlier maps, sub-ranges
@@ -27,8 +28,15 @@
 //!   RLIMIT_MEMLOCK charge). The cost is one more IOMMU page table over all guest RAM. A copy
 //!   is only tried while the staging IOAS holds the RAM table the domain maps from
 //!   (`staged_gen`); otherwise, and on ENOENT/EPERM, the MAP goes straight in. The automatic
-//!   choice is Copy > MapFile > Map by capability (measured in `BENCHMARKS-iommufd.md`);
-//!   `set_map_strategy` overrides it for measurements.
+//!   choice is Copy while all RAM is staged, else MapFile > Map by capability (measured in
+//!   BENCHMARKS.md); `set_map_strategy` overrides it for measurements.
+//! - **Staging** ([`Staging`]). All guest RAM goes into the identity IOAS (pinned, one more IO
+//!   page table over it) only when it is needed: when an endpoint translates identity (boot
+//!   bypass, a guest's bypass ATTACH or bypass config field: the device may then reach all of
+//!   RAM), or with [`Staging::AllRam`]. By default ([`Staging::OnDemand`]) a memory table costs
+//!   no pinning, so a VM starts in the same time whatever its RAM size and pins only what its
+//!   guest maps; the first identity attachment pays for staging all of RAM (the guest asked
+//!   for it), and from then on MAPs copy from it.
 //! - **Mappings without permissions.** The kernel refuses a map with neither READABLE nor
 //!   WRITEABLE (EINVAL), but virtio-iommu allows such a MAP (the device may then not access the
 //!   range at all). The domain records it without calling the kernel: the IOVA stays
@@ -165,6 +173,21 @@ impl MapStrategy {
             _ => None,
         }
     }
+}
+
+/// When guest RAM goes into the identity (staging) IOAS, pinned once (see "Staging" in the
+/// module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Staging {
+    /// When an endpoint first translates identity; until then nothing is staged, a memory
+    /// table costs no pinning and guest MAPs pin what they map (MAP_FILE or MAP).
+    #[default]
+    OnDemand,
+    /// All guest RAM at every memory table, before the VMM gets its reply: guest MAPs copy from
+    /// it (pinned and charged to RLIMIT_MEMLOCK once, never ENOMEM mid-run), at the price of
+    /// pinning all RAM at VM start (seconds per 100 GiB).
+    AllRam,
 }
 
 /// A VFIO device region (BAR, config space) as `VFIO_DEVICE_GET_REGION_INFO` describes it.
@@ -417,6 +440,13 @@ impl IommufdBackend {
     /// Ids of the live paging IOASes (not the identity one).
     pub fn domain_ids(&self) -> Vec<u32> {
         lock(&self.shared.domains).keys().copied().collect()
+    }
+
+    /// When guest RAM is staged from now on; takes effect at the next memory table.
+    pub fn set_staging(&self, staging: Staging) {
+        self.shared
+            .stage_all
+            .store(staging == Staging::AllRam, Ordering::Relaxed);
     }
 
     /// The identity IOAS's id.

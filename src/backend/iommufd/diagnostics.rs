@@ -24,10 +24,18 @@ impl IommufdBackend {
 
     /// Overrides the map strategy of guest MAPs from now on (`None`: automatic, by capability:
     /// see `map_strategy`). Measurements only; mappings already made keep theirs.
+    /// A `Copy` override stages all guest RAM at once if a RAM table is there (and at every
+    /// memory table from then on).
     pub fn set_map_strategy(&self, s: Option<MapStrategy>) {
         self.shared
             .strategy_override
             .store(MapStrategy::code(s), Ordering::Relaxed);
+        if s == Some(MapStrategy::Copy) {
+            let mut topo = lock(&self.shared.topo);
+            if let Err(e) = self.shared.ensure_identity(&mut topo) {
+                warn!("staging guest RAM for the COPY strategy: {e}");
+            }
+        }
     }
 
     /// The strategy the next guest MAP tries first (a `Copy` falls back to a direct map while
@@ -71,7 +79,6 @@ impl IommufdBackend {
         self.shared.path(true)
     }
 
-    /// Maps done so far: `(by MAP_FILE, by user VA)`, identity IOAS included.
     /// `IOMMU_IOAS_UNMAP` ioctls issued so far.
     pub fn unmap_ioctls(&self) -> u64 {
         self.shared.unmaps.load(Ordering::Relaxed)
@@ -101,6 +108,7 @@ impl IommufdBackend {
         out
     }
 
+    /// Maps done so far: `(by MAP_FILE, by user VA)`, identity IOAS included.
     pub fn map_counts(&self) -> (u64, u64) {
         (
             self.shared.maps_file.load(Ordering::Relaxed),

@@ -78,8 +78,11 @@ pub(super) struct Shared {
     /// answers PFN lookups for copies); `None` if `IOMMU_HWPT_ALLOC` failed.
     pub(super) staging_hwpt: Option<u32>,
     /// The `ram_gen` whose RAM the identity (staging) IOAS holds completely; `u64::MAX` while
-    /// `set_ram` is changing it or after it failed.
+    /// `set_ram` is changing it, after it failed, and while RAM is staged on demand and no
+    /// endpoint needed it yet.
     pub(super) staged_gen: AtomicU64,
+    /// [`Staging::AllRam`]: all guest RAM is staged from `set_ram` on, whatever the endpoints do.
+    pub(super) stage_all: AtomicBool,
     /// Whether `IOMMU_IOAS_COPY` of a sub-range of a staged region works (probed at the first
     /// staging): 0 unknown, 1 yes, 2 no.
     pub(super) copy_works: AtomicU8,
@@ -192,6 +195,7 @@ impl Shared {
             strategy_override: AtomicU8::new(0),
             staging_hwpt,
             staged_gen: AtomicU64::new(u64::MAX),
+            stage_all: AtomicBool::new(false),
             copy_works: AtomicU8::new(0),
             domains: Mutex::new(BTreeMap::new()),
             pinned: AtomicU64::new(0),
@@ -213,11 +217,14 @@ impl Shared {
         self.iommufd.as_fd()
     }
 
-    /// The automatic choice (by measurement, see BENCHMARKS-iommufd.md): staging + COPY when
-    /// the staging HWPT exists and a sub-range COPY worked, else MAP_FILE when the kernel has
-    /// it, else MAP.
+    /// The automatic choice (by measurement, see BENCHMARKS.md, "The default map path and
+    /// why"): COPY while all guest RAM is staged (the staging HWPT exists, a sub-range COPY
+    /// worked), else MAP_FILE when the kernel has it, else MAP.
     pub(super) fn auto_strategy(&self) -> MapStrategy {
-        if self.staging_hwpt.is_some() && self.copy_works.load(Ordering::Relaxed) != 2 {
+        if self.staging_hwpt.is_some()
+            && self.copy_works.load(Ordering::Relaxed) != 2
+            && self.staged_gen.load(Ordering::Acquire) == self.ram_gen.load(Ordering::Acquire)
+        {
             MapStrategy::Copy
         } else if self.map_file_supported {
             MapStrategy::MapFile
@@ -317,6 +324,11 @@ impl Shared {
         endpoint: EndpointId,
         to: Attachment,
     ) -> Result<()> {
+        if to == Attachment::Identity && !self.replaying.load(Ordering::Acquire) {
+            // Identity translation reaches all of guest RAM: all of it in the identity IOAS
+            // first (staged on demand: the first endpoint to need it pays).
+            self.ensure_identity(topo)?;
+        }
         let mut devices = lock(&self.devices);
         let dev = devices.get_mut(&endpoint).ok_or_else(|| {
             BackendError::new("attach", libc::ENODEV, format!("{endpoint}: no device"))

@@ -43,7 +43,7 @@ use vhost_user_iommu::bench::percentile;
 use guest_kit::edu::{backend_over_two_edus, rules_from};
 
 use vhost::vhost_user::Listener;
-use vhost_user_iommu::backend::iommufd::{IommufdBackend, MapStrategy, sys};
+use vhost_user_iommu::backend::iommufd::{IommufdBackend, MapStrategy, Staging as RamStaging, sys};
 use vhost_user_iommu::backend::{Attachment, DmaBackend, MapOp};
 use vhost_user_iommu::driver::{GuestRam as MemfdRam, TestVm, VmOptions};
 use vhost_user_iommu::guest_ram::{Backing, GuestRam, HostLocation, RamRegion};
@@ -1255,16 +1255,29 @@ struct ConnectRow {
 }
 
 /// Connect cost against guest RAM (issue 19): the backend's part of SET_MEM_TABLE
-/// (`DmaBackend::set_ram`: the daemon stages all guest RAM in the identity IOAS before it
-/// replies to QEMU), for each map path and RAM size, with the bytes it pins; then the table is
-/// taken away again (what a disconnect costs). Fresh memfds, not faulted in (as QEMU's RAM of a
+/// (`DmaBackend::set_ram`, which runs before the daemon replies to QEMU) for each RAM size, with
+/// the bytes it pins: with `RamStaging::AllRam` (all guest RAM staged in the identity IOAS, by
+/// MAP_FILE or by user VA) and with the default `RamStaging::OnDemand`; then the table is taken
+/// away again (what a disconnect costs). Fresh memfds, not faulted in (as QEMU's RAM of a
 /// guest that has not run).
 fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
     let mut rows = Vec::new();
     for mib in [16u64, 64, 128, 256] {
         let size = mib << 20;
-        for s in [MapStrategy::MapFile, MapStrategy::Map] {
-            if s == MapStrategy::MapFile && !b.map_file_supported() {
+        for (path, staging, s) in [
+            (
+                "all-ram, MAP_FILE",
+                RamStaging::AllRam,
+                Some(MapStrategy::MapFile),
+            ),
+            (
+                "all-ram, MAP (user VA)",
+                RamStaging::AllRam,
+                Some(MapStrategy::Map),
+            ),
+            ("on-demand", RamStaging::OnDemand, None),
+        ] {
+            if s == Some(MapStrategy::MapFile) && !b.map_file_supported() {
                 continue;
             }
             let ram = MemfdRam::new(size).map_err(|e| format!("memfd of {mib} MiB: {e}"))?;
@@ -1283,13 +1296,24 @@ fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
                     file_id: (st.dev(), st.ino()),
                 }),
             }])?;
-            b.set_map_strategy(Some(s));
+            b.set_map_strategy(s);
+            b.set_staging(staging);
             let pinned0 = b.pinned_bytes();
             let t = Instant::now();
             b.set_ram(&table)
                 .map_err(|e| format!("set_ram of {mib} MiB: {e}"))?;
             let set_ms = t.elapsed().as_secs_f64() * 1e3;
             let pinned = b.pinned_bytes().saturating_sub(pinned0);
+            let want = if staging == RamStaging::AllRam {
+                size
+            } else {
+                0
+            };
+            if pinned != want {
+                return Err(format!(
+                    "{path}, {mib} MiB: set_ram pinned {pinned:#x} bytes, expected {want:#x}"
+                ));
+            }
             let t = Instant::now();
             b.set_ram(&GuestRam::default())
                 .map_err(|e| format!("set_ram of nothing: {e}"))?;
@@ -1301,11 +1325,7 @@ fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
                 ));
             }
             rows.push(ConnectRow {
-                path: if s == MapStrategy::MapFile {
-                    "MAP_FILE"
-                } else {
-                    "MAP (user VA)"
-                },
+                path,
                 ram_mib: mib,
                 set_ms,
                 pinned_mib: pinned >> 20,
@@ -1314,19 +1334,16 @@ fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
         }
     }
     b.set_map_strategy(None);
+    b.set_staging(RamStaging::OnDemand);
     Ok(rows)
 }
 
 fn print_connect(rows: &[ConnectRow], staging_hwpt: bool) {
     println!(
         "\nConnect cost against guest RAM: the backend's part of SET_MEM_TABLE (set_ram), staging HWPT {}",
-        if staging_hwpt {
-            "present (all RAM pinned at set_ram)"
-        } else {
-            "absent"
-        }
+        if staging_hwpt { "present" } else { "absent" }
     );
-    println!("| map path | guest RAM MiB | set_ram ms | pinned MiB | release ms |");
+    println!("| staging, map path | guest RAM MiB | set_ram ms | pinned MiB | release ms |");
     println!("|---|---|---|---|---|");
     for r in rows {
         println!(
@@ -1334,12 +1351,13 @@ fn print_connect(rows: &[ConnectRow], staging_hwpt: bool) {
             r.path, r.ram_mib, r.set_ms, r.pinned_mib, r.release_ms
         );
     }
-    for path in ["MAP_FILE", "MAP (user VA)"] {
+    for path in ["all-ram, MAP_FILE", "all-ram, MAP (user VA)", "on-demand"] {
         let pts: Vec<&ConnectRow> = rows.iter().filter(|r| r.path == path).collect();
         if let (Some(a), Some(z)) = (pts.first(), pts.last())
             && z.ram_mib > a.ram_mib
         {
-            let per_gib = (z.set_ms - a.set_ms) / (z.ram_mib - a.ram_mib) as f64 * 1024.0;
+            let per_gib =
+                ((z.set_ms - a.set_ms) / (z.ram_mib - a.ram_mib) as f64 * 1024.0).max(0.0);
             println!(
                 "{path}: {per_gib:.0} ms per GiB of guest RAM ({}..{} MiB); at that slope 1 TiB takes {:.0} s before QEMU gets its reply",
                 a.ram_mib,

@@ -585,6 +585,134 @@ fn first_connection(rep: &mut Report, cx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Issue 19: guest RAM is staged on demand. A fresh connection with the production settings
+/// pins nothing at its memory table; a MAP pins what it maps; the first identity attachment
+/// stages all of guest RAM before the device can reach it; from then on MAPs are copies.
+fn staging_on_demand(rep: &mut Report, cx: &Ctx) -> Result<()> {
+    let b = &*cx.d.backend;
+    let (e1, e2) = (&cx.edu1, &cx.edu2);
+    b.set_map_strategy(None);
+    let pin0 = vm_pin_kib()?;
+    let t = Instant::now();
+    let mut vm = cx.d.connect()?;
+    let connect_ms = t.elapsed().as_secs_f64() * 1e3;
+    let ram = Ram::of(&vm)?;
+    let probes: Vec<u64> = (ram.base..ram.base + ram.size)
+        .step_by(8 << 20)
+        .chain([ram.base + ram.size - PAGE])
+        .collect();
+    let staged = |b: &IommufdBackend| -> Result<usize> {
+        let mut n = 0;
+        for &g in &probes {
+            n += usize::from(identity_maps(b, g, PAGE)?);
+        }
+        Ok(n)
+    };
+    let go = rep.check(
+        "staging on demand: the memory table pins nothing, the identity IOAS stays empty",
+        (|| {
+            let (pinned, vmpin, n) = (b.pinned_bytes(), vm_pin_kib()?, staged(b)?);
+            if pinned != 0 || vmpin != pin0 || n != 0 {
+                return Err(format!(
+                    "after connecting: pinned_bytes {pinned:#x}, VmPin {vmpin} KiB (before {pin0}), identity maps {n} of {} probed GPAs",
+                    probes.len()
+                ));
+            }
+            Ok(format!(
+                "{:#x} bytes of guest RAM; connect {connect_ms:.1} ms; pinned_bytes 0, VmPin {vmpin} KiB as before, none of {} probed GPAs in the identity IOAS; map strategy {}",
+                ram.size,
+                probes.len(),
+                b.map_strategy().name()
+            ))
+        })(),
+    );
+    if !go {
+        vm.disconnect();
+        return Ok(());
+    }
+    let p = pattern(19);
+    rep.check(
+        "staging on demand: a MAP pins what it maps and DMA goes through it",
+        timed(|| {
+            let counts = (b.map_counts(), b.copy_count());
+            attach(&mut vm, 40, 1, 0)?;
+            map(&mut vm, 40, IOVA_X, GPA_A, 0x1_0000, RW)?;
+            if b.pinned_bytes() != 0x1_0000 || b.copy_count() != counts.1 {
+                return Err(format!(
+                    "after a 64 KiB MAP: pinned_bytes {:#x}, {} copies",
+                    b.pinned_bytes(),
+                    b.copy_count() - counts.1
+                ));
+            }
+            ram.write(GPA_A, &p)?;
+            ram.fill(GPA_A + 0x8000, SENTINEL)?;
+            e1.load(IOVA_X)?;
+            e1.store(IOVA_X + 0x8000)?;
+            ram.expect(GPA_A + 0x8000, &p, "GPA A + 32 KiB through IOVA X")?;
+            let after = b.map_counts();
+            Ok(format!(
+                "pinned_bytes 0x10000; maps by MAP_FILE/user VA {}/{}, no COPY",
+                after.0 - counts.0.0,
+                after.1 - counts.0.1
+            ))
+        }),
+    );
+    rep.check(
+        "staging on demand: the first bypass ATTACH stages all guest RAM before the device reaches it, then MAPs copy",
+        timed(|| {
+            let t = Instant::now();
+            attach(&mut vm, 41, 2, ATTACH_F_BYPASS)?;
+            let attach_ms = t.elapsed().as_secs_f64() * 1e3;
+            expect_attachment(b, 2, Attachment::Identity)?;
+            let n = staged(b)?;
+            let want = ram.size + 0x1_0000;
+            if n != probes.len() || b.pinned_bytes() != want {
+                return Err(format!(
+                    "after the bypass ATTACH: identity maps {n} of {} probed GPAs, pinned_bytes {:#x} (want {want:#x})",
+                    probes.len(),
+                    b.pinned_bytes()
+                ));
+            }
+            ram.fill(GPA_B, SENTINEL)?;
+            e2.load(GPA_A)?;
+            e2.store(GPA_B)?;
+            ram.expect(GPA_B, &p, "GPA B through the identity")?;
+            let copies = b.copy_count();
+            map(&mut vm, 40, IOVA_Y, GPA_B, PAGE, RW)?;
+            if b.copy_count() != copies + 1 || b.pinned_bytes() != want {
+                return Err(format!(
+                    "a MAP after staging: {} copies, pinned_bytes {:#x}",
+                    b.copy_count() - copies,
+                    b.pinned_bytes()
+                ));
+            }
+            ram.fill(GPA_B, SENTINEL)?;
+            e1.store(IOVA_Y)?;
+            ram.expect(GPA_B, &p, "GPA B through the copied IOVA Y")?;
+            Ok(format!(
+                "bypass ATTACH {attach_ms:.1} ms (staging included); pinned_bytes {want:#x} = guest RAM + the 64 KiB MAP; DMA through the identity and through a COPY land; map strategy {}",
+                b.map_strategy().name()
+            ))
+        }),
+    );
+    let n = cx.d.devices();
+    vm.disconnect();
+    rep.check(
+        "staging on demand: the disconnect unstages guest RAM",
+        (|| {
+            cx.d.wait_closed(n, Duration::from_secs(30))?;
+            let (pinned, vmpin, k) = (b.pinned_bytes(), vm_pin_kib()?, staged(b)?);
+            if pinned != 0 || vmpin != pin0 || k != 0 {
+                return Err(format!(
+                    "pinned_bytes {pinned:#x}, VmPin {vmpin} KiB (before {pin0}), identity maps {k} probed GPAs"
+                ));
+            }
+            Ok(format!("pinned_bytes 0, VmPin {vmpin} KiB, identity IOAS empty"))
+        })(),
+    );
+    Ok(())
+}
+
 /// MAP by user VA vs MAP_FILE on a second connection: each path proven with DMA and timed.
 fn compare_map_paths(rep: &mut Report, cx: &Ctx) -> Result<()> {
     let b = &*cx.d.backend;
@@ -1501,6 +1629,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = staging_on_demand(&mut rep, &cx) {
+        rep.check("staging connection", Err(e));
+    }
     if let Err(e) = first_connection(&mut rep, &cx) {
         rep.check("first connection", Err(e));
     }

@@ -26,10 +26,11 @@ use std::fs;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use vhost_user_iommu::backend::Attachment;
 use vhost_user_iommu::backend::iommufd::{IommufdBackend, MapStrategy};
 use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::pipeline::Mode;
-use vhost_user_iommu::protocol::Status;
+use vhost_user_iommu::protocol::{ATTACH_F_BYPASS, Status};
 
 use guest_kit::daemon::*;
 use guest_kit::edu::*;
@@ -48,6 +49,10 @@ const HIGH: u64 = 256 * MIB;
 const BIG: u64 = 16 * MIB;
 const GPA_BIG: u64 = 16 * MIB;
 const IOVA_BIG: u64 = 0x0900_0000;
+/// A MAP that fits under `LOW` when nothing is staged: 8 MiB at GPA 32 MiB, IOVA 128 MiB.
+const SMALL: u64 = 8 * MIB;
+const GPA_SMALL: u64 = 32 * MIB;
+const IOVA_SMALL: u64 = 0x0800_0000;
 
 /// `CAP_IPC_LOCK` (include/uapi/linux/capability.h).
 const CAP_IPC_LOCK: u32 = 14;
@@ -175,8 +180,9 @@ fn expect_pinned(b: &IommufdBackend, want: u64, when: &str) -> Result<String> {
     Ok(format!("pinned_bytes = VmPin = {}", mib(want)))
 }
 
-/// One map strategy through refusal, recovery, S_NOMEM (or a free COPY), recovery and DMA.
-fn strategy_round(rep: &mut Report, d: &Daemon, edu: &Edu, s: MapStrategy, seed: u8) -> Result<()> {
+/// COPY, which stages all guest RAM at the memory table: refusal, recovery, a free COPY,
+/// recovery and DMA.
+fn staged_round(rep: &mut Report, d: &Daemon, edu: &Edu, s: MapStrategy, seed: u8) -> Result<()> {
     let b = &*d.backend;
     let n = s.name();
     b.set_map_strategy(Some(s));
@@ -347,6 +353,128 @@ fn strategy_round(rep: &mut Report, d: &Daemon, edu: &Edu, s: MapStrategy, seed:
     Ok(())
 }
 
+/// MAP_FILE or MAP, with guest RAM staged on demand: the memory table pins nothing, so it is
+/// accepted under a limit below guest RAM; a MAP beyond what the limit leaves gets S_NOMEM;
+/// a bypass ATTACH, which needs all guest RAM staged, is refused and leaves the endpoint
+/// blocked; a higher limit lets the same connection map, and DMA goes through.
+fn on_demand_round(
+    rep: &mut Report,
+    d: &Daemon,
+    edu: &Edu,
+    s: MapStrategy,
+    seed: u8,
+) -> Result<()> {
+    let b = &*d.backend;
+    let n = s.name();
+    b.set_map_strategy(Some(s));
+    set_memlock(LOW)?;
+    let mut vm = match d.connect() {
+        Ok(vm) => vm,
+        Err(e) => {
+            rep.check(
+                &format!(
+                    "{n}: staged on demand, the {} memory table is accepted under RLIMIT_MEMLOCK {}",
+                    mib(RAM),
+                    mib(LOW)
+                ),
+                Err(e),
+            );
+            return Ok(());
+        }
+    };
+    let before = d.devices();
+    let go = rep.check(
+        &format!(
+            "{n}: staged on demand, the {} memory table is accepted under RLIMIT_MEMLOCK {} and pins nothing",
+            mib(RAM),
+            mib(LOW)
+        ),
+        (|| {
+            d.alive()?;
+            attach(&mut vm, 1, 1, 0)?;
+            expect_pinned(b, 0, "connected")
+        })(),
+    );
+    if go {
+        let mark = log_mark();
+        rep.check(
+            &format!(
+                "{n}: a {} MAP fits, a further {} MAP gets S_NOMEM, the daemon names the limit and the need",
+                mib(SMALL),
+                mib(BIG)
+            ),
+            (|| {
+                ok(
+                    map_status(&mut vm, 1, IOVA_SMALL, GPA_SMALL, SMALL, RW)?,
+                    "MAP 8 MiB",
+                )?;
+                expect_pinned(b, SMALL, "after the 8 MiB MAP")?;
+                let st = map_status(&mut vm, 1, IOVA_BIG, GPA_BIG, BIG, RW)?;
+                if st != Status::NoMem {
+                    return Err(format!("MAP 16 MiB: status {}, expected NOMEM", st.name()));
+                }
+                let line = wait_log(mark, "RLIMIT_MEMLOCK", Duration::from_secs(10))?;
+                expect_hint(&line, LOW, SMALL + BIG)?;
+                let pin = expect_pinned(b, SMALL, "after the refused MAP")?;
+                Ok(format!("{pin}; daemon: {line}"))
+            })(),
+        );
+        let mark = log_mark();
+        rep.check(
+            &format!(
+                "{n}: a bypass ATTACH, which needs all {} of guest RAM staged, is refused under RLIMIT_MEMLOCK {}; the endpoint stays blocked, nothing more is pinned",
+                mib(RAM),
+                mib(LOW)
+            ),
+            (|| {
+                let st = attach_status(&mut vm, 2, 2, ATTACH_F_BYPASS)?;
+                if st == Status::Ok {
+                    return Err("the bypass ATTACH succeeded".into());
+                }
+                let line = wait_log(mark, "RLIMIT_MEMLOCK", Duration::from_secs(10))?;
+                if !line.contains("identity IOAS") {
+                    return Err(format!("the limit line does not name the identity IOAS: {line}"));
+                }
+                if b.attachment(EndpointId(2)) != Some(Attachment::Blocked) {
+                    return Err(format!("endpoint 2 is {:?}", b.attachment(EndpointId(2))));
+                }
+                d.alive()?;
+                let pin = expect_pinned(b, SMALL, "after the refused ATTACH")?;
+                Ok(format!("status {}; {pin}; daemon: {line}", st.name()))
+            })(),
+        );
+        set_memlock(HIGH)?;
+        rep.check(
+            &format!(
+                "{n}: after raising RLIMIT_MEMLOCK to {} the same connection maps {} and edu DMA goes through",
+                mib(HIGH),
+                mib(BIG)
+            ),
+            (|| {
+                ok(
+                    map_status(&mut vm, 1, IOVA_BIG, GPA_BIG, BIG, RW)?,
+                    "MAP 16 MiB again",
+                )?;
+                let pin = expect_pinned(b, SMALL + BIG, "after the MAP")?;
+                round_trip(&vm, edu, IOVA_BIG, GPA_BIG, &pattern(seed))?;
+                Ok(format!("{pin}; {} round trip through IOVA {IOVA_BIG:#x}", edu.name))
+            })(),
+        );
+    }
+    vm.disconnect();
+    rep.check(
+        &format!("{n}: the disconnect leaves nothing pinned"),
+        (|| {
+            wait_torn_down(d, before)?;
+            if !b.domain_ids().is_empty() {
+                return Err(format!("paging IOASes left: {:?}", b.domain_ids()));
+            }
+            expect_pinned(b, 0, "after the disconnect")
+        })(),
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let mut rep = Report::default();
     // Before any thread exists: capabilities are per thread and inherited at clone.
@@ -433,7 +561,12 @@ fn main() -> ExitCode {
         strategies.push(s);
     }
     for (i, s) in strategies.into_iter().enumerate() {
-        if let Err(e) = strategy_round(&mut rep, &d, &edu, s, i as u8 + 1) {
+        let round = if s == MapStrategy::Copy {
+            staged_round
+        } else {
+            on_demand_round
+        };
+        if let Err(e) = round(&mut rep, &d, &edu, s, i as u8 + 1) {
             rep.check(&format!("{}: round", s.name()), Err(e));
         }
     }
