@@ -168,6 +168,8 @@ fn finish(
 pub enum BenchError {
     #[error("cannot start the daemon: {0}")]
     Daemon(std::io::Error),
+    #[error("bench setup: {0}")]
+    Setup(String),
     #[error("guest driver: {0}")]
     Driver(#[from] DriverError),
     #[error("{workload}: request failed with {status:?}")]

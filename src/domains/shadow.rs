@@ -1,17 +1,47 @@
 //! A paging domain's shadow: its mappings by IOVA start, as the host holds them.
+//!
+//! Compact on purpose (issue 19: a guest may keep 10⁶ mappings): an entry is its IOVA start (the
+//! key), its IOVA end, and its GPA with the permissions in the GPA's two low bits (a mapping's
+//! GPA is granule-aligned, and the granule is at least 4 bytes: `Rules::for_host`): 24 bytes in
+//! the tree. Where the GPA lies in the host is not kept: the domain's RAM table answers it
+//! (every mapping was checked against it, and a table change removes what moved).
 
 use std::collections::BTreeMap;
 
-use crate::guest_ram::HostLocation;
 use crate::ids::Perms;
 
-/// One mapping: the IOVAs from its key to `end`, onto guest RAM from `gpa`.
-#[derive(Debug)]
+const READ: u64 = 1;
+const WRITE: u64 = 2;
+const PERM_BITS: u64 = READ | WRITE;
+
+/// One mapping: the IOVAs from its key to its end, onto guest RAM from its GPA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Mapping {
     pub(super) end: u64,
-    pub(super) gpa: u64,
-    pub(super) perms: Perms,
-    pub(super) host: HostLocation,
+    gpa_perms: u64,
+}
+
+impl Mapping {
+    /// `gpa` must have its two low bits clear (it is granule-aligned).
+    pub(super) fn new(end: u64, gpa: u64, perms: Perms) -> Mapping {
+        debug_assert_eq!(gpa & PERM_BITS, 0, "GPA {gpa:#x} is not granule-aligned");
+        let bits = if perms.read { READ } else { 0 } | if perms.write { WRITE } else { 0 };
+        Mapping {
+            end,
+            gpa_perms: (gpa & !PERM_BITS) | bits,
+        }
+    }
+
+    pub(super) fn gpa(&self) -> u64 {
+        self.gpa_perms & !PERM_BITS
+    }
+
+    pub(super) fn perms(&self) -> Perms {
+        Perms {
+            read: self.gpa_perms & READ != 0,
+            write: self.gpa_perms & WRITE != 0,
+        }
+    }
 }
 
 /// A paging domain's mappings by IOVA start, with the bytes they cover kept as they change (so

@@ -136,12 +136,7 @@ impl DomainTable {
         }
         maps.insert(
             op.iova.start(),
-            Mapping {
-                end: op.iova.end(),
-                gpa: op.gpa,
-                perms: op.perms,
-                host: op.host,
-            },
+            Mapping::new(op.iova.end(), op.gpa, op.perms),
         );
         Ok(())
     }
@@ -217,15 +212,21 @@ impl DomainTable {
     /// Returns how many were removed.
     pub fn set_ram(&mut self, ram: Arc<GuestRam>) -> usize {
         let mut removed = 0;
+        let old = self.ram.clone();
         for (&id, d) in self.domains.iter_mut() {
             let ShardDomain::Paging { hw, maps } = d else {
                 continue;
             };
+            // Every mapping was made over the old table (a MAP is checked against it, and each
+            // change removes what moved), so the old table says where it lies.
             let stale: Vec<u64> = maps
                 .iter()
                 .filter(|(s, m)| {
-                    let gpa = GpaRange::new(m.gpa, m.gpa + (m.end - **s)).expect("valid");
-                    !ram.locate(&gpa).is_some_and(|h| same_memory(&h, &m.host))
+                    let gpa = GpaRange::new(m.gpa(), m.gpa() + (m.end - **s)).expect("valid");
+                    match (old.locate(&gpa), ram.locate(&gpa)) {
+                        (Some(was), Some(now)) => !same_memory(&now, &was),
+                        _ => true,
+                    }
                 })
                 .map(|(&s, _)| s)
                 .collect();
@@ -296,9 +297,9 @@ impl DomainTable {
                         .map(|(&start, m)| MappingView {
                             start,
                             end: m.end,
-                            gpa: m.gpa,
-                            read: m.perms.read,
-                            write: m.perms.write,
+                            gpa: m.gpa(),
+                            read: m.perms().read,
+                            write: m.perms().write,
                         })
                         .collect(),
                     hw: hw.handover_state(),

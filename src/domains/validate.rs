@@ -128,7 +128,6 @@ mod tests {
     use super::super::shadow::Mapping;
     use super::super::tests::{RAM, ram, rules};
     use super::*;
-    use crate::guest_ram::HostLocation;
 
     const PAGE: u64 = 0x1000;
 
@@ -138,15 +137,7 @@ mod tests {
         for &(a, b) in pages {
             s.insert(
                 a * PAGE,
-                Mapping {
-                    end: (b + 1) * PAGE - 1,
-                    gpa: a * PAGE,
-                    perms: Perms::RW,
-                    host: HostLocation {
-                        host_addr: 0,
-                        file: None,
-                    },
-                },
+                Mapping::new((b + 1) * PAGE - 1, a * PAGE, Perms::RW),
             );
         }
         s

@@ -42,6 +42,10 @@ pub(crate) struct BenchArgs {
     /// domain (comma-separated sizes, e.g. 1,1000,100000,1000000), `--rounds` pairs at each.
     #[arg(long, value_delimiter = ',')]
     state_sweep: Vec<usize>,
+    /// Instead of the workloads: the domain model's heap bytes per live 4 KiB mapping with N
+    /// mappings in one domain (what the daemon holds when the kernel holds the translation).
+    #[arg(long)]
+    model_bytes: Option<usize>,
     /// Instead of the workloads: CPU and memory of N idle daemons (each after a burst of
     /// requests), measured over 10 s.
     #[arg(long)]
@@ -209,6 +213,14 @@ pub(crate) fn bench(a: BenchArgs) -> Result<(), String> {
                     p.fewest_requests
                 );
             }
+        }
+        return Ok(());
+    }
+    if let Some(n) = a.model_bytes {
+        let rows = bench::state::model_bytes_per_mapping(n).map_err(|e| e.to_string())?;
+        println!("| IOVA order | mappings | heap bytes per mapping |\n|---|---|---|");
+        for (order, b) in rows {
+            println!("| {order} | {n} | {b:.1} |");
         }
         return Ok(());
     }
