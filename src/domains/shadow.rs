@@ -85,3 +85,22 @@ impl Shadow {
         self.tree.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mapping_keeps_its_gpa_and_each_permission_apart() {
+        for gpa in [0, 0x1000, 0xffff_ffff_ffff_f000] {
+            for (read, write) in [(false, false), (true, false), (false, true), (true, true)] {
+                let m = Mapping::new(0x1fff, gpa, Perms { read, write });
+                assert_eq!(
+                    (m.end, m.gpa(), m.perms()),
+                    (0x1fff, gpa, Perms { read, write })
+                );
+            }
+        }
+        assert_eq!(std::mem::size_of::<Mapping>(), 16);
+    }
+}
