@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use crate::backend::iommufd::Staging;
-use crate::domains::Limits;
+use crate::domains::{Limits, RamCaps};
 
 /// Which translation backend serves the VM.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -201,6 +201,15 @@ impl VmConfig {
         vhost.chain(vfio).chain(control).collect()
     }
 
+    /// The mapping caps the configuration leaves unset: they follow the guest's RAM.
+    pub fn ram_caps(&self) -> RamCaps {
+        let l = self.limits.as_ref();
+        RamCaps {
+            per_domain: l.is_none_or(|l| l.max_mappings_per_domain.is_none()),
+            total: l.is_none_or(|l| l.max_mappings_total.is_none()),
+        }
+    }
+
     pub fn limits(&self) -> Limits {
         let d = Limits::default();
         let l = self.limits.unwrap_or(LimitsConfig {
@@ -300,6 +309,21 @@ vfio_user_socket = "/run/vhost-user-iommu/vm1-01.sock"
             msg.contains("on-demand") && msg.contains("all-ram"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn mapping_caps_left_unset_follow_guest_ram() {
+        let p = Path::new("a.toml");
+        let none = VmConfig::parse("", p).unwrap().ram_caps();
+        assert!(none.per_domain && none.total);
+        let total = VmConfig::parse("[limits]\nmax_mappings_total = 100\n", p)
+            .unwrap()
+            .ram_caps();
+        assert!(total.per_domain && !total.total);
+        let domains_only = VmConfig::parse("[limits]\nmax_domains = 8\n", p)
+            .unwrap()
+            .ram_caps();
+        assert!(domains_only.per_domain && domains_only.total);
     }
 
     #[test]

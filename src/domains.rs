@@ -21,7 +21,7 @@ mod table;
 mod topology;
 mod validate;
 
-pub use rules::{Limits, Rules};
+pub use rules::{Limits, RamCaps, Rules};
 pub use table::{DomainSummary, DomainTable, DomainView, MappingView};
 pub use topology::{AttachPlan, AttachTarget, EndpointView, Topology};
 

@@ -65,6 +65,13 @@ impl GuestRam {
         self.regions.is_empty()
     }
 
+    /// Bytes of guest RAM the table describes.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().fold(0u64, |n, r| {
+            n.saturating_add(r.gpa.len().unwrap_or(u64::MAX))
+        })
+    }
+
     /// The region holding all of `gpa`, if one does. A range that spans two regions is refused
     /// even if they are adjacent: a backend maps from one place.
     pub fn region_of(&self, gpa: &GpaRange) -> Option<&RamRegion> {

@@ -1105,3 +1105,36 @@ fn the_readmes_first_command_shows_the_daemon_serving_within_seconds() {
         .unwrap_or(0);
     assert!(ok > 0, "{line}");
 }
+
+/// Issue 19: with no `[limits]` the mapping caps follow the guest's RAM (twice its 4 KiB pages,
+/// at least 65,536): a 64 MiB guest (32,768 pages) may hold 65,536 mappings in a domain and the
+/// next MAP gets S_NOMEM; once the memory table grows to 1 GiB more fit.
+#[test]
+fn mapping_caps_follow_guest_ram_when_the_config_sets_none() {
+    const FLOOR: u64 = 1 << 16;
+    let dir = TempDir::new();
+    let sock = dir.0.join("v.sock");
+    let mut child = Running(daemon(&["--socket-path".as_ref(), sock.as_os_str()]));
+    let opts = VmOptions {
+        ram_size: 64 << 20,
+        queue_size: 1024,
+        ..VmOptions::default()
+    };
+    let mut vm = TestVm::connect(&sock, opts).expect("connect");
+    assert_eq!(vm.request(&Request::attach(1, 3)).unwrap(), Status::Ok);
+    let map = |i: u64| {
+        let iova = (1u64 << 32) + i * 0x1000;
+        Request::map(1, iova, iova + 0xfff, (i % 16_384) * 0x1000, 3)
+    };
+    let all: Vec<Request> = (0..FLOOR).map(map).collect();
+    for chunk in all.chunks(256) {
+        let st = vm.batch(chunk).unwrap();
+        assert!(st.iter().all(|s| *s == Status::Ok), "{st:?}");
+    }
+    assert_eq!(vm.request(&map(FLOOR)).unwrap(), Status::NoMem);
+    vm.add_region(1 << 32, 1 << 30)
+        .expect("ADD_MEM_REG of 1 GiB");
+    assert_eq!(vm.request(&map(FLOOR)).unwrap(), Status::Ok);
+    drop(vm);
+    let _ = child.0.kill();
+}

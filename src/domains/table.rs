@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use log::warn;
+use log::{debug, warn};
 
 use super::shadow::{Mapping, Shadow};
 use super::validate::{self, Unmapping};
@@ -244,8 +244,23 @@ impl DomainTable {
             }
         }
         self.total_mappings.fetch_sub(removed, Ordering::Relaxed);
+        let rules = self.rules.for_ram(ram.size());
+        if rules.limits != self.rules.limits {
+            debug!(
+                "mapping caps for {} bytes of guest RAM: {} per domain, {} in all",
+                ram.size(),
+                rules.limits.max_mappings_per_domain,
+                rules.limits.max_mappings_total
+            );
+        }
+        self.rules = rules;
         self.ram = ram;
         removed
+    }
+
+    /// The caps in force (those that follow guest RAM set for the current table).
+    pub fn limits(&self) -> Limits {
+        self.rules.limits
     }
 
     /// Number of mappings in one domain (None if this shard does not hold it).

@@ -8,6 +8,7 @@ use super::*;
 use crate::backend::DmaBackend;
 use crate::backend::fault::{FaultyBackend, Injector, Op};
 use crate::backend::soft::{Fault, SoftBackend};
+use crate::domains::RamCaps;
 use crate::guest_ram::GuestRam;
 use crate::guest_ram::RamRegion;
 use crate::protocol::{
@@ -40,6 +41,7 @@ pub(super) fn rules() -> Rules {
             max_mappings_per_domain: 8,
             max_mappings_total: 12,
         },
+        ram_caps: RamCaps::default(),
         probe_size: 512,
     }
 }
@@ -891,4 +893,46 @@ fn a_shard_executes_map_and_unmap_and_refuses_other_requests() {
         .execute(&Request::map(1, 0x1001, 0x1fff, 0, RW))
         .unwrap_err();
     assert_eq!(r.reason, Reason::Rule(Rule::Misaligned(0x1001)));
+}
+
+#[test]
+fn mapping_caps_left_unset_follow_guest_ram_and_set_ones_stay() {
+    assert_eq!(RamCaps::mappings_for(0), RamCaps::FLOOR);
+    assert_eq!(RamCaps::mappings_for(64 << 20), RamCaps::FLOOR);
+    assert_eq!(RamCaps::mappings_for(1 << 30), 2 * 262_144);
+    assert_eq!(RamCaps::mappings_for(1 << 40), RamCaps::CEILING);
+    assert_eq!(RamCaps::mappings_for(u64::MAX), RamCaps::CEILING);
+
+    let caps = RamCaps {
+        per_domain: true,
+        total: false,
+    };
+    let fixed = rules().limits;
+    let table = |r: Rules| {
+        DomainTable::new(
+            Arc::new(r),
+            Arc::new(SoftBackend::new(&[], false)),
+            Arc::new(ram()),
+            Arc::new(AtomicUsize::new(0)),
+        )
+    };
+    let mut t = table(rules().with_ram_caps(caps));
+    // Before a memory table: the floor; the configured total stays.
+    assert_eq!(t.limits().max_mappings_per_domain, RamCaps::FLOOR);
+    assert_eq!(t.limits().max_mappings_total, fixed.max_mappings_total);
+    let big = GuestRam::new(vec![RamRegion {
+        gpa: crate::ids::GpaRange::with_len(0, 1 << 30).unwrap(),
+        host_addr: 0x7000_0000_0000,
+        backing: None,
+    }])
+    .unwrap();
+    t.set_ram(Arc::new(big));
+    assert_eq!(t.limits().max_mappings_per_domain, 524_288);
+    assert_eq!(t.limits().max_mappings_total, fixed.max_mappings_total);
+    t.set_ram(Arc::new(ram()));
+    assert_eq!(t.limits().max_mappings_per_domain, RamCaps::FLOOR);
+    // Rules without RAM caps keep their numbers at every table.
+    let mut plain = table(rules());
+    plain.set_ram(Arc::new(ram()));
+    assert_eq!(plain.limits(), fixed);
 }

@@ -356,7 +356,8 @@ fn run_resumed(
         .collect();
     let c = backend.dyn_backend.constraints();
     let [d0, d1] = cfg.domain_range.unwrap_or([0, u32::MAX]);
-    let rules = Rules::for_host(&c, (d0, d1), cfg.limits(), cfg.probe_size.unwrap_or(512));
+    let rules = Rules::for_host(&c, (d0, d1), cfg.limits(), cfg.probe_size.unwrap_or(512))
+        .with_ram_caps(cfg.ram_caps());
     let threads = a.threads.or(cfg.threads).unwrap_or(0);
     let mode = if threads == 0 {
         Mode::Inline
