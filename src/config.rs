@@ -50,7 +50,7 @@ pub struct LimitsConfig {
 pub const MAX_POLL_US: u64 = 1_000_000;
 /// The most domains `limits.max_domains` may allow.
 pub const MAX_DOMAINS: usize = 1 << 20;
-/// The most mappings `limits.max_mappings_*` may allow (2^26: ~13 GB of daemon memory).
+/// The most mappings `limits.max_mappings_*` may allow (2^26: ~3.4 GB of daemon memory at ~50 bytes each).
 pub const MAX_MAPPINGS: usize = 1 << 26;
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -174,7 +174,7 @@ impl VmConfig {
                     && !(1..=max).contains(&v)
                 {
                     return Err(format!(
-                        "limits.{name} {v} must be between 1 and {max} (0 refuses every request of its kind; beyond, one guest could make the daemon hold more memory than any host has, ~200 bytes per mapping)"
+                        "limits.{name} {v} must be between 1 and {max} (0 refuses every request of its kind; beyond, one guest could make the daemon hold more memory than any host has, ~50 bytes per mapping)"
                     ));
                 }
             }
