@@ -80,7 +80,9 @@ phase_end kernel
 #   driven by the crate's TestVm;
 # bench-iommufd (VM_BENCH_IOMMUFD): raw IOAS_MAP / MAP_FILE / staging+COPY loops vs the daemon
 #   path (BENCHMARKS.md; pairs per row: BENCH_PAIRS_4K / BENCH_PAIRS_2M in the guest
-#   environment, defaults 256 / 32);
+#   environment, defaults 256 / 32), connect cost against RAM size, and per-request cost
+#   against live mappings (BENCH_STATE_SIZES, default 1,1000,10000; the full sweep:
+#   VM_APPEND="BENCH_STATE_SIZES=1,1000,10000,100000");
 # vfio-user-edu (VM_VFIO_USER): the daemon binary (built static first, embedded in the program)
 #   serves both edus over vfio-user to a client written from the protocol document;
 # memlock (VM_MEMLOCK): RLIMIT_MEMLOCK exhaustion (issue 7): the daemon without CAP_IPC_LOCK under

@@ -22,6 +22,10 @@
 //!   2 MiB pages reserved through /proc/sys/vm/nr_hugepages), against the 4 KiB-page shmem rows
 //!   of the same run (2 MiB maps of 2 MiB-aligned hugetlb pages can use 2 MiB IOPTEs); a `SKIP:`
 //!   line if no hugepages can be had
+//! - connect cost (issue 19): `set_ram` against guest RAM size, with all RAM staged and on demand
+//! - state size (issue 19): MAP/UNMAP through the daemon with N live mappings in the domain, one
+//!   UNMAP over all N, and the DETACH that destroys a domain holding N (BENCH_STATE_SIZES,
+//!   default `1,1000,10000`; BENCH_STATE_PAIRS pairs per point, default 128)
 //!
 //! Output: a table per size (per-pair time, MAP and UNMAP time, ratio to `raw-map`, p50/p99 of
 //! the pair), a batch table (per-request time of each pattern and its ratio to the raw and
@@ -1338,6 +1342,138 @@ fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
     Ok(rows)
 }
 
+/// One point of the state-size curve on real iommufd (issue 19).
+struct StateRow {
+    live: usize,
+    fill_ms: f64,
+    map: Vec<u64>,
+    unmap: Vec<u64>,
+    unmap_all_ms: f64,
+    detach_ms: f64,
+}
+
+/// Per-request cost against the live mappings of one domain, through the daemon on real
+/// iommufd (production settings: inline, default poll, staging on demand, so MAPs are
+/// MAP_FILE): N 4 KiB mappings filled in kicks of 64, then `pairs` MAP+UNMAP pairs of one more
+/// page on top (one request per kick, as in strict mode), then one UNMAP over all N; then N
+/// again and the DETACH that destroys the domain with them (its IOAS). Every request is checked
+/// for S_OK, and after each point nothing stays pinned.
+fn state_rows(b: &Arc<IommufdBackend>, sizes: &[usize], pairs: usize) -> Result<Vec<StateRow>> {
+    use guest_kit::daemon::Daemon;
+    const BASE: u64 = 1 << 32;
+    const KICK: usize = 64;
+    b.set_map_strategy(None);
+    let d = Daemon::start("bench-state", b.clone(), Mode::Inline, false)?;
+    let mut vm = d.connect()?;
+    let pages = (vm.usable_ram_end() / KIB4).max(1);
+    let map = |i: u64| {
+        let iova = BASE + i * KIB4;
+        Request::map(1, iova, iova + KIB4 - 1, (i % pages) * KIB4, 3)
+    };
+    let all_ok = |what: &str, st: Vec<Status>| -> Result<()> {
+        match st.iter().find(|s| **s != Status::Ok) {
+            None => Ok(()),
+            Some(s) => Err(format!("{what}: {}", s.name())),
+        }
+    };
+    let mut rows = Vec::new();
+    for &n in sizes {
+        let fill = |vm: &mut TestVm| -> Result<f64> {
+            let t = Instant::now();
+            let reqs: Vec<Request> = (0..n as u64).map(map).collect();
+            for chunk in reqs.chunks(KICK) {
+                all_ok("fill", vm.batch(chunk).map_err(|e| e.to_string())?)?;
+            }
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        };
+        let one = |vm: &mut TestVm, r: &Request, what: &str| -> Result<u64> {
+            let t = Instant::now();
+            all_ok(what, vec![vm.request(r).map_err(|e| e.to_string())?])?;
+            Ok(t.elapsed().as_nanos() as u64)
+        };
+        all_ok(
+            "attach",
+            vec![
+                vm.request(&Request::attach(1, 1))
+                    .map_err(|e| e.to_string())?,
+            ],
+        )?;
+        let fill_ms = fill(&mut vm)?;
+        let (mut maps, mut unmaps) = (Vec::new(), Vec::new());
+        for r in 0..pairs as u64 {
+            let i = n as u64 + 1 + r % 64;
+            maps.push(one(&mut vm, &map(i), "map")?);
+            let iova = BASE + i * KIB4;
+            unmaps.push(one(
+                &mut vm,
+                &Request::unmap(1, iova, iova + KIB4 - 1),
+                "unmap",
+            )?);
+        }
+        let end = BASE + (n as u64).max(1) * KIB4 - 1;
+        let unmap_all_ms = one(&mut vm, &Request::unmap(1, BASE, end), "unmap all")? as f64 / 1e6;
+        if b.pinned_bytes() != 0 {
+            return Err(format!(
+                "{n}: {:#x} bytes pinned after the UNMAP of all",
+                b.pinned_bytes()
+            ));
+        }
+        fill(&mut vm)?;
+        let detach_ms = one(&mut vm, &Request::detach(1, 1), "detach")? as f64 / 1e6;
+        if b.pinned_bytes() != 0 || !b.domain_ids().is_empty() {
+            return Err(format!(
+                "{n}: after the DETACH {:#x} bytes pinned, IOASes {:?}",
+                b.pinned_bytes(),
+                b.domain_ids()
+            ));
+        }
+        maps.sort_unstable();
+        unmaps.sort_unstable();
+        rows.push(StateRow {
+            live: n,
+            fill_ms,
+            map: maps,
+            unmap: unmaps,
+            unmap_all_ms,
+            detach_ms,
+        });
+    }
+    let before = d.devices();
+    vm.disconnect();
+    d.wait_closed(before, Duration::from_secs(30))?;
+    Ok(rows)
+}
+
+fn print_state(rows: &[StateRow]) {
+    println!(
+        "\nbench-iommufd state: per-request cost against live mappings (daemon, real iommufd, MAP_FILE, one request per kick)"
+    );
+    println!(
+        "| live mappings | fill ms | MAP p50 µs | MAP p99 µs | UNMAP p50 µs | UNMAP p99 µs | one UNMAP of all, ms | DETACH (destroy) ms | MAP p50 / at 1 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let base = rows
+        .first()
+        .map(|r| percentile(&r.map, 0.5))
+        .unwrap_or(1)
+        .max(1);
+    for r in rows {
+        let us = |v: &[u64], p| percentile(v, p) as f64 / 1e3;
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            r.live,
+            r.fill_ms,
+            us(&r.map, 0.5),
+            us(&r.map, 0.99),
+            us(&r.unmap, 0.5),
+            us(&r.unmap, 0.99),
+            r.unmap_all_ms,
+            r.detach_ms,
+            percentile(&r.map, 0.5) as f64 / base as f64
+        );
+    }
+}
+
 fn print_connect(rows: &[ConnectRow], staging_hwpt: bool) {
     println!(
         "\nConnect cost against guest RAM: the backend's part of SET_MEM_TABLE (set_ram), staging HWPT {}",
@@ -1438,14 +1574,29 @@ fn main() -> ExitCode {
             daemon_rows(&b, &sizes, batch_pairs, &spec, &mut rows, &mut batch)?;
         }
         let connect = connect_rows(&b)?;
-        Ok((rows, batch, auto, copy, connect, b.staging_hwpt().is_some()))
+        let state_sizes: Vec<usize> = std::env::var("BENCH_STATE_SIZES")
+            .unwrap_or_else(|_| "1,1000,10000".into())
+            .split(',')
+            .filter_map(|v| v.trim().parse().ok())
+            .collect();
+        let state = state_rows(&b, &state_sizes, env_n("BENCH_STATE_PAIRS", 128))?;
+        Ok((
+            rows,
+            batch,
+            auto,
+            copy,
+            connect,
+            b.staging_hwpt().is_some(),
+            state,
+        ))
     })();
     match run {
-        Ok((rows, batch, auto, copy, connect, hwpt)) => {
+        Ok((rows, batch, auto, copy, connect, hwpt, state)) => {
             print_table(&rows);
             print_batch(&batch, &rows);
             print_huge(&rows);
             print_connect(&connect, hwpt);
+            print_state(&state);
             println!(
                 "PASS: bench-iommufd sub-range IOMMU_IOAS_COPY from the staging IOAS ({})",
                 match copy {
