@@ -1280,6 +1280,11 @@ fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
                 Some(MapStrategy::Map),
             ),
             ("on-demand", RamStaging::OnDemand, None),
+            (
+                "all-ram, MAP_FILE, populated",
+                RamStaging::AllRam,
+                Some(MapStrategy::MapFile),
+            ),
         ] {
             if s == Some(MapStrategy::MapFile) && !b.map_file_supported() {
                 continue;
@@ -1289,6 +1294,15 @@ fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
             let file = unsafe { File::from_raw_fd(libc::dup(ram.fd())) };
             if file.as_raw_fd() < 0 {
                 return Err("dup of the memfd".into());
+            }
+            if path.ends_with("populated") {
+                // Every page allocated before the table arrives (as hugetlb RAM is below), so
+                // that the row times the pinning alone.
+                let chunk = vec![0u8; 1 << 20];
+                for off in (0..size).step_by(chunk.len()) {
+                    file.write_all_at(&chunk, off)
+                        .map_err(|e| format!("populate the memfd: {e}"))?;
+                }
             }
             let st = file.metadata().map_err(|e| e.to_string())?;
             let table = GuestRam::new(vec![RamRegion {
@@ -1335,6 +1349,61 @@ fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
                 pinned_mib: pinned >> 20,
                 release_ms,
             });
+        }
+    }
+    // hugetlb-backed RAM (populated at creation, unlike the shmem rows' fresh memfds), all RAM
+    // staged: as far as the hugepage pool allows.
+    match Hugepages::reserve(64 << 20) {
+        Err(why) => println!("SKIP: bench-iommufd connect cost on hugetlb RAM: {why}"),
+        Ok(_pool) => {
+            for mib in [16u64, 64] {
+                let size = mib << 20;
+                for (path, s) in [
+                    ("all-ram, MAP_FILE, hugetlb", MapStrategy::MapFile),
+                    ("all-ram, MAP (user VA), hugetlb", MapStrategy::Map),
+                ] {
+                    if s == MapStrategy::MapFile && !b.map_file_supported() {
+                        continue;
+                    }
+                    let ram = HugeRam::new(size)?;
+                    let file = ram.file.try_clone().map_err(|e| e.to_string())?;
+                    let st = file.metadata().map_err(|e| e.to_string())?;
+                    let table = GuestRam::new(vec![RamRegion {
+                        gpa: GpaRange::new(0, size - 1).expect("valid"),
+                        host_addr: ram.addr,
+                        backing: Some(Backing {
+                            file: Arc::new(file),
+                            offset: 0,
+                            file_id: (st.dev(), st.ino()),
+                        }),
+                    }])?;
+                    b.set_map_strategy(Some(s));
+                    b.set_staging(RamStaging::AllRam);
+                    let pinned0 = b.pinned_bytes();
+                    let t = Instant::now();
+                    b.set_ram(&table)
+                        .map_err(|e| format!("set_ram of {mib} MiB hugetlb: {e}"))?;
+                    let set_ms = t.elapsed().as_secs_f64() * 1e3;
+                    let pinned = b.pinned_bytes().saturating_sub(pinned0);
+                    let t = Instant::now();
+                    b.set_ram(&GuestRam::default())
+                        .map_err(|e| format!("set_ram of nothing: {e}"))?;
+                    let release_ms = t.elapsed().as_secs_f64() * 1e3;
+                    if pinned != size || b.pinned_bytes() != pinned0 {
+                        return Err(format!(
+                            "{path}, {mib} MiB: set_ram pinned {pinned:#x}; {:#x} pinned after the release, {pinned0:#x} before",
+                            b.pinned_bytes()
+                        ));
+                    }
+                    rows.push(ConnectRow {
+                        path,
+                        ram_mib: mib,
+                        set_ms,
+                        pinned_mib: pinned >> 20,
+                        release_ms,
+                    });
+                }
+            }
         }
     }
     b.set_map_strategy(None);
@@ -1487,7 +1556,14 @@ fn print_connect(rows: &[ConnectRow], staging_hwpt: bool) {
             r.path, r.ram_mib, r.set_ms, r.pinned_mib, r.release_ms
         );
     }
-    for path in ["all-ram, MAP_FILE", "all-ram, MAP (user VA)", "on-demand"] {
+    for path in [
+        "all-ram, MAP_FILE",
+        "all-ram, MAP (user VA)",
+        "on-demand",
+        "all-ram, MAP_FILE, populated",
+        "all-ram, MAP_FILE, hugetlb",
+        "all-ram, MAP (user VA), hugetlb",
+    ] {
         let pts: Vec<&ConnectRow> = rows.iter().filter(|r| r.path == path).collect();
         if let (Some(a), Some(z)) = (pts.first(), pts.last())
             && z.ram_mib > a.ram_mib
