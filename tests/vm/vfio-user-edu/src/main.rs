@@ -1143,6 +1143,69 @@ fn vfio_user_storm_check(rep: &mut Report, daemon: &mut Daemon, c1: &mut Client,
     );
 }
 
+/// Issue 19: a SIGKILL while a bypass ATTACH stages all guest RAM into the identity IOAS (the
+/// first identity attachment does that, and the guest waits for it): the restarted daemon
+/// carries the unanswered ATTACH out again (a region the dead daemon had already mapped,
+/// unrecorded, is replaced), answers it once with success, and endpoint 2's DMA then lands
+/// identity-mapped.
+fn staging_crash_check(rep: &mut Report, cx: &mut Ctx, daemon: &mut Daemon, bar2: &Bar) {
+    rep.check(
+        "crash restart: a SIGKILL while a bypass ATTACH stages all guest RAM; the restarted daemon answers the ATTACH once with success and the endpoint translates identity",
+        (|| {
+            let seed = 0x5eed_0019u64 ^ u64::from(std::process::id());
+            let mut attached = false;
+            let storm = kill_storm(daemon, 1, seed, |_, i| {
+                if i == 0 {
+                    let r = Request::Attach {
+                        domain: DomainId(50),
+                        endpoint: EndpointId(2),
+                        flags: vhost_user_iommu::protocol::ATTACH_F_BYPASS,
+                        reserved: [0; 4],
+                    };
+                    vm_req(&mut cx.vm, r, "bypass ATTACH of endpoint 2")?;
+                    attached = true;
+                } else {
+                    let (st, _) = cx.vm.probe(1).map_err(s)?;
+                    if st != Status::Ok {
+                        return Err(format!("PROBE: {}", st.name()));
+                    }
+                }
+                Ok(1)
+            })?;
+            if !attached {
+                return Err("the bypass ATTACH was never answered".into());
+            }
+            let from = storm.restarts[0];
+            let staged = daemon
+                .wait_log_from(0, "all guest RAM staged", TIMEOUT)
+                .ok_or("no daemon logged staging all guest RAM")?;
+            let replaced = daemon
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(from)
+                .find(|l| l.contains("mapped unrecorded"))
+                .cloned();
+            let p = pattern(0x19);
+            cx.vm.ram().write(GPA_D, &p).map_err(s)?;
+            ram_fill(&cx.vm, GPA_C, SENTINEL)?;
+            load(bar2, GPA_D)?;
+            store(bar2, GPA_C)?;
+            ram_expect(&cx.vm, GPA_C, &p, "endpoint 2's DMA to IOVA = GPA C after the bypass ATTACH")?;
+            Ok(format!(
+                "{} requests answered once across the kill, pause {}; {}; staging: {staged}; endpoint 2's DMA lands at IOVA = GPA",
+                storm.requests,
+                storm.pauses(),
+                match replaced {
+                    Some(l) => format!("the dead daemon had mapped RAM unrecorded, replaced: {l}"),
+                    None => "the kill landed before the dead daemon's map took effect (nothing to replace)".into(),
+                }
+            ))
+        })(),
+    );
+}
+
 fn run(rep: &mut Report) -> Result<()> {
     let edus = edus()?;
     if edus.len() < 2 {
@@ -1231,6 +1294,7 @@ fn run(rep: &mut Report) -> Result<()> {
         }
         crash_storm_check(rep, &mut cx, &mut daemon, &bar1);
         vfio_user_storm_check(rep, &mut daemon, &mut c1, &ram_fd);
+        staging_crash_check(rep, &mut cx, &mut daemon, bar2);
     }
 
     let mut reset_works = false;
