@@ -357,6 +357,94 @@ pub fn run_idle(n: usize, idle: std::time::Duration) -> Result<IdlePoint, BenchE
     })
 }
 
+/// One daemon as its own process (this binary, spawned with `--socket-path`), idle after a
+/// burst: what an operator sees in `ps` for a VM whose guest went quiet.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct IdleProcess {
+    pub idle_secs: f64,
+    /// CPU seconds the daemon process used while idle.
+    pub cpu_secs: f64,
+    /// Its resident set with no VMM connected, and idle with one connected, KiB.
+    pub rss_kib_alone: u64,
+    pub rss_kib_idle: u64,
+}
+
+/// Spawns `exe` as a daemon on a socket in a fresh directory, reads its RSS, connects a
+/// simulated VMM (64 MiB guest), sends 200 MAP+UNMAP pairs, then leaves it idle for `idle` and
+/// reads its CPU time (from /proc/PID/stat) and RSS (VmRSS).
+pub fn run_idle_process(
+    exe: &std::path::Path,
+    idle: std::time::Duration,
+) -> Result<IdleProcess, BenchError> {
+    let dir = std::env::temp_dir().join(format!("viommu-idle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(BenchError::Daemon)?;
+    let sock = dir.join("v.sock");
+    let mut child = std::process::Command::new(exe)
+        .arg("--socket-path")
+        .arg(&sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(BenchError::Daemon)?;
+    let pid = child.id();
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        t(11) + t(12)
+    };
+    let rss = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let result = (|| {
+        let t = Instant::now();
+        while !sock.exists() {
+            if t.elapsed() > std::time::Duration::from_secs(10) {
+                return Err(BenchError::Setup(
+                    "the daemon's socket did not appear".into(),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let rss_alone = rss();
+        let mut vm = TestVm::connect(&sock, VmOptions::default())?;
+        all_ok("attach", &[vm.request(&Request::attach(1, 1))?])?;
+        for i in 0..200u64 {
+            let iova = i * PAGE;
+            all_ok(
+                "map",
+                &[vm.request(&Request::map(1, iova, iova + PAGE - 1, iova, RW))?],
+            )?;
+            all_ok(
+                "unmap",
+                &[vm.request(&Request::unmap(1, iova, iova + PAGE - 1))?],
+            )?;
+        }
+        let t0 = ticks();
+        std::thread::sleep(idle);
+        let used = ticks() - t0;
+        let rss_idle = rss();
+        vm.disconnect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Ok(IdleProcess {
+            idle_secs: idle.as_secs_f64(),
+            cpu_secs: used as f64 / hz,
+            rss_kib_alone: rss_alone,
+            rss_kib_idle: rss_idle,
+        })
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 /// N daemons all busy at once (issue 19): each has its own guest sending MAP+UNMAP pairs back
 /// to back, one request per kick, for the same time.
 #[derive(Clone, Debug, serde::Serialize)]

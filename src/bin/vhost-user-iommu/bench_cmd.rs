@@ -50,6 +50,10 @@ pub(crate) struct BenchArgs {
     /// requests), measured over 10 s.
     #[arg(long)]
     idle_daemons: Option<usize>,
+    /// Instead of the workloads: one daemon as its own process (this binary), idle after a
+    /// burst of requests: its CPU over 10 s and its RSS.
+    #[arg(long)]
+    idle_process: bool,
     /// Instead of the workloads: N daemons all busy at once (comma-separated counts, e.g.
     /// 1,8,32), each with its own guest sending MAP+UNMAP pairs for 5 s; latency and
     /// throughput against the first count, in the same run.
@@ -176,6 +180,24 @@ pub(crate) fn bench(a: BenchArgs) -> Result<(), String> {
                 p.cpu_secs,
                 p.cpu_secs / p.idle_secs / p.daemons as f64 * 100.0,
                 p.rss_kib_per_daemon
+            );
+        }
+        return Ok(());
+    }
+    if a.idle_process {
+        let exe = std::env::current_exe().map_err(|e| format!("this binary: {e}"))?;
+        let p = bench::state::run_idle_process(&exe, std::time::Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        if a.json {
+            println!("{}", serde_json::to_string(&p).map_err(|e| e.to_string())?);
+        } else {
+            println!(
+                "one daemon process idle over {:.0} s: {:.3} CPU s ({:.3} % of one core); RSS {} KiB with no VMM, {} KiB idle with one connected",
+                p.idle_secs,
+                p.cpu_secs,
+                p.cpu_secs / p.idle_secs * 100.0,
+                p.rss_kib_alone,
+                p.rss_kib_idle
             );
         }
         return Ok(());
