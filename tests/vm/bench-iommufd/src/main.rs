@@ -23,6 +23,7 @@
 //!   of the same run (2 MiB maps of 2 MiB-aligned hugetlb pages can use 2 MiB IOPTEs); a `SKIP:`
 //!   line if no hugepages can be had
 //! - connect cost (issue 19): `set_ram` against guest RAM size, with all RAM staged and on demand
+//!   (BENCH_CONNECT_MIB, default `16,64,128,256`; larger sizes need a larger VM: VM_QEMU_ARGS)
 //! - state size (issue 19): MAP/UNMAP through the daemon with N live mappings in the domain, one
 //!   UNMAP over all N, and the DETACH that destroys a domain holding N (BENCH_STATE_SIZES,
 //!   default `1,1000,10000`; BENCH_STATE_PAIRS pairs per point, default 128)
@@ -1266,7 +1267,12 @@ struct ConnectRow {
 /// guest that has not run).
 fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
     let mut rows = Vec::new();
-    for mib in [16u64, 64, 128, 256] {
+    let sizes: Vec<u64> = std::env::var("BENCH_CONNECT_MIB")
+        .unwrap_or_else(|_| "16,64,128,256".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    for mib in sizes {
         let size = mib << 20;
         for (path, staging, s) in [
             (
