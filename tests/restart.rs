@@ -409,6 +409,21 @@ fn sigkill_in_the_middle_of_memory_table_changes_loses_no_message() {
             }
         })
     };
+    // The kills start once the VMM is connected and its first change acknowledged: a kill in
+    // the middle of its handshake resets a connection this VMM (unlike QEMU's reconnect=) does
+    // not make again, which is not what this test is about.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pairs.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            !worker.is_finished(),
+            "the VMM's thread ended before its first change"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no memory-table change within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let mut rng = Rng(0x3e3_7ab1e);
     for k in 0..kills {
         let before = pairs.load(std::sync::atomic::Ordering::SeqCst);
