@@ -10,7 +10,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use vhost_user_iommu::backend::DmaBackend;
 use vhost_user_iommu::backend::soft::{Fault, SoftBackend};
-use vhost_user_iommu::domains::{Limits, Rules, status_of};
+use vhost_user_iommu::domains::{Limits, RamCaps, Rules, status_of};
 use vhost_user_iommu::guest_ram::{GuestRam, RamRegion};
 use vhost_user_iommu::ids::{DomainId, EndpointId, Gpa, GpaRange, Iova};
 use vhost_user_iommu::pipeline::{Dispatcher, Mode, Submitted};
@@ -93,6 +93,7 @@ fuzz_target!(|data: &[u8]| {
         domain_range: (0, u32::MAX),
         resv_mem: c.reserved.clone(),
         limits: Limits::default(),
+        ram_caps: RamCaps::default(),
         probe_size: 512,
     };
     let mut d = Dispatcher::new(Mode::Inline, rules, backend, &eps, false, Arc::new(ram)).unwrap();

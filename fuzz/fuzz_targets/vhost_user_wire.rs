@@ -94,7 +94,10 @@ fuzz_target!(|data: &[u8]| {
     // The connection is torn down: nothing stays mapped for it.
     let t = Instant::now();
     while d.backend_mappings() != 0 {
-        assert!(t.elapsed() < Duration::from_secs(10), "mappings left after the VMM left");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "mappings left after the VMM left"
+        );
         std::thread::sleep(Duration::from_micros(200));
     }
     // And the daemon serves the next VMM.

@@ -321,6 +321,24 @@ fn cpu_secs() -> f64 {
     (ticks(11) + ticks(12)) as f64 / hz
 }
 
+/// A guest's burst before it goes quiet: an ATTACH, then 200 MAP+UNMAP pairs back to back (so
+/// the polling window is at its widest when the burst ends).
+fn burst(vm: &mut TestVm) -> Result<(), BenchError> {
+    all_ok("attach", &[vm.request(&Request::attach(1, 1))?])?;
+    for i in 0..200u64 {
+        let iova = i * PAGE;
+        all_ok(
+            "map",
+            &[vm.request(&Request::map(1, iova, iova + PAGE - 1, iova, RW))?],
+        )?;
+        all_ok(
+            "unmap",
+            &[vm.request(&Request::unmap(1, iova, iova + PAGE - 1))?],
+        )?;
+    }
+    Ok(())
+}
+
 /// Starts `n` daemons (in this process, default polling window), has each one's guest send a
 /// burst of MAP/UNMAP pairs back to back (so the polling window is at its widest), then leaves
 /// them all idle for `idle` and measures the CPU they used meanwhile.
@@ -330,18 +348,7 @@ pub fn run_idle(n: usize, idle: std::time::Duration) -> Result<IdlePoint, BenchE
     for _ in 0..n {
         let d = LocalDaemon::start(LocalOptions::default()).map_err(BenchError::Daemon)?;
         let mut vm = TestVm::connect(d.socket(), VmOptions::default())?;
-        all_ok("attach", &[vm.request(&Request::attach(1, 1))?])?;
-        for i in 0..200u64 {
-            let iova = i * PAGE;
-            all_ok(
-                "map",
-                &[vm.request(&Request::map(1, iova, iova + PAGE - 1, iova, RW))?],
-            )?;
-            all_ok(
-                "unmap",
-                &[vm.request(&Request::unmap(1, iova, iova + PAGE - 1))?],
-            )?;
-        }
+        burst(&mut vm)?;
         fleet.push((d, vm));
     }
     let rss = rss_kib();
@@ -413,18 +420,7 @@ pub fn run_idle_process(
         }
         let rss_alone = rss();
         let mut vm = TestVm::connect(&sock, VmOptions::default())?;
-        all_ok("attach", &[vm.request(&Request::attach(1, 1))?])?;
-        for i in 0..200u64 {
-            let iova = i * PAGE;
-            all_ok(
-                "map",
-                &[vm.request(&Request::map(1, iova, iova + PAGE - 1, iova, RW))?],
-            )?;
-            all_ok(
-                "unmap",
-                &[vm.request(&Request::unmap(1, iova, iova + PAGE - 1))?],
-            )?;
-        }
+        burst(&mut vm)?;
         let t0 = ticks();
         std::thread::sleep(idle);
         let used = ticks() - t0;

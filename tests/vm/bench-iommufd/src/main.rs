@@ -1259,6 +1259,45 @@ struct ConnectRow {
     release_ms: f64,
 }
 
+/// Times `set_ram(table)` (the backend's part of SET_MEM_TABLE), which must pin `want` bytes,
+/// and then the table's release (a disconnect's), which must give them all back.
+fn time_set_ram(
+    b: &IommufdBackend,
+    table: &GuestRam,
+    path: &'static str,
+    mib: u64,
+    want: u64,
+) -> Result<ConnectRow> {
+    let pinned0 = b.pinned_bytes();
+    let t = Instant::now();
+    b.set_ram(table)
+        .map_err(|e| format!("{path}: set_ram of {mib} MiB: {e}"))?;
+    let set_ms = t.elapsed().as_secs_f64() * 1e3;
+    let pinned = b.pinned_bytes().saturating_sub(pinned0);
+    if pinned != want {
+        return Err(format!(
+            "{path}, {mib} MiB: set_ram pinned {pinned:#x} bytes, expected {want:#x}"
+        ));
+    }
+    let t = Instant::now();
+    b.set_ram(&GuestRam::default())
+        .map_err(|e| format!("set_ram of nothing: {e}"))?;
+    let release_ms = t.elapsed().as_secs_f64() * 1e3;
+    if b.pinned_bytes() != pinned0 {
+        return Err(format!(
+            "{path}, {mib} MiB: {:#x} bytes pinned after the table was taken away, {pinned0:#x} before",
+            b.pinned_bytes()
+        ));
+    }
+    Ok(ConnectRow {
+        path,
+        ram_mib: mib,
+        set_ms,
+        pinned_mib: pinned >> 20,
+        release_ms,
+    })
+}
+
 /// Connect cost against guest RAM (issue 19): the backend's part of SET_MEM_TABLE
 /// (`DmaBackend::set_ram`, which runs before the daemon replies to QEMU) for each RAM size, with
 /// the bytes it pins: with `RamStaging::AllRam` (all guest RAM staged in the identity IOAS, by
@@ -1322,39 +1361,12 @@ fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
             }])?;
             b.set_map_strategy(s);
             b.set_staging(staging);
-            let pinned0 = b.pinned_bytes();
-            let t = Instant::now();
-            b.set_ram(&table)
-                .map_err(|e| format!("set_ram of {mib} MiB: {e}"))?;
-            let set_ms = t.elapsed().as_secs_f64() * 1e3;
-            let pinned = b.pinned_bytes().saturating_sub(pinned0);
             let want = if staging == RamStaging::AllRam {
                 size
             } else {
                 0
             };
-            if pinned != want {
-                return Err(format!(
-                    "{path}, {mib} MiB: set_ram pinned {pinned:#x} bytes, expected {want:#x}"
-                ));
-            }
-            let t = Instant::now();
-            b.set_ram(&GuestRam::default())
-                .map_err(|e| format!("set_ram of nothing: {e}"))?;
-            let release_ms = t.elapsed().as_secs_f64() * 1e3;
-            if b.pinned_bytes() != pinned0 {
-                return Err(format!(
-                    "{mib} MiB: {:#x} bytes pinned after the table was taken away, {pinned0:#x} before",
-                    b.pinned_bytes()
-                ));
-            }
-            rows.push(ConnectRow {
-                path,
-                ram_mib: mib,
-                set_ms,
-                pinned_mib: pinned >> 20,
-                release_ms,
-            });
+            rows.push(time_set_ram(b, &table, path, mib, want)?);
         }
     }
     // hugetlb-backed RAM (populated at creation, unlike the shmem rows' fresh memfds), all RAM
@@ -1385,29 +1397,7 @@ fn connect_rows(b: &IommufdBackend) -> Result<Vec<ConnectRow>> {
                     }])?;
                     b.set_map_strategy(Some(s));
                     b.set_staging(RamStaging::AllRam);
-                    let pinned0 = b.pinned_bytes();
-                    let t = Instant::now();
-                    b.set_ram(&table)
-                        .map_err(|e| format!("set_ram of {mib} MiB hugetlb: {e}"))?;
-                    let set_ms = t.elapsed().as_secs_f64() * 1e3;
-                    let pinned = b.pinned_bytes().saturating_sub(pinned0);
-                    let t = Instant::now();
-                    b.set_ram(&GuestRam::default())
-                        .map_err(|e| format!("set_ram of nothing: {e}"))?;
-                    let release_ms = t.elapsed().as_secs_f64() * 1e3;
-                    if pinned != size || b.pinned_bytes() != pinned0 {
-                        return Err(format!(
-                            "{path}, {mib} MiB: set_ram pinned {pinned:#x}; {:#x} pinned after the release, {pinned0:#x} before",
-                            b.pinned_bytes()
-                        ));
-                    }
-                    rows.push(ConnectRow {
-                        path,
-                        ram_mib: mib,
-                        set_ms,
-                        pinned_mib: pinned >> 20,
-                        release_ms,
-                    });
+                    rows.push(time_set_ram(b, &table, path, mib, size)?);
                 }
             }
         }
