@@ -94,11 +94,8 @@ impl Rules {
         probe_size: u32,
     ) -> Rules {
         Rules {
-            // The lowest set bit of the mask is the granule (§5.13.4); at least 4 bytes, since
-            // the shadow keeps a mapping's permissions in its GPA's two low bits (every IOMMU's
-            // smallest page is 4 KiB anyway).
-            granule_mask: (c.page_size_mask & c.page_size_mask.wrapping_neg()).wrapping_sub(1)
-                | 0b11,
+            // The lowest set bit of the mask is the granule (§5.13.4).
+            granule_mask: (c.page_size_mask & c.page_size_mask.wrapping_neg()).wrapping_sub(1),
             input_range: c.input_range,
             domain_range,
             resv_mem: c.reserved.clone(),

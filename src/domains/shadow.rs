@@ -1,9 +1,9 @@
 //! A paging domain's shadow: its mappings by IOVA start, as the host holds them.
 //!
 //! Compact on purpose (issue 19: a guest may keep 10⁶ mappings): an entry is its IOVA start (the
-//! key), its IOVA end, and its GPA with the permissions in the GPA's two low bits (a mapping's
-//! GPA is granule-aligned, and the granule is at least 4 bytes: `Rules::for_host`): 24 bytes in
-//! the tree. Where the GPA lies in the host is not kept: the domain's RAM table answers it
+//! key), its IOVA end, and its GPA with the permissions in the GPA's two low bits (a MAP's GPA
+//! must be aligned to the granule and to at least [`Shadow::GPA_SPARE_BITS`] + 1 bytes:
+//! `validate::map`): 24 bytes in the tree. Where the GPA lies in the host is not kept: the domain's RAM table answers it
 //! (every mapping was checked against it, and a table change removes what moved).
 
 use std::collections::BTreeMap;
@@ -53,6 +53,9 @@ pub(super) struct Shadow {
 }
 
 impl Shadow {
+    /// The low GPA bits a mapping keeps its permissions in: a MAP's GPA must have them clear.
+    pub(super) const GPA_SPARE_BITS: u64 = PERM_BITS;
+
     pub(super) fn size(start: u64, m: &Mapping) -> u128 {
         u128::from(m.end - start) + 1
     }

@@ -32,8 +32,10 @@ pub fn map(
         return Err(Rejection::rule(Status::Unsupp, Rule::Mmio));
     }
     let iova = IovaRange::of(start, end).ok_or_else(|| bad_range(start, end))?;
+    // At least 4-byte alignment whatever the granule (every IOMMU's smallest page is 4 KiB):
+    // the shadow keeps a mapping's permissions in its GPA's two low bits.
     for a in [start.0, gpa.0, end.0.wrapping_add(1)] {
-        if a & rules.granule_mask != 0 {
+        if a & (rules.granule_mask | Shadow::GPA_SPARE_BITS) != 0 {
             return Err(Rejection::rule(Status::Range, Rule::Misaligned(a)));
         }
     }
@@ -185,6 +187,27 @@ mod tests {
         assert_eq!(unmap(&shadow(&[]), a, b), Ok(Unmapping::Nothing));
         // A reversed range is RANGE.
         assert_eq!(status(unmap(&shadow(&[]), b, a)), Status::Range);
+    }
+
+    #[test]
+    fn a_gpa_the_shadow_could_not_pack_is_refused_whatever_the_granule() {
+        let rules = Rules {
+            granule_mask: 0,
+            ..rules()
+        };
+        let ram = ram();
+        let m = |gpa: u64| {
+            status(map(
+                &rules,
+                &ram,
+                &shadow(&[]),
+                0,
+                (Iova(0x4000), Iova(0x4fff), Gpa(gpa), MapFlags::RW),
+            ))
+        };
+        assert_eq!(m(0x1002), Status::Range);
+        assert_eq!(m(0x1001), Status::Range);
+        assert_eq!(m(0x1004), Status::Ok);
     }
 
     #[test]
