@@ -50,7 +50,8 @@ pub struct LimitsConfig {
 pub const MAX_POLL_US: u64 = 1_000_000;
 /// The most domains `limits.max_domains` may allow.
 pub const MAX_DOMAINS: usize = 1 << 20;
-/// The most mappings `limits.max_mappings_*` may allow (2^26: ~3.4 GB of daemon memory at ~50 bytes each).
+/// The most mappings `limits.max_mappings_*` may allow (2^26: ~3.4 GB of daemon memory at ~50
+/// bytes each).
 pub const MAX_MAPPINGS: usize = 1 << 26;
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

@@ -1114,7 +1114,7 @@ fn mapping_caps_follow_guest_ram_when_the_config_sets_none() {
     const FLOOR: u64 = 1 << 16;
     let dir = TempDir::new();
     let sock = dir.0.join("v.sock");
-    let mut child = Running(daemon(&["--socket-path".as_ref(), sock.as_os_str()]));
+    let _daemon = Running(daemon(&["--socket-path".as_ref(), sock.as_os_str()]));
     let opts = VmOptions {
         ram_size: 64 << 20,
         queue_size: 1024,
@@ -1136,5 +1136,4 @@ fn mapping_caps_follow_guest_ram_when_the_config_sets_none() {
         .expect("ADD_MEM_REG of 1 GiB");
     assert_eq!(vm.request(&map(FLOOR)).unwrap(), Status::Ok);
     drop(vm);
-    let _ = child.0.kill();
 }

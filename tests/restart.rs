@@ -174,7 +174,6 @@ fn connect(dir: &Path) -> TestVm {
         &dir.join("vm.sock"),
         VmOptions {
             ram_size: RAM,
-            connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
             ..VmOptions::default()
         },

@@ -186,7 +186,8 @@ pub enum Staging {
     OnDemand,
     /// All guest RAM at every memory table, before the VMM gets its reply: guest MAPs copy from
     /// it (pinned and charged to RLIMIT_MEMLOCK once, never ENOMEM mid-run), at the price of
-    /// pinning all RAM at VM start (seconds per 100 GiB).
+    /// pinning all RAM at VM start (measured under nested emulation: ~5 s per GiB of fresh
+    /// shmem RAM, ~0.1 s per GiB of populated RAM; BENCHMARKS.md).
     AllRam,
 }
 

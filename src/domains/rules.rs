@@ -40,7 +40,7 @@ impl RamCaps {
     /// Never fewer, whatever the RAM size (a guest with no RAM table yet, or a small one).
     pub const FLOOR: usize = 1 << 16;
     /// Never more (the configuration's own ceiling).
-    pub const CEILING: usize = 1 << 26;
+    pub const CEILING: usize = crate::config::MAX_MAPPINGS;
 
     /// The cap for a guest with `ram_bytes` of RAM.
     pub fn mappings_for(ram_bytes: u64) -> usize {

@@ -3,8 +3,9 @@
 //! Compact on purpose (issue 19: a guest may keep 10⁶ mappings): an entry is its IOVA start (the
 //! key), its IOVA end, and its GPA with the permissions in the GPA's two low bits (a MAP's GPA
 //! must be aligned to the granule and to at least [`Shadow::GPA_SPARE_BITS`] + 1 bytes:
-//! `validate::map`): 24 bytes in the tree. Where the GPA lies in the host is not kept: the domain's RAM table answers it
-//! (every mapping was checked against it, and a table change removes what moved).
+//! `validate::map`): 24 bytes in the tree. Where the GPA lies in the host is not kept: the
+//! domain's RAM table answers it (every mapping was checked against it, and a table change
+//! removes what moved).
 
 use std::collections::BTreeMap;
 
@@ -22,9 +23,9 @@ pub(super) struct Mapping {
 }
 
 impl Mapping {
-    /// `gpa` must have its two low bits clear (it is granule-aligned).
+    /// `gpa` must have its two low bits clear (`validate::map` refuses any other).
     pub(super) fn new(end: u64, gpa: u64, perms: Perms) -> Mapping {
-        debug_assert_eq!(gpa & PERM_BITS, 0, "GPA {gpa:#x} is not granule-aligned");
+        debug_assert_eq!(gpa & PERM_BITS, 0, "GPA {gpa:#x} is not 4-byte aligned");
         let bits = if perms.read { READ } else { 0 } | if perms.write { WRITE } else { 0 };
         Mapping {
             end,

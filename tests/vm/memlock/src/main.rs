@@ -7,18 +7,23 @@
 //! keeps RLIMIT_MEMLOCK's hard limit unlimited while moving the soft limit (raising a soft limit
 //! up to the hard one needs no capability). It then starts the real daemon in this process
 //! (`server::serve` on a unix socket, inline mode) with the iommufd backend over both edu VFIO
-//! cdevs and, once per map strategy (COPY, MAP_FILE, MAP):
+//! cdevs and, once per map strategy (COPY, MAP_FILE, MAP).
 //!
-//! 1. soft limit 16 MiB, `TestVm` (64 MiB guest RAM) connects: the memory table cannot be pinned
-//!    (the staging / identity IOAS pins all guest RAM at `set_ram` whatever the strategy), the
-//!    VMM's SET_MEM_TABLE is refused, the daemon logs the limit and what is needed, keeps serving,
-//!    and nothing stays pinned (`pinned_bytes()`, `VmPin` of /proc/self/status);
+//! COPY stages all guest RAM at the memory table (`staged_round`):
+//!
+//! 1. soft limit 16 MiB, `TestVm` (64 MiB guest RAM) connects: the memory table cannot be pinned,
+//!    the VMM's SET_MEM_TABLE is refused, the daemon logs the limit and what is needed, keeps
+//!    serving, and nothing stays pinned (`pinned_bytes()`, `VmPin` of /proc/self/status);
 //! 2. soft limit 72 MiB (guest RAM + 8 MiB): the same daemon accepts the next connection;
-//! 3. a 16 MiB MAP: with MAP / MAP_FILE it needs 16 MiB more than the limit leaves, so the guest
-//!    gets S_NOMEM, the daemon logs the limit and what is needed, nothing more stays pinned; with
-//!    COPY it is copied from staging and charges nothing;
-//! 4. soft limit 256 MiB: the same connection maps it (MAP / MAP_FILE) and an edu DMA round trip
-//!    through the mapping lands at the right GPA; the disconnect leaves nothing pinned.
+//! 3. a 16 MiB MAP is copied from staging and charges nothing;
+//! 4. soft limit 256 MiB: an edu DMA round trip through the mapping lands at the right GPA; the
+//!    disconnect leaves nothing pinned.
+//!
+//! MAP_FILE and MAP stage on demand (`on_demand_round`): under the 16 MiB limit the 64 MiB guest
+//! connects pinning nothing; an 8 MiB MAP fits, a further 16 MiB MAP gets S_NOMEM with the limit
+//! and the need named; a bypass ATTACH (it needs all guest RAM staged) gets S_NOMEM naming the
+//! identity IOAS and leaves the endpoint blocked; at 256 MiB the same connection maps the 16 MiB
+//! and DMA goes through; the disconnect leaves nothing pinned.
 //!
 //! Output: `PASS: name` / `FAIL: name: why` per check; exit status 1 if any failed.
 
@@ -28,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use vhost_user_iommu::backend::Attachment;
 use vhost_user_iommu::backend::iommufd::{IommufdBackend, MapStrategy};
+use vhost_user_iommu::driver::TestVm;
 use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{ATTACH_F_BYPASS, Status};
@@ -311,37 +317,58 @@ fn staged_round(rep: &mut Report, d: &Daemon, edu: &Edu, s: MapStrategy, seed: u
 
         // 4. Recovery: raise the limit; the same connection maps, DMA goes through.
         set_memlock(HIGH)?;
-        rep.check(
-            &format!(
-                "{n}: after raising RLIMIT_MEMLOCK to {} the same connection maps {} and edu DMA goes through",
-                mib(HIGH),
-                mib(BIG)
-            ),
-            (|| {
-                let want = if s == MapStrategy::Copy {
-                    if !mapped {
-                        return Err("the COPY MAP above failed".into());
-                    }
-                    RAM
-                } else {
-                    // The refused MAP left nothing mapped: the same range maps now.
-                    ok(
-                        map_status(&mut vm, 1, IOVA_BIG, GPA_BIG, BIG, RW)?,
-                        "MAP 16 MiB again",
-                    )?;
-                    RAM + BIG
-                };
-                let pin = expect_pinned(b, want, "after the MAP")?;
-                round_trip(&vm, edu, IOVA_BIG, GPA_BIG, &pattern(seed))?;
-                Ok(format!("{pin}; {} round trip through IOVA {IOVA_BIG:#x}", edu.name))
-            })(),
-        );
+        let (map_again, want) = if s == MapStrategy::Copy {
+            let copied = if mapped {
+                Ok(false)
+            } else {
+                Err("the COPY MAP above failed".to_string())
+            };
+            (copied, RAM)
+        } else {
+            // The refused MAP left nothing mapped: the same range maps now.
+            (Ok(true), RAM + BIG)
+        };
+        recovery_check(rep, &mut vm, b, edu, n, seed, map_again, want);
     }
 
     let before = d.devices();
     vm.disconnect();
     disconnect_check(rep, d, n, before);
     Ok(())
+}
+
+/// A round's recovery, RLIMIT_MEMLOCK raised: the same connection maps the 16 MiB range
+/// (`map_again`: whether it still has to; an error if it should be mapped and is not), `want`
+/// bytes are pinned after, and an edu DMA round trip goes through the mapping.
+#[allow(clippy::too_many_arguments)]
+fn recovery_check(
+    rep: &mut Report,
+    vm: &mut TestVm,
+    b: &IommufdBackend,
+    edu: &Edu,
+    n: &str,
+    seed: u8,
+    map_again: Result<bool>,
+    want: u64,
+) {
+    rep.check(
+        &format!(
+            "{n}: after raising RLIMIT_MEMLOCK to {} the same connection maps {} and edu DMA goes through",
+            mib(HIGH),
+            mib(BIG)
+        ),
+        (|| {
+            if map_again? {
+                ok(
+                    map_status(vm, 1, IOVA_BIG, GPA_BIG, BIG, RW)?,
+                    "MAP 16 MiB again",
+                )?;
+            }
+            let pin = expect_pinned(b, want, "after the MAP")?;
+            round_trip(vm, edu, IOVA_BIG, GPA_BIG, &pattern(seed))?;
+            Ok(format!("{pin}; {} round trip through IOVA {IOVA_BIG:#x}", edu.name))
+        })(),
+    );
 }
 
 /// The disconnect of a round's connection (devices counted `before` it) leaves no IOAS and
@@ -451,22 +478,7 @@ fn on_demand_round(
             })(),
         );
         set_memlock(HIGH)?;
-        rep.check(
-            &format!(
-                "{n}: after raising RLIMIT_MEMLOCK to {} the same connection maps {} and edu DMA goes through",
-                mib(HIGH),
-                mib(BIG)
-            ),
-            (|| {
-                ok(
-                    map_status(&mut vm, 1, IOVA_BIG, GPA_BIG, BIG, RW)?,
-                    "MAP 16 MiB again",
-                )?;
-                let pin = expect_pinned(b, SMALL + BIG, "after the MAP")?;
-                round_trip(&vm, edu, IOVA_BIG, GPA_BIG, &pattern(seed))?;
-                Ok(format!("{pin}; {} round trip through IOVA {IOVA_BIG:#x}", edu.name))
-            })(),
-        );
+        recovery_check(rep, &mut vm, b, edu, n, seed, Ok(true), SMALL + BIG);
     }
     vm.disconnect();
     disconnect_check(rep, d, n, before);
