@@ -4,18 +4,17 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use log::{info, warn};
 
 use crate::backend::DmaBackend;
 use crate::backend::iommufd::IommufdBackend;
 use crate::backend::soft::SoftBackend;
-use crate::boot_ram::BootRam;
+use crate::boot_ram::Follower;
 use crate::config::{BackendKind, VmConfig};
 use crate::control::CurrentDevice;
 use crate::ids::EndpointId;
-use crate::log_limit::EveryNth;
 use crate::upgrade::ResumedServer;
 use crate::vfio::{self, PciAddress, SysfsRoot};
 use crate::vfio_user;
@@ -37,7 +36,7 @@ pub struct FrontShared<'a> {
     /// Stops (or hands over) every server.
     pub stop: &'a vfio_user::StopSignal,
     /// Boot bypass's view of guest RAM, if configured.
-    pub boot: Option<&'a Arc<BootRam>>,
+    pub boot: Option<&'a Arc<Follower>>,
     /// The daemon's request trace (a line per vfio-user message while it is on).
     pub trace: &'a Arc<crate::trace::Tracer>,
     /// Where each server keeps what a crash-restarted daemon needs, if anywhere.
@@ -67,7 +66,6 @@ pub fn start_vfio_user(
     } = shared;
     let mut threads = BTreeMap::new();
     let mut slots = BTreeMap::new();
-    let all_maps: Arc<Mutex<Vec<vfio_user::DmaMaps>>> = Arc::default();
     for e in &cfg.endpoints {
         let Some(path) = &e.vfio_user_socket else {
             continue;
@@ -126,36 +124,9 @@ pub fn start_vfio_user(
             .name(name.clone())
             .on_disconnect(on_disconnect);
         if let Some(boot) = boot {
-            all_maps
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(server.dma_maps());
-            let (boot, all_maps, current) = (boot.clone(), all_maps.clone(), current.clone());
-            let own = server.dma_maps();
-            server = server.on_dma_change(move || {
-                // Each client describes all of guest RAM, and QEMU updates them one after the
-                // other: the one that changed last is the current view, or, when it just left,
-                // any client still connected.
-                let mut maps = own.snapshot();
-                if maps.is_empty() {
-                    maps = all_maps
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .iter()
-                        .map(|m| m.snapshot())
-                        .find(|m| !m.is_empty())
-                        .unwrap_or_default();
-                }
-                let (changed, skipped) = boot.update(&maps);
-                for why in skipped {
-                    if BOOT_RAM_LOG.allow() {
-                        warn!("boot bypass: a DMA map left out of guest RAM: {why}");
-                    }
-                }
-                if changed {
-                    follow_boot_ram(&boot, &current);
-                }
-            });
+            // Each client describes all of guest RAM; the follower applies its maps behind the
+            // replies, and the device's bus mastering waits for it (`boot_ram::follower`).
+            server = boot.follow(server, &name);
         }
         if let Some(k) = keeper {
             if let Some(log) = k.reply_log(e.id) {
@@ -255,39 +226,6 @@ pub fn resume_vfio_user(
                 fronts.threads.insert(ep, t);
             }
             Err(e) => log::error!("{ep}: cannot restart the vfio-user thread: {e}"),
-        }
-    }
-}
-
-/// Boot-RAM log lines: the VMM decides how often its DMA maps change.
-pub static BOOT_RAM_LOG: EveryNth = EveryNth::new();
-
-/// Hands the guest RAM the vfio-user clients' DMA maps describe to the current vhost-user
-/// device, which covers it with identity translation until its memory table arrives.
-pub fn follow_boot_ram(boot: &BootRam, current: &CurrentDevice) {
-    let Some(d) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
-        return;
-    };
-    let ram = match boot.ram() {
-        Ok(ram) => ram,
-        Err(e) => {
-            if BOOT_RAM_LOG.allow() {
-                warn!("boot bypass: the DMA maps describe no usable guest RAM: {e}");
-            }
-            return;
-        }
-    };
-    match d.set_boot_ram(&ram) {
-        Ok(false) => {}
-        Ok(true) if BOOT_RAM_LOG.allow() => info!(
-            "boot bypass: identity translation over the {} RAM regions the VMM's DMA maps describe (no memory table yet)",
-            ram.regions().len()
-        ),
-        Ok(true) => {}
-        Err(e) => {
-            if BOOT_RAM_LOG.allow() {
-                warn!("boot bypass: cannot follow the VMM's DMA maps in the identity domain: {e}");
-            }
         }
     }
 }

@@ -32,6 +32,9 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use crate::guest_ram::GuestRam;
 use crate::vfio_user::DmaRegion;
 
+mod follower;
+pub use follower::{BUS_MASTER_WAIT, Follower};
+
 /// One fd-backed DMA map, as far as guest RAM is concerned: guest-physical start and size, and
 /// the file identity and offset that back it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

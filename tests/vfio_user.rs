@@ -14,8 +14,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vhost_user_iommu::vfio_user::{
-    AssignedDevice, DeviceInfo, DmaCheck, Errno, IrqInfo, RegionCap, RegionInfo, SparseArea,
-    StopSignal, spawn_device_server,
+    AssignedDevice, DeviceInfo, DeviceServer, DmaCheck, Errno, IrqInfo, RegionCap, RegionInfo,
+    SparseArea, StopSignal, bind_socket, spawn_device_server,
 };
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -310,6 +310,11 @@ struct Server {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// DMA maps must lie below `GUEST_RAM_END`.
+fn guest_ram_check() -> DmaCheck {
+    Arc::new(|gpa, len| gpa.checked_add(len).is_some_and(|e| e <= GUEST_RAM_END))
+}
+
 /// A fresh directory for one test's sockets (`kind` names it).
 fn test_dir(kind: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
@@ -327,10 +332,36 @@ impl Server {
         let path = dir.join("dev.sock");
         let (fake, state) = Fake::new();
         let stop = StopSignal::new().unwrap();
-        let dma_check: DmaCheck =
-            Arc::new(|gpa, len| gpa.checked_add(len).is_some_and(|e| e <= GUEST_RAM_END));
-        let thread =
-            spawn_device_server("test", &path, Box::new(fake), dma_check, stop.clone()).unwrap();
+        let thread = spawn_device_server(
+            "test",
+            &path,
+            Box::new(fake),
+            guest_ram_check(),
+            stop.clone(),
+        )
+        .unwrap();
+        Server {
+            path,
+            dir,
+            stop,
+            thread: Some(thread),
+            state,
+        }
+    }
+
+    /// A server set up by `setup` (hooks) before it serves.
+    fn start_with(setup: impl FnOnce(DeviceServer) -> DeviceServer) -> Server {
+        let dir = test_dir("test");
+        let path = dir.join("dev.sock");
+        let (fake, state) = Fake::new();
+        let stop = StopSignal::new().unwrap();
+        let server = setup(DeviceServer::new(
+            Box::new(fake),
+            guest_ram_check(),
+            stop.clone(),
+        ));
+        let listener = bind_socket(&path).unwrap();
+        let thread = std::thread::spawn(move || server.serve(listener).map(drop));
         Server {
             path,
             dir,
@@ -1968,4 +1999,105 @@ fn a_server_marks_each_message_in_hand_and_clears_the_mark_once_it_is_taken_out(
     stop.stop();
     thread.join().unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Boot bypass before the memory table: the identity domain follows the client's DMA maps, and
+/// covering new RAM pins it, which takes seconds for a large guest, longer than QEMU waits for a
+/// vfio-user reply (`x-msg-timeout`, 5 s; seen in CI as "vfio_wait_reqs - timed out" with a
+/// 256 MiB guest under emulation). The DMA_MAP is answered before its RAM is pinned; the device
+/// cannot DMA before its bus mastering is on, and the write that turns it on waits for the pin.
+#[test]
+fn boot_bypass_answers_a_dma_map_before_pinning_and_holds_bus_mastering_until_pinned() {
+    use vhost_user_iommu::backend::fault::Op;
+    use vhost_user_iommu::backend::soft::Fault;
+    use vhost_user_iommu::bench::daemon::{LocalDaemon, LocalOptions};
+    use vhost_user_iommu::boot_ram::Follower;
+    use vhost_user_iommu::ids::EndpointId;
+
+    let daemon = LocalDaemon::start(LocalOptions {
+        boot_bypass: true,
+        endpoints: vec![1],
+        ..LocalOptions::default()
+    })
+    .unwrap();
+    let t = Instant::now();
+    while daemon.device().is_none() {
+        assert!(t.elapsed() < TIMEOUT, "the daemon made no device");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let follower = Arc::new(Follower::start(daemon.current()).unwrap());
+    let s = Server::start_with(|server| follower.follow(server, "test"));
+    let mut c = s.client();
+    let ram = memfd("guest-ram", 0x40_0000);
+    let at = |gpa| daemon.soft.translate(EndpointId(1), gpa, true);
+    let wait_pinning = |what: &str| {
+        let t = Instant::now();
+        while daemon.faults.waiting() == 0 {
+            assert!(
+                t.elapsed() < TIMEOUT,
+                "{what}: the backend's set_ram was never called"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+
+    // Pinning takes as long as the test likes: the DMA_MAP is answered all the same.
+    daemon.faults.hold(Op::SetRam);
+    c.dma_map(3, 0, 0x10_0000, 0x20_0000, Some(ram.as_raw_fd()))
+        .unwrap();
+    wait_pinning("the first DMA_MAP");
+    assert_eq!(
+        at(0x10_0000),
+        Err(Fault::NotRam),
+        "not in identity before set_ram ends"
+    );
+
+    // A config write that leaves bus mastering off (memory space on) is not held.
+    c.write(CONFIG, 4, &[0x02, 0x00]).unwrap();
+    assert_eq!(s.state.lock().unwrap().config[4], 0x02);
+
+    // Turning bus mastering on waits: no reply, and the device has not seen the write.
+    let id = c.send(
+        REGION_WRITE,
+        &P::default()
+            .u64(4)
+            .u32(CONFIG)
+            .u32(2)
+            .bytes(&[0x06, 0x00])
+            .0,
+        &[],
+        0,
+    );
+    let mut pfd = libc::pollfd {
+        fd: c.sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for a socket this test owns.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 300) };
+    assert_eq!(
+        ready, 0,
+        "the bus-master write was answered while guest RAM was still being pinned"
+    );
+    assert_eq!(s.state.lock().unwrap().config[4], 0x02);
+
+    // Pinning done: the write goes through, and identity covers the RAM the map describes.
+    daemon.faults.release(Op::SetRam);
+    c.reply(id, REGION_WRITE).unwrap();
+    assert_eq!(s.state.lock().unwrap().config[4], 0x06);
+    assert_eq!(at(0x10_0000), Ok(0x10_0000));
+    assert_eq!(at(0x2f_ffff), Ok(0x2f_ffff));
+    assert_eq!(at(0x30_0000), Err(Fault::NotRam));
+
+    // A DMA_UNMAP is answered at once too, and followed: that RAM leaves identity.
+    daemon.faults.hold(Op::SetRam);
+    let unmap = P::default().u32(24).u32(0).u64(0x10_0000).u64(0x20_0000);
+    c.call(DMA_UNMAP, &unmap.0, &[]).unwrap();
+    wait_pinning("the DMA_UNMAP");
+    daemon.faults.release(Op::SetRam);
+    let t = Instant::now();
+    while at(0x10_0000) != Err(Fault::NotRam) {
+        assert!(t.elapsed() < TIMEOUT, "the unmapped RAM stayed in identity");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -7,7 +7,7 @@
 //! configuration.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::{Attachment, BackendError, DmaBackend, HostConstraints, HwDomain, MapOp, Result};
@@ -39,6 +39,9 @@ struct Rule {
 pub struct Injector {
     rules: Mutex<Vec<Rule>>,
     delays: Mutex<Vec<(Op, Duration)>>,
+    /// Operations whose calls wait until released, and how many calls wait now.
+    held: Mutex<(Vec<Op>, usize)>,
+    released: Condvar,
     /// MAP and UNMAP calls running right now.
     mapping: AtomicUsize,
     /// `set_ram` calls made while a MAP or UNMAP was running.
@@ -80,6 +83,31 @@ impl Injector {
             .push((op, d));
     }
 
+    /// Makes every later call of `op` wait until [`release`](Self::release) (holds it in
+    /// progress for as long as a test needs).
+    pub fn hold(&self, op: Op) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .push(op);
+    }
+
+    /// Lets the calls held by [`hold`](Self::hold) go on.
+    pub fn release(&self, op: Op) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .retain(|o| *o != op);
+        self.released.notify_all();
+    }
+
+    /// Calls waiting in [`hold`](Self::hold) now.
+    pub fn waiting(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
     /// MAP and UNMAP calls running right now.
     pub fn mapping(&self) -> usize {
         self.mapping.load(Ordering::SeqCst)
@@ -102,6 +130,15 @@ impl Injector {
             .sum();
         if !d.is_zero() {
             std::thread::sleep(d);
+        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.0.contains(&op) {
+            held.1 += 1;
+            held = self
+                .released
+                .wait_while(held, |h| h.0.contains(&op))
+                .unwrap_or_else(|p| p.into_inner());
+            held.1 -= 1;
         }
     }
 
@@ -223,6 +260,7 @@ impl<B: DmaBackend> DmaBackend for FaultyBackend<B> {
                 .set_ram_while_mapping
                 .fetch_add(1, Ordering::SeqCst);
         }
+        self.injector.pause(Op::SetRam);
         self.injector.check(Op::SetRam, &|| "set ram".into())?;
         self.inner.set_ram(ram)
     }

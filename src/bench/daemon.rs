@@ -128,6 +128,11 @@ impl LocalDaemon {
         dev.map(|d| d.snapshot()).unwrap_or_default()
     }
 
+    /// Where the daemon keeps its current device (as the binary's hooks see it).
+    pub fn current(&self) -> Arc<Mutex<Option<IommuDevice>>> {
+        self.device.clone()
+    }
+
     /// The current connection's device (None before the first).
     pub fn device(&self) -> Option<IommuDevice> {
         self.device

@@ -68,6 +68,7 @@ pub struct DeviceServer {
     on_connect: Option<Hook>,
     on_disconnect: Option<Hook>,
     on_dma_change: Option<MapsHook>,
+    before_bus_master: Option<MapsHook>,
     on_keep: Option<KeepHook>,
     name: String,
     maps: DmaMaps,
@@ -92,6 +93,7 @@ impl DeviceServer {
             on_connect: None,
             on_disconnect: None,
             on_dma_change: None,
+            before_bus_master: None,
             on_keep: None,
             name: "device".to_string(),
             maps: DmaMaps::default(),
@@ -166,6 +168,14 @@ impl DeviceServer {
     /// at disconnect), once the change is visible in [`dma_maps`](Self::dma_maps).
     pub fn on_dma_change(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
         self.on_dma_change = Some(Arc::new(f));
+        self
+    }
+
+    /// Runs `f` before a config-space write that turns the device's bus mastering on is passed
+    /// to the device (until then the device cannot DMA): e.g. to wait for the memory it may
+    /// reach to be mapped.
+    pub fn before_bus_master(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.before_bus_master = Some(Arc::new(f));
         self
     }
 
@@ -244,6 +254,7 @@ impl DeviceServer {
             let mut conn =
                 Connection::new(&*dev, &self.dma_check, &self.name, &self.maps).resumed(&state);
             conn.on_maps = self.on_dma_change.clone();
+            conn.before_bus_master = self.before_bus_master.clone();
             conn.trace = self.trace.as_deref();
             conn.on_keep = keep_conn.as_ref().map(|f| f as &dyn Fn(&ConnectionState));
             conn.reply_log = self.reply_log.as_ref();

@@ -12,10 +12,10 @@ use vhost::vhost_user::Listener;
 
 use crate::restart::{Restart, keep_for_restart, take_back_kept};
 use vhost_user_iommu::assembly::{
-    Backend, VfioUserFronts, adopt_backend, follow_boot_ram, hand_over_vfio_user, open_backend,
-    resume_vfio_user, start_vfio_user,
+    Backend, VfioUserFronts, adopt_backend, hand_over_vfio_user, open_backend, resume_vfio_user,
+    start_vfio_user,
 };
-use vhost_user_iommu::boot_ram::BootRam;
+use vhost_user_iommu::boot_ram::Follower;
 use vhost_user_iommu::config::{BackendKind, VmConfig};
 use vhost_user_iommu::control::{self, CurrentDevice};
 use vhost_user_iommu::domains::Rules;
@@ -412,7 +412,10 @@ fn run_resumed(
         vfio_user::StopSignal::new().map_err(|e| format!("cannot create an eventfd: {e}"))?;
     // With boot bypass, firmware DMA needs guest RAM before the memory table: the vfio-user
     // clients' DMA maps describe it (see `boot_ram`).
-    let boot = boot_bypass.then(|| Arc::new(BootRam::default()));
+    let boot = boot_bypass
+        .then(|| Follower::start(current.clone()).map(Arc::new))
+        .transpose()
+        .map_err(|e| format!("cannot start the boot-RAM thread: {e}"))?;
     // The vfio-user servers handed over serve once the vhost-user side is rebuilt.
     let mut gates = Vec::new();
     let mut fronts = start_vfio_user(
@@ -462,7 +465,7 @@ fn run_resumed(
     let hook: OnConnect = Box::new(move |d| {
         *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.clone());
         if let Some(boot) = &boot {
-            follow_boot_ram(boot, &current);
+            boot.device_connected();
         }
     });
     let mut listener = listener;

@@ -44,6 +44,8 @@ pub(super) struct Connection<'a> {
     negotiated: bool,
     maps: &'a DmaMaps,
     pub(super) on_maps: Option<MapsHook>,
+    /// Runs before a config write that turns bus mastering on reaches the device.
+    pub(super) before_bus_master: Option<MapsHook>,
     /// IRQ indexes (bit per index) the client set, to disable after it.
     irqs_set: u32,
     /// The daemon's request trace: one line per message while it is on.
@@ -83,6 +85,7 @@ impl<'a> Connection<'a> {
             negotiated: false,
             maps,
             on_maps: None,
+            before_bus_master: None,
             irqs_set: 0,
             trace: None,
             on_keep: None,
@@ -379,6 +382,7 @@ impl<'a> Connection<'a> {
             CMD_REGION_WRITE => {
                 let (a, data) = decode_region_write(p)?;
                 self.check_region_index(a.region)?;
+                self.gate_bus_master(a.region, a.offset, data);
                 self.dev.write(a.region, a.offset, data)?;
                 Ok(Reply::data(encode_region_access(&a, &[])))
             }
@@ -386,6 +390,7 @@ impl<'a> Connection<'a> {
                 let writes = decode_write_multi(p)?;
                 for w in &writes {
                     self.check_region_index(w.region)?;
+                    self.gate_bus_master(w.region, w.offset, w.bytes());
                     self.dev.write(w.region, w.offset, w.bytes())?;
                 }
                 Ok(Reply::data((writes.len() as u64).to_ne_bytes().to_vec()))
@@ -537,6 +542,17 @@ impl<'a> Connection<'a> {
         Ok(Reply::data(encode_dma_unmap_reply(&u)))
     }
 
+    /// Before a write of `data` at `offset` of region `region` reaches the device: if it turns
+    /// bus mastering on, the `before_bus_master` hook runs first.
+    fn gate_bus_master(&self, region: u32, offset: u64, data: &[u8]) {
+        if let Some(f) = &self.before_bus_master
+            && region == VFIO_PCI_CONFIG_REGION_INDEX
+            && sets_bus_master(offset, data)
+        {
+            f();
+        }
+    }
+
     fn check_region_index(&self, index: u32) -> Result<(), Errno> {
         if index >= self.dev.info().num_regions {
             return Err(err(libc::EINVAL, format!("no region {index}")));
@@ -675,6 +691,16 @@ impl<'a> Connection<'a> {
 const PCI_COMMAND: u64 = 0x04;
 const PCI_COMMAND_MASTER: u16 = 1 << 2;
 
+/// Whether a config-space write of `data` at `offset` sets the command register's bus master
+/// bit (it lies in the register's low byte).
+pub(super) fn sets_bus_master(offset: u64, data: &[u8]) -> bool {
+    PCI_COMMAND
+        .checked_sub(offset)
+        .and_then(|i| usize::try_from(i).ok())
+        .and_then(|i| data.get(i))
+        .is_some_and(|b| u16::from(*b) & PCI_COMMAND_MASTER != 0)
+}
+
 /// The members of a vfio-user message's trace line that say what it asked (addresses in hex),
 /// from its payload; empty for messages without such fields or that do not decode.
 fn trace_fields(command: u16, p: &[u8]) -> String {
@@ -713,4 +739,25 @@ fn region_fields(a: &RegionAccess) -> String {
         "\"region\":{},\"offset\":\"{:#x}\",\"count\":{}",
         a.region, a.offset, a.count
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sets_bus_master;
+
+    #[test]
+    fn a_write_sets_bus_master_only_where_it_covers_the_bit() {
+        // The command register alone, and as part of a dword from the device ID.
+        assert!(sets_bus_master(4, &[0x04]));
+        assert!(sets_bus_master(4, &[0x06, 0x00]));
+        assert!(sets_bus_master(2, &[0x00, 0x00, 0x07, 0x01]));
+        // Other bits of the register, its high byte, writes beside it.
+        assert!(!sets_bus_master(4, &[0x03, 0xff]));
+        assert!(!sets_bus_master(5, &[0xff]));
+        assert!(!sets_bus_master(0, &[0xff; 4]));
+        assert!(!sets_bus_master(6, &[0xff; 2]));
+        // Offsets no arithmetic may wrap on.
+        assert!(!sets_bus_master(u64::MAX, &[0xff; 8]));
+        assert!(!sets_bus_master(u64::MAX - 2, &[0xff; 8]));
+    }
 }
