@@ -45,6 +45,22 @@ metric() { vhost-user-iommu ctl --control-socket "$ctl" metrics 2>/dev/null | aw
 state() { vhost-user-iommu ctl --control-socket "$ctl" state 2>/dev/null | grep -o "\"$1\":[0-9][0-9]*" | cut -d: -f2; }
 # "domains attached mappings pinned failed", one line.
 snapshot() { echo "$(metric viommu_domains) $(metric viommu_endpoints_attached) $(state mappings) $(state pinned_bytes) $(state failed_requests)"; }
+# The snapshot once L2 is at rest: the same line for 3 s (sampled every 0.5 s, up to 20 s). A
+# live NIC driver holds a transmit buffer mapped until its completion is cleaned, which igb may
+# leave to its 2 s watchdog: a snapshot right after traffic can count one mapping more.
+settled_snapshot() {
+    prev=$(snapshot)
+    same=0
+    i=0
+    while [ $same -lt 6 ] && [ $i -lt 40 ]; do
+        sleep 0.5
+        cur=$(snapshot)
+        if [ "$cur" = "$prev" ]; then same=$((same + 1)); else same=0; fi
+        prev=$cur
+        i=$((i + 1))
+    done
+    echo "$prev"
+}
 # Polls until the daemon has no domain, no attached endpoint and no mapping (up to $1 s).
 wait_idle() {
     i=0
@@ -282,7 +298,7 @@ if wait_end 1; then
     # process goes on as the new binary, takes over the kernel objects and the vfio-user
     # connections, and the guest loses nothing: no ping lost, the same state, and everything
     # after this (the reboot with its device resets, boot 2's checks) runs on the upgraded one.
-    before=$(snapshot)
+    before=$(settled_snapshot)
     ping -c 40 -i 0.1 -W 5 192.0.2.2 >/run/e2e/ping-upgrade.log 2>&1 &
     pinger=$!
     sleep 0.5
@@ -307,7 +323,7 @@ if wait_end 1; then
     prc=$?
     rebuilt=$(grep -a 'device state rebuilt' "$dlog" | tail -n 1 | sed 's/.*\] //')
     took=$(grep -a 'iommufd: took over' "$dlog" | tail -n 1 | sed 's/.*\] //')
-    after=$(snapshot)
+    after=$(settled_snapshot)
     usorted=$(echo $upauses | tr ' ' '\n' | sort -n | tr '\n' ' ')
     up50=$(echo $usorted | awk '{ print $(int((NF + 1) / 2)) }')
     upmax=$(echo $usorted | awk '{ print $NF }')
@@ -324,7 +340,7 @@ if wait_end 1; then
     # guest loses nothing. The pause of each is from the kill to the new daemon's "replayed"
     # line (polled every 20 ms); the guest's view of it is the pings' round-trip maximum (L2's
     # igb maps and unmaps every buffer through the daemon, iommu.strict=1).
-    before=$(snapshot)
+    before=$(settled_snapshot)
     first=$(cat $run/daemon.pid)
     ping -c 40 -i 0.1 -W 5 192.0.2.2 >/run/e2e/ping-crash.log 2>&1 &
     pinger=$!
@@ -351,7 +367,7 @@ if wait_end 1; then
     new=$(cat $run/daemon.pid)
     replayed=$(grep -a 'recorded change(s) replayed' "$dlog" | tail -n 1 | sed 's/.*\] //')
     taken=$(grep -a 'crash journal:' "$dlog" | tail -n 1 | sed 's/.*\] //')
-    after=$(snapshot)
+    after=$(settled_snapshot)
     sorted=$(echo $pauses | tr ' ' '\n' | sort -n | tr '\n' ' ')
     p50=$(echo $sorted | awk '{ print $(int((NF + 1) / 2)) }')
     pmax=$(echo $sorted | awk '{ print $NF }')
