@@ -60,6 +60,8 @@ pub struct IommufdHandover {
     pub use_map_file: bool,
     pub strategy_override: u8,
     pub copy_works: u8,
+    /// The previous daemon's pinned-bytes total, written for a binary that reads it; this one
+    /// rebuilds the count from the identity regions and the domains (`adopt_ioases`).
     pub pinned: u64,
     pub page_size_mask: u64,
     pub input_range: (u64, u64),
@@ -238,13 +240,21 @@ impl IommufdBackend {
                 std::io::Error::from_raw_os_error(e.errno)
             ),
         }
+        // The pinned count is rebuilt from what the state records: the identity IOAS's regions
+        // here, each domain's own count as it is adopted (`adopt_ioases`), the requests replayed
+        // after them. The previous daemon's total (`h.pinned`) was written at another moment
+        // than a crash's checkpoint: a MAP recorded between the two would count twice.
+        let identity_pinned: u64 = identity
+            .iter()
+            .map(|e: &IdentityEntry| e.gpa.len().unwrap_or(0))
+            .sum();
         info!(
             "iommufd: took over {} devices, identity (staging) IOAS {}, staging HWPT {}, {} \
-             bytes pinned",
+             bytes pinned by the identity IOAS",
             devices.len(),
             h.identity_ioas,
             h.staging_hwpt.map_or("none".to_string(), |x| x.to_string()),
-            h.pinned
+            identity_pinned
         );
         let shared = Shared::new(
             iommufd,
@@ -263,7 +273,7 @@ impl IommufdBackend {
             .strategy_override
             .store(h.strategy_override, Ordering::Relaxed);
         shared.copy_works.store(h.copy_works, Ordering::Relaxed);
-        shared.pinned.store(h.pinned, Ordering::Relaxed);
+        shared.pinned.store(identity_pinned, Ordering::Relaxed);
         Ok(IommufdBackend {
             shared: Arc::new(shared),
             constraints,
@@ -283,6 +293,9 @@ impl IommufdBackend {
                     format!("the handed-over IOAS {} of domain {}", state.id, guest.0),
                 )
             })?;
+            self.shared
+                .pinned
+                .fetch_add(state.pinned, Ordering::Relaxed);
             adopted.insert(guest, state);
         }
         self.shared.replaying.store(true, Ordering::Release);

@@ -241,6 +241,28 @@ impl Client {
         self.reply(id, cmd)
     }
 
+    /// After a daemon restart: a DEVICE_GET_INFO whose reply is waited for past at most one
+    /// stale reply, a second answer to the message before the kill (a restarted daemon gives
+    /// it when the client read the first and went quiet for 100 ms: docs/deploying.md). Returns
+    /// how many stale replies came first.
+    pub fn sync(&mut self) -> Res<usize> {
+        let p = P::default().u32(16).u32(0).u32(0).u32(0);
+        let id = self.send(GET_INFO, &p.0, &[], 0)?;
+        let mut stale = 0;
+        loop {
+            let (h, _, _) = self.recv()?;
+            if h.flags & 0xf == T_REPLY && (h.id, h.cmd) == (id, GET_INFO) {
+                return Ok(stale);
+            }
+            stale += 1;
+            if stale > 1 || h.id.wrapping_add(1) != id {
+                return broken(format!(
+                    "waiting for the reply to {id}/{GET_INFO}, got {h:?}"
+                ));
+            }
+        }
+    }
+
     /// VERSION 0.0 with `json` as our capabilities; returns the server's (major, minor,
     /// capabilities).
     pub fn version(&mut self, json: &str) -> Res<(u16, u16, serde_json::Value)> {

@@ -45,6 +45,8 @@ use guest_kit::report::Report;
 static DAEMON: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/daemon.bin"));
 
 const DIR: &str = "/tmp/vfio-user-edu";
+/// The daemon's control socket (its state, as an operator queries it).
+const CONTROL: &str = "/tmp/vfio-user-edu/control.sock";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 // VFIO / PCI constants (<linux/vfio.h>, <linux/pci_regs.h>).
@@ -245,7 +247,14 @@ impl Daemon {
             log: Arc::new(Mutex::new(Vec::new())),
             log_thread: None,
             systemd,
-            command: vec![bin.into(), "--config".into(), cfg_path.into(), "-v".into()],
+            command: vec![
+                bin.into(),
+                "--config".into(),
+                cfg_path.into(),
+                "--control-socket".into(),
+                CONTROL.into(),
+                "-v".into(),
+            ],
         };
         d.spawn(Vec::new())?;
         let t = Instant::now();
@@ -1065,6 +1074,7 @@ fn crash_storm_check(rep: &mut Report, cx: &mut Ctx, daemon: &mut Daemon, bar1: 
         &format!("crash restart: {KILLS} SIGKILLs at random points of back-to-back MAP/UNMAP requests (iommufd): each request answered once with success, the kernel holds exactly what the guest was told"),
         (|| {
             let seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+            let pinned_before = pinned_bytes()?;
             let storm = kill_storm(daemon, KILLS, seed, |_, i| {
                 let iova = IOVA_S + (u64::from(i) % 64) * PAGE;
                 map(&mut cx.vm, 1, iova, GPA_C)?;
@@ -1086,10 +1096,81 @@ fn crash_storm_check(rep: &mut Report, cx: &mut Ctx, daemon: &mut Daemon, bar1: 
             store(bar1, IOVA_S)?;
             ram_expect(&cx.vm, GPA_C, &pattern(0x77), "DMA to a MAP made after the kills")?;
             vm_req(&mut cx.vm, Request::unmap(1, IOVA_S, IOVA_S + PAGE - 1), "the last UNMAP")?;
+            // Every MAP was unmapped again: the pinned count is where it started (a request in
+            // flight at a kill is made again; it must not count twice, nor leave a count).
+            let pinned_after = pinned_bytes()?;
+            if pinned_after != pinned_before {
+                return Err(format!(
+                    "the daemon counts {pinned_after:#x} bytes pinned after the storm, {pinned_before:#x} before it"
+                ));
+            }
             Ok(format!(
-                "{} requests answered with success across {KILLS} kills; {fixes} crash log lines; from a kill to the first answer after it (the pause, under TCG, a new process started each time): {}; afterwards DMA lands only through a MAP made after the kills",
+                "{} requests answered with success across {KILLS} kills; {fixes} crash log lines; from a kill to the first answer after it (the pause, under TCG, a new process started each time): {}; afterwards DMA lands only through a MAP made after the kills; pinned count {pinned_after:#x} before and after",
                 storm.requests,
                 storm.pauses()
+            ))
+        })(),
+    );
+}
+
+/// The bytes the daemon counts as pinned (its control socket's `state`).
+fn pinned_bytes() -> Result<u64> {
+    let answer = vhost_user_iommu::control::query(Path::new(CONTROL), "state")
+        .map_err(|e| format!("control socket {CONTROL}: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&answer).map_err(|e| format!("state {answer:?}: {e}"))?;
+    v["pinned_bytes"]
+        .as_u64()
+        .ok_or_else(|| format!("no pinned_bytes in {answer}"))
+}
+
+/// The pinned-bytes count across a crash restart. A restarted daemon took its total from the
+/// side state, which a vfio-user client's DMA map change rewrites at any moment, and then
+/// replayed the requests recorded since the last checkpoint: a MAP recorded before the side
+/// state was rewritten counted twice (seen in the end-to-end tier: 4096 bytes still counted
+/// after every domain was gone). So: a first kill (the restarted daemon checkpoints: no record
+/// is left to fold the MAP into a checkpoint before the second), a MAP (recorded), a vfio-user
+/// DMA unmap/map (the side state rewritten), a second kill; the count must be what it was after
+/// the MAP, and back where it started after the UNMAP.
+fn pinned_count_crash_check(
+    rep: &mut Report,
+    cx: &mut Ctx,
+    daemon: &mut Daemon,
+    c1: &mut Client,
+    ram_fd: &OwnedFd,
+) {
+    const IOVA_P: u64 = 0x0a00_0000;
+    rep.check(
+        "crash restart: the pinned-bytes count is the kernel's (a SIGKILL, a MAP recorded, the side state rewritten by a vfio-user message, a second SIGKILL)",
+        (|| {
+            let restart = |daemon: &mut Daemon, k: u32| -> Result<()> {
+                let (mark, _) = daemon.crash_and_restart()?;
+                daemon
+                    .wait_log_from(mark, "recorded change(s) replayed", Duration::from_secs(30))
+                    .map(drop)
+                    .ok_or(format!("restart {k}: no replay within 30 s"))
+            };
+            restart(daemon, 1)?;
+            let mut stale = c1.sync().map_err(|e| format!("after restart 1: {e}"))?;
+            let start = pinned_bytes()?;
+            map(&mut cx.vm, 1, IOVA_P, GPA_C)?;
+            let mapped = pinned_bytes()?;
+            c1.dma_unmap(0, 0, RAM_SIZE).map_err(|e| format!("DMA unmap: {e}"))?;
+            c1.dma_map(DMA_READ | DMA_WRITE, 0, 0, RAM_SIZE, Some(ram_fd.as_raw_fd()))
+                .map_err(|e| format!("DMA map: {e}"))?;
+            c1.sync().map_err(|e| format!("after the DMA map: {e}"))?;
+            restart(daemon, 2)?;
+            stale += c1.sync().map_err(|e| format!("after restart 2: {e}"))?;
+            let after = pinned_bytes()?;
+            vm_req(&mut cx.vm, Request::unmap(1, IOVA_P, IOVA_P + PAGE - 1), "UNMAP")?;
+            let end = pinned_bytes()?;
+            if after != mapped || end != start {
+                return Err(format!(
+                    "pinned bytes {start:#x} before the MAP, {mapped:#x} after it, {after:#x} after the restart (want {mapped:#x}), {end:#x} after the UNMAP (want {start:#x})"
+                ));
+            }
+            Ok(format!(
+                "{start:#x} before the MAP, {mapped:#x} after it and after the restart, {end:#x} after the UNMAP ({stale} stale vfio-user replies skipped)"
             ))
         })(),
     );
@@ -1293,6 +1374,7 @@ fn run(rep: &mut Report) -> Result<()> {
             );
         }
         crash_storm_check(rep, &mut cx, &mut daemon, &bar1);
+        pinned_count_crash_check(rep, &mut cx, &mut daemon, &mut c1, &ram_fd);
         vfio_user_storm_check(rep, &mut daemon, &mut c1, &ram_fd);
         staging_crash_check(rep, &mut cx, &mut daemon, bar2);
     }
