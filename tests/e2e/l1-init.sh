@@ -72,9 +72,10 @@ wait_idle() {
     return 1
 }
 
-# --- devices: both edus, the NVMe controller and the igb NIC to vfio-pci; the NIC's peer ----------
+# --- devices: both edus, the NVMe controller and the igb NIC to vfio-pci; the NIC's peer; a VF ------
 bind_devices
 start_nic_peer
+start_vf 0000:00:19.0
 
 # --- the daemon, as the service runs it --------------------------------------------------------------
 mkdir -p $run /run/e2e
@@ -104,10 +105,10 @@ start_daemon() {
         fi
         sleep 0.1
     done
-    for sock in vm1.sock vm1-32.sock vm1-40.sock vm1-48.sock vm1-56.sock vm1.ctl; do
+    for sock in vm1.sock vm1-32.sock vm1-40.sock vm1-48.sock vm1-56.sock vm1-72.sock vm1.ctl; do
         [ -S $run/$sock ] || { fail "daemon listening" "no socket $run/$sock"; finish; }
     done
-    pass "daemon ${*:+($*) }listens: vhost-user $run/vm1.sock, vfio-user vm1-32.sock, vm1-40.sock, vm1-48.sock and vm1-56.sock"
+    pass "daemon ${*:+($*) }listens: vhost-user $run/vm1.sock, vfio-user vm1-32.sock, vm1-40.sock, vm1-48.sock, vm1-56.sock and vm1-72.sock"
 }
 
 # stop_daemon WHAT: no failed request in its counters, exit 0 on SIGTERM, no warning logged.
@@ -179,6 +180,7 @@ boot_l2() {
     start_vm -accel tcg,tb-size=64 -cpu max -smp 1 -nodefaults -display none \
         -serial file:"$log" -chardev pipe,id=ctl,path="$d/ctl" -serial chardev:ctl \
         -chardev file,id=fw,path="$d/firmware.log" -device isa-debugcon,iobase=0x402,chardev=fw \
+        -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/run/vhost-user-iommu/vm1-72.sock"},"addr":"09.0"}' \
         -kernel /e2e/bzImage -initrd /e2e/l2-initrd.cpio.gz \
         -append "console=ttyS0 panic=-1 $2 nvme.write_queues=1 iommufd.allow_unsafe_interrupts=1 vfio_iommu_type1.allow_unsafe_interrupts=1" \
         </dev/null >"$d/qemu.log" 2>&1 &
@@ -242,20 +244,23 @@ if wait_end 1; then
     l2_verdict "vm1 boot 1" 1
     firmware_blocked vm1
     live=$(grep -a 'E2E-L2: END' "$log" | head -n 1 | sed -n 's/.*live_mappings=\([0-9]*\).*/\1/p')
-    # The NVMe controller (endpoint 48) and the NIC (56) are in the DMA domains of L2's nvme and
-    # igb drivers; their mappings are the drivers' (queues, rings, buffers), the rest are L2's
-    # edu mappings.
+    # The NVMe controller (endpoint 48), the NIC (56) and the VF (72) are in the DMA domains of
+    # L2's nvme, igb and igbvf drivers; their mappings are the drivers' (queues, rings, buffers),
+    # the rest are L2's edu mappings.
     json=$(vhost-user-iommu ctl --control-socket "$ctl" state 2>/dev/null)
     # serde_json writes each endpoint's keys sorted: {"domain":N,"id":ID}.
-    nd=$(echo "$json" | grep -o '"domain":[0-9]*,"id":48[,}]' | cut -d, -f1 | cut -d: -f2)
-    gd=$(echo "$json" | grep -o '"domain":[0-9]*,"id":56[,}]' | cut -d, -f1 | cut -d: -f2)
+    domain_of() { echo "$json" | grep -o "\"domain\":[0-9]*,\"id\":$1[,}]" | cut -d, -f1 | cut -d: -f2; }
+    nd=$(domain_of 48)
+    gd=$(domain_of 56)
+    vd=$(domain_of 72)
     nm=$(metric "viommu_domain_mappings{domain=\"$nd\"}")
     gm=$(metric "viommu_domain_mappings{domain=\"$gd\"}")
+    vm=$(metric "viommu_domain_mappings{domain=\"$vd\"}")
     set -- $(snapshot)
-    if [ "$1" = 4 ] && [ "$2" = 4 ] && [ -n "$nm" ] && [ "$nm" -gt 0 ] && [ -n "$gm" ] && [ "$gm" -gt 0 ] && [ "$3" = $((live + nm + gm)) ] && [ "$5" = 0 ]; then
-        pass "while L2 runs the daemon holds 4 domains (2 IOASes; the nvme driver's DMA domain $nd with $nm mappings, igb's $gd with $gm), all 4 endpoints attached, and exactly L2's $live live edu mappings besides"
+    if [ "$1" = 5 ] && [ "$2" = 5 ] && [ -n "$nm" ] && [ "$nm" -gt 0 ] && [ -n "$gm" ] && [ "$gm" -gt 0 ] && [ -n "$vm" ] && [ "$vm" -gt 0 ] && [ "$3" = $((live + nm + gm + vm)) ] && [ "$5" = 0 ]; then
+        pass "while L2 runs the daemon holds 5 domains (2 IOASes; the nvme driver's DMA domain $nd with $nm mappings, igb's $gd with $gm, igbvf's $vd with $vm), all 5 endpoints attached, and exactly L2's $live live edu mappings besides"
     else
-        fail "daemon state while L2 runs" "domains attached mappings pinned failed = $* (want 4 4 $live+nvme's+igb's); nvme endpoint in domain '${nd}' with '${nm}' mappings, igb in '${gd}' with '${gm}'"
+        fail "daemon state while L2 runs" "domains attached mappings pinned failed = $* (want 5 5 $live+nvme's+igb's+igbvf's); nvme endpoint in domain '${nd}' with '${nm}' mappings, igb in '${gd}' with '${gm}', the VF in '${vd}' with '${vm}'"
     fi
     # L1's kernel logs DMAR faults for the DMAs the daemon's IOASes refused (those logged since
     # L2's kernel started are its). The first of them in

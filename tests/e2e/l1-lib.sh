@@ -14,9 +14,9 @@ l1_boot() {
 }
 
 # bind_devices: both edus, the NVMe controller and the igb NIC to vfio-pci. BDF and vendor:device
-# as L0 emulates them. L1's kernel has nvme and igb drivers but leaves these devices alone
-# (initcall_blacklist on L1's command line); a device already bound is unbound first, as an
-# operator's udev rule or driverctl would.
+# as L0 emulates them. L1's kernel leaves the NVMe controller alone (initcall_blacklist on L1's
+# command line); its igb driver takes both 82576s at boot (it runs the second, whose VF L2 gets):
+# a device already bound is unbound first, as an operator's udev rule or driverctl would.
 bind_devices() {
     for dev_id in 0000:00:04.0=0x1234:0x11e8 0000:00:05.0=0x1234:0x11e8 0000:00:06.0=0x1b36:0x0010 0000:00:07.0=0x8086:0x10c9; do
         bdf=${dev_id%%=*}
@@ -39,14 +39,48 @@ bind_devices() {
 
 # start_nic_peer: L1's own e1000e on L0's network hub, with a TCP echo server on port 5000. The
 # hub has no host backend, so nothing leaves the emulated machines; the addresses are from the
-# documentation range (RFC 5737). L2 (192.0.2.2) streams through its igb to the echo server.
+# documentation range (RFC 5737). L2 (192.0.2.2) streams through its igb to the echo server, and
+# (198.51.100.2) through its SR-IOV VF.
 start_nic_peer() {
     peer=$(ls /sys/bus/pci/devices/0000:00:08.0/net 2>/dev/null | head -n 1)
-    if [ -n "$peer" ] && ip addr add 192.0.2.1/24 dev "$peer" && ip link set "$peer" up; then
+    if [ -n "$peer" ] && ip addr add 192.0.2.1/24 dev "$peer" &&
+        ip addr add 198.51.100.1/24 dev "$peer" && ip link set "$peer" up; then
         nc -ll -p 5000 -e cat &
-        pass "NIC peer: L1's $peer at 192.0.2.1/24 with an echo server on port 5000"
+        pass "NIC peer: L1's $peer at 192.0.2.1/24 and 198.51.100.1/24 (the SR-IOV VF's subnet) with an echo server on port 5000"
     else
         fail "NIC peer" "no interface for 0000:00:08.0 or it cannot be configured: $(ls /sys/bus/pci/devices/0000:00:08.0/)"
+    fi
+}
+
+# start_vf BDF: one SR-IOV virtual function of L0's second 82576 (00:09.0, run by L1's igb
+# driver, its link up), bound to vfio-pci for the daemon, as an operator passes a NIC's VF
+# through: the PF makes it (sriov_numvfs) and keeps it from the host's igbvf driver
+# (sriov_drivers_autoprobe = 0). BDF is where the config says the VF is.
+start_vf() {
+    pf=/sys/bus/pci/devices/0000:00:09.0
+    pfnet=$(ls $pf/net 2>/dev/null | head -n 1)
+    if [ -z "$pfnet" ] || ! ip link set "$pfnet" up; then
+        fail "SR-IOV PF" "no interface of L1's igb driver for 0000:00:09.0: driver $(readlink $pf/driver)"
+        return 1
+    fi
+    echo 0 >$pf/sriov_drivers_autoprobe
+    if ! echo 1 >$pf/sriov_numvfs; then
+        fail "SR-IOV VF" "cannot enable a VF on 0000:00:09.0 (sriov_totalvfs $(cat $pf/sriov_totalvfs 2>/dev/null))"
+        return 1
+    fi
+    vf=$(basename "$(readlink -f $pf/virtfn0)")
+    if [ "$vf" != "$1" ]; then
+        fail "SR-IOV VF" "its VF is $vf, the config names $1"
+        return 1
+    fi
+    dev=/sys/bus/pci/devices/$vf
+    echo vfio-pci >"$dev/driver_override"
+    echo "$vf" >/sys/bus/pci/drivers_probe
+    if [ "$(basename "$(readlink $dev/driver)")" = vfio-pci ]; then
+        pass "SR-IOV: $pfnet (0000:00:09.0, igb) made VF $vf ($(cat $dev/vendor):$(cat $dev/device)), bound to vfio-pci ($(ls $dev/vfio-dev), IOMMU group $(basename "$(readlink $dev/iommu_group)"))"
+    else
+        fail "SR-IOV VF $vf bound to vfio-pci" "driver: $(readlink $dev/driver)"
+        return 1
     fi
 }
 

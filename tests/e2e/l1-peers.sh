@@ -43,6 +43,8 @@ fail() { echo "PEERS-L1: FAIL: $1: $2"; }
 finish() { bye; }
 bind_devices
 start_nic_peer
+# The config (shared with the end-to-end tier) serves the VF too; L2 here leaves it alone.
+start_vf 0000:00:19.0
 mkdir -p $run /run/peers
 vhost-user-iommu viot --config $cfg -o $run/vm1-viot.bin || { echo "PEERS-L1: FAIL: viot"; bye; }
 

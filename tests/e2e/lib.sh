@@ -108,7 +108,8 @@ EOF
 
 # e2e_l0_cmd L1_APPEND: sets `cmd`, L0's QEMU command line (q35 with VT-d, two edus, an NVMe
 # controller on a fresh empty disk image $nvme_img, an igb NIC and its e1000e peer on an isolated
-# network hub), with L1_APPEND added to L1's kernel command line; sets console.
+# network hub, and a second igb whose SR-IOV VF L1 serves), with L1_APPEND added to L1's kernel
+# command line; sets console.
 e2e_l0_cmd() {
     console=$out/console.log
     # The NVMe controller's disk starts empty each run; L2 writes its areas (l2-dma/src/nvme.rs).
@@ -122,7 +123,8 @@ e2e_l0_cmd() {
         -drive "if=none,id=nvm,file=$nvme_img,format=raw" -device nvme,drive=nvm,serial=e2e-nvme,addr=06.0
         -netdev hubport,id=nic,hubid=0 -device igb,netdev=nic,addr=07.0
         -netdev hubport,id=peer,hubid=0 -device e1000e,netdev=peer,addr=08.0
+        -netdev hubport,id=sriov,hubid=0 -device igb,netdev=sriov,addr=09.0
         -kernel "$bzimage" -initrd "$l1_initrd"
-        -append "console=ttyS0 panic=-1 intel_iommu=on iommu.strict=1 initcall_blacklist=nvme_init,igb_init_module $1"
+        -append "console=ttyS0 panic=-1 intel_iommu=on iommu.strict=1 initcall_blacklist=nvme_init $1"
     )
 }

@@ -39,8 +39,25 @@ static_build() {
     local -a pkgs=()
     local p
     for p in "$@"; do pkgs+=(-p "$p"); done
+    forget_other_checkout "$repo_root"
     (cd "$repo_root" && CARGO_TARGET_DIR=$STATIC_TARGET RUSTFLAGS="-C target-feature=+crt-static" \
         cargo build --quiet --locked --profile "$profile" --target x86_64-unknown-linux-gnu "${pkgs[@]}")
+}
+# forget_other_checkout REPO_ROOT: cargo calls a package fresh when its sources are older than
+# its last build, and the workspace's packages have the same identity in every checkout: after a
+# fresh clone's run (its files all new) built here, an edit made earlier in another checkout
+# looked built, and that checkout's tiers ran the clone's binaries (seen: an L2 program without
+# the edit). So when the checkout changes, its own packages' build records go (their
+# dependencies stay built).
+forget_other_checkout() {
+    local root=$1 mark=$STATIC_TARGET/.checkout member name
+    [ "$(cat "$mark" 2>/dev/null)" = "$root" ] && return 0
+    for member in . $(sed -n '/^members = \[/,/^\]/s/^ *"\(.*\)",*$/\1/p' "$root/Cargo.toml"); do
+        name=$(sed -n 's/^name = "\(.*\)"$/\1/p' "$root/$member/Cargo.toml" | head -n 1)
+        [ -n "$name" ] && rm -rf "$STATIC_TARGET"/x86_64-unknown-linux-gnu/*/.fingerprint/"$name"-*
+    done
+    mkdir -p "$STATIC_TARGET"
+    printf '%s\n' "$root" >"$mark"
 }
 static_bin() { printf '%s\n' "$STATIC_TARGET/x86_64-unknown-linux-gnu/$1/$2"; }
 

@@ -151,6 +151,10 @@ fn finish(ctl: Option<File>) -> ! {
         }
         None => "poweroff".to_string(),
     };
+    match nic::take_down_all() {
+        Ok(down) => println!("E2E-L2: interfaces down: {}", down.join(" ")),
+        Err(e) => println!("E2E-L2: taking the interfaces down: {e}"),
+    }
     println!("E2E-L2: {what}");
     // SAFETY: sync and reboot take no pointers; as init we may restart or power off the machine.
     unsafe {
