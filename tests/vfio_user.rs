@@ -328,25 +328,7 @@ fn test_dir(kind: &str) -> PathBuf {
 
 impl Server {
     fn start() -> Server {
-        let dir = test_dir("test");
-        let path = dir.join("dev.sock");
-        let (fake, state) = Fake::new();
-        let stop = StopSignal::new().unwrap();
-        let thread = spawn_device_server(
-            "test",
-            &path,
-            Box::new(fake),
-            guest_ram_check(),
-            stop.clone(),
-        )
-        .unwrap();
-        Server {
-            path,
-            dir,
-            stop,
-            thread: Some(thread),
-            state,
-        }
+        Server::start_with(|s| s.name("test"))
     }
 
     /// A server set up by `setup` (hooks) before it serves.

@@ -25,17 +25,25 @@ bind_devices() {
             fail "device ${dev_id#*=} at $bdf" "not there: $(ls /sys/bus/pci/devices)"
             finish
         fi
-        [ -e "$dev/driver" ] && echo "$bdf" >"$dev/driver/unbind"
-        echo vfio-pci >"$dev/driver_override"
-        echo "$bdf" >/sys/bus/pci/drivers_probe
-        if [ "$(basename "$(readlink $dev/driver)")" = vfio-pci ]; then
-            pass "${dev_id#*=} at $bdf bound to vfio-pci ($(ls $dev/vfio-dev), IOMMU group $(basename "$(readlink $dev/iommu_group)"))"
+        if to_vfio "$bdf"; then
+            pass "${dev_id#*=} at $bdf bound to vfio-pci ($(vfio_of "$bdf"))"
         else
             fail "${dev_id#*=} at $bdf bound to vfio-pci" "driver: $(readlink $dev/driver)"
             finish
         fi
     done
 }
+
+# to_vfio BDF: binds the device to vfio-pci (unbound from its driver first, if any); whether it is.
+to_vfio() {
+    local dev=/sys/bus/pci/devices/$1
+    [ -e "$dev/driver" ] && echo "$1" >"$dev/driver/unbind"
+    echo vfio-pci >"$dev/driver_override"
+    echo "$1" >/sys/bus/pci/drivers_probe
+    [ "$(basename "$(readlink $dev/driver)")" = vfio-pci ]
+}
+# vfio_of BDF: "vfioN, IOMMU group G" of a device bound to vfio-pci.
+vfio_of() { echo "$(ls /sys/bus/pci/devices/$1/vfio-dev), IOMMU group $(basename "$(readlink /sys/bus/pci/devices/$1/iommu_group)")"; }
 
 # start_nic_peer: L1's own e1000e on L0's network hub, with a TCP echo server on port 5000. The
 # hub has no host backend, so nothing leaves the emulated machines; the addresses are from the
@@ -74,10 +82,8 @@ start_vf() {
         return 1
     fi
     dev=/sys/bus/pci/devices/$vf
-    echo vfio-pci >"$dev/driver_override"
-    echo "$vf" >/sys/bus/pci/drivers_probe
-    if [ "$(basename "$(readlink $dev/driver)")" = vfio-pci ]; then
-        pass "SR-IOV: $pfnet (0000:00:09.0, igb) made VF $vf ($(cat $dev/vendor):$(cat $dev/device)), bound to vfio-pci ($(ls $dev/vfio-dev), IOMMU group $(basename "$(readlink $dev/iommu_group)"))"
+    if to_vfio "$vf"; then
+        pass "SR-IOV: $pfnet (0000:00:09.0, igb) made VF $vf ($(cat $dev/vendor):$(cat $dev/device)), bound to vfio-pci ($(vfio_of "$vf"))"
     else
         fail "SR-IOV VF $vf bound to vfio-pci" "driver: $(readlink $dev/driver)"
         return 1

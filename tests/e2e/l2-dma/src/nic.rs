@@ -375,29 +375,7 @@ fn pf_checks(check: &mut dyn FnMut(&str, Result<String>) -> bool) {
             return;
         }
     };
-    let before = sysfs::interrupts(&ifname);
-    check(
-        &format!(
-            "NIC: a TCP stream to the peer's echo server at {PEER}:{PORT} comes back byte for byte"
-        ),
-        echo_stream(STREAM_BYTES, Duration::from_secs(60))
-            .map(|(s, _)| s)
-            .map_err(|e| format!("{e}; {ifname}: {}", statistics(&ifname))),
-    );
-    let after = sysfs::interrupts(&ifname);
-    let fired = sysfs::msix_fired(&before, &after);
-    check(
-        "NIC: its traffic raised MSI-X interrupts",
-        if fired.is_empty() {
-            Err(format!("no MSI-X vector of {ifname} fired: {after:?}"))
-        } else {
-            Ok(fired.join(" "))
-        },
-    );
-    check(
-        "NIC: MSI-X table and PBA as the guest reads them through the BAR",
-        crate::msix::Msix::find(&bdf).and_then(|m| m.check_table(&bdf, after.len())),
-    );
+    traffic_checks("NIC", &bdf, &ifname, PEER, STREAM_BYTES, check);
     println!("E2E-L2: nic {bdf} {ifname} {LOCAL} up");
 }
 
@@ -426,19 +404,32 @@ fn vf_checks(bdf: &str, check: &mut dyn FnMut(&str, Result<String>) -> bool) {
             return;
         }
     };
-    let before = sysfs::interrupts(&ifname);
+    traffic_checks("VF", bdf, &ifname, VF_PEER, VF_STREAM_BYTES, check);
+    println!("E2E-L2: vf {bdf} {ifname} {VF_LOCAL} up");
+}
+
+/// A TCP stream of `bytes` through `ifname` (of `bdf`) to the echo server at `peer`, compared
+/// byte for byte; its MSI-X vectors fire; the MSI-X table and PBA read back through the BAR.
+/// `what` names the NIC in the checks.
+fn traffic_checks(
+    what: &str,
+    bdf: &str,
+    ifname: &str,
+    peer: Ipv4Addr,
+    bytes: usize,
+    check: &mut dyn FnMut(&str, Result<String>) -> bool,
+) {
+    let before = sysfs::interrupts(ifname);
     check(
-        &format!(
-            "VF: a TCP stream to the peer's echo server at {VF_PEER}:{PORT} comes back byte for byte"
-        ),
-        echo_stream_to(VF_PEER, VF_STREAM_BYTES, Duration::from_secs(60))
+        &format!("{what}: a TCP stream to the peer's echo server at {peer}:{PORT} comes back byte for byte"),
+        echo_stream_to(peer, bytes, Duration::from_secs(60))
             .map(|(s, _)| s)
-            .map_err(|e| format!("{e}; {ifname}: {}", statistics(&ifname))),
+            .map_err(|e| format!("{e}; {ifname}: {}", statistics(ifname))),
     );
-    let after = sysfs::interrupts(&ifname);
+    let after = sysfs::interrupts(ifname);
     let fired = sysfs::msix_fired(&before, &after);
     check(
-        "VF: its traffic raised MSI-X interrupts",
+        &format!("{what}: its traffic raised MSI-X interrupts"),
         if fired.is_empty() {
             Err(format!("no MSI-X vector of {ifname} fired: {after:?}"))
         } else {
@@ -446,8 +437,7 @@ fn vf_checks(bdf: &str, check: &mut dyn FnMut(&str, Result<String>) -> bool) {
         },
     );
     check(
-        "VF: MSI-X table and PBA as the guest reads them through the BAR",
+        &format!("{what}: MSI-X table and PBA as the guest reads them through the BAR"),
         crate::msix::Msix::find(bdf).and_then(|m| m.check_table(bdf, after.len())),
     );
-    println!("E2E-L2: vf {bdf} {ifname} {VF_LOCAL} up");
 }
