@@ -105,6 +105,8 @@ pub(super) struct SideSources {
     pub(super) stored: std::collections::BTreeSet<String>,
     /// Endpoints whose devices the host is taking back: not kept.
     pub(super) unplugging: std::collections::BTreeSet<u32>,
+    /// The backend's description last written (what stands while the backend is busy).
+    pub(super) last_iommufd: Option<IommufdHandover>,
 }
 
 impl Keeper {
@@ -141,17 +143,30 @@ impl Keeper {
     /// hold yet, writes the description, then removes from the store what it no longer names.
     pub fn write_side(&self) -> Result<(), String> {
         let mut side = lock(&self.side);
-        let stale = match side.iommufd.clone() {
-            // The backend's fds stay open while it describes them (hot-unplug waits).
-            Some(b) => b.with_hand_over(|mut h| {
-                // Described as unplugged already (a restarted daemon finds them so).
-                for d in &mut h.devices {
-                    if side.unplugging.contains(&d.endpoint) {
-                        (d.fd, d.req) = (None, None);
-                    }
+        // The backend's fds stay open while it describes them (hot-unplug waits).
+        let write = |side: &mut SideSources, mut h: IommufdHandover| {
+            // Described as unplugged already (a restarted daemon finds them so).
+            for d in &mut h.devices {
+                if side.unplugging.contains(&d.endpoint) {
+                    (d.fd, d.req) = (None, None);
                 }
-                self.write_side_with(&mut side, Some(h))
-            })?,
+            }
+            side.last_iommufd = Some(h.clone());
+            self.write_side_with(side, Some(h))
+        };
+        let stale = match side.iommufd.clone() {
+            Some(b) => match b.try_with_hand_over(|h| write(&mut side, h)) {
+                Some(r) => r?,
+                // The backend is busy pinning guest RAM (seconds, with the topology held): the
+                // description written last stands, or a vfio-user reply would wait past the
+                // VMM's timeout. Its fds are stored already, and whatever the backend changes
+                // meanwhile a restarted daemon finds in the kernel (a region mapped but not
+                // recorded is mapped again).
+                None => match side.last_iommufd.clone() {
+                    Some(h) => write(&mut side, h)?,
+                    None => b.with_hand_over(|h| write(&mut side, h))?,
+                },
+            },
             None => self.write_side_with(&mut side, None)?,
         };
         // Still under the side lock: another writer that wants one of these names again

@@ -101,6 +101,18 @@ impl IommufdBackend {
         f(self.describe(&topo, &devices))
     }
 
+    /// [`with_hand_over`](Self::with_hand_over) unless the topology is busy (pinning all guest
+    /// RAM into the identity IOAS holds it for seconds): then `None` at once.
+    pub fn try_with_hand_over<T>(&self, f: impl FnOnce(IommufdHandover) -> T) -> Option<T> {
+        let topo = match self.shared.topo.try_lock() {
+            Ok(t) => t,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let devices = lock(&self.shared.devices);
+        Some(f(self.describe(&topo, &devices)))
+    }
+
     fn describe(&self, topo: &Topo, devices: &BTreeMap<EndpointId, Device>) -> IommufdHandover {
         let c = &self.constraints;
         IommufdHandover {
