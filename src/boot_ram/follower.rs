@@ -55,7 +55,8 @@ struct State {
 
 /// Warnings about the RAM the maps describe, and bus mastering that did not wait long enough.
 static LOG: EveryNth = EveryNth::new();
-/// The RAM applied (the VMM decides how often it changes).
+/// The RAM applied, and what bus mastering waited for it (the VMM decides how often either
+/// happens).
 static APPLIED_LOG: EveryNth = EveryNth::new();
 
 impl Follower {
@@ -116,7 +117,7 @@ impl Follower {
         let t0 = Instant::now();
         if self.settle(BUS_MASTER_WAIT) {
             let waited = t0.elapsed();
-            if waited >= Duration::from_millis(10) {
+            if waited >= Duration::from_millis(10) && APPLIED_LOG.allow() {
                 info!(
                     "boot bypass: {device}: bus mastering waited {waited:?} for guest RAM to be in the identity domain"
                 );
