@@ -29,6 +29,8 @@ METRIC = {
     "nvme-seqread-128k": ("mbps", True),
     "nic-tcp-echo-4m": ("mbps", True),
     "ioas-map-unmap-4k": ("p50_us", False),
+    # The same on an IOAS no device is attached to: L2's own share, no vIOMMU request.
+    "ioas-map-unmap-4k-floor": ("p50_us", False),
 }
 LINE = re.compile(r"BENCH (config=\S+ .*)$")
 CPU = re.compile(r"PEERS-L1: config (\S+) round (\d+) cpu: qemu ([\d.]+) s(?:, daemon ([\d.]+) s)? over ([\d.]+) s")
@@ -182,7 +184,8 @@ def table(runs):
             db = ratio(med[d], med["b"], higher)
             dc = ratio(med[d], med["c"], higher)
             vs += [db, dc]
-            rows.append((workload, mode, d, db, dc))
+            if not workload.endswith("-floor"):
+                rows.append((workload, mode, d, db, dc))
         unit = {"iops": "IOPS", "mbps": "MB/s", "p50_us": "p50 µs (lower is better)"}[name]
         out.append(
             f"| {workload} | {mode} | {unit} | " + " | ".join(cells) + " | "
@@ -192,6 +195,36 @@ def table(runs):
     out.append("Ratios of configurations to (a) are throughput-like (> 1: faster than no vIOMMU);"
                " '(d) vs (b)' and '(d) vs (c)' are > 1 where the daemon is better.")
     return "\n".join(out), rows
+
+
+def share_table(runs):
+    """The L2 userspace row minus its floor, per configuration: what the vIOMMU itself adds to a
+    MAP+UNMAP pair (medians over the rounds; None where a configuration lacks either row)."""
+    row = runs.get(("ioas-map-unmap-4k", "user"), {})
+    floor = runs.get(("ioas-map-unmap-4k-floor", "user"), {})
+    cfgs = [c for c in configs_of(runs) if c in row and c in floor]
+    if not cfgs:
+        return None
+    out = [
+        "| configuration | MAP+UNMAP p50 µs | floor p50 µs (no device) | vIOMMU share µs | "
+        "(d) vs this, share |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    share = {}
+    for c in cfgs:
+        r = statistics.median(float(kv["p50_us"]) for kv in row[c])
+        f = statistics.median(float(kv["p50_us"]) for kv in floor[c])
+        share[c] = (r, f, r - f)
+    d = share.get("d")
+    for c in cfgs:
+        r, f, x = share[c]
+        vs = fmt(x / d[2]) if d and c != "d" and d[2] > 0 and x > 0 else "–"
+        out.append(f"| {label(c)} | {r:.0f} | {f:.0f} | {x:.0f} | {vs} |")
+    out.append("")
+    out.append("The floor is the same pair on an IOAS no device is attached to (L2's syscall,"
+               " pinning and iommufd bookkeeping; it reaches no vIOMMU); the share is the row"
+               " minus the floor; '(d) vs this' > 1 where the daemon's share is smaller.")
+    return "\n".join(out)
 
 
 def svg(rows):
@@ -232,6 +265,9 @@ def main():
     if not runs:
         sys.exit(f"{a.console}: no BENCH lines")
     md, rows = table(runs)
+    share = share_table(runs)
+    if share:
+        md += "\n\n" + share
     costs = parse_costs(a.console)
     if costs:
         md += "\n\n" + cost_table(costs, configs_of(runs))

@@ -8,19 +8,24 @@
 //!   32 (32 threads, one read in flight each), 128 KiB sequential reads;
 //! - the NIC through igb: a TCP stream echoed by L1's peer;
 //! - L2 userspace `IOMMU_IOAS_MAP` + `IOMMU_IOAS_UNMAP` of one 4 KiB page on an edu bound to
-//!   vfio-pci (only where L2 has an IOMMU).
+//!   vfio-pci (only where L2 has an IOMMU), and the same on an IOAS no device is attached to
+//!   (`ioas-map-unmap-4k-floor`, every configuration): L2's own share of that row (the syscall,
+//!   pinning, iommufd's bookkeeping, all under two levels of TCG), which reaches no vIOMMU, so
+//!   the row minus its floor is what the vIOMMU costs.
 //!
 //! Each runs with the devices' IOMMU groups in strict mode (`iommu.strict=1` at boot), then again
 //! after switching both groups to lazy invalidation (`DMA-FQ`); without an IOMMU in L2 there is
 //! one mode, `none`.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::uapi::{ioctl, size32, IommuIoasAlloc};
 use crate::{map, mmio, nic, nvme, open_vfio_edu, unmap, Page};
 
 /// Reads stay inside the image's first 32 MiB.
@@ -116,14 +121,33 @@ fn ioas_pairs(edu_bdf: &str, secs: f64) -> Result<Sample, String> {
         .open("/dev/iommu")
         .map_err(|e| format!("/dev/iommu: {e}"))?;
     let edu = open_vfio_edu(&iommufd, edu_bdf)?;
+    map_unmap_for(&iommufd, edu.ioas, secs)
+}
+
+/// The same pairs on an IOAS of its own that no device is attached to: no vIOMMU request.
+fn ioas_floor(secs: f64) -> Result<Sample, String> {
+    let iommufd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/iommu")
+        .map_err(|e| format!("/dev/iommu: {e}"))?;
+    let mut alloc = IommuIoasAlloc {
+        size: size32::<IommuIoasAlloc>(),
+        ..Default::default()
+    };
+    ioctl(iommufd.as_fd(), &mut alloc).map_err(|e| format!("IOAS_ALLOC: {e}"))?;
+    map_unmap_for(&iommufd, alloc.out_ioas_id, secs)
+}
+
+fn map_unmap_for(iommufd: &File, ioas: u32, secs: f64) -> Result<Sample, String> {
     let page = Page::new()?;
     let iova = 0x10_0000;
     let mut lat_ns = Vec::new();
     let t = Instant::now();
     while t.elapsed().as_secs_f64() < secs {
         let t1 = Instant::now();
-        map(&iommufd, edu.ioas, &page, iova, true)?;
-        unmap(&iommufd, edu.ioas, iova)?;
+        map(iommufd, ioas, &page, iova, true)?;
+        unmap(iommufd, ioas, iova)?;
         lat_ns.push(t1.elapsed().as_nanos() as u64);
     }
     Ok(Sample {
@@ -218,6 +242,7 @@ pub fn run(config: &str, secs: f64) {
             None => println!("BENCH-ERROR config={config} mode={mode} workload=nic: no NIC"),
         }
     }
+    report(config, "user", "ioas-map-unmap-4k-floor", ioas_floor(secs));
     if has_iommu {
         match mmio::edu_bdfs() {
             Ok(b) if !b.is_empty() => {
