@@ -14,8 +14,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vhost_user_iommu::vfio_user::{
-    AssignedDevice, DeviceInfo, DeviceServer, DmaCheck, Errno, IrqInfo, RegionCap, RegionInfo,
-    SparseArea, StopSignal, bind_socket, spawn_device_server,
+    AssignedDevice, DeviceInfo, DeviceServer, DmaCheck, Errno, IrqInfo, IrqSet, RegionCap,
+    RegionInfo, SparseArea, StopSignal, bind_socket, spawn_device_server,
 };
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -262,15 +262,7 @@ impl AssignedDevice for Fake {
         })
     }
 
-    fn set_irqs(
-        &self,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        fds: &[RawFd],
-        data: &[u8],
-    ) -> Result<(), Errno> {
+    fn set_irqs(&self, set: &IrqSet<'_>, fds: &[RawFd]) -> Result<(), Errno> {
         let fds = fds
             .iter()
             .map(|&fd| {
@@ -283,12 +275,12 @@ impl AssignedDevice for Fake {
             })
             .collect();
         self.state.lock().unwrap().irq_calls.push(IrqCall {
-            index,
-            flags,
-            start,
-            count,
+            index: set.index,
+            flags: set.flags,
+            start: set.start,
+            count: set.count,
             fds,
-            data: data.to_vec(),
+            data: set.data.to_vec(),
         });
         Ok(())
     }

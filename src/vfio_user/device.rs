@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 
 pub use super::protocol::{DeviceInfo, IrqInfo, RegionCap, RegionInfo, SparseArea};
 use super::protocol::{
-    IRQ_SET_SIZE, MAX_REGION_INFO_SIZE, REGION_INFO_SIZE, VFIO_IRQ_SET_DATA_BOOL,
+    IRQ_SET_SIZE, IrqSet, MAX_REGION_INFO_SIZE, REGION_INFO_SIZE, VFIO_IRQ_SET_DATA_BOOL,
     VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_TYPE_MASK, VFIO_REGION_INFO_FLAG_CAPS,
     parse_cap_chain, u32_at, u64_at,
 };
@@ -69,17 +69,9 @@ pub trait AssignedDevice: Send {
     fn read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Errno>;
     fn write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno>;
     fn irq_info(&self, index: u32) -> Result<IrqInfo, Errno>;
-    /// `VFIO_DEVICE_SET_IRQS`. With `DATA_EVENTFD`, `fds` has `count` entries (-1 = none);
-    /// with `DATA_BOOL`, `data` has `count` bytes; otherwise both are empty.
-    fn set_irqs(
-        &self,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        fds: &[RawFd],
-        data: &[u8],
-    ) -> Result<(), Errno>;
+    /// `VFIO_DEVICE_SET_IRQS`. With `DATA_EVENTFD`, `fds` has `set.count` entries (-1 = none);
+    /// with `DATA_BOOL`, `set.data` has `set.count` bytes; otherwise both are empty.
+    fn set_irqs(&self, set: &IrqSet<'_>, fds: &[RawFd]) -> Result<(), Errno>;
     fn reset(&self) -> Result<(), Errno>;
 }
 
@@ -312,15 +304,14 @@ impl AssignedDevice for VfioCdevDevice {
         })
     }
 
-    fn set_irqs(
-        &self,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        fds: &[RawFd],
-        data: &[u8],
-    ) -> Result<(), Errno> {
+    fn set_irqs(&self, set: &IrqSet<'_>, fds: &[RawFd]) -> Result<(), Errno> {
+        let &IrqSet {
+            flags,
+            index,
+            start,
+            count,
+            data,
+        } = set;
         let mut payload = Vec::new();
         match flags & VFIO_IRQ_SET_DATA_TYPE_MASK {
             VFIO_IRQ_SET_DATA_EVENTFD => {

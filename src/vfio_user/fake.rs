@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use super::device::{AssignedDevice, Errno};
 use super::protocol::{
-    DeviceInfo, IrqInfo, RegionInfo, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET,
+    DeviceInfo, IrqInfo, IrqSet, RegionInfo, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET,
     VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
@@ -134,15 +134,8 @@ impl AssignedDevice for FakeDevice {
         })
     }
 
-    fn set_irqs(
-        &self,
-        index: u32,
-        _flags: u32,
-        _start: u32,
-        count: u32,
-        fds: &[RawFd],
-        _data: &[u8],
-    ) -> Result<(), Errno> {
+    fn set_irqs(&self, set: &IrqSet<'_>, fds: &[RawFd]) -> Result<(), Errno> {
+        let IrqSet { index, count, .. } = *set;
         if index >= NUM_IRQS {
             return Err(Errno::new(libc::EINVAL, "no such IRQ index"));
         }

@@ -44,7 +44,7 @@ pub mod protocol;
 pub mod server;
 
 pub use device::{AssignedDevice, Errno, VfioCdevDevice};
-pub use protocol::{DeviceInfo, IrqInfo, RegionCap, RegionInfo, SparseArea};
+pub use protocol::{DeviceInfo, IrqInfo, IrqSet, RegionCap, RegionInfo, SparseArea};
 pub use server::{
     ConnectionState, DeviceServer, DeviceSlot, DmaCheck, DmaMaps, DmaRegion, HandedOverServer,
     KeepHook, ServerEnd, StopSignal, bind_socket, serve_device, spawn_device_server,

@@ -323,14 +323,14 @@ impl<'a> Connection<'a> {
         let info = self.dev.info();
         let set = std::mem::take(&mut self.irqs_set);
         for index in CLIENT_IRQ_INDEXES.filter(|i| set & (1 << i) != 0) {
-            if let Err(e) = self.dev.set_irqs(
+            let off = IrqSet {
+                flags: VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
                 index,
-                VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
-                0,
-                0,
-                &[],
-                &[],
-            ) {
+                start: 0,
+                count: 0,
+                data: &[],
+            };
+            if let Err(e) = self.dev.set_irqs(&off, &[]) {
                 debug!("vfio-user {}: disabling IRQ index {index}: {e}", self.name);
             }
         }

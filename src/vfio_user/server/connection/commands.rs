@@ -313,8 +313,7 @@ impl<'a> Connection<'a> {
             }
             Vec::new()
         };
-        self.dev
-            .set_irqs(s.index, s.flags, s.start, s.count, &raw, s.data)?;
+        self.dev.set_irqs(&s, &raw)?;
         self.irqs_set |= 1 << s.index;
         // Our copies of the eventfds close when the message drops; the device holds its own.
         Ok(Reply::empty())

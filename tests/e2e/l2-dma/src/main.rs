@@ -24,6 +24,7 @@
 
 // edu's registers and BAR access, shared with the VM tier's guest programs.
 use guest_kit::mmio;
+use guest_kit::sys::open_raw_tty;
 mod bench;
 mod msix;
 mod nic;
@@ -36,7 +37,7 @@ use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{fence, Ordering};
 use std::thread;
@@ -248,28 +249,6 @@ impl Report {
     }
 }
 
-fn open_raw_tty(path: &str) -> Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| format!("open {path}: {e}"))?;
-    // SAFETY: termios is plain data filled by tcgetattr for a valid fd; cfmakeraw and tcsetattr
-    // only touch that local struct and the fd's settings.
-    unsafe {
-        let mut t: libc::termios = std::mem::zeroed();
-        if libc::tcgetattr(f.as_raw_fd(), &mut t) != 0 {
-            return Err(format!("tcgetattr {path}: {}", io::Error::last_os_error()));
-        }
-        libc::cfmakeraw(&mut t);
-        if libc::tcsetattr(f.as_raw_fd(), libc::TCSANOW, &t) != 0 {
-            return Err(format!("tcsetattr {path}: {}", io::Error::last_os_error()));
-        }
-    }
-    Ok(f)
-}
-
 /// The next non-empty line L1 sends: `soak`, `end-soak` or `reboot`; anything else (or the line
 /// closing) means `poweroff`.
 fn next_instruction(rx: &mut BufReader<File>) -> String {
@@ -477,14 +456,8 @@ fn bind_vfio_pci(bdf: &str) -> Result<String> {
     fs::write("/sys/bus/pci/drivers_probe", bdf).map_err(|e| format!("drivers_probe: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(rd) = fs::read_dir(format!("{dev}/vfio-dev")) {
-            if let Some(n) = rd
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .find(|n| n.starts_with("vfio"))
-            {
-                return Ok(format!("/dev/vfio/devices/{n}"));
-            }
+        if let Ok(cdev) = guest_kit::sys::vfio_cdev(bdf) {
+            return Ok(cdev);
         }
         if Instant::now() > deadline {
             return Err(format!("{bdf}: no vfio-dev after binding vfio-pci"));

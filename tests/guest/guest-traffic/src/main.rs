@@ -29,6 +29,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::process::ExitCode;
 
+use guest_kit::sys::{open_raw_tty, open_rw, vfio_cdev};
 use uapi::*;
 
 const PAGE: usize = 4096;
@@ -54,24 +55,7 @@ struct Ctl {
 
 impl Ctl {
     fn open(path: &str) -> Result<Ctl> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOCTTY)
-            .open(path)
-            .map_err(|e| format!("open {path}: {e}"))?;
-        // SAFETY: termios is plain data; tcgetattr fills it for a valid open fd, and cfmakeraw
-        // and tcsetattr only read and write that local struct and the fd's settings.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(f.as_raw_fd(), &mut t) != 0 {
-                return Err(format!("tcgetattr {path}: {}", io::Error::last_os_error()));
-            }
-            libc::cfmakeraw(&mut t);
-            if libc::tcsetattr(f.as_raw_fd(), libc::TCSANOW, &t) != 0 {
-                return Err(format!("tcsetattr {path}: {}", io::Error::last_os_error()));
-            }
-        }
+        let f = open_raw_tty(path)?;
         let rx = f.try_clone().map_err(|e| format!("dup {path}: {e}"))?;
         Ok(Ctl {
             tx: f,
@@ -226,26 +210,6 @@ impl Report {
             }
         }
     }
-}
-
-/// /dev/vfio/devices/vfioN of a PCI device bound to vfio-pci.
-fn vfio_cdev(bdf: &str) -> Result<String> {
-    let dir = format!("/sys/bus/pci/devices/{bdf}/vfio-dev");
-    let name = fs::read_dir(&dir)
-        .map_err(|e| format!("{dir}: {e}"))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n.starts_with("vfio"))
-        .ok_or_else(|| format!("{dir} lists no vfioN"))?;
-    Ok(format!("/dev/vfio/devices/{name}"))
-}
-
-fn open_rw(path: &str) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| format!("open {path}: {e}"))
 }
 
 fn ioas_alloc(iommufd: &File) -> Result<u32> {

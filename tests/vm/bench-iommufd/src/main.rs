@@ -1587,17 +1587,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .write_style(env_logger::WriteStyle::Never)
         .init();
-    let inf = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads the struct we pass.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &inf) } != 0 {
-        eprintln!(
-            "setrlimit(RLIMIT_MEMLOCK): {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    guest_kit::sys::unlimited_memlock();
     let t0 = Instant::now();
     let sizes = [
         (KIB4, env_n("BENCH_PAIRS_4K", 256)),

@@ -1577,17 +1577,7 @@ fn main() -> ExitCode {
     .init();
     let mut rep = Report::default();
     // Pinned guest RAM is charged to RLIMIT_MEMLOCK (root has CAP_IPC_LOCK anyway).
-    let inf = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads the struct we pass.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &inf) } != 0 {
-        eprintln!(
-            "setrlimit(RLIMIT_MEMLOCK): {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    guest_kit::sys::unlimited_memlock();
 
     let t0 = Instant::now();
     let setup = (|| {

@@ -14,41 +14,31 @@ mod mem;
 // The iommufd/VFIO ioctls: the daemon's own definitions (the repository's `uapi` crate).
 use viommu_uapi as uapi;
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use guest_kit::mmio::{
+    edu_bdfs, EDU_BUFFER, EDU_CMD_START, EDU_CMD_TO_RAM, EDU_DMA_CMD, EDU_DMA_COUNT, EDU_DMA_DST,
+    EDU_DMA_SRC, EDU_ID, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY,
+};
+use guest_kit::report::Report;
+use guest_kit::sys::{open_rw, vfio_cdev};
 use mem::Mapping;
 use uapi::*;
 
-const EDU_VENDOR: &str = "0x1234";
-const EDU_DEVICE: &str = "0x11e8";
-/// edu BAR0 registers (QEMU docs/specs/edu.rst).
-const EDU_ID: usize = 0x00;
+/// edu's liveness register (QEMU docs/specs/edu.rst): reads back the complement of what was
+/// written.
 const EDU_LIVENESS: usize = 0x04;
-const EDU_DMA_SRC: usize = 0x80;
-const EDU_DMA_DST: usize = 0x88;
-const EDU_DMA_COUNT: usize = 0x90;
-const EDU_DMA_CMD: usize = 0x98;
-const EDU_CMD_START: u64 = 1 << 0;
-/// Direction bit: set = edu buffer -> RAM, clear = RAM -> edu buffer.
-const EDU_CMD_TO_RAM: u64 = 1 << 1;
-/// Device address of edu's internal 4 KiB DMA buffer.
-const EDU_BUFFER: u64 = 0x40000;
 /// Identification register: 0xRRrr00ed, major.minor version in the top bytes.
 const EDU_ID_MAGIC_MASK: u32 = 0xffff;
 const EDU_ID_MAGIC: u32 = 0x00ed;
 
 const BUF_LEN: usize = 4096;
 const IOVA: u64 = 0x10_0000;
-/// PCI_COMMAND and its memory-space and bus-master bits: QEMU drops a device's DMA while bus
-/// mastering is off, and vfio-pci leaves that to the user.
-const PCI_COMMAND: u64 = 0x04;
-const PCI_COMMAND_MEMORY: u16 = 1 << 1;
-const PCI_COMMAND_MASTER: u16 = 1 << 2;
 
 const SENTINEL: u8 = 0xee;
 
@@ -63,76 +53,6 @@ fn pattern(seed: u8) -> impl Fn(usize) -> u8 {
             .wrapping_add(seed)
             ^ 0x5a
     }
-}
-
-struct Report {
-    failed: usize,
-}
-
-impl Report {
-    /// Prints the verdict of one check; whether it passed.
-    fn check(&mut self, name: &str, result: Result<()>) -> bool {
-        match result {
-            Ok(()) => {
-                println!("PASS: {name}");
-                true
-            }
-            Err(why) => {
-                self.failed += 1;
-                println!("FAIL: {name}: {why}");
-                false
-            }
-        }
-    }
-}
-
-fn edu_devices() -> Result<Vec<String>> {
-    let dir = "/sys/bus/pci/devices";
-    let mut found = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| format!("read {dir}: {e}"))? {
-        let path = entry.map_err(|e| format!("read {dir}: {e}"))?.path();
-        let id = |f: &str| {
-            fs::read_to_string(path.join(f))
-                .unwrap_or_default()
-                .trim()
-                .to_owned()
-        };
-        if id("vendor") == EDU_VENDOR && id("device") == EDU_DEVICE {
-            found.push(
-                path.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-            );
-        }
-    }
-    found.sort();
-    if found.is_empty() {
-        return Err(format!("no PCI device {EDU_VENDOR}:{EDU_DEVICE} in {dir}"));
-    }
-    Ok(found)
-}
-
-/// /dev/vfio/devices/vfioN of a PCI device, found through its sysfs `vfio-dev` directory.
-fn vfio_cdev(bdf: &str) -> Result<String> {
-    let dir = format!("/sys/bus/pci/devices/{bdf}/vfio-dev");
-    let entries = fs::read_dir(&dir).map_err(|e| format!("{dir}: {e} (not bound to vfio-pci?)"))?;
-    for entry in entries {
-        let name = entry.map_err(|e| format!("{dir}: {e}"))?.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("vfio") {
-            return Ok(format!("/dev/vfio/devices/{name}"));
-        }
-    }
-    Err(format!("{dir} lists no vfioN"))
-}
-
-fn open_rw(path: &str) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| format!("open {path}: {e}"))
 }
 
 struct Ioas<'a> {
@@ -329,6 +249,11 @@ fn expect_contents(buf: &Mapping, want: impl Fn(usize) -> u8, what: &str) -> Res
     }
 }
 
+/// A check's verdict with no note.
+fn done(r: Result<()>) -> Result<String> {
+    r.map(|()| String::new())
+}
+
 /// All checks for one edu device; stops at the first failure (later checks depend on it).
 fn check_edu(report: &mut Report, index: usize, bdf: &str) {
     let name = |what: &str| format!("edu {bdf}: {what}");
@@ -359,7 +284,7 @@ fn check_edu(report: &mut Report, index: usize, bdf: &str) {
                     "{cdev} bound to iommufd, attached to IOAS {}",
                     ioas.id
                 )),
-                Ok(()),
+                Ok(String::new()),
             );
             edu
         }
@@ -373,7 +298,7 @@ fn check_edu(report: &mut Report, index: usize, bdf: &str) {
     };
     if !report.check(
         &name("BAR0 identification and liveness registers"),
-        edu.identify(),
+        done(edu.identify()),
     ) {
         return;
     }
@@ -398,7 +323,7 @@ fn check_edu(report: &mut Report, index: usize, bdf: &str) {
         &name(&format!(
             "DMA round trip through IOAS_MAP at IOVA {IOVA:#x}"
         )),
-        round_trip,
+        done(round_trip),
     ) {
         return;
     }
@@ -415,7 +340,7 @@ fn check_edu(report: &mut Report, index: usize, bdf: &str) {
     })();
     if !report.check(
         &name(&format!("DMA to IOVA {IOVA:#x} blocked after IOAS_UNMAP")),
-        after_unmap,
+        done(after_unmap),
     ) {
         return;
     }
@@ -425,7 +350,7 @@ fn check_edu(report: &mut Report, index: usize, bdf: &str) {
         edu.to_ram(IOVA)?;
         expect_contents(&buf, &data, "buffer after a DMA to the re-mapped IOVA")
     })();
-    if !report.check(&name("DMA lands again after re-map"), remapped) {
+    if !report.check(&name("DMA lands again after re-map"), done(remapped)) {
         return;
     }
 
@@ -439,24 +364,30 @@ fn check_edu(report: &mut Report, index: usize, bdf: &str) {
             "buffer after a DMA from the detached device",
         )
     })();
-    report.check(&name("DMA blocked after DETACH_IOMMUFD_PT"), after_detach);
+    report.check(
+        &name("DMA blocked after DETACH_IOMMUFD_PT"),
+        done(after_detach),
+    );
 }
 
 fn main() -> ExitCode {
-    let mut report = Report { failed: 0 };
-    match edu_devices() {
-        Ok(bdfs) => {
+    let t0 = Instant::now();
+    let mut report = Report::default();
+    match edu_bdfs() {
+        Ok(bdfs) if !bdfs.is_empty() => {
             for (i, bdf) in bdfs.iter().enumerate() {
                 check_edu(&mut report, i, bdf);
             }
+        }
+        Ok(_) => {
+            report.check(
+                "find edu devices",
+                Err("no edu (1234:11e8) in /sys/bus/pci/devices".into()),
+            );
         }
         Err(e) => {
             report.check("find edu devices", Err(e));
         }
     }
-    if report.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    report.finish("guest-smoke", t0)
 }
