@@ -569,6 +569,19 @@ impl Client {
         self.call(SET_IRQS, &p.0, fds)
     }
 
+    /// MSI-X vector 0 signals `e` (what a VMM does first).
+    fn trigger_msix(&mut self, e: &EventFd) {
+        self.set_irqs(
+            SET_DATA_EVENTFD | SET_ACTION_TRIGGER,
+            MSIX,
+            0,
+            1,
+            &[e.as_raw_fd()],
+            &[],
+        )
+        .unwrap();
+    }
+
     fn dma_map(
         &mut self,
         flags: u32,
@@ -1101,15 +1114,7 @@ fn disconnect_disables_irqs_resets_and_drops_dma_maps() {
     c.dma_map(3, 0, 0x1000, 0x1000, Some(ram.as_raw_fd()))
         .unwrap();
     let e = EventFd::new(0).unwrap();
-    c.set_irqs(
-        SET_DATA_EVENTFD | SET_ACTION_TRIGGER,
-        MSIX,
-        0,
-        1,
-        &[e.as_raw_fd()],
-        &[],
-    )
-    .unwrap();
+    c.trigger_msix(&e);
     let before = s.state.lock().unwrap().irq_calls.len();
     drop(c);
     s.wait_for("reset after disconnect", |st| st.resets == 1);
@@ -1188,15 +1193,7 @@ fn the_req_irq_index_is_the_daemons_and_a_client_can_neither_query_nor_set_it() 
         );
     }
     // The connection goes on: the other indexes still work.
-    c.set_irqs(
-        SET_DATA_EVENTFD | SET_ACTION_TRIGGER,
-        MSIX,
-        0,
-        1,
-        &[e.as_raw_fd()],
-        &[],
-    )
-    .unwrap();
+    c.trigger_msix(&e);
     drop(c);
     s.wait_for("reset after disconnect", |st| st.resets == 1);
     assert!(
@@ -1534,15 +1531,7 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
     c.dma_map(3, 0, 0x10_0000, 0x2000, Some(ram.as_raw_fd()))
         .unwrap();
     let e = EventFd::new(0).unwrap();
-    c.set_irqs(
-        SET_DATA_EVENTFD | SET_ACTION_TRIGGER,
-        MSIX,
-        0,
-        1,
-        &[e.as_raw_fd()],
-        &[],
-    )
-    .unwrap();
+    c.trigger_msix(&e);
     let calls_before = state.lock().unwrap().irq_calls.len();
 
     // The handover is asked for while half a message is in the socket: the server hands over

@@ -156,6 +156,19 @@ impl LocalDaemon {
         self.soft.domain_sizes().iter().map(|d| d.1).sum()
     }
 
+    /// Waits up to `timeout` for the backend to hold no mapping (a connection's teardown runs
+    /// after its socket closed); whether it got there.
+    pub fn wait_unmapped(&self, timeout: std::time::Duration) -> bool {
+        let t = std::time::Instant::now();
+        while self.backend_mappings() != 0 {
+            if t.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        true
+    }
+
     fn shutdown(&mut self) {
         self.stopper.stop();
         if let Some(t) = self.thread.take() {

@@ -8,20 +8,6 @@ need_cmd cargo timeout gzip cpio readelf tee
 out=$VM_CACHE/run/${E2E_RUN_NAME:-e2e}
 mkdir -p "$out"
 
-declare -a timings=()
-phase_start=$(now)
-t_total=$phase_start
-phase_end() {
-    local t
-    t=$(now)
-    timings+=("$(printf '%-14s %6s s' "$1" "$(elapsed "$phase_start" "$t")")")
-    phase_start=$t
-}
-print_timings() {
-    local line
-    log "phase timings:"
-    for line in "${timings[@]}"; do log "  $line"; done
-}
 is_static() { ! readelf -lW "$1" 2>/dev/null | grep -q 'Requesting program interpreter'; }
 
 # --- prerequisites, QEMU 11, kernel --------------------------------------------------------------

@@ -48,7 +48,6 @@ timeout -k 5 "$timeout_s" "${cmd[@]}" </dev/null 2>"$out/qemu-l0.stderr" | tee "
 status=("${PIPESTATUS[@]}")
 set -e
 phase_end "L0 run"
-timings+=("$(printf '%-14s %6s s' total "$(elapsed "$t_total" "$(now)")")")
 print_timings
 
 qemu_rc=${status[0]}

@@ -35,17 +35,10 @@ need_cmd cargo python3 timeout gzip cpio
 out=$VM_CACHE/run/guest
 mkdir -p "$out"
 
-declare -a timings=() pids=()
+declare -a pids=()
 fails=0
 passes=0
-phase_start=$(now)
-t_total=$phase_start
-phase_end() {
-    local t
-    t=$(now)
-    timings+=("$(printf '%-22s %6s s' "$1" "$(elapsed "$phase_start" "$t")")")
-    phase_start=$t
-}
+PHASE_WIDTH=22
 pass() { passes=$((passes + 1)); printf 'PASS: %s\n' "$1"; }
 fail() { fails=$((fails + 1)); printf 'FAIL: %s: %s\n' "$1" "$2"; }
 check() { # check NAME WHY-IF-FAILED COMMAND...
@@ -231,9 +224,7 @@ for mode in "${modes[@]}"; do
     phase_end "boot $mode"
 done
 
-log "phase timings:"
-for line in "${timings[@]}"; do log "  $line"; done
-log "  total                  $(elapsed "$t_total" "$(now)") s"
+print_timings
 if ((fails)); then
     log "guest-driver tier: FAIL ($passes passed, $fails failed)"
     exit 1

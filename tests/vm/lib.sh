@@ -65,6 +65,25 @@ static_bin() { printf '%s\n' "$STATIC_TARGET/x86_64-unknown-linux-gnu/$1/$2"; }
 now() { printf '%s' "$EPOCHREALTIME"; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 
+# Phase timings: `phase_end NAME` records the time since the previous phase ended (or since the
+# script sourced this file); `print_timings` logs them and the total. PHASE_WIDTH pads the names.
+declare -a timings=()
+phase_start=$(now)
+t_total=$phase_start
+PHASE_WIDTH=${PHASE_WIDTH:-14}
+phase_end() {
+    local t
+    t=$(now)
+    timings+=("$(printf '%-*s %6s s' "$PHASE_WIDTH" "$1" "$(elapsed "$phase_start" "$t")")")
+    phase_start=$t
+}
+print_timings() {
+    local line
+    log "phase timings:"
+    for line in "${timings[@]}"; do log "  $line"; done
+    log "  $(printf '%-*s %6s s' "$PHASE_WIDTH" total "$(elapsed "$t_total" "$(now)")")"
+}
+
 # Installed version of a Debian package according to `apt-cache policy`, or nothing.
 installed_version() {
     apt-cache policy "$1" 2>/dev/null | awk '$1 == "Installed:" && $2 != "(none)" { print $2 }'

@@ -54,20 +54,7 @@ case $iommu in
     *) die "IOMMU=$iommu: expected intel or virtio" ;;
 esac
 
-declare -a timings=()
-phase_start=$(now)
-phase_end() {
-    local t
-    t=$(now)
-    timings+=("$(printf '%-10s %6s s' "$1" "$(elapsed "$phase_start" "$t")")")
-    phase_start=$t
-}
-print_timings() {
-    local line
-    log "phase timings:"
-    for line in "${timings[@]}"; do log "  $line"; done
-}
-t_total=$(now)
+PHASE_WIDTH=10
 
 # --- kernel ----------------------------------------------------------------------------------
 bzimage=$("$here/build-kernel.sh" | tail -n 1)
@@ -135,7 +122,6 @@ timeout -k 5 "$timeout_s" "${cmd[@]}" </dev/null 2>&1 | tee "$vm_log"
 status=("${PIPESTATUS[@]}")
 set -e
 phase_end boot
-timings+=("$(printf '%-10s %6s s' total "$(elapsed "$t_total" "$(now)")")")
 
 qemu_rc=${status[0]}
 # Kernel messages can land in the middle of a guest line on the shared serial console, so match

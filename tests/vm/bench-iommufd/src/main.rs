@@ -972,6 +972,16 @@ fn raw_rows(
         }),
     }])?;
     b.set_ram(&table).map_err(|e| e.to_string())?;
+    // What the domain model hands the backend for `size` bytes at `iova` -> `gpa`.
+    let map_op = |iova: u64, gpa: u64, size: u64| MapOp {
+        iova: IovaRange::new(iova, iova + size - 1).expect("valid"),
+        gpa,
+        host: HostLocation {
+            host_addr: host + gpa,
+            file: Some(((st.dev(), st.ino()), gpa)),
+        },
+        perms: Perms::RW,
+    };
     for &(size, n) in sizes {
         for s in MapStrategy::ALL {
             if s == MapStrategy::MapFile && !b.map_file_supported() {
@@ -988,16 +998,9 @@ fn raw_rows(
                 size,
                 n,
                 |iova, gpa| {
-                    let op = MapOp {
-                        iova: IovaRange::new(iova, iova + size - 1).expect("valid"),
-                        gpa,
-                        host: HostLocation {
-                            host_addr: host + gpa,
-                            file: Some(((st.dev(), st.ino()), gpa)),
-                        },
-                        perms: Perms::RW,
-                    };
-                    d.borrow_mut().map(&op).map_err(|e| e.to_string())
+                    d.borrow_mut()
+                        .map(&map_op(iova, gpa, size))
+                        .map_err(|e| e.to_string())
                 },
                 |iova| {
                     d.borrow_mut()
@@ -1022,15 +1025,7 @@ fn raw_rows(
         let mut r = cycles("backend-copy", p, batch_pairs, |kick| {
             for op in kick {
                 match *op {
-                    Op::Map { iova, gpa } => dom.map(&MapOp {
-                        iova: IovaRange::new(iova, iova + KIB4 - 1).expect("valid"),
-                        gpa,
-                        host: HostLocation {
-                            host_addr: host + gpa,
-                            file: Some(((st.dev(), st.ino()), gpa)),
-                        },
-                        perms: Perms::RW,
-                    }),
+                    Op::Map { iova, gpa } => dom.map(&map_op(iova, gpa, KIB4)),
                     Op::Unmap { iova } => {
                         dom.unmap(IovaRange::new(iova, iova + KIB4 - 1).expect("valid"))
                     }
