@@ -37,15 +37,21 @@ CPU = re.compile(r"PEERS-L1: config (\S+) round (\d+) cpu: qemu ([\d.]+) s(?:, d
 DAEMON = re.compile(r"PEERS-L1: config (\S+) round (\d+) daemon: (.*)$")
 
 
-def parse_costs(path):
+def parse_costs(paths):
     """Per configuration: a list of per-round dicts with the L1 CPU seconds of QEMU and the
-    daemon, the run's wall seconds and the daemon's counters."""
+    daemon, the run's wall seconds and the daemon's counters (rounds of every console)."""
     costs = {}
+    for i, path in enumerate(paths):
+        parse_costs_of(path, i, costs)
+    return {c: list(rounds.values()) for c, rounds in costs.items()}
+
+
+def parse_costs_of(path, run, costs):
     with open(path, errors="replace") as f:
         for line in f:
             m = CPU.search(line)
             if m:
-                c, r = m.group(1), m.group(2)
+                c, r = m.group(1), (run, m.group(2))
                 row = costs.setdefault(c, {}).setdefault(r, {})
                 row["qemu"] = float(m.group(3))
                 row["daemon"] = float(m.group(4)) if m.group(4) else 0.0
@@ -53,11 +59,10 @@ def parse_costs(path):
                 continue
             m = DAEMON.search(line)
             if m:
-                row = costs.setdefault(m.group(1), {}).setdefault(m.group(2), {})
+                row = costs.setdefault(m.group(1), {}).setdefault((run, m.group(2)), {})
                 for kv in m.group(3).split():
                     k, _, v = kv.partition("=")
                     row[k] = float(v)
-    return {c: list(rounds.values()) for c, rounds in costs.items()}
 
 
 def cost_table(costs, order):
@@ -90,9 +95,15 @@ def cost_table(costs, order):
     return "\n".join(out)
 
 
-def parse(path):
+def parse(paths):
     runs = {}
     errors = []
+    for path in paths:
+        parse_of(path, runs, errors)
+    return runs, errors
+
+
+def parse_of(path, runs, errors):
     with open(path, errors="replace") as f:
         for line in f:
             if "BENCH-ERROR" in line:
@@ -104,7 +115,6 @@ def parse(path):
             kv = dict(w.split("=", 1) for w in m.group(1).split() if "=" in w)
             key = (kv["workload"], kv["mode"])
             runs.setdefault(key, {}).setdefault(kv["config"], []).append(kv)
-    return runs, errors
 
 
 def value(kv, workload):
@@ -258,12 +268,13 @@ def svg(rows):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("console", help="the L1 console log of a peers.sh run")
+    ap.add_argument("console", nargs="+",
+                    help="the L1 console log of a peers.sh run (several: their rounds pooled)")
     ap.add_argument("--out", help="write OUT.md and OUT.svg")
     a = ap.parse_args()
     runs, errors = parse(a.console)
     if not runs:
-        sys.exit(f"{a.console}: no BENCH lines")
+        sys.exit(f"{' '.join(a.console)}: no BENCH lines")
     md, rows = table(runs)
     share = share_table(runs)
     if share:
