@@ -126,14 +126,17 @@ one() {
     done
     # What the run cost in L1 CPU time (the vIOMMU of b and c runs inside QEMU, the daemon's
     # apart), and how the daemon's requests went: served from its polling window or after a
-    # wake-up, and its own mean service time.
+    # wake-up, its own mean service time, and the time its iommufd ioctls took within it.
     echo "PEERS-L1: config $c round $2 cpu: qemu $(cpu_s $qemu) s${daemon:+, daemon $(cpu_s $daemon) s} over $(echo "$(t) $started" | awk '{ printf "%.1f", $1 - $2 }') s"
     if [ -n "$daemon" ]; then
         echo "PEERS-L1: config $c round $2 daemon: $(vhost-user-iommu ctl --control-socket "$d/ctl.sock" metrics |
             awk '$1 ~ /^viommu_(poll_hits_total|wakeups_total)$/ { printf "%s=%s ", $1, $2 }
                  $1 ~ /^viommu_request_latency_seconds_sum[{]/ { sum += $2 }
                  $1 ~ /^viommu_request_latency_seconds_count[{]/ { n += $2 }
-                 END { printf "viommu_request_latency_seconds_sum=%s viommu_request_latency_seconds_count=%s ", sum, n }')"
+                 $1 ~ /^viommu_backend_ioctl_seconds_sum[{]/ { io += $2 }
+                 $1 ~ /^viommu_backend_ioctl_seconds_count[{]/ { ion += $2 }
+                 END { printf "viommu_request_latency_seconds_sum=%s viommu_request_latency_seconds_count=%s ", sum, n
+                       printf "viommu_backend_ioctl_seconds_sum=%s viommu_backend_ioctl_seconds_count=%s ", io, ion }')"
     fi
     [ -n "$hammer" ] && kill $hammer 2>/dev/null
     echo poweroff >"$d/ctl.in"
