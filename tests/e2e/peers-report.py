@@ -87,18 +87,21 @@ def cost_table(costs, order):
         io_n = sum(r.get("viommu_request_latency_seconds_count", 0) for r in io_rows)
         io = (sum(r["viommu_backend_ioctl_seconds_sum"] for r in io_rows) / io_n * 1e6
               if io_n else None)
+        # The service time of the same rounds, so that the share compares like with like.
+        io_svc = (sum(r.get("viommu_request_latency_seconds_sum", 0) for r in io_rows) / io_n * 1e6
+                  if io_n else None)
         daemon = c.startswith("d")
         out.append(
             f"| {label(c)} | {q:.1f} | {d:.1f} | {share:.2f} | "
-            + (f"{hits:.0f} | {wakes:.0f} | {svc:.0f} | {'–' if io is None else f'{io:.0f}'} |"
+            + (f"{hits:.0f} | {wakes:.0f} | {svc:.0f} | {'–' if io is None else f'{io:.0f} of {io_svc:.0f}'} |"
                if daemon and svc is not None else "– | – | – | – |")
         )
     out.append("")
     out.append("Medians over the rounds of L1 CPU seconds used by L1's QEMU (which runs the vIOMMU of"
                " (b) and (c)) and by the daemon, from L2's start to the end of its benchmark, and"
                " their sum per wall-clock second (L1 has 2 vCPUs); the daemon's counters are summed"
-               " over the rounds; its ioctl time is the iommufd ioctls' total per request served"
-               " (rounds that report it).")
+               " over the rounds; its ioctl time is the iommufd ioctls' total per request served,"
+               " 'X of Y' against the service time of the rounds that report it.")
     return "\n".join(out)
 
 
