@@ -17,7 +17,7 @@
 //! after switching both groups to lazy invalidation (`DMA-FQ`); without an IOMMU in L2 there is
 //! one mode, `none`.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::uapi::{ioctl, size32, IommuIoasAlloc};
 use crate::{map, mmio, nic, nvme, open_vfio_edu, unmap, Page};
+use guest_kit::sys::open_rw;
 
 /// Reads stay inside the image's first 32 MiB.
 const SPAN: u64 = 32 << 20;
@@ -115,22 +116,14 @@ fn reads(node: &str, depth: usize, len: usize, random: bool, secs: f64) -> Resul
 
 /// `IOMMU_IOAS_MAP` + `IOMMU_IOAS_UNMAP` of one page, back to back, for `secs`.
 fn ioas_pairs(edu_bdf: &str, secs: f64) -> Result<Sample, String> {
-    let iommufd = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/iommu")
-        .map_err(|e| format!("/dev/iommu: {e}"))?;
+    let iommufd = open_rw("/dev/iommu")?;
     let edu = open_vfio_edu(&iommufd, edu_bdf)?;
     map_unmap_for(&iommufd, edu.ioas, secs)
 }
 
 /// The same pairs on an IOAS of its own that no device is attached to: no vIOMMU request.
 fn ioas_floor(secs: f64) -> Result<Sample, String> {
-    let iommufd = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/iommu")
-        .map_err(|e| format!("/dev/iommu: {e}"))?;
+    let iommufd = open_rw("/dev/iommu")?;
     let mut alloc = IommuIoasAlloc {
         size: size32::<IommuIoasAlloc>(),
         ..Default::default()

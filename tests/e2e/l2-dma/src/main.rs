@@ -555,11 +555,7 @@ fn unmap(iommufd: &File, ioas: u32, iova: u64) -> Result<()> {
 /// The translated-mode checks; returns how many mappings are live at the end.
 fn translated_checks(r: &mut Report, bdfs: &[String]) -> usize {
     let setup = || -> Result<(File, VfioEdu, VfioEdu)> {
-        let fd = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/iommu")
-            .map_err(|e| format!("/dev/iommu: {e}"))?;
+        let fd = guest_kit::sys::open_rw("/dev/iommu")?;
         let a = open_vfio_edu(&fd, &bdfs[0])?;
         let b = open_vfio_edu(&fd, &bdfs[1])?;
         Ok((fd, a, b))
