@@ -160,7 +160,24 @@ firmware_reached() {
     fi
 }
 
-start_daemon /run/e2e/daemon-vm1.log
+# The request trace is on for VM 1: it shows which vfio-user messages the devices' I/O caused.
+trace=/run/e2e/trace-vm1.jsonl
+start_daemon /run/e2e/daemon-vm1.log --trace $trace
+
+# bars_mmapped: L1's QEMU maps the BARs of the NVMe controller, the NIC and the VF from the VFIO
+# device fd the daemon hands over (sparse mmap areas), so L2's drivers ring doorbells and touch
+# registers without a vfio-user message: the trace holds no REGION_WRITE to a BAR (regions 0-5;
+# config space is region 7) of endpoints 48, 56 and 72, while L2 ran NVMe I/O and NIC traffic.
+bars_mmapped() {
+    local bar_writes cfg_msgs
+    bar_writes=$(grep -aE '"device":"endpoint (48|56|72)","request":10,.*"region":[0-5],' $trace | wc -l)
+    cfg_msgs=$(grep -aE '"device":"endpoint (48|56|72)","request":(9|10),.*"region":7,' $trace | wc -l)
+    if [ "$cfg_msgs" -gt 0 ] && [ "$bar_writes" = 0 ]; then
+        pass "L2's NVMe, igb and igbvf drivers wrote their BARs through L1's QEMU's mmaps: no REGION_WRITE to a BAR over vfio-user ($cfg_msgs config-space messages)"
+    else
+        fail "BARs mmapped" "$bar_writes REGION_WRITEs to a BAR, $cfg_msgs config-space messages: $(grep -aE '"request":10,.*"region":[0-5],' $trace | head -n 3)"
+    fi
+}
 
 # boot_l2 NAME APPEND: starts L2 in the background; sets $qemu, $log, $d.
 boot_l2() {
@@ -242,6 +259,7 @@ wait_qemu_exit() {
 boot_l2 vm1 "iommu.strict=1"
 if wait_end 1; then
     l2_verdict "vm1 boot 1" 1
+    bars_mmapped
     firmware_blocked vm1
     live=$(grep -a 'E2E-L2: END' "$log" | head -n 1 | sed -n 's/.*live_mappings=\([0-9]*\).*/\1/p')
     # The NVMe controller (endpoint 48), the NIC (56) and the VF (72) are in the DMA domains of
