@@ -41,6 +41,8 @@ pub struct FrontShared<'a> {
     pub trace: &'a Arc<crate::trace::Tracer>,
     /// Where each server keeps what a crash-restarted daemon needs, if anywhere.
     pub keeper: Option<&'a Arc<crate::recovery::Keeper>>,
+    /// Where the servers report the interrupt eventfds their clients set (`poll_after_irq`).
+    pub irq_watch: Option<&'a Arc<crate::irq_watch::IrqWatch>>,
 }
 
 /// Serves each configured endpoint's VFIO device to the VMM over vfio-user; a server handed over
@@ -63,6 +65,7 @@ pub fn start_vfio_user(
         boot,
         trace,
         keeper,
+        irq_watch,
     } = shared;
     let mut threads = BTreeMap::new();
     let mut slots = BTreeMap::new();
@@ -123,6 +126,9 @@ pub fn start_vfio_user(
             .trace(trace.clone())
             .name(name.clone())
             .on_disconnect(on_disconnect);
+        if let Some(w) = irq_watch {
+            server = server.irq_watch(w.clone());
+        }
         if let Some(boot) = boot {
             // Each client describes all of guest RAM; the follower applies its maps behind the
             // replies, and the device's bus mastering waits for it (`boot_ram::follower`).

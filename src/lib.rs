@@ -27,6 +27,7 @@ pub mod guest_ram;
 pub mod heap;
 pub mod hotplug;
 pub mod ids;
+pub mod irq_watch;
 pub mod journal;
 pub mod listen;
 pub mod log_limit;

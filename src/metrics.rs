@@ -25,6 +25,9 @@ pub struct Metrics {
     pub poll_hits: AtomicU64,
     /// Times the vring thread slept through a quiet guest and a kick woke it for more.
     pub wakeups: AtomicU64,
+    /// Times an assigned device's interrupt woke the vring thread and it found the guest's next
+    /// request while polling after it (see `irq_watch`): a wake-up by a kick saved.
+    pub irq_poll_hits: AtomicU64,
     /// Latency histogram per request type (ATTACH .. PROBE), and the sum of latencies.
     latency: [[AtomicU64; BUCKETS]; 5],
     latency_sum_ns: [AtomicU64; 5],
@@ -77,6 +80,8 @@ impl Metrics {
             .chain(self.latency_sum_ns.iter())
             .chain(self.depth.iter())
             .chain([&self.depth_sum, &self.batches])
+            // Kept last: an older binary's handed-over counters are a prefix of this layout.
+            .chain([&self.irq_poll_hits])
     }
 
     /// The counters' values, for [`Metrics::import`] in the next binary.
@@ -135,6 +140,7 @@ impl Metrics {
             ("viommu_backend_errors_total", &self.backend_errors),
             ("viommu_poll_hits_total", &self.poll_hits),
             ("viommu_wakeups_total", &self.wakeups),
+            ("viommu_irq_poll_hits_total", &self.irq_poll_hits),
         ] {
             let _ = writeln!(
                 out,

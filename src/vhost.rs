@@ -60,8 +60,8 @@ use chain::{Chain, LogLimiter, Pending, PendingTable, read_chain};
 use events::{Event, OwnerWatch, owner_gone};
 use mailbox::Mailbox;
 use memory::{check_backing, guest_ram};
-use poll_window::PollWindow;
-use requests::{RingMark, drain};
+use poll_window::{IrqWindow, PollWindow};
+use requests::{RingMark, Wake, drain};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
@@ -72,6 +72,8 @@ pub const COMPLETION_EVENT: u16 = 3;
 pub const REWAKE_EVENT: u16 = 4;
 /// Event token of the mailbox: other threads posted events for the device state's owner.
 pub const MAILBOX_EVENT: u16 = 5;
+/// Event token of the interrupt watch: an assigned device raised an interrupt (`irq_watch`).
+pub const IRQ_EVENT: u16 = 6;
 /// Largest virtqueue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
@@ -98,6 +100,9 @@ pub struct DeviceSettings {
     /// Where the state is kept for a daemon restarted after a crash (see `recovery`), if the
     /// service manager keeps fds for it.
     pub keeper: Option<Arc<crate::recovery::Keeper>>,
+    /// The assigned devices' interrupts: after one, the vring thread polls for the request the
+    /// guest's driver sends in response (`poll_after_irq`; see `irq_watch`).
+    pub irq_watch: Option<Arc<crate::irq_watch::IrqWatch>>,
 }
 
 impl DeviceSettings {
@@ -125,6 +130,8 @@ struct Session {
     /// When the last answer went out with nothing more to do and the window ran out: the next
     /// kick tells how long the guest's gap really was.
     quiet_since: Option<Instant>,
+    /// How long to watch the ring after an assigned device's interrupt.
+    irq_window: IrqWindow,
     /// The connection as last kept for a restarted daemon (see `recovery`).
     kept: Option<crate::recovery::KeptConnection>,
     /// After a restart: the requests to answer (or skip) as the previous daemon recorded them
@@ -206,6 +213,7 @@ impl IommuDevice {
             },
             window: PollWindow::new(poll),
             quiet_since: None,
+            irq_window: IrqWindow::default(),
             kept: None,
             answers: Default::default(),
             ring_at: None,
@@ -235,6 +243,9 @@ impl IommuDevice {
         ];
         if let Some(e) = lock(&self.0.session).dispatcher.completion_event() {
             v.push((e.as_raw_fd(), COMPLETION_EVENT));
+        }
+        if let Some(w) = &self.0.settings.irq_watch {
+            v.push((w.fd(), IRQ_EVENT));
         }
         v
     }
@@ -407,7 +418,7 @@ impl IommuDevice {
     /// One event of the vring thread's epoll set.
     fn handle(&self, device_event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
         match device_event as usize {
-            REQUEST_QUEUE => self.process_requests(&vrings[REQUEST_QUEUE]),
+            REQUEST_QUEUE => self.process_requests(&vrings[REQUEST_QUEUE], Wake::Kick),
             // Event-queue buffers stay available until there is a fault to report.
             EVENT_QUEUE => Ok(()),
             _ if device_event == COMPLETION_EVENT => {
@@ -416,7 +427,13 @@ impl IommuDevice {
             }
             _ if device_event == REWAKE_EVENT => {
                 let _ = self.0.rewake.read();
-                self.process_requests(&vrings[REQUEST_QUEUE])
+                self.process_requests(&vrings[REQUEST_QUEUE], Wake::Kick)
+            }
+            _ if device_event == IRQ_EVENT => {
+                if let Some(w) = &self.0.settings.irq_watch {
+                    w.drain();
+                }
+                self.process_requests(&vrings[REQUEST_QUEUE], Wake::Interrupt)
             }
             _ if device_event == MAILBOX_EVENT => {
                 self.take_mail();

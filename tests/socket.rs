@@ -844,6 +844,70 @@ fn back_to_back_requests_are_found_by_polling_and_a_quiet_guest_is_woken_by_its_
 }
 
 #[test]
+fn a_device_interrupt_makes_the_sleeping_daemon_poll_for_the_guests_next_request() {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering::Relaxed;
+    use vhost_user_iommu::irq_watch::IrqWatch;
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+    let ms = std::time::Duration::from_millis;
+    let watch = std::sync::Arc::new(IrqWatch::new().unwrap());
+    let d = Daemon::start(Options {
+        poll: ms(200),
+        irq_watch: Some(watch.clone()),
+        ..Options::default()
+    });
+    // Without EVENT_IDX the driver sees when the device polls (VRING_USED_F_NO_NOTIFY).
+    let mut vm = d.connect_with(VmOptions {
+        event_idx: false,
+        ..VmOptions::default()
+    });
+    assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
+    // Requests that take 2 ms each: the polling ceiling (128 service times) reaches the 200 ms
+    // cap, as on a slow machine, so that this thread's own delays cannot outlast a window.
+    d.faults.delay(Op::Map, ms(2));
+    for i in 0..32u64 {
+        let r = R::map(1, i << 12, (i << 12) + 0xfff, i << 12, RW);
+        assert_eq!(vm.request(&r).unwrap(), Status::Ok);
+    }
+    d.faults.clear();
+    // The VMM gave the device (endpoint 1's, served over vfio-user) an MSI-X eventfd.
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    watch.set("endpoint 1", 2, 0, &[irq.as_raw_fd()]).unwrap();
+    // A quiet guest: past the polling window the daemon sleeps, and a request needs a kick.
+    let quiet = ms(500);
+    std::thread::sleep(quiet);
+    assert!(!vm.device_polls().unwrap());
+    let woken = d.metrics.wakeups.load(Relaxed);
+    assert_eq!(vm.request(&R::unmap(1, 0, 0xfff)).unwrap(), Status::Ok);
+    assert_eq!(d.metrics.wakeups.load(Relaxed), woken + 1);
+    // Quiet again; then the device interrupts and the guest's driver answers with a request
+    // (an UNMAP in its handler): the daemon is polling by then, so no kick and no wake-up.
+    std::thread::sleep(quiet);
+    assert!(!vm.device_polls().unwrap());
+    let (woken, hits) = (
+        d.metrics.wakeups.load(Relaxed),
+        d.metrics.irq_poll_hits.load(Relaxed),
+    );
+    irq.write(1).unwrap();
+    d.wait_until("the daemon polls after the interrupt", |_| {
+        vm.device_polls().unwrap()
+    });
+    let (bytes, n) = R::unmap(1, 0x1000, 0x1fff).encode();
+    vm.push(&bytes[..n], 4).unwrap();
+    assert!(!vm.kick_if_needed().unwrap(), "a kick was asked for");
+    assert_eq!(vm.wait_used(1, TIMEOUT).unwrap().len(), 1);
+    assert_eq!(d.metrics.irq_poll_hits.load(Relaxed), hits + 1);
+    assert_eq!(d.metrics.wakeups.load(Relaxed), woken);
+    // The interrupt is still the VMM's to read: the daemon only watched it.
+    assert_eq!(irq.read().unwrap(), 1);
+    assert!(
+        d.metrics
+            .render()
+            .contains("viommu_irq_poll_hits_total 1\n")
+    );
+}
+
+#[test]
 fn a_call_eventfd_that_would_block_does_not_wedge_the_device() {
     // The VMM hands over a blocking call eventfd at its maximum count and asks for an interrupt
     // per answer: a blocking write to it would never return, with the device's thread holding

@@ -30,6 +30,8 @@ pub struct LocalOptions {
     pub vmm: crate::peer::PeerPolicy,
     /// The request trace, if on.
     pub trace: Option<Arc<crate::trace::Tracer>>,
+    /// Device interrupts to poll after (see `irq_watch`).
+    pub irq_watch: Option<Arc<crate::irq_watch::IrqWatch>>,
 }
 
 impl Default for LocalOptions {
@@ -42,6 +44,7 @@ impl Default for LocalOptions {
             poll: crate::vhost::DEFAULT_POLL,
             vmm: crate::peer::PeerPolicy::default(),
             trace: None,
+            irq_watch: None,
         }
     }
 }
@@ -85,6 +88,7 @@ impl LocalDaemon {
             vmm: opts.vmm,
             trace: opts.trace.clone(),
             keeper: None,
+            irq_watch: opts.irq_watch.clone(),
         };
         let metrics = Arc::new(Metrics::default());
         let stopper = Arc::new(Stopper::new()?);

@@ -368,6 +368,12 @@ impl TestVm {
         Ok(false)
     }
 
+    /// Whether the device watches the request ring without waiting for a kick (see
+    /// [`Virtqueue::device_polls`]; without `EVENT_IDX`).
+    pub fn device_polls(&self) -> Result<bool, DriverError> {
+        self.queues[REQUEST_QUEUE].vq.device_polls(&self.ram)
+    }
+
     /// Waits until `n` used entries have arrived (busy-polling the used ring), returns
     /// `(head, used_len)` in used order. On timeout the entries consumed so far are in the error.
     pub fn wait_used(

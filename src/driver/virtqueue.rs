@@ -334,9 +334,15 @@ impl Virtqueue {
             let event = ram.load_u16_acquire(self.layout.avail_event())?;
             Ok(need_event(event, self.avail_idx, old))
         } else {
-            let flags = ram.load_u16_acquire(self.layout.used)?;
-            Ok(flags & virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY as u16 == 0)
+            Ok(!self.device_polls(ram)?)
         }
+    }
+
+    /// Whether the device set `VRING_USED_F_NO_NOTIFY`: it watches the ring and needs no
+    /// notification (the flag is not used with `EVENT_IDX`).
+    pub fn device_polls(&self, ram: &GuestRam) -> Result<bool, DriverError> {
+        let flags = ram.load_u16_acquire(self.layout.used)?;
+        Ok(flags & virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY as u16 != 0)
     }
 
     /// Consumes one used entry if the device has published one; recycles the chain's

@@ -75,6 +75,7 @@ pub struct DeviceServer {
     peers: PeerPolicy,
     message_timeout: Duration,
     trace: Option<Arc<crate::trace::Tracer>>,
+    irq_watch: Option<Arc<crate::irq_watch::IrqWatch>>,
     /// Where each message in hand is marked and its reply kept for a restarted daemon.
     reply_log: Option<crate::journal::ReplyLog>,
     /// What the journal held for the handed-over client's first message (a crash restart).
@@ -100,6 +101,7 @@ impl DeviceServer {
             peers: PeerPolicy::default(),
             message_timeout: MESSAGE_TIMEOUT,
             trace: None,
+            irq_watch: None,
             reply_log: None,
             after_crash: None,
         }
@@ -120,6 +122,12 @@ impl DeviceServer {
     }
 
     /// Writes a line per message into the daemon's request trace while it is on.
+    /// Watches the interrupt eventfds the client sets (see `irq_watch`).
+    pub fn irq_watch(mut self, watch: Arc<crate::irq_watch::IrqWatch>) -> Self {
+        self.irq_watch = Some(watch);
+        self
+    }
+
     pub fn trace(mut self, trace: Arc<crate::trace::Tracer>) -> Self {
         self.trace = Some(trace);
         self
@@ -256,6 +264,7 @@ impl DeviceServer {
             conn.on_maps = self.on_dma_change.clone();
             conn.before_bus_master = self.before_bus_master.clone();
             conn.trace = self.trace.as_deref();
+            conn.irq_watch = self.irq_watch.as_deref();
             conn.on_keep = keep_conn.as_ref().map(|f| f as &dyn Fn(&ConnectionState));
             conn.reply_log = self.reply_log.as_ref();
             conn.redelivered = redelivered;

@@ -85,9 +85,112 @@ impl PollWindow {
     }
 }
 
+/// Interrupts to let pass without polling once polling after them kept finding nothing.
+pub const IRQ_RETRY_AFTER: u32 = 64;
+
+/// How long the vring thread polls the ring after an assigned device's interrupt (see
+/// `irq_watch`), under the ceiling of the [`PollWindow`]: the guest's reaction to an interrupt
+/// (a strict-mode UNMAP in the handler, the next MAP) comes within a delay that depends on the
+/// machine and the driver, so the window follows it:
+/// - it starts at the ceiling;
+/// - a request caught `after` the interrupt keeps the window at least twice that;
+/// - an interrupt with no request in the window halves it; below the floor, the next
+///   [`IRQ_RETRY_AFTER`] interrupts pass without polling (a lazy-mode guest, a NIC in a
+///   passthrough domain), then it starts again at the ceiling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IrqWindow {
+    /// Zero: the ceiling (not learned yet, or starting again).
+    current: Duration,
+    skip: u32,
+}
+
+impl IrqWindow {
+    /// How long to poll after this interrupt (zero: not this time).
+    pub fn next(&mut self, ceiling: Duration) -> Duration {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return Duration::ZERO;
+        }
+        self.window(ceiling)
+    }
+
+    fn window(&self, ceiling: Duration) -> Duration {
+        if self.current.is_zero() {
+            ceiling
+        } else {
+            self.current.min(ceiling)
+        }
+    }
+
+    /// A request came `after` the interrupt, inside the window.
+    pub fn hit(&mut self, after: Duration, ceiling: Duration) {
+        self.current = self
+            .window(ceiling)
+            .max(after * 2)
+            .clamp(FLOOR.min(ceiling), ceiling);
+    }
+
+    /// The window ran out with no request.
+    pub fn missed(&mut self, ceiling: Duration) {
+        let half = self.window(ceiling) / 2;
+        if half < FLOOR {
+            *self = IrqWindow {
+                current: Duration::ZERO,
+                skip: IRQ_RETRY_AFTER,
+            };
+        } else {
+            self.current = half;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_interrupt_window_keeps_what_caught_requests_and_rests_when_nothing_comes() {
+        let ceiling = 10 * MS;
+        let mut w = IrqWindow::default();
+        assert_eq!(w.next(ceiling), ceiling);
+        // Requests 3 ms after the interrupt: the window never falls below 6 ms on a miss streak
+        // that ends in a hit.
+        w.missed(ceiling);
+        assert_eq!(w.next(ceiling), 5 * MS);
+        w.hit(3 * MS, ceiling);
+        assert_eq!(w.next(ceiling), 6 * MS);
+        // An early hit (the request was already there) does not shrink it.
+        w.hit(Duration::ZERO, ceiling);
+        assert_eq!(w.next(ceiling), 6 * MS);
+        // A lower ceiling (a faster machine) binds at once.
+        assert_eq!(w.next(2 * MS), 2 * MS);
+        // Nothing after the interrupts (a lazy guest): halves down to the floor, then rests.
+        let mut polled = Vec::new();
+        for _ in 0..10 {
+            let d = w.next(ceiling);
+            if d.is_zero() {
+                break;
+            }
+            polled.push(d.as_micros());
+            w.missed(ceiling);
+        }
+        assert_eq!(polled, [6000, 3000, 1500, 750, 375, 187, 93]);
+        for _ in 0..IRQ_RETRY_AFTER - 1 {
+            assert!(w.next(ceiling).is_zero());
+        }
+        // Then tries again from the ceiling.
+        assert_eq!(w.next(ceiling), ceiling);
+    }
+
+    #[test]
+    fn no_interrupt_window_without_polling() {
+        let mut w = IrqWindow::default();
+        assert!(w.next(Duration::ZERO).is_zero());
+        w.hit(MS, Duration::ZERO);
+        assert!(w.next(Duration::ZERO).is_zero());
+        w.missed(Duration::ZERO);
+        assert!(w.next(Duration::ZERO).is_zero());
+    }
 
     const MS: Duration = Duration::from_millis(1);
 

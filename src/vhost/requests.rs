@@ -292,8 +292,18 @@ fn make_nonblocking(fd: i32) {
     }
 }
 
+/// What woke the vring thread to look at the request ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// The guest kicked, or the thread comes back after yielding.
+    Kick,
+    /// An assigned device raised an interrupt: the guest's driver may answer it with a request
+    /// (see `irq_watch`); poll for it a while.
+    Interrupt,
+}
+
 impl IommuDevice {
-    pub(super) fn process_requests(&self, vring: &VringRwLock) -> io::Result<()> {
+    pub(super) fn process_requests(&self, vring: &VringRwLock, wake: Wake) -> io::Result<()> {
         // A ring that is not started (not set up yet, or stopped) is not served: its addresses
         // mean nothing, and nothing may be read or written through them.
         if !vring.get_ref().get_queue().ready() {
@@ -319,6 +329,54 @@ impl IommuDevice {
             return Ok(());
         };
         let metrics = &*self.0.metrics;
+        if wake == Wake::Interrupt {
+            let ceiling = s.window.ceiling();
+            let window = s.irq_window.next(ceiling);
+            if window.is_zero() {
+                return Ok(());
+            }
+            vring.disable_notification().map_err(io::Error::other)?;
+            let polled = Instant::now();
+            let found = {
+                let mut a = Answerer {
+                    mem: &mem,
+                    pending: &mut s.pending,
+                    vring,
+                    metrics,
+                    limiter: &mut s.limiter,
+                    trace: self.0.settings.tracer(),
+                    keeper: self.0.settings.keeper.as_deref(),
+                    used: false,
+                };
+                let found = poll_for_work(
+                    window,
+                    vring,
+                    &mem,
+                    &mut s.dispatcher,
+                    &mut a,
+                    &self.0.mailbox,
+                );
+                if a.used {
+                    signal(vring);
+                }
+                found
+            };
+            if found {
+                // The interrupt bridged the guest's gap: no wake-up by a kick.
+                s.irq_window.hit(polled.elapsed(), ceiling);
+                s.quiet_since = None;
+                metrics
+                    .irq_poll_hits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            } else {
+                s.irq_window.missed(ceiling);
+                if vring.enable_notification().map_err(io::Error::other)? {
+                    // A request came as the window closed: serve it as a kick would.
+                } else {
+                    return Ok(());
+                }
+            }
+        }
         if let Some(quiet) = s.quiet_since.take() {
             s.window.missed(quiet.elapsed());
             metrics

@@ -13,6 +13,7 @@ fn inline_settings() -> DeviceSettings {
         vmm: Default::default(),
         trace: None,
         keeper: None,
+        irq_watch: None,
     }
 }
 

@@ -6,6 +6,7 @@
 #   c  QEMU's own intel-iommu (caching mode) + vfio-pci (iommufd backend)
 #   d  this daemon: the README's command line (vhost-user virtio-iommu + vfio-user devices)
 #   dN the daemon as d, with its polling window set to N µs (`poll_us = N` in its config)
+#   dnoirq the daemon as d, not polling after its devices' interrupts (`poll_after_irq = false`)
 # Rounds interleave the configurations (the order rotates each round) so that drift and noise
 # show in the spread of the results. L2's BENCH lines reach this console prefixed `L2| `.
 # bind_devices, start_nic_peer, start_vm (the README's command line), l1_boot: shared with
@@ -75,7 +76,10 @@ one() {
     daemon=
     case $c in d*)
         conf=$cfg
-        if [ "$c" != d ]; then
+        if [ "$c" = dnoirq ]; then
+            conf=$d/vm1.toml
+            { echo "poll_after_irq = false"; cat $cfg; } >"$conf"
+        elif [ "$c" != d ]; then
             conf=$d/vm1.toml
             { echo "poll_us = ${c#d}"; cat $cfg; } >"$conf"
         fi
@@ -130,7 +134,7 @@ one() {
     echo "PEERS-L1: config $c round $2 cpu: qemu $(cpu_s $qemu) s${daemon:+, daemon $(cpu_s $daemon) s} over $(echo "$(t) $started" | awk '{ printf "%.1f", $1 - $2 }') s"
     if [ -n "$daemon" ]; then
         echo "PEERS-L1: config $c round $2 daemon: $(vhost-user-iommu ctl --control-socket "$d/ctl.sock" metrics |
-            awk '$1 ~ /^viommu_(poll_hits_total|wakeups_total)$/ { printf "%s=%s ", $1, $2 }
+            awk '$1 ~ /^viommu_(poll_hits_total|wakeups_total|irq_poll_hits_total)$/ { printf "%s=%s ", $1, $2 }
                  $1 ~ /^viommu_request_latency_seconds_sum[{]/ { sum += $2 }
                  $1 ~ /^viommu_request_latency_seconds_count[{]/ { n += $2 }
                  $1 ~ /^viommu_backend_ioctl_seconds_sum[{]/ { io += $2 }

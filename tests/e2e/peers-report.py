@@ -68,9 +68,9 @@ def parse_costs_of(path, run, costs):
 def cost_table(costs, order):
     out = [
         "| configuration | L1 CPU s, QEMU | L1 CPU s, daemon | CPU per wall second | "
-        "requests found by polling | wake-ups by a kick | daemon service time, mean µs | "
-        "of it in iommufd ioctls, µs |",
-        "|---|---|---|---|---|---|---|---|",
+        "requests found by polling | found by polling after a device interrupt | wake-ups by a kick | "
+        "daemon service time, mean µs | of it in iommufd ioctls, µs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in order:
         rows = [r for r in costs.get(c, []) if "wall" in r]
@@ -81,6 +81,7 @@ def cost_table(costs, order):
         share = statistics.median((r["qemu"] + r["daemon"]) / r["wall"] for r in rows if r["wall"])
         hits = sum(r.get("viommu_poll_hits_total", 0) for r in rows)
         wakes = sum(r.get("viommu_wakeups_total", 0) for r in rows)
+        irq_hits = sum(r.get("viommu_irq_poll_hits_total", 0) for r in rows)
         n = sum(r.get("viommu_request_latency_seconds_count", 0) for r in rows)
         svc = sum(r.get("viommu_request_latency_seconds_sum", 0) for r in rows) / n * 1e6 if n else None
         io_rows = [r for r in rows if "viommu_backend_ioctl_seconds_sum" in r]
@@ -93,8 +94,8 @@ def cost_table(costs, order):
         daemon = c.startswith("d")
         out.append(
             f"| {label(c)} | {q:.1f} | {d:.1f} | {share:.2f} | "
-            + (f"{hits:.0f} | {wakes:.0f} | {svc:.0f} | {'–' if io is None else f'{io:.0f} of {io_svc:.0f}'} |"
-               if daemon and svc is not None else "– | – | – | – |")
+            + (f"{hits:.0f} | {irq_hits:.0f} | {wakes:.0f} | {svc:.0f} | {'–' if io is None else f'{io:.0f} of {io_svc:.0f}'} |"
+               if daemon and svc is not None else "– | – | – | – | – |")
         )
     out.append("")
     out.append("Medians over the rounds of L1 CPU seconds used by L1's QEMU (which runs the vIOMMU of"
@@ -152,6 +153,8 @@ def label(c):
     """The heading of configuration c (dN: the daemon with an N µs polling window)."""
     if c in CONFIGS:
         return f"({c}) {CONFIGS[c]}"
+    if c == "dnoirq":
+        return "(dnoirq) daemon, no polling after device interrupts"
     return f"({c}) daemon, poll {c[1:]} µs"
 
 
@@ -160,7 +163,7 @@ def configs_of(runs):
     seen = {c for per in runs.values() for c in per}
     extra = sorted((c for c in seen if c not in CONFIGS and c[:1] == "d" and c[1:].isdigit()),
                    key=lambda c: int(c[1:]))
-    return list("abcd") + extra
+    return list("abcd") + extra + (["dnoirq"] if "dnoirq" in seen else [])
 
 
 def table(runs):

@@ -370,6 +370,13 @@ fn run_resumed(
             .map_err(|e| format!("cannot write the trace {}: {e}", p.display()))?,
         None => vhost_user_iommu::trace::Tracer::off(),
     });
+    let irq_watch = cfg
+        .poll_after_irq
+        .unwrap_or(true)
+        .then(vhost_user_iommu::irq_watch::IrqWatch::new)
+        .transpose()
+        .map_err(|e| format!("cannot create the interrupt watch: {e}"))?
+        .map(Arc::new);
     let settings = DeviceSettings {
         endpoints,
         boot_bypass,
@@ -386,6 +393,7 @@ fn run_resumed(
         },
         trace: Some(trace.clone()),
         keeper: keeper.clone(),
+        irq_watch: irq_watch.clone(),
     };
     let stopper = Arc::new(Stopper::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
     // Where the next binary is (the path, which a package upgrade points at the new file).
@@ -427,6 +435,7 @@ fn run_resumed(
             boot: boot.as_ref(),
             trace: &trace,
             keeper: keeper.as_ref(),
+            irq_watch: irq_watch.as_ref(),
         },
         handed_servers,
         &mut gates,

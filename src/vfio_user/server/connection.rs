@@ -40,6 +40,8 @@ pub(super) struct Connection<'a> {
     irqs_set: u32,
     /// The daemon's request trace: one line per message while it is on.
     pub(super) trace: Option<&'a crate::trace::Tracer>,
+    /// Told which eventfds the client set for the device's interrupts.
+    pub(super) irq_watch: Option<&'a crate::irq_watch::IrqWatch>,
     /// Told what a restarted daemon needs after each message that changed it (see `recovery`).
     pub(super) on_keep: Option<&'a dyn Fn(&ConnectionState)>,
     /// The state last told to `on_keep`, and whether the DMA maps changed since.
@@ -78,6 +80,7 @@ impl<'a> Connection<'a> {
             before_bus_master: None,
             irqs_set: 0,
             trace: None,
+            irq_watch: None,
             on_keep: None,
             kept: None,
             maps_dirty: false,
@@ -322,6 +325,9 @@ impl<'a> Connection<'a> {
     pub(super) fn cleanup(&mut self) {
         let info = self.dev.info();
         let set = std::mem::take(&mut self.irqs_set);
+        if let Some(w) = self.irq_watch {
+            w.forget(self.name);
+        }
         for index in CLIENT_IRQ_INDEXES.filter(|i| set & (1 << i) != 0) {
             let off = IrqSet {
                 flags: VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,

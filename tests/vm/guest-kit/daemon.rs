@@ -72,6 +72,7 @@ impl Daemon {
             vmm: Default::default(),
             trace: None,
             keeper: None,
+            irq_watch: None,
         };
         let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
         let stopper = Arc::new(Stopper::new().map_err(|e| format!("eventfd: {e}"))?);

@@ -315,8 +315,33 @@ impl<'a> Connection<'a> {
         };
         self.dev.set_irqs(&s, &raw)?;
         self.irqs_set |= 1 << s.index;
+        self.watch_irqs(&s, &raw);
         // Our copies of the eventfds close when the message drops; the device holds its own.
         Ok(Reply::empty())
+    }
+}
+
+impl Connection<'_> {
+    /// Tells the interrupt watch what the client just set: the eventfds of triggered vectors,
+    /// or an index disabled (`DATA_NONE` with no vector).
+    fn watch_irqs(&self, s: &IrqSet<'_>, fds: &[RawFd]) {
+        let Some(w) = self.irq_watch else { return };
+        if s.flags & VFIO_IRQ_SET_ACTION_TRIGGER == 0 {
+            return;
+        }
+        match s.data_type() {
+            VFIO_IRQ_SET_DATA_EVENTFD => {
+                if let Err(e) = w.set(self.name, s.index, s.start, fds) {
+                    // Only a hint is lost: the device's interrupts reach the client all the same.
+                    debug!(
+                        "vfio-user {}: cannot watch IRQ index {}: {e}",
+                        self.name, s.index
+                    );
+                }
+            }
+            VFIO_IRQ_SET_DATA_NONE if s.count == 0 => w.clear_index(self.name, s.index),
+            _ => {}
+        }
     }
 }
 

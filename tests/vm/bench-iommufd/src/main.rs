@@ -1098,6 +1098,7 @@ fn daemon_rows(
         vmm: Default::default(),
         trace: None,
         keeper: None,
+        irq_watch: None,
     };
     let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
     let stopper = Arc::new(Stopper::new().map_err(|e| format!("eventfd: {e}"))?);
