@@ -84,37 +84,45 @@ pub const RESV_MEM_PROPERTY_SIZE: usize = 4 + 20;
 /// Property type of RESV_MEM.
 pub const PROBE_T_RESV_MEM: u16 = 1;
 
-/// Request types (§5.13.6).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum RequestType {
-    Attach = 1,
-    Detach = 2,
-    Map = 3,
-    Unmap = 4,
-    Probe = 5,
+/// A `#[repr(u8)]` enum of codes the spec numbers, with `ALL` (in code order), `from_u8` and
+/// the lower-case `name` the logs, metrics and trace use: one table per set of codes.
+macro_rules! spec_codes {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident = $code:literal => $text:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum $name {
+            $($variant = $code,)+
+        }
+
+        impl $name {
+            pub const ALL: [$name; [$($code),+].len()] = [$($name::$variant),+];
+
+            pub fn from_u8(v: u8) -> Option<Self> {
+                Self::ALL.into_iter().find(|c| *c as u8 == v)
+            }
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)+
+                }
+            }
+        }
+    };
+}
+
+spec_codes! {
+    /// Request types (§5.13.6).
+    RequestType {
+        Attach = 1 => "attach",
+        Detach = 2 => "detach",
+        Map = 3 => "map",
+        Unmap = 4 => "unmap",
+        Probe = 5 => "probe",
+    }
 }
 
 impl RequestType {
-    pub const ALL: [RequestType; 5] = [
-        RequestType::Attach,
-        RequestType::Detach,
-        RequestType::Map,
-        RequestType::Unmap,
-        RequestType::Probe,
-    ];
-
-    pub fn from_u8(v: u8) -> Option<Self> {
-        Some(match v {
-            1 => Self::Attach,
-            2 => Self::Detach,
-            3 => Self::Map,
-            4 => Self::Unmap,
-            5 => Self::Probe,
-            _ => return None,
-        })
-    }
-
     /// Device-readable size, head included.
     pub fn readable_size(self) -> usize {
         match self {
@@ -125,62 +133,20 @@ impl RequestType {
             Self::Probe => PROBE_SIZE,
         }
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Attach => "attach",
-            Self::Detach => "detach",
-            Self::Map => "map",
-            Self::Unmap => "unmap",
-            Self::Probe => "probe",
-        }
-    }
 }
 
-/// Request status codes (§5.13.6).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Status {
-    Ok = 0,
-    IoErr = 1,
-    Unsupp = 2,
-    DevErr = 3,
-    Inval = 4,
-    Range = 5,
-    NoEnt = 6,
-    Fault = 7,
-    NoMem = 8,
-}
-
-impl Status {
-    pub const ALL: [Status; 9] = [
-        Status::Ok,
-        Status::IoErr,
-        Status::Unsupp,
-        Status::DevErr,
-        Status::Inval,
-        Status::Range,
-        Status::NoEnt,
-        Status::Fault,
-        Status::NoMem,
-    ];
-
-    pub fn from_u8(v: u8) -> Option<Self> {
-        Self::ALL.get(usize::from(v)).copied()
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::IoErr => "ioerr",
-            Self::Unsupp => "unsupp",
-            Self::DevErr => "deverr",
-            Self::Inval => "inval",
-            Self::Range => "range",
-            Self::NoEnt => "noent",
-            Self::Fault => "fault",
-            Self::NoMem => "nomem",
-        }
+spec_codes! {
+    /// Request status codes (§5.13.6).
+    Status {
+        Ok = 0 => "ok",
+        IoErr = 1 => "ioerr",
+        Unsupp = 2 => "unsupp",
+        DevErr = 3 => "deverr",
+        Inval = 4 => "inval",
+        Range = 5 => "range",
+        NoEnt = 6 => "noent",
+        Fault = 7 => "fault",
+        NoMem = 8 => "nomem",
     }
 }
 

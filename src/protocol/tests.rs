@@ -170,3 +170,26 @@ fn status_codes_have_spec_values() {
     }
     assert_eq!(Status::from_u8(9), None);
 }
+
+#[test]
+fn request_types_have_spec_values_and_names() {
+    let names: Vec<(u8, &str)> = RequestType::ALL
+        .iter()
+        .map(|t| (*t as u8, t.name()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            (1, "attach"),
+            (2, "detach"),
+            (3, "map"),
+            (4, "unmap"),
+            (5, "probe")
+        ]
+    );
+    for t in RequestType::ALL {
+        assert_eq!(RequestType::from_u8(t as u8), Some(t));
+    }
+    assert_eq!(RequestType::from_u8(0), None);
+    assert_eq!(RequestType::from_u8(6), None);
+}
