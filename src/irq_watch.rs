@@ -28,10 +28,35 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 /// One watched vector: the device's name, its IRQ index and vector number.
 type Vector = (String, u32, u32);
 
+/// How many devices [`IrqWatch::drain`] tells apart; a device beyond them shares the last slot.
+pub const SLOTS: usize = 64;
+
+/// The devices that raised an interrupt, a bit per slot (see [`IrqWatch::slot_of`]).
+pub type Fired = u64;
+
+#[derive(Default)]
+struct Watched {
+    /// The device names in slot order.
+    slots: Vec<String>,
+    fds: HashMap<Vector, OwnedFd>,
+}
+
+impl Watched {
+    fn slot(&mut self, device: &str) -> usize {
+        match self.slots.iter().position(|d| d == device) {
+            Some(i) => i.min(SLOTS - 1),
+            None => {
+                self.slots.push(device.to_owned());
+                (self.slots.len() - 1).min(SLOTS - 1)
+            }
+        }
+    }
+}
+
 /// The watched interrupt eventfds of every assigned device.
 pub struct IrqWatch {
     epoll: Epoll,
-    watched: Mutex<HashMap<Vector, OwnedFd>>,
+    watched: Mutex<Watched>,
 }
 
 impl std::fmt::Debug for IrqWatch {
@@ -46,7 +71,7 @@ impl IrqWatch {
     pub fn new() -> io::Result<Self> {
         Ok(IrqWatch {
             epoll: Epoll::new()?,
-            watched: Mutex::new(HashMap::new()),
+            watched: Mutex::new(Watched::default()),
         })
     }
 
@@ -56,7 +81,7 @@ impl IrqWatch {
         self.epoll.as_raw_fd()
     }
 
-    fn watched(&self) -> MutexGuard<'_, HashMap<Vector, OwnedFd>> {
+    fn watched(&self) -> MutexGuard<'_, Watched> {
         self.watched.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -64,9 +89,10 @@ impl IrqWatch {
     /// VMM just set them on the device.
     pub fn set(&self, device: &str, index: u32, start: u32, fds: &[RawFd]) -> io::Result<()> {
         let mut watched = self.watched();
+        let slot = watched.slot(device);
         for (vector, &fd) in (start..).zip(fds) {
             let key = (device.to_owned(), index, vector);
-            if let Some(old) = watched.remove(&key) {
+            if let Some(old) = watched.fds.remove(&key) {
                 self.forget_fd(&old);
             }
             if fd < 0 {
@@ -75,10 +101,10 @@ impl IrqWatch {
             // SAFETY: the caller holds `fd` open for the duration of this call (it came with the
             // VMM's message); the borrow ends before it returns.
             let dup = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
-            let event = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, 0);
+            let event = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, slot as u64);
             self.epoll
                 .ctl(ControlOperation::Add, dup.as_raw_fd(), event)?;
-            watched.insert(key, dup);
+            watched.fds.insert(key, dup);
         }
         Ok(())
     }
@@ -95,21 +121,29 @@ impl IrqWatch {
 
     /// How many vectors are watched (metrics, tests).
     pub fn len(&self) -> usize {
-        self.watched().len()
+        self.watched().fds.len()
+    }
+
+    /// The bit of `device` in what [`IrqWatch::drain`] returns (it keeps its slot for the
+    /// daemon's life).
+    pub fn slot_of(&self, device: &str) -> Fired {
+        1 << self.watched().slot(device)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Takes the interrupts that fired since the last call; returns how many eventfds fired.
-    pub fn drain(&self) -> usize {
+    /// Takes the interrupts that fired since the last call: which devices raised them.
+    pub fn drain(&self) -> Fired {
         let mut events = [EpollEvent::default(); 16];
         let mut fired = 0;
         loop {
             match self.epoll.wait(0, &mut events) {
                 Ok(n) => {
-                    fired += n;
+                    for e in &events[..n] {
+                        fired |= 1 << e.data().min(SLOTS as u64 - 1);
+                    }
                     if n < events.len() {
                         return fired;
                     }
@@ -122,9 +156,9 @@ impl IrqWatch {
 
     fn remove(&self, which: impl Fn(&Vector) -> bool) {
         let mut watched = self.watched();
-        let gone: Vec<Vector> = watched.keys().filter(|k| which(k)).cloned().collect();
+        let gone: Vec<Vector> = watched.fds.keys().filter(|k| which(k)).cloned().collect();
         for key in gone {
-            if let Some(fd) = watched.remove(&key) {
+            if let Some(fd) = watched.fds.remove(&key) {
                 self.forget_fd(&fd);
             }
         }
@@ -169,15 +203,16 @@ mod tests {
         assert!(!readable(w.fd()));
         a.write(1).unwrap();
         assert!(readable(w.fd()));
-        assert_eq!(w.drain(), 1);
+        assert_eq!(w.drain(), w.slot_of("nvme"));
         assert!(!readable(w.fd()), "drained");
         // The VMM still reads its count: nothing here consumed it.
         assert_eq!(a.read().unwrap(), 1);
         // Each new signal is seen again (edge-triggered), even before the VMM reads.
         b.write(1).unwrap();
         b.write(1).unwrap();
-        assert!(w.drain() >= 1);
+        assert_eq!(w.drain(), w.slot_of("nvme"));
         assert_eq!(b.read().unwrap(), 2);
+        assert_eq!(w.drain(), 0);
     }
 
     #[test]
@@ -200,10 +235,18 @@ mod tests {
         assert_eq!(w.drain(), 0);
         assert_eq!(w.len(), 1);
         c.write(1).unwrap();
-        assert_eq!(w.drain(), 1);
+        assert_eq!(w.drain(), w.slot_of("nic"));
+        assert_ne!(w.slot_of("nic"), w.slot_of("nvme"));
+        a.write(1).unwrap();
+        c.write(1).unwrap();
+        w.set("nvme", 2, 0, &[a.as_raw_fd()]).unwrap();
+        a.write(1).unwrap();
+        assert_eq!(w.drain(), w.slot_of("nic") | w.slot_of("nvme"));
         w.forget("nic");
+        w.forget("nvme");
         assert!(w.is_empty());
         c.write(1).unwrap();
+        a.write(1).unwrap();
         assert_eq!(w.drain(), 0);
     }
 }

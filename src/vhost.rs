@@ -130,8 +130,8 @@ struct Session {
     /// When the last answer went out with nothing more to do and the window ran out: the next
     /// kick tells how long the guest's gap really was.
     quiet_since: Option<Instant>,
-    /// How long to watch the ring after an assigned device's interrupt.
-    irq_window: IrqWindow,
+    /// How long to watch the ring after an assigned device's interrupt, per device slot.
+    irq_windows: [IrqWindow; crate::irq_watch::SLOTS],
     /// The connection as last kept for a restarted daemon (see `recovery`).
     kept: Option<crate::recovery::KeptConnection>,
     /// After a restart: the requests to answer (or skip) as the previous daemon recorded them
@@ -213,7 +213,7 @@ impl IommuDevice {
             },
             window: PollWindow::new(poll),
             quiet_since: None,
-            irq_window: IrqWindow::default(),
+            irq_windows: [IrqWindow::default(); crate::irq_watch::SLOTS],
             kept: None,
             answers: Default::default(),
             ring_at: None,
@@ -430,10 +430,8 @@ impl IommuDevice {
                 self.process_requests(&vrings[REQUEST_QUEUE], Wake::Kick)
             }
             _ if device_event == IRQ_EVENT => {
-                if let Some(w) = &self.0.settings.irq_watch {
-                    w.drain();
-                }
-                self.process_requests(&vrings[REQUEST_QUEUE], Wake::Interrupt)
+                let fired = self.0.settings.irq_watch.as_ref().map_or(0, |w| w.drain());
+                self.process_requests(&vrings[REQUEST_QUEUE], Wake::Interrupt(fired))
             }
             _ if device_event == MAILBOX_EVENT => {
                 self.take_mail();

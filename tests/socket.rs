@@ -905,6 +905,33 @@ fn a_device_interrupt_makes_the_sleeping_daemon_poll_for_the_guests_next_request
             .render()
             .contains("viommu_irq_poll_hits_total 1\n")
     );
+    // A second device whose interrupts the guest never answers (a NIC's receive interrupts):
+    // polling after them soon stops, while polling after the first device's goes on.
+    let nic = EventFd::new(EFD_NONBLOCK).unwrap();
+    watch.set("endpoint 2", 2, 0, &[nic.as_raw_fd()]).unwrap();
+    for _ in 0..40 {
+        nic.write(1).unwrap();
+        std::thread::sleep(ms(30));
+    }
+    d.wait_until("the polling after the NIC's interrupts ends", |_| {
+        !vm.device_polls().unwrap()
+    });
+    nic.write(1).unwrap();
+    std::thread::sleep(ms(20));
+    assert!(
+        !vm.device_polls().unwrap(),
+        "unanswered interrupts still start polls"
+    );
+    irq.write(1).unwrap();
+    d.wait_until(
+        "the daemon polls after the first device's interrupt",
+        |_| vm.device_polls().unwrap(),
+    );
+    let (bytes, n) = R::unmap(1, 0x2000, 0x2fff).encode();
+    vm.push(&bytes[..n], 4).unwrap();
+    assert!(!vm.kick_if_needed().unwrap(), "a kick was asked for");
+    assert_eq!(vm.wait_used(1, TIMEOUT).unwrap().len(), 1);
+    assert_eq!(d.metrics.irq_poll_hits.load(Relaxed), hits + 2);
 }
 
 #[test]

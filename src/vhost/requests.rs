@@ -297,9 +297,9 @@ fn make_nonblocking(fd: i32) {
 pub(crate) enum Wake {
     /// The guest kicked, or the thread comes back after yielding.
     Kick,
-    /// An assigned device raised an interrupt: the guest's driver may answer it with a request
-    /// (see `irq_watch`); poll for it a while.
-    Interrupt,
+    /// Assigned devices raised interrupts (a bit per device, see `irq_watch`): the guest's
+    /// driver may answer with a request; poll for it a while.
+    Interrupt(crate::irq_watch::Fired),
 }
 
 impl IommuDevice {
@@ -329,14 +329,33 @@ impl IommuDevice {
             return Ok(());
         };
         let metrics = &*self.0.metrics;
-        if wake == Wake::Interrupt {
+        if let Wake::Interrupt(fired) = wake {
+            // Each device's window learns how its own interrupts are answered (a NIC's receive
+            // interrupts may bring no request where an NVMe's completions bring an UNMAP).
             let ceiling = s.window.ceiling();
-            let window = s.irq_window.next(ceiling);
+            let mut polled: crate::irq_watch::Fired = 0;
+            let mut window = std::time::Duration::ZERO;
+            for (i, w) in s.irq_windows.iter_mut().enumerate() {
+                if fired & (1 << i) != 0 {
+                    let d = w.next(ceiling);
+                    if !d.is_zero() {
+                        polled |= 1 << i;
+                        window = window.max(d);
+                    }
+                }
+            }
             if window.is_zero() {
                 return Ok(());
             }
+            let learn = |s: &mut Session, f: &dyn Fn(&mut IrqWindow)| {
+                for (i, w) in s.irq_windows.iter_mut().enumerate() {
+                    if polled & (1 << i) != 0 {
+                        f(w);
+                    }
+                }
+            };
             vring.disable_notification().map_err(io::Error::other)?;
-            let polled = Instant::now();
+            let started_polling = Instant::now();
             let found = {
                 let mut a = Answerer {
                     mem: &mem,
@@ -363,13 +382,14 @@ impl IommuDevice {
             };
             if found {
                 // The interrupt bridged the guest's gap: no wake-up by a kick.
-                s.irq_window.hit(polled.elapsed(), ceiling);
+                let after = started_polling.elapsed();
+                learn(s, &|w| w.hit(after, ceiling));
                 s.quiet_since = None;
                 metrics
                     .irq_poll_hits
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             } else {
-                s.irq_window.missed(ceiling);
+                learn(s, &|w| w.missed(ceiling));
                 if vring.enable_notification().map_err(io::Error::other)? {
                     // A request came as the window closed: serve it as a kick would.
                 } else {
