@@ -181,12 +181,7 @@ bars_mmapped() {
 
 # boot_l2 NAME APPEND: starts L2 in the background; sets $qemu, $log, $d.
 boot_l2() {
-    d=/run/e2e/$1
-    mkdir -p "$d"
-    log=$d/console.log
-    : >"$log"
-    mkfifo "$d/ctl.in" "$d/ctl.out"
-    cat "$d/ctl.out" >/dev/null &
+    l2_dir /run/e2e/$1
     # DMAR faults are counted from the moment L2's kernel starts (wait_end notes it): before
     # that, L2's firmware (SeaBIOS) drives the NVMe controller to look for a boot disk, with
     # boot_bypass = false its DMA is refused (seen: 0000:00:06.0 reading its admin queue at

@@ -90,6 +90,17 @@ start_vf() {
     fi
 }
 
+# l2_dir DIR: a fresh directory for one L2 run: sets $d and $log (its empty console log), makes
+# the control line's fifos and drains what L2 writes back on it.
+l2_dir() {
+    d=$1
+    mkdir -p "$d"
+    log=$d/console.log
+    : >"$log"
+    mkfifo "$d/ctl.in" "$d/ctl.out"
+    cat "$d/ctl.out" >/dev/null &
+}
+
 # The L2 VM with the daemon. The lines from `qemu-system-x86_64` to the one before `"$@"` are the
 # README's "Using it with QEMU" command line, verbatim (tests/e2e/run.sh checks it). Called in a
 # background subshell, which `exec` turns into QEMU itself: $! is QEMU's pid, so a kill reaches

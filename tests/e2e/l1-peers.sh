@@ -67,12 +67,7 @@ start_peer() {
 # one CONFIG ROUND: boots L2 under CONFIG, waits for its bench to end, powers it off.
 one() {
     c=$1
-    d=/run/peers/$c-$2
-    mkdir -p "$d"
-    log=$d/console.log
-    : >"$log"
-    mkfifo "$d/ctl.in" "$d/ctl.out"
-    cat "$d/ctl.out" >/dev/null &
+    l2_dir /run/peers/$c-$2
     daemon=
     case $c in d*)
         conf=$cfg
