@@ -17,6 +17,11 @@
 //! set before it is closed (an epoll registration lives as long as the VMM's copy, not ours).
 //! The hint only ever starts a bounded poll, so a VMM that signals its eventfds without end can
 //! make the daemon poll, no more (it could kick the ring as well).
+//!
+//! Not handed over: a daemon that took over from an upgraded or crashed one does not have the
+//! VMM's eventfds (the kernel's VFIO device holds them, and the VMM does not send them again),
+//! so it serves as with `poll_after_irq = false` until the VMM next sets a device's interrupts
+//! (the guest's driver reloads, the device resets). Nothing is lost but the hint.
 
 use std::collections::HashMap;
 use std::io;

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vhost_user_iommu::bench::daemon::{LocalDaemon, LocalOptions};
 use vhost_user_iommu::driver::{TestVm, VmOptions};
 use vhost_user_iommu::protocol::{Request, Status};
@@ -32,40 +33,15 @@ fn memfd() -> OwnedFd {
     fd
 }
 
-/// Sends `bytes` with `fds` attached (SCM_RIGHTS); errors (the daemon closed) are returned.
+/// Sends `bytes` with `fds` attached (SCM_RIGHTS, MSG_NOSIGNAL); errors (the daemon closed)
+/// are returned.
 fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> std::io::Result<()> {
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let mut cbuf = [0u64; 8];
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !raw.is_empty() {
-        // SAFETY: CMSG_SPACE is arithmetic; the buffer (64 bytes) holds up to 3 fds.
-        let space = unsafe { libc::CMSG_SPACE((raw.len() * 4) as u32) } as usize;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer is set up above with room for one header and the fds.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN((raw.len() * 4) as u32) as _;
-            std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c).cast(), raw.len());
-        }
-    }
-    // SAFETY: `msg` points at live buffers; MSG_NOSIGNAL keeps a closed peer from raising SIGPIPE.
-    let n = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut rest = &bytes[n as usize..];
+    let n = s
+        .send_with_fds(&[bytes], &raw)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     let mut s = s;
-    s.write_all(&mut rest)
+    s.write_all(&bytes[n..])
 }
 
 fuzz_target!(|data: &[u8]| {
