@@ -329,73 +329,10 @@ impl IommuDevice {
             return Ok(());
         };
         let metrics = &*self.0.metrics;
-        if let Wake::Interrupt(fired) = wake {
-            // Each device's window learns how its own interrupts are answered (a NIC's receive
-            // interrupts may bring no request where an NVMe's completions bring an UNMAP).
-            let ceiling = s.window.ceiling();
-            let mut polled: crate::irq_watch::Fired = 0;
-            let mut window = std::time::Duration::ZERO;
-            for (i, w) in s.irq_windows.iter_mut().enumerate() {
-                if fired & (1 << i) != 0 {
-                    let d = w.next(ceiling);
-                    if !d.is_zero() {
-                        polled |= 1 << i;
-                        window = window.max(d);
-                    }
-                }
-            }
-            if window.is_zero() {
-                return Ok(());
-            }
-            let learn = |s: &mut Session, f: &dyn Fn(&mut IrqWindow)| {
-                for (i, w) in s.irq_windows.iter_mut().enumerate() {
-                    if polled & (1 << i) != 0 {
-                        f(w);
-                    }
-                }
-            };
-            vring.disable_notification().map_err(io::Error::other)?;
-            let started_polling = Instant::now();
-            let found = {
-                let mut a = Answerer {
-                    mem: &mem,
-                    pending: &mut s.pending,
-                    vring,
-                    metrics,
-                    limiter: &mut s.limiter,
-                    trace: self.0.settings.tracer(),
-                    keeper: self.0.settings.keeper.as_deref(),
-                    used: false,
-                };
-                let found = poll_for_work(
-                    window,
-                    vring,
-                    &mem,
-                    &mut s.dispatcher,
-                    &mut a,
-                    &self.0.mailbox,
-                );
-                if a.used {
-                    signal(vring);
-                }
-                found
-            };
-            if found {
-                // The interrupt bridged the guest's gap: no wake-up by a kick.
-                let after = started_polling.elapsed();
-                learn(s, &|w| w.hit(after, ceiling));
-                s.quiet_since = None;
-                metrics
-                    .irq_poll_hits
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            } else {
-                learn(s, &|w| w.missed(ceiling));
-                if vring.enable_notification().map_err(io::Error::other)? {
-                    // A request came as the window closed: serve it as a kick would.
-                } else {
-                    return Ok(());
-                }
-            }
+        if let Wake::Interrupt(fired) = wake
+            && !self.poll_after_interrupt(s, vring, &mem, fired)?
+        {
+            return Ok(());
         }
         if let Some(quiet) = s.quiet_since.take() {
             s.window.missed(quiet.elapsed());
@@ -601,6 +538,83 @@ impl IommuDevice {
             t.flush();
         }
         Ok(())
+    }
+
+    /// After assigned devices' interrupts (`fired`, see `irq_watch`): polls the ring for the
+    /// guest's answer for the longest of the devices' windows, and teaches each window what
+    /// came. Returns whether there is a request to serve.
+    fn poll_after_interrupt(
+        &self,
+        s: &mut Session,
+        vring: &VringRwLock,
+        mem: &MemGuard,
+        fired: crate::irq_watch::Fired,
+    ) -> io::Result<bool> {
+        let metrics = &*self.0.metrics;
+        // Each device's window learns how its own interrupts are answered (a NIC's receive
+        // interrupts may bring no request where an NVMe's completions bring an UNMAP).
+        let ceiling = s.window.ceiling();
+        let mut polled: crate::irq_watch::Fired = 0;
+        let mut window = std::time::Duration::ZERO;
+        for (i, w) in s.irq_windows.iter_mut().enumerate() {
+            if fired & (1 << i) != 0 {
+                let d = w.next(ceiling);
+                if !d.is_zero() {
+                    polled |= 1 << i;
+                    window = window.max(d);
+                }
+            }
+        }
+        if window.is_zero() {
+            return Ok(false);
+        }
+        let learn = |s: &mut Session, f: &dyn Fn(&mut IrqWindow)| {
+            for (i, w) in s.irq_windows.iter_mut().enumerate() {
+                if polled & (1 << i) != 0 {
+                    f(w);
+                }
+            }
+        };
+        vring.disable_notification().map_err(io::Error::other)?;
+        let started_polling = Instant::now();
+        let found = {
+            let mut a = Answerer {
+                mem,
+                pending: &mut s.pending,
+                vring,
+                metrics,
+                limiter: &mut s.limiter,
+                trace: self.0.settings.tracer(),
+                keeper: self.0.settings.keeper.as_deref(),
+                used: false,
+            };
+            let found = poll_for_work(
+                window,
+                vring,
+                mem,
+                &mut s.dispatcher,
+                &mut a,
+                &self.0.mailbox,
+            );
+            if a.used {
+                signal(vring);
+            }
+            found
+        };
+        if found {
+            // The interrupt bridged the guest's gap: no wake-up by a kick.
+            let after = started_polling.elapsed();
+            learn(s, &|w| w.hit(after, ceiling));
+            s.quiet_since = None;
+            metrics
+                .irq_poll_hits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(true)
+        } else {
+            learn(s, &|w| w.missed(ceiling));
+            // A request that came as the window closed is served as a kick's would be.
+            vring.enable_notification().map_err(io::Error::other)
+        }
     }
 
     pub(super) fn process_completions(&self) {
