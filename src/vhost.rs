@@ -45,6 +45,7 @@ mod handover;
 mod mailbox;
 mod memory;
 mod poll_window;
+mod polling;
 mod requests;
 mod vring_thread;
 mod wire;

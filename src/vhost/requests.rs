@@ -1,6 +1,7 @@
 //! The request path: pop a chain, copy it out once, decode, hand it to the dispatcher, write
-//! the tail, notify the guest; and the polling window between batches.
+//! the tail, notify the guest (the polling between batches is in `polling`).
 
+use super::polling::poll_for_work;
 use super::*;
 
 /// How long the vring thread serves requests in one go before it lets control messages in.
@@ -50,16 +51,16 @@ impl RingMark {
 }
 
 /// Everything `complete` needs besides the dispatcher, so both can be borrowed at once.
-struct Answerer<'a> {
-    mem: &'a GuestMemoryMmap,
-    pending: &'a mut PendingTable,
-    vring: &'a VringRwLock,
-    metrics: &'a Metrics,
-    limiter: &'a mut LogLimiter,
-    trace: Option<&'a crate::trace::Tracer>,
+pub(super) struct Answerer<'a> {
+    pub(super) mem: &'a GuestMemoryMmap,
+    pub(super) pending: &'a mut PendingTable,
+    pub(super) vring: &'a VringRwLock,
+    pub(super) metrics: &'a Metrics,
+    pub(super) limiter: &'a mut LogLimiter,
+    pub(super) trace: Option<&'a crate::trace::Tracer>,
     /// Where answers are recorded for a restarted daemon (see `recovery`), if anywhere.
-    keeper: Option<&'a crate::recovery::Keeper>,
-    used: bool,
+    pub(super) keeper: Option<&'a crate::recovery::Keeper>,
+    pub(super) used: bool,
 }
 
 impl Answerer<'_> {
@@ -92,7 +93,7 @@ impl Answerer<'_> {
         self.used = true;
     }
 
-    fn complete(&mut self, (token, outcome): Completion) {
+    pub(super) fn complete(&mut self, (token, outcome): Completion) {
         let Some(p) = self.pending.take(token) else {
             warn!("completion for unknown token {token}");
             return;
@@ -204,64 +205,10 @@ fn answer_again(
     a.answer(avail, head, len, status, None);
 }
 
-/// Spins for up to `window` until the guest adds a request or an executor completes one;
-/// true if there is new work on the ring.
-fn poll_for_work(
-    window: std::time::Duration,
-    vring: &VringRwLock,
-    mem: &MemGuard,
-    dispatcher: &mut Dispatcher,
-    a: &mut Answerer<'_>,
-    mailbox: &Mailbox<Event>,
-) -> bool {
-    if window.is_zero() && dispatcher.in_flight() == 0 {
-        return false;
-    }
-    let start = Instant::now();
-    let mut spins = 0u32;
-    loop {
-        if dispatcher.in_flight() > 0 {
-            dispatcher.poll();
-            dispatcher.completed().for_each(|c| a.complete(c));
-            if a.used {
-                signal(vring);
-                a.used = false;
-            }
-        }
-        let pending = {
-            let g = vring.get_ref();
-            let q = g.get_queue();
-            q.avail_idx(&**mem, std::sync::atomic::Ordering::Acquire)
-                .map(|i| i.0 != q.next_avail())
-                .unwrap_or(false)
-        };
-        if pending {
-            return true;
-        }
-        // Other threads' events must not wait out the window.
-        if start.elapsed() >= window || mailbox.has_mail() {
-            return false;
-        }
-        // On a host with more runnable threads than cores (many busy VMs), the thread that
-        // would post the next request may be waiting for this very core: give it up now and
-        // then (sched_yield returns at once on an idle core). Measured in BENCHMARKS.md
-        // ("Many busy daemons").
-        spins = spins.wrapping_add(1);
-        if spins.is_multiple_of(YIELD_EVERY) {
-            std::thread::yield_now();
-        } else {
-            std::hint::spin_loop();
-        }
-    }
-}
-
-/// Polling iterations between two `sched_yield`s (a few microseconds of spinning).
-const YIELD_EVERY: u32 = 64;
-
 /// Failed guest notifications (the VMM's call fd decides how often).
 static SIGNAL_FAILURES: crate::log_limit::EveryNth = crate::log_limit::EveryNth::new();
 
-fn signal(vring: &VringRwLock) {
+pub(super) fn signal(vring: &VringRwLock) {
     if let Ok(false) = vring.needs_notification() {
         return;
     }
@@ -538,83 +485,6 @@ impl IommuDevice {
             t.flush();
         }
         Ok(())
-    }
-
-    /// After assigned devices' interrupts (`fired`, see `irq_watch`): polls the ring for the
-    /// guest's answer for the longest of the devices' windows, and teaches each window what
-    /// came. Returns whether there is a request to serve.
-    fn poll_after_interrupt(
-        &self,
-        s: &mut Session,
-        vring: &VringRwLock,
-        mem: &MemGuard,
-        fired: crate::irq_watch::Fired,
-    ) -> io::Result<bool> {
-        let metrics = &*self.0.metrics;
-        // Each device's window learns how its own interrupts are answered (a NIC's receive
-        // interrupts may bring no request where an NVMe's completions bring an UNMAP).
-        let ceiling = s.window.ceiling();
-        let mut polled: crate::irq_watch::Fired = 0;
-        let mut window = std::time::Duration::ZERO;
-        for (i, w) in s.irq_windows.iter_mut().enumerate() {
-            if fired & (1 << i) != 0 {
-                let d = w.next(ceiling);
-                if !d.is_zero() {
-                    polled |= 1 << i;
-                    window = window.max(d);
-                }
-            }
-        }
-        if window.is_zero() {
-            return Ok(false);
-        }
-        let learn = |s: &mut Session, f: &dyn Fn(&mut IrqWindow)| {
-            for (i, w) in s.irq_windows.iter_mut().enumerate() {
-                if polled & (1 << i) != 0 {
-                    f(w);
-                }
-            }
-        };
-        vring.disable_notification().map_err(io::Error::other)?;
-        let started_polling = Instant::now();
-        let found = {
-            let mut a = Answerer {
-                mem,
-                pending: &mut s.pending,
-                vring,
-                metrics,
-                limiter: &mut s.limiter,
-                trace: self.0.settings.tracer(),
-                keeper: self.0.settings.keeper.as_deref(),
-                used: false,
-            };
-            let found = poll_for_work(
-                window,
-                vring,
-                mem,
-                &mut s.dispatcher,
-                &mut a,
-                &self.0.mailbox,
-            );
-            if a.used {
-                signal(vring);
-            }
-            found
-        };
-        if found {
-            // The interrupt bridged the guest's gap: no wake-up by a kick.
-            let after = started_polling.elapsed();
-            learn(s, &|w| w.hit(after, ceiling));
-            s.quiet_since = None;
-            metrics
-                .irq_poll_hits
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Ok(true)
-        } else {
-            learn(s, &|w| w.missed(ceiling));
-            // A request that came as the window closed is served as a kick's would be.
-            vring.enable_notification().map_err(io::Error::other)
-        }
     }
 
     pub(super) fn process_completions(&self) {
