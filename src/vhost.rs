@@ -107,6 +107,22 @@ pub struct DeviceSettings {
 }
 
 impl DeviceSettings {
+    /// Settings for `endpoints` under `rules` in `mode`, the rest at their defaults: no boot
+    /// bypass, the default polling cap, any VMM, no trace, no keeper, no interrupt watch.
+    pub fn new(endpoints: Vec<EndpointId>, rules: Rules, mode: Mode) -> Self {
+        DeviceSettings {
+            endpoints,
+            boot_bypass: false,
+            rules,
+            mode,
+            poll: DEFAULT_POLL,
+            vmm: Default::default(),
+            trace: None,
+            keeper: None,
+            irq_watch: None,
+        }
+    }
+
     /// The request trace, while it is on.
     pub fn tracer(&self) -> Option<&crate::trace::Tracer> {
         self.trace.as_deref().filter(|t| t.is_on())

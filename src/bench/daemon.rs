@@ -80,15 +80,12 @@ impl LocalDaemon {
         let backend: Arc<dyn DmaBackend> =
             Arc::new(FaultyBackend::new(soft.clone(), faults.clone()));
         let settings = DeviceSettings {
-            endpoints: eps,
             boot_bypass: opts.boot_bypass,
-            rules: soft_rules(opts.limits),
-            mode: opts.mode,
             poll: opts.poll,
             vmm: opts.vmm,
             trace: opts.trace.clone(),
-            keeper: None,
             irq_watch: opts.irq_watch.clone(),
+            ..DeviceSettings::new(eps, soft_rules(opts.limits), opts.mode)
         };
         let metrics = Arc::new(Metrics::default());
         let stopper = Arc::new(Stopper::new()?);

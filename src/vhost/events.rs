@@ -502,14 +502,7 @@ impl IommuDevice {
     pub(super) fn drain_ring(&self, s: &mut Session) {
         if let Some(v) = s.request_vring.clone() {
             let mem = s.mem.as_ref().map(|m| m.memory());
-            drain(
-                s,
-                mem.as_deref(),
-                &v,
-                &self.0.metrics,
-                self.0.settings.tracer(),
-                self.0.settings.keeper.as_deref(),
-            );
+            drain(s, mem.as_deref(), &v, self.sinks());
         }
     }
 

@@ -97,16 +97,7 @@ impl IommuDevice {
         vring.disable_notification().map_err(io::Error::other)?;
         let started_polling = Instant::now();
         let found = {
-            let mut a = Answerer {
-                mem,
-                pending: &mut s.pending,
-                vring,
-                metrics,
-                limiter: &mut s.limiter,
-                trace: self.0.settings.tracer(),
-                keeper: self.0.settings.keeper.as_deref(),
-                used: false,
-            };
+            let mut a = Answerer::new(mem, vring, &mut s.pending, &mut s.limiter, self.sinks());
             let found = poll_for_work(
                 window,
                 vring,

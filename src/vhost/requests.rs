@@ -63,6 +63,46 @@ pub(super) struct Answerer<'a> {
     pub(super) used: bool,
 }
 
+/// Where answers leave their traces besides the ring: the counters, the request trace (while
+/// it is on) and the keeper of a restarted daemon's state (see `recovery`), if any.
+#[derive(Clone, Copy)]
+pub(super) struct Sinks<'a> {
+    pub(super) metrics: &'a Metrics,
+    pub(super) trace: Option<&'a crate::trace::Tracer>,
+    pub(super) keeper: Option<&'a crate::recovery::Keeper>,
+}
+
+impl IommuDevice {
+    pub(super) fn sinks(&self) -> Sinks<'_> {
+        Sinks {
+            metrics: &self.0.metrics,
+            trace: self.0.settings.tracer(),
+            keeper: self.0.settings.keeper.as_deref(),
+        }
+    }
+}
+
+impl<'a> Answerer<'a> {
+    pub(super) fn new(
+        mem: &'a GuestMemoryMmap,
+        vring: &'a VringRwLock,
+        pending: &'a mut PendingTable,
+        limiter: &'a mut LogLimiter,
+        sinks: Sinks<'a>,
+    ) -> Self {
+        Answerer {
+            mem,
+            pending,
+            vring,
+            metrics: sinks.metrics,
+            limiter,
+            trace: sinks.trace,
+            keeper: sinks.keeper,
+            used: false,
+        }
+    }
+}
+
 impl Answerer<'_> {
     /// Publishes the answer to the chain at `avail` (head `head`): `len` bytes written, `status`
     /// in the tail, `effect` the state change it made. The record comes first: a daemon killed
@@ -151,9 +191,7 @@ pub(super) fn drain(
     s: &mut Session,
     mem: Option<&GuestMemoryMmap>,
     vring: &VringRwLock,
-    metrics: &Metrics,
-    trace: Option<&crate::trace::Tracer>,
-    keeper: Option<&crate::recovery::Keeper>,
+    sinks: Sinks<'_>,
 ) {
     let Some(mem) = mem else {
         // Nowhere to write their tails: the requests are dropped with the ring.
@@ -161,16 +199,7 @@ pub(super) fn drain(
         s.dispatcher.completed().for_each(drop);
         return;
     };
-    let mut a = Answerer {
-        mem,
-        pending: &mut s.pending,
-        vring,
-        metrics,
-        limiter: &mut s.limiter,
-        trace,
-        keeper,
-        used: false,
-    };
+    let mut a = Answerer::new(mem, vring, &mut s.pending, &mut s.limiter, sinks);
     s.dispatcher.wait_idle();
     s.dispatcher.completed().for_each(|c| a.complete(c));
     if a.used {
@@ -303,17 +332,9 @@ impl IommuDevice {
             answers,
             ..
         } = s;
-        let trace = self.0.settings.tracer();
-        let mut a = Answerer {
-            mem: &mem,
-            pending,
-            vring,
-            metrics,
-            limiter,
-            trace,
-            keeper,
-            used: false,
-        };
+        let sinks = self.sinks();
+        let trace = sinks.trace;
+        let mut a = Answerer::new(&mem, vring, pending, limiter, sinks);
         let started = Instant::now();
         loop {
             // A guest that never stops sending must not keep the device to itself: after a
@@ -494,16 +515,7 @@ impl IommuDevice {
         else {
             return;
         };
-        let mut a = Answerer {
-            mem: &mem,
-            pending: &mut s.pending,
-            vring: &v,
-            metrics: &self.0.metrics,
-            limiter: &mut s.limiter,
-            trace: self.0.settings.tracer(),
-            keeper: self.0.settings.keeper.as_deref(),
-            used: false,
-        };
+        let mut a = Answerer::new(&mem, &v, &mut s.pending, &mut s.limiter, self.sinks());
         s.dispatcher.poll();
         s.dispatcher.completed().for_each(|c| a.complete(c));
         if a.used {

@@ -5,15 +5,12 @@ use crate::backend::soft::SoftBackend;
 /// One endpoint (1), soft-backend rules, inline, no polling.
 fn inline_settings() -> DeviceSettings {
     DeviceSettings {
-        endpoints: vec![EndpointId(1)],
-        boot_bypass: false,
-        rules: crate::bench::daemon::soft_rules(crate::domains::Limits::default()),
-        mode: Mode::Inline,
         poll: std::time::Duration::ZERO,
-        vmm: Default::default(),
-        trace: None,
-        keeper: None,
-        irq_watch: None,
+        ..DeviceSettings::new(
+            vec![EndpointId(1)],
+            crate::bench::daemon::soft_rules(crate::domains::Limits::default()),
+            Mode::Inline,
+        )
     }
 }
 

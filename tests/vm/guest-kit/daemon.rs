@@ -20,7 +20,7 @@ use vhost_user_iommu::metrics::Metrics;
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{MAP_F_READ, MAP_F_WRITE, Request, Status};
 use vhost_user_iommu::server::{Stopper, serve};
-use vhost_user_iommu::vhost::{DEFAULT_POLL, DeviceSettings, IommuDevice};
+use vhost_user_iommu::vhost::{DeviceSettings, IommuDevice};
 
 use crate::edu::{Edu, PAGE, Result, rules_from};
 
@@ -63,17 +63,11 @@ impl Daemon {
         let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let socket = dir.join("viommu.sock");
-        let settings = DeviceSettings {
-            endpoints: vec![EndpointId(1), EndpointId(2)],
-            boot_bypass: false,
-            rules: rules_from(&backend.constraints()),
+        let settings = DeviceSettings::new(
+            vec![EndpointId(1), EndpointId(2)],
+            rules_from(&backend.constraints()),
             mode,
-            poll: DEFAULT_POLL,
-            vmm: Default::default(),
-            trace: None,
-            keeper: None,
-            irq_watch: None,
-        };
+        );
         let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
         let stopper = Arc::new(Stopper::new().map_err(|e| format!("eventfd: {e}"))?);
         let devices = Arc::new(AtomicUsize::new(0));

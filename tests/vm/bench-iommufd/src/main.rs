@@ -1090,15 +1090,12 @@ fn daemon_rows(
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let socket = dir.join("viommu.sock");
     let settings = DeviceSettings {
-        endpoints: vec![EndpointId(1), EndpointId(2)],
-        boot_bypass: false,
-        rules: rules_from(&b.constraints()),
-        mode: Mode::Inline,
         poll,
-        vmm: Default::default(),
-        trace: None,
-        keeper: None,
-        irq_watch: None,
+        ..DeviceSettings::new(
+            vec![EndpointId(1), EndpointId(2)],
+            rules_from(&b.constraints()),
+            Mode::Inline,
+        )
     };
     let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
     let stopper = Arc::new(Stopper::new().map_err(|e| format!("eventfd: {e}"))?);
