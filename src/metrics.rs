@@ -28,6 +28,10 @@ pub struct Metrics {
     /// Times an assigned device's interrupt woke the vring thread and it found the guest's next
     /// request while polling after it (see `irq_watch`): a wake-up by a kick saved.
     pub irq_poll_hits: AtomicU64,
+    /// Times assigned devices' interrupts reached the vring thread (one per wake, however many
+    /// fired), and of them the times it polled the ring after them (the rest: paused windows).
+    pub irq_wakes: AtomicU64,
+    pub irq_polls: AtomicU64,
     /// Latency histogram per request type (ATTACH .. PROBE), and the sum of latencies.
     latency: [[AtomicU64; BUCKETS]; 5],
     latency_sum_ns: [AtomicU64; 5],
@@ -81,7 +85,7 @@ impl Metrics {
             .chain(self.depth.iter())
             .chain([&self.depth_sum, &self.batches])
             // Kept last: an older binary's handed-over counters are a prefix of this layout.
-            .chain([&self.irq_poll_hits])
+            .chain([&self.irq_poll_hits, &self.irq_wakes, &self.irq_polls])
     }
 
     /// The counters' values, for [`Metrics::import`] in the next binary.
@@ -141,6 +145,8 @@ impl Metrics {
             ("viommu_poll_hits_total", &self.poll_hits),
             ("viommu_wakeups_total", &self.wakeups),
             ("viommu_irq_poll_hits_total", &self.irq_poll_hits),
+            ("viommu_irq_wakes_total", &self.irq_wakes),
+            ("viommu_irq_polls_total", &self.irq_polls),
         ] {
             let _ = writeln!(
                 out,

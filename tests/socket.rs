@@ -916,11 +916,23 @@ fn a_device_interrupt_makes_the_sleeping_daemon_poll_for_the_guests_next_request
     d.wait_until("the polling after the NIC's interrupts ends", |_| {
         !vm.device_polls().unwrap()
     });
+    let (wakes, polls) = (
+        d.metrics.irq_wakes.load(Relaxed),
+        d.metrics.irq_polls.load(Relaxed),
+    );
     nic.write(1).unwrap();
+    d.wait_until("the NIC's interrupt reaches the daemon", |d| {
+        d.metrics.irq_wakes.load(Relaxed) > wakes
+    });
     std::thread::sleep(ms(20));
     assert!(
         !vm.device_polls().unwrap(),
         "unanswered interrupts still start polls"
+    );
+    assert_eq!(
+        d.metrics.irq_polls.load(Relaxed),
+        polls,
+        "a paused window polled"
     );
     irq.write(1).unwrap();
     d.wait_until(

@@ -84,9 +84,15 @@ impl IommuDevice {
                 }
             }
         }
+        metrics
+            .irq_wakes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if window.is_zero() {
             return Ok(false);
         }
+        metrics
+            .irq_polls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let learn = |s: &mut Session, f: &dyn Fn(&mut IrqWindow)| {
             for (i, w) in s.irq_windows.iter_mut().enumerate() {
                 if polled & (1 << i) != 0 {

@@ -129,7 +129,7 @@ one() {
     echo "PEERS-L1: config $c round $2 cpu: qemu $(cpu_s $qemu) s${daemon:+, daemon $(cpu_s $daemon) s} over $(echo "$(t) $started" | awk '{ printf "%.1f", $1 - $2 }') s"
     if [ -n "$daemon" ]; then
         echo "PEERS-L1: config $c round $2 daemon: $(vhost-user-iommu ctl --control-socket "$d/ctl.sock" metrics |
-            awk '$1 ~ /^viommu_(poll_hits_total|wakeups_total|irq_poll_hits_total)$/ { printf "%s=%s ", $1, $2 }
+            awk '$1 ~ /^viommu_(poll_hits_total|wakeups_total|irq_poll_hits_total|irq_wakes_total|irq_polls_total)$/ { printf "%s=%s ", $1, $2 }
                  $1 ~ /^viommu_request_latency_seconds_sum[{]/ { sum += $2 }
                  $1 ~ /^viommu_request_latency_seconds_count[{]/ { n += $2 }
                  $1 ~ /^viommu_backend_ioctl_seconds_sum[{]/ { io += $2 }
