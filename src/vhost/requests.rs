@@ -352,6 +352,12 @@ impl IommuDevice {
                 }
             }
             vring.disable_notification().map_err(io::Error::other)?;
+            // Interrupts that came before this batch are answered by it, or need no answer:
+            // only those after it may start a poll (stale ones would teach the devices' windows
+            // that their interrupts bring nothing).
+            if let Some(w) = &self.0.settings.irq_watch {
+                w.drain();
+            }
             // Requests served in this batch and when it began: the machine's speed, for the
             // polling window's ceiling.
             let batch = Instant::now();
