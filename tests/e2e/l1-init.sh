@@ -255,7 +255,7 @@ boot_l2 vm1 "iommu.strict=1"
 if wait_end 1; then
     l2_verdict "vm1 boot 1" 1
     bars_mmapped
-    echo "E2E-L1: INFO: the daemon's requests so far: $(metric viommu_poll_hits_total) found by polling after an answer, $(metric viommu_irq_poll_hits_total) after a device interrupt, $(metric viommu_wakeups_total) after a wake-up by a kick"
+    echo "E2E-L1: INFO: the daemon's requests so far: $(metric viommu_poll_hits_total) found by polling after an answer, $(metric viommu_irq_poll_hits_total) after a device interrupt (of $(metric viommu_irq_polls_total) polls after $(metric viommu_irq_wakes_total) interrupt wake-ups), $(metric viommu_wakeups_total) after a wake-up by a kick"
     firmware_blocked vm1
     live=$(grep -a 'E2E-L2: END' "$log" | head -n 1 | sed -n 's/.*live_mappings=\([0-9]*\).*/\1/p')
     # The NVMe controller (endpoint 48), the NIC (56) and the VF (72) are in the DMA domains of
