@@ -82,6 +82,10 @@ def cost_table(costs, order):
         hits = sum(r.get("viommu_poll_hits_total", 0) for r in rows)
         wakes = sum(r.get("viommu_wakeups_total", 0) for r in rows)
         irq_hits = sum(r.get("viommu_irq_poll_hits_total", 0) for r in rows)
+        irq_polls = sum(r.get("viommu_irq_polls_total", 0) for r in rows)
+        irq_wakes = sum(r.get("viommu_irq_wakes_total", 0) for r in rows)
+        irq = f"{irq_hits:.0f}" + (f" of {irq_polls:.0f} polls, {irq_wakes:.0f} interrupt wake-ups"
+                                   if irq_wakes else "")
         n = sum(r.get("viommu_request_latency_seconds_count", 0) for r in rows)
         svc = sum(r.get("viommu_request_latency_seconds_sum", 0) for r in rows) / n * 1e6 if n else None
         io_rows = [r for r in rows if "viommu_backend_ioctl_seconds_sum" in r]
@@ -94,7 +98,7 @@ def cost_table(costs, order):
         daemon = c.startswith("d")
         out.append(
             f"| {label(c)} | {q:.1f} | {d:.1f} | {share:.2f} | "
-            + (f"{hits:.0f} | {irq_hits:.0f} | {wakes:.0f} | {svc:.0f} | {'–' if io is None else f'{io:.0f} of {io_svc:.0f}'} |"
+            + (f"{hits:.0f} | {irq} | {wakes:.0f} | {svc:.0f} | {'–' if io is None else f'{io:.0f} of {io_svc:.0f}'} |"
                if daemon and svc is not None else "– | – | – | – | – |")
         )
     out.append("")
