@@ -78,8 +78,8 @@ pub struct VmConfig {
     pub probe_size: Option<u32>,
     /// Polling window of the vring thread in microseconds (0 disables polling).
     pub poll_us: Option<u64>,
-    /// Poll for the guest's next request after an assigned device's interrupt (default true;
-    /// see `irq_watch`).
+    /// Poll for the guest's next request after an assigned device's interrupt (default false;
+    /// see `irq_watch` and BENCHMARKS.md, "Polling after device interrupts").
     pub poll_after_irq: Option<bool>,
     pub limits: Option<LimitsConfig>,
     /// The virtio-iommu device's PCI address in the guest, e.g. "00:03.0" (for the VIOT table).

@@ -160,9 +160,10 @@ firmware_reached() {
     fi
 }
 
-# The request trace is on for VM 1: it shows which vfio-user messages the devices' I/O caused.
+# The request trace is on for VM 1: it shows which vfio-user messages the devices' I/O caused;
+# so is polling after device interrupts (off by default), to run it with real devices.
 trace=/run/e2e/trace-vm1.jsonl
-start_daemon /run/e2e/daemon-vm1.log --trace $trace
+start_daemon /run/e2e/daemon-vm1.log --trace $trace --poll-after-irq
 
 # bars_mmapped: L1's QEMU maps the BARs of the NVMe controller, the NIC and the VF from the VFIO
 # device fd the daemon hands over (sparse mmap areas), so L2's drivers ring doorbells and touch

@@ -6,7 +6,7 @@
 #   c  QEMU's own intel-iommu (caching mode) + vfio-pci (iommufd backend)
 #   d  this daemon: the README's command line (vhost-user virtio-iommu + vfio-user devices)
 #   dN the daemon as d, with its polling window set to N µs (`poll_us = N` in its config)
-#   dnoirq the daemon as d, not polling after its devices' interrupts (`poll_after_irq = false`)
+#   dirq the daemon as d, polling after its devices' interrupts (`poll_after_irq = true`)
 # Rounds interleave the configurations (the order rotates each round) so that drift and noise
 # show in the spread of the results. L2's BENCH lines reach this console prefixed `L2| `.
 # bind_devices, start_nic_peer, start_vm (the README's command line), l1_boot: shared with
@@ -71,9 +71,9 @@ one() {
     daemon=
     case $c in d*)
         conf=$cfg
-        if [ "$c" = dnoirq ]; then
+        if [ "$c" = dirq ]; then
             conf=$d/vm1.toml
-            { echo "poll_after_irq = false"; cat $cfg; } >"$conf"
+            { echo "poll_after_irq = true"; cat $cfg; } >"$conf"
         elif [ "$c" != d ]; then
             conf=$d/vm1.toml
             { echo "poll_us = ${c#d}"; cat $cfg; } >"$conf"

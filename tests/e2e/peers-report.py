@@ -157,7 +157,9 @@ def label(c):
     """The heading of configuration c (dN: the daemon with an N µs polling window)."""
     if c in CONFIGS:
         return f"({c}) {CONFIGS[c]}"
-    if c == "dnoirq":
+    if c == "dirq":
+        return "(dirq) daemon, polling after device interrupts"
+    if c == "dnoirq":  # consoles of the runs where polling after interrupts was the default
         return "(dnoirq) daemon, no polling after device interrupts"
     return f"({c}) daemon, poll {c[1:]} µs"
 
@@ -167,7 +169,7 @@ def configs_of(runs):
     seen = {c for per in runs.values() for c in per}
     extra = sorted((c for c in seen if c not in CONFIGS and c[:1] == "d" and c[1:].isdigit()),
                    key=lambda c: int(c[1:]))
-    return list("abcd") + extra + (["dnoirq"] if "dnoirq" in seen else [])
+    return list("abcd") + extra + [c for c in ("dirq", "dnoirq") if c in seen]
 
 
 def table(runs):

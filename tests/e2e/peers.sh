@@ -12,7 +12,7 @@
 # Usage: tests/e2e/peers.sh [--rounds N] [--secs S] [--configs a,b,c,d] [--l1-append ARGS]
 #                           [--busy-main-loop] [--out PREFIX]
 #   --configs also takes dN: the daemon as in d with a polling window of N µs (`poll_us`), and
-#   dnoirq: the daemon as in d, not polling after its devices' interrupts (`poll_after_irq`).
+#   dirq: the daemon as in d, polling after its devices' interrupts (`poll_after_irq = true`).
 #   --l1-append adds ARGS to L1's kernel command line, e.g. `idle=poll` (L1's idle vCPUs spin
 #   instead of halting, as KVM's halt polling makes hosts behave).
 #   --busy-main-loop keeps L2's QEMU main loop busy throughout every configuration (a monitor

@@ -54,6 +54,10 @@ pub(crate) struct ServeArgs {
     /// request before sleeping until a kick (0 disables polling; at most 1000000).
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=vhost_user_iommu::config::MAX_POLL_US))]
     poll_us: Option<u64>,
+    /// After an assigned device's interrupt, poll the request ring for the guest's answer
+    /// (config `poll_after_irq`; default off).
+    #[arg(long)]
+    poll_after_irq: bool,
     /// Serve this endpoint id (repeatable); overrides the config file's endpoint ids.
     #[arg(long = "endpoint")]
     endpoints: Vec<u32>,
@@ -370,9 +374,7 @@ fn run_resumed(
             .map_err(|e| format!("cannot write the trace {}: {e}", p.display()))?,
         None => vhost_user_iommu::trace::Tracer::off(),
     });
-    let irq_watch = cfg
-        .poll_after_irq
-        .unwrap_or(true)
+    let irq_watch = (a.poll_after_irq || cfg.poll_after_irq.unwrap_or(false))
         .then(vhost_user_iommu::irq_watch::IrqWatch::new)
         .transpose()
         .map_err(|e| format!("cannot create the interrupt watch: {e}"))?
