@@ -82,10 +82,15 @@ def cost_table(costs, order):
         hits = sum(r.get("viommu_poll_hits_total", 0) for r in rows)
         wakes = sum(r.get("viommu_wakeups_total", 0) for r in rows)
         irq_hits = sum(r.get("viommu_irq_poll_hits_total", 0) for r in rows)
-        irq_polls = sum(r.get("viommu_irq_polls_total", 0) for r in rows)
-        irq_wakes = sum(r.get("viommu_irq_wakes_total", 0) for r in rows)
-        irq = f"{irq_hits:.0f}" + (f" of {irq_polls:.0f} polls, {irq_wakes:.0f} interrupt wake-ups"
-                                   if irq_wakes else "")
+        # The polls and interrupt wake-ups behind the hits, from the rounds that count them.
+        counted = [r for r in rows if "viommu_irq_wakes_total" in r]
+        irq = f"{irq_hits:.0f}"
+        if any(r["viommu_irq_wakes_total"] for r in counted):
+            irq += (f" ({sum(r['viommu_irq_poll_hits_total'] for r in counted):.0f} of "
+                    f"{sum(r['viommu_irq_polls_total'] for r in counted):.0f} polls after "
+                    f"{sum(r['viommu_irq_wakes_total'] for r in counted):.0f} interrupt wake-ups"
+                    + (f", {len(counted)} of {len(rows)} rounds" if len(counted) < len(rows) else "")
+                    + ")")
         n = sum(r.get("viommu_request_latency_seconds_count", 0) for r in rows)
         svc = sum(r.get("viommu_request_latency_seconds_sum", 0) for r in rows) / n * 1e6 if n else None
         io_rows = [r for r in rows if "viommu_backend_ioctl_seconds_sum" in r]
