@@ -29,8 +29,9 @@ pub struct Metrics {
     /// request while polling after it (see `irq_watch`): a wake-up by a kick saved.
     pub irq_poll_hits: AtomicU64,
     /// Times assigned devices' interrupts reached the vring thread (one per wake, however many
-    /// fired), and of them the times it polled the ring after them (the rest: paused windows).
+    /// fired).
     pub irq_wakes: AtomicU64,
+    /// Of `irq_wakes`, the times it polled the ring after them (the rest: paused windows).
     pub irq_polls: AtomicU64,
     /// Latency histogram per request type (ATTACH .. PROBE), and the sum of latencies.
     latency: [[AtomicU64; BUCKETS]; 5],

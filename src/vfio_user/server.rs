@@ -121,13 +121,13 @@ impl DeviceServer {
         self
     }
 
-    /// Writes a line per message into the daemon's request trace while it is on.
     /// Watches the interrupt eventfds the client sets (see `irq_watch`).
     pub fn irq_watch(mut self, watch: Arc<crate::irq_watch::IrqWatch>) -> Self {
         self.irq_watch = Some(watch);
         self
     }
 
+    /// Writes a line per message into the daemon's request trace while it is on.
     pub fn trace(mut self, trace: Arc<crate::trace::Tracer>) -> Self {
         self.trace = Some(trace);
         self

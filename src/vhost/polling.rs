@@ -93,13 +93,6 @@ impl IommuDevice {
         metrics
             .irq_polls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let learn = |s: &mut Session, f: &dyn Fn(&mut IrqWindow)| {
-            for (i, w) in s.irq_windows.iter_mut().enumerate() {
-                if polled & (1 << i) != 0 {
-                    f(w);
-                }
-            }
-        };
         vring.disable_notification().map_err(io::Error::other)?;
         let started_polling = Instant::now();
         let found = {
@@ -117,17 +110,23 @@ impl IommuDevice {
             }
             found
         };
+        let after = started_polling.elapsed();
+        let windows = s.irq_windows.iter_mut().enumerate();
+        for (_, w) in windows.filter(|(i, _)| polled & (1 << i) != 0) {
+            if found {
+                w.hit(after, ceiling);
+            } else {
+                w.missed(ceiling);
+            }
+        }
         if found {
             // The interrupt bridged the guest's gap: no wake-up by a kick.
-            let after = started_polling.elapsed();
-            learn(s, &|w| w.hit(after, ceiling));
             s.quiet_since = None;
             metrics
                 .irq_poll_hits
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(true)
         } else {
-            learn(s, &|w| w.missed(ceiling));
             // A request that came as the window closed is served as a kick's would be.
             vring.enable_notification().map_err(io::Error::other)
         }

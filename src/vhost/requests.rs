@@ -52,14 +52,15 @@ impl RingMark {
 
 /// Everything `complete` needs besides the dispatcher, so both can be borrowed at once.
 pub(super) struct Answerer<'a> {
-    pub(super) mem: &'a GuestMemoryMmap,
-    pub(super) pending: &'a mut PendingTable,
-    pub(super) vring: &'a VringRwLock,
-    pub(super) metrics: &'a Metrics,
-    pub(super) limiter: &'a mut LogLimiter,
-    pub(super) trace: Option<&'a crate::trace::Tracer>,
+    mem: &'a GuestMemoryMmap,
+    pending: &'a mut PendingTable,
+    vring: &'a VringRwLock,
+    metrics: &'a Metrics,
+    limiter: &'a mut LogLimiter,
+    trace: Option<&'a crate::trace::Tracer>,
     /// Where answers are recorded for a restarted daemon (see `recovery`), if anywhere.
-    pub(super) keeper: Option<&'a crate::recovery::Keeper>,
+    keeper: Option<&'a crate::recovery::Keeper>,
+    /// Something was added to the used ring since the guest was last notified.
     pub(super) used: bool,
 }
 
@@ -270,7 +271,7 @@ fn make_nonblocking(fd: i32) {
 
 /// What woke the vring thread to look at the request ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Wake {
+pub(super) enum Wake {
     /// The guest kicked, or the thread comes back after yielding.
     Kick,
     /// Assigned devices raised interrupts (a bit per device, see `irq_watch`): the guest's
