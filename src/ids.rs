@@ -13,16 +13,22 @@ pub struct DomainId(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EndpointId(pub u32);
 
-impl fmt::Display for DomainId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "domain {}", self.0)
-    }
+/// `Display` for a newtype: the value with what it is in front ("domain 3", "IOVA 0x1000").
+macro_rules! display_as {
+    ($($ty:ty => $fmt:literal;)*) => {$(
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, $fmt, self.0)
+            }
+        }
+    )*};
 }
 
-impl fmt::Display for EndpointId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "endpoint {}", self.0)
-    }
+display_as! {
+    DomainId => "domain {}";
+    EndpointId => "endpoint {}";
+    Iova => "IOVA {:#x}";
+    Gpa => "GPA {:#x}";
 }
 
 /// An I/O virtual address: what a device puts on the bus inside a domain.
@@ -33,29 +39,18 @@ pub struct Iova(pub u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Gpa(pub u64);
 
-impl fmt::Display for Iova {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "IOVA {:#x}", self.0)
-    }
+/// `{:x}` of an address is its number's.
+macro_rules! lower_hex {
+    ($($ty:ty),*) => {$(
+        impl fmt::LowerHex for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::LowerHex::fmt(&self.0, f)
+            }
+        }
+    )*};
 }
 
-impl fmt::Display for Gpa {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "GPA {:#x}", self.0)
-    }
-}
-
-impl fmt::LowerHex for Iova {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::LowerHex::fmt(&self.0, f)
-    }
-}
-
-impl fmt::LowerHex for Gpa {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::LowerHex::fmt(&self.0, f)
-    }
-}
+lower_hex!(Iova, Gpa);
 
 /// Which address space a [`Range`] is in: the type parameter that keeps an IOVA range from
 /// being passed where a guest-physical one belongs.

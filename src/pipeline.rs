@@ -36,7 +36,7 @@ use crate::domains::{
 };
 use crate::guest_ram::GuestRam;
 use crate::ids::{DomainId, EndpointId};
-use crate::protocol::Request;
+use crate::protocol::{MapRequest, Request};
 
 /// Where requests execute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -323,7 +323,7 @@ impl Dispatcher {
     /// that complete while a barrier waits for them are kept for [`Dispatcher::completed`].
     pub fn submit(&mut self, req: Request, token: u64, probe_out: &mut [u8]) -> Submitted {
         match req {
-            Request::Map { domain, .. } | Request::Unmap { domain, .. } => {
+            Request::Map(MapRequest { domain, .. }) | Request::Unmap { domain, .. } => {
                 self.route(domain, Work::Request(token, req))
             }
             Request::Attach {

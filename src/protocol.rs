@@ -164,13 +164,7 @@ pub enum Request {
         domain: DomainId,
         endpoint: EndpointId,
     },
-    Map {
-        domain: DomainId,
-        virt_start: Iova,
-        virt_end: Iova,
-        phys_start: Gpa,
-        flags: MapFlags,
-    },
+    Map(MapRequest),
     Unmap {
         domain: DomainId,
         virt_start: Iova,
@@ -180,6 +174,17 @@ pub enum Request {
     Probe {
         endpoint: EndpointId,
     },
+}
+
+/// A MAP request (§5.13.6.4): IOVAs `[virt_start, virt_end]` of `domain` to the guest-physical
+/// range starting at `phys_start`, with `flags` (MAP_F_*). As the guest wrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapRequest {
+    pub domain: DomainId,
+    pub virt_start: Iova,
+    pub virt_end: Iova,
+    pub phys_start: Gpa,
+    pub flags: MapFlags,
 }
 
 /// Why the device-readable part of a chain is not a request.
@@ -227,13 +232,13 @@ impl Request {
 
     /// MAP of IOVAs `[start, end]` to GPA `phys` with `flags` (MAP_F_*).
     pub fn map(domain: u32, start: u64, end: u64, phys: u64, flags: u32) -> Request {
-        Request::Map {
+        Request::Map(MapRequest {
             domain: DomainId(domain),
             virt_start: Iova(start),
             virt_end: Iova(end),
             phys_start: Gpa(phys),
             flags: MapFlags(flags),
-        }
+        })
     }
 
     /// UNMAP of IOVAs `[start, end]`.
@@ -291,13 +296,13 @@ impl Request {
             }
             RequestType::Map => {
                 let w: wire::Map = wire::read(b);
-                Request::Map {
+                Request::Map(MapRequest {
                     domain: DomainId(w.domain.into()),
                     virt_start: Iova(w.virt_start.into()),
                     virt_end: Iova(w.virt_end.into()),
                     phys_start: Gpa(w.phys_start.into()),
                     flags: MapFlags(w.flags.into()),
-                }
+                })
             }
             RequestType::Unmap => {
                 let w: wire::Unmap = wire::read(b);
@@ -321,7 +326,7 @@ impl Request {
         match self {
             Request::Attach { .. } => RequestType::Attach,
             Request::Detach { .. } => RequestType::Detach,
-            Request::Map { .. } => RequestType::Map,
+            Request::Map(_) => RequestType::Map,
             Request::Unmap { .. } => RequestType::Unmap,
             Request::Probe { .. } => RequestType::Probe,
         }
@@ -359,19 +364,13 @@ impl Request {
                 reserved: [0; 8],
             }
             .as_slice()),
-            Request::Map {
-                domain,
-                virt_start,
-                virt_end,
-                phys_start,
-                flags,
-            } => put(wire::Map {
+            Request::Map(m) => put(wire::Map {
                 head,
-                domain: domain.0.into(),
-                virt_start: virt_start.0.into(),
-                virt_end: virt_end.0.into(),
-                phys_start: phys_start.0.into(),
-                flags: flags.0.into(),
+                domain: m.domain.0.into(),
+                virt_start: m.virt_start.0.into(),
+                virt_end: m.virt_end.0.into(),
+                phys_start: m.phys_start.0.into(),
+                flags: m.flags.0.into(),
             }
             .as_slice()),
             Request::Unmap {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use crate::backend::soft::Fault;
 use crate::ids::{DomainId, EndpointId, Gpa, Iova};
-use crate::protocol::{MapFlags, Request, Status};
+use crate::protocol::{MapFlags, MapRequest, Request, Status};
 
 /// Endpoints the model (and the tests' daemon) serve.
 pub const ENDPOINTS: [u32; 4] = [1, 2, 3, 4];
@@ -96,13 +96,13 @@ impl Model {
                 self.leave(e);
                 Status::Ok
             }
-            Request::Map {
+            Request::Map(MapRequest {
                 domain: DomainId(d),
                 virt_start: Iova(s),
                 virt_end: Iova(e),
                 phys_start: Gpa(p),
                 flags: MapFlags(flags),
-            } => {
+            }) => {
                 if flags & !7 != 0 {
                     return Status::Inval;
                 }
@@ -258,13 +258,13 @@ pub fn random_request(r: &mut Rng) -> Request {
                 1 => !0xfff,
                 _ => r.below(RAM / PAGE) * PAGE,
             };
-            Request::Map {
+            Request::Map(MapRequest {
                 domain,
                 virt_start: Iova(s),
                 virt_end: Iova(s + len - 1 - if r.below(30) == 0 { 1 } else { 0 }),
                 phys_start: Gpa(phys),
                 flags: MapFlags([3, 3, 3, 1, 2, 0, 4, 8][r.below(8) as usize]),
-            }
+            })
         }
         _ => {
             let s = page(r);

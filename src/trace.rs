@@ -188,17 +188,11 @@ impl Tracer {
                 Request::Detach { domain, endpoint } => {
                     write!(o, "\"domain\":{},\"endpoint\":{}", domain.0, endpoint.0)?
                 }
-                Request::Map {
-                    domain,
-                    virt_start,
-                    virt_end,
-                    phys_start,
-                    flags,
-                } => write!(
+                Request::Map(m) => write!(
                     o,
-                    "\"domain\":{},\"start\":\"{virt_start:#x}\",\"end\":\"{virt_end:#x}\",\
-                     \"phys\":\"{phys_start:#x}\",\"flags\":{}",
-                    domain.0, flags.0
+                    "\"domain\":{},\"start\":\"{:#x}\",\"end\":\"{:#x}\",\"phys\":\"{:#x}\",\
+                     \"flags\":{}",
+                    m.domain.0, m.virt_start, m.virt_end, m.phys_start, m.flags.0
                 )?,
                 Request::Unmap {
                     domain,

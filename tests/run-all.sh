@@ -24,8 +24,9 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings (the daemon and the guest programs)"
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "cargo test (unit, socket, model, CLI tiers)"
+step "cargo test (unit, socket, model, CLI tiers; the ioctl crate's request numbers)"
 cargo test --all-targets
+cargo test -p viommu-uapi
 
 step "cross-VM isolation: VM A's VMM against VM B's daemon, with real uids (root)"
 if [ "$(id -u)" = 0 ]; then

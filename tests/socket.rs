@@ -7,7 +7,7 @@ use common::{Daemon, ENDPOINTS, Options, RW, TIMEOUT};
 use vhost_user_iommu::backend::fault::Op;
 use vhost_user_iommu::backend::soft::Fault;
 use vhost_user_iommu::domains::Limits;
-use vhost_user_iommu::driver::{Desc, VmOptions};
+use vhost_user_iommu::driver::{Claim, Desc, VmOptions};
 use vhost_user_iommu::ids::{DomainId, EndpointId};
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{
@@ -683,17 +683,22 @@ fn a_memory_region_beyond_the_end_of_its_file_is_refused_and_the_daemon_serves_o
         (2 * MIB, 2 * MIB, 4096),
         (2 * MIB, MIB, 2 * MIB),
     ];
-    for (i, &(file, size, offset)) in lies.iter().enumerate() {
+    let claim = |(file_size, memory_size, mmap_offset)| Claim {
+        gpa: extra,
+        file_size,
+        memory_size,
+        mmap_offset,
+    };
+    for (i, &lie) in lies.iter().enumerate() {
         let mut vm = d.connect();
         assert!(
-            vm.add_region_claiming(extra, file, size, offset).is_err(),
+            vm.add_region_claiming(claim(lie)).is_err(),
             "ADD_MEM_REG {i} accepted"
         );
         drop(vm);
         let mut vm = d.connect();
         assert!(
-            vm.set_mem_table_claiming(extra, file, size, offset)
-                .is_err(),
+            vm.set_mem_table_claiming(claim(lie)).is_err(),
             "SET_MEM_TABLE {i} accepted"
         );
         drop(vm);
@@ -701,7 +706,7 @@ fn a_memory_region_beyond_the_end_of_its_file_is_refused_and_the_daemon_serves_o
     // Still serving, and an honest region still goes through.
     let mut vm = d.connect();
     assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
-    vm.add_region_claiming(extra, 2 * MIB, MIB, MIB).unwrap();
+    vm.add_region_claiming(claim((2 * MIB, MIB, MIB))).unwrap();
     assert_eq!(
         vm.request(&R::map(1, 0, 0xfff, extra, RW)).unwrap(),
         Status::Ok

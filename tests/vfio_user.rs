@@ -162,14 +162,8 @@ impl AssignedDevice for Fake {
                 caps: vec![
                     // The kernel's own areas: a hole at 0x1000..0x2000.
                     RegionCap::sparse_mmap(&[
-                        SparseArea {
-                            offset: 0,
-                            size: 0x1000,
-                        },
-                        SparseArea {
-                            offset: 0x2000,
-                            size: 0x2000,
-                        },
+                        SparseArea::new(0, 0x1000),
+                        SparseArea::new(0x2000, 0x2000),
                     ]),
                     RegionCap {
                         id: CAP_MSIX_MAPPABLE,

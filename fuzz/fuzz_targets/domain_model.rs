@@ -14,7 +14,7 @@ use vhost_user_iommu::domains::{Limits, RamCaps, Rules, status_of};
 use vhost_user_iommu::guest_ram::{GuestRam, RamRegion};
 use vhost_user_iommu::ids::{DomainId, EndpointId, Gpa, GpaRange, Iova};
 use vhost_user_iommu::pipeline::{Dispatcher, Mode, Submitted};
-use vhost_user_iommu::protocol::{MapFlags, Request};
+use vhost_user_iommu::protocol::{MapFlags, MapRequest, Request};
 use vhost_user_iommu::testing::{ENDPOINTS, Model, PAGE, RAM};
 
 fn le64(b: &[u8]) -> u64 {
@@ -49,13 +49,13 @@ fn request(c: &[u8]) -> Request {
                 1 => RAM - PAGE,
                 _ => u64::from(c[7]) * PAGE * 8,
             };
-            Request::Map {
+            Request::Map(MapRequest {
                 domain,
                 virt_start: Iova(s),
                 virt_end: Iova((s + len - 1).wrapping_sub(u64::from(c[6] >> 7))),
                 phys_start: Gpa(phys),
                 flags: MapFlags(u32::from(c[7] % 16)),
-            }
+            })
         }
         3 => {
             let s = page(c[4]);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use vhost_user_iommu::bench::daemon::{LocalDaemon, LocalOptions};
-use vhost_user_iommu::driver::{TestVm, VmOptions};
+use vhost_user_iommu::driver::{Claim, TestVm, VmOptions};
 use vhost_user_iommu::protocol::{Request, Status};
 use vhost_user_iommu::testing::{Rng, random_request};
 
@@ -64,8 +64,12 @@ fuzz_target!(|data: &[u8]| {
             4 => vm.add_region(gpa, size),
             5 => {
                 // More memory than the file holds, or an offset past its end.
-                let file = (a >> 8) % (4 << 20);
-                vm.add_region_claiming(gpa, file, size, (a >> 32) & 0x3f_f000)
+                vm.add_region_claiming(Claim {
+                    gpa,
+                    file_size: (a >> 8) % (4 << 20),
+                    memory_size: size,
+                    mmap_offset: (a >> 32) & 0x3f_f000,
+                })
             }
             6 => vm.remove_region(gpa),
             7 => vm.pause_and_resume().map(drop),

@@ -11,10 +11,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vhost_user_iommu::bench::daemon::{LocalDaemon, LocalOptions};
 use vhost_user_iommu::driver::{TestVm, VmOptions};
 use vhost_user_iommu::protocol::{Request, Status};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 fn daemon() -> &'static LocalDaemon {
     static D: OnceLock<LocalDaemon> = OnceLock::new();

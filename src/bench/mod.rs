@@ -19,7 +19,7 @@ use crate::driver::{DriverError, TestVm, VmOptions};
 use crate::guest_ram::HostLocation;
 use crate::ids::{IovaRange, Perms};
 use crate::pipeline::Mode;
-use crate::protocol::{MAP_F_READ, MAP_F_WRITE, Request, Status};
+use crate::protocol::{MAP_F_READ, MAP_F_WRITE, MapRequest, Request, Status};
 use daemon::{LocalDaemon, LocalOptions};
 
 /// The request pattern of one workload.
@@ -275,13 +275,13 @@ pub fn run_raw(w: &Workload, rounds: usize) -> Measurement {
     let timed = time_kicks(&kicks(w, rounds), |kick| {
         for r in kick {
             match *r {
-                Request::Map {
+                Request::Map(MapRequest {
                     domain,
                     virt_start,
                     virt_end,
                     phys_start,
                     ..
-                } => {
+                }) => {
                     let op = MapOp {
                         iova: IovaRange::of(virt_start, virt_end).expect("valid"),
                         gpa: phys_start.0,
@@ -336,7 +336,7 @@ fn time_kicks(
     let pairs = plan
         .iter()
         .flatten()
-        .filter(|r| matches!(r, Request::Map { .. }))
+        .filter(|r| matches!(r, Request::Map(_)))
         .count() as u64;
     Ok((requests, pairs, elapsed, lat))
 }

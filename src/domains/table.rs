@@ -12,8 +12,8 @@ use super::validate::{self, Unmapping};
 use super::*;
 use crate::backend::{DmaBackend, HwDomain};
 use crate::guest_ram::{GuestRam, HostLocation};
-use crate::ids::{Gpa, GpaRange, Iova};
-use crate::protocol::{MapFlags, Request};
+use crate::ids::{GpaRange, Iova};
+use crate::protocol::{MapRequest, Request};
 
 enum ShardDomain {
     Bypass,
@@ -99,13 +99,7 @@ impl DomainTable {
     /// dispatcher never sends one) and gets DEVERR.
     pub fn execute(&mut self, req: &Request) -> Outcome {
         match *req {
-            Request::Map {
-                domain,
-                virt_start,
-                virt_end,
-                phys_start,
-                flags,
-            } => self.map(domain, (virt_start, virt_end, phys_start, flags)),
+            Request::Map(ref m) => self.map(m),
             Request::Unmap {
                 domain,
                 virt_start,
@@ -117,13 +111,13 @@ impl DomainTable {
     }
 
     /// MAP (§5.13.6.4): validated, then done by the backend, then committed to the shadow.
-    pub fn map(&mut self, domain: DomainId, args: (Iova, Iova, Gpa, MapFlags)) -> Outcome {
-        validate::map_flags(args.3)?;
+    pub fn map(&mut self, m: &MapRequest) -> Outcome {
+        validate::map_flags(m.flags)?;
         let rules = self.rules.clone();
         let ram = self.ram.clone();
         let total = self.total_mappings.clone();
-        let (hw, maps) = self.paging(domain)?;
-        let op = validate::map(&rules, &ram, maps, total.load(Ordering::Relaxed), args)?;
+        let (hw, maps) = self.paging(m.domain)?;
+        let op = validate::map(&rules, &ram, maps, total.load(Ordering::Relaxed), m)?;
         // The total cap is shared with the other shards: reserve a place before the backend
         // call, give it back if that fails.
         if total.fetch_add(1, Ordering::Relaxed) >= rules.limits.max_mappings_total {

@@ -7,8 +7,8 @@ use super::shadow::Shadow;
 use super::*;
 use crate::backend::MapOp;
 use crate::guest_ram::GuestRam;
-use crate::ids::{Gpa, GpaRange, Iova, Perms};
-use crate::protocol::MapFlags;
+use crate::ids::{GpaRange, Iova, Perms};
+use crate::protocol::{MapFlags, MapRequest};
 
 /// The flags alone, checked before the domain is looked up (an unknown bit is INVAL whatever
 /// the domain).
@@ -26,8 +26,15 @@ pub fn map(
     ram: &GuestRam,
     maps: &Shadow,
     held: usize,
-    (start, end, gpa, flags): (Iova, Iova, Gpa, MapFlags),
+    m: &MapRequest,
 ) -> Result<MapOp, Rejection> {
+    let MapRequest {
+        virt_start: start,
+        virt_end: end,
+        phys_start: gpa,
+        flags,
+        ..
+    } = *m;
     if flags.mmio() {
         return Err(Rejection::rule(Status::Unsupp, Rule::Mmio));
     }
@@ -133,6 +140,17 @@ mod tests {
 
     const PAGE: u64 = 0x1000;
 
+    /// A MAP of `[s, e]` to `gpa` (the domain plays no part in the decision).
+    fn req((s, e): (Iova, Iova), gpa: u64, flags: MapFlags) -> MapRequest {
+        MapRequest {
+            domain: crate::ids::DomainId(1),
+            virt_start: s,
+            virt_end: e,
+            phys_start: crate::ids::Gpa(gpa),
+            flags,
+        }
+    }
+
     /// A shadow holding `[start, end]` pairs (page numbers) mapped 1:1.
     fn shadow(pages: &[(u64, u64)]) -> Shadow {
         let mut s = Shadow::default();
@@ -202,7 +220,7 @@ mod tests {
                 &ram,
                 &shadow(&[]),
                 0,
-                (Iova(0x4000), Iova(0x4fff), Gpa(gpa), MapFlags::RW),
+                &req((Iova(0x4000), Iova(0x4fff)), gpa, MapFlags::RW),
             ))
         };
         assert_eq!(m(0x1002), Status::Range);
@@ -214,8 +232,8 @@ mod tests {
     fn map_decides_every_status_without_a_backend() {
         let (rules, ram) = (rules(), ram());
         let rw = MapFlags::RW;
-        let m = |maps: &Shadow, held, (s, e): (Iova, Iova), gpa, flags| {
-            status(map(&rules, &ram, maps, held, (s, e, Gpa(gpa), flags)))
+        let m = |maps: &Shadow, held, range, gpa, flags| {
+            status(map(&rules, &ram, maps, held, &req(range, gpa, flags)))
         };
         let empty = shadow(&[]);
         assert_eq!(m(&empty, 0, pages(0, 0), 0, rw), Status::Ok);
@@ -246,12 +264,7 @@ mod tests {
             &ram(),
             &shadow(&[]),
             0,
-            (
-                Iova(PAGE),
-                Iova(2 * PAGE - 1),
-                Gpa(3 * PAGE),
-                MapFlags::READ,
-            ),
+            &req((Iova(PAGE), Iova(2 * PAGE - 1)), 3 * PAGE, MapFlags::READ),
         )
         .unwrap();
         assert_eq!(op.iova, range(1, 1));

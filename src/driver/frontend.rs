@@ -562,5 +562,6 @@ mod rings;
 #[cfg(test)]
 mod tests;
 mod vmm_ops;
+pub use vmm_ops::Claim;
 
 use rings::{Layout, Queue, post_event_buffer};

@@ -11,26 +11,24 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::ptr;
 use std::sync::atomic::{AtomicU16, Ordering};
 
+use vm_memory::{FileOffset, MmapRegion};
+
 use super::DriverError;
 
 /// A memfd-backed piece of guest-physical memory, `[base, base + size)`.
 ///
 /// [`GuestRam::new`] builds the VM's main RAM at GPA 0; extra regions (hot-added with
 /// `ADD_MEM_REG`) use [`GuestRam::new_at`].
+///
+/// All accesses go through bounds-checked methods that copy bytes or use atomics, so sharing it
+/// between threads is no different from sharing the memory with the daemon process.
 #[derive(Debug)]
 pub struct GuestRam {
-    file: File,
-    ptr: *mut u8,
+    /// The memfd, mapped shared and writable; unmapped when dropped.
+    map: MmapRegion,
     base: u64,
     size: u64,
 }
-
-// SAFETY: the mapping is owned by this value and lives until `drop`; all accesses go through
-// bounds-checked methods that copy bytes or use atomics, so sharing the pointer between threads
-// is no different from sharing the memory with the daemon process, which we do anyway.
-unsafe impl Send for GuestRam {}
-// SAFETY: see `Send`: no method hands out references into the mapping.
-unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
     /// Guest RAM at GPA `0..size`.
@@ -57,27 +55,9 @@ impl GuestRam {
         // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)?;
-        // SAFETY: mapping a fresh shared file mapping at a kernel-chosen address cannot alias any
-        // Rust object; the fd is valid and at least `len` bytes long.
-        let p = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(GuestRam {
-            file,
-            ptr: p.cast(),
-            base,
-            size,
-        })
+        let map = MmapRegion::from_file(FileOffset::new(file, 0), len)
+            .map_err(|e| io::Error::other(format!("mapping guest RAM: {e}")))?;
+        Ok(GuestRam { map, base, size })
     }
 
     /// Size in bytes.
@@ -92,17 +72,18 @@ impl GuestRam {
 
     /// The memfd (to pass to the daemon).
     pub fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        let file = self.map.file_offset().expect("mapped from the memfd");
+        file.file().as_raw_fd()
     }
 
     /// Where the region is mapped in this process (the "userspace address" of the memory table).
     pub fn host_addr(&self) -> u64 {
-        self.ptr as u64
+        self.map.as_ptr() as u64
     }
 
     /// Host address of `gpa` if the whole range `[gpa, gpa + len)` is in this region.
     pub fn host_addr_of(&self, gpa: u64, len: u64) -> Option<u64> {
-        self.offset_of(gpa, len).map(|o| self.ptr as u64 + o)
+        self.offset_of(gpa, len).map(|o| self.host_addr() + o)
     }
 
     /// Whether `[gpa, gpa + len)` is inside this region.
@@ -126,7 +107,7 @@ impl GuestRam {
                 size: self.size,
             })?;
         // SAFETY: `off + len <= size`, so the result stays inside the mapping.
-        Ok(unsafe { self.ptr.add(off as usize) })
+        Ok(unsafe { self.map.as_ptr().add(off as usize) })
     }
 
     /// Copies guest memory at `gpa` into `buf`.
@@ -209,14 +190,6 @@ impl GuestRam {
     pub fn store_u16_release(&self, gpa: u64, v: u16) -> Result<(), DriverError> {
         self.atomic_u16(gpa)?.store(v.to_le(), Ordering::Release);
         Ok(())
-    }
-}
-
-impl Drop for GuestRam {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`size` are exactly the mapping made in `new_at`, unmapped only here; no
-        // reference into it outlives `self` (the atomics borrow `&self`).
-        unsafe { libc::munmap(self.ptr.cast(), self.size as usize) };
     }
 }
 

@@ -16,7 +16,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use frontend::{INDIRECT_MAX, POISON, TestVm};
+pub use frontend::{Claim, INDIRECT_MAX, POISON, TestVm};
 pub use memory::GuestRam;
 pub use virtqueue::{FreeList, RawDesc, RingLayout, UsedElem, Virtqueue, need_event};
 

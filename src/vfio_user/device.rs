@@ -57,6 +57,12 @@ impl fmt::Display for Errno {
 
 impl std::error::Error for Errno {}
 
+impl From<viommu_uapi::Errno> for Errno {
+    fn from(e: viommu_uapi::Errno) -> Errno {
+        Errno::new(e.errno, e.name)
+    }
+}
+
 /// A device the vfio-user server serves. Offsets given to [`read`](Self::read) and
 /// [`write`](Self::write) are relative to the region's start.
 pub trait AssignedDevice: Send {
@@ -85,10 +91,7 @@ pub mod sys {
     use super::Errno;
 
     /// VFIO requests carry their size in `argsz`: one definition with the iommufd backend's.
-    pub use viommu_uapi::{
-        VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_IRQ_INFO, VFIO_DEVICE_GET_REGION_INFO,
-        VFIO_DEVICE_RESET, VFIO_DEVICE_SET_IRQS,
-    };
+    pub use viommu_uapi::{VFIO_DEVICE_GET_REGION_INFO, VFIO_DEVICE_SET_IRQS};
 
     /// Issues `req` on `fd` with `arg` as its argument (or no argument if `arg` is empty).
     /// `arg` must start with the request's `argsz` field, set to at most `arg.len()`.
@@ -145,19 +148,12 @@ impl VfioCdevDevice {
     /// error contexts.
     pub fn new(file: File, name: impl Into<String>) -> Result<VfioCdevDevice, Errno> {
         let name = name.into();
-        let mut a = [0u8; 24];
-        put_u32(&mut a, 0, 24);
-        sys::ioctl(
-            file.as_fd(),
-            sys::VFIO_DEVICE_GET_INFO(),
-            "VFIO_DEVICE_GET_INFO",
-            &mut a,
-        )
-        .map_err(|e| Errno::new(e.errno, format!("{name}: {e}")))?;
+        let a = viommu_uapi::device_info(file.as_fd())
+            .map_err(|e| Errno::new(e.errno, format!("{name}: {e}")))?;
         let info = DeviceInfo {
-            flags: u32_at(&a, 4),
-            num_regions: u32_at(&a, 8),
-            num_irqs: u32_at(&a, 12),
+            flags: a.flags,
+            num_regions: a.num_regions,
+            num_irqs: a.num_irqs,
         };
         let mut dev = VfioCdevDevice {
             file,
@@ -288,19 +284,11 @@ impl AssignedDevice for VfioCdevDevice {
     }
 
     fn irq_info(&self, index: u32) -> Result<IrqInfo, Errno> {
-        let mut a = [0u8; 16];
-        put_u32(&mut a, 0, 16);
-        put_u32(&mut a, 8, index);
-        sys::ioctl(
-            self.file.as_fd(),
-            sys::VFIO_DEVICE_GET_IRQ_INFO(),
-            "VFIO_DEVICE_GET_IRQ_INFO",
-            &mut a,
-        )
-        .map_err(|e| self.err(e, format_args!("IRQ index {index}")))?;
+        let a = viommu_uapi::irq_info(self.file.as_fd(), index)
+            .map_err(|e| self.err(e.into(), format_args!("IRQ index {index}")))?;
         Ok(IrqInfo {
-            flags: u32_at(&a, 4),
-            count: u32_at(&a, 12),
+            flags: a.flags,
+            count: a.count,
         })
     }
 
@@ -359,29 +347,13 @@ impl AssignedDevice for VfioCdevDevice {
     }
 
     fn reset(&self) -> Result<(), Errno> {
-        sys::ioctl(
-            self.file.as_fd(),
-            sys::VFIO_DEVICE_RESET(),
-            "VFIO_DEVICE_RESET",
-            &mut [],
-        )
-        .map_err(|e| self.err(e, "reset"))
+        viommu_uapi::device_reset(self.file.as_fd()).map_err(|e| self.err(e.into(), "reset"))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_numbers_match_the_uapi() {
-        // _IO(';', 100 + 7) .. _IO(';', 100 + 11) from <linux/vfio.h>.
-        assert_eq!(sys::VFIO_DEVICE_GET_INFO(), 0x3b6b);
-        assert_eq!(sys::VFIO_DEVICE_GET_REGION_INFO(), 0x3b6c);
-        assert_eq!(sys::VFIO_DEVICE_GET_IRQ_INFO(), 0x3b6d);
-        assert_eq!(sys::VFIO_DEVICE_SET_IRQS(), 0x3b6e);
-        assert_eq!(sys::VFIO_DEVICE_RESET(), 0x3b6f);
-    }
 
     #[test]
     fn errno_is_never_zero() {

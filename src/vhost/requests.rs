@@ -127,6 +127,22 @@ impl Answerer<'_> {
         self.used(head, len);
     }
 
+    /// Gives the chain at `avail` back unused (nothing written, INVAL for the record): a chain
+    /// that holds no request. Counted in `counter`; `why` is logged (rate-limited).
+    fn refuse(
+        &mut self,
+        avail: u16,
+        head: u16,
+        counter: &std::sync::atomic::AtomicU64,
+        why: std::fmt::Arguments<'_>,
+    ) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.limiter.allow() {
+            warn!("request chain {head}: {why}");
+        }
+        self.answer(avail, head, 0, Status::Inval, None);
+    }
+
     fn used(&mut self, head: u16, len: u32) {
         if let Err(e) = self.vring.add_used(head, len) {
             warn!("cannot add used descriptor {head}: {e}");
@@ -387,13 +403,8 @@ impl IommuDevice {
                 }
                 let (bytes, len, writable) = match chain {
                     Chain::Unusable(why) => {
-                        metrics
-                            .malformed
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if a.limiter.allow() {
-                            warn!("request chain {head} returned unused: {why}");
-                        }
-                        a.answer(avail, head, 0, Status::Inval, None);
+                        let why = format_args!("returned unused: {why}");
+                        a.refuse(avail, head, &metrics.malformed, why);
                         continue;
                     }
                     Chain::Request {
@@ -406,13 +417,8 @@ impl IommuDevice {
                 let req = match Request::decode(&bytes[..len]) {
                     Ok(r) => r,
                     Err(DecodeError::UnknownType(t)) => {
-                        metrics
-                            .unknown_type
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if a.limiter.allow() {
-                            warn!("request chain {head}: unknown request type {t}");
-                        }
-                        a.answer(avail, head, 0, Status::Inval, None);
+                        let why = format_args!("unknown request type {t}");
+                        a.refuse(avail, head, &metrics.unknown_type, why);
                         continue;
                     }
                     Err(e) => {

@@ -373,11 +373,16 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_close_mid_message_ends_a_peek_with_an_error() {
+    /// A socket whose peer sent 14 bytes of a 20-byte message and closed.
+    fn closed_mid_message() -> UnixStream {
         let (mut a, b) = UnixStream::pair().unwrap();
         a.write_all(&message(1, VERSION, &[0; 8])[..14]).unwrap();
-        drop(a);
+        b
+    }
+
+    #[test]
+    fn a_close_mid_message_ends_a_peek_with_an_error() {
+        let b = closed_mid_message();
         assert_eq!(
             peek(&b).err().map(|e| e.kind()),
             Some(io::ErrorKind::UnexpectedEof)
@@ -406,9 +411,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         drop(a);
         assert!(receive(&b).unwrap().is_none());
-        let (mut a, b) = UnixStream::pair().unwrap();
-        a.write_all(&message(1, VERSION, &[0; 8])[..14]).unwrap();
-        drop(a);
+        let b = closed_mid_message();
         assert_eq!(
             receive(&b).err().map(|e| e.kind()),
             Some(io::ErrorKind::UnexpectedEof)

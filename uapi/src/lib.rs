@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 pub use iommufd_bindings as iommu;
 use libc::c_ulong;
 pub use vfio_bindings::bindings::vfio;
-use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+use vmm_sys_util::ioctl::{ioctl as ioctl_no_arg, ioctl_with_mut_ref};
 use vmm_sys_util::ioctl_io_nr;
 
 /// An errno from a failed ioctl, with the request's name.
@@ -32,6 +32,17 @@ impl std::fmt::Display for Errno {
 }
 
 impl std::error::Error for Errno {}
+
+impl Errno {
+    /// The calling thread's last OS error, for request `name`.
+    fn last(name: &'static str) -> Errno {
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        Errno {
+            name,
+            errno: errno.unwrap_or(libc::EIO),
+        }
+    }
+}
 
 impl From<Errno> for std::io::Error {
     fn from(e: Errno) -> Self {
@@ -59,7 +70,9 @@ pub type IommuIoasMapFile = iommu::iommu_ioas_map_file;
 pub type IommuIoasCopy = iommu::iommu_ioas_copy;
 pub type IommuHwptAlloc = iommu::iommu_hwpt_alloc;
 pub type IommuIoasChangeProcess = iommu::iommu_ioas_change_process;
+pub type VfioDeviceInfo = vfio::vfio_device_info;
 pub type VfioRegionInfo = vfio::vfio_region_info;
+pub type VfioIrqInfo = vfio::vfio_irq_info;
 pub type VfioDeviceBindIommufd = vfio::vfio_device_bind_iommufd;
 pub type VfioDeviceAttachIommufdPt = vfio::vfio_device_attach_iommufd_pt;
 pub type VfioDeviceDetachIommufdPt = vfio::vfio_device_detach_iommufd_pt;
@@ -92,12 +105,7 @@ pub fn ioctl<T: IoctlArg>(fd: BorrowedFd<'_>, arg: &mut T) -> Result<(), Errno> 
     // pointer, memory the caller made valid for the call; nothing is retained afterwards.
     let rc = unsafe { ioctl_with_mut_ref(&fd, T::request(), arg) };
     if rc < 0 {
-        return Err(Errno {
-            name: T::NAME,
-            errno: std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-        });
+        return Err(Errno::last(T::NAME));
     }
     Ok(())
 }
@@ -107,92 +115,34 @@ pub fn size32<T>() -> u32 {
     u32::try_from(size_of::<T>()).expect("uAPI structs are small")
 }
 
-// iommufd and VFIO requests are `_IO(';', nr)`: the struct carries its own size.
-ioctl_io_nr!(
-    IOMMU_DESTROY,
-    iommu::IOMMUFD_TYPE.into(),
-    iommu::IOMMUFD_CMD_DESTROY
-);
-ioctl_io_nr!(
-    IOMMU_IOAS_ALLOC,
-    iommu::IOMMUFD_TYPE.into(),
-    iommu::IOMMUFD_CMD_IOAS_ALLOC
-);
-ioctl_io_nr!(
-    IOMMU_IOAS_COPY,
-    iommu::IOMMUFD_TYPE.into(),
-    iommu::IOMMUFD_CMD_IOAS_COPY
-);
-ioctl_io_nr!(
-    IOMMU_IOAS_IOVA_RANGES,
-    iommu::IOMMUFD_TYPE.into(),
-    iommu::IOMMUFD_CMD_IOAS_IOVA_RANGES
-);
-ioctl_io_nr!(
-    IOMMU_IOAS_MAP,
-    iommu::IOMMUFD_TYPE.into(),
-    iommu::IOMMUFD_CMD_IOAS_MAP
-);
-ioctl_io_nr!(
-    IOMMU_IOAS_UNMAP,
-    iommu::IOMMUFD_TYPE.into(),
-    iommu::IOMMUFD_CMD_IOAS_UNMAP
-);
-ioctl_io_nr!(
-    IOMMU_IOAS_CHANGE_PROCESS,
-    iommu::IOMMUFD_TYPE.into(),
-    iommu::IOMMUFD_CMD_IOAS_CHANGE_PROCESS
-);
-ioctl_io_nr!(
-    IOMMU_HWPT_ALLOC,
-    iommu::IOMMUFD_TYPE.into(),
-    iommu::IOMMUFD_CMD_HWPT_ALLOC
-);
-ioctl_io_nr!(
-    IOMMU_IOAS_MAP_FILE,
-    iommu::IOMMUFD_TYPE.into(),
-    iommu::IOMMUFD_CMD_IOAS_MAP_FILE
-);
-ioctl_io_nr!(
-    VFIO_DEVICE_GET_INFO,
-    vfio::VFIO_TYPE.into(),
-    vfio::VFIO_BASE + 7
-);
-ioctl_io_nr!(
-    VFIO_DEVICE_GET_REGION_INFO,
-    vfio::VFIO_TYPE.into(),
-    vfio::VFIO_BASE + 8
-);
-ioctl_io_nr!(
-    VFIO_DEVICE_GET_IRQ_INFO,
-    vfio::VFIO_TYPE.into(),
-    vfio::VFIO_BASE + 9
-);
-ioctl_io_nr!(
-    VFIO_DEVICE_SET_IRQS,
-    vfio::VFIO_TYPE.into(),
-    vfio::VFIO_BASE + 10
-);
-ioctl_io_nr!(
-    VFIO_DEVICE_RESET,
-    vfio::VFIO_TYPE.into(),
-    vfio::VFIO_BASE + 11
-);
-ioctl_io_nr!(
-    VFIO_DEVICE_BIND_IOMMUFD,
-    vfio::VFIO_TYPE.into(),
-    vfio::VFIO_BASE + 18
-);
-ioctl_io_nr!(
-    VFIO_DEVICE_ATTACH_IOMMUFD_PT,
-    vfio::VFIO_TYPE.into(),
-    vfio::VFIO_BASE + 19
-);
-ioctl_io_nr!(
-    VFIO_DEVICE_DETACH_IOMMUFD_PT,
-    vfio::VFIO_TYPE.into(),
-    vfio::VFIO_BASE + 20
-);
+/// `ioctl_io_nr!` for each request: iommufd and VFIO requests are `_IO(type, nr)`, the
+/// struct carries its own size.
+macro_rules! io_requests {
+    ($($req:ident = $kind:ident: $nr:expr;)*) => {
+        $(ioctl_io_nr!($req, io_requests!(@type $kind), $nr);)*
+    };
+    (@type iommufd) => { iommu::IOMMUFD_TYPE.into() };
+    (@type vfio) => { vfio::VFIO_TYPE.into() };
+}
+io_requests! {
+    IOMMU_DESTROY = iommufd: iommu::IOMMUFD_CMD_DESTROY;
+    IOMMU_IOAS_ALLOC = iommufd: iommu::IOMMUFD_CMD_IOAS_ALLOC;
+    IOMMU_IOAS_COPY = iommufd: iommu::IOMMUFD_CMD_IOAS_COPY;
+    IOMMU_IOAS_IOVA_RANGES = iommufd: iommu::IOMMUFD_CMD_IOAS_IOVA_RANGES;
+    IOMMU_IOAS_MAP = iommufd: iommu::IOMMUFD_CMD_IOAS_MAP;
+    IOMMU_IOAS_UNMAP = iommufd: iommu::IOMMUFD_CMD_IOAS_UNMAP;
+    IOMMU_IOAS_CHANGE_PROCESS = iommufd: iommu::IOMMUFD_CMD_IOAS_CHANGE_PROCESS;
+    IOMMU_HWPT_ALLOC = iommufd: iommu::IOMMUFD_CMD_HWPT_ALLOC;
+    IOMMU_IOAS_MAP_FILE = iommufd: iommu::IOMMUFD_CMD_IOAS_MAP_FILE;
+    VFIO_DEVICE_GET_INFO = vfio: vfio::VFIO_BASE + 7;
+    VFIO_DEVICE_GET_REGION_INFO = vfio: vfio::VFIO_BASE + 8;
+    VFIO_DEVICE_GET_IRQ_INFO = vfio: vfio::VFIO_BASE + 9;
+    VFIO_DEVICE_SET_IRQS = vfio: vfio::VFIO_BASE + 10;
+    VFIO_DEVICE_RESET = vfio: vfio::VFIO_BASE + 11;
+    VFIO_DEVICE_BIND_IOMMUFD = vfio: vfio::VFIO_BASE + 18;
+    VFIO_DEVICE_ATTACH_IOMMUFD_PT = vfio: vfio::VFIO_BASE + 19;
+    VFIO_DEVICE_DETACH_IOMMUFD_PT = vfio: vfio::VFIO_BASE + 20;
+}
 
 macro_rules! arg {
     ($ty:ty, $req:ident) => {
@@ -215,7 +165,9 @@ arg!(IommuIoasMapFile, IOMMU_IOAS_MAP_FILE);
 arg!(IommuIoasCopy, IOMMU_IOAS_COPY);
 arg!(IommuHwptAlloc, IOMMU_HWPT_ALLOC);
 arg!(IommuIoasChangeProcess, IOMMU_IOAS_CHANGE_PROCESS);
+arg!(VfioDeviceInfo, VFIO_DEVICE_GET_INFO);
 arg!(VfioRegionInfo, VFIO_DEVICE_GET_REGION_INFO);
+arg!(VfioIrqInfo, VFIO_DEVICE_GET_IRQ_INFO);
 arg!(VfioDeviceBindIommufd, VFIO_DEVICE_BIND_IOMMUFD);
 arg!(VfioDeviceAttachIommufdPt, VFIO_DEVICE_ATTACH_IOMMUFD_PT);
 arg!(VfioDeviceDetachIommufdPt, VFIO_DEVICE_DETACH_IOMMUFD_PT);
@@ -431,6 +383,39 @@ pub fn detach_pt(dev: BorrowedFd<'_>) -> Result<(), Errno> {
     ioctl(dev, &mut a)
 }
 
+/// `VFIO_DEVICE_GET_INFO`: the device's flags and how many regions and IRQ indexes it has.
+pub fn device_info(dev: BorrowedFd<'_>) -> Result<VfioDeviceInfo, Errno> {
+    let mut a = VfioDeviceInfo {
+        argsz: size32::<VfioDeviceInfo>(),
+        ..Default::default()
+    };
+    ioctl(dev, &mut a)?;
+    Ok(a)
+}
+
+/// `VFIO_DEVICE_GET_IRQ_INFO` of IRQ index `index`.
+pub fn irq_info(dev: BorrowedFd<'_>, index: u32) -> Result<VfioIrqInfo, Errno> {
+    let mut a = VfioIrqInfo {
+        argsz: size32::<VfioIrqInfo>(),
+        index,
+        ..Default::default()
+    };
+    ioctl(dev, &mut a)?;
+    Ok(a)
+}
+
+/// `VFIO_DEVICE_RESET` (the reset method the kernel chose for the device: FLR, PM, bus…).
+pub fn device_reset(dev: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: `dev` is a live fd borrowed for the call; the request takes no argument.
+    let rc = unsafe { ioctl_no_arg(&dev, VFIO_DEVICE_RESET()) };
+    if rc < 0 {
+        return Err(Errno::last("VFIO_DEVICE_RESET"));
+    }
+    Ok(())
+}
+
+/// The region's description without its capability chain (see the vfio-user device for the
+/// chain).
 pub fn region_info(dev: BorrowedFd<'_>, index: u32) -> Result<VfioRegionInfo, Errno> {
     let mut a = VfioRegionInfo {
         argsz: size32::<VfioRegionInfo>(),
@@ -439,4 +424,30 @@ pub fn region_info(dev: BorrowedFd<'_>, index: u32) -> Result<VfioRegionInfo, Er
     };
     ioctl(dev, &mut a)?;
     Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_numbers_match_the_uapi_headers() {
+        // <linux/iommufd.h>: _IO(';', 0x80 + n).
+        assert_eq!(IOMMU_DESTROY(), 0x3b80);
+        assert_eq!(IOMMU_IOAS_ALLOC(), 0x3b81);
+        assert_eq!(IOMMU_IOAS_COPY(), 0x3b83);
+        assert_eq!(IOMMU_IOAS_IOVA_RANGES(), 0x3b84);
+        assert_eq!(IOMMU_IOAS_MAP(), 0x3b85);
+        assert_eq!(IOMMU_IOAS_UNMAP(), 0x3b86);
+        assert_eq!(IOMMU_HWPT_ALLOC(), 0x3b89);
+        // <linux/vfio.h>: _IO(';', 100 + n).
+        assert_eq!(VFIO_DEVICE_GET_INFO(), 0x3b6b);
+        assert_eq!(VFIO_DEVICE_GET_REGION_INFO(), 0x3b6c);
+        assert_eq!(VFIO_DEVICE_GET_IRQ_INFO(), 0x3b6d);
+        assert_eq!(VFIO_DEVICE_SET_IRQS(), 0x3b6e);
+        assert_eq!(VFIO_DEVICE_RESET(), 0x3b6f);
+        assert_eq!(VFIO_DEVICE_BIND_IOMMUFD(), 0x3b76);
+        assert_eq!(VFIO_DEVICE_ATTACH_IOMMUFD_PT(), 0x3b77);
+        assert_eq!(VFIO_DEVICE_DETACH_IOMMUFD_PT(), 0x3b78);
+    }
 }

@@ -157,6 +157,21 @@ fn trace_cost(a: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Prints `v` as one JSON line (`--json`) or as the sentence `text` makes of it.
+#[cfg(feature = "test-utils")]
+fn print_as<T: serde::Serialize>(
+    json: bool,
+    v: &T,
+    text: impl FnOnce(&T) -> String,
+) -> Result<(), String> {
+    if json {
+        println!("{}", serde_json::to_string(v).map_err(|e| e.to_string())?);
+    } else {
+        println!("{}", text(v));
+    }
+    Ok(())
+}
+
 #[cfg(feature = "test-utils")]
 pub(crate) fn bench(a: BenchArgs) -> Result<(), String> {
     use std::io::IsTerminal;
@@ -170,37 +185,31 @@ pub(crate) fn bench(a: BenchArgs) -> Result<(), String> {
     if let Some(n) = a.idle_daemons {
         let p = bench::state::run_idle(n.max(1), std::time::Duration::from_secs(10))
             .map_err(|e| e.to_string())?;
-        if a.json {
-            println!("{}", serde_json::to_string(&p).map_err(|e| e.to_string())?);
-        } else {
-            println!(
+        return print_as(a.json, &p, |p| {
+            format!(
                 "{} idle daemons over {:.0} s: {:.3} CPU s in total ({:.2} % of one core per daemon), {} KiB RSS per daemon",
                 p.daemons,
                 p.idle_secs,
                 p.cpu_secs,
                 p.cpu_secs / p.idle_secs / p.daemons as f64 * 100.0,
                 p.rss_kib_per_daemon
-            );
-        }
-        return Ok(());
+            )
+        });
     }
     if a.idle_process {
         let exe = std::env::current_exe().map_err(|e| format!("this binary: {e}"))?;
         let p = bench::state::run_idle_process(&exe, std::time::Duration::from_secs(10))
             .map_err(|e| e.to_string())?;
-        if a.json {
-            println!("{}", serde_json::to_string(&p).map_err(|e| e.to_string())?);
-        } else {
-            println!(
+        return print_as(a.json, &p, |p| {
+            format!(
                 "one daemon process idle over {:.0} s: {:.3} CPU s ({:.3} % of one core); RSS {} KiB with no VMM, {} KiB idle with one connected",
                 p.idle_secs,
                 p.cpu_secs,
                 p.cpu_secs / p.idle_secs * 100.0,
                 p.rss_kib_alone,
                 p.rss_kib_idle
-            );
-        }
-        return Ok(());
+            )
+        });
     }
     if !a.busy_daemons.is_empty() {
         let mut points = Vec::new();

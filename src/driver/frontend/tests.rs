@@ -129,7 +129,7 @@ fn workout_against_a_running_daemon() {
 
     vm.add_region(1 << 32, 2 << 20).unwrap();
     let mut m = map(0x100);
-    if let Request::Map { phys_start, .. } = &mut m {
+    if let Request::Map(crate::protocol::MapRequest { phys_start, .. }) = &mut m {
         *phys_start = crate::ids::Gpa(1 << 32);
     }
     assert_eq!(vm.request(&m).unwrap(), Status::Ok);

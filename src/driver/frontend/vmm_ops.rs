@@ -69,21 +69,20 @@ impl TestVm {
 
     /// ADD_MEM_REG of an extra memfd region at `gpa` (CONFIGURE_MEM_SLOTS).
     pub fn add_region(&mut self, gpa: u64, size: u64) -> Result<(), DriverError> {
-        self.add_region_claiming(gpa, size, size, 0)
+        self.add_region_claiming(Claim {
+            gpa,
+            file_size: size,
+            memory_size: size,
+            mmap_offset: 0,
+        })
     }
 
-    /// ADD_MEM_REG of a region at `gpa` that claims `memory_size` bytes at `mmap_offset` of a
-    /// fresh memfd of only `file_size` bytes: a VMM describing more memory than its file has.
-    /// Kept like [`TestVm::add_region`]'s region if the daemon accepts it.
-    pub fn add_region_claiming(
-        &mut self,
-        gpa: u64,
-        file_size: u64,
-        memory_size: u64,
-        mmap_offset: u64,
-    ) -> Result<(), DriverError> {
+    /// ADD_MEM_REG of the region `claim` describes, which may be more than its file holds: a
+    /// VMM describing more memory than it has. Kept like [`TestVm::add_region`]'s region if the
+    /// daemon accepts it.
+    pub fn add_region_claiming(&mut self, claim: Claim) -> Result<(), DriverError> {
         self.need_mem_slots()?;
-        let (r, info) = claiming_region(gpa, file_size, memory_size, mmap_offset)?;
+        let (r, info) = claim.region()?;
         self.frontend
             .add_mem_region(&info)
             .map_err(DriverError::vhost("ADD_MEM_REG"))?;
@@ -91,16 +90,10 @@ impl TestVm {
         Ok(())
     }
 
-    /// SET_MEM_TABLE with guest RAM and, like [`TestVm::add_region_claiming`], a region at
-    /// `gpa` that claims more of its memfd than the file holds.
-    pub fn set_mem_table_claiming(
-        &mut self,
-        gpa: u64,
-        file_size: u64,
-        memory_size: u64,
-        mmap_offset: u64,
-    ) -> Result<(), DriverError> {
-        let (r, info) = claiming_region(gpa, file_size, memory_size, mmap_offset)?;
+    /// SET_MEM_TABLE with guest RAM and, like [`TestVm::add_region_claiming`], the region
+    /// `claim` describes.
+    pub fn set_mem_table_claiming(&mut self, claim: Claim) -> Result<(), DriverError> {
+        let (r, info) = claim.region()?;
         self.frontend
             .set_mem_table(&[region_info(&self.ram), info])
             .map_err(DriverError::vhost("SET_MEM_TABLE"))?;
@@ -152,19 +145,27 @@ fn region_info(r: &GuestRam) -> VhostUserMemoryRegionInfo {
     }
 }
 
-/// A fresh memfd of `file_size` bytes at `gpa` and a region description that claims
-/// `memory_size` bytes of it at `mmap_offset`: what a VMM that overstates its file sends.
-fn claiming_region(
-    gpa: u64,
-    file_size: u64,
-    memory_size: u64,
-    mmap_offset: u64,
-) -> Result<(GuestRam, VhostUserMemoryRegionInfo), DriverError> {
-    let r = GuestRam::new_at(gpa, file_size).map_err(DriverError::io("creating memory region"))?;
-    let info = VhostUserMemoryRegionInfo {
-        memory_size,
-        mmap_offset,
-        ..region_info(&r)
-    };
-    Ok((r, info))
+/// A memory region as a VMM describes it: a fresh memfd of `file_size` bytes at `gpa`, of which
+/// the description claims `memory_size` bytes at `mmap_offset` (more than the file holds, where
+/// the VMM overstates it).
+#[derive(Clone, Copy, Debug)]
+pub struct Claim {
+    pub gpa: u64,
+    pub file_size: u64,
+    pub memory_size: u64,
+    pub mmap_offset: u64,
+}
+
+impl Claim {
+    /// The memfd and the description sent for it.
+    fn region(self) -> Result<(GuestRam, VhostUserMemoryRegionInfo), DriverError> {
+        let r = GuestRam::new_at(self.gpa, self.file_size)
+            .map_err(DriverError::io("creating memory region"))?;
+        let info = VhostUserMemoryRegionInfo {
+            memory_size: self.memory_size,
+            mmap_offset: self.mmap_offset,
+            ..region_info(&r)
+        };
+        Ok((r, info))
+    }
 }

@@ -19,6 +19,12 @@ pub struct SparseArea {
     pub size: u64,
 }
 
+impl SparseArea {
+    pub const fn new(offset: u64, size: u64) -> SparseArea {
+        SparseArea { offset, size }
+    }
+}
+
 impl RegionCap {
     /// A SPARSE_MMAP capability (version 1) listing `areas`.
     pub fn sparse_mmap(areas: &[SparseArea]) -> RegionCap {

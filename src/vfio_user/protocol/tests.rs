@@ -22,16 +22,7 @@ fn error_reply_never_carries_errno_zero() {
 #[test]
 fn cap_chain_roundtrip() {
     let caps = vec![
-        RegionCap::sparse_mmap(&[
-            SparseArea {
-                offset: 0,
-                size: 0x1000,
-            },
-            SparseArea {
-                offset: 0x2000,
-                size: 0x2000,
-            },
-        ]),
+        RegionCap::sparse_mmap(&[SparseArea::new(0, 0x1000), SparseArea::new(0x2000, 0x2000)]),
         RegionCap {
             id: VFIO_REGION_INFO_CAP_TYPE,
             version: 1,
@@ -62,10 +53,7 @@ fn region_info_short_answer_has_no_caps_flag() {
         flags: VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_MMAP,
         size: 0x4000,
         offset: 1 << 40,
-        caps: vec![RegionCap::sparse_mmap(&[SparseArea {
-            offset: 0,
-            size: 0x4000,
-        }])],
+        caps: vec![RegionCap::sparse_mmap(&[SparseArea::new(0, 0x4000)])],
     };
     let (short, full) = encode_region_info(0, &info, 32);
     assert!(!full);

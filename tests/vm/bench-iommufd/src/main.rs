@@ -309,6 +309,15 @@ fn cycles(
 /// The batched patterns measured.
 const PATTERNS: [Pattern; 2] = [Pattern::Lazy(8), Pattern::Sg(16)];
 
+/// A row's note as the table prints it after the figures: nothing, or "  (note)".
+fn note_suffix(note: &str) -> String {
+    if note.is_empty() {
+        String::new()
+    } else {
+        format!("  ({note})")
+    }
+}
+
 fn size_name(size: u64) -> &'static str {
     if size == KIB4 { "4K" } else { "2M" }
 }
@@ -357,11 +366,7 @@ fn print_table(rows: &[Row]) {
                 r.map_ns() / floor_map,
                 r.pct(0.5) as f64 / 1e3,
                 r.pct(0.99) as f64 / 1e3,
-                if r.note.is_empty() {
-                    String::new()
-                } else {
-                    format!("  ({})", r.note)
-                }
+                note_suffix(&r.note),
             );
         }
         for r in &rs {
@@ -451,11 +456,7 @@ fn print_batch(batch: &[BatchRow], rows: &[Row]) {
                 ratio(backend50, v50),
                 r.pct(0.5) as f64 / 1e3,
                 r.pct(0.99) as f64 / 1e3,
-                if r.note.is_empty() {
-                    String::new()
-                } else {
-                    format!("  ({})", r.note)
-                }
+                note_suffix(&r.note),
             );
             let num = |x: f64| {
                 if x.is_finite() {

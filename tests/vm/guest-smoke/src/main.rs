@@ -62,49 +62,29 @@ struct Ioas<'a> {
 
 impl<'a> Ioas<'a> {
     fn alloc(iommufd: &'a File) -> Result<Self> {
-        let mut arg = IommuIoasAlloc {
-            size: size32::<IommuIoasAlloc>(),
-            ..Default::default()
-        };
-        ioctl(iommufd.as_fd(), &mut arg).map_err(|e| e.to_string())?;
-        Ok(Self {
-            iommufd,
-            id: arg.out_ioas_id,
-        })
+        let id = ioas_alloc(iommufd.as_fd()).map_err(|e| e.to_string())?;
+        Ok(Self { iommufd, id })
     }
 
     fn map(&self, buf: &Mapping, iova: u64) -> Result<()> {
-        let mut arg = IommuIoasMap {
-            size: size32::<IommuIoasMap>(),
-            flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
-            ioas_id: self.id,
-            user_va: buf.addr(),
-            length: buf.len() as u64,
+        let rw = IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
+        ioas_map(
+            self.iommufd.as_fd(),
+            self.id,
             iova,
-            ..Default::default()
-        };
-        ioctl(self.iommufd.as_fd(), &mut arg).map_err(|e| e.to_string())?;
-        if arg.iova != iova {
-            return Err(format!(
-                "IOMMU_IOAS_MAP placed the buffer at {:#x}, not {iova:#x}",
-                arg.iova
-            ));
-        }
-        Ok(())
+            buf.addr(),
+            buf.len() as u64,
+            rw,
+        )
+        .map_err(|e| e.to_string())
     }
 
     fn unmap(&self, iova: u64, length: u64) -> Result<()> {
-        let mut arg = IommuIoasUnmap {
-            size: size32::<IommuIoasUnmap>(),
-            ioas_id: self.id,
-            iova,
-            length,
-        };
-        ioctl(self.iommufd.as_fd(), &mut arg).map_err(|e| e.to_string())?;
-        if arg.length != length {
+        let gone =
+            ioas_unmap(self.iommufd.as_fd(), self.id, iova, length).map_err(|e| e.to_string())?;
+        if gone != length {
             return Err(format!(
-                "IOMMU_IOAS_UNMAP unmapped {:#x} bytes, not {length:#x}",
-                arg.length
+                "IOMMU_IOAS_UNMAP unmapped {gone:#x} bytes, not {length:#x}"
             ));
         }
         Ok(())
