@@ -92,9 +92,12 @@ pub struct VfioIrqSetEventfd {
 /// The implementor must be `#[repr(C)]` with exactly the layout the kernel defines for
 /// `request()`, and every bit pattern the kernel may write back must be valid for it (plain
 /// integers).
-pub unsafe trait IoctlArg {
+pub unsafe trait IoctlArg: Sized {
     const NAME: &'static str;
     fn request() -> c_ulong;
+    /// The struct zeroed but for its leading size field (`size` / `argsz`), which says how
+    /// large it is: what every request starts from.
+    fn sized() -> Self;
 }
 
 /// Issues `T::request()` on `fd` with `arg`.
@@ -115,37 +118,18 @@ pub fn size32<T>() -> u32 {
     u32::try_from(size_of::<T>()).expect("uAPI structs are small")
 }
 
-/// `ioctl_io_nr!` for each request: iommufd and VFIO requests are `_IO(type, nr)`, the
-/// struct carries its own size.
-macro_rules! io_requests {
-    ($($req:ident = $kind:ident: $nr:expr;)*) => {
-        $(ioctl_io_nr!($req, io_requests!(@type $kind), $nr);)*
+/// Each request: `ioctl_io_nr!` (iommufd and VFIO requests are `_IO(type, nr)`, the struct
+/// carries its own size) and, after `=>`, the struct it takes with the path of its size field.
+macro_rules! requests {
+    ($($req:ident = $kind:ident: $nr:expr $(=> $ty:ident . $($size:ident).+)?;)*) => {
+        $(
+            ioctl_io_nr!($req, requests!(@type $kind), $nr);
+            $(requests!(@arg $ty, $req, $($size).+);)?
+        )*
     };
     (@type iommufd) => { iommu::IOMMUFD_TYPE.into() };
     (@type vfio) => { vfio::VFIO_TYPE.into() };
-}
-io_requests! {
-    IOMMU_DESTROY = iommufd: iommu::IOMMUFD_CMD_DESTROY;
-    IOMMU_IOAS_ALLOC = iommufd: iommu::IOMMUFD_CMD_IOAS_ALLOC;
-    IOMMU_IOAS_COPY = iommufd: iommu::IOMMUFD_CMD_IOAS_COPY;
-    IOMMU_IOAS_IOVA_RANGES = iommufd: iommu::IOMMUFD_CMD_IOAS_IOVA_RANGES;
-    IOMMU_IOAS_MAP = iommufd: iommu::IOMMUFD_CMD_IOAS_MAP;
-    IOMMU_IOAS_UNMAP = iommufd: iommu::IOMMUFD_CMD_IOAS_UNMAP;
-    IOMMU_IOAS_CHANGE_PROCESS = iommufd: iommu::IOMMUFD_CMD_IOAS_CHANGE_PROCESS;
-    IOMMU_HWPT_ALLOC = iommufd: iommu::IOMMUFD_CMD_HWPT_ALLOC;
-    IOMMU_IOAS_MAP_FILE = iommufd: iommu::IOMMUFD_CMD_IOAS_MAP_FILE;
-    VFIO_DEVICE_GET_INFO = vfio: vfio::VFIO_BASE + 7;
-    VFIO_DEVICE_GET_REGION_INFO = vfio: vfio::VFIO_BASE + 8;
-    VFIO_DEVICE_GET_IRQ_INFO = vfio: vfio::VFIO_BASE + 9;
-    VFIO_DEVICE_SET_IRQS = vfio: vfio::VFIO_BASE + 10;
-    VFIO_DEVICE_RESET = vfio: vfio::VFIO_BASE + 11;
-    VFIO_DEVICE_BIND_IOMMUFD = vfio: vfio::VFIO_BASE + 18;
-    VFIO_DEVICE_ATTACH_IOMMUFD_PT = vfio: vfio::VFIO_BASE + 19;
-    VFIO_DEVICE_DETACH_IOMMUFD_PT = vfio: vfio::VFIO_BASE + 20;
-}
-
-macro_rules! arg {
-    ($ty:ty, $req:ident) => {
+    (@arg $ty:ident, $req:ident, $($size:ident).+) => {
         // SAFETY: the maintained bindings' `#[repr(C)]` struct of this request (bindgen output
         // with layout assertions), made only of integers.
         unsafe impl IoctlArg for $ty {
@@ -153,25 +137,35 @@ macro_rules! arg {
             fn request() -> c_ulong {
                 $req()
             }
+            fn sized() -> Self {
+                let mut a = Self::default();
+                a.$($size).+ = size32::<Self>();
+                a
+            }
         }
     };
 }
-arg!(IommuDestroy, IOMMU_DESTROY);
-arg!(IommuIoasAlloc, IOMMU_IOAS_ALLOC);
-arg!(IommuIoasIovaRanges, IOMMU_IOAS_IOVA_RANGES);
-arg!(IommuIoasMap, IOMMU_IOAS_MAP);
-arg!(IommuIoasUnmap, IOMMU_IOAS_UNMAP);
-arg!(IommuIoasMapFile, IOMMU_IOAS_MAP_FILE);
-arg!(IommuIoasCopy, IOMMU_IOAS_COPY);
-arg!(IommuHwptAlloc, IOMMU_HWPT_ALLOC);
-arg!(IommuIoasChangeProcess, IOMMU_IOAS_CHANGE_PROCESS);
-arg!(VfioDeviceInfo, VFIO_DEVICE_GET_INFO);
-arg!(VfioRegionInfo, VFIO_DEVICE_GET_REGION_INFO);
-arg!(VfioIrqInfo, VFIO_DEVICE_GET_IRQ_INFO);
-arg!(VfioDeviceBindIommufd, VFIO_DEVICE_BIND_IOMMUFD);
-arg!(VfioDeviceAttachIommufdPt, VFIO_DEVICE_ATTACH_IOMMUFD_PT);
-arg!(VfioDeviceDetachIommufdPt, VFIO_DEVICE_DETACH_IOMMUFD_PT);
-arg!(VfioIrqSetEventfd, VFIO_DEVICE_SET_IRQS);
+requests! {
+    IOMMU_DESTROY = iommufd: iommu::IOMMUFD_CMD_DESTROY => IommuDestroy.size;
+    IOMMU_IOAS_ALLOC = iommufd: iommu::IOMMUFD_CMD_IOAS_ALLOC => IommuIoasAlloc.size;
+    IOMMU_IOAS_COPY = iommufd: iommu::IOMMUFD_CMD_IOAS_COPY => IommuIoasCopy.size;
+    IOMMU_IOAS_IOVA_RANGES = iommufd: iommu::IOMMUFD_CMD_IOAS_IOVA_RANGES
+        => IommuIoasIovaRanges.size;
+    IOMMU_IOAS_MAP = iommufd: iommu::IOMMUFD_CMD_IOAS_MAP => IommuIoasMap.size;
+    IOMMU_IOAS_UNMAP = iommufd: iommu::IOMMUFD_CMD_IOAS_UNMAP => IommuIoasUnmap.size;
+    IOMMU_IOAS_CHANGE_PROCESS = iommufd: iommu::IOMMUFD_CMD_IOAS_CHANGE_PROCESS
+        => IommuIoasChangeProcess.size;
+    IOMMU_HWPT_ALLOC = iommufd: iommu::IOMMUFD_CMD_HWPT_ALLOC => IommuHwptAlloc.size;
+    IOMMU_IOAS_MAP_FILE = iommufd: iommu::IOMMUFD_CMD_IOAS_MAP_FILE => IommuIoasMapFile.size;
+    VFIO_DEVICE_GET_INFO = vfio: vfio::VFIO_BASE + 7 => VfioDeviceInfo.argsz;
+    VFIO_DEVICE_GET_REGION_INFO = vfio: vfio::VFIO_BASE + 8 => VfioRegionInfo.argsz;
+    VFIO_DEVICE_GET_IRQ_INFO = vfio: vfio::VFIO_BASE + 9 => VfioIrqInfo.argsz;
+    VFIO_DEVICE_SET_IRQS = vfio: vfio::VFIO_BASE + 10 => VfioIrqSetEventfd.set.argsz;
+    VFIO_DEVICE_RESET = vfio: vfio::VFIO_BASE + 11;
+    VFIO_DEVICE_BIND_IOMMUFD = vfio: vfio::VFIO_BASE + 18 => VfioDeviceBindIommufd.argsz;
+    VFIO_DEVICE_ATTACH_IOMMUFD_PT = vfio: vfio::VFIO_BASE + 19 => VfioDeviceAttachIommufdPt.argsz;
+    VFIO_DEVICE_DETACH_IOMMUFD_PT = vfio: vfio::VFIO_BASE + 20 => VfioDeviceDetachIommufdPt.argsz;
+}
 
 // Typed wrappers.
 
@@ -182,17 +176,11 @@ pub fn set_irq_eventfd(
     index: u32,
     eventfd: BorrowedFd<'_>,
 ) -> Result<(), Errno> {
-    let mut a = VfioIrqSetEventfd {
-        set: vfio::vfio_irq_set {
-            argsz: size32::<VfioIrqSetEventfd>(),
-            flags: vfio::VFIO_IRQ_SET_DATA_EVENTFD | vfio::VFIO_IRQ_SET_ACTION_TRIGGER,
-            index,
-            start: 0,
-            count: 1,
-            ..Default::default()
-        },
-        fd: eventfd.as_raw_fd(),
-    };
+    let mut a = VfioIrqSetEventfd::sized();
+    a.set.flags = vfio::VFIO_IRQ_SET_DATA_EVENTFD | vfio::VFIO_IRQ_SET_ACTION_TRIGGER;
+    a.set.index = index;
+    a.set.count = 1;
+    a.fd = eventfd.as_raw_fd();
     ioctl(dev, &mut a)
 }
 
@@ -203,18 +191,15 @@ pub fn set_req_eventfd(dev: BorrowedFd<'_>, eventfd: BorrowedFd<'_>) -> Result<(
 }
 
 pub fn ioas_alloc(iommufd: BorrowedFd<'_>) -> Result<u32, Errno> {
-    let mut a = IommuIoasAlloc {
-        size: size32::<IommuIoasAlloc>(),
-        ..Default::default()
-    };
+    let mut a = IommuIoasAlloc::sized();
     ioctl(iommufd, &mut a)?;
     Ok(a.out_ioas_id)
 }
 
 pub fn destroy(iommufd: BorrowedFd<'_>, id: u32) -> Result<(), Errno> {
     let mut a = IommuDestroy {
-        size: size32::<IommuDestroy>(),
         id,
+        ..IommuDestroy::sized()
     };
     ioctl(iommufd, &mut a)
 }
@@ -227,11 +212,10 @@ pub fn ioas_iova_ranges(
     let mut ranges = vec![IommuIovaRange::default(); 8];
     loop {
         let mut a = IommuIoasIovaRanges {
-            size: size32::<IommuIoasIovaRanges>(),
             ioas_id,
             num_iovas: u32::try_from(ranges.len()).expect("small"),
             allowed_iovas: ranges.as_mut_ptr() as u64,
-            ..Default::default()
+            ..IommuIoasIovaRanges::sized()
         };
         // The kernel writes at most `num_iovas` elements into `ranges`, which stays alive
         // and unmoved for the call.
@@ -257,13 +241,12 @@ pub fn ioas_map(
     flags: u32,
 ) -> Result<(), Errno> {
     let mut a = IommuIoasMap {
-        size: size32::<IommuIoasMap>(),
         flags: flags | IOMMU_IOAS_MAP_FIXED_IOVA,
         ioas_id,
         user_va,
         length,
         iova,
-        ..Default::default()
+        ..IommuIoasMap::sized()
     };
     ioctl(iommufd, &mut a)
 }
@@ -278,13 +261,13 @@ pub fn ioas_map_file(
     flags: u32,
 ) -> Result<(), Errno> {
     let mut a = IommuIoasMapFile {
-        size: size32::<IommuIoasMapFile>(),
         flags: flags | IOMMU_IOAS_MAP_FIXED_IOVA,
         ioas_id,
         fd: file.as_raw_fd(),
         start,
         length,
         iova,
+        ..IommuIoasMapFile::sized()
     };
     ioctl(iommufd, &mut a)
 }
@@ -302,13 +285,13 @@ pub fn ioas_copy(
     flags: u32,
 ) -> Result<(), Errno> {
     let mut a = IommuIoasCopy {
-        size: size32::<IommuIoasCopy>(),
         flags: flags | IOMMU_IOAS_MAP_FIXED_IOVA,
         dst_ioas_id: dst_ioas,
         src_ioas_id: src_ioas,
         length,
         dst_iova,
         src_iova,
+        ..IommuIoasCopy::sized()
     };
     ioctl(iommufd, &mut a)
 }
@@ -318,10 +301,9 @@ pub fn ioas_copy(
 /// sync. Returns the HWPT id.
 pub fn hwpt_alloc(iommufd: BorrowedFd<'_>, dev_id: u32, pt_id: u32) -> Result<u32, Errno> {
     let mut a = IommuHwptAlloc {
-        size: size32::<IommuHwptAlloc>(),
         dev_id,
         pt_id,
-        ..Default::default()
+        ..IommuHwptAlloc::sized()
     };
     ioctl(iommufd, &mut a)?;
     Ok(a.out_hwpt_id)
@@ -335,10 +317,10 @@ pub fn ioas_unmap(
     length: u64,
 ) -> Result<u64, Errno> {
     let mut a = IommuIoasUnmap {
-        size: size32::<IommuIoasUnmap>(),
         ioas_id,
         iova,
         length,
+        ..IommuIoasUnmap::sized()
     };
     ioctl(iommufd, &mut a)?;
     Ok(a.length)
@@ -348,19 +330,15 @@ pub fn ioas_unmap(
 /// context moves to the calling process (after an exec hands the context over). The kernel
 /// refuses (EINVAL, nothing changed) while a map that is not `IOMMU_IOAS_MAP_FILE` exists.
 pub fn ioas_change_process(iommufd: BorrowedFd<'_>) -> Result<(), Errno> {
-    let mut a = IommuIoasChangeProcess {
-        size: size32::<IommuIoasChangeProcess>(),
-        ..Default::default()
-    };
+    let mut a = IommuIoasChangeProcess::sized();
     ioctl(iommufd, &mut a)
 }
 
 /// Binds a VFIO cdev to an iommufd; returns the device id.
 pub fn bind_iommufd(dev: BorrowedFd<'_>, iommufd: BorrowedFd<'_>) -> Result<u32, Errno> {
     let mut a = VfioDeviceBindIommufd {
-        argsz: size32::<VfioDeviceBindIommufd>(),
         iommufd: iommufd.as_raw_fd(),
-        ..Default::default()
+        ..VfioDeviceBindIommufd::sized()
     };
     ioctl(dev, &mut a)?;
     Ok(a.out_devid)
@@ -368,27 +346,20 @@ pub fn bind_iommufd(dev: BorrowedFd<'_>, iommufd: BorrowedFd<'_>) -> Result<u32,
 
 pub fn attach_pt(dev: BorrowedFd<'_>, pt_id: u32) -> Result<(), Errno> {
     let mut a = VfioDeviceAttachIommufdPt {
-        argsz: size32::<VfioDeviceAttachIommufdPt>(),
         pt_id,
-        ..Default::default()
+        ..VfioDeviceAttachIommufdPt::sized()
     };
     ioctl(dev, &mut a)
 }
 
 pub fn detach_pt(dev: BorrowedFd<'_>) -> Result<(), Errno> {
-    let mut a = VfioDeviceDetachIommufdPt {
-        argsz: size32::<VfioDeviceDetachIommufdPt>(),
-        ..Default::default()
-    };
+    let mut a = VfioDeviceDetachIommufdPt::sized();
     ioctl(dev, &mut a)
 }
 
 /// `VFIO_DEVICE_GET_INFO`: the device's flags and how many regions and IRQ indexes it has.
 pub fn device_info(dev: BorrowedFd<'_>) -> Result<VfioDeviceInfo, Errno> {
-    let mut a = VfioDeviceInfo {
-        argsz: size32::<VfioDeviceInfo>(),
-        ..Default::default()
-    };
+    let mut a = VfioDeviceInfo::sized();
     ioctl(dev, &mut a)?;
     Ok(a)
 }
@@ -396,9 +367,8 @@ pub fn device_info(dev: BorrowedFd<'_>) -> Result<VfioDeviceInfo, Errno> {
 /// `VFIO_DEVICE_GET_IRQ_INFO` of IRQ index `index`.
 pub fn irq_info(dev: BorrowedFd<'_>, index: u32) -> Result<VfioIrqInfo, Errno> {
     let mut a = VfioIrqInfo {
-        argsz: size32::<VfioIrqInfo>(),
         index,
-        ..Default::default()
+        ..VfioIrqInfo::sized()
     };
     ioctl(dev, &mut a)?;
     Ok(a)
@@ -418,9 +388,8 @@ pub fn device_reset(dev: BorrowedFd<'_>) -> Result<(), Errno> {
 /// chain).
 pub fn region_info(dev: BorrowedFd<'_>, index: u32) -> Result<VfioRegionInfo, Errno> {
     let mut a = VfioRegionInfo {
-        argsz: size32::<VfioRegionInfo>(),
         index,
-        ..Default::default()
+        ..VfioRegionInfo::sized()
     };
     ioctl(dev, &mut a)?;
     Ok(a)
@@ -449,5 +418,17 @@ mod tests {
         assert_eq!(VFIO_DEVICE_BIND_IOMMUFD(), 0x3b76);
         assert_eq!(VFIO_DEVICE_ATTACH_IOMMUFD_PT(), 0x3b77);
         assert_eq!(VFIO_DEVICE_DETACH_IOMMUFD_PT(), 0x3b78);
+    }
+
+    #[test]
+    fn a_sized_argument_says_its_own_size() {
+        assert_eq!(
+            IommuIoasMap::sized().size as usize,
+            size_of::<IommuIoasMap>()
+        );
+        assert_eq!(VfioRegionInfo::sized().argsz as usize, 32);
+        let irq = VfioIrqSetEventfd::sized();
+        assert_eq!(irq.set.argsz as usize, size_of::<VfioIrqSetEventfd>());
+        assert_eq!((irq.set.flags, irq.set.count, irq.fd), (0, 0, 0));
     }
 }

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::uapi::{ioctl, size32, IommuIoasAlloc};
+use crate::uapi::{ioctl, IoctlArg, IommuIoasAlloc};
 use crate::{map, mmio, nic, nvme, open_vfio_edu, unmap, Page};
 use guest_kit::sys::open_rw;
 
@@ -124,10 +124,7 @@ fn ioas_pairs(edu_bdf: &str, secs: f64) -> Result<Sample, String> {
 /// The same pairs on an IOAS of its own that no device is attached to: no vIOMMU request.
 fn ioas_floor(secs: f64) -> Result<Sample, String> {
     let iommufd = open_rw("/dev/iommu")?;
-    let mut alloc = IommuIoasAlloc {
-        size: size32::<IommuIoasAlloc>(),
-        ..Default::default()
-    };
+    let mut alloc = IommuIoasAlloc::sized();
     ioctl(iommufd.as_fd(), &mut alloc).map_err(|e| format!("IOAS_ALLOC: {e}"))?;
     map_unmap_for(&iommufd, alloc.out_ioas_id, secs)
 }

@@ -474,27 +474,21 @@ fn open_vfio_edu(iommufd: &File, bdf: &str) -> Result<VfioEdu> {
         .open(&path)
         .map_err(|e| format!("open {path}: {e}"))?;
     let mut bind = VfioDeviceBindIommufd {
-        argsz: size32::<VfioDeviceBindIommufd>(),
         iommufd: iommufd.as_raw_fd(),
-        ..Default::default()
+        ..VfioDeviceBindIommufd::sized()
     };
     ioctl(cdev.as_fd(), &mut bind).map_err(|e| format!("{bdf}: {e}"))?;
-    let mut alloc = IommuIoasAlloc {
-        size: size32::<IommuIoasAlloc>(),
-        ..Default::default()
-    };
+    let mut alloc = IommuIoasAlloc::sized();
     ioctl(iommufd.as_fd(), &mut alloc).map_err(|e| e.to_string())?;
     let mut attach = VfioDeviceAttachIommufdPt {
-        argsz: size32::<VfioDeviceAttachIommufdPt>(),
         pt_id: alloc.out_ioas_id,
-        ..Default::default()
+        ..VfioDeviceAttachIommufdPt::sized()
     };
     ioctl(cdev.as_fd(), &mut attach).map_err(|e| format!("{bdf}: {e}"))?;
     let region = |index| -> Result<VfioRegionInfo> {
         let mut info = VfioRegionInfo {
-            argsz: size32::<VfioRegionInfo>(),
             index,
-            ..Default::default()
+            ..VfioRegionInfo::sized()
         };
         ioctl(cdev.as_fd(), &mut info).map_err(|e| format!("{bdf}: {e}"))?;
         Ok(info)
@@ -525,7 +519,6 @@ fn open_vfio_edu(iommufd: &File, bdf: &str) -> Result<VfioEdu> {
 
 fn map(iommufd: &File, ioas: u32, page: &Page, iova: u64, writeable: bool) -> Result<()> {
     let mut m = IommuIoasMap {
-        size: size32::<IommuIoasMap>(),
         flags: IOMMU_IOAS_MAP_FIXED_IOVA
             | IOMMU_IOAS_MAP_READABLE
             | if writeable {
@@ -537,17 +530,17 @@ fn map(iommufd: &File, ioas: u32, page: &Page, iova: u64, writeable: bool) -> Re
         user_va: page.va(),
         length: PAGE as u64,
         iova,
-        ..Default::default()
+        ..IommuIoasMap::sized()
     };
     ioctl(iommufd.as_fd(), &mut m).map_err(|e| format!("map {iova:#x}: {e}"))
 }
 
 fn unmap(iommufd: &File, ioas: u32, iova: u64) -> Result<()> {
     let mut u = IommuIoasUnmap {
-        size: size32::<IommuIoasUnmap>(),
         ioas_id: ioas,
         iova,
         length: PAGE as u64,
+        ..IommuIoasUnmap::sized()
     };
     ioctl(iommufd.as_fd(), &mut u).map_err(|e| format!("unmap {iova:#x}: {e}"))
 }

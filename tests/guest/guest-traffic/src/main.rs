@@ -213,10 +213,7 @@ impl Report {
 }
 
 fn ioas_alloc(iommufd: &File) -> Result<u32> {
-    let mut a = IommuIoasAlloc {
-        size: size32::<IommuIoasAlloc>(),
-        ..Default::default()
-    };
+    let mut a = IommuIoasAlloc::sized();
     ioctl(iommufd.as_fd(), &mut a).map_err(|e| e.to_string())?;
     Ok(a.out_ioas_id)
 }
@@ -225,15 +222,13 @@ fn ioas_alloc(iommufd: &File) -> Result<u32> {
 fn bind_attach(bdf: &str, iommufd: &File, ioas: u32) -> Result<File> {
     let dev = open_rw(&vfio_cdev(bdf)?)?;
     let mut b = VfioDeviceBindIommufd {
-        argsz: size32::<VfioDeviceBindIommufd>(),
         iommufd: iommufd.as_raw_fd(),
-        ..Default::default()
+        ..VfioDeviceBindIommufd::sized()
     };
     ioctl(dev.as_fd(), &mut b).map_err(|e| e.to_string())?;
     let mut a = VfioDeviceAttachIommufdPt {
-        argsz: size32::<VfioDeviceAttachIommufdPt>(),
         pt_id: ioas,
-        ..Default::default()
+        ..VfioDeviceAttachIommufdPt::sized()
     };
     ioctl(dev.as_fd(), &mut a).map_err(|e| e.to_string())?;
     Ok(dev)
@@ -241,23 +236,22 @@ fn bind_attach(bdf: &str, iommufd: &File, ioas: u32) -> Result<File> {
 
 fn ioas_map(iommufd: &File, ioas: u32, buf: &Buffer, iova: u64) -> Result<()> {
     let mut m = IommuIoasMap {
-        size: size32::<IommuIoasMap>(),
         flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
         ioas_id: ioas,
         user_va: buf.va(),
         length: buf.len as u64,
         iova,
-        ..Default::default()
+        ..IommuIoasMap::sized()
     };
     ioctl(iommufd.as_fd(), &mut m).map_err(|e| e.to_string())
 }
 
 fn ioas_unmap(iommufd: &File, ioas: u32, iova: u64, len: usize) -> Result<()> {
     let mut u = IommuIoasUnmap {
-        size: size32::<IommuIoasUnmap>(),
         ioas_id: ioas,
         iova,
         length: len as u64,
+        ..IommuIoasUnmap::sized()
     };
     ioctl(iommufd.as_fd(), &mut u).map_err(|e| e.to_string())?;
     if u.length != len as u64 {

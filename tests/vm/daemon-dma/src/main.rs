@@ -840,15 +840,20 @@ mod selftest {
         fn request() -> libc::c_ulong {
             ((b';' as libc::c_ulong) << 8) | (0x80 + 32)
         }
+        fn sized() -> Self {
+            IommuTestCmd {
+                size: sys::size32::<IommuTestCmd>(),
+                ..IommuTestCmd::default()
+            }
+        }
     }
 
     fn run(fd: BorrowedFd<'_>, op: u32, id: u32, u: [u64; 6]) -> Result<IommuTestCmd, i32> {
         let mut c = IommuTestCmd {
-            size: sys::size32::<IommuTestCmd>(),
             op,
             id,
             u,
-            ..IommuTestCmd::default()
+            ..IommuTestCmd::sized()
         };
         sys::ioctl(fd, &mut c).map_err(|e| e.errno)?;
         Ok(c)

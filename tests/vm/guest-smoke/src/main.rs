@@ -94,8 +94,8 @@ impl<'a> Ioas<'a> {
 impl Drop for Ioas<'_> {
     fn drop(&mut self) {
         let mut arg = IommuDestroy {
-            size: size32::<IommuDestroy>(),
             id: self.id,
+            ..IommuDestroy::sized()
         };
         // Best effort: closing /dev/iommu frees the IOAS anyway.
         let _ = ioctl(self.iommufd.as_fd(), &mut arg);
@@ -112,9 +112,8 @@ impl Edu {
     fn open(cdev: &str, iommufd: &File) -> Result<Self> {
         let dev = open_rw(cdev)?;
         let mut bind = VfioDeviceBindIommufd {
-            argsz: size32::<VfioDeviceBindIommufd>(),
             iommufd: std::os::fd::AsRawFd::as_raw_fd(iommufd),
-            ..Default::default()
+            ..VfioDeviceBindIommufd::sized()
         };
         ioctl(dev.as_fd(), &mut bind).map_err(|e| e.to_string())?;
 
@@ -142,18 +141,14 @@ impl Edu {
 
     fn attach(&self, pt_id: u32) -> Result<()> {
         let mut arg = VfioDeviceAttachIommufdPt {
-            argsz: size32::<VfioDeviceAttachIommufdPt>(),
             pt_id,
-            ..Default::default()
+            ..VfioDeviceAttachIommufdPt::sized()
         };
         ioctl(self.dev.as_fd(), &mut arg).map_err(|e| e.to_string())
     }
 
     fn detach(&self) -> Result<()> {
-        let mut arg = VfioDeviceDetachIommufdPt {
-            argsz: size32::<VfioDeviceDetachIommufdPt>(),
-            ..Default::default()
-        };
+        let mut arg = VfioDeviceDetachIommufdPt::sized();
         ioctl(self.dev.as_fd(), &mut arg).map_err(|e| e.to_string())
     }
 
@@ -206,9 +201,8 @@ impl Edu {
 
 fn region(dev: &File, index: u32) -> Result<VfioRegionInfo> {
     let mut info = VfioRegionInfo {
-        argsz: size32::<VfioRegionInfo>(),
         index,
-        ..Default::default()
+        ..VfioRegionInfo::sized()
     };
     ioctl(dev.as_fd(), &mut info).map_err(|e| format!("region {index}: {e}"))?;
     Ok(info)
