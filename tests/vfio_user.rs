@@ -1,9 +1,10 @@
 //! vfio-user tier: the server over a real unix socket, against a fake assigned device, driven
 //! by a client written from the protocol document (nutanix/libvfio-user `docs/vfio-user.rst`)
-//! with its own encoding of every message — it shares no code with the server.
+//! with its own encoding of every message (`driver::vfio_user_client`, shared with the VM
+//! tier's vfio-user-edu) — it shares no code with the server.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
@@ -13,51 +14,20 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vhost_user_iommu::driver::vfio_user_client::{
+    CAP_MSIX_MAPPABLE, CAP_SPARSE, CallError, Client, DMA_MAP, DMA_UNMAP, F_ERROR, F_NO_REPLY,
+    GET_INFO, GET_IRQ_INFO, GET_REGION_INFO, GET_REGION_IO_FDS, INTX, IRQ_AUTOMASKED, IRQ_EVENTFD,
+    IRQ_MASKABLE, IRQ_NORESIZE, MSIX, P, REG_CAPS, REG_MMAP, REG_READ, REG_WRITE, REGION_WRITE,
+    REQ, RESET, SET_ACTION_TRIGGER, SET_DATA_BOOL, SET_DATA_EVENTFD, SET_DATA_NONE, SET_IRQS,
+    T_REPLY, VERSION, WRITE_MULTI, hdr_bytes, le16, le32, le64,
+};
 use vhost_user_iommu::vfio_user::{
     AssignedDevice, DeviceInfo, DeviceServer, DmaCheck, Errno, IrqInfo, IrqSet, RegionCap,
     RegionInfo, SparseArea, StopSignal, bind_socket, spawn_device_server,
 };
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-// ---- constants, from the protocol document and <linux/vfio.h> ----
-const VERSION: u16 = 1;
-const DMA_MAP: u16 = 2;
-const DMA_UNMAP: u16 = 3;
-const GET_INFO: u16 = 4;
-const GET_REGION_INFO: u16 = 5;
-const GET_REGION_IO_FDS: u16 = 6;
-const GET_IRQ_INFO: u16 = 7;
-const SET_IRQS: u16 = 8;
-const REGION_READ: u16 = 9;
-const REGION_WRITE: u16 = 10;
-const RESET: u16 = 13;
-const WRITE_MULTI: u16 = 15;
-
-const T_REPLY: u32 = 1;
-const F_NO_REPLY: u32 = 1 << 4;
-const F_ERROR: u32 = 1 << 5;
-
-const REG_READ: u32 = 1;
-const REG_WRITE: u32 = 2;
-const REG_MMAP: u32 = 4;
-const REG_CAPS: u32 = 8;
-const CAP_SPARSE: u16 = 1;
-const CAP_MSIX_MAPPABLE: u16 = 3;
-
-const IRQ_EVENTFD: u32 = 1;
-const IRQ_MASKABLE: u32 = 2;
-const IRQ_AUTOMASKED: u32 = 4;
-const IRQ_NORESIZE: u32 = 8;
-const SET_DATA_NONE: u32 = 1;
-const SET_DATA_BOOL: u32 = 2;
-const SET_DATA_EVENTFD: u32 = 4;
-const SET_ACTION_TRIGGER: u32 = 32;
-
-const INTX: u32 = 0;
-const MSIX: u32 = 2;
-/// VFIO_PCI_REQ_IRQ_INDEX: the host's unplug request, the daemon's own.
-const REQ: u32 = 4;
+/// The config space region of a PCI device.
 const CONFIG: u32 = 7;
 
 // ---- the fake device ----
@@ -340,7 +310,7 @@ impl Server {
     }
 
     fn connect(&self) -> Client {
-        Client::connect_to(&self.path)
+        connect_to(&self.path)
     }
 
     /// A connected client past VERSION.
@@ -369,248 +339,17 @@ impl Drop for Server {
     }
 }
 
-// ---- the client ----
-#[derive(Debug, Clone, Copy)]
-struct Hdr {
-    id: u16,
-    cmd: u16,
-    size: u32,
-    flags: u32,
-    error: u32,
+// ---- the client (the crate's, written from the protocol document) ----
+
+/// A client connected to the socket at `path` (not yet past VERSION).
+fn connect_to(path: &std::path::Path) -> Client {
+    Client::connect(path, TIMEOUT).unwrap()
 }
 
-fn hdr_bytes(id: u16, cmd: u16, size: u32, flags: u32) -> Vec<u8> {
-    let mut b = Vec::with_capacity(16);
-    b.extend_from_slice(&id.to_ne_bytes());
-    b.extend_from_slice(&cmd.to_ne_bytes());
-    b.extend_from_slice(&size.to_ne_bytes());
-    b.extend_from_slice(&flags.to_ne_bytes());
-    b.extend_from_slice(&0u32.to_ne_bytes());
-    b
-}
-
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_ne_bytes(b[o..o + 2].try_into().unwrap())
-}
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_ne_bytes(b[o..o + 4].try_into().unwrap())
-}
-fn le64(b: &[u8], o: usize) -> u64 {
-    u64::from_ne_bytes(b[o..o + 8].try_into().unwrap())
-}
-
-/// A little builder for payloads.
-#[derive(Default)]
-struct P(Vec<u8>);
-impl P {
-    fn u32(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&v.to_ne_bytes());
-        self
-    }
-    fn u64(mut self, v: u64) -> Self {
-        self.0.extend_from_slice(&v.to_ne_bytes());
-        self
-    }
-    fn bytes(mut self, v: &[u8]) -> Self {
-        self.0.extend_from_slice(v);
-        self
-    }
-}
-
-struct Client {
-    sock: UnixStream,
-    next_id: u16,
-}
-
-type Res = Result<(Vec<u8>, Vec<OwnedFd>), u32>;
-
-impl Client {
-    /// A client connected to the socket at `path` (not yet past VERSION).
-    fn connect_to(path: &std::path::Path) -> Client {
-        let sock = UnixStream::connect(path).unwrap();
-        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-        Client { sock, next_id: 1 }
-    }
-
-    fn send_raw(&mut self, bytes: &[u8], fds: &[RawFd]) {
-        let n = self.sock.send_with_fds(&[bytes], fds).unwrap();
-        assert_eq!(n, bytes.len());
-    }
-
-    fn send(&mut self, cmd: u16, payload: &[u8], fds: &[RawFd], flags: u32) -> u16 {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        let mut m = hdr_bytes(id, cmd, (16 + payload.len()) as u32, flags);
-        m.extend_from_slice(payload);
-        self.send_raw(&m, fds);
-        id
-    }
-
-    fn recv(&mut self) -> (Hdr, Vec<u8>, Vec<OwnedFd>) {
-        let mut h = [0u8; 16];
-        let mut fds = [-1; 4];
-        let mut iov = [libc::iovec {
-            iov_base: h.as_mut_ptr().cast(),
-            iov_len: h.len(),
-        }];
-        // SAFETY: the iovec covers `h`, which may receive arbitrary bytes.
-        let (n, nfds) = unsafe { self.sock.recv_with_fds(&mut iov, &mut fds) }.unwrap();
-        // SAFETY: recv_with_fds handed us `nfds` fresh fds to own.
-        let fds: Vec<OwnedFd> = fds[..nfds]
-            .iter()
-            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
-            .collect();
-        assert!(n > 0, "server closed the connection");
-        if n < 16 {
-            self.sock.read_exact(&mut h[n..]).unwrap();
-        }
-        let hdr = Hdr {
-            id: le16(&h, 0),
-            cmd: le16(&h, 2),
-            size: le32(&h, 4),
-            flags: le32(&h, 8),
-            error: le32(&h, 12),
-        };
-        assert!(
-            hdr.size >= 16 && hdr.size < 2 << 20,
-            "reply size {}",
-            hdr.size
-        );
-        let mut body = vec![0u8; hdr.size as usize - 16];
-        self.sock.read_exact(&mut body).unwrap();
-        (hdr, body, fds)
-    }
-
-    /// Receives the reply to `id`/`cmd`: Ok(payload, fds) or Err(errno).
-    fn reply(&mut self, id: u16, cmd: u16) -> Res {
-        let (h, body, fds) = self.recv();
-        assert_eq!(h.flags & 0xf, T_REPLY, "{h:?}");
-        assert_eq!((h.id, h.cmd), (id, cmd), "{h:?}");
-        if h.flags & F_ERROR != 0 {
-            assert_ne!(h.error, 0, "an error reply must carry an errno");
-            assert!(body.is_empty(), "error replies are header-only");
-            assert!(fds.is_empty());
-            return Err(h.error);
-        }
-        Ok((body, fds))
-    }
-
-    fn call(&mut self, cmd: u16, payload: &[u8], fds: &[RawFd]) -> Res {
-        let id = self.send(cmd, payload, fds, 0);
-        self.reply(id, cmd)
-    }
-
-    fn version(&mut self, json: &str) -> Result<serde_json::Value, u32> {
-        let mut p = P::default()
-            .bytes(&0u16.to_ne_bytes())
-            .bytes(&0u16.to_ne_bytes());
-        p = p.bytes(json.as_bytes()).bytes(&[0]);
-        let (body, _) = self.call(VERSION, &p.0, &[])?;
-        assert_eq!(le16(&body, 0), 0, "major");
-        assert_eq!(le16(&body, 2), 0, "minor");
-        assert_eq!(*body.last().unwrap(), 0, "NUL-terminated capabilities");
-        Ok(serde_json::from_slice(&body[4..body.len() - 1]).unwrap())
-    }
-
-    fn region_info(&mut self, index: u32, argsz: u32) -> Res {
-        let p = P::default()
-            .u32(argsz)
-            .u32(0)
-            .u32(index)
-            .u32(0)
-            .u64(0)
-            .u64(0);
-        self.call(GET_REGION_INFO, &p.0, &[])
-    }
-
-    fn read(&mut self, region: u32, offset: u64, count: u32) -> Result<Vec<u8>, u32> {
-        let p = P::default().u64(offset).u32(region).u32(count);
-        let (body, _) = self.call(REGION_READ, &p.0, &[])?;
-        assert_eq!(le64(&body, 0), offset);
-        assert_eq!(le32(&body, 8), region);
-        assert_eq!(le32(&body, 12), count);
-        Ok(body[16..].to_vec())
-    }
-
-    fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), u32> {
-        let p = P::default()
-            .u64(offset)
-            .u32(region)
-            .u32(data.len() as u32)
-            .bytes(data);
-        let (body, _) = self.call(REGION_WRITE, &p.0, &[])?;
-        assert_eq!(body.len(), 16);
-        assert_eq!(le32(&body, 12), data.len() as u32);
-        Ok(())
-    }
-
-    fn set_irqs(
-        &mut self,
-        flags: u32,
-        index: u32,
-        start: u32,
-        count: u32,
-        fds: &[RawFd],
-        data: &[u8],
-    ) -> Res {
-        let p = P::default()
-            .u32(20 + data.len() as u32)
-            .u32(flags)
-            .u32(index)
-            .u32(start)
-            .u32(count)
-            .bytes(data);
-        self.call(SET_IRQS, &p.0, fds)
-    }
-
-    /// MSI-X vector 0 signals `e` (what a VMM does first).
-    fn trigger_msix(&mut self, e: &EventFd) {
-        self.set_irqs(
-            SET_DATA_EVENTFD | SET_ACTION_TRIGGER,
-            MSIX,
-            0,
-            1,
-            &[e.as_raw_fd()],
-            &[],
-        )
-        .unwrap();
-    }
-
-    fn dma_map(
-        &mut self,
-        flags: u32,
-        offset: u64,
-        address: u64,
-        size: u64,
-        fd: Option<RawFd>,
-    ) -> Res {
-        let p = P::default()
-            .u32(32)
-            .u32(flags)
-            .u64(offset)
-            .u64(address)
-            .u64(size);
-        let fds: Vec<RawFd> = fd.into_iter().collect();
-        self.call(DMA_MAP, &p.0, &fds)
-    }
-
-    fn dma_unmap(&mut self, flags: u32, address: u64, size: u64) -> Res {
-        let p = P::default().u32(24).u32(flags).u64(address).u64(size);
-        self.call(DMA_UNMAP, &p.0, &[])
-    }
-
-    fn info(&mut self) -> Result<(u32, u32, u32, u32), u32> {
-        let p = P::default().u32(16).u32(0).u32(0).u32(0);
-        let (b, _) = self.call(GET_INFO, &p.0, &[])?;
-        assert_eq!(b.len(), 16);
-        Ok((le32(&b, 0), le32(&b, 4), le32(&b, 8), le32(&b, 12)))
-    }
-
-    /// True once the server has closed the connection (reads EOF).
-    fn closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.sock.read(&mut b), Ok(0))
-    }
+/// MSI-X vector 0 signals `e` (what a VMM does first).
+fn trigger_msix(c: &mut Client, e: &EventFd) {
+    let fl = SET_DATA_EVENTFD | SET_ACTION_TRIGGER;
+    c.set_irqs(fl, MSIX, 0, 1, &[e.as_raw_fd()], &[]).unwrap();
 }
 
 /// A parsed capability chain: (id, version, offset of the cap in the reply).
@@ -644,7 +383,7 @@ fn sparse_areas(reply: &[u8], off: usize) -> Vec<(u64, u64)> {
 
 /// Gets a region's info the way a VMM does: bare argsz first, then the size it was told.
 fn region_info_two_pass(c: &mut Client, index: u32) -> (Vec<u8>, Vec<OwnedFd>) {
-    let (first, fds) = c.region_info(index, 32).unwrap();
+    let (first, fds) = c.region_info_raw(index, 32).unwrap();
     assert_eq!(first.len(), 32, "the bare answer is just the struct");
     let needed = le32(&first, 0);
     if needed == 32 {
@@ -652,7 +391,7 @@ fn region_info_two_pass(c: &mut Client, index: u32) -> (Vec<u8>, Vec<OwnedFd>) {
     }
     assert!(fds.is_empty(), "no fd with the bare answer");
     assert_eq!(le32(&first, 4) & REG_CAPS, 0, "no CAPS flag without caps");
-    let (full, fds) = c.region_info(index, needed).unwrap();
+    let (full, fds) = c.region_info_raw(index, needed).unwrap();
     assert_eq!(full.len(), needed as usize);
     (full, fds)
 }
@@ -687,9 +426,10 @@ fn mmap_bytes(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Vec<u8> {
 fn version_negotiation_advertises_capabilities() {
     let s = Server::start();
     let mut c = s.connect();
-    let caps = c
+    let (major, minor, caps) = c
         .version(r#"{"capabilities":{"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"migration":{"pgsize":4096,"max_bitmap_size":1048576},"write_multiple":true}}"#)
         .unwrap();
+    assert_eq!((major, minor), (0, 0), "protocol version 0.0");
     let c0 = &caps["capabilities"];
     assert!(c0["max_msg_fds"].as_u64().unwrap() >= 16);
     assert_eq!(c0["max_data_xfer_size"], 1 << 20);
@@ -704,7 +444,7 @@ fn version_negotiation_advertises_capabilities() {
     // A client that does not offer write_multiple is not offered it.
     drop(c);
     let mut c = s.connect();
-    let caps = c.version(r#"{"capabilities":{}}"#).unwrap();
+    let (_, _, caps) = c.version(r#"{"capabilities":{}}"#).unwrap();
     assert!(caps["capabilities"].get("write_multiple").is_none());
     // And one with no capabilities at all is fine too.
     drop(c);
@@ -788,7 +528,7 @@ fn region_info_two_pass_with_sparse_mmap_and_fd() {
     assert_eq!(fds.len(), 1);
 
     // Config space: not mappable, no caps, no fd, answered in one pass.
-    let (cfg, fds) = c.region_info(CONFIG, 32).unwrap();
+    let (cfg, fds) = c.region_info_raw(CONFIG, 32).unwrap();
     assert_eq!(le32(&cfg, 0), 32);
     assert_eq!(le32(&cfg, 4), REG_READ | REG_WRITE);
     assert_eq!(le64(&cfg, 16), 256);
@@ -796,11 +536,11 @@ fn region_info_two_pass_with_sparse_mmap_and_fd() {
     assert!(fds.is_empty());
 
     // A generous argsz is fine; an index past num_regions and a too-small argsz are not.
-    let (big, fds) = c.region_info(0, 4096).unwrap();
+    let (big, fds) = c.region_info_raw(0, 4096).unwrap();
     assert_eq!(big, bar0);
     assert_eq!(fds.len(), 1);
-    assert!(c.region_info(9, 32).is_err());
-    assert!(c.region_info(0, 16).is_err());
+    assert!(c.region_info_raw(9, 32).is_err());
+    assert!(c.region_info_raw(0, 16).is_err());
     // GET_REGION_IO_FDS is not offered.
     let p = P::default().u32(32).u32(0).u32(0).u32(0);
     assert!(c.call(GET_REGION_IO_FDS, &p.0, &[]).is_err());
@@ -850,7 +590,7 @@ fn region_write_multi() {
         .u32(CONFIG)
         .u32(1)
         .bytes(&[0x5a, 0, 0, 0, 0, 0, 0, 0]);
-    c.send(WRITE_MULTI, &p.0, &[], F_NO_REPLY);
+    c.send(WRITE_MULTI, &p.0, &[], F_NO_REPLY).unwrap();
     assert_eq!(c.read(CONFIG, 10, 1).unwrap(), vec![0x5a]);
     // wr_cnt disagreeing with the size.
     let p = P::default().u64(3).u64(0).u32(CONFIG).u32(1).u64(0);
@@ -967,21 +707,21 @@ fn dma_map_is_checked_against_guest_ram_and_recorded() {
     c.dma_map(3, 0, 0x10_0000, 0x10_0000, fd).unwrap();
     // Outside guest RAM: refused with an errno.
     let e = c.dma_map(3, 0, GUEST_RAM_END, 0x1000, fd).unwrap_err();
-    assert_eq!(e, libc::EFAULT as u32);
+    assert_eq!(e, CallError::Errno(libc::EFAULT as u32));
     let e = c
         .dma_map(3, 0, GUEST_RAM_END - 0x1000, 0x2000, fd)
         .unwrap_err();
-    assert_eq!(e, libc::EFAULT as u32);
+    assert_eq!(e, CallError::Errno(libc::EFAULT as u32));
     // Without an fd (ROM, a peer BAR), anywhere: accepted and recorded.
     c.dma_map(1, 0, 0xfebc_0000_0000, 0x4000, None).unwrap();
     // Overlaps are refused.
     assert_eq!(
         c.dma_map(3, 0, 0x18_0000, 0x1000, fd).unwrap_err(),
-        libc::EEXIST as u32
+        CallError::Errno(libc::EEXIST as u32)
     );
     assert_eq!(
         c.dma_map(1, 0, 0xfebc_0000_2000, 0x1000, None).unwrap_err(),
-        libc::EEXIST as u32
+        CallError::Errno(libc::EEXIST as u32)
     );
     // Malformed: size 0, unaligned, unknown flags, two fds.
     assert!(c.dma_map(3, 0, 0x40_0000, 0, fd).is_err());
@@ -1004,15 +744,16 @@ fn dma_map_is_checked_against_guest_ram_and_recorded() {
         .u64(0)
         .u64(0x60_0000)
         .u64(0x1000);
-    c.send(DMA_MAP, &p.0, &[ram.as_raw_fd()], F_NO_REPLY);
+    c.send(DMA_MAP, &p.0, &[ram.as_raw_fd()], F_NO_REPLY)
+        .unwrap();
     assert_eq!(
         c.dma_map(3, 0, 0x60_0000, 0x1000, fd).unwrap_err(),
-        libc::EEXIST as u32
+        CallError::Errno(libc::EEXIST as u32)
     );
 
     // UNMAP must name a map exactly; the reply echoes the entry.
     assert!(c.dma_unmap(0, 0x10_0000, 0x1000).is_err());
-    let (b, _) = c.dma_unmap(0, 0x10_0000, 0x10_0000).unwrap();
+    let b = c.dma_unmap(0, 0x10_0000, 0x10_0000).unwrap();
     assert_eq!((le64(&b, 8), le64(&b, 16)), (0x10_0000, 0x10_0000));
     assert!(
         c.dma_unmap(0, 0x10_0000, 0x10_0000).is_err(),
@@ -1032,8 +773,8 @@ fn malformed_messages_get_errors_and_serving_continues() {
     let mut c = s.client();
 
     // A header whose size is smaller than a header.
-    c.send_raw(&hdr_bytes(100, GET_INFO, 8, 0), &[]);
-    let (h, body, _) = c.recv();
+    c.send_raw(&hdr_bytes(100, GET_INFO, 8, 0), &[]).unwrap();
+    let (h, body, _) = c.recv().unwrap();
     assert_eq!(h.id, 100);
     assert!(h.flags & F_ERROR != 0 && h.error != 0 && body.is_empty());
 
@@ -1068,33 +809,34 @@ fn malformed_messages_get_errors_and_serving_continues() {
     // A message of an unknown type.
     let mut m = hdr_bytes(200, GET_INFO, 32, 7);
     m.extend_from_slice(&p.0);
-    c.send_raw(&m, &[]);
-    let (h, _, _) = c.recv();
+    c.send_raw(&m, &[]).unwrap();
+    let (h, _, _) = c.recv().unwrap();
     assert!(h.id == 200 && h.flags & F_ERROR != 0 && h.error != 0);
     // A reply from the client answers nothing: ignored, no reply to it.
     let mut m = hdr_bytes(201, GET_INFO, 32, T_REPLY);
     m.extend_from_slice(&p.0);
-    c.send_raw(&m, &[]);
+    c.send_raw(&m, &[]).unwrap();
 
     // Still serving, in order.
     assert_eq!(c.info().unwrap().2, 9);
 
     // A header that claims more than any message may be: an error, then the stream is
     // abandoned; the server goes on to accept the next client.
-    c.send_raw(&hdr_bytes(300, REGION_WRITE, u32::MAX, 0), &[]);
-    let (h, _, _) = c.recv();
+    c.send_raw(&hdr_bytes(300, REGION_WRITE, u32::MAX, 0), &[])
+        .unwrap();
+    let (h, _, _) = c.recv().unwrap();
     assert!(h.id == 300 && h.flags & F_ERROR != 0 && h.error != 0);
     assert!(c.closed());
     let mut c = s.client();
     assert_eq!(c.info().unwrap().2, 9);
 
     // A client that dies mid-header or mid-message does not hurt the server.
-    c.send_raw(&[1, 2, 3], &[]);
+    c.send_raw(&[1, 2, 3], &[]).unwrap();
     drop(c);
     let mut c = s.connect();
     let mut m = hdr_bytes(1, VERSION, 64, 0);
     m.extend_from_slice(&[0, 0, 0, 0]);
-    c.send_raw(&m, &[]);
+    c.send_raw(&m, &[]).unwrap();
     drop(c);
     let mut c = s.client();
     assert_eq!(c.info().unwrap().2, 9);
@@ -1108,7 +850,7 @@ fn disconnect_disables_irqs_resets_and_drops_dma_maps() {
     c.dma_map(3, 0, 0x1000, 0x1000, Some(ram.as_raw_fd()))
         .unwrap();
     let e = EventFd::new(0).unwrap();
-    c.trigger_msix(&e);
+    trigger_msix(&mut c, &e);
     let before = s.state.lock().unwrap().irq_calls.len();
     drop(c);
     s.wait_for("reset after disconnect", |st| st.resets == 1);
@@ -1166,7 +908,7 @@ fn the_req_irq_index_is_the_daemons_and_a_client_can_neither_query_nor_set_it() 
     let p = P::default().u32(16).u32(0).u32(REQ).u32(0);
     assert_eq!(
         c.call(GET_IRQ_INFO, &p.0, &[]).unwrap_err(),
-        libc::EPERM as u32
+        CallError::Errno(libc::EPERM as u32)
     );
     let e = EventFd::new(0).unwrap();
     for (flags, fds, data) in [
@@ -1182,12 +924,12 @@ fn the_req_irq_index_is_the_daemons_and_a_client_can_neither_query_nor_set_it() 
         let count = if flags & SET_DATA_NONE != 0 { 0 } else { 1 };
         assert_eq!(
             c.set_irqs(flags, REQ, 0, count, &fds, &data).unwrap_err(),
-            libc::EPERM as u32,
+            CallError::Errno(libc::EPERM as u32),
             "flags {flags:#x}"
         );
     }
     // The connection goes on: the other indexes still work.
-    c.trigger_msix(&e);
+    trigger_msix(&mut c, &e);
     drop(c);
     s.wait_for("reset after disconnect", |st| st.resets == 1);
     assert!(
@@ -1285,7 +1027,7 @@ fn device_server_hooks_and_recorded_dma_maps() {
     let maps = server.dma_maps();
     let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
 
-    let mut c = Client::connect_to(&path);
+    let mut c = connect_to(&path);
     c.version("{}").unwrap();
     let ram = memfd("guest-ram", 0x2000);
     c.dma_map(3, 0x1000, 0x10_0000, 0x1000, Some(ram.as_raw_fd()))
@@ -1331,7 +1073,7 @@ fn a_removed_device_is_dropped_clients_are_refused_until_it_is_put_back() {
         DeviceServer::new(Box::new(fake), Arc::new(|_, _| true), stop.clone()).name("slot");
     let slot = server.slot();
     let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
-    let connect = || Client::connect_to(&path);
+    let connect = || connect_to(&path);
     let wait = |what: &str, cond: &dyn Fn() -> bool| {
         let t = Instant::now();
         while !cond() {
@@ -1344,12 +1086,7 @@ fn a_removed_device_is_dropped_clients_are_refused_until_it_is_put_back() {
     let mut c = connect();
     c.version("{}").unwrap();
     slot.remove();
-    let mut b = [0u8; 1];
-    assert_eq!(
-        c.sock.read(&mut b).unwrap(),
-        0,
-        "the connection is shut down"
-    );
+    assert!(c.closed(), "the connection is shut down");
     wait("the device is dropped", &|| Arc::strong_count(&state) == 1);
     assert!(!slot.is_present());
     assert_eq!(
@@ -1360,7 +1097,10 @@ fn a_removed_device_is_dropped_clients_are_refused_until_it_is_put_back() {
 
     // While it is gone, clients are refused with ENODEV.
     let mut c = connect();
-    assert_eq!(c.version("{}").unwrap_err(), libc::ENODEV as u32);
+    assert_eq!(
+        c.version("{}").unwrap_err(),
+        CallError::Errno(libc::ENODEV as u32)
+    );
 
     // Replug: served again.
     let (fake, state) = Fake::new();
@@ -1423,7 +1163,7 @@ fn a_client_that_is_not_the_configured_vmm_is_refused_before_anything_is_read() 
         let sock = UnixStream::connect(&path).unwrap();
         sock.set_read_timeout(Some(TIMEOUT)).unwrap();
         if admitted {
-            let mut c = Client { sock, next_id: 1 };
+            let mut c = Client::over(sock, 1);
             c.version("{}").unwrap();
         } else {
             // The server closes the connection without reading or answering anything (the
@@ -1486,7 +1226,7 @@ fn a_silent_or_stalled_client_gives_the_slot_back_after_the_message_timeout() {
             "stall {stall:?}: closed after {took:?}"
         );
         // The slot is free again: the next client is served at once.
-        let mut c = Client::connect_to(&path);
+        let mut c = connect_to(&path);
         c.version("{}").unwrap();
         drop(c);
         drop(hog);
@@ -1519,31 +1259,30 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
     let server = DeviceServer::new(Box::new(fake), Arc::new(|_, _| true), stop.clone())
         .message_timeout(quiet);
     let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
-    let mut c = Client::connect_to(&path);
+    let mut c = connect_to(&path);
     c.version("{}").unwrap();
     let ram = memfd("guest-ram", 0x2000);
     c.dma_map(3, 0, 0x10_0000, 0x2000, Some(ram.as_raw_fd()))
         .unwrap();
     let e = EventFd::new(0).unwrap();
-    c.trigger_msix(&e);
+    trigger_msix(&mut c, &e);
     let calls_before = state.lock().unwrap().irq_calls.len();
 
     // The handover is asked for while half a message is in the socket: the server hands over
     // without reading any of it (nothing is taken out of the socket before it is answered),
     // and the server that goes on answers it whole.
     let whole = {
-        let mut m = hdr_bytes(c.next_id, GET_INFO, 16 + 16, 0);
+        let mut m = hdr_bytes(c.take_id(), GET_INFO, 16 + 16, 0);
         m.extend_from_slice(&P::default().u32(16).u32(0).u32(0).u32(0).0);
         m
     };
-    c.next_id += 1;
-    c.send_raw(&whole[..10], &[]);
+    c.send_raw(&whole[..10], &[]).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     stop.hand_over();
     let ServerEnd::HandedOver(handed) = thread.join().unwrap().unwrap() else {
         panic!("the server stopped instead of handing over");
     };
-    c.send_raw(&whole[10..], &[]);
+    c.send_raw(&whole[10..], &[]).unwrap();
     let (stream, conn) = handed.connection.expect("its client");
     assert!(conn.negotiated);
     assert_eq!(conn.irqs_set, 1 << MSIX);
@@ -1561,7 +1300,7 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
         .server
         .spawn_resumed(handed.listener, Some((stream, conn)))
         .unwrap();
-    let (h, body, _) = c.recv();
+    let (h, body, _) = c.recv().unwrap();
     assert_eq!((h.cmd, h.flags & F_ERROR, body.len()), (GET_INFO, 0, 16));
     std::thread::sleep(quiet * 2);
     assert_eq!(c.info().unwrap().2, 9);
@@ -1603,7 +1342,7 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
     }
     assert_eq!(disabled_since(&state2, 0), vec![MSIX]);
     // And a new client is served from the handed-over listener.
-    let mut c = Client::connect_to(&path);
+    let mut c = connect_to(&path);
     c.version("{}").unwrap();
     c.dma_map(3, 0, 0x10_0000, 0x2000, Some(ram.as_raw_fd()))
         .unwrap();
@@ -1632,7 +1371,7 @@ fn the_trace_has_a_line_per_vfio_user_message_with_its_fields_and_errno() {
         .name("nic0")
         .trace(trace.clone());
     let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
-    let mut c = Client::connect_to(&path);
+    let mut c = connect_to(&path);
     // Off: nothing is written.
     c.version("{}").unwrap();
     trace.start(&trace_path, 1 << 20).unwrap();
@@ -1642,7 +1381,7 @@ fn the_trace_has_a_line_per_vfio_user_message_with_its_fields_and_errno() {
     let e = c
         .dma_map(3, 0, GUEST_RAM_END, 0x1000, Some(ram.as_raw_fd()))
         .unwrap_err();
-    assert_eq!(e, libc::EFAULT as u32);
+    assert_eq!(e, CallError::Errno(libc::EFAULT as u32));
     c.read(CONFIG, 0, 4).unwrap();
     c.dma_unmap(0, 0x10_0000, 0x10_0000).unwrap();
     trace.stop();
@@ -1703,10 +1442,7 @@ impl AfterCrash {
         let dir = test_dir("crash");
         let (c, daemon_side) = UnixStream::pair().unwrap();
         c.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let mut client = Client {
-            sock: c,
-            next_id: 7,
-        };
+        let mut client = Client::over(c, 7);
         let bytes = send(&mut client);
         let found = found(&bytes, &daemon_side);
         let (fake, _) = Fake::new();
@@ -1761,8 +1497,8 @@ fn send_bar0_write(c: &mut Client, data: &[u8]) -> Vec<u8> {
         .u32(0)
         .u32(data.len() as u32)
         .bytes(data);
-    let id = c.next_id;
-    c.send(REGION_WRITE, &p.0, &[], 0);
+    let id = c.next_id();
+    c.send(REGION_WRITE, &p.0, &[], 0).unwrap();
     let mut m = hdr_bytes(id, REGION_WRITE, 16 + p.0.len() as u32, 0);
     m.extend_from_slice(&p.0);
     m
@@ -1791,7 +1527,7 @@ fn a_message_carried_out_before_a_crash_is_answered_with_the_kept_reply_not_agai
         Vec::new(),
     );
     let before = s.bar0();
-    let (h, body, _) = s.client.recv();
+    let (h, body, _) = s.client.recv().unwrap();
     assert_eq!((h.id, h.cmd, h.flags), (7, REGION_WRITE, T_REPLY));
     assert_eq!(body, kept[16..], "the kept reply, byte for byte");
     assert_eq!(
@@ -1824,7 +1560,7 @@ fn a_message_answered_before_a_crash_is_taken_out_without_a_second_reply() {
         );
         let before = s.bar0();
         if went_out {
-            let (h, _, _) = s.client.recv();
+            let (h, _, _) = s.client.recv().unwrap();
             assert_eq!((h.id, h.cmd), (7, REGION_WRITE), "the reply sent before");
         }
         // The next reply the client gets is the next message's: none for message 7 again.
@@ -1849,7 +1585,7 @@ fn a_message_in_hand_at_a_crash_without_a_kept_reply_is_carried_out_again() {
             },
             Vec::new(),
         );
-        let (h, body, _) = s.client.recv();
+        let (h, body, _) = s.client.recv().unwrap();
         assert_eq!(
             (h.id, h.cmd, h.flags & F_ERROR, body.len()),
             (7, REGION_WRITE, 0, 16)
@@ -1882,19 +1618,19 @@ fn dma_map_and_unmap_a_crash_had_carried_out_succeed_once_more_and_only_then() {
                 .u64(0)
                 .u64(0x10_0000)
                 .u64(0x2000);
-            c.send(DMA_MAP, &p.0, &[fd], 0);
+            c.send(DMA_MAP, &p.0, &[fd], 0).unwrap();
             Vec::new()
         },
         |_, _| vhost_user_iommu::journal::InFlight::default(),
         vec![region.clone()],
     );
-    let (h, _, _) = s.client.recv();
+    let (h, _, _) = s.client.recv().unwrap();
     assert_eq!((h.id, h.cmd, h.flags & F_ERROR), (7, DMA_MAP, 0));
     assert_eq!(s.maps.len(), 1);
     // Only the first message after the crash: the same map again overlaps.
     assert_eq!(
         s.client.dma_map(3, 0, 0x10_0000, 0x2000, Some(fd)).err(),
-        Some(libc::EEXIST as u32)
+        Some(CallError::Errno(libc::EEXIST as u32))
     );
     drop(s);
 
@@ -1902,17 +1638,17 @@ fn dma_map_and_unmap_a_crash_had_carried_out_succeed_once_more_and_only_then() {
     let mut s = AfterCrash::start(
         |c| {
             let p = P::default().u32(24).u32(0).u64(0x10_0000).u64(0x2000);
-            c.send(DMA_UNMAP, &p.0, &[], 0);
+            c.send(DMA_UNMAP, &p.0, &[], 0).unwrap();
             Vec::new()
         },
         |_, _| vhost_user_iommu::journal::InFlight::default(),
         Vec::new(),
     );
-    let (h, _, _) = s.client.recv();
+    let (h, _, _) = s.client.recv().unwrap();
     assert_eq!((h.id, h.cmd, h.flags & F_ERROR), (7, DMA_UNMAP, 0));
     assert_eq!(
         s.client.dma_unmap(0, 0x10_0000, 0x2000).err(),
-        Some(libc::ENOENT as u32),
+        Some(CallError::Errno(libc::ENOENT as u32)),
         "only the first message after the crash"
     );
 }
@@ -1941,7 +1677,7 @@ fn a_server_marks_each_message_in_hand_and_clears_the_mark_once_it_is_taken_out(
     let thread = server
         .spawn(vhost_user_iommu::vfio_user::bind_socket(&path).unwrap())
         .unwrap();
-    let mut c = Client::connect_to(&path);
+    let mut c = connect_to(&path);
     c.version("{}").unwrap();
     c.write(0, 0, &[1, 2, 3, 4]).unwrap();
     // The reply is sent before the message is taken out: wait for the mark to clear.
@@ -2014,19 +1750,21 @@ fn boot_bypass_answers_a_dma_map_before_pinning_and_holds_bus_mastering_until_pi
     assert_eq!(s.state.lock().unwrap().config[4], 0x02);
 
     // Turning bus mastering on waits: no reply, and the device has not seen the write.
-    let id = c.send(
-        REGION_WRITE,
-        &P::default()
-            .u64(4)
-            .u32(CONFIG)
-            .u32(2)
-            .bytes(&[0x06, 0x00])
-            .0,
-        &[],
-        0,
-    );
+    let id = c
+        .send(
+            REGION_WRITE,
+            &P::default()
+                .u64(4)
+                .u32(CONFIG)
+                .u32(2)
+                .bytes(&[0x06, 0x00])
+                .0,
+            &[],
+            0,
+        )
+        .unwrap();
     let mut pfd = libc::pollfd {
-        fd: c.sock.as_raw_fd(),
+        fd: c.socket().as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };

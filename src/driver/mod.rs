@@ -10,6 +10,7 @@
 
 mod frontend;
 mod memory;
+pub mod vfio_user_client;
 mod virtqueue;
 
 use std::io;

@@ -5,15 +5,13 @@
 //! vfio-user socket, plus the vhost-user socket), starts the real daemon binary (embedded by
 //! build.rs, written to /tmp), connects the crate's `driver::TestVm` to the vhost-user socket
 //! (the guest's IOMMU driver, 64 MiB of memfd guest RAM) and a vfio-user client written from
-//! the protocol document (`client.rs`, the VMM) to each device socket. Checks: VERSION and
+//! the protocol document (the crate's `driver::vfio_user_client`, the VMM) to each device socket. Checks: VERSION and
 //! DEVICE_GET_INFO, config space through the socket vs sysfs, BAR0 through the mmapped fd of
 //! GET_REGION_INFO (no socket message per access), edu DMA through the daemon's translations,
 //! MSI through SET_IRQS eventfds, DEVICE_RESET, the cleanup on a vfio-user disconnect, and
 //! DMA_MAP checked against the vhost-user memory table.
 //!
 //! Output: `PASS: name` / `FAIL: name: why` per check; exit status 1 if any failed.
-
-mod client;
 
 use std::fs;
 use std::io::BufRead;
@@ -32,7 +30,7 @@ use vhost_user_iommu::protocol::{MAP_F_READ, MAP_F_WRITE, Request, Status};
 use vhost_user_iommu::testing::service_manager::ServiceManager;
 use vmm_sys_util::eventfd::EventFd;
 
-use client::{
+use vhost_user_iommu::driver::vfio_user_client::{
     CallError, Client, DMA_READ, DMA_WRITE, REG_MMAP, Result, SET_ACTION_TRIGGER, SET_DATA_EVENTFD,
     le32,
 };
@@ -659,7 +657,7 @@ fn msi_checks(rep: &mut Report, edu: &Edu, c: &mut Client, bar: &Bar) -> Option<
         "endpoint 1: MSI via SET_IRQS eventfd: edu's raise register (0x60) fires it",
         (|| {
             bar.edu_ack_irqs();
-            c.set_irqs(SET_DATA_EVENTFD | SET_ACTION_TRIGGER, MSI, 0, 1, &[e.as_raw_fd()])?;
+            c.set_irqs(SET_DATA_EVENTFD | SET_ACTION_TRIGGER, MSI, 0, 1, &[e.as_raw_fd()], &[])?;
             let enabled = msi_enabled_in_sysfs(edu)?;
             if !enabled {
                 return Err("the MSI capability is not enabled after SET_IRQS".into());
@@ -1411,7 +1409,7 @@ fn run(rep: &mut Report) -> Result<()> {
         (|| {
             // A fresh eventfd for this client, proven to fire right before the disconnect.
             let old = EventFd::new(libc::EFD_NONBLOCK).map_err(s)?;
-            c1.set_irqs(SET_DATA_EVENTFD | SET_ACTION_TRIGGER, MSI, 0, 1, &[old.as_raw_fd()])?;
+            c1.set_irqs(SET_DATA_EVENTFD | SET_ACTION_TRIGGER, MSI, 0, 1, &[old.as_raw_fd()], &[])?;
             drain(&old);
             bar1.write_u32(EDU_IRQ_RAISE, 0x1);
             let n = wait_event(&old, TIMEOUT)?;
@@ -1459,7 +1457,7 @@ fn run(rep: &mut Report) -> Result<()> {
             }
             // The device still raises: the new client's eventfd fires.
             let new = EventFd::new(libc::EFD_NONBLOCK).map_err(s)?;
-            c.set_irqs(SET_DATA_EVENTFD | SET_ACTION_TRIGGER, MSI, 0, 1, &[new.as_raw_fd()])?;
+            c.set_irqs(SET_DATA_EVENTFD | SET_ACTION_TRIGGER, MSI, 0, 1, &[new.as_raw_fd()], &[])?;
             bar.write_u32(EDU_IRQ_RAISE, 0x1);
             let n = wait_event(&new, TIMEOUT)?;
             bar.edu_ack_irqs();

@@ -1,8 +1,10 @@
-//! A vfio-user client written from the protocol document (nutanix/libvfio-user
-//! `docs/vfio-user.rst`, version 0.0), with its own encoding of every message: it shares no
-//! code with the daemon's server (taken from the socket tier's client, tests/vfio_user.rs, made
-//! to report errors instead of panicking). It counts the messages it sends, so a check can show
-//! that an access needed none.
+//! A vfio-user client (the VMM's side) written from the protocol document
+//! (nutanix/libvfio-user `docs/vfio-user.rst`, version 0.0), with its own encoding of every
+//! message: it shares no code with the daemon's server (`crate::vfio_user`), so a test of one
+//! against the other is a test of both against the document. The socket tier
+//! (tests/vfio_user.rs) and the VM tier's vfio-user-edu use it. Errors come back as values: an
+//! error reply's errno, or a broken transport or malformed reply. It counts the messages it
+//! sends, so a check can show that an access needed none.
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -20,27 +22,45 @@ pub const DMA_MAP: u16 = 2;
 pub const DMA_UNMAP: u16 = 3;
 pub const GET_INFO: u16 = 4;
 pub const GET_REGION_INFO: u16 = 5;
+pub const GET_REGION_IO_FDS: u16 = 6;
 pub const GET_IRQ_INFO: u16 = 7;
 pub const SET_IRQS: u16 = 8;
 pub const REGION_READ: u16 = 9;
 pub const REGION_WRITE: u16 = 10;
 pub const RESET: u16 = 13;
+pub const WRITE_MULTI: u16 = 15;
 
-const T_REPLY: u32 = 1;
-const F_ERROR: u32 = 1 << 5;
+/// Message types and flags of the header.
+pub const T_REPLY: u32 = 1;
+pub const F_NO_REPLY: u32 = 1 << 4;
+pub const F_ERROR: u32 = 1 << 5;
 
+/// Region flags and capabilities.
+pub const REG_READ: u32 = 1;
+pub const REG_WRITE: u32 = 2;
 pub const REG_MMAP: u32 = 4;
 pub const REG_CAPS: u32 = 8;
 pub const CAP_SPARSE: u16 = 1;
+pub const CAP_MSIX_MAPPABLE: u16 = 3;
 
+/// IRQ info flags, SET_IRQS data types and actions, IRQ indexes of a PCI device.
+pub const IRQ_EVENTFD: u32 = 1;
+pub const IRQ_MASKABLE: u32 = 2;
+pub const IRQ_AUTOMASKED: u32 = 4;
+pub const IRQ_NORESIZE: u32 = 8;
+pub const SET_DATA_NONE: u32 = 1;
+pub const SET_DATA_BOOL: u32 = 2;
 pub const SET_DATA_EVENTFD: u32 = 4;
 pub const SET_ACTION_TRIGGER: u32 = 32;
+pub const INTX: u32 = 0;
+pub const MSIX: u32 = 2;
+pub const REQ: u32 = 4;
 
 pub const DMA_READ: u32 = 1;
 pub const DMA_WRITE: u32 = 2;
 
 /// An error reply's errno, or a failure of the transport / a malformed reply.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum CallError {
     Errno(u32),
     Broken(String),
@@ -80,7 +100,8 @@ pub struct Hdr {
     pub error: u32,
 }
 
-fn hdr_bytes(id: u16, cmd: u16, size: u32, flags: u32) -> Vec<u8> {
+/// A message header: `size` is the whole message's, header included.
+pub fn hdr_bytes(id: u16, cmd: u16, size: u32, flags: u32) -> Vec<u8> {
     let mut b = Vec::with_capacity(16);
     b.extend_from_slice(&id.to_ne_bytes());
     b.extend_from_slice(&cmd.to_ne_bytes());
@@ -145,14 +166,38 @@ impl Client {
             UnixStream::connect(path).map_err(|e| format!("connect {}: {e}", path.display()))?;
         sock.set_read_timeout(Some(timeout))
             .map_err(|e| e.to_string())?;
-        Ok(Client {
-            sock,
-            next_id: 1,
-            sent: 0,
-        })
+        Ok(Client::over(sock, 1))
     }
 
-    fn send_raw(&mut self, bytes: &[u8], fds: &[RawFd]) -> Res<()> {
+    /// A client over an already connected socket, numbering its messages from `first_id`.
+    pub fn over(sock: UnixStream, first_id: u16) -> Client {
+        Client {
+            sock,
+            next_id: first_id,
+            sent: 0,
+        }
+    }
+
+    /// The id the next message gets.
+    pub fn next_id(&self) -> u16 {
+        self.next_id
+    }
+
+    /// Takes the next message id (for a message built by hand and sent with
+    /// [`Client::send_raw`]).
+    pub fn take_id(&mut self) -> u16 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        id
+    }
+
+    /// The connection (to poll it, or to write past the protocol).
+    pub fn socket(&self) -> &UnixStream {
+        &self.sock
+    }
+
+    /// Sends `bytes` as they are, with `fds`.
+    pub fn send_raw(&mut self, bytes: &[u8], fds: &[RawFd]) -> Res<()> {
         let n = self
             .sock
             .send_with_fds(&[bytes], fds)
@@ -164,16 +209,17 @@ impl Client {
         Ok(())
     }
 
-    fn send(&mut self, cmd: u16, payload: &[u8], fds: &[RawFd], flags: u32) -> Res<u16> {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
+    /// Sends command `cmd` with the next message id, which it returns.
+    pub fn send(&mut self, cmd: u16, payload: &[u8], fds: &[RawFd], flags: u32) -> Res<u16> {
+        let id = self.take_id();
         let mut m = hdr_bytes(id, cmd, (16 + payload.len()) as u32, flags);
         m.extend_from_slice(payload);
         self.send_raw(&m, fds)?;
         Ok(id)
     }
 
-    fn recv(&mut self) -> Res<(Hdr, Vec<u8>, Vec<OwnedFd>)> {
+    /// Receives one message, whatever it is.
+    pub fn recv(&mut self) -> Res<(Hdr, Vec<u8>, Vec<OwnedFd>)> {
         let mut h = [0u8; 16];
         let mut fds = [-1; 4];
         let mut iov = [libc::iovec {
@@ -214,7 +260,7 @@ impl Client {
     }
 
     /// Receives the reply to `id`/`cmd`: Ok(payload, fds) or Err(errno).
-    fn reply(&mut self, id: u16, cmd: u16) -> Res<(Vec<u8>, Vec<OwnedFd>)> {
+    pub fn reply(&mut self, id: u16, cmd: u16) -> Res<(Vec<u8>, Vec<OwnedFd>)> {
         let (h, body, fds) = self.recv()?;
         if h.flags & 0xf != T_REPLY || (h.id, h.cmd) != (id, cmd) {
             return broken(format!("expected the reply to {id}/{cmd}, got {h:?}"));
@@ -293,7 +339,8 @@ impl Client {
         Ok((le32(&b, 0), le32(&b, 4), le32(&b, 8), le32(&b, 12)))
     }
 
-    fn region_info_raw(&mut self, index: u32, argsz: u32) -> Res<(Vec<u8>, Vec<OwnedFd>)> {
+    /// One DEVICE_GET_REGION_INFO with `argsz`: the reply as it came.
+    pub fn region_info_raw(&mut self, index: u32, argsz: u32) -> Res<(Vec<u8>, Vec<OwnedFd>)> {
         let p = P::default()
             .u32(argsz)
             .u32(0)
@@ -410,6 +457,7 @@ impl Client {
         Ok(())
     }
 
+    /// SET_IRQS with `fds` (DATA_EVENTFD) or `data` (DATA_BOOL) for the vectors.
     pub fn set_irqs(
         &mut self,
         flags: u32,
@@ -417,14 +465,16 @@ impl Client {
         start: u32,
         count: u32,
         fds: &[RawFd],
+        data: &[u8],
     ) -> Res<()> {
         let p = P::default()
-            .u32(20)
+            .u32(20 + data.len() as u32)
             .u32(flags)
             .u32(index)
             .u32(start)
-            .u32(count);
-        self.call(SET_IRQS, &p.0, fds).map(|_| ())
+            .u32(count)
+            .bytes(data);
+        self.call(SET_IRQS, &p.0, fds).map(drop)
     }
 
     pub fn dma_map(
@@ -445,9 +495,16 @@ impl Client {
         self.call(DMA_MAP, &p.0, &fds).map(|_| ())
     }
 
-    pub fn dma_unmap(&mut self, flags: u32, address: u64, size: u64) -> Res<()> {
+    /// DMA_UNMAP: the reply's payload (the request echoed).
+    pub fn dma_unmap(&mut self, flags: u32, address: u64, size: u64) -> Res<Vec<u8>> {
         let p = P::default().u32(24).u32(flags).u64(address).u64(size);
-        self.call(DMA_UNMAP, &p.0, &[]).map(|_| ())
+        self.call(DMA_UNMAP, &p.0, &[]).map(|(body, _)| body)
+    }
+
+    /// True once the server has closed the connection (reads EOF).
+    pub fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.sock.read(&mut b), Ok(0))
     }
 
     pub fn reset(&mut self) -> Res<()> {
