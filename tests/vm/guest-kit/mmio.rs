@@ -15,6 +15,8 @@ pub type Result<T> = std::result::Result<T, String>;
 pub const EDU_VENDOR: &str = "0x1234";
 pub const EDU_DEVICE: &str = "0x11e8";
 pub const EDU_ID: usize = 0x00;
+/// Reads back the complement of what was written (QEMU docs/specs/edu.rst).
+pub const EDU_LIVENESS: usize = 0x04;
 pub const EDU_DMA_SRC: usize = 0x80;
 pub const EDU_DMA_DST: usize = 0x88;
 pub const EDU_DMA_COUNT: usize = 0x90;

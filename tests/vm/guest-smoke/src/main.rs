@@ -23,16 +23,13 @@ use std::time::{Duration, Instant};
 
 use guest_kit::mmio::{
     edu_bdfs, EDU_BUFFER, EDU_CMD_START, EDU_CMD_TO_RAM, EDU_DMA_CMD, EDU_DMA_COUNT, EDU_DMA_DST,
-    EDU_DMA_SRC, EDU_ID, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY,
+    EDU_DMA_SRC, EDU_ID, EDU_LIVENESS, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY,
 };
 use guest_kit::report::Report;
 use guest_kit::sys::{open_rw, vfio_cdev};
 use mem::Mapping;
 use uapi::*;
 
-/// edu's liveness register (QEMU docs/specs/edu.rst): reads back the complement of what was
-/// written.
-const EDU_LIVENESS: usize = 0x04;
 /// Identification register: 0xRRrr00ed, major.minor version in the top bytes.
 const EDU_ID_MAGIC_MASK: u32 = 0xffff;
 const EDU_ID_MAGIC: u32 = 0x00ed;

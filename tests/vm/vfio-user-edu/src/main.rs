@@ -47,21 +47,17 @@ const DIR: &str = "/tmp/vfio-user-edu";
 const CONTROL: &str = "/tmp/vfio-user-edu/control.sock";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-// VFIO / PCI constants (<linux/vfio.h>, <linux/pci_regs.h>).
-const VFIO_DEVICE_FLAGS_RESET: u32 = 1 << 0;
-const VFIO_DEVICE_FLAGS_PCI: u32 = 1 << 1;
-const VFIO_PCI_NUM_REGIONS: u32 = 9;
-const VFIO_PCI_NUM_IRQS: u32 = 5;
-const BAR0: u32 = 0;
-const CONFIG: u32 = 7;
-const MSI: u32 = 1;
-const IRQ_INFO_EVENTFD: u32 = 1;
+// VFIO (<linux/vfio.h>, the maintained bindings) and PCI (<linux/pci_regs.h>) constants.
+use viommu_uapi::vfio::{
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_EVENTFD as IRQ_INFO_EVENTFD,
+    VFIO_PCI_BAR0_REGION_INDEX as BAR0, VFIO_PCI_CONFIG_REGION_INDEX as CONFIG,
+    VFIO_PCI_MSI_IRQ_INDEX as MSI, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+};
 const PCI_CAPABILITY_LIST: usize = 0x34;
 const PCI_CAP_ID_MSI: u8 = 0x05;
 
 // edu (QEMU hw/misc/edu.c), beyond the registers in guest-kit/mmio.rs.
 const EDU_ID_VALUE: u32 = 0x0100_00ed;
-const EDU_LIVENESS: usize = 0x04;
 const EDU_IRQ_RAISE: usize = 0x60;
 const EDU_DMA_IRQ_STATUS: u32 = 0x100;
 
