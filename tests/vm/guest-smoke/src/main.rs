@@ -299,15 +299,15 @@ fn check_edu(report: &mut Report, index: usize, bdf: &str) {
         return;
     }
 
-    let after_unmap = (|| {
-        ioas.unmap(IOVA, BUF_LEN as u64)?;
+    // A DMA to IOVA that must not land: the buffer keeps the sentinel.
+    let blocked = |what: &str| {
         buf.fill(|_| SENTINEL);
         edu.to_ram(IOVA)?;
-        expect_contents(
-            &buf,
-            |_| SENTINEL,
-            "buffer after a DMA to the unmapped IOVA",
-        )
+        expect_contents(&buf, |_| SENTINEL, what)
+    };
+    let after_unmap = (|| {
+        ioas.unmap(IOVA, BUF_LEN as u64)?;
+        blocked("buffer after a DMA to the unmapped IOVA")
     })();
     if !report.check(
         &name(&format!("DMA to IOVA {IOVA:#x} blocked after IOAS_UNMAP")),
@@ -327,13 +327,7 @@ fn check_edu(report: &mut Report, index: usize, bdf: &str) {
 
     let after_detach = (|| {
         edu.detach()?;
-        buf.fill(|_| SENTINEL);
-        edu.to_ram(IOVA)?;
-        expect_contents(
-            &buf,
-            |_| SENTINEL,
-            "buffer after a DMA from the detached device",
-        )
+        blocked("buffer after a DMA from the detached device")
     })();
     report.check(
         &name("DMA blocked after DETACH_IOMMUFD_PT"),

@@ -119,6 +119,19 @@ fn wait_event(e: &EventFd, t: Duration) -> Result<u64> {
     e.read().map_err(|e| format!("eventfd read: {e}"))
 }
 
+/// Waits for edu's interrupt on `e`, then reads and acknowledges its IRQ status: the status and
+/// the microseconds since `t`.
+fn edu_irq(bar: &Bar, e: &EventFd, t: Instant) -> Result<(u32, f64)> {
+    let n = wait_event(e, TIMEOUT)?;
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    let st = bar.read_u32(EDU_IRQ_STATUS);
+    bar.write_u32(EDU_IRQ_ACK, st);
+    if n == 0 {
+        return Err(format!("no event within {TIMEOUT:?} (irq status {st:#x})"));
+    }
+    Ok((st, us))
+}
+
 fn drain(e: &EventFd) -> u64 {
     e.read().unwrap_or(0)
 }
@@ -661,13 +674,7 @@ fn msi_checks(rep: &mut Report, edu: &Edu, c: &mut Client, bar: &Bar) -> Option<
             let spurious = drain(&e);
             let t = Instant::now();
             bar.write_u32(EDU_IRQ_RAISE, 0x1);
-            let n = wait_event(&e, TIMEOUT)?;
-            let us = t.elapsed().as_secs_f64() * 1e6;
-            let st = bar.read_u32(EDU_IRQ_STATUS);
-            bar.write_u32(EDU_IRQ_ACK, st);
-            if n == 0 {
-                return Err(format!("no event within {TIMEOUT:?} (irq status {st:#x})"));
-            }
+            let (st, us) = edu_irq(bar, &e, t)?;
             Ok(format!(
                 "MSI enabled in the device's config (sysfs), event after {us:.0} us, irq status {st:#x}{}",
                 if spurious != 0 { format!(", {spurious} earlier event(s) drained") } else { String::new() }
@@ -683,13 +690,7 @@ fn msi_checks(rep: &mut Report, edu: &Edu, c: &mut Client, bar: &Bar) -> Option<
             drain(&e);
             let t = Instant::now();
             dma(bar, EDU_BUFFER, IOVA_Y, true, true)?;
-            let n = wait_event(&e, TIMEOUT)?;
-            let us = t.elapsed().as_secs_f64() * 1e6;
-            let st = bar.read_u32(EDU_IRQ_STATUS);
-            bar.write_u32(EDU_IRQ_ACK, st);
-            if n == 0 {
-                return Err(format!("no event within {TIMEOUT:?} (irq status {st:#x})"));
-            }
+            let (st, us) = edu_irq(bar, &e, t)?;
             if st & EDU_DMA_IRQ_STATUS == 0 {
                 return Err(format!("event, but irq status {st:#x} lacks the DMA bit"));
             }
