@@ -399,25 +399,37 @@ pub fn region_info(dev: BorrowedFd<'_>, index: u32) -> Result<VfioRegionInfo, Er
 mod tests {
     use super::*;
 
+    /// `size_of::<T>()` and `T::request()` of an argument struct.
+    fn layout<T: IoctlArg>() -> (usize, c_ulong) {
+        (size_of::<T>(), T::request())
+    }
+
     #[test]
-    fn request_numbers_match_the_uapi_headers() {
+    fn struct_sizes_and_request_numbers_match_the_uapi_headers() {
         // <linux/iommufd.h>: _IO(';', 0x80 + n).
-        assert_eq!(IOMMU_DESTROY(), 0x3b80);
-        assert_eq!(IOMMU_IOAS_ALLOC(), 0x3b81);
-        assert_eq!(IOMMU_IOAS_COPY(), 0x3b83);
-        assert_eq!(IOMMU_IOAS_IOVA_RANGES(), 0x3b84);
-        assert_eq!(IOMMU_IOAS_MAP(), 0x3b85);
-        assert_eq!(IOMMU_IOAS_UNMAP(), 0x3b86);
-        assert_eq!(IOMMU_HWPT_ALLOC(), 0x3b89);
+        assert_eq!(layout::<IommuDestroy>(), (8, 0x3b80));
+        assert_eq!(layout::<IommuIoasAlloc>(), (12, 0x3b81));
+        assert_eq!(layout::<IommuIoasCopy>(), (40, 0x3b83));
+        assert_eq!(layout::<IommuIoasIovaRanges>(), (32, 0x3b84));
+        assert_eq!(layout::<IommuIoasMap>(), (40, 0x3b85));
+        assert_eq!(layout::<IommuIoasUnmap>(), (24, 0x3b86));
+        assert_eq!(layout::<IommuHwptAlloc>(), (48, 0x3b89));
+        assert_eq!(layout::<IommuIoasMapFile>(), (40, 0x3b8f));
+        assert_eq!(size_of::<IommuIovaRange>(), 16);
         // <linux/vfio.h>: _IO(';', 100 + n).
-        assert_eq!(VFIO_DEVICE_GET_INFO(), 0x3b6b);
-        assert_eq!(VFIO_DEVICE_GET_REGION_INFO(), 0x3b6c);
-        assert_eq!(VFIO_DEVICE_GET_IRQ_INFO(), 0x3b6d);
-        assert_eq!(VFIO_DEVICE_SET_IRQS(), 0x3b6e);
+        assert_eq!(layout::<VfioDeviceInfo>(), (24, 0x3b6b));
+        assert_eq!(layout::<VfioRegionInfo>(), (32, 0x3b6c));
+        assert_eq!(layout::<VfioIrqInfo>(), (16, 0x3b6d));
+        assert_eq!(layout::<VfioIrqSetEventfd>(), (24, 0x3b6e));
+        assert_eq!(
+            std::mem::offset_of!(VfioIrqSetEventfd, fd),
+            20,
+            "data[] of vfio_irq_set"
+        );
         assert_eq!(VFIO_DEVICE_RESET(), 0x3b6f);
-        assert_eq!(VFIO_DEVICE_BIND_IOMMUFD(), 0x3b76);
-        assert_eq!(VFIO_DEVICE_ATTACH_IOMMUFD_PT(), 0x3b77);
-        assert_eq!(VFIO_DEVICE_DETACH_IOMMUFD_PT(), 0x3b78);
+        assert_eq!(layout::<VfioDeviceBindIommufd>(), (24, 0x3b76));
+        assert_eq!(layout::<VfioDeviceAttachIommufdPt>(), (16, 0x3b77));
+        assert_eq!(layout::<VfioDeviceDetachIommufdPt>(), (12, 0x3b78));
     }
 
     #[test]

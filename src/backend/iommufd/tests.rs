@@ -1,45 +1,7 @@
-use super::sys::*;
 use super::*;
-use std::mem::size_of;
 
 fn resv(kind: ResvKind, start: u64, end: u64) -> ResvMem {
     ResvMem { kind, start, end }
-}
-
-#[test]
-fn struct_sizes_and_request_numbers_match_the_uapi_headers() {
-    assert_eq!(size_of::<IommuDestroy>(), 8);
-    assert_eq!(size_of::<IommuIoasAlloc>(), 12);
-    assert_eq!(size_of::<IommuIovaRange>(), 16);
-    assert_eq!(size_of::<IommuIoasIovaRanges>(), 32);
-    assert_eq!(size_of::<IommuIoasMap>(), 40);
-    assert_eq!(size_of::<IommuIoasUnmap>(), 24);
-    assert_eq!(size_of::<IommuIoasMapFile>(), 40);
-    assert_eq!(size_of::<IommuIoasCopy>(), 40);
-    assert_eq!(size_of::<IommuHwptAlloc>(), 48);
-    assert_eq!(IommuIoasCopy::request(), 0x3b83);
-    assert_eq!(IommuHwptAlloc::request(), 0x3b89);
-    assert_eq!(size_of::<VfioRegionInfo>(), 32);
-    assert_eq!(size_of::<VfioDeviceBindIommufd>(), 24);
-    assert_eq!(size_of::<VfioDeviceAttachIommufdPt>(), 16);
-    assert_eq!(size_of::<VfioDeviceDetachIommufdPt>(), 12);
-    assert_eq!(IommuDestroy::request(), 0x3b80);
-    assert_eq!(IommuIoasAlloc::request(), 0x3b81);
-    assert_eq!(IommuIoasIovaRanges::request(), 0x3b84);
-    assert_eq!(IommuIoasMap::request(), 0x3b85);
-    assert_eq!(IommuIoasUnmap::request(), 0x3b86);
-    assert_eq!(IommuIoasMapFile::request(), 0x3b8f);
-    assert_eq!(VfioRegionInfo::request(), 0x3b6c);
-    assert_eq!(VfioDeviceBindIommufd::request(), 0x3b76);
-    assert_eq!(VfioDeviceAttachIommufdPt::request(), 0x3b77);
-    assert_eq!(VfioDeviceDetachIommufdPt::request(), 0x3b78);
-    assert_eq!(size_of::<VfioIrqSetEventfd>(), 24);
-    assert_eq!(
-        std::mem::offset_of!(VfioIrqSetEventfd, fd),
-        20,
-        "data[] of vfio_irq_set"
-    );
-    assert_eq!(VfioIrqSetEventfd::request(), 0x3b6e);
 }
 
 #[test]

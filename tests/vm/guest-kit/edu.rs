@@ -4,7 +4,6 @@
 //! `daemon`.
 
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -35,13 +34,7 @@ impl Edu {
         let cfg = backend
             .region_info(ep, sys::VFIO_PCI_CONFIG_REGION_INDEX)
             .map_err(|e| e.to_string())?;
-        let mut cmd = [0u8; 2];
-        file.read_exact_at(&mut cmd, cfg.offset + PCI_COMMAND)
-            .map_err(|e| format!("read PCI_COMMAND: {e}"))?;
-        // QEMU drops the DMA of a device whose bus-master bit is clear; vfio-pci leaves it to us.
-        let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
-        file.write_all_at(&cmd.to_le_bytes(), cfg.offset + PCI_COMMAND)
-            .map_err(|e| format!("enable bus mastering: {e}"))?;
+        enable_bus_master(file, cfg.offset)?;
         let id = bar0.read_u32(EDU_ID);
         if id & 0xffff != 0x00ed {
             return Err(format!("edu identification register reads {id:#010x}"));

@@ -35,6 +35,19 @@ pub const EDU_CMD_IRQ: u64 = 4;
 /// How long one edu DMA may take (edu fires it from a 100 ms timer of QEMU's virtual clock).
 pub const EDU_DMA_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Sets memory decoding and bus mastering in the PCI command register of a VFIO device whose
+/// config space region starts at `config` in `dev`: QEMU drops the DMA of a device whose
+/// bus-master bit is clear, and vfio-pci leaves setting it to the user.
+pub fn enable_bus_master(dev: &std::fs::File, config: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut cmd = [0u8; 2];
+    dev.read_exact_at(&mut cmd, config + PCI_COMMAND)
+        .map_err(|e| format!("read PCI_COMMAND: {e}"))?;
+    let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+    dev.write_all_at(&cmd.to_le_bytes(), config + PCI_COMMAND)
+        .map_err(|e| format!("enable bus mastering: {e}"))
+}
+
 /// The BDFs of every edu in /sys/bus/pci/devices, sorted.
 pub fn edu_bdfs() -> Result<Vec<String>> {
     let dir = "/sys/bus/pci/devices";

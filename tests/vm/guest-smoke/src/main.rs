@@ -16,14 +16,13 @@ use viommu_uapi as uapi;
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use guest_kit::mmio::{
-    edu_bdfs, EDU_BUFFER, EDU_CMD_START, EDU_CMD_TO_RAM, EDU_DMA_CMD, EDU_DMA_COUNT, EDU_DMA_DST,
-    EDU_DMA_SRC, EDU_ID, EDU_LIVENESS, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY,
+    edu_bdfs, enable_bus_master, EDU_BUFFER, EDU_CMD_START, EDU_CMD_TO_RAM, EDU_DMA_CMD,
+    EDU_DMA_COUNT, EDU_DMA_DST, EDU_DMA_SRC, EDU_ID, EDU_LIVENESS,
 };
 use guest_kit::report::Report;
 use guest_kit::sys::{open_rw, vfio_cdev};
@@ -127,12 +126,7 @@ impl Edu {
         if cfg.flags & (VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE) == 0 {
             return Err(format!("config space region not read/write: {cfg:?}"));
         }
-        let mut cmd = [0u8; 2];
-        dev.read_exact_at(&mut cmd, cfg.offset + PCI_COMMAND)
-            .map_err(|e| format!("read PCI_COMMAND: {e}"))?;
-        let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
-        dev.write_all_at(&cmd.to_le_bytes(), cfg.offset + PCI_COMMAND)
-            .map_err(|e| format!("enable bus mastering: {e}"))?;
+        enable_bus_master(&dev, cfg.offset)?;
         Ok(Self { dev, bar0 })
     }
 

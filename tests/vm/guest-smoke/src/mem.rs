@@ -69,28 +69,34 @@ impl Mapping {
         );
     }
 
-    pub fn read_u32(&self, offset: usize) -> u32 {
-        self.check(offset, 4);
+    /// A volatile read of a `T` (an integer) at `offset`.
+    fn read<T: Copy>(&self, offset: usize) -> T {
+        self.check(offset, size_of::<T>());
         // SAFETY: in bounds and aligned (checked above); the mapping lives as long as `self`.
-        unsafe { ptr::read_volatile(self.ptr.as_ptr().add(offset).cast::<u32>()) }
+        unsafe { ptr::read_volatile(self.ptr.as_ptr().add(offset).cast::<T>()) }
+    }
+
+    /// A volatile write of `value` (an integer) at `offset`.
+    fn write<T: Copy>(&self, offset: usize, value: T) {
+        self.check(offset, size_of::<T>());
+        // SAFETY: in bounds and aligned (checked above); the mapping lives as long as `self`.
+        unsafe { ptr::write_volatile(self.ptr.as_ptr().add(offset).cast::<T>(), value) }
+    }
+
+    pub fn read_u32(&self, offset: usize) -> u32 {
+        self.read(offset)
     }
 
     pub fn write_u32(&self, offset: usize, value: u32) {
-        self.check(offset, 4);
-        // SAFETY: in bounds and aligned (checked above); the mapping lives as long as `self`.
-        unsafe { ptr::write_volatile(self.ptr.as_ptr().add(offset).cast::<u32>(), value) }
+        self.write(offset, value)
     }
 
     pub fn read_u64(&self, offset: usize) -> u64 {
-        self.check(offset, 8);
-        // SAFETY: in bounds and aligned (checked above); the mapping lives as long as `self`.
-        unsafe { ptr::read_volatile(self.ptr.as_ptr().add(offset).cast::<u64>()) }
+        self.read(offset)
     }
 
     pub fn write_u64(&self, offset: usize, value: u64) {
-        self.check(offset, 8);
-        // SAFETY: in bounds and aligned (checked above); the mapping lives as long as `self`.
-        unsafe { ptr::write_volatile(self.ptr.as_ptr().add(offset).cast::<u64>(), value) }
+        self.write(offset, value)
     }
 
     /// Copies the whole mapping out.
