@@ -155,11 +155,8 @@ impl Drop for SocketFile {
 mod tests {
     use super::*;
 
-    fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("viommu-listen-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn dir(name: &str) -> crate::testing::TempDir {
+        crate::testing::TempDir::named(&format!("listen-{name}"))
     }
 
     #[test]
@@ -173,7 +170,6 @@ mod tests {
             live.accept().is_ok(),
             "the first listener still owns the path"
         );
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -185,7 +181,6 @@ mod tests {
         let l = bind(&p).unwrap();
         let _c = UnixStream::connect(&p).unwrap();
         assert!(l.accept().is_ok());
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -207,7 +202,6 @@ mod tests {
         assert_eq!(std::fs::read(&file).unwrap(), b"x");
         assert!(sub.is_dir());
         assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -217,7 +211,6 @@ mod tests {
         let _l = bind(&p).unwrap();
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, SOCKET_MODE);
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -233,7 +226,6 @@ mod tests {
             std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
             assert_eq!(unsafe_directory(&d).is_some(), flagged, "{mode:o}");
         }
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -252,6 +244,5 @@ mod tests {
         let _l2 = bind(&p).unwrap();
         drop(g);
         assert!(p.exists());
-        let _ = std::fs::remove_dir_all(&d);
     }
 }

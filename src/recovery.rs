@@ -568,7 +568,8 @@ mod tests {
     /// a checkpoint written, and the objects of one vfio-user server (endpoint 1): its listener,
     /// a client socket and a memfd for DMA maps.
     struct SideFixture {
-        dir: std::path::PathBuf,
+        /// Removed first when the fixture goes.
+        _dir: crate::testing::TempDir,
         systemd: crate::testing::service_manager::ServiceManager,
         keeper: Keeper,
         _vhost: std::os::unix::net::UnixListener,
@@ -597,7 +598,7 @@ mod tests {
             let listener = UnixListener::bind(dir.join("ep1.sock")).unwrap();
             let (client, peer) = UnixStream::pair().unwrap();
             SideFixture {
-                dir,
+                _dir: dir,
                 systemd,
                 keeper,
                 _vhost: vhost,
@@ -642,12 +643,6 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}: the store holds {:?}", self.systemd.names()))
                 .unwrap();
             (kept, self)
-        }
-    }
-
-    impl Drop for SideFixture {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 
@@ -722,15 +717,8 @@ mod tests {
         assert!(fds.iter().all(|&fd| inode(fd) == inode(f.ram.as_raw_fd())));
     }
 
-    fn tempfile_dir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "vuiommu-recovery-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn tempfile_dir() -> crate::testing::TempDir {
+        crate::testing::TempDir::named("recovery")
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! granule, the full 64-bit input range and domain range, and the x86 MSI window reserved.
 
 pub mod service_manager;
+mod temp;
+
+pub use temp::{TempDir, temp_path};
 
 use std::collections::BTreeMap;
 
@@ -287,9 +290,7 @@ pub fn random_request(r: &mut Rng) -> Request {
 /// A regular file of `len` bytes with no name left (created in the temporary directory and
 /// unlinked): backing memory for tests of memory tables and DMA maps.
 pub fn unlinked_file(len: u64) -> std::fs::File {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("viommu-file-{}-{n}", std::process::id()));
+    let path = temp_path("file");
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -360,13 +360,8 @@ mod tests {
     use super::*;
     use crate::ids::{DomainId, EndpointId};
 
-    fn dir() -> PathBuf {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let d = std::env::temp_dir().join(format!("viommu-trace-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn dir() -> crate::testing::TempDir {
+        crate::testing::TempDir::named("trace")
     }
 
     #[test]

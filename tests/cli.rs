@@ -8,8 +8,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::TempDir;
 use vhost_user_iommu::driver::{TestVm, VmOptions};
+use vhost_user_iommu::testing::TempDir;
 
 use vhost_user_iommu::protocol::{Request, Status};
 

@@ -15,25 +15,7 @@ use vhost_user_iommu::vfio::{self, PciAddress, SysfsRoot, VfioError};
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
 const GIB: u64 = 1 << 30;
 
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("viommu-deploy-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use vhost_user_iommu::testing::TempDir;
 
 /// A fake host root: `sys/` shaped like the kernel's sysfs, `dev/` with plain files as nodes.
 struct FakeHost {

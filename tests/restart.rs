@@ -17,10 +17,10 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::TempDir;
 use vhost_user_iommu::driver::{TestVm, VmOptions};
 use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::protocol::{Request, Status};
+use vhost_user_iommu::testing::TempDir;
 use vhost_user_iommu::testing::service_manager::ServiceManager;
 use vhost_user_iommu::testing::{ENDPOINTS, MappingsByDomain, Model, RAM, Rng, random_request};
 

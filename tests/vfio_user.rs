@@ -9,7 +9,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,6 +20,7 @@ use vhost_user_iommu::driver::vfio_user_client::{
     REQ, RESET, SET_ACTION_TRIGGER, SET_DATA_BOOL, SET_DATA_EVENTFD, SET_DATA_NONE, SET_IRQS,
     T_REPLY, VERSION, WRITE_MULTI, hdr_bytes, le16, le32, le64,
 };
+use vhost_user_iommu::testing::TempDir;
 use vhost_user_iommu::vfio_user::{
     AssignedDevice, DeviceInfo, DeviceServer, DmaCheck, Errno, IrqInfo, IrqSet, RegionCap,
     RegionInfo, SparseArea, StopSignal, bind_socket, spawn_device_server,
@@ -258,28 +258,20 @@ impl AssignedDevice for Fake {
 // ---- server fixture ----
 struct Server {
     path: PathBuf,
-    dir: PathBuf,
+    _dir: TempDir,
     stop: StopSignal,
     thread: Option<JoinHandle<std::io::Result<()>>>,
     state: Arc<Mutex<FakeState>>,
 }
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// DMA maps must lie below `GUEST_RAM_END`.
 fn guest_ram_check() -> DmaCheck {
     Arc::new(|gpa, len| gpa.checked_add(len).is_some_and(|e| e <= GUEST_RAM_END))
 }
 
-/// A fresh directory for one test's sockets (`kind` names it).
-fn test_dir(kind: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "vfio-user-{kind}-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh directory for one test's sockets (`kind` names it), removed when dropped.
+fn test_dir(kind: &str) -> TempDir {
+    TempDir::named(&format!("vfio-user-{kind}"))
 }
 
 impl Server {
@@ -302,7 +294,7 @@ impl Server {
         let thread = std::thread::spawn(move || server.serve(listener).map(drop));
         Server {
             path,
-            dir,
+            _dir: dir,
             stop,
             thread: Some(thread),
             state,
@@ -335,7 +327,6 @@ impl Drop for Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -971,11 +962,7 @@ fn stop_ends_the_server_with_cleanup() {
 
 #[test]
 fn a_stale_socket_file_is_replaced_and_other_files_are_not() {
-    let s = Server::start();
-    drop(s.connect());
-    let dir = s.dir.clone();
-    drop(s);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = test_dir("stale");
     let path = dir.join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     let l = vhost_user_iommu::vfio_user::bind_socket(&path).unwrap();
@@ -984,7 +971,6 @@ fn a_stale_socket_file_is_replaced_and_other_files_are_not() {
     std::fs::write(&file, b"x").unwrap();
     assert!(vhost_user_iommu::vfio_user::bind_socket(&file).is_err());
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -1013,8 +999,7 @@ fn the_socket_is_created_mode_0660() {
 #[test]
 fn device_server_hooks_and_recorded_dma_maps() {
     use vhost_user_iommu::vfio_user::{DeviceServer, bind_socket};
-    let dir = std::env::temp_dir().join(format!("vfio-user-hooks-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::named("vfio-user-hooks");
     let path = dir.join("dev.sock");
     let (fake, state) = Fake::new();
     let stop = StopSignal::new().unwrap();
@@ -1058,14 +1043,12 @@ fn device_server_hooks_and_recorded_dma_maps() {
     );
     stop.stop();
     thread.join().unwrap().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_removed_device_is_dropped_clients_are_refused_until_it_is_put_back() {
     use vhost_user_iommu::vfio_user::{DeviceServer, bind_socket};
-    let dir = std::env::temp_dir().join(format!("vfio-user-slot-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::named("vfio-user-slot");
     let path = dir.join("dev.sock");
     let (fake, state) = Fake::new();
     let stop = StopSignal::new().unwrap();
@@ -1116,7 +1099,6 @@ fn a_removed_device_is_dropped_clients_are_refused_until_it_is_put_back() {
     });
     stop.stop();
     thread.join().unwrap().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -1125,8 +1107,7 @@ fn a_client_that_is_not_the_configured_vmm_is_refused_before_anything_is_read() 
     use vhost_user_iommu::vfio_user::{DeviceServer, bind_socket};
     // SAFETY: geteuid/getegid cannot fail.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    let dir = std::env::temp_dir().join(format!("vfio-user-peer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::named("vfio-user-peer");
     for (policy, admitted) in [
         (
             PeerPolicy {
@@ -1191,14 +1172,12 @@ fn a_client_that_is_not_the_configured_vmm_is_refused_before_anything_is_read() 
         thread.join().unwrap().unwrap();
         let _ = std::fs::remove_file(&path);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_silent_or_stalled_client_gives_the_slot_back_after_the_message_timeout() {
     use vhost_user_iommu::vfio_user::{DeviceServer, bind_socket};
-    let dir = std::env::temp_dir().join(format!("vfio-user-silent-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::named("vfio-user-silent");
     let path = dir.join("dev.sock");
     let (fake, _state) = Fake::new();
     let stop = StopSignal::new().unwrap();
@@ -1233,7 +1212,6 @@ fn a_silent_or_stalled_client_gives_the_slot_back_after_the_message_timeout() {
     }
     stop.stop();
     thread.join().unwrap().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Disabling calls (DATA_NONE | ACTION_TRIGGER, no vectors) made since `from`, by IRQ index.
@@ -1248,8 +1226,7 @@ fn disabled_since(state: &Mutex<FakeState>, from: usize) -> Vec<u32> {
 #[test]
 fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_undone() {
     use vhost_user_iommu::vfio_user::{DeviceServer, ServerEnd, bind_socket};
-    let dir = std::env::temp_dir().join(format!("vfio-user-handover-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::named("vfio-user-handover");
     let path = dir.join("dev.sock");
     let (fake, state) = Fake::new();
     let stop = StopSignal::new().unwrap();
@@ -1352,15 +1329,12 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
         thread.join().unwrap().unwrap(),
         ServerEnd::Stopped
     ));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn the_trace_has_a_line_per_vfio_user_message_with_its_fields_and_errno() {
     use vhost_user_iommu::vfio_user::{DeviceServer, bind_socket};
-    let dir = std::env::temp_dir().join(format!("vfio-user-trace-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::named("vfio-user-trace");
     let (path, trace_path) = (dir.join("dev.sock"), dir.join("trace.jsonl"));
     let trace = Arc::new(vhost_user_iommu::trace::Tracer::off());
     let (fake, _state) = Fake::new();
@@ -1412,7 +1386,6 @@ fn the_trace_has_a_line_per_vfio_user_message_with_its_fields_and_errno() {
     assert_eq!(lines[3]["iova"], "0x100000");
     stop.stop();
     thread.join().unwrap().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---- crash restart: the message a killed daemon had in hand ----
@@ -1429,7 +1402,7 @@ struct AfterCrash {
     thread: Option<JoinHandle<std::io::Result<vhost_user_iommu::vfio_user::ServerEnd>>>,
     bars: File,
     maps: vhost_user_iommu::vfio_user::DmaMaps,
-    dir: PathBuf,
+    _dir: TempDir,
 }
 
 impl AfterCrash {
@@ -1469,7 +1442,7 @@ impl AfterCrash {
             thread: Some(thread),
             bars,
             maps,
-            dir,
+            _dir: dir,
         }
     }
 
@@ -1486,7 +1459,6 @@ impl Drop for AfterCrash {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -1691,7 +1663,6 @@ fn a_server_marks_each_message_in_hand_and_clears_the_mark_once_it_is_taken_out(
     }
     stop.stop();
     thread.join().unwrap().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Boot bypass before the memory table: the identity domain follows the client's DMA maps, and

@@ -2,7 +2,6 @@
 //! [`LocalDaemon`]) plus waiting and temporary-directory helpers.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use vhost_user_iommu::bench::daemon::{LocalDaemon, LocalOptions};
@@ -47,24 +46,5 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-}
-
-/// A directory removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new() -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("viommu-test-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
