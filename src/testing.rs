@@ -287,6 +287,16 @@ pub fn random_request(r: &mut Rng) -> Request {
     }
 }
 
+/// The JSON lines of a file (a trace): each line one value; a line that is not JSON fails the
+/// test.
+pub fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
+}
+
 /// A regular file of `len` bytes with no name left (created in the temporary directory and
 /// unlinked): backing memory for tests of memory tables and DMA maps.
 pub fn unlinked_file(len: u64) -> std::fs::File {

@@ -879,11 +879,7 @@ fn trace_writes_one_json_line_per_request_and_per_vhost_user_message() {
     exercise(&mut vm);
     vm.disconnect();
     d.stop();
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&trace)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let lines = vhost_user_iommu::testing::json_lines(&trace);
     let requests: Vec<_> = lines.iter().filter(|l| l["kind"] == "request").collect();
     assert_eq!(requests.len(), 3, "{lines:?}");
     assert_eq!(requests[0]["type"], "attach");
@@ -958,11 +954,7 @@ fn ctl_starts_and_stops_the_trace_of_a_running_daemon() {
         vm.request(&Request::unmap(1, 0x1000, 0x1fff)).unwrap(),
         Status::Ok
     );
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&trace)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let lines = vhost_user_iommu::testing::json_lines(&trace);
     let types: Vec<&str> = lines
         .iter()
         .filter(|l| l["kind"] == "request")

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Daemon, Options, RW};
+use common::{Daemon, RW};
 use vhost_user_iommu::driver::VmOptions;
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{Request, Status};
@@ -94,10 +94,7 @@ fn connect_disconnect_cycles_leak_no_fds_threads_or_memory() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::start(Options {
-            mode,
-            ..Options::default()
-        });
+        let d = Daemon::in_mode(mode);
         // Warm up allocator pools and lazily created state before the baseline.
         for i in 0..20 {
             cycle(&d, i);

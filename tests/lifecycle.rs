@@ -29,10 +29,7 @@ fn mappings_in_flight(d: &Daemon) -> TestVm {
 #[test]
 fn disconnect_in_the_middle_of_a_batch_leaves_nothing_mapped() {
     for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::start(Options {
-            mode,
-            ..Options::default()
-        });
+        let d = Daemon::in_mode(mode);
         mappings_in_flight(&d).disconnect();
         d.wait_until("teardown", |d| {
             d.backend_mappings() == 0 && d.soft.domain_sizes().is_empty()

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Daemon, Options};
+use common::Daemon;
 use vhost_user_iommu::driver::VmOptions;
 use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::pipeline::Mode;
@@ -12,10 +12,7 @@ use vhost_user_iommu::protocol::{Request, Status};
 use vhost_user_iommu::testing::{ENDPOINTS, Model, PAGE, RAM, Rng, random_request};
 
 fn run(mode: Mode, seed: u64, count: usize) {
-    let d = Daemon::start(Options {
-        mode,
-        ..Options::default()
-    });
+    let d = Daemon::in_mode(mode);
     let mut vm = d.connect_with(VmOptions {
         ram_size: RAM,
         ..VmOptions::default()

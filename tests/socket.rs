@@ -244,10 +244,7 @@ fn probe_of_unknown_endpoint_is_noent_and_a_short_buffer_is_inval() {
 #[test]
 fn a_batch_of_many_requests_in_one_kick_completes_every_request() {
     for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::start(Options {
-            mode,
-            ..Options::default()
-        });
+        let d = Daemon::in_mode(mode);
         let mut vm = d.connect_with(big_queue());
         assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
         let reqs: Vec<Request> = (0..200u64)
@@ -313,10 +310,7 @@ fn two_domains_in_flight_at_once_keep_per_domain_order() {
 #[test]
 fn descriptor_abuse_is_answered_without_harm() {
     for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::start(Options {
-            mode,
-            ..Options::default()
-        });
+        let d = Daemon::in_mode(mode);
         let mut vm = d.connect();
         let scratch = vm.usable_ram_end() - 0x10000;
         let (att, n) = R::attach(1, 1).encode();
@@ -525,10 +519,7 @@ fn wrap_the_request_ring(vm: &mut vhost_user_iommu::driver::TestVm, sent: usize)
 #[test]
 fn pausing_and_resuming_the_rings_keeps_every_domain_even_when_the_avail_index_wrapped_to_zero() {
     for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::start(Options {
-            mode,
-            ..Options::default()
-        });
+        let d = Daemon::in_mode(mode);
         let mut vm = d.connect_with(big_queue());
         assert_eq!(
             vm.batch(&[R::attach(1, 1), R::map(1, 0, 0xfff, 0, RW)])
@@ -582,10 +573,7 @@ fn restarting_onto_fresh_rings_after_the_avail_index_wrapped_to_zero_is_still_a_
 #[test]
 fn disconnect_tears_down_and_the_next_connection_starts_clean() {
     for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::start(Options {
-            mode,
-            ..Options::default()
-        });
+        let d = Daemon::in_mode(mode);
         for round in 0..3 {
             let mut vm = d.connect();
             assert_eq!(
@@ -972,10 +960,7 @@ fn a_call_eventfd_that_would_block_does_not_wedge_the_device() {
 #[test]
 fn the_vring_thread_alone_changes_the_device_whatever_thread_the_event_comes_from() {
     for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::start(Options {
-            mode,
-            ..Options::default()
-        });
+        let d = Daemon::in_mode(mode);
         d.faults.record_callers();
         let mut vm = d.connect();
         assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
@@ -1021,10 +1006,7 @@ fn the_vring_thread_alone_changes_the_device_whatever_thread_the_event_comes_fro
 #[test]
 fn a_connection_handed_over_while_requests_flow_goes_on_without_the_vmm_noticing() {
     for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::start(Options {
-            mode,
-            ..Options::default()
-        });
+        let d = Daemon::in_mode(mode);
         let mut vm = d.connect();
         assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
         vm.write_bypass(1).unwrap();

@@ -1359,11 +1359,7 @@ fn the_trace_has_a_line_per_vfio_user_message_with_its_fields_and_errno() {
     c.read(CONFIG, 0, 4).unwrap();
     c.dma_unmap(0, 0x10_0000, 0x10_0000).unwrap();
     trace.stop();
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&trace_path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let lines = vhost_user_iommu::testing::json_lines(&trace_path);
     let names: Vec<&str> = lines.iter().map(|l| l["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,

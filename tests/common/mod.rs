@@ -1,5 +1,5 @@
 //! Shared helpers of the socket tests: the real daemon in this process (the library's
-//! [`LocalDaemon`]) plus waiting and temporary-directory helpers.
+//! [`LocalDaemon`]) plus waiting helpers.
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -25,6 +25,14 @@ impl std::ops::Deref for Daemon {
 impl Daemon {
     pub fn start(opts: Options) -> Daemon {
         Daemon(LocalDaemon::start(opts).expect("start the daemon"))
+    }
+
+    /// A daemon with the default options in `mode` (inline or pipelined).
+    pub fn in_mode(mode: vhost_user_iommu::pipeline::Mode) -> Daemon {
+        Daemon::start(Options {
+            mode,
+            ..Options::default()
+        })
     }
 
     pub fn connect(&self) -> TestVm {
