@@ -56,3 +56,17 @@ impl Report {
         }
     }
 }
+
+/// How `got` differs from the bytes `want(i)`: None where every byte matches, otherwise "N of M
+/// bytes differ (first at +i: 0xgg, expected 0xww)".
+pub fn differences(got: &[u8], want: impl Fn(usize) -> u8) -> Option<String> {
+    let mut wrong = (0..got.len()).filter(|&i| got[i] != want(i));
+    let first = wrong.next()?;
+    Some(format!(
+        "{} of {} bytes differ (first at +{first:#x}: {:#04x}, expected {:#04x})",
+        1 + wrong.count(),
+        got.len(),
+        got[first],
+        want(first)
+    ))
+}

@@ -127,16 +127,9 @@ impl Ram {
 
     fn expect(&self, gpa: u64, want: &[u8], what: &str) -> Result<()> {
         let got = self.read(gpa, want.len())?;
-        let wrong: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
-        match wrong.first() {
+        match differences(&got, |i| want[i]) {
             None => Ok(()),
-            Some(&i) => Err(format!(
-                "{what}: {} of {} bytes at GPA {gpa:#x} differ (first at +{i:#x}: {:#04x}, expected {:#04x})",
-                wrong.len(),
-                got.len(),
-                got[i],
-                want[i]
-            )),
+            Some(d) => Err(format!("{what}: at GPA {gpa:#x}, {d}")),
         }
     }
 

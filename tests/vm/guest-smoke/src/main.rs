@@ -24,7 +24,7 @@ use guest_kit::mmio::{
     edu_bdfs, enable_bus_master, EDU_BUFFER, EDU_CMD_START, EDU_CMD_TO_RAM, EDU_DMA_CMD,
     EDU_DMA_COUNT, EDU_DMA_DST, EDU_DMA_SRC, EDU_ID, EDU_LIVENESS,
 };
-use guest_kit::report::Report;
+use guest_kit::report::{differences, Report};
 use guest_kit::sys::{open_rw, vfio_cdev};
 use mem::Mapping;
 use uapi::*;
@@ -200,17 +200,9 @@ fn region(dev: &File, index: u32) -> Result<VfioRegionInfo> {
 }
 
 fn expect_contents(buf: &Mapping, want: impl Fn(usize) -> u8, what: &str) -> Result<()> {
-    let got = buf.snapshot();
-    let wrong: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want(i)).collect();
-    match wrong.first() {
+    match differences(&buf.snapshot(), want) {
         None => Ok(()),
-        Some(&first) => Err(format!(
-            "{what}: {} of {} bytes differ (first at {first:#x}: {:#04x}, expected {:#04x})",
-            wrong.len(),
-            got.len(),
-            got[first],
-            want(first)
-        )),
+        Some(d) => Err(format!("{what}: {d}")),
     }
 }
 

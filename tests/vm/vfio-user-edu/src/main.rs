@@ -37,7 +37,7 @@ use vhost_user_iommu::driver::vfio_user_client::{
 
 // The VM tier's guest kit: edu's registers, discovery and BAR mapping (libc only) and the
 use guest_kit::mmio::*;
-use guest_kit::report::Report;
+use guest_kit::report::{Report, differences};
 
 /// The static daemon binary (build.rs; empty when built without VFIO_USER_EDU_DAEMON).
 static DAEMON: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/daemon.bin"));
@@ -427,14 +427,9 @@ fn ram_fill(vm: &TestVm, gpa: u64, b: u8) -> Result<()> {
 fn ram_expect(vm: &TestVm, gpa: u64, want: &[u8], what: &str) -> Result<()> {
     let mut got = vec![0u8; want.len()];
     vm.ram().read(gpa, &mut got).map_err(s)?;
-    match (0..got.len()).find(|&i| got[i] != want[i]) {
+    match differences(&got, |i| want[i]) {
         None => Ok(()),
-        Some(i) => Err(format!(
-            "{what}: GPA {gpa:#x}+{i:#x} is {:#04x}, expected {:#04x} ({} bytes differ)",
-            got[i],
-            want[i],
-            (0..got.len()).filter(|&k| got[k] != want[k]).count()
-        )),
+        Some(d) => Err(format!("{what}: at GPA {gpa:#x}, {d}")),
     }
 }
 
