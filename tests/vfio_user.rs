@@ -387,27 +387,16 @@ fn region_info_two_pass(c: &mut Client, index: u32) -> (Vec<u8>, Vec<OwnedFd>) {
     (full, fds)
 }
 
+/// What `len` bytes at `offset` of `fd` hold, read through a shared mapping, which must also
+/// take a write.
 fn mmap_bytes(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Vec<u8> {
-    // SAFETY: a fresh shared read-only mapping of `len` bytes of `fd`; nothing else aliases
-    // it as Rust data; it is unmapped below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            offset as libc::off_t,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
-    // SAFETY: `p` maps `len` readable bytes.
-    let out = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) }.to_vec();
-    // SAFETY: write one byte through the mapping, then unmap it (no references remain).
-    unsafe {
-        p.cast::<u8>().write_volatile(0xa5);
-        libc::munmap(p, len);
-    }
+    use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory};
+    let file = File::from(fd.try_clone_to_owned().unwrap());
+    let map = MmapRegion::<()>::from_file(FileOffset::new(file, offset), len).unwrap();
+    let bytes = map.as_volatile_slice();
+    let mut out = vec![0u8; len];
+    bytes.copy_to(&mut out[..]);
+    bytes.write_obj(0xa5u8, 0).unwrap();
     out
 }
 
