@@ -96,13 +96,27 @@ impl Fake {
         )
     }
 
-    fn bar(&self, index: u32) -> Option<(u64, u64)> {
-        match index {
-            0 => Some((BAR0_OFF, BAR0_SIZE)),
-            2 => Some((BAR2_OFF, BAR2_SIZE)),
-            _ => None,
+    /// Where `len` bytes at `offset` of BAR `index` are in the memfd.
+    fn bar_at(&self, index: u32, offset: u64, len: usize) -> Result<u64, Errno> {
+        let (base, size) = match index {
+            0 => (BAR0_OFF, BAR0_SIZE),
+            2 => (BAR2_OFF, BAR2_SIZE),
+            _ => return Err(einval()),
+        };
+        if offset + len as u64 > size {
+            return Err(einval());
         }
+        Ok(base + offset)
     }
+}
+
+/// The bytes of config space `config` that `len` bytes at `offset` cover.
+fn config_range(config: &[u8], offset: u64, len: usize) -> Result<std::ops::Range<usize>, Errno> {
+    let end = offset as usize + len;
+    if end > config.len() {
+        return Err(einval());
+    }
+    Ok(offset as usize..end)
 }
 
 fn einval() -> Errno {
@@ -169,38 +183,25 @@ impl AssignedDevice for Fake {
     fn read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
         if index == CONFIG {
             let s = self.state.lock().unwrap();
-            let end = offset as usize + buf.len();
-            if end > s.config.len() {
-                return Err(einval());
-            }
-            buf.copy_from_slice(&s.config[offset as usize..end]);
+            buf.copy_from_slice(&s.config[config_range(&s.config, offset, buf.len())?]);
             return Ok(());
         }
-        let (base, size) = self.bar(index).ok_or_else(einval)?;
-        if offset + buf.len() as u64 > size {
-            return Err(einval());
-        }
+        let at = self.bar_at(index, offset, buf.len())?;
         self.memfd
-            .read_exact_at(buf, base + offset)
+            .read_exact_at(buf, at)
             .map_err(|e| Errno::from_io(&e, "fake read"))
     }
 
     fn write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
         if index == CONFIG {
             let mut s = self.state.lock().unwrap();
-            let end = offset as usize + data.len();
-            if end > s.config.len() {
-                return Err(einval());
-            }
-            s.config[offset as usize..end].copy_from_slice(data);
+            let range = config_range(&s.config, offset, data.len())?;
+            s.config[range].copy_from_slice(data);
             return Ok(());
         }
-        let (base, size) = self.bar(index).ok_or_else(einval)?;
-        if offset + data.len() as u64 > size {
-            return Err(einval());
-        }
+        let at = self.bar_at(index, offset, data.len())?;
         self.memfd
-            .write_all_at(data, base + offset)
+            .write_all_at(data, at)
             .map_err(|e| Errno::from_io(&e, "fake write"))
     }
 
