@@ -5,6 +5,7 @@ mod common;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,25 @@ impl LoggedDaemon {
     }
 }
 
+/// A test's directory and the paths a daemon run uses in it: its vhost-user socket, control
+/// socket and log. Keep the directory bound (`_dir` if unused): it goes when dropped.
+fn scene() -> (TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = TempDir::new();
+    let (sock, ctl, log) = (
+        dir.join("vm.sock"),
+        dir.join("vm.ctl"),
+        dir.join("daemon.log"),
+    );
+    (dir, sock, ctl, log)
+}
+
+/// A copy of the daemon binary in `dir`, for a test that replaces it as a package upgrade does.
+fn own_binary(dir: &TempDir) -> PathBuf {
+    let exe = dir.join("vhost-user-iommu");
+    std::fs::copy(BIN, &exe).unwrap();
+    exe
+}
+
 fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -98,6 +118,20 @@ fn exercise(vm: &mut TestVm) {
         Status::NoEnt,
         "default endpoints are 0..=15"
     );
+}
+
+/// The mapping [`exercise`] made is still there: a MAP over it is refused as overlapping until
+/// it is unmapped.
+fn assert_exercise_mapping_kept(vm: &mut TestVm) {
+    let map = Request::map(1, 0x1000, 0x1fff, 0x1000, 3);
+    assert_eq!(
+        vm.request(&map).unwrap(),
+        Status::Inval,
+        "the mapping is kept"
+    );
+    let unmap = Request::unmap(1, 0x1000, 0x1fff);
+    assert_eq!(vm.request(&unmap).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&map).unwrap(), Status::Ok);
 }
 
 #[test]
@@ -298,8 +332,7 @@ fn ask(sock: &std::path::Path, cmd: &str) -> String {
 
 #[test]
 fn control_socket_reports_state_and_prometheus_metrics() {
-    let dir = TempDir::new();
-    let (sock, ctl) = (dir.0.join("v.sock"), dir.0.join("ctl.sock"));
+    let (dir, sock, ctl, _) = scene();
     let mut child = spawn_with_control(&sock, &ctl);
     let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
     exercise(&mut vm);
@@ -385,8 +418,7 @@ fn control_socket_reports_state_and_prometheus_metrics() {
 #[test]
 fn a_control_client_that_never_reads_does_not_block_the_control_socket() {
     use std::io::Write;
-    let dir = TempDir::new();
-    let (sock, ctl) = (dir.0.join("v.sock"), dir.0.join("ctl.sock"));
+    let (_dir, sock, ctl, _) = scene();
     let mut child = spawn_with_control(&sock, &ctl);
     // Killed if an assertion below fails, so that no daemon outlives the test.
     let guard = KillOnDrop(child.id());
@@ -543,8 +575,7 @@ fn mode_of(p: &std::path::Path) -> u32 {
 
 #[test]
 fn a_second_daemon_on_a_live_daemons_sockets_is_refused_and_the_first_keeps_serving() {
-    let dir = TempDir::new();
-    let (sock, ctl) = (dir.0.join("v.sock"), dir.0.join("ctl.sock"));
+    let (dir, sock, ctl, _) = scene();
     let mut first = Running(daemon(&[
         "--socket-path".as_ref(),
         sock.as_os_str(),
@@ -606,8 +637,7 @@ fn socket_path_never_replaces_a_file_that_is_not_a_socket() {
 
 #[test]
 fn the_daemons_sockets_are_created_0660_and_the_control_socket_0600_whatever_the_umask() {
-    let dir = TempDir::new();
-    let (sock, ctl) = (dir.0.join("v.sock"), dir.0.join("ctl.sock"));
+    let (_dir, sock, ctl, _) = scene();
     for umask in [0o022, 0o000, 0o077] {
         let mut cmd = Command::new(BIN);
         cmd.arg("--socket-path")
@@ -669,13 +699,9 @@ fn open_fds(pid: u32) -> Vec<String> {
 
 #[test]
 fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
-    let dir = TempDir::new();
-    let sock = dir.0.join("u.sock");
-    let ctl = dir.0.join("u.ctl");
-    let log = dir.0.join("daemon.log");
+    let (dir, sock, ctl, log) = scene();
     // The daemon runs from a copy that is replaced on disk, as a package upgrade does.
-    let exe = dir.0.join("vhost-user-iommu");
-    std::fs::copy(BIN, &exe).unwrap();
+    let exe = own_binary(&dir);
     let mut d = LoggedDaemon::spawn(
         &exe,
         &sock,
@@ -767,11 +793,8 @@ fn sigusr2_upgrades_to_the_binary_on_disk_while_the_vmm_stays_connected() {
 #[test]
 fn an_upgrade_to_a_binary_that_cannot_read_the_state_is_refused_and_the_daemon_goes_on() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = TempDir::new();
-    let sock = dir.0.join("r.sock");
-    let log = dir.0.join("daemon.log");
-    let exe = dir.0.join("vhost-user-iommu");
-    std::fs::copy(BIN, &exe).unwrap();
+    let (dir, sock, _, log) = scene();
+    let exe = own_binary(&dir);
     let d = LoggedDaemon::spawn(&exe, &sock, &["-v".as_ref()], &log);
     let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
     exercise(&mut vm);
@@ -785,29 +808,17 @@ fn an_upgrade_to_a_binary_that_cannot_read_the_state_is_refused_and_the_daemon_g
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("it reads: upgrade 99 connection 1"), "{text}");
     assert!(!text.contains("upgrading: executing"), "{text}");
-    // The same daemon, the same connection and its state: the mapping made before is there (a
-    // MAP over it is refused as overlapping until it is unmapped).
-    let map = Request::map(1, 0x1000, 0x1fff, 0x1000, 3);
-    assert_eq!(
-        vm.request(&map).unwrap(),
-        Status::Inval,
-        "the mapping is kept"
-    );
-    let unmap = Request::unmap(1, 0x1000, 0x1fff);
-    assert_eq!(vm.request(&unmap).unwrap(), Status::Ok);
-    assert_eq!(vm.request(&map).unwrap(), Status::Ok);
+    // The same daemon, the same connection and its state.
+    assert_exercise_mapping_kept(&mut vm);
     d.stop();
 }
 
 #[test]
 fn a_new_binary_that_cannot_rebuild_the_state_goes_back_to_the_previous_one() {
-    let dir = TempDir::new();
-    let sock = dir.0.join("b.sock");
-    let log = dir.0.join("daemon.log");
-    let cfg = dir.0.join("vm.toml");
+    let (dir, sock, _, log) = scene();
+    let cfg = dir.join("vm.toml");
     std::fs::write(&cfg, "domain_range = [1, 8]\n").unwrap();
-    let exe = dir.0.join("vhost-user-iommu");
-    std::fs::copy(BIN, &exe).unwrap();
+    let exe = own_binary(&dir);
     // Test builds only: every resumed process fails right after rebuilding the state, except
     // one that is itself the way back.
     let mut d = LoggedDaemon::spawn_with_env(
@@ -834,17 +845,8 @@ fn a_new_binary_that_cannot_rebuild_the_state_goes_back_to_the_previous_one() {
         "{text}"
     );
     // The same daemon process, the same VMM connection, the same state: the mapping made before
-    // is there (a MAP over it is refused as overlapping until it is unmapped), in domain 1,
-    // which the changed file's domain range would refuse.
-    let map = Request::map(1, 0x1000, 0x1fff, 0x1000, 3);
-    assert_eq!(
-        vm.request(&map).unwrap(),
-        Status::Inval,
-        "the mapping is kept"
-    );
-    let unmap = Request::unmap(1, 0x1000, 0x1fff);
-    assert_eq!(vm.request(&unmap).unwrap(), Status::Ok);
-    assert_eq!(vm.request(&map).unwrap(), Status::Ok);
+    // is there, in domain 1, which the changed file's domain range would refuse.
+    assert_exercise_mapping_kept(&mut vm);
     assert_eq!(
         vm.request(&Request::attach(2, 4)).unwrap(),
         Status::Ok,
@@ -865,10 +867,8 @@ fn a_new_binary_that_cannot_rebuild_the_state_goes_back_to_the_previous_one() {
 
 #[test]
 fn trace_writes_one_json_line_per_request_and_per_vhost_user_message() {
-    let dir = TempDir::new();
-    let sock = dir.0.join("t.sock");
-    let trace = dir.0.join("trace.jsonl");
-    let log = dir.0.join("daemon.log");
+    let (dir, sock, _, log) = scene();
+    let trace = dir.join("trace.jsonl");
     let d = LoggedDaemon::spawn(
         BIN.as_ref(),
         &sock,
@@ -902,11 +902,8 @@ fn trace_writes_one_json_line_per_request_and_per_vhost_user_message() {
 
 #[test]
 fn ctl_starts_and_stops_the_trace_of_a_running_daemon() {
-    let dir = TempDir::new();
-    let sock = dir.0.join("t.sock");
-    let ctl_sock = dir.0.join("t.ctl");
-    let trace = dir.0.join("live.jsonl");
-    let log = dir.0.join("daemon.log");
+    let (dir, sock, ctl_sock, log) = scene();
+    let trace = dir.join("live.jsonl");
     let d = LoggedDaemon::spawn(
         BIN.as_ref(),
         &sock,
@@ -1037,9 +1034,7 @@ fn the_exporter_serves_every_vms_metrics_over_http_with_a_vm_label() {
 #[test]
 fn a_vmm_that_truncates_guest_ram_under_the_daemon_loses_its_connection_not_the_daemon() {
     use vhost_user_iommu::driver::Desc;
-    let dir = TempDir::new();
-    let sock = dir.0.join("t.sock");
-    let log = dir.0.join("daemon.log");
+    let (_dir, sock, _, log) = scene();
     let mut d = LoggedDaemon::spawn(BIN.as_ref(), &sock, &["-v".as_ref()], &log);
     let mut vm = TestVm::connect(&sock, VmOptions::default()).expect("connect");
     assert_eq!(vm.request(&Request::attach(1, 1)).unwrap(), Status::Ok);
