@@ -17,7 +17,7 @@ use vhost_user_iommu::driver::vfio_user_client::{
     CAP_MSIX_MAPPABLE, CAP_SPARSE, CallError, Client, DMA_MAP, DMA_UNMAP, F_ERROR, F_NO_REPLY,
     GET_INFO, GET_IRQ_INFO, GET_REGION_INFO, GET_REGION_IO_FDS, INTX, IRQ_AUTOMASKED, IRQ_EVENTFD,
     IRQ_MASKABLE, IRQ_NORESIZE, MSIX, P, REG_CAPS, REG_MMAP, REG_READ, REG_WRITE, REGION_WRITE,
-    REQ, RESET, SET_ACTION_TRIGGER, SET_DATA_BOOL, SET_DATA_EVENTFD, SET_DATA_NONE, SET_IRQS,
+    REQ, RESET, Res, SET_ACTION_TRIGGER, SET_DATA_BOOL, SET_DATA_EVENTFD, SET_DATA_NONE, SET_IRQS,
     T_REPLY, VERSION, WRITE_MULTI, hdr_bytes, le16, le32, le64,
 };
 use vhost_user_iommu::testing::TempDir;
@@ -309,7 +309,7 @@ impl Server {
     /// A connected client past VERSION.
     fn client(&self) -> Client {
         let mut c = self.connect();
-        c.version(r#"{"capabilities":{"max_msg_fds":16}}"#).unwrap();
+        version(&mut c, r#"{"capabilities":{"max_msg_fds":16}}"#).unwrap();
         c
     }
 
@@ -332,6 +332,31 @@ impl Drop for Server {
 }
 
 // ---- the client (the crate's, written from the protocol document) ----
+
+/// A call's outcome, for the checks that expect the server to refuse it.
+trait Refused {
+    /// Whether the server answered with an error reply (an errno). A broken connection or a
+    /// malformed reply is no refusal: it fails the test.
+    fn refused(self) -> bool;
+}
+
+impl<T> Refused for Res<T> {
+    fn refused(self) -> bool {
+        match self {
+            Ok(_) => false,
+            Err(CallError::Errno(_)) => true,
+            Err(CallError::Broken(why)) => panic!("expected an error reply: {why}"),
+        }
+    }
+}
+
+/// VERSION with `json` as the client's capabilities: the server's capabilities, after checking
+/// that it speaks protocol 0.0.
+fn version(c: &mut Client, json: &str) -> Res<serde_json::Value> {
+    let (major, minor, caps) = c.version(json)?;
+    assert_eq!((major, minor), (0, 0), "protocol version 0.0");
+    Ok(caps)
+}
 
 /// A client connected to the socket at `path` (not yet past VERSION).
 fn connect_to(path: &std::path::Path) -> Client {
@@ -407,10 +432,8 @@ fn mmap_bytes(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Vec<u8> {
 fn version_negotiation_advertises_capabilities() {
     let s = Server::start();
     let mut c = s.connect();
-    let (major, minor, caps) = c
-        .version(r#"{"capabilities":{"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"migration":{"pgsize":4096,"max_bitmap_size":1048576},"write_multiple":true}}"#)
+    let caps = version(&mut c, r#"{"capabilities":{"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"migration":{"pgsize":4096,"max_bitmap_size":1048576},"write_multiple":true}}"#)
         .unwrap();
-    assert_eq!((major, minor), (0, 0), "protocol version 0.0");
     let c0 = &caps["capabilities"];
     assert!(c0["max_msg_fds"].as_u64().unwrap() >= 16);
     assert_eq!(c0["max_data_xfer_size"], 1 << 20);
@@ -420,12 +443,12 @@ fn version_negotiation_advertises_capabilities() {
     assert!(c0.get("twin_socket").is_none());
     assert_eq!(c0["write_multiple"], true);
     // A second VERSION is refused.
-    assert!(c.version("{}").is_err());
+    assert!(version(&mut c, "{}").refused());
 
     // A client that does not offer write_multiple is not offered it.
     drop(c);
     let mut c = s.connect();
-    let (_, _, caps) = c.version(r#"{"capabilities":{}}"#).unwrap();
+    let caps = version(&mut c, r#"{"capabilities":{}}"#).unwrap();
     assert!(caps["capabilities"].get("write_multiple").is_none());
     // And one with no capabilities at all is fine too.
     drop(c);
@@ -441,7 +464,7 @@ fn unsupported_major_version_is_refused_and_closed() {
     let p = P::default()
         .bytes(&1u16.to_ne_bytes())
         .bytes(&0u16.to_ne_bytes());
-    assert!(c.call(VERSION, &p.0, &[]).is_err());
+    assert!(c.call(VERSION, &p.0, &[]).refused());
     assert!(c.closed());
 }
 
@@ -449,8 +472,8 @@ fn unsupported_major_version_is_refused_and_closed() {
 fn commands_before_version_are_refused() {
     let s = Server::start();
     let mut c = s.connect();
-    assert!(c.info().is_err());
-    c.version("{}").unwrap();
+    assert!(c.info().refused());
+    version(&mut c, "{}").unwrap();
     assert!(c.info().is_ok());
 }
 
@@ -520,11 +543,11 @@ fn region_info_two_pass_with_sparse_mmap_and_fd() {
     let (big, fds) = c.region_info_raw(0, 4096).unwrap();
     assert_eq!(big, bar0);
     assert_eq!(fds.len(), 1);
-    assert!(c.region_info_raw(9, 32).is_err());
-    assert!(c.region_info_raw(0, 16).is_err());
+    assert!(c.region_info_raw(9, 32).refused());
+    assert!(c.region_info_raw(0, 16).refused());
     // GET_REGION_IO_FDS is not offered.
     let p = P::default().u32(32).u32(0).u32(0).u32(0);
-    assert!(c.call(GET_REGION_IO_FDS, &p.0, &[]).is_err());
+    assert!(c.call(GET_REGION_IO_FDS, &p.0, &[]).refused());
 }
 
 #[test]
@@ -539,10 +562,10 @@ fn region_read_and_write() {
     c.write(0, 0x10, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
     assert_eq!(c.read(0, 0x10, 8).unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8]);
     // Out of the region, a region that does not exist, more than max_data_xfer_size.
-    assert!(c.read(CONFIG, 250, 8).is_err());
-    assert!(c.read(20, 0, 4).is_err());
-    assert!(c.read(0, 0, (1 << 20) + 1).is_err());
-    assert!(c.write(CONFIG, 255, &[0, 0]).is_err());
+    assert!(c.read(CONFIG, 250, 8).refused());
+    assert!(c.read(20, 0, 4).refused());
+    assert!(c.read(0, 0, (1 << 20) + 1).refused());
+    assert!(c.write(CONFIG, 255, &[0, 0]).refused());
     // Still serving.
     assert_eq!(c.read(CONFIG, 0, 2).unwrap(), vec![0x34, 0x12]);
 }
@@ -551,8 +574,7 @@ fn region_read_and_write() {
 fn region_write_multi() {
     let s = Server::start();
     let mut c = s.connect();
-    c.version(r#"{"capabilities":{"write_multiple":true}}"#)
-        .unwrap();
+    version(&mut c, r#"{"capabilities":{"write_multiple":true}}"#).unwrap();
     let mut p = P::default().u64(2);
     p = p
         .u64(8)
@@ -575,7 +597,7 @@ fn region_write_multi() {
     assert_eq!(c.read(CONFIG, 10, 1).unwrap(), vec![0x5a]);
     // wr_cnt disagreeing with the size.
     let p = P::default().u64(3).u64(0).u32(CONFIG).u32(1).u64(0);
-    assert!(c.call(WRITE_MULTI, &p.0, &[]).is_err());
+    assert!(c.call(WRITE_MULTI, &p.0, &[]).refused());
 }
 
 #[test]
@@ -590,7 +612,7 @@ fn irq_info_and_set_irqs_with_eventfds() {
     );
     let p = P::default().u32(16).u32(0).u32(5).u32(0);
     assert!(
-        c.call(GET_IRQ_INFO, &p.0, &[]).is_err(),
+        c.call(GET_IRQ_INFO, &p.0, &[]).refused(),
         "index past num_irqs"
     );
 
@@ -629,7 +651,7 @@ fn irq_info_and_set_irqs_with_eventfds() {
     }
     // Refused: fd count differing from count, fds without DATA_EVENTFD, two data types,
     // bools missing, an index past num_irqs, an absurd count.
-    assert!(c.set_irqs(fl, MSIX, 0, 2, &[e0.as_raw_fd()], &[]).is_err());
+    assert!(c.set_irqs(fl, MSIX, 0, 2, &[e0.as_raw_fd()], &[]).refused());
     assert!(
         c.set_irqs(
             SET_DATA_NONE | SET_ACTION_TRIGGER,
@@ -639,7 +661,7 @@ fn irq_info_and_set_irqs_with_eventfds() {
             &[e0.as_raw_fd()],
             &[]
         )
-        .is_err()
+        .refused()
     );
     assert!(
         c.set_irqs(
@@ -650,14 +672,14 @@ fn irq_info_and_set_irqs_with_eventfds() {
             &[],
             &[1]
         )
-        .is_err()
+        .refused()
     );
     assert!(
         c.set_irqs(SET_DATA_BOOL | SET_ACTION_TRIGGER, MSIX, 0, 4, &[], &[1])
-            .is_err()
+            .refused()
     );
-    assert!(c.set_irqs(fl, 7, 0, 1, &[], &[]).is_err());
-    assert!(c.set_irqs(fl, MSIX, 0, u32::MAX, &[], &[]).is_err());
+    assert!(c.set_irqs(fl, 7, 0, 1, &[], &[]).refused());
+    assert!(c.set_irqs(fl, MSIX, 0, u32::MAX, &[], &[]).refused());
     assert_eq!(
         s.state.lock().unwrap().irq_calls.len(),
         4,
@@ -705,9 +727,9 @@ fn dma_map_is_checked_against_guest_ram_and_recorded() {
         CallError::Errno(libc::EEXIST as u32)
     );
     // Malformed: size 0, unaligned, unknown flags, two fds.
-    assert!(c.dma_map(3, 0, 0x40_0000, 0, fd).is_err());
-    assert!(c.dma_map(3, 0, 0x40_0800, 0x1000, fd).is_err());
-    assert!(c.dma_map(0x100, 0, 0x40_0000, 0x1000, fd).is_err());
+    assert!(c.dma_map(3, 0, 0x40_0000, 0, fd).refused());
+    assert!(c.dma_map(3, 0, 0x40_0800, 0x1000, fd).refused());
+    assert!(c.dma_map(0x100, 0, 0x40_0000, 0x1000, fd).refused());
     let p = P::default()
         .u32(32)
         .u32(3)
@@ -716,7 +738,7 @@ fn dma_map_is_checked_against_guest_ram_and_recorded() {
         .u64(0x1000);
     assert!(
         c.call(DMA_MAP, &p.0, &[ram.as_raw_fd(), ram.as_raw_fd()])
-            .is_err()
+            .refused()
     );
     // A map with no-reply: no answer, but recorded (so mapping it again overlaps).
     let p = P::default()
@@ -733,11 +755,11 @@ fn dma_map_is_checked_against_guest_ram_and_recorded() {
     );
 
     // UNMAP must name a map exactly; the reply echoes the entry.
-    assert!(c.dma_unmap(0, 0x10_0000, 0x1000).is_err());
+    assert!(c.dma_unmap(0, 0x10_0000, 0x1000).refused());
     let b = c.dma_unmap(0, 0x10_0000, 0x10_0000).unwrap();
     assert_eq!((le64(&b, 8), le64(&b, 16)), (0x10_0000, 0x10_0000));
     assert!(
-        c.dma_unmap(0, 0x10_0000, 0x10_0000).is_err(),
+        c.dma_unmap(0, 0x10_0000, 0x10_0000).refused(),
         "already gone"
     );
     c.dma_map(3, 0, 0x10_0000, 0x1000, fd).unwrap();
@@ -745,7 +767,7 @@ fn dma_map_is_checked_against_guest_ram_and_recorded() {
     c.dma_unmap(2, 0, 0).unwrap();
     c.dma_map(1, 0, 0xfebc_0000_0000, 0x4000, None).unwrap();
     // Dirty bitmaps are not offered.
-    assert!(c.dma_unmap(1, 0xfebc_0000_0000, 0x4000).is_err());
+    assert!(c.dma_unmap(1, 0xfebc_0000_0000, 0x4000).refused());
 }
 
 #[test]
@@ -761,32 +783,32 @@ fn malformed_messages_get_errors_and_serving_continues() {
 
     // Sizes that lie about the payload: too short for the command's struct.
     let p = P::default().u32(32).u32(0);
-    assert!(c.call(GET_REGION_INFO, &p.0, &[]).is_err());
-    assert!(c.call(GET_INFO, &[0u8; 4], &[]).is_err());
-    assert!(c.call(DMA_MAP, &[0u8; 16], &[]).is_err());
-    assert!(c.call(SET_IRQS, &[0u8; 12], &[]).is_err());
+    assert!(c.call(GET_REGION_INFO, &p.0, &[]).refused());
+    assert!(c.call(GET_INFO, &[0u8; 4], &[]).refused());
+    assert!(c.call(DMA_MAP, &[0u8; 16], &[]).refused());
+    assert!(c.call(SET_IRQS, &[0u8; 12], &[]).refused());
     // A REGION_WRITE whose count says 100 but carries 4 bytes.
     let p = P::default()
         .u64(0)
         .u32(CONFIG)
         .u32(100)
         .bytes(&[1, 2, 3, 4]);
-    assert!(c.call(REGION_WRITE, &p.0, &[]).is_err());
+    assert!(c.call(REGION_WRITE, &p.0, &[]).refused());
     // argsz smaller than the struct.
     let p = P::default().u32(8).u32(0).u32(0).u32(0);
-    assert!(c.call(GET_INFO, &p.0, &[]).is_err());
+    assert!(c.call(GET_INFO, &p.0, &[]).refused());
 
     // Unknown and wrong-direction commands.
-    assert!(c.call(99, &[], &[]).is_err());
-    assert!(c.call(0xffff, &[1, 2, 3], &[]).is_err());
+    assert!(c.call(99, &[], &[]).refused());
+    assert!(c.call(0xffff, &[1, 2, 3], &[]).refused());
     assert!(
-        c.call(11, &[0u8; 16], &[]).is_err(),
+        c.call(11, &[0u8; 16], &[]).refused(),
         "DMA_READ is server-to-client"
     );
     // An fd with a command that takes none is refused (and closed).
     let e = EventFd::new(0).unwrap();
     let p = P::default().u32(16).u32(0).u32(0).u32(0);
-    assert!(c.call(GET_INFO, &p.0, &[e.as_raw_fd()]).is_err());
+    assert!(c.call(GET_INFO, &p.0, &[e.as_raw_fd()]).refused());
     // A message of an unknown type.
     let mut m = hdr_bytes(200, GET_INFO, 32, 7);
     m.extend_from_slice(&p.0);
@@ -1003,7 +1025,7 @@ fn device_server_hooks_and_recorded_dma_maps() {
     let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
 
     let mut c = connect_to(&path);
-    c.version("{}").unwrap();
+    version(&mut c, "{}").unwrap();
     let ram = memfd("guest-ram", 0x2000);
     c.dma_map(3, 0x1000, 0x10_0000, 0x1000, Some(ram.as_raw_fd()))
         .unwrap();
@@ -1057,7 +1079,7 @@ fn a_removed_device_is_dropped_clients_are_refused_until_it_is_put_back() {
 
     // Host unplug while a client is connected: the connection ends, the device is dropped.
     let mut c = connect();
-    c.version("{}").unwrap();
+    version(&mut c, "{}").unwrap();
     slot.remove();
     assert!(c.closed(), "the connection is shut down");
     wait("the device is dropped", &|| Arc::strong_count(&state) == 1);
@@ -1071,7 +1093,7 @@ fn a_removed_device_is_dropped_clients_are_refused_until_it_is_put_back() {
     // While it is gone, clients are refused with ENODEV.
     let mut c = connect();
     assert_eq!(
-        c.version("{}").unwrap_err(),
+        version(&mut c, "{}").unwrap_err(),
         CallError::Errno(libc::ENODEV as u32)
     );
 
@@ -1079,7 +1101,7 @@ fn a_removed_device_is_dropped_clients_are_refused_until_it_is_put_back() {
     let (fake, state) = Fake::new();
     slot.put(Box::new(fake));
     let mut c = connect();
-    c.version("{}").unwrap();
+    version(&mut c, "{}").unwrap();
     drop(c);
     // Removed while idle (or just after the cleanup): dropped.
     wait("the client is gone", &|| state.lock().unwrap().resets == 1);
@@ -1135,7 +1157,7 @@ fn a_client_that_is_not_the_configured_vmm_is_refused_before_anything_is_read() 
         sock.set_read_timeout(Some(TIMEOUT)).unwrap();
         if admitted {
             let mut c = Client::over(sock, 1);
-            c.version("{}").unwrap();
+            version(&mut c, "{}").unwrap();
         } else {
             // The server closes the connection without reading or answering anything (the
             // VERSION sent may even fail), and never serves it.
@@ -1196,7 +1218,7 @@ fn a_silent_or_stalled_client_gives_the_slot_back_after_the_message_timeout() {
         );
         // The slot is free again: the next client is served at once.
         let mut c = connect_to(&path);
-        c.version("{}").unwrap();
+        version(&mut c, "{}").unwrap();
         drop(c);
         drop(hog);
     }
@@ -1227,7 +1249,7 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
         .message_timeout(quiet);
     let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
     let mut c = connect_to(&path);
-    c.version("{}").unwrap();
+    version(&mut c, "{}").unwrap();
     let ram = memfd("guest-ram", 0x2000);
     c.dma_map(3, 0, 0x10_0000, 0x2000, Some(ram.as_raw_fd()))
         .unwrap();
@@ -1273,7 +1295,7 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
     assert_eq!(c.info().unwrap().2, 9);
     assert!(
         c.dma_map(3, 0, 0x10_0000, 0x1000, Some(ram.as_raw_fd()))
-            .is_err(),
+            .refused(),
         "a map over the handed-over one is refused"
     );
 
@@ -1297,7 +1319,7 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
     assert_eq!(c.info().unwrap().2, 9);
     assert!(
         c.dma_map(3, 0, 0x10_1000, 0x1000, Some(ram.as_raw_fd()))
-            .is_err(),
+            .refused(),
         "the next server knows the handed-over DMA maps"
     );
     // When the client leaves, the next server undoes what it set before the handover.
@@ -1310,7 +1332,7 @@ fn a_server_handed_over_between_messages_goes_on_with_its_client_and_nothing_und
     assert_eq!(disabled_since(&state2, 0), vec![MSIX]);
     // And a new client is served from the handed-over listener.
     let mut c = connect_to(&path);
-    c.version("{}").unwrap();
+    version(&mut c, "{}").unwrap();
     c.dma_map(3, 0, 0x10_0000, 0x2000, Some(ram.as_raw_fd()))
         .unwrap();
     drop(c);
@@ -1337,7 +1359,7 @@ fn the_trace_has_a_line_per_vfio_user_message_with_its_fields_and_errno() {
     let thread = server.spawn(bind_socket(&path).unwrap()).unwrap();
     let mut c = connect_to(&path);
     // Off: nothing is written.
-    c.version("{}").unwrap();
+    version(&mut c, "{}").unwrap();
     trace.start(&trace_path, 1 << 20).unwrap();
     let ram = memfd("guest-ram", 0x10_0000);
     c.dma_map(3, 0, 0x10_0000, 0x10_0000, Some(ram.as_raw_fd()))
@@ -1636,7 +1658,7 @@ fn a_server_marks_each_message_in_hand_and_clears_the_mark_once_it_is_taken_out(
         .spawn(vhost_user_iommu::vfio_user::bind_socket(&path).unwrap())
         .unwrap();
     let mut c = connect_to(&path);
-    c.version("{}").unwrap();
+    version(&mut c, "{}").unwrap();
     c.write(0, 0, &[1, 2, 3, 4]).unwrap();
     // The reply is sent before the message is taken out: wait for the mark to clear.
     let t = Instant::now();
