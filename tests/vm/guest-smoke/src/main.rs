@@ -63,16 +63,22 @@ impl<'a> Ioas<'a> {
     }
 
     fn map(&self, buf: &Mapping, iova: u64) -> Result<()> {
-        let rw = IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
-        ioas_map(
-            self.iommufd.as_fd(),
-            self.id,
+        let mut arg = IommuIoasMap {
+            flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+            ioas_id: self.id,
+            user_va: buf.addr(),
+            length: buf.len() as u64,
             iova,
-            buf.addr(),
-            buf.len() as u64,
-            rw,
-        )
-        .map_err(|e| e.to_string())
+            ..IommuIoasMap::sized()
+        };
+        ioctl(self.iommufd.as_fd(), &mut arg).map_err(|e| e.to_string())?;
+        if arg.iova != iova {
+            return Err(format!(
+                "IOMMU_IOAS_MAP placed the buffer at {:#x}, not {iova:#x}",
+                arg.iova
+            ));
+        }
+        Ok(())
     }
 
     fn unmap(&self, iova: u64, length: u64) -> Result<()> {
