@@ -314,9 +314,8 @@ impl IommufdBackend {
         let map_file_supported = probe_map_file(&iommufd, scratch);
         let identity = sys::ioas_alloc(iommufd.as_fd());
         // Boot state: off the scratch IOAS before it goes.
-        let mut attachments = HashMap::new();
         let mut boot = Ok(());
-        for (ep, d) in &devices {
+        for (ep, d) in devices.iter_mut() {
             let r = match (&identity, boot_bypass) {
                 (Ok(id), true) => sys::attach_pt(dev_fd(d), *id),
                 _ => sys::detach_pt(dev_fd(d)),
@@ -324,14 +323,11 @@ impl IommufdBackend {
             if let Err(e) = r {
                 boot = boot.and(Err(ioctl_err(format!("{ep} ({})", d.path.display()))(e)));
             }
-            attachments.insert(
-                *ep,
-                if boot_bypass {
-                    Attachment::Identity
-                } else {
-                    Attachment::Blocked
-                },
-            );
+            d.attached = if boot_bypass {
+                Attachment::Identity
+            } else {
+                Attachment::Blocked
+            };
         }
         if let Err(e) = sys::destroy(iommufd.as_fd(), scratch) {
             warn!("cannot destroy scratch IOAS {scratch}: errno {}", e.errno);
@@ -370,7 +366,6 @@ impl IommufdBackend {
                 devices,
                 identity_id,
                 Topo {
-                    attachments,
                     identity: Vec::new(),
                 },
                 map_file_supported,
@@ -435,7 +430,9 @@ impl IommufdBackend {
 
     /// Where the backend last pointed an endpoint.
     pub fn attachment(&self, endpoint: EndpointId) -> Option<Attachment> {
-        lock(&self.shared.topo).attachments.get(&endpoint).copied()
+        lock(&self.shared.devices)
+            .get(&endpoint)
+            .map(|d| d.attached)
     }
 
     /// Ids of the live paging IOASes (not the identity one).

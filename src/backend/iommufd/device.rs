@@ -14,6 +14,11 @@ pub(super) struct Device {
     pub(super) req: Option<OwnedFd>,
     /// When an ATTACH of the unplugged endpoint was last logged.
     pub(super) last_warn: Option<Instant>,
+    /// Where the kernel was last told to point this device's DMA (it offers no way to read it
+    /// back): the handle's own state, kept across an unplug (the reopened file is pointed there
+    /// again), a hand-over and a crash (see `IommufdBackend::reconcile`). What the guest asked
+    /// for is the domain model's; this is what was done for it.
+    pub(super) attached: Attachment,
 }
 
 impl Device {
@@ -46,6 +51,8 @@ impl Device {
             pci,
             req,
             last_warn: None,
+            // Bound to the iommufd and attached nowhere: DMA is blocked.
+            attached: Attachment::Blocked,
         })
     }
 

@@ -363,10 +363,9 @@ impl Drop for IommufdDomain {
         {
             // The kernel refuses to destroy an IOAS a device is attached to: block those first.
             let mut topo = lock(&self.shared.topo);
-            let users: Vec<EndpointId> = topo
-                .attachments
+            let users: Vec<EndpointId> = lock(&self.shared.devices)
                 .iter()
-                .filter(|(_, a)| **a == Attachment::Domain(self.id))
+                .filter(|(_, d)| d.attached == Attachment::Domain(self.id))
                 .map(|(&e, _)| e)
                 .collect();
             for e in users {

@@ -126,11 +126,7 @@ impl IommufdBackend {
                     dev_id: d.dev_id,
                     pci: d.pci.map(|p| p.to_string()),
                     req: d.req.as_ref().map(|r| r.as_raw_fd()),
-                    attachment: topo
-                        .attachments
-                        .get(ep)
-                        .copied()
-                        .unwrap_or(Attachment::Blocked),
+                    attachment: d.attached,
                 })
                 .collect(),
             identity_ioas: self.shared.identity_id,
@@ -176,7 +172,6 @@ impl IommufdBackend {
         // SAFETY: the caller hands these fds over to the backend alone (see above).
         let iommufd = unsafe { File::from_raw_fd(h.iommufd) };
         let mut devices = BTreeMap::new();
-        let mut attachments = HashMap::new();
         for d in h.devices {
             let ep = EndpointId(d.endpoint);
             // SAFETY: as above.
@@ -189,7 +184,6 @@ impl IommufdBackend {
                 .map(|p| p.parse::<PciAddress>())
                 .transpose()
                 .map_err(|e| handover_error(format!("{ep}: {e}")))?;
-            attachments.insert(ep, d.attachment);
             if devices
                 .insert(
                     ep,
@@ -200,6 +194,7 @@ impl IommufdBackend {
                         pci,
                         req,
                         last_warn: None,
+                        attached: d.attachment,
                     },
                 )
                 .is_some()
@@ -272,10 +267,7 @@ impl IommufdBackend {
             iommufd,
             devices,
             h.identity_ioas,
-            Topo {
-                attachments,
-                identity,
-            },
+            Topo { identity },
             h.map_file_supported,
             h.staging_hwpt,
         );
@@ -361,8 +353,10 @@ impl IommufdBackend {
                 fixed.push(Ok(format!("IOAS {id} is gone (a DETACH was in flight)")));
             }
         }
-        let wanted: Vec<(EndpointId, Attachment)> =
-            topo.attachments.iter().map(|(e, a)| (*e, *a)).collect();
+        let wanted: Vec<(EndpointId, Attachment)> = lock(&self.shared.devices)
+            .iter()
+            .map(|(e, d)| (*e, d.attached))
+            .collect();
         let vanished = lock(&self.shared.vanished).clone();
         for (ep, mut to) in wanted {
             if let Attachment::Domain(id) = to

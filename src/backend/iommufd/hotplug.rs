@@ -132,7 +132,7 @@ impl IommufdBackend {
     /// Closes an endpoint's device (its request eventfd too): DMA stops, and the host's unbind
     /// completes once every other duplicate of the fd is closed.
     fn unplug(&self, endpoint: EndpointId) {
-        let mut topo = lock(&self.shared.topo);
+        let _topo = lock(&self.shared.topo);
         let mut devices = lock(&self.shared.devices);
         let Some(d) = devices.get_mut(&endpoint) else {
             return;
@@ -140,25 +140,28 @@ impl IommufdBackend {
         d.req = None;
         if d.file.take().is_some() {
             d.last_warn = None;
-            let keep = match topo.attachments.get(&endpoint) {
-                Some(Attachment::Identity) => Attachment::Identity,
-                _ => Attachment::Blocked,
-            };
-            topo.attachments.insert(endpoint, keep);
+            // A closed device does no DMA, which is what blocked and identity both allow; a
+            // paging domain is not kept (the model detached the endpoint before the close).
+            if d.attached != Attachment::Identity {
+                d.attached = Attachment::Blocked;
+            }
             info!("{endpoint}: {} closed (unplugged)", d.path.display());
         }
     }
 
     /// Reopens an unplugged endpoint's device at `node`, binds it and points it where the
-    /// model has it (blocked or identity).
+    /// closed one was left (blocked, or identity while the model has it unattached under
+    /// `bypass`).
     fn replug(&self, endpoint: EndpointId, node: &Path) -> std::result::Result<(), IommufdError> {
-        let mut topo = lock(&self.shared.topo);
+        let _topo = lock(&self.shared.topo);
         let mut new = Device::open(node, &self.shared.iommufd)?;
-        let to = topo
-            .attachments
+        let (was, pci) = lock(&self.shared.devices)
             .get(&endpoint)
-            .copied()
-            .unwrap_or(Attachment::Blocked);
+            .map_or((Attachment::Blocked, None), |d| (d.attached, d.pci));
+        let to = match was {
+            Attachment::Identity => Attachment::Identity,
+            _ => Attachment::Blocked,
+        };
         let f = new.file.as_ref().map(|f| f.as_fd()).expect("just opened");
         let r = match to {
             Attachment::Identity => sys::attach_pt(f, self.shared.identity_id),
@@ -169,19 +172,14 @@ impl IommufdBackend {
             what: format!("{endpoint} ({})", node.display()),
             errno: e.errno,
         })?;
-        let mut devices = lock(&self.shared.devices);
-        if let Some(old) = devices.get(&endpoint) {
-            new.pci = new.pci.or(old.pci);
-        }
+        new.pci = new.pci.or(pci);
+        new.attached = to;
         info!(
             "{endpoint}: {} replugged, dev_id {}, {to:?}",
             node.display(),
             new.dev_id
         );
-        devices.insert(endpoint, new);
-        if to != Attachment::Identity {
-            topo.attachments.insert(endpoint, Attachment::Blocked);
-        }
+        lock(&self.shared.devices).insert(endpoint, new);
         Ok(())
     }
 }

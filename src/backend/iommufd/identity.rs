@@ -40,15 +40,15 @@ impl IommufdBackend {
 }
 
 impl Shared {
-    /// Whether the identity IOAS must hold all guest RAM now.
-    pub(super) fn needs_all_ram(&self, topo: &Topo) -> bool {
+    /// Whether the identity IOAS must hold all guest RAM now. Caller holds the topology lock
+    /// (so that no device moves to the identity IOAS meanwhile).
+    pub(super) fn needs_all_ram(&self, _held: &Topo) -> bool {
         self.stage_all.load(Ordering::Relaxed)
             || MapStrategy::from_code(self.strategy_override.load(Ordering::Relaxed))
                 == Some(MapStrategy::Copy)
-            || topo
-                .attachments
+            || lock(&self.devices)
                 .values()
-                .any(|a| *a == Attachment::Identity)
+                .any(|d| d.attached == Attachment::Identity)
     }
 
     /// Before an endpoint is pointed at the identity IOAS: all of the current RAM table in it.

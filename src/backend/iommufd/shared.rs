@@ -57,8 +57,10 @@ impl IdentityEntry {
     }
 }
 
+/// What the topology lock guards: the guest RAM in the identity IOAS. A device is pointed
+/// somewhere with it held (`Shared::point`), so that the identity IOAS cannot lose RAM while an
+/// endpoint goes to it; where each device points is the device's own (`Device::attached`).
 pub(super) struct Topo {
-    pub(super) attachments: HashMap<EndpointId, Attachment>,
     pub(super) identity: Vec<IdentityEntry>,
 }
 
@@ -349,12 +351,12 @@ impl Shared {
                 }
                 return Err(dev.file(endpoint).unwrap_err());
             }
-            topo.attachments.insert(endpoint, to);
+            dev.attached = to;
             return Ok(());
         }
         if self.replaying.load(Ordering::Acquire) {
             // Replayed: the kernel already points it where the replay says.
-            topo.attachments.insert(endpoint, to);
+            dev.attached = to;
             return Ok(());
         }
         let file = dev.file(endpoint)?;
@@ -372,7 +374,7 @@ impl Shared {
             };
             BackendError::new(e.name, e.errno, what(&target))
         })?;
-        topo.attachments.insert(endpoint, to);
+        dev.attached = to;
         debug!("{endpoint}: {to:?}");
         Ok(())
     }
