@@ -205,21 +205,22 @@ pub enum DecodeError {
 impl Request {
     /// ATTACH of `endpoint` to paging domain `domain` (no flags).
     pub fn attach(domain: u32, endpoint: u32) -> Request {
-        Request::Attach {
-            domain: DomainId(domain),
-            endpoint: EndpointId(endpoint),
-            flags: 0,
-            reserved: [0; 4],
-        }
+        Request::attach_raw(domain, endpoint, 0, [0; 4])
     }
 
     /// ATTACH of `endpoint` to bypass domain `domain` (ATTACH_F_BYPASS).
     pub fn attach_bypass(domain: u32, endpoint: u32) -> Request {
+        Request::attach_raw(domain, endpoint, ATTACH_F_BYPASS, [0; 4])
+    }
+
+    /// ATTACH with the given `flags` and `reserved` bytes as they stand (for requests that break
+    /// the spec's rules on purpose).
+    pub fn attach_raw(domain: u32, endpoint: u32, flags: u32, reserved: [u8; 4]) -> Request {
         Request::Attach {
             domain: DomainId(domain),
             endpoint: EndpointId(endpoint),
-            flags: ATTACH_F_BYPASS,
-            reserved: [0; 4],
+            flags,
+            reserved,
         }
     }
 

@@ -358,7 +358,7 @@ impl Drop for Tracer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{DomainId, EndpointId};
+    use crate::ids::EndpointId;
 
     fn dir() -> crate::testing::TempDir {
         crate::testing::TempDir::named("trace")
@@ -371,12 +371,7 @@ mod tests {
         let t = Tracer::open(&p, DEFAULT_CAP).unwrap();
         let map = Request::map(1, 0x1000, 0x1fff, 0x20000, 3);
         t.request(3, &map, Status::Ok, None, 850);
-        let attach = Request::Attach {
-            domain: DomainId(2),
-            endpoint: EndpointId(9),
-            flags: 0,
-            reserved: [0; 4],
-        };
+        let attach = Request::attach(2, 9);
         t.request(4, &attach, Status::NoEnt, Some("no endpoint \"9\""), 10);
         t.message("vhost-user", 5, "SET_MEM_TABLE", true, 1200);
         t.vfio_user(

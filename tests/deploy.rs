@@ -120,6 +120,14 @@ impl FakeHost {
     }
 
     /// A healthy assigned NIC 0000:01:00.0 behind root port 0000:00:01.0, group 5, vfio0.
+    /// The PCIe root port [`FakeHost::healthy`] puts its NIC behind.
+    fn port() -> Dev {
+        Dev {
+            bdf: "0000:00:01.0".into(),
+            rel: "sys/devices/pci0000:00/0000:00:01.0".into(),
+        }
+    }
+
     fn healthy() -> (FakeHost, Dev) {
         let h = FakeHost::new();
         let port = h.device("0000:00:01.0", None, 0x060400);
@@ -311,10 +319,7 @@ fn a_healthy_host_passes_and_discovery_finds_the_cdev() {
 #[test]
 fn startup_waits_for_devices_bound_in_any_order() {
     let (h, nic) = FakeHost::healthy();
-    let port = Dev {
-        bdf: "0000:00:01.0".into(),
-        rel: "sys/devices/pci0000:00/0000:00:01.0".into(),
-    };
+    let port = FakeHost::port();
     let gpu = h.device("0000:02:00.0", Some(&port), 0x030000);
     h.group(&gpu, 6);
     h.bind(&gpu, "nouveau");
@@ -368,10 +373,7 @@ fn an_unbound_device_and_a_missing_vfio_pci_module_are_explained() {
 #[test]
 fn a_group_shared_with_a_host_driver_is_not_viable() {
     let (h, nic) = FakeHost::healthy();
-    let port = Dev {
-        bdf: "0000:00:01.0".into(),
-        rel: "sys/devices/pci0000:00/0000:00:01.0".into(),
-    };
+    let port = FakeHost::port();
     let sibling = h.device("0000:01:00.1", Some(&port), 0x020000);
     h.bind(&sibling, "e1000e");
     h.group(&sibling, 5);

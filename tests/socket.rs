@@ -8,7 +8,7 @@ use vhost_user_iommu::backend::fault::Op;
 use vhost_user_iommu::backend::soft::Fault;
 use vhost_user_iommu::domains::Limits;
 use vhost_user_iommu::driver::{Claim, Desc, VmOptions};
-use vhost_user_iommu::ids::{DomainId, EndpointId};
+use vhost_user_iommu::ids::EndpointId;
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{
     MAP_F_MMIO, MAP_F_READ, REQUEST_QUEUE, Request, RequestType, ResvKind, Status,
@@ -89,116 +89,44 @@ fn the_whole_request_cycle_programs_translation() {
 #[test]
 fn every_spec_rule_yields_its_status_over_the_socket() {
     let ram = 64u64 << 20;
-    let cases: Vec<(&str, Request, Status)> = vec![
-        ("attach ok", R::attach(3, 3), Status::Ok),
-        (
-            "attach reserved",
-            Request::Attach {
-                domain: DomainId(3),
-                endpoint: EndpointId(3),
-                flags: 0,
-                reserved: [1, 0, 0, 0],
-            },
-            Status::Inval,
-        ),
-        (
-            "attach unknown flag",
-            Request::Attach {
-                domain: DomainId(3),
-                endpoint: EndpointId(3),
-                flags: 2,
-                reserved: [0; 4],
-            },
-            Status::Inval,
-        ),
-        ("attach unknown endpoint", R::attach(3, 99), Status::NoEnt),
-        (
-            "attach bypass flag to paging domain",
-            R::attach_bypass(2, 3),
-            Status::Inval,
-        ),
-        (
-            "attach paging to bypass domain",
-            R::attach(9, 3),
-            Status::Inval,
-        ),
-        ("attach shares a domain", R::attach(2, 3), Status::Ok),
-        ("attach again to same domain", R::attach(2, 1), Status::Ok),
-        ("detach ok", R::detach(2, 1), Status::Ok),
-        ("detach unknown endpoint", R::detach(2, 99), Status::NoEnt),
-        ("detach wrong domain", R::detach(9, 1), Status::Inval),
-        ("detach unattached endpoint", R::detach(2, 3), Status::Inval),
-        (
-            "map ok",
-            R::map(2, 0x40000, 0x4ffff, 0x40000, RW),
-            Status::Ok,
-        ),
-        (
-            "map unknown flag",
-            R::map(2, 0x40000, 0x4ffff, 0, 8),
-            Status::Inval,
-        ),
-        (
-            "map no domain",
-            R::map(7, 0x40000, 0x4ffff, 0, RW),
-            Status::NoEnt,
-        ),
-        (
-            "map bypass domain",
-            R::map(9, 0x40000, 0x4ffff, 0, RW),
-            Status::Inval,
-        ),
-        (
-            "map mmio",
-            R::map(2, 0x40000, 0x4ffff, 0, RW | MAP_F_MMIO),
-            Status::Unsupp,
-        ),
-        (
-            "map misaligned start",
-            R::map(2, 0x40001, 0x4ffff, 0, RW),
-            Status::Range,
-        ),
-        (
-            "map misaligned end",
-            R::map(2, 0x40000, 0x4fffe, 0, RW),
-            Status::Range,
-        ),
-        (
-            "map misaligned phys",
-            R::map(2, 0x40000, 0x4ffff, 0x10, RW),
-            Status::Range,
-        ),
-        (
-            "map overlap",
-            R::map(2, 0x18000, 0x27fff, 0, RW),
-            Status::Inval,
-        ),
-        (
-            "map msi window",
-            R::map(2, 0xfee0_0000, 0xfee0_ffff, 0, RW),
-            Status::Inval,
-        ),
-        (
-            "map outside guest ram",
-            R::map(2, 0x40000, 0x4ffff, ram, RW),
-            Status::Fault,
-        ),
-        (
-            "map read-only ok",
-            R::map(2, 0x40000, 0x4ffff, 0, MAP_F_READ),
-            Status::Ok,
-        ),
-        ("unmap ok", R::unmap(2, 0x10000, 0x1ffff), Status::Ok),
-        ("unmap split", R::unmap(2, 0x10000, 0x17fff), Status::Range),
-        ("unmap over holes", R::unmap(2, 0, 0xfffff), Status::Ok),
-        (
-            "unmap over nothing",
-            R::unmap(2, 0x90000, 0x9ffff),
-            Status::Ok,
-        ),
-        ("unmap no domain", R::unmap(7, 0, 0xfff), Status::NoEnt),
-        ("unmap bypass domain", R::unmap(9, 0, 0xfff), Status::Inval),
-    ];
+    // One case a line: what, the request, the status the spec gives it.
+    macro_rules! cases {
+        ($($what:literal: $req:expr => $status:ident;)*) => {
+            vec![$(($what, $req, Status::$status)),*]
+        };
+    }
+    let cases: Vec<(&str, Request, Status)> = cases! {
+        "attach ok": R::attach(3, 3) => Ok;
+        "attach reserved": R::attach_raw(3, 3, 0, [1, 0, 0, 0]) => Inval;
+        "attach unknown flag": R::attach_raw(3, 3, 2, [0; 4]) => Inval;
+        "attach unknown endpoint": R::attach(3, 99) => NoEnt;
+        "attach bypass flag to paging domain": R::attach_bypass(2, 3) => Inval;
+        "attach paging to bypass domain": R::attach(9, 3) => Inval;
+        "attach shares a domain": R::attach(2, 3) => Ok;
+        "attach again to same domain": R::attach(2, 1) => Ok;
+        "detach ok": R::detach(2, 1) => Ok;
+        "detach unknown endpoint": R::detach(2, 99) => NoEnt;
+        "detach wrong domain": R::detach(9, 1) => Inval;
+        "detach unattached endpoint": R::detach(2, 3) => Inval;
+        "map ok": R::map(2, 0x40000, 0x4ffff, 0x40000, RW) => Ok;
+        "map unknown flag": R::map(2, 0x40000, 0x4ffff, 0, 8) => Inval;
+        "map no domain": R::map(7, 0x40000, 0x4ffff, 0, RW) => NoEnt;
+        "map bypass domain": R::map(9, 0x40000, 0x4ffff, 0, RW) => Inval;
+        "map mmio": R::map(2, 0x40000, 0x4ffff, 0, RW | MAP_F_MMIO) => Unsupp;
+        "map misaligned start": R::map(2, 0x40001, 0x4ffff, 0, RW) => Range;
+        "map misaligned end": R::map(2, 0x40000, 0x4fffe, 0, RW) => Range;
+        "map misaligned phys": R::map(2, 0x40000, 0x4ffff, 0x10, RW) => Range;
+        "map overlap": R::map(2, 0x18000, 0x27fff, 0, RW) => Inval;
+        "map msi window": R::map(2, 0xfee0_0000, 0xfee0_ffff, 0, RW) => Inval;
+        "map outside guest ram": R::map(2, 0x40000, 0x4ffff, ram, RW) => Fault;
+        "map read-only ok": R::map(2, 0x40000, 0x4ffff, 0, MAP_F_READ) => Ok;
+        "unmap ok": R::unmap(2, 0x10000, 0x1ffff) => Ok;
+        "unmap split": R::unmap(2, 0x10000, 0x17fff) => Range;
+        "unmap over holes": R::unmap(2, 0, 0xfffff) => Ok;
+        "unmap over nothing": R::unmap(2, 0x90000, 0x9ffff) => Ok;
+        "unmap no domain": R::unmap(7, 0, 0xfff) => NoEnt;
+        "unmap bypass domain": R::unmap(9, 0, 0xfff) => Inval;
+    };
     let d = Daemon::start(Options::default());
     for (what, req, want) in cases {
         let mut vm = d.connect();

@@ -38,6 +38,20 @@ finish() {
     sleep 10
 }
 t() { cut -d' ' -f1 /proc/uptime; }
+# Milliseconds since $1 (a reading of t).
+ms_since() { awk -v a="$1" -v b="$(t)" 'BEGIN { printf "%.0f", (b - a) * 1000 }'; }
+# "p50 X ms, max Y ms" of a list of milliseconds.
+p50_max() { echo $1 | tr ' ' '\n' | sort -n | tr '\n' ' ' | awk '{ printf "p50 %s ms, max %s ms", $(int((NF + 1) / 2)), $NF }'; }
+# Waits until file $2 holds more lines that match $1 than $3 (polled every 20 ms, up to 30 s);
+# fails if it never does.
+more_lines() {
+    i=0
+    until [ "$(grep -ac "$1" "$2")" -gt "$3" ]; do
+        [ $i -ge 1500 ] && return 1
+        i=$((i + 1))
+        sleep 0.02
+    done
+}
 
 # --- the daemon's view: its control socket ---------------------------------------------------------
 metric() { vhost-user-iommu ctl --control-socket "$ctl" metrics 2>/dev/null | awk -v k="$1" '$1 == k { print $2 }'; }
@@ -329,14 +343,11 @@ if wait_end 1; then
     upgraded=0
     for k in 1 2 3; do
         n0=$(grep -ac 'device state rebuilt' "$dlog")
-        t0=$(cut -d' ' -f1 /proc/uptime)
+        t0=$(t)
         kill -USR2 $daemon
-        i=0
-        until [ "$(grep -ac 'device state rebuilt' "$dlog")" -gt "$n0" ] || [ $i -gt 1500 ]; do i=$((i + 1)); sleep 0.02; done
-        t1=$(cut -d' ' -f1 /proc/uptime)
-        if [ "$(grep -ac 'device state rebuilt' "$dlog")" -gt "$n0" ]; then
+        if more_lines 'device state rebuilt' "$dlog" "$n0"; then
             upgraded=$((upgraded + 1))
-            upauses="$upauses $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", (b - a) * 1000 }')"
+            upauses="$upauses $(ms_since "$t0")"
         fi
         sleep 0.3
     done
@@ -345,13 +356,10 @@ if wait_end 1; then
     rebuilt=$(grep -a 'device state rebuilt' "$dlog" | tail -n 1 | sed 's/.*\] //')
     took=$(grep -a 'iommufd: took over' "$dlog" | tail -n 1 | sed 's/.*\] //')
     after=$(settled_snapshot)
-    usorted=$(echo $upauses | tr ' ' '\n' | sort -n | tr '\n' ' ')
-    up50=$(echo $usorted | awk '{ print $(int((NF + 1) / 2)) }')
-    upmax=$(echo $usorted | awk '{ print $NF }')
     urtt=$(grep -a 'round-trip\|rtt' /run/e2e/ping-upgrade.log | sed 's/.*= //')
     if [ "$upgraded" = 3 ] && kill -0 $daemon 2>/dev/null && [ "$prc" = 0 ] &&
         grep -aq ' 0% packet loss' /run/e2e/ping-upgrade.log && [ "$before" = "$after" ]; then
-        pass "upgrade in place while L2 runs, 3 times: same PID, $took; $rebuilt; from each SIGUSR2 to the new binary's rebuilt state (polled every 20 ms):$upauses ms, p50 $up50 ms, max $upmax ms; 40 pings through L2's igb across them, none lost ($(grep -a 'packets' /run/e2e/ping-upgrade.log); round-trip min/avg/max $urtt); daemon state unchanged ($after)"
+        pass "upgrade in place while L2 runs, 3 times: same PID, $took; $rebuilt; from each SIGUSR2 to the new binary's rebuilt state (polled every 20 ms):$upauses ms, $(p50_max "$upauses"); 40 pings through L2's igb across them, none lost ($(grep -a 'packets' /run/e2e/ping-upgrade.log); round-trip min/avg/max $urtt); daemon state unchanged ($after)"
     else
         fail "upgrade in place while L2 runs" "$upgraded of 3 upgrades seen (pauses:$upauses ms), rebuilt='$rebuilt' took='$took' ping rc $prc: $(grep -a 'packets' /run/e2e/ping-upgrade.log); state before '$before' after '$after'; $(grep -a 'upgrad' "$dlog" | tail -n 3)"
     fi
@@ -371,15 +379,15 @@ if wait_end 1; then
     for k in 1 2 3; do
         old=$(cat $run/daemon.pid)
         n0=$(grep -ac 'recorded change(s) replayed' "$dlog")
-        t0=$(cut -d' ' -f1 /proc/uptime)
+        t0=$(t)
         kill -KILL "$old"
-        i=0
-        until [ "$(grep -ac 'recorded change(s) replayed' "$dlog")" -gt "$n0" ] || [ $i -gt 1500 ]; do i=$((i + 1)); sleep 0.02; done
-        t1=$(cut -d' ' -f1 /proc/uptime)
-        new=$(cat $run/daemon.pid)
-        if [ "$(grep -ac 'recorded change(s) replayed' "$dlog")" -gt "$n0" ] && [ "$new" != "$old" ] && kill -0 "$new" 2>/dev/null; then
-            crashed=$((crashed + 1))
-            pauses="$pauses $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", (b - a) * 1000 }')"
+        if more_lines 'recorded change(s) replayed' "$dlog" "$n0"; then
+            ms=$(ms_since "$t0")
+            new=$(cat $run/daemon.pid)
+            if [ "$new" != "$old" ] && kill -0 "$new" 2>/dev/null; then
+                crashed=$((crashed + 1))
+                pauses="$pauses $ms"
+            fi
         fi
         sleep 0.3
     done
@@ -389,13 +397,10 @@ if wait_end 1; then
     replayed=$(grep -a 'recorded change(s) replayed' "$dlog" | tail -n 1 | sed 's/.*\] //')
     taken=$(grep -a 'crash journal:' "$dlog" | tail -n 1 | sed 's/.*\] //')
     after=$(settled_snapshot)
-    sorted=$(echo $pauses | tr ' ' '\n' | sort -n | tr '\n' ' ')
-    p50=$(echo $sorted | awk '{ print $(int((NF + 1) / 2)) }')
-    pmax=$(echo $sorted | awk '{ print $NF }')
     rtt=$(grep -a 'round-trip\|rtt' /run/e2e/ping-crash.log | sed 's/.*= //')
     if [ "$crashed" = 3 ] && [ "$prc" = 0 ] &&
         grep -aq ' 0% packet loss' /run/e2e/ping-crash.log && [ "$before" = "$after" ]; then
-        pass "crash restart while L2 runs, 3 times: pid $first and its successors SIGKILLed, each successor took back the state (last: $taken; $replayed); from each kill to the new daemon's replay (polled every 20 ms):$pauses ms, p50 $p50 ms, max $pmax ms; 40 pings through L2's igb across them, none lost ($(grep -a 'packets' /run/e2e/ping-crash.log); round-trip min/avg/max $rtt); daemon state unchanged ($after)"
+        pass "crash restart while L2 runs, 3 times: pid $first and its successors SIGKILLed, each successor took back the state (last: $taken; $replayed); from each kill to the new daemon's replay (polled every 20 ms):$pauses ms, $(p50_max "$pauses"); 40 pings through L2's igb across them, none lost ($(grep -a 'packets' /run/e2e/ping-crash.log); round-trip min/avg/max $rtt); daemon state unchanged ($after)"
     else
         fail "crash restart while L2 runs" "$crashed of 3 restarts seen (pauses:$pauses ms), last pid $new, replayed='$replayed' taken='$taken' ping rc $prc: $(grep -a 'packets' /run/e2e/ping-crash.log); state before '$before' after '$after'; $(grep -a 'unit:\|crash\|ERROR' "$dlog" | tail -n 5)"
     fi
@@ -411,8 +416,7 @@ if wait_end 1; then
     n_replayed=$(grep -ac 'recorded change(s) replayed' "$dlog")
     n_soak=$(grep -ac 'E2E-L2: soak started' "$log")
     tell_l2 soak
-    i=0
-    until [ "$(grep -ac 'E2E-L2: soak started' "$log")" -gt "$n_soak" ] || [ $i -gt 300 ]; do i=$((i + 1)); sleep 0.1; done
+    more_lines 'E2E-L2: soak started' "$log" "$n_soak" || true
     sleep 1
     # The upgrade goes to a second copy of the binary, installed over the old path as a package
     # does (a new file: the running daemon's is the old one).
@@ -422,20 +426,17 @@ if wait_end 1; then
     cp "$bin" "$bin.new" && mv "$bin.new" "$bin"
     exe_new=$(stat -L -c %i "$bin")
     kill -USR2 "$pid"
-    i=0
-    until [ "$(grep -ac 'device state rebuilt' "$dlog")" -gt "$n_rebuilt" ] || [ $i -gt 300 ]; do i=$((i + 1)); sleep 0.1; done
+    more_lines 'device state rebuilt' "$dlog" "$n_rebuilt" || true
     upgraded=$(grep -ac 'device state rebuilt' "$dlog")
     exe1=$(stat -L -c %i /proc/$pid/exe)
     sleep 1
     kill -KILL "$(cat $run/daemon.pid)"
-    i=0
-    until [ "$(grep -ac 'recorded change(s) replayed' "$dlog")" -gt "$n_replayed" ] || [ $i -gt 300 ]; do i=$((i + 1)); sleep 0.1; done
+    more_lines 'recorded change(s) replayed' "$dlog" "$n_replayed" || true
     restarted=$(grep -ac 'recorded change(s) replayed' "$dlog")
     sleep 1
     n_end=$(grep -ac 'E2E-L2: SOAK' "$log")
     tell_l2 end-soak
-    i=0
-    until [ "$(grep -ac 'E2E-L2: SOAK' "$log")" -gt "$n_end" ] || [ $i -gt 300 ]; do i=$((i + 1)); sleep 0.1; done
+    more_lines 'E2E-L2: SOAK' "$log" "$n_end" || true
     soak=$(grep -a 'E2E-L2: SOAK' "$log" | tail -n 1 | sed 's/.*E2E-L2: SOAK //')
     maps1=$(metric "$maps_ok")
     failed1=$(state failed_requests)

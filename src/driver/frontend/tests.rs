@@ -51,7 +51,7 @@ fn smoke_against_a_running_daemon() {
 #[test]
 #[ignore = "needs a running daemon"]
 fn workout_against_a_running_daemon() {
-    use crate::ids::{DomainId, EndpointId};
+    use crate::ids::DomainId;
     let path = std::env::var("VHOST_USER_IOMMU_SOCKET").unwrap_or("/tmp/x.sock".into());
     let mut vm = TestVm::connect(
         Path::new(&path),
@@ -62,15 +62,9 @@ fn workout_against_a_running_daemon() {
         },
     )
     .unwrap();
-    let attach = |d, e| Request::Attach {
-        domain: DomainId(d),
-        endpoint: EndpointId(e),
-        flags: 0,
-        reserved: [0; 4],
-    };
     let map = |i: u64| Request::map(1, i << 12, (i << 12) | 0xfff, 0x10_0000, 3);
     let unmap = |i: u64| Request::unmap(1, i << 12, (i << 12) | 0xfff);
-    assert_eq!(vm.request(&attach(1, 2)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&Request::attach(1, 2)).unwrap(), Status::Ok);
     // 32 maps + 32 unmaps per round, 1100 rounds: 70_400 chains, past 65_535.
     for _ in 0..1100 {
         let mut reqs: Vec<Request> = (1..=32).map(map).collect();
@@ -89,7 +83,7 @@ fn workout_against_a_running_daemon() {
 
     // Abuse: a chain pointing outside RAM, an empty indirect table, a writable-only chain.
     let end = vm.ram().size();
-    let (req, n) = attach(1, 3).encode();
+    let (req, n) = Request::attach(1, 3).encode();
     vm.ram().write(0x2000, &req[..n]).unwrap();
     let heads = [
         vm.push_chain(
@@ -122,10 +116,10 @@ fn workout_against_a_running_daemon() {
 
     vm.reset_rings().unwrap();
     eprintln!("vring bases at reset: {:?}", vm.last_vring_bases());
-    assert_eq!(vm.request(&attach(1, 2)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&Request::attach(1, 2)).unwrap(), Status::Ok);
     vm.reset_device().unwrap();
     vm.reset_rings().unwrap();
-    assert_eq!(vm.request(&attach(1, 2)).unwrap(), Status::Ok);
+    assert_eq!(vm.request(&Request::attach(1, 2)).unwrap(), Status::Ok);
 
     vm.add_region(1 << 32, 2 << 20).unwrap();
     let mut m = map(0x100);

@@ -48,26 +48,32 @@ impl Daemon {
         mode: Mode,
         hotplug: bool,
     ) -> Result<Daemon> {
-        Daemon::start_with(name, backend, mode, hotplug, None)
+        let settings = Daemon::settings(&backend, mode);
+        Daemon::serving(name, backend, settings, hotplug, None)
     }
 
-    /// [`start`](Self::start), the hot-plug watcher telling `keeper` (the crash-restart fd
-    /// store) what the host takes away and gives back.
-    pub fn start_with(
+    /// The device settings [`start`](Self::start) serves with: endpoints 1 and 2 under the
+    /// backend's rules, in `mode`, the rest at their defaults.
+    pub fn settings(backend: &IommufdBackend, mode: Mode) -> DeviceSettings {
+        DeviceSettings::new(
+            vec![EndpointId(1), EndpointId(2)],
+            rules_from(&backend.constraints()),
+            mode,
+        )
+    }
+
+    /// [`start`](Self::start) with the given device `settings`, the hot-plug watcher telling
+    /// `keeper` (the crash-restart fd store) what the host takes away and gives back.
+    pub fn serving(
         name: &str,
         backend: Arc<IommufdBackend>,
-        mode: Mode,
+        settings: DeviceSettings,
         hotplug: bool,
         keeper: Option<Arc<vhost_user_iommu::recovery::Keeper>>,
     ) -> Result<Daemon> {
         let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let socket = dir.join("viommu.sock");
-        let settings = DeviceSettings::new(
-            vec![EndpointId(1), EndpointId(2)],
-            rules_from(&backend.constraints()),
-            mode,
-        );
         let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
         let stopper = Arc::new(Stopper::new().map_err(|e| format!("eventfd: {e}"))?);
         let devices = Arc::new(AtomicUsize::new(0));
@@ -146,7 +152,9 @@ impl Drop for Daemon {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = fs::remove_file(&self.socket);
+        if let Some(dir) = self.socket.parent() {
+            let _ = fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -250,13 +258,8 @@ pub fn ok(s: Status, what: &str) -> Result<()> {
 }
 
 pub fn attach_status(vm: &mut TestVm, d: u32, ep: u32, flags: u32) -> Result<Status> {
-    vm.request(&Request::Attach {
-        domain: DomainId(d),
-        endpoint: EndpointId(ep),
-        flags,
-        reserved: [0; 4],
-    })
-    .map_err(|e| e.to_string())
+    vm.request(&Request::attach_raw(d, ep, flags, [0; 4]))
+        .map_err(|e| e.to_string())
 }
 
 pub fn attach(vm: &mut TestVm, d: u32, ep: u32, flags: u32) -> Result<()> {

@@ -40,23 +40,20 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 use vhost_user_iommu::bench::percentile;
 
 // The VM tier's guest kit: edu discovery, the backend over both edus, the daemon's rules.
-use guest_kit::edu::{backend_over_two_edus, rules_from};
+use guest_kit::daemon::Daemon;
+use guest_kit::edu::backend_over_two_edus;
 
-use vhost::vhost_user::Listener;
 use vhost_user_iommu::backend::iommufd::{IommufdBackend, MapStrategy, Staging as RamStaging, sys};
 use vhost_user_iommu::backend::{Attachment, DmaBackend, MapOp};
-use vhost_user_iommu::driver::{GuestRam as MemfdRam, TestVm, VmOptions};
+use vhost_user_iommu::driver::{GuestRam as MemfdRam, TestVm};
 use vhost_user_iommu::guest_ram::{Backing, GuestRam, HostLocation, RamRegion};
-use vhost_user_iommu::ids::{DomainId, EndpointId, GpaRange, IovaRange, Perms};
-use vhost_user_iommu::metrics::Metrics;
+use vhost_user_iommu::ids::{EndpointId, GpaRange, IovaRange, Perms};
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{Request, Status};
-use vhost_user_iommu::server::{Stopper, serve};
 use vhost_user_iommu::vhost::{DEFAULT_POLL, DeviceSettings};
 
 type Result<T> = std::result::Result<T, String>;
@@ -1083,51 +1080,14 @@ fn daemon_rows(
         batched: batch_which,
         suffix,
     } = *spec;
-    let dir = std::env::temp_dir().join(format!(
-        "bench-iommufd-{}-{}",
-        std::process::id(),
-        poll.as_micros()
-    ));
-    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let socket = dir.join("viommu.sock");
     let settings = DeviceSettings {
         poll,
-        ..DeviceSettings::new(
-            vec![EndpointId(1), EndpointId(2)],
-            rules_from(&b.constraints()),
-            Mode::Inline,
-        )
+        ..Daemon::settings(b, Mode::Inline)
     };
-    let listener = Listener::new(&socket, true).map_err(|e| format!("listen: {e}"))?;
-    let stopper = Arc::new(Stopper::new().map_err(|e| format!("eventfd: {e}"))?);
-    let (s2, b2) = (stopper.clone(), b.clone());
-    let daemon = thread::Builder::new()
-        .name("daemon".into())
-        .spawn(move || {
-            let backend: Arc<dyn DmaBackend> = b2;
-            if let Err(e) = serve(
-                listener,
-                settings,
-                backend,
-                Arc::new(Metrics::default()),
-                s2,
-                None,
-                None,
-            ) {
-                eprintln!("daemon: {e}");
-            }
-        })
-        .map_err(|e| e.to_string())?;
+    let name = format!("bench-iommufd-{}", poll.as_micros());
+    let daemon = Daemon::serving(&name, b.clone(), settings, false, None)?;
     let res = (|| {
-        let mut vm = TestVm::connect(
-            &socket,
-            VmOptions {
-                connect_timeout: Duration::from_secs(30),
-                request_timeout: Duration::from_secs(30),
-                ..VmOptions::default()
-            },
-        )
-        .map_err(|e| format!("TestVm::connect: {e}"))?;
+        let mut vm = daemon.connect()?;
         if vm.usable_ram_end() < GPA_BASE + GPA_SPAN {
             return Err(format!(
                 "TestVm usable RAM ends at {:#x}",
@@ -1146,12 +1106,7 @@ fn daemon_rows(
                 .map_err(|e| format!("pre-fault TestVm RAM: {e}"))?;
         }
         let st = vm
-            .request(&Request::Attach {
-                domain: DomainId(1),
-                endpoint: EndpointId(1),
-                flags: 0,
-                reserved: [0; 4],
-            })
+            .request(&Request::attach(1, 1))
             .map_err(|e| e.to_string())?;
         if st != Status::Ok {
             return Err(format!("ATTACH: {st:?}"));
@@ -1238,9 +1193,7 @@ fn daemon_rows(
         vm.disconnect();
         Ok(())
     })();
-    stopper.stop();
-    let _ = daemon.join();
-    let _ = fs::remove_dir_all(&dir);
+    drop(daemon);
     res
 }
 
@@ -1418,7 +1371,6 @@ struct StateRow {
 /// again and the DETACH that destroys the domain with them (its IOAS). Every request is checked
 /// for S_OK, and after each point nothing stays pinned.
 fn state_rows(b: &Arc<IommufdBackend>, sizes: &[usize], pairs: usize) -> Result<Vec<StateRow>> {
-    use guest_kit::daemon::Daemon;
     const BASE: u64 = 1 << 32;
     const KICK: usize = 64;
     b.set_map_strategy(None);

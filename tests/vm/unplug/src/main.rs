@@ -129,7 +129,8 @@ fn run(rep: &mut Report) -> Result<()> {
             Err(format!("the store holds {kept:?}"))
         },
     );
-    let d = Daemon::start_with("unplug", backend, Mode::Inline, true, Some(k))?;
+    let settings = Daemon::settings(&backend, Mode::Inline);
+    let d = Daemon::serving("unplug", backend, settings, true, Some(k))?;
     let b = d.backend.clone();
     let mut vm = d.connect()?;
     let mut edu1 = Some(Edu::open(&b, EndpointId(1), format!("edu {bdf1}"))?);

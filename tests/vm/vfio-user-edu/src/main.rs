@@ -25,7 +25,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vhost_user_iommu::driver::{TestVm, VmOptions};
-use vhost_user_iommu::ids::{DomainId, EndpointId};
 use vhost_user_iommu::protocol::{MAP_F_READ, MAP_F_WRITE, Request, Status};
 use vhost_user_iommu::testing::service_manager::ServiceManager;
 use vmm_sys_util::eventfd::EventFd;
@@ -402,12 +401,7 @@ fn vm_req(vm: &mut TestVm, r: Request, what: &str) -> Result<()> {
 fn attach(vm: &mut TestVm, d: u32, ep: u32) -> Result<()> {
     vm_req(
         vm,
-        Request::Attach {
-            domain: DomainId(d),
-            endpoint: EndpointId(ep),
-            flags: 0,
-            reserved: [0; 4],
-        },
+        Request::attach(d, ep),
         &format!("ATTACH endpoint {ep} to domain {d}"),
     )
 }
@@ -1227,12 +1221,7 @@ fn staging_crash_check(rep: &mut Report, cx: &mut Ctx, daemon: &mut Daemon, bar2
             let mut attached = false;
             let storm = kill_storm(daemon, 1, seed, |_, i| {
                 if i == 0 {
-                    let r = Request::Attach {
-                        domain: DomainId(50),
-                        endpoint: EndpointId(2),
-                        flags: vhost_user_iommu::protocol::ATTACH_F_BYPASS,
-                        reserved: [0; 4],
-                    };
+                    let r = Request::attach_bypass(50, 2);
                     vm_req(&mut cx.vm, r, "bypass ATTACH of endpoint 2")?;
                     attached = true;
                 } else {
