@@ -13,7 +13,7 @@ pub use temp::{TempDir, temp_path};
 
 use std::collections::BTreeMap;
 
-use crate::backend::soft::Fault;
+use crate::backend::soft::{Fault, SoftBackend};
 use crate::ids::{DomainId, EndpointId, Gpa, Iova};
 use crate::protocol::{MapFlags, MapRequest, Request, Status};
 
@@ -217,6 +217,30 @@ impl Model {
             return Err(Fault::Permission);
         }
         Ok(m.2 + (iova - m.0))
+    }
+
+    /// Where `soft` translates a DMA otherwise than the model, for every endpoint, read and
+    /// write, on each page [`random_request`] can map: one line per difference.
+    pub fn translation_differences(&self, soft: &SoftBackend) -> Vec<String> {
+        let mut out = Vec::new();
+        for &e in &ENDPOINTS {
+            for page in 0..56 {
+                let iova = page * PAGE + 0x10;
+                for write in [false, true] {
+                    let (got, want) = (
+                        soft.translate(EndpointId(e), iova, write),
+                        self.translate(e, iova, write),
+                    );
+                    if got != want {
+                        out.push(format!(
+                            "endpoint {e} iova {iova:#x} write {write}: {got:?}, the model \
+                             says {want:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        out
     }
 }
 

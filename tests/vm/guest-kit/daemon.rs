@@ -25,8 +25,7 @@ use vhost_user_iommu::vhost::{DeviceSettings, IommuDevice};
 use crate::edu::{Edu, PAGE, Result, rules_from};
 
 pub const RW: u32 = MAP_F_READ | MAP_F_WRITE;
-/// What the checks fill a page with that a DMA must (not) overwrite.
-pub const SENTINEL: u8 = 0xee;
+pub use crate::layout::SENTINEL;
 
 /// The daemon of a test: serve loop in a thread, backend visible.
 pub struct Daemon {

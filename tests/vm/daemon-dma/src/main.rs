@@ -28,17 +28,8 @@ use vhost_user_iommu::protocol::{
 
 use guest_kit::daemon::*;
 use guest_kit::edu::*;
+use guest_kit::layout::*;
 
-/// DMA buffers in the TestVm's guest RAM (64 MiB at GPA 0).
-const GPA_A: u64 = 0x10_0000;
-const GPA_B: u64 = 0x20_0000;
-const GPA_C: u64 = 0x30_0000;
-/// IOVAs of paging mappings: above guest RAM (so an identity leak cannot land at them) and below
-/// edu's 28-bit DMA mask.
-const IOVA_X: u64 = 0x0800_0000;
-const IOVA_Y: u64 = 0x0810_0000;
-const IOVA_Z: u64 = 0x0820_0000;
-const IOVA_W: u64 = 0x0830_0000;
 /// A 16 MiB mapping (timing of the pinning).
 const IOVA_BIG: u64 = 0x0900_0000;
 

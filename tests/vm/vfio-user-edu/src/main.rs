@@ -35,6 +35,7 @@ use vhost_user_iommu::driver::vfio_user_client::{
 };
 
 // The VM tier's guest kit: edu's registers, discovery and BAR mapping (libc only) and the
+use guest_kit::layout::*;
 use guest_kit::mmio::*;
 use guest_kit::report::{Report, differences};
 
@@ -61,17 +62,8 @@ const EDU_IRQ_RAISE: usize = 0x60;
 const EDU_DMA_IRQ_STATUS: u32 = 0x100;
 
 const RAM_SIZE: u64 = 64 << 20;
-/// DMA buffers in the TestVm's guest RAM (64 MiB at GPA 0).
-const GPA_A: u64 = 0x10_0000;
-const GPA_B: u64 = 0x20_0000;
-const GPA_C: u64 = 0x30_0000;
-/// Paging IOVAs: above guest RAM (an identity leak cannot land there), below edu's 28-bit mask.
-const IOVA_X: u64 = 0x0800_0000;
-const IOVA_Y: u64 = 0x0810_0000;
-const IOVA_Z: u64 = 0x0820_0000;
-const IOVA_W: u64 = 0x0830_0000;
+/// A fourth DMA buffer, beside guest-kit's layout.
 const GPA_D: u64 = 0x40_0000;
-const SENTINEL: u8 = 0xee;
 
 fn pattern(seed: u8) -> Vec<u8> {
     (0..PAGE as usize)
