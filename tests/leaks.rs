@@ -6,9 +6,8 @@
 
 mod common;
 
-use common::{Daemon, RW};
+use common::{Daemon, RW, in_each_mode};
 use vhost_user_iommu::driver::VmOptions;
-use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{Request, Status};
 
 fn count(dir: &str) -> usize {
@@ -93,8 +92,7 @@ fn connect_disconnect_cycles_leak_no_fds_threads_or_memory() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
-    for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::in_mode(mode);
+    for (mode, d) in in_each_mode() {
         // Warm up allocator pools and lazily created state before the baseline.
         for i in 0..20 {
             cycle(&d, i);

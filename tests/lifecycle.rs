@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Daemon, Options, RW};
+use common::{Daemon, Options, RW, in_each_mode};
 use vhost_user_iommu::driver::{TestVm, VmOptions};
 use vhost_user_iommu::pipeline::Mode;
 use vhost_user_iommu::protocol::{Request, Status};
@@ -28,8 +28,7 @@ fn mappings_in_flight(d: &Daemon) -> TestVm {
 
 #[test]
 fn disconnect_in_the_middle_of_a_batch_leaves_nothing_mapped() {
-    for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::in_mode(mode);
+    for (mode, d) in in_each_mode() {
         mappings_in_flight(&d).disconnect();
         d.wait_until("teardown", |d| {
             d.backend_mappings() == 0 && d.soft.domain_sizes().is_empty()

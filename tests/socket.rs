@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Daemon, ENDPOINTS, Options, RW, TIMEOUT};
+use common::{Daemon, ENDPOINTS, Options, RW, TIMEOUT, all_ok, in_each_mode};
 use vhost_user_iommu::backend::fault::Op;
 use vhost_user_iommu::backend::soft::Fault;
 use vhost_user_iommu::domains::Limits;
@@ -135,11 +135,7 @@ fn every_spec_rule_yields_its_status_over_the_socket() {
             R::attach_bypass(9, 2),
             R::map(2, 0x10000, 0x1ffff, 0x10000, RW),
         ];
-        assert_eq!(
-            vm.batch(&setup).unwrap(),
-            vec![Status::Ok; 3],
-            "{what}: setup"
-        );
+        all_ok(&mut vm, &setup, &format!("{what}: setup"));
         assert_eq!(vm.request(&req).unwrap(), want, "{what}");
         vm.disconnect();
         d.wait_until("teardown", |d| d.backend_mappings() == 0);
@@ -171,14 +167,13 @@ fn probe_of_unknown_endpoint_is_noent_and_a_short_buffer_is_inval() {
 
 #[test]
 fn a_batch_of_many_requests_in_one_kick_completes_every_request() {
-    for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::in_mode(mode);
+    for (mode, d) in in_each_mode() {
         let mut vm = d.connect_with(big_queue());
         assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
         let reqs: Vec<Request> = (0..200u64)
             .map(|i| R::map(1, i << 12, (i << 12) + 0xfff, i << 12, RW))
             .collect();
-        assert_eq!(vm.batch(&reqs).unwrap(), vec![Status::Ok; 200], "{mode:?}");
+        all_ok(&mut vm, &reqs, &format!("{mode:?}"));
         assert_eq!(d.backend_mappings(), 200);
         assert_eq!(
             vm.batch(&[R::unmap(1, 0, u64::MAX)]).unwrap(),
@@ -195,9 +190,10 @@ fn two_domains_in_flight_at_once_keep_per_domain_order() {
         ..Options::default()
     });
     let mut vm = d.connect_with(big_queue());
-    assert_eq!(
-        vm.batch(&[R::attach(1, 1), R::attach(2, 2)]).unwrap(),
-        vec![Status::Ok; 2]
+    all_ok(
+        &mut vm,
+        &[R::attach(1, 1), R::attach(2, 2)],
+        "attach both endpoints",
     );
     // Interleave both domains; within each domain, map then unmap then map again the same
     // IOVA: only in-order execution makes all of them succeed.
@@ -210,8 +206,7 @@ fn two_domains_in_flight_at_once_keep_per_domain_order() {
             reqs.push(R::map(dom, iova, iova + 0xfff, 0x100000 + iova, RW));
         }
     }
-    let n = reqs.len();
-    assert_eq!(vm.batch(&reqs).unwrap(), vec![Status::Ok; n]);
+    all_ok(&mut vm, &reqs, "interleaved MAP, UNMAP, MAP");
     assert_eq!(d.soft.translate(EndpointId(1), 0x5000, false), Ok(0x105000));
     assert_eq!(d.soft.translate(EndpointId(2), 0x5000, false), Ok(0x105000));
     // An endpoint moving between domains owned by different executors is ordered against both.
@@ -220,7 +215,11 @@ fn two_domains_in_flight_at_once_keep_per_domain_order() {
         R::attach(2, 1),
         R::map(2, 0x90_0000, 0x90_0fff, 0x2000, RW),
     ];
-    assert_eq!(vm.batch(&mv).unwrap(), vec![Status::Ok; 3]);
+    all_ok(
+        &mut vm,
+        &mv,
+        "a MAP, a move to a domain on the other executor, a MAP there",
+    );
     assert_eq!(
         d.soft.translate(EndpointId(1), 0x90_0000, false),
         Ok(0x2000)
@@ -237,8 +236,7 @@ fn two_domains_in_flight_at_once_keep_per_domain_order() {
 
 #[test]
 fn descriptor_abuse_is_answered_without_harm() {
-    for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::in_mode(mode);
+    for (mode, d) in in_each_mode() {
         let mut vm = d.connect();
         let scratch = vm.usable_ram_end() - 0x10000;
         let (att, n) = R::attach(1, 1).encode();
@@ -391,10 +389,10 @@ fn device_reset_detaches_everything_and_keeps_bypass() {
     let d = Daemon::start(Options::default());
     let mut vm = d.connect();
     vm.write_bypass(1).unwrap();
-    assert_eq!(
-        vm.batch(&[R::attach(1, 1), R::map(1, 0, 0xfff, 0, RW)])
-            .unwrap(),
-        vec![Status::Ok; 2]
+    all_ok(
+        &mut vm,
+        &[R::attach(1, 1), R::map(1, 0, 0xfff, 0, RW)],
+        "attach and map",
     );
     vm.reset_device().unwrap();
     assert!(d.state().0.is_empty());
@@ -414,10 +412,10 @@ fn restarting_onto_fresh_rings_after_a_stop_is_a_device_reset() {
         ..Options::default()
     });
     let mut vm = d.connect();
-    assert_eq!(
-        vm.batch(&[R::attach(1, 1), R::map(1, 0, 0xfff, 0, RW)])
-            .unwrap(),
-        vec![Status::Ok; 2]
+    all_ok(
+        &mut vm,
+        &[R::attach(1, 1), R::map(1, 0, 0xfff, 0, RW)],
+        "attach and map",
     );
     vm.reset_rings().unwrap();
     assert_eq!(vm.request(&R::attach(5, 2)).unwrap(), Status::Ok);
@@ -446,13 +444,12 @@ fn wrap_the_request_ring(vm: &mut vhost_user_iommu::driver::TestVm, sent: usize)
 
 #[test]
 fn pausing_and_resuming_the_rings_keeps_every_domain_even_when_the_avail_index_wrapped_to_zero() {
-    for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::in_mode(mode);
+    for (mode, d) in in_each_mode() {
         let mut vm = d.connect_with(big_queue());
-        assert_eq!(
-            vm.batch(&[R::attach(1, 1), R::map(1, 0, 0xfff, 0, RW)])
-                .unwrap(),
-            vec![Status::Ok; 2]
+        all_ok(
+            &mut vm,
+            &[R::attach(1, 1), R::map(1, 0, 0xfff, 0, RW)],
+            &format!("{mode:?}: attach and map"),
         );
         wrap_the_request_ring(&mut vm, 2);
         let bases = vm.pause_and_resume().unwrap();
@@ -478,10 +475,10 @@ fn pausing_and_resuming_the_rings_keeps_every_domain_even_when_the_avail_index_w
 fn restarting_onto_fresh_rings_after_the_avail_index_wrapped_to_zero_is_still_a_device_reset() {
     let d = Daemon::start(Options::default());
     let mut vm = d.connect_with(big_queue());
-    assert_eq!(
-        vm.batch(&[R::attach(1, 1), R::map(1, 0, 0xfff, 0, RW)])
-            .unwrap(),
-        vec![Status::Ok; 2]
+    all_ok(
+        &mut vm,
+        &[R::attach(1, 1), R::map(1, 0, 0xfff, 0, RW)],
+        "attach and map",
     );
     wrap_the_request_ring(&mut vm, 2);
     // The same ring memory, zeroed and set up again from index 0: what a rebooted guest whose
@@ -500,8 +497,7 @@ fn restarting_onto_fresh_rings_after_the_avail_index_wrapped_to_zero_is_still_a_
 
 #[test]
 fn disconnect_tears_down_and_the_next_connection_starts_clean() {
-    for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::in_mode(mode);
+    for (mode, d) in in_each_mode() {
         for round in 0..3 {
             let mut vm = d.connect();
             assert_eq!(
@@ -514,11 +510,7 @@ fn disconnect_tears_down_and_the_next_connection_starts_clean() {
                 R::attach_bypass(2, 2),
                 R::map(1, 0, 0xfff, 0, RW),
             ];
-            assert_eq!(
-                vm.batch(&reqs).unwrap(),
-                vec![Status::Ok; 3],
-                "{mode:?} round {round}"
-            );
+            all_ok(&mut vm, &reqs, &format!("{mode:?} round {round}"));
             vm.write_bypass(1).unwrap();
             vm.disconnect();
             d.wait_until("teardown", |d| {
@@ -692,9 +684,10 @@ fn resource_caps_answer_nomem_and_leave_other_domains_working() {
         ..Options::default()
     });
     let mut vm = d.connect();
-    assert_eq!(
-        vm.batch(&[R::attach(1, 1), R::attach(2, 2)]).unwrap(),
-        vec![Status::Ok; 2]
+    all_ok(
+        &mut vm,
+        &[R::attach(1, 1), R::attach(2, 2)],
+        "attach both endpoints",
     );
     let flood: Vec<Request> = (0..60u64)
         .map(|i| R::map(1, i << 12, (i << 12) + 0xfff, 0, RW))
@@ -887,8 +880,7 @@ fn a_call_eventfd_that_would_block_does_not_wedge_the_device() {
 
 #[test]
 fn the_vring_thread_alone_changes_the_device_whatever_thread_the_event_comes_from() {
-    for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::in_mode(mode);
+    for (mode, d) in in_each_mode() {
         d.faults.record_callers();
         let mut vm = d.connect();
         assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
@@ -933,8 +925,7 @@ fn the_vring_thread_alone_changes_the_device_whatever_thread_the_event_comes_fro
 
 #[test]
 fn a_connection_handed_over_while_requests_flow_goes_on_without_the_vmm_noticing() {
-    for mode in [Mode::Inline, Mode::Pipeline(2)] {
-        let d = Daemon::in_mode(mode);
+    for (mode, d) in in_each_mode() {
         let mut vm = d.connect();
         assert_eq!(vm.request(&R::attach(1, 1)).unwrap(), Status::Ok);
         vm.write_bypass(1).unwrap();

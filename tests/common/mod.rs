@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use vhost_user_iommu::bench::daemon::{LocalDaemon, LocalOptions};
 use vhost_user_iommu::driver::{TestVm, VmOptions};
+use vhost_user_iommu::pipeline::Mode;
+use vhost_user_iommu::protocol::{Request, Status};
 
 pub const ENDPOINTS: [u32; 4] = [1, 2, 3, 4];
 pub const RW: u32 = 3;
@@ -28,7 +30,7 @@ impl Daemon {
     }
 
     /// A daemon with the default options in `mode` (inline or pipelined).
-    pub fn in_mode(mode: vhost_user_iommu::pipeline::Mode) -> Daemon {
+    pub fn in_mode(mode: Mode) -> Daemon {
         Daemon::start(Options {
             mode,
             ..Options::default()
@@ -55,4 +57,29 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+/// A daemon in each request mode the tests cover, one after the other: inline, and pipelined on
+/// two executors (each started when the loop reaches it).
+pub fn in_each_mode() -> impl Iterator<Item = (Mode, Daemon)> {
+    [Mode::Inline, Mode::Pipeline(2)]
+        .into_iter()
+        .map(|mode| (mode, Daemon::in_mode(mode)))
+}
+
+/// Sends `reqs` with one kick and asserts that every one of them was answered OK.
+pub fn all_ok(vm: &mut TestVm, reqs: &[Request], what: &str) {
+    let got = vm.batch(reqs).expect("a batch of requests");
+    let refused: Vec<(usize, Status)> = got
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|&(_, s)| s != Status::Ok)
+        .collect();
+    assert!(
+        got.len() == reqs.len() && refused.is_empty(),
+        "{what}: {} answers to {} requests, refused (index, status): {refused:?}",
+        got.len(),
+        reqs.len()
+    );
 }

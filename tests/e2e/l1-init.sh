@@ -52,6 +52,21 @@ more_lines() {
         sleep 0.02
     done
 }
+# 40 pings to L2's NIC, 0.1 s apart, in the background into $1 (their pid in $pinger); returns
+# half a second later, with the first ones out.
+start_pings() {
+    ping -c 40 -i 0.1 -W 5 192.0.2.2 >"$1" 2>&1 &
+    pinger=$!
+    sleep 0.5
+}
+# Sends signal $1 to process $2 and waits for one more line matching $3 in the daemon's log:
+# prints the milliseconds from the signal to it; fails if it did not come within 30 s.
+pause_until() {
+    n0=$(grep -ac "$3" "$dlog")
+    t0=$(t)
+    kill -"$1" "$2"
+    more_lines "$3" "$dlog" "$n0" && ms_since "$t0"
+}
 
 # --- the daemon's view: its control socket ---------------------------------------------------------
 metric() { vhost-user-iommu ctl --control-socket "$ctl" metrics 2>/dev/null | awk -v k="$1" '$1 == k { print $2 }'; }
@@ -334,20 +349,15 @@ if wait_end 1; then
     # connections, and the guest loses nothing: no ping lost, the same state, and everything
     # after this (the reboot with its device resets, boot 2's checks) runs on the upgraded one.
     before=$(settled_snapshot)
-    ping -c 40 -i 0.1 -W 5 192.0.2.2 >/run/e2e/ping-upgrade.log 2>&1 &
-    pinger=$!
-    sleep 0.5
+    start_pings /run/e2e/ping-upgrade.log
     # Three upgrades one after the other; each pause is from the signal to the new binary's
     # "device state rebuilt" (polled every 20 ms).
     upauses=""
     upgraded=0
     for k in 1 2 3; do
-        n0=$(grep -ac 'device state rebuilt' "$dlog")
-        t0=$(t)
-        kill -USR2 $daemon
-        if more_lines 'device state rebuilt' "$dlog" "$n0"; then
+        if ms=$(pause_until USR2 "$daemon" 'device state rebuilt'); then
             upgraded=$((upgraded + 1))
-            upauses="$upauses $(ms_since "$t0")"
+            upauses="$upauses $ms"
         fi
         sleep 0.3
     done
@@ -371,18 +381,12 @@ if wait_end 1; then
     # igb maps and unmaps every buffer through the daemon, iommu.strict=1).
     before=$(settled_snapshot)
     first=$(cat $run/daemon.pid)
-    ping -c 40 -i 0.1 -W 5 192.0.2.2 >/run/e2e/ping-crash.log 2>&1 &
-    pinger=$!
-    sleep 0.5
+    start_pings /run/e2e/ping-crash.log
     pauses=""
     crashed=0
     for k in 1 2 3; do
         old=$(cat $run/daemon.pid)
-        n0=$(grep -ac 'recorded change(s) replayed' "$dlog")
-        t0=$(t)
-        kill -KILL "$old"
-        if more_lines 'recorded change(s) replayed' "$dlog" "$n0"; then
-            ms=$(ms_since "$t0")
+        if ms=$(pause_until KILL "$old" 'recorded change(s) replayed'); then
             new=$(cat $run/daemon.pid)
             if [ "$new" != "$old" ] && kill -0 "$new" 2>/dev/null; then
                 crashed=$((crashed + 1))
