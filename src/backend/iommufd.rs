@@ -58,20 +58,21 @@
 //!   has CAP_IPC_LOCK, once per IOAS that maps them. An ENOMEM from a map therefore names the
 //!   limit and how much this backend has pinned.
 //!
-//! Every ioctl goes through [`sys`]: one `#[repr(C)]` struct per request, transcribed from the
-//! uAPI headers (`include/uapi/linux/iommufd.h`, `vfio.h`), tied to its request number by a
-//! trait, issued by one function that returns the errno.
+//! Every ioctl goes through [`sys`] (the `viommu-uapi` crate): the argument structs of the
+//! maintained `iommufd-bindings` and `vfio-bindings`, each tied to its request number by one
+//! table, issued by one function that returns the errno.
 
 use std::collections::HashSet;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     Attachment, BackendError, DmaBackend, HostConstraints, HwDomain, HwDomainState, MapOp, Result,

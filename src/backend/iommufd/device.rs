@@ -11,7 +11,7 @@ pub(super) struct Device {
     /// The PCI address behind the cdev (from sysfs), to find the device again after an unplug.
     pub(super) pci: Option<PciAddress>,
     /// Signalled by the kernel when it wants the device back (request IRQ).
-    pub(super) req: Option<OwnedFd>,
+    pub(super) req: Option<EventFd>,
     /// When an ATTACH of the unplugged endpoint was last logged.
     pub(super) last_warn: Option<Instant>,
     /// Where the kernel was last told to point this device's DMA (it offers no way to read it

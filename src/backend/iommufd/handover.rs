@@ -177,7 +177,7 @@ impl IommufdBackend {
             // SAFETY: as above.
             let file = d.fd.map(|fd| unsafe { File::from_raw_fd(fd) });
             // SAFETY: as above.
-            let req = d.req.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+            let req = d.req.map(|fd| unsafe { EventFd::from_raw_fd(fd) });
             let pci = d
                 .pci
                 .as_deref()

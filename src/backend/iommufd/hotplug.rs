@@ -1,24 +1,25 @@
 //! Host unbind and rebind of assigned devices: the request IRQ, the watcher thread, unplug and
 //! replug (see "Hot-unplug" in the backend's module doc).
 
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
 use super::*;
 
 /// An eventfd registered as the device's request IRQ; `None` (logged) if that fails.
-pub(super) fn request_eventfd(file: &File, path: &Path) -> Option<OwnedFd> {
-    // SAFETY: eventfd has no memory preconditions; a non-negative return is a new fd we own.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        warn!(
-            "{}: eventfd for the request IRQ: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-        return None;
-    }
-    // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
-    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    match sys::set_req_eventfd(file.as_fd(), fd.as_fd()) {
-        Ok(()) => Some(fd),
+pub(super) fn request_eventfd(file: &File, path: &Path) -> Option<EventFd> {
+    let efd = match EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!("{}: eventfd for the request IRQ: {e}", path.display());
+            return None;
+        }
+    };
+    // SAFETY: `efd` owns the fd and outlives this borrow, which ends with the ioctl.
+    let fd = unsafe { BorrowedFd::borrow_raw(efd.as_raw_fd()) };
+    match sys::set_req_eventfd(file.as_fd(), fd) {
+        Ok(()) => Some(efd),
         Err(e) => {
             warn!(
                 "{}: cannot register the request IRQ ({}): unbinding it from vfio-pci will \
@@ -64,51 +65,25 @@ impl IommufdBackend {
             .name("iommufd-hotplug".into())
             .spawn(move || {
                 while let Some(b) = weak.upgrade() {
-                    if !b.hotplug_step(&root, &hook) {
-                        return;
-                    }
+                    b.hotplug_step(&root, &hook);
                 }
             })
     }
 
     /// One round of the watcher: waits up to `REPLUG_POLL` for a request IRQ, handles it,
-    /// then looks for unplugged devices. `false` when there is nothing to watch.
-    fn hotplug_step(&self, root: &SysfsRoot, hook: &HotplugHook) -> bool {
-        let mut fds: Vec<(EndpointId, libc::pollfd)> = lock(&self.shared.devices)
-            .iter()
-            .filter_map(|(ep, d)| {
-                d.req.as_ref().map(|r| {
-                    (
-                        *ep,
-                        libc::pollfd {
-                            fd: std::os::fd::AsRawFd::as_raw_fd(r),
-                            events: libc::POLLIN,
-                            revents: 0,
-                        },
-                    )
-                })
-            })
-            .collect();
-        let mut p: Vec<libc::pollfd> = fds.iter().map(|f| f.1).collect();
-        // SAFETY: `p` is a valid array of pollfds for the call; the fds stay open because only
-        // this thread closes them (in `unplug`, below).
-        let rc = unsafe {
-            libc::poll(
-                p.as_mut_ptr(),
-                p.len() as libc::nfds_t,
-                REPLUG_POLL.as_millis() as i32,
-            )
-        };
-        if rc > 0 {
-            for (f, q) in fds.iter_mut().zip(&p) {
-                if q.revents != 0 {
-                    let mut v = [0u8; 8];
-                    // SAFETY: reads 8 bytes into `v` from the (non-blocking) eventfd.
-                    unsafe { libc::read(q.fd, v.as_mut_ptr().cast(), v.len()) };
-                    info!("{}: the host asks for its device back: unplugging it", f.0);
-                    hook(f.0, HotplugEvent::Unplugging);
-                    self.unplug(f.0);
+    /// then looks for unplugged devices.
+    fn hotplug_step(&self, root: &SysfsRoot, hook: &HotplugHook) {
+        match self.unplug_requests(REPLUG_POLL) {
+            Ok(asked) => {
+                for ep in asked {
+                    info!("{ep}: the host asks for its device back: unplugging it");
+                    hook(ep, HotplugEvent::Unplugging);
+                    self.unplug(ep);
                 }
+            }
+            Err(e) => {
+                warn!("hot-plug watcher: waiting for request IRQs: {e}");
+                std::thread::sleep(REPLUG_POLL);
             }
         }
         let gone: Vec<(EndpointId, Option<PciAddress>)> = lock(&self.shared.devices)
@@ -126,7 +101,36 @@ impl IommufdBackend {
                 Err(e) => debug!("{ep}: not replugged yet: {e}"),
             }
         }
-        true
+    }
+
+    /// Waits up to `timeout` for request IRQs: the endpoints whose device the host asks back
+    /// (their eventfds read, so that they are quiet again).
+    fn unplug_requests(&self, timeout: Duration) -> std::io::Result<Vec<EndpointId>> {
+        let epoll = Epoll::new()?;
+        for (ep, d) in lock(&self.shared.devices).iter() {
+            if let Some(r) = &d.req {
+                let event = EpollEvent::new(EventSet::IN, u64::from(ep.0));
+                epoll.ctl(ControlOperation::Add, r.as_raw_fd(), event)?;
+            }
+        }
+        // Only this thread closes the eventfds (in `unplug`): a registered one stays open while
+        // it waits.
+        let mut events = [EpollEvent::default(); 16];
+        let n = match epoll.wait(timeout.as_millis() as i32, &mut events) {
+            Ok(n) => n,
+            // A signal delivered to this thread: the next round waits again.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(e),
+        };
+        let devices = lock(&self.shared.devices);
+        Ok(events[..n]
+            .iter()
+            .map(|e| EndpointId(e.data() as u32))
+            .filter(|ep| {
+                let r = devices.get(ep).and_then(|d| d.req.as_ref());
+                r.is_some_and(|r| r.read().is_ok())
+            })
+            .collect())
     }
 
     /// Closes an endpoint's device (its request eventfd too): DMA stops, and the host's unbind
