@@ -389,6 +389,14 @@ impl Edu {
 
     /// One 4 KiB DMA (edu starts it from a 100 ms timer); with an MSI eventfd, also waits for
     /// the completion interrupt and reports whether it came.
+    /// Copies a page from `src` to `dst` through the device's buffer (a DMA in, a DMA out):
+    /// how many completion interrupts came.
+    fn copy(&self, src: u64, dst: u64) -> Result<usize> {
+        let read = self.dma(src, EDU_BUFFER, false)?;
+        let written = self.dma(EDU_BUFFER, dst, true)?;
+        Ok(usize::from(read) + usize::from(written))
+    }
+
     fn dma(&self, src: u64, dst: u64, to_ram: bool) -> Result<bool> {
         self.bar0.write_u64(EDU_DMA_SRC, src);
         self.bar0.write_u64(EDU_DMA_DST, dst);
@@ -616,8 +624,7 @@ fn translated_checks(r: &mut Report, bdfs: &[String]) -> usize {
         let res = (|| {
             src.fill(seed);
             dst.fill(0);
-            irqs += dev.edu.dma(src_iova, EDU_BUFFER, false)? as usize;
-            irqs += dev.edu.dma(EDU_BUFFER, dst_iova, true)? as usize;
+            irqs += dev.edu.copy(src_iova, dst_iova)?;
             dst.expect(seed, "destination page")?;
             Ok(format!("{src_iova:#x} -> device -> {dst_iova:#x}"))
         })();
@@ -640,9 +647,8 @@ fn translated_checks(r: &mut Report, bdfs: &[String]) -> usize {
     // must fault (L1 checks its fault record; the emulated VT-d may lose later back-to-back ones).
     let after_unmap = (|| {
         a_src.fill(0x99);
-        a.edu.dma(A_SRC, EDU_BUFFER, false)?;
         a_gone.fill(0);
-        a.edu.dma(EDU_BUFFER, A_GONE, true)?;
+        a.edu.copy(A_SRC, A_GONE)?;
         a_gone.expect(0x99, "before unmap")?;
         unmap(&fd, a.ioas, A_GONE)?;
         live -= 1;
@@ -661,12 +667,10 @@ fn translated_checks(r: &mut Report, bdfs: &[String]) -> usize {
     let ro = (|| {
         a_ro.fill(0x33);
         a_dst.fill(0);
-        a.edu.dma(A_RO, EDU_BUFFER, false)?;
-        a.edu.dma(EDU_BUFFER, A_DST, true)?;
+        a.edu.copy(A_RO, A_DST)?;
         a_dst.expect(0x33, "read through the read-only mapping")?;
         a_src.fill(0x44);
-        a.edu.dma(A_SRC, EDU_BUFFER, false)?;
-        a.edu.dma(EDU_BUFFER, A_RO, true)?;
+        a.edu.copy(A_SRC, A_RO)?;
         a_ro.expect(0x33, "read-only page after a device write")?;
         Ok(format!("device write to {A_RO:#x} dropped"))
     })();
@@ -681,19 +685,16 @@ fn translated_checks(r: &mut Report, bdfs: &[String]) -> usize {
     // Isolation: each device's IOAS holds only its own pages.
     let iso = (|| {
         a_src.fill(0x55);
-        a.edu.dma(A_SRC, EDU_BUFFER, false)?;
         b_dst.fill(0x66);
-        a.edu.dma(EDU_BUFFER, B_DST, true)?;
+        a.edu.copy(A_SRC, B_DST)?;
         b_dst.expect(0x66, "B's page after A wrote to B's IOVA")?;
         b_src.fill(0x77);
-        b.edu.dma(B_SRC, EDU_BUFFER, false)?;
         a_dst.fill(0x88);
-        b.edu.dma(EDU_BUFFER, A_DST, true)?;
+        b.edu.copy(B_SRC, A_DST)?;
         a_dst.expect(0x88, "A's page after B wrote to A's IOVA")?;
         // B reads A's IOVA (unmapped for B), then writes its device buffer to its own page.
-        b.edu.dma(A_SRC, EDU_BUFFER, false)?;
         b_dst.fill(0);
-        b.edu.dma(EDU_BUFFER, B_DST, true)?;
+        b.edu.copy(A_SRC, B_DST)?;
         if b_dst.expect(0x55, "").is_ok() {
             return Err("B read A's page through A's IOVA".into());
         }
@@ -741,8 +742,7 @@ fn identity_checks(r: &mut Report, bdfs: &[String]) {
             let (src_pa, dst_pa) = (src.phys()?, dst.phys()?);
             src.fill(seed);
             dst.fill(0);
-            edu.dma(src_pa, EDU_BUFFER, false)?;
-            edu.dma(EDU_BUFFER, dst_pa, true)?;
+            edu.copy(src_pa, dst_pa)?;
             dst.expect(seed, "destination page at its guest-physical address")?;
             Ok(format!("GPA {src_pa:#x} -> device -> GPA {dst_pa:#x}"))
         })();
