@@ -12,11 +12,12 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use viommu_uapi::vfio;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 pub type Result<T> = std::result::Result<T, String>;
 
-// ---- constants, from the protocol document and <linux/vfio.h> ----
+// ---- constants: the message commands, header flags and DMA flags of the protocol document ----
 pub const VERSION: u16 = 1;
 pub const DMA_MAP: u16 = 2;
 pub const DMA_UNMAP: u16 = 3;
@@ -35,27 +36,28 @@ pub const T_REPLY: u32 = 1;
 pub const F_NO_REPLY: u32 = 1 << 4;
 pub const F_ERROR: u32 = 1 << 5;
 
-/// Region flags and capabilities.
-pub const REG_READ: u32 = 1;
-pub const REG_WRITE: u32 = 2;
-pub const REG_MMAP: u32 = 4;
-pub const REG_CAPS: u32 = 8;
-pub const CAP_SPARSE: u16 = 1;
-pub const CAP_MSIX_MAPPABLE: u16 = 3;
+// What vfio-user carries unchanged from <linux/vfio.h>: region flags and capabilities, IRQ
+// info flags, SET_IRQS data types and actions, IRQ indexes of a PCI device (the maintained
+// bindings' values).
+pub const REG_READ: u32 = vfio::VFIO_REGION_INFO_FLAG_READ;
+pub const REG_WRITE: u32 = vfio::VFIO_REGION_INFO_FLAG_WRITE;
+pub const REG_MMAP: u32 = vfio::VFIO_REGION_INFO_FLAG_MMAP;
+pub const REG_CAPS: u32 = vfio::VFIO_REGION_INFO_FLAG_CAPS;
+pub const CAP_SPARSE: u16 = vfio::VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16;
+pub const CAP_MSIX_MAPPABLE: u16 = vfio::VFIO_REGION_INFO_CAP_MSIX_MAPPABLE as u16;
+pub const IRQ_EVENTFD: u32 = vfio::VFIO_IRQ_INFO_EVENTFD;
+pub const IRQ_MASKABLE: u32 = vfio::VFIO_IRQ_INFO_MASKABLE;
+pub const IRQ_AUTOMASKED: u32 = vfio::VFIO_IRQ_INFO_AUTOMASKED;
+pub const IRQ_NORESIZE: u32 = vfio::VFIO_IRQ_INFO_NORESIZE;
+pub const SET_DATA_NONE: u32 = vfio::VFIO_IRQ_SET_DATA_NONE;
+pub const SET_DATA_BOOL: u32 = vfio::VFIO_IRQ_SET_DATA_BOOL;
+pub const SET_DATA_EVENTFD: u32 = vfio::VFIO_IRQ_SET_DATA_EVENTFD;
+pub const SET_ACTION_TRIGGER: u32 = vfio::VFIO_IRQ_SET_ACTION_TRIGGER;
+pub const INTX: u32 = vfio::VFIO_PCI_INTX_IRQ_INDEX;
+pub const MSIX: u32 = vfio::VFIO_PCI_MSIX_IRQ_INDEX;
+pub const REQ: u32 = vfio::VFIO_PCI_REQ_IRQ_INDEX;
 
-/// IRQ info flags, SET_IRQS data types and actions, IRQ indexes of a PCI device.
-pub const IRQ_EVENTFD: u32 = 1;
-pub const IRQ_MASKABLE: u32 = 2;
-pub const IRQ_AUTOMASKED: u32 = 4;
-pub const IRQ_NORESIZE: u32 = 8;
-pub const SET_DATA_NONE: u32 = 1;
-pub const SET_DATA_BOOL: u32 = 2;
-pub const SET_DATA_EVENTFD: u32 = 4;
-pub const SET_ACTION_TRIGGER: u32 = 32;
-pub const INTX: u32 = 0;
-pub const MSIX: u32 = 2;
-pub const REQ: u32 = 4;
-
+/// DMA region flags (vfio-user's own).
 pub const DMA_READ: u32 = 1;
 pub const DMA_WRITE: u32 = 2;
 
